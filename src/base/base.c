@@ -1,0 +1,141 @@
+/*
+ * base.c: status strings, errors, logging, clocks, hashing, files.
+ */
+#include "base/base.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *tn_status_str(enum tn_status st) {
+  switch (st) {
+#define TN_STATUS_CASE(name, val, str) \
+  case TN_##name:                      \
+    return str;
+    TN_STATUS_MAP(TN_STATUS_CASE)
+#undef TN_STATUS_CASE
+  }
+  return "unknown status";
+}
+
+enum tn_status tn_error_set(struct tn_error *err, enum tn_status st,
+                            const char *fmt, ...) {
+  if (!err) return st;
+  err->status = st;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+  va_end(ap);
+  return st;
+}
+
+void tn_error_clear(struct tn_error *err) {
+  if (!err) return;
+  err->status = TN_OK;
+  err->msg[0] = '\0';
+}
+
+void tn_assert_fail(const char *expr, const char *file, int line) {
+  fprintf(stderr, "tern: internal error: assertion '%s' failed at %s:%d\n",
+          expr, file, line);
+  abort();
+}
+
+/* ---- logging */
+
+static enum tn_log_level log_level = TN_LOG_LEVEL_INFO;
+
+void tn_log_set_level(enum tn_log_level level) { log_level = level; }
+
+void tn_log(enum tn_log_level level, const char *fmt, ...) {
+  static const char *names[TN_LOG_LEVEL_COUNT] = {"debug", "info", "warn",
+                                                  "error"};
+  if (level < log_level || level >= TN_LOG_LEVEL_COUNT) return;
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "tern: %s: %s\n", names[level], buf);
+}
+
+/* ---- memory */
+
+void *tn_aligned_alloc(size_t n) {
+  if (n == 0) return NULL;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, TN_ALIGN_UP(n, 64)) != 0) return NULL;
+  return p;
+}
+
+void tn_aligned_free(void *p) { free(p); }
+
+/* ---- clocks */
+
+uint64_t tn_time_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+double tn_time_s(void) { return (double)tn_time_ns() * 1e-9; }
+
+/* ---- hashing: 64-bit FNV-1a folded through a murmur finaliser; good
+ * enough for hash tables and prefix chains, not for adversaries. */
+
+uint64_t tn_hash64(const void *data, size_t n, uint64_t seed) {
+  const uint8_t *p = data;
+  uint64_t h = 0xcbf29ce484222325ull ^ seed;
+  for (size_t i = 0; i < n; i++) {
+    h ^= p[i];
+    h *= 0x100000001b3ull;
+  }
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ull;
+  h ^= h >> 33;
+  return h;
+}
+
+/* ---- files */
+
+enum tn_status tn_file_read(const char *path, char **out, size_t *size,
+                            struct tn_error *err) {
+  *out = NULL;
+  *size = 0;
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    return tn_error_set(err, errno == ENOENT ? TN_ENOENT : TN_EIO,
+                        "cannot open '%s': %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    fclose(f);
+    return tn_error_set(err, TN_EIO, "'%s' is not a regular file", path);
+  }
+  size_t n = (size_t)st.st_size;
+  char *buf = malloc(n + 1);
+  if (!buf) {
+    fclose(f);
+    return tn_error_set(err, TN_ENOMEM, "out of memory reading '%s'", path);
+  }
+  if (n && fread(buf, 1, n, f) != n) {
+    free(buf);
+    fclose(f);
+    return tn_error_set(err, TN_EIO, "short read on '%s'", path);
+  }
+  fclose(f);
+  buf[n] = '\0';
+  *out = buf;
+  *size = n;
+  return TN_OK;
+}
+
+int tn_cpu_count(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}

@@ -1,0 +1,173 @@
+/*
+ * pool.c: the compute thread pool.
+ *
+ * A forward pass is one parallel region: tn_pool_run() hands fn to every
+ * thread, each runs the whole layer loop on its slice (ith/nth) and the
+ * threads meet at tn_pool_barrier() between dependent ops. Small models
+ * take tens of barriers per token, so the barrier spins (a sense-reversing
+ * counter) and never sleeps, and idle workers spin for a while on the run
+ * generation before falling asleep on a condition variable. A decode loop
+ * therefore costs no syscalls per step.
+ *
+ * Invariants:
+ *  - Only the thread that owns the pool calls tn_pool_run (not reentrant).
+ *  - gen is bumped (release) after fn/ctx are published; a worker that sees
+ *    the new gen (acquire) sees fn/ctx.
+ *  - n_active counts workers still inside the current run; the caller
+ *    returns only when it is 0, so fn/ctx may be reused afterwards.
+ * Locks: mu guards only the sleep/wake handshake (n_sleeping, cond).
+ */
+#include "base/base.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+/* Spin iterations before an idle worker sleeps (~a millisecond or two). */
+#define POOL_SPIN_ITERS 200000
+
+struct tn_pool {
+  int n_threads;
+  pthread_t *threads;
+
+  tn_pool_fn_cb fn;
+  void *ctx;
+  _Atomic uint64_t gen;
+  _Atomic int n_active;
+  _Atomic bool stop;
+
+  /* barrier */
+  _Atomic int bar_count;
+  _Atomic int bar_phase;
+
+  /* sleep/wake: guarded by mu */
+  pthread_mutex_t mu;
+  pthread_cond_t cond;
+  _Atomic int n_sleeping;
+};
+
+struct worker_arg {
+  struct tn_pool *pool;
+  int ith;
+};
+
+static void *worker_main(void *p) {
+  struct worker_arg *wa = p;
+  struct tn_pool *pool = wa->pool;
+  int ith = wa->ith;
+  free(wa);
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t g;
+    int spins = 0;
+    while ((g = atomic_load_explicit(&pool->gen, memory_order_acquire)) ==
+               seen &&
+           !atomic_load_explicit(&pool->stop, memory_order_acquire)) {
+      if (++spins < POOL_SPIN_ITERS) {
+        cpu_relax();
+        continue;
+      }
+      pthread_mutex_lock(&pool->mu);
+      atomic_fetch_add(&pool->n_sleeping, 1);
+      while (atomic_load(&pool->gen) == seen && !atomic_load(&pool->stop))
+        pthread_cond_wait(&pool->cond, &pool->mu);
+      atomic_fetch_sub(&pool->n_sleeping, 1);
+      pthread_mutex_unlock(&pool->mu);
+      spins = 0;
+    }
+    if (atomic_load_explicit(&pool->stop, memory_order_acquire)) break;
+    seen = g;
+    pool->fn(pool->ctx, ith, pool->n_threads);
+    atomic_fetch_sub_explicit(&pool->n_active, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+struct tn_pool *tn_pool_new(int n_threads) {
+  if (n_threads < 1) n_threads = 1;
+  if (n_threads > 256) n_threads = 256;
+  struct tn_pool *pool = calloc(1, sizeof(*pool));
+  if (!pool) return NULL;
+  pool->n_threads = n_threads;
+  pthread_mutex_init(&pool->mu, NULL);
+  pthread_cond_init(&pool->cond, NULL);
+  pool->threads = calloc((size_t)n_threads, sizeof(pthread_t));
+  if (!pool->threads) goto fail;
+  for (int i = 1; i < n_threads; i++) {
+    struct worker_arg *wa = malloc(sizeof(*wa));
+    if (!wa) goto fail_threads;
+    wa->pool = pool;
+    wa->ith = i;
+    if (pthread_create(&pool->threads[i], NULL, worker_main, wa) != 0) {
+      free(wa);
+      goto fail_threads;
+    }
+    continue;
+  fail_threads:
+    pool->n_threads = i; /* join the ones that started */
+    tn_pool_free(pool);
+    return NULL;
+  }
+  return pool;
+fail:
+  pthread_mutex_destroy(&pool->mu);
+  pthread_cond_destroy(&pool->cond);
+  free(pool);
+  return NULL;
+}
+
+void tn_pool_free(struct tn_pool *pool) {
+  if (!pool) return;
+  pthread_mutex_lock(&pool->mu);
+  atomic_store(&pool->stop, true);
+  pthread_cond_broadcast(&pool->cond);
+  pthread_mutex_unlock(&pool->mu);
+  for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
+  pthread_mutex_destroy(&pool->mu);
+  pthread_cond_destroy(&pool->cond);
+  free(pool->threads);
+  free(pool);
+}
+
+int tn_pool_size(const struct tn_pool *pool) { return pool->n_threads; }
+
+void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
+  if (pool->n_threads == 1) {
+    fn(ctx, 0, 1);
+    return;
+  }
+  pool->fn = fn;
+  pool->ctx = ctx;
+  atomic_store_explicit(&pool->n_active, pool->n_threads - 1,
+                        memory_order_relaxed);
+  atomic_fetch_add_explicit(&pool->gen, 1, memory_order_release);
+  if (atomic_load(&pool->n_sleeping) > 0) {
+    pthread_mutex_lock(&pool->mu);
+    pthread_cond_broadcast(&pool->cond);
+    pthread_mutex_unlock(&pool->mu);
+  }
+  fn(ctx, 0, pool->n_threads);
+  while (atomic_load_explicit(&pool->n_active, memory_order_acquire) > 0)
+    cpu_relax();
+}
+
+void tn_pool_barrier(struct tn_pool *pool) {
+  int n = pool->n_threads;
+  if (n == 1) return;
+  int phase = atomic_load_explicit(&pool->bar_phase, memory_order_relaxed);
+  if (atomic_fetch_add_explicit(&pool->bar_count, 1, memory_order_acq_rel) ==
+      n - 1) {
+    atomic_store_explicit(&pool->bar_count, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool->bar_phase, 1, memory_order_release);
+    return;
+  }
+  while (atomic_load_explicit(&pool->bar_phase, memory_order_acquire) == phase)
+    cpu_relax();
+}

@@ -1,0 +1,123 @@
+/*
+ * ops.c: float32 row operations of the forward pass (norms, activations,
+ * softmax, RoPE) and the f16 dot/axpy used by attention over the KV cache.
+ *
+ * These are cheap next to the matrix products; the scalar loops are written
+ * so the compiler vectorises them. The f16 attention helpers are the
+ * exception: they run over the whole context every step, so they have AVX2
+ * versions (ops_avx2.c) chosen by tn_kernels_level().
+ */
+#include <math.h>
+
+#include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
+
+void tn_rms_norm_ex(const float *x, const float *w, float *y, int64_t n,
+                    float eps, bool one_plus) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+  float scale = 1.0f / sqrtf(ss / (float)n + eps);
+  if (!w) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
+  } else if (one_plus) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * (1.0f + w[i]);
+  } else {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
+  }
+}
+
+void tn_rms_norm(const float *x, const float *w, float *y, int64_t n,
+                 float eps) {
+  tn_rms_norm_ex(x, w, y, n, eps, false);
+}
+
+void tn_softmax(float *x, int64_t n) {
+  if (n <= 0) return;
+  float mx = x[0];
+  for (int64_t i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    x[i] = expf(x[i] - mx);
+    sum += x[i];
+  }
+  float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; i++) x[i] *= inv;
+}
+
+void tn_silu_mul(float *gate, const float *up, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    float g = gate[i];
+    gate[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+void tn_gelu_mul(float *gate, const float *up, int64_t n) {
+  const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+  for (int64_t i = 0; i < n; i++) {
+    float g = gate[i];
+    gate[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
+  }
+}
+
+void tn_vec_add(float *y, const float *x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+void tn_vec_scale(float *y, float s, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] *= s;
+}
+
+void tn_vec_axpy(float *y, float a, const float *x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+float tn_vec_dot_f32(const float *x, const float *y, int64_t n) {
+  float s[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) s[j] += x[i + j] * y[i + j];
+  float r = 0.0f;
+  for (; i < n; i++) r += x[i] * y[i];
+  for (int j = 0; j < 8; j++) r += s[j];
+  return r;
+}
+
+/* ---- f16 helpers for attention: scalar here, AVX2 in ops_avx2.c */
+
+float tn_vec_dot_f16_avx2(const uint16_t *x, const float *y, int64_t n);
+void tn_vec_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n);
+
+float tn_vec_dot_f16(const uint16_t *x, const float *y, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2)
+    return tn_vec_dot_f16_avx2(x, y, n);
+  float r = 0.0f;
+  for (int64_t i = 0; i < n; i++) r += tn_fp16_to_fp32(x[i]) * y[i];
+  return r;
+}
+
+void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_vec_axpy_f16_avx2(y, a, x, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) y[i] += a * tn_fp16_to_fp32(x[i]);
+}
+
+/* ---- RoPE
+ *
+ * Pair (a, b) at dims (i, i + n_rot/2) for NeoX style, (2i, 2i+1) for the
+ * original; theta_i = pos * freq_scale * base^(-2i/n_rot). */
+void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
+             float freq_scale, bool neox) {
+  int64_t half = n_rot / 2;
+  float p = (float)pos * freq_scale;
+  for (int64_t i = 0; i < half; i++) {
+    float theta = p * powf(freq_base, -2.0f * (float)i / (float)n_rot);
+    float c = cosf(theta), s = sinf(theta);
+    int64_t ia = neox ? i : 2 * i;
+    int64_t ib = neox ? i + half : 2 * i + 1;
+    float a = x[ia], b = x[ib];
+    x[ia] = a * c - b * s;
+    x[ib] = a * s + b * c;
+  }
+}

@@ -1,0 +1,85 @@
+/*
+ * kv.h: the paged KV cache.
+ *
+ * One pool of fixed-size blocks (block_size token slots each) holds keys and
+ * values for every layer, in F16:
+ *
+ *   k[layer][block][slot][n_kv_dim]   (same for v)
+ *
+ * A sequence owns an ordered list of blocks (its block table); position p
+ * of the sequence lives in block table[p / block_size], slot p % block_size.
+ * Blocks are reference-counted (several sequences may share a prefix block)
+ * and handed out from a free list. The engine thread alone touches a pool.
+ */
+#ifndef TN_KV_H
+#define TN_KV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/base.h"
+
+struct tn_kv_pool {
+  int32_t n_layer;
+  int32_t n_blocks;
+  int32_t block_size; /* token slots per block */
+  int32_t n_kv_dim;   /* n_head_kv * head_dim (keys and values alike) */
+  uint16_t *k;        /* f16, [n_layer][n_blocks][block_size][n_kv_dim] */
+  uint16_t *v;
+  int32_t *refs;      /* [n_blocks] */
+  int32_t *free_list; /* stack of free block ids */
+  int32_t n_free;
+};
+
+/* Bytes one block takes across all layers, K and V. */
+size_t tn_kv_block_bytes(int32_t n_layer, int32_t block_size, int32_t n_kv_dim);
+
+enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
+                               int32_t n_blocks, int32_t block_size,
+                               int32_t n_kv_dim, struct tn_error *err);
+void tn_kv_pool_deinit(struct tn_kv_pool *pool);
+
+/* Takes a free block (refcount 1); -1 when none is free. */
+int32_t tn_kv_block_acquire(struct tn_kv_pool *pool);
+/* Takes another reference on a block in use. */
+void tn_kv_block_retain(struct tn_kv_pool *pool, int32_t block);
+/* Drops one reference; the block returns to the free list at zero. */
+void tn_kv_block_release(struct tn_kv_pool *pool, int32_t block);
+
+/* Address of layer il's key (or value) vector for a slot of a block. */
+static inline uint16_t *tn_kv_k(const struct tn_kv_pool *p, int32_t il,
+                                int32_t block, int32_t slot) {
+  return p->k + (((size_t)il * (size_t)p->n_blocks + (size_t)block) *
+                     (size_t)p->block_size +
+                 (size_t)slot) *
+                    (size_t)p->n_kv_dim;
+}
+static inline uint16_t *tn_kv_v(const struct tn_kv_pool *p, int32_t il,
+                                int32_t block, int32_t slot) {
+  return p->v + (((size_t)il * (size_t)p->n_blocks + (size_t)block) *
+                     (size_t)p->block_size +
+                 (size_t)slot) *
+                    (size_t)p->n_kv_dim;
+}
+
+/* A sequence's block table, growing as it does. */
+struct tn_kv_seq {
+  int32_t *blocks;
+  int32_t n_blocks;
+  int32_t cap;
+  int32_t n_tokens; /* positions filled */
+};
+
+void tn_kv_seq_init(struct tn_kv_seq *s);
+/* Ensures room for n_tokens positions, acquiring blocks; TN_EFULL if the
+ * pool ran dry (what was acquired stays acquired). */
+enum tn_status tn_kv_seq_reserve(struct tn_kv_pool *pool, struct tn_kv_seq *s,
+                                 int32_t n_tokens);
+/* Forgets positions >= n_tokens, releasing blocks no longer needed. */
+void tn_kv_seq_truncate(struct tn_kv_pool *pool, struct tn_kv_seq *s,
+                        int32_t n_tokens);
+/* Releases every block. */
+void tn_kv_seq_deinit(struct tn_kv_pool *pool, struct tn_kv_seq *s);
+
+#endif /* TN_KV_H */

@@ -1,0 +1,379 @@
+/*
+ * forward.c: the batched forward pass.
+ *
+ * One call is one parallel region on the compute pool: every thread walks
+ * the same layer loop and takes its slice of each op (rows of a weight
+ * matrix, tokens of a row op, (token, head) pairs of attention), and the
+ * threads meet at a barrier wherever an op reads what another thread
+ * wrote. Per layer, with T tokens in the batch:
+ *
+ *   xn = norm(x)                      tokens   -> quantize xn   | barrier
+ *   q,k,v = xn Wq, xn Wk, xn Wv       rows                      | barrier
+ *   bias, qk-norm, rope, store k,v    tokens                    | barrier
+ *   attn = softmax(q k^T) v           (token, head) pairs
+ *                                     -> quantize attn          | barrier
+ *   o = attn Wo                       rows                      | barrier
+ *   x += post(o); xn = norm(x)        tokens   -> quantize xn   | barrier
+ *   g,u = xn Wg, xn Wu                rows                      | barrier
+ *   g = act(g) * u                    tokens   -> quantize g    | barrier
+ *   f = g Wd                          rows                      | barrier
+ *   x += post(f)                      tokens (next layer's norm follows)
+ *
+ * Buffers (T = n_tokens, d = n_embd, Q = n_head*head_dim, K = n_head_kv*
+ * head_dim, F = n_ff) are reserved once in tn_ctx_new for the largest batch.
+ * Activations are quantized once per distinct vec_dot_type in a group of
+ * matrices that share an input (qbuf[type]).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/model.h"
+#include "model/model_internal.h"
+
+static void free_bufs(struct tn_ctx *c) {
+  tn_aligned_free(c->x);
+  tn_aligned_free(c->xn);
+  tn_aligned_free(c->q);
+  tn_aligned_free(c->k);
+  tn_aligned_free(c->v);
+  tn_aligned_free(c->attn);
+  tn_aligned_free(c->tmp);
+  tn_aligned_free(c->gate);
+  tn_aligned_free(c->up);
+  tn_aligned_free(c->scores);
+  tn_aligned_free(c->logits);
+  tn_aligned_free(c->out_x);
+  free(c->out_idx);
+  for (int t = 0; t < TN_TYPE_COUNT; t++) tn_aligned_free(c->qbuf[t]);
+}
+
+void tn_ctx_free(struct tn_ctx *c) {
+  if (!c) return;
+  free_bufs(c);
+  free(c);
+}
+
+/* Notes the activation type a matrix needs and the widest input for it. */
+static void want_q(size_t *need, const struct tn_mat *w, int64_t n_tok) {
+  const struct tn_type_traits *tt = tn_type_get(w->type);
+  size_t s = tn_matmul_q_size(w, n_tok);
+  if (s > need[tt->vec_dot_type]) need[tt->vec_dot_type] = s;
+}
+
+enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
+                          int32_t n_tokens_max, int32_t n_ctx,
+                          int32_t n_logits_max, struct tn_ctx **out,
+                          struct tn_error *err) {
+  *out = NULL;
+  const struct tn_hparams *hp = &m->hp;
+  if (n_tokens_max <= 0 || n_tokens_max > 65536 || n_ctx <= 0 ||
+      n_ctx > (1 << 24) || n_logits_max <= 0 || n_logits_max > n_tokens_max)
+    return tn_error_set(err, TN_EINVAL,
+                        "context: bad sizes (batch %d, ctx %d, logits %d)",
+                        n_tokens_max, n_ctx, n_logits_max);
+  struct tn_ctx *c = calloc(1, sizeof(*c));
+  if (!c) return tn_error_set(err, TN_ENOMEM, "context: out of memory");
+  c->m = m;
+  c->pool = pool;
+  c->n_tokens_max = n_tokens_max;
+  c->n_ctx = n_ctx;
+  c->n_logits_max = n_logits_max;
+  size_t T = (size_t)n_tokens_max, d = (size_t)hp->n_embd,
+         qd = (size_t)hp->n_head * (size_t)hp->head_dim,
+         kd = (size_t)hp->n_head_kv * (size_t)hp->head_dim,
+         F = (size_t)hp->n_ff, V = (size_t)hp->n_vocab;
+  int nth = tn_pool_size(pool);
+  c->x = tn_aligned_alloc(T * d * sizeof(float));
+  c->xn = tn_aligned_alloc(T * d * sizeof(float));
+  c->q = tn_aligned_alloc(T * qd * sizeof(float));
+  c->k = tn_aligned_alloc(T * kd * sizeof(float));
+  c->v = tn_aligned_alloc(T * kd * sizeof(float));
+  c->attn = tn_aligned_alloc(T * qd * sizeof(float));
+  c->tmp = tn_aligned_alloc(T * d * sizeof(float));
+  c->gate = tn_aligned_alloc(T * F * sizeof(float));
+  c->up = tn_aligned_alloc(T * F * sizeof(float));
+  c->scores = tn_aligned_alloc((size_t)nth * (size_t)n_ctx * sizeof(float));
+  c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
+  c->out_x = tn_aligned_alloc((size_t)n_logits_max * d * sizeof(float));
+  c->out_idx = malloc((size_t)n_logits_max * sizeof(int32_t));
+  size_t need[TN_TYPE_COUNT] = {0};
+  for (int32_t il = 0; il < hp->n_layer; il++) {
+    const struct tn_layer *L = &m->layers[il];
+    want_q(need, &L->wq, n_tokens_max);
+    want_q(need, &L->wk, n_tokens_max);
+    want_q(need, &L->wv, n_tokens_max);
+    want_q(need, &L->wo, n_tokens_max);
+    want_q(need, &L->w_gate, n_tokens_max);
+    want_q(need, &L->w_up, n_tokens_max);
+    want_q(need, &L->w_down, n_tokens_max);
+  }
+  want_q(need, &m->output, n_logits_max);
+  bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
+            c->gate && c->up && c->scores && c->logits && c->out_x &&
+            c->out_idx;
+  for (int t = 0; t < TN_TYPE_COUNT; t++) {
+    if (!need[t]) continue;
+    c->qbuf[t] = tn_aligned_alloc(need[t]);
+    ok = ok && c->qbuf[t];
+  }
+  if (!ok) {
+    tn_ctx_free(c);
+    return tn_error_set(err, TN_ENOMEM,
+                        "context: cannot allocate buffers for a batch of %d "
+                        "tokens",
+                        n_tokens_max);
+  }
+  *out = c;
+  return TN_OK;
+}
+
+const float *tn_ctx_logits(const struct tn_ctx *c) { return c->logits; }
+int32_t tn_ctx_n_logits(const struct tn_ctx *c) { return c->n_logits; }
+
+/* ---- the parallel region */
+
+struct fwd {
+  struct tn_ctx *c;
+  struct tn_kv_pool *kv;
+  const struct tn_batch *b;
+};
+
+/* Quantizes this thread's tokens of src [T][n_cols] for every distinct
+ * activation type among mats. */
+static void quantize_for(struct tn_ctx *c, const struct tn_mat *const *mats,
+                         int n_mats, const float *src, int64_t T, int ith,
+                         int nth) {
+  bool done[TN_TYPE_COUNT] = {false};
+  for (int i = 0; i < n_mats; i++) {
+    const struct tn_mat *w = mats[i];
+    enum tn_type vt = tn_type_get(w->type)->vec_dot_type;
+    if (done[vt]) continue;
+    done[vt] = true;
+    /* Each thread quantizes the tokens it computed itself (tn_split), so
+     * no barrier is needed between the row op and its quantization. */
+    int64_t t0, t1;
+    tn_split(T, ith, nth, &t0, &t1);
+    if (t1 > t0)
+      tn_matmul_quantize(w, src + t0 * w->n_cols, t1 - t0,
+                         (char *)c->qbuf[vt] + (size_t)t0 * tn_matmul_q_row_size(w),
+                         0, 1);
+  }
+}
+
+static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
+               int ith, int nth) {
+  enum tn_type vt = tn_type_get(w->type)->vec_dot_type;
+  tn_matmul(w, c->qbuf[vt], T, y, w->n_rows, ith, nth);
+}
+
+/* Attention of one (token, head) pair over its sequence's cached keys. */
+static void attend(const struct fwd *f, int32_t il, int64_t t, int32_t h,
+                   float *scores) {
+  struct tn_ctx *c = f->c;
+  const struct tn_hparams *hp = &c->m->hp;
+  const struct tn_layer *L = &c->m->layers[il];
+  const struct tn_kv_pool *kv = f->kv;
+  int32_t hd = hp->head_dim, bs = kv->block_size;
+  int32_t kvh = h / (hp->n_head / hp->n_head_kv);
+  int32_t pos = f->b->pos[t];
+  const struct tn_kv_seq *s = f->b->seqs[f->b->seq[t]];
+  int32_t start = 0;
+  if (L->swa && pos - hp->swa_window + 1 > 0) start = pos - hp->swa_window + 1;
+  const float *qv = c->q + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
+  float *o = c->attn + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
+  int32_t n = pos - start + 1;
+  for (int32_t j = 0; j < n; j++) {
+    int32_t p = start + j;
+    const uint16_t *kp = tn_kv_k(kv, il, s->blocks[p / bs], p % bs) +
+                         (size_t)kvh * (size_t)hd;
+    scores[j] = tn_vec_dot_f16(kp, qv, hd) * hp->attn_scale;
+  }
+  tn_softmax(scores, n);
+  memset(o, 0, (size_t)hd * sizeof(float));
+  for (int32_t j = 0; j < n; j++) {
+    int32_t p = start + j;
+    const uint16_t *vp = tn_kv_v(kv, il, s->blocks[p / bs], p % bs) +
+                         (size_t)kvh * (size_t)hd;
+    tn_vec_axpy_f16(o, scores[j], vp, hd);
+  }
+}
+
+static void forward_worker(void *arg, int ith, int nth) {
+  const struct fwd *f = arg;
+  struct tn_ctx *c = f->c;
+  const struct tn_model *m = c->m;
+  const struct tn_hparams *hp = &m->hp;
+  const struct tn_batch *b = f->b;
+  struct tn_pool *pool = c->pool;
+  const int64_t T = b->n_tokens, d = hp->n_embd, hd = hp->head_dim;
+  const int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_head_kv * hd;
+  const int64_t F = hp->n_ff;
+  const bool gemma = hp->arch == TN_ARCH_GEMMA3;
+  float *scores = c->scores + (size_t)ith * (size_t)c->n_ctx;
+  int64_t t0, t1;
+  tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
+
+  /* x[T][d] = embedding rows (times embd_scale) */
+  for (int64_t t = t0; t < t1; t++) {
+    tn_mat_get_row(&m->tok_embd, b->token[t], c->x + t * d);
+    if (hp->embd_scale != 1.0f) tn_vec_scale(c->x + t * d, hp->embd_scale, d);
+  }
+
+  for (int32_t il = 0; il < hp->n_layer; il++) {
+    const struct tn_layer *L = &m->layers[il];
+
+    /* xn[T][d] = norm(x), quantized for Wq/Wk/Wv */
+    for (int64_t t = t0; t < t1; t++)
+      tn_rms_norm(c->x + t * d, L->attn_norm, c->xn + t * d, d, hp->norm_eps);
+    {
+      const struct tn_mat *g[3] = {&L->wq, &L->wk, &L->wv};
+      quantize_for(c, g, 3, c->xn, T, ith, nth);
+    }
+    tn_pool_barrier(pool);
+
+    /* q[T][qd], k[T][kd], v[T][kd] */
+    mm(c, &L->wq, T, c->q, ith, nth);
+    mm(c, &L->wk, T, c->k, ith, nth);
+    mm(c, &L->wv, T, c->v, ith, nth);
+    tn_pool_barrier(pool);
+
+    /* biases, per-head QK norm, RoPE; k and v into the cache */
+    float base = L->swa ? hp->rope_base_swa : hp->rope_base;
+    for (int64_t t = t0; t < t1; t++) {
+      float *qt = c->q + t * qd, *kt = c->k + t * kd, *vt = c->v + t * kd;
+      if (L->bq) {
+        tn_vec_add(qt, L->bq, qd);
+        tn_vec_add(kt, L->bk, kd);
+        tn_vec_add(vt, L->bv, kd);
+      }
+      int32_t pos = b->pos[t];
+      for (int32_t h = 0; h < hp->n_head; h++) {
+        if (L->q_norm) tn_rms_norm(qt + h * hd, L->q_norm, qt + h * hd, hd, hp->norm_eps);
+        tn_rope(qt + h * hd, hp->n_rot, pos, base, hp->rope_scale, hp->rope_neox);
+      }
+      for (int32_t h = 0; h < hp->n_head_kv; h++) {
+        if (L->k_norm) tn_rms_norm(kt + h * hd, L->k_norm, kt + h * hd, hd, hp->norm_eps);
+        tn_rope(kt + h * hd, hp->n_rot, pos, base, hp->rope_scale, hp->rope_neox);
+      }
+      const struct tn_kv_seq *s = b->seqs[b->seq[t]];
+      int32_t blk = s->blocks[pos / f->kv->block_size];
+      int32_t slot = pos % f->kv->block_size;
+      tn_fp32_to_fp16_row(kt, tn_kv_k(f->kv, il, blk, slot), kd);
+      tn_fp32_to_fp16_row(vt, tn_kv_v(f->kv, il, blk, slot), kd);
+    }
+    tn_pool_barrier(pool);
+
+    /* attn[T][qd]: (token, head) pairs split over threads */
+    {
+      int64_t p0, p1;
+      tn_split(T * hp->n_head, ith, nth, &p0, &p1);
+      for (int64_t p = p0; p < p1; p++)
+        attend(f, il, p / hp->n_head, (int32_t)(p % hp->n_head), scores);
+    }
+    tn_pool_barrier(pool);
+    {
+      const struct tn_mat *g[1] = {&L->wo};
+      quantize_for(c, g, 1, c->attn, T, ith, nth);
+    }
+    tn_pool_barrier(pool);
+
+    /* tmp[T][d] = attn Wo */
+    mm(c, &L->wo, T, c->tmp, ith, nth);
+    tn_pool_barrier(pool);
+
+    /* x += post_norm(tmp); xn = ffn_norm(x) */
+    for (int64_t t = t0; t < t1; t++) {
+      float *xt = c->x + t * d, *ot = c->tmp + t * d;
+      if (L->post_attn_norm) tn_rms_norm(ot, L->post_attn_norm, ot, d, hp->norm_eps);
+      tn_vec_add(xt, ot, d);
+      tn_rms_norm(xt, L->ffn_norm, c->xn + t * d, d, hp->norm_eps);
+    }
+    {
+      const struct tn_mat *g[2] = {&L->w_gate, &L->w_up};
+      quantize_for(c, g, 2, c->xn, T, ith, nth);
+    }
+    tn_pool_barrier(pool);
+
+    /* gate[T][F], up[T][F] */
+    mm(c, &L->w_gate, T, c->gate, ith, nth);
+    mm(c, &L->w_up, T, c->up, ith, nth);
+    tn_pool_barrier(pool);
+
+    for (int64_t t = t0; t < t1; t++) {
+      if (gemma)
+        tn_gelu_mul(c->gate + t * F, c->up + t * F, F);
+      else
+        tn_silu_mul(c->gate + t * F, c->up + t * F, F);
+    }
+    {
+      const struct tn_mat *g[1] = {&L->w_down};
+      quantize_for(c, g, 1, c->gate, T, ith, nth);
+    }
+    tn_pool_barrier(pool);
+
+    /* tmp[T][d] = gate Wd */
+    mm(c, &L->w_down, T, c->tmp, ith, nth);
+    tn_pool_barrier(pool);
+
+    for (int64_t t = t0; t < t1; t++) {
+      float *xt = c->x + t * d, *ot = c->tmp + t * d;
+      if (L->post_ffn_norm) tn_rms_norm(ot, L->post_ffn_norm, ot, d, hp->norm_eps);
+      tn_vec_add(xt, ot, d);
+    }
+    /* The next layer's first op reads only this thread's tokens of x. */
+  }
+
+  /* logits for the tokens that asked: out_x[n_out][d] = norm(x) */
+  const int64_t n_out = c->n_logits;
+  int64_t o0, o1;
+  tn_split(n_out, ith, nth, &o0, &o1);
+  for (int64_t i = o0; i < o1; i++)
+    tn_rms_norm(c->x + (int64_t)c->out_idx[i] * d, m->output_norm,
+                c->out_x + i * d, d, hp->norm_eps);
+  {
+    const struct tn_mat *g[1] = {&m->output};
+    quantize_for(c, g, 1, c->out_x, n_out, ith, nth);
+  }
+  tn_pool_barrier(pool);
+  if (n_out > 0) mm(c, &m->output, n_out, c->logits, ith, nth);
+}
+
+enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
+                                const struct tn_batch *b,
+                                struct tn_error *err) {
+  const struct tn_hparams *hp = &c->m->hp;
+  if (b->n_tokens <= 0 || b->n_tokens > c->n_tokens_max)
+    return tn_error_set(err, TN_EINVAL, "forward: batch of %d tokens (max %d)",
+                        b->n_tokens, c->n_tokens_max);
+  if (kv->n_layer != hp->n_layer ||
+      kv->n_kv_dim != hp->n_head_kv * hp->head_dim)
+    return tn_error_set(err, TN_EINVAL, "forward: kv cache shape mismatch");
+  int32_t n_out = 0;
+  for (int32_t t = 0; t < b->n_tokens; t++) {
+    int32_t tok = b->token[t], pos = b->pos[t], s = b->seq[t];
+    if (tok < 0 || tok >= hp->n_vocab)
+      return tn_error_set(err, TN_ERANGE,
+                          "forward: token id %d out of range [0, %d)", tok,
+                          hp->n_vocab);
+    if (s < 0 || s >= b->n_seqs)
+      return tn_error_set(err, TN_EINVAL, "forward: bad sequence %d", s);
+    if (pos < 0 || pos >= c->n_ctx)
+      return tn_error_set(err, TN_ERANGE,
+                          "forward: position %d outside context %d", pos,
+                          c->n_ctx);
+    if ((int64_t)pos / kv->block_size >= b->seqs[s]->n_blocks)
+      return tn_error_set(err, TN_EINVAL,
+                          "forward: position %d has no kv block reserved", pos);
+    if (b->logits[t]) {
+      if (n_out == c->n_logits_max)
+        return tn_error_set(err, TN_EINVAL, "forward: more than %d logits",
+                            c->n_logits_max);
+      c->out_idx[n_out++] = t;
+    }
+  }
+  c->n_logits = n_out;
+  struct fwd f = {.c = c, .kv = kv, .b = b};
+  tn_pool_run(c->pool, forward_worker, &f);
+  return TN_OK;
+}

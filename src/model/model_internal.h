@@ -1,0 +1,31 @@
+/*
+ * model_internal.h: the forward-pass context, shared by model.c and
+ * forward.c.
+ */
+#ifndef TN_MODEL_INTERNAL_H
+#define TN_MODEL_INTERNAL_H
+
+#include "model/model.h"
+
+struct tn_ctx {
+  const struct tn_model *m;
+  struct tn_pool *pool;
+  int32_t n_tokens_max, n_ctx, n_logits_max;
+  /* scratch, T = n_tokens_max */
+  float *x;      /* [T][n_embd] residual stream */
+  float *xn;     /* [T][n_embd] normed input of a block */
+  float *q;      /* [T][n_head*head_dim] */
+  float *k, *v;  /* [T][n_head_kv*head_dim] */
+  float *attn;   /* [T][n_head*head_dim] */
+  float *tmp;    /* [T][n_embd] block output */
+  float *gate, *up; /* [T][n_ff] */
+  float *scores; /* [n_threads][n_ctx] attention weights */
+  void *qbuf[TN_TYPE_COUNT]; /* quantized activations by vec_dot_type */
+  /* output */
+  float *out_x;     /* [n_logits_max][n_embd] */
+  float *logits;    /* [n_logits_max][n_vocab] */
+  int32_t *out_idx; /* [n_logits_max]: batch index of each logits row */
+  int32_t n_logits;
+};
+
+#endif /* TN_MODEL_INTERNAL_H */

@@ -1,0 +1,92 @@
+/*
+ * tokenizer.h: text <-> token ids from a GGUF vocabulary, and chat
+ * formatting.
+ *
+ * Two vocabularies: byte-level BPE (tokenizer.ggml.model = "gpt2", with the
+ * pre-tokenizer regexes named by tokenizer.ggml.pre, run through PCRE2) and
+ * SentencePiece ("llama": score-driven merges with byte fallback). Special
+ * and added tokens are found in text before the model tokenizer runs.
+ * Every id read from metadata is validated against the vocabulary size.
+ */
+#ifndef TN_TOKENIZER_H
+#define TN_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/base.h"
+#include "gguf/gguf.h"
+
+struct tn_tokenizer;
+
+/* Builds the tokenizer from g's metadata (copies what it keeps: g may be
+ * closed afterwards). */
+enum tn_status tn_tokenizer_load(const struct tn_gguf *g,
+                                 struct tn_tokenizer **out,
+                                 struct tn_error *err);
+void tn_tokenizer_free(struct tn_tokenizer *tok);
+
+int32_t tn_tokenizer_n_vocab(const struct tn_tokenizer *tok);
+int32_t tn_tokenizer_bos(const struct tn_tokenizer *tok); /* -1 if none */
+int32_t tn_tokenizer_eos(const struct tn_tokenizer *tok); /* -1 if none */
+/* End of generation: EOS, EOT (<|im_end|>, <end_of_turn>, ...). */
+bool tn_tokenizer_is_eog(const struct tn_tokenizer *tok, int32_t id);
+/* Control/special token (not rendered in normal text output). */
+bool tn_tokenizer_is_special(const struct tn_tokenizer *tok, int32_t id);
+/* Looks up a token by its exact text; -1 if none. */
+int32_t tn_tokenizer_find(const struct tn_tokenizer *tok, const char *text,
+                          size_t len);
+
+/* Encodes len bytes of text (any bytes, NUL included).
+ * add_special: add BOS/EOS as the metadata says (add_bos_token, ...).
+ * parse_special: text that spells a special/added token becomes that token.
+ * *out is malloc'd (caller frees with free()); *n_out its length. */
+enum tn_status tn_tokenizer_encode(const struct tn_tokenizer *tok,
+                                   const char *text, size_t len,
+                                   bool add_special, bool parse_special,
+                                   int32_t **out, size_t *n_out,
+                                   struct tn_error *err);
+
+/* The raw bytes token id stands for (byte-level BPE and <0xNN> bytes
+ * decoded, SentencePiece's U+2581 as a space). Special tokens give their
+ * text only when render_special. Returns the byte count (may exceed cap:
+ * then only cap bytes were written); 0 for an invalid id. */
+size_t tn_tokenizer_piece(const struct tn_tokenizer *tok, int32_t id,
+                          char *buf, size_t cap, bool render_special);
+
+/* Streaming detokenizer: feeds pieces, emits only whole UTF-8 characters;
+ * an invalid sequence becomes U+FFFD. */
+struct tn_detok {
+  const struct tn_tokenizer *tok;
+  char pending[8];
+  size_t n_pending;
+  bool render_special;
+};
+void tn_detok_init(struct tn_detok *d, const struct tn_tokenizer *tok,
+                   bool render_special);
+/* Appends the text completed by token id to out (cap bytes); returns bytes
+ * written. cap >= 256 always suffices for one token. */
+size_t tn_detok_push(struct tn_detok *d, int32_t id, char *out, size_t cap);
+/* Flushes what is pending (incomplete bytes become U+FFFD). */
+size_t tn_detok_flush(struct tn_detok *d, char *out, size_t cap);
+
+/* ---- chat formatting
+ *
+ * Produces exactly what the model's tokenizer.chat_template would render
+ * for the conversation (roles system/user/assistant), recognising the
+ * template families our models ship (ChatML, Gemma, Llama 3, ...). */
+struct tn_chat_msg {
+  const char *role;
+  const char *content;
+  size_t content_len;
+};
+
+enum tn_status tn_chat_format(const struct tn_tokenizer *tok,
+                              const struct tn_chat_msg *msgs, size_t n_msgs,
+                              bool add_generation_prompt, char **out,
+                              size_t *out_len, struct tn_error *err);
+/* The name of the template family in use ("chatml", "gemma", ...). */
+const char *tn_chat_template_name(const struct tn_tokenizer *tok);
+
+#endif /* TN_TOKENIZER_H */

@@ -164,5 +164,10 @@ void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n);
  * n_rot dims. neox: pairs (i, i + n_rot/2); otherwise (2i, 2i+1). */
 void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
              float freq_scale, bool neox);
+/* The same in two steps, for many heads at one position: cs[n_rot] gets
+ * (cos, sin) of each pair's angle once, then tn_rope_apply rotates. */
+void tn_rope_cache(float *cs, int64_t n_rot, int64_t pos, float freq_base,
+                   float freq_scale);
+void tn_rope_apply(float *x, const float *cs, int64_t n_rot, bool neox);
 
 #endif /* TN_KERNELS_H */

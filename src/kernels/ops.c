@@ -10,7 +10,10 @@
 #include <math.h>
 
 #include "kernels/kernels.h"
+#include "base/base.h"
 #include "kernels/kernels_internal.h"
+
+#define TN_ASSERT_ROPE(x) TN_ASSERT(x)
 
 void tn_rms_norm_ex(const float *x, const float *w, float *y, int64_t n,
                     float eps, bool one_plus) {
@@ -107,17 +110,33 @@ void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
  *
  * Pair (a, b) at dims (i, i + n_rot/2) for NeoX style, (2i, 2i+1) for the
  * original; theta_i = pos * freq_scale * base^(-2i/n_rot). */
-void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
-             float freq_scale, bool neox) {
+void tn_rope_cache(float *cs, int64_t n_rot, int64_t pos, float freq_base,
+                   float freq_scale) {
   int64_t half = n_rot / 2;
-  float p = (float)pos * freq_scale;
+  double p = (double)pos * (double)freq_scale;
   for (int64_t i = 0; i < half; i++) {
-    float theta = p * powf(freq_base, -2.0f * (float)i / (float)n_rot);
-    float c = cosf(theta), s = sinf(theta);
+    double theta = p * pow((double)freq_base, -2.0 * (double)i / (double)n_rot);
+    cs[2 * i] = (float)cos(theta);
+    cs[2 * i + 1] = (float)sin(theta);
+  }
+}
+
+void tn_rope_apply(float *x, const float *cs, int64_t n_rot, bool neox) {
+  int64_t half = n_rot / 2;
+  for (int64_t i = 0; i < half; i++) {
+    float c = cs[2 * i], s = cs[2 * i + 1];
     int64_t ia = neox ? i : 2 * i;
     int64_t ib = neox ? i + half : 2 * i + 1;
     float a = x[ia], b = x[ib];
     x[ia] = a * c - b * s;
     x[ib] = a * s + b * c;
   }
+}
+
+void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
+             float freq_scale, bool neox) {
+  float cs[2048];
+  TN_ASSERT_ROPE(n_rot <= 2048);
+  tn_rope_cache(cs, n_rot, pos, freq_base, freq_scale);
+  tn_rope_apply(x, cs, n_rot, neox);
 }

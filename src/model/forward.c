@@ -42,6 +42,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->gate);
   tn_aligned_free(c->up);
   tn_aligned_free(c->scores);
+  tn_aligned_free(c->rope_cs);
   tn_aligned_free(c->logits);
   tn_aligned_free(c->out_x);
   free(c->out_idx);
@@ -94,6 +95,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->gate = tn_aligned_alloc(T * F * sizeof(float));
   c->up = tn_aligned_alloc(T * F * sizeof(float));
   c->scores = tn_aligned_alloc((size_t)nth * (size_t)n_ctx * sizeof(float));
+  c->rope_cs = tn_aligned_alloc(T * 2 * (size_t)hp->n_rot * sizeof(float));
   c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
   c->out_x = tn_aligned_alloc((size_t)n_logits_max * d * sizeof(float));
   c->out_idx = malloc((size_t)n_logits_max * sizeof(int32_t));
@@ -110,7 +112,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->rope_cs && c->logits && c->out_x &&
             c->out_idx;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -214,8 +216,13 @@ static void forward_worker(void *arg, int ith, int nth) {
   int64_t t0, t1;
   tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
 
-  /* x[T][d] = embedding rows (times embd_scale) */
+  /* x[T][d] = embedding rows (times embd_scale); RoPE angles per token for
+   * the global base and the sliding-window base */
   for (int64_t t = t0; t < t1; t++) {
+    float *cs = c->rope_cs + t * 2 * hp->n_rot;
+    tn_rope_cache(cs, hp->n_rot, b->pos[t], hp->rope_base, hp->rope_scale);
+    tn_rope_cache(cs + hp->n_rot, hp->n_rot, b->pos[t], hp->rope_base_swa,
+                  hp->rope_scale);
     tn_mat_get_row(&m->tok_embd, b->token[t], c->x + t * d);
     if (hp->embd_scale != 1.0f) tn_vec_scale(c->x + t * d, hp->embd_scale, d);
   }
@@ -239,8 +246,8 @@ static void forward_worker(void *arg, int ith, int nth) {
     tn_pool_barrier(pool);
 
     /* biases, per-head QK norm, RoPE; k and v into the cache */
-    float base = L->swa ? hp->rope_base_swa : hp->rope_base;
     for (int64_t t = t0; t < t1; t++) {
+      const float *cs = c->rope_cs + (t * 2 + (L->swa ? 1 : 0)) * hp->n_rot;
       float *qt = c->q + t * qd, *kt = c->k + t * kd, *vt = c->v + t * kd;
       if (L->bq) {
         tn_vec_add(qt, L->bq, qd);
@@ -250,11 +257,11 @@ static void forward_worker(void *arg, int ith, int nth) {
       int32_t pos = b->pos[t];
       for (int32_t h = 0; h < hp->n_head; h++) {
         if (L->q_norm) tn_rms_norm(qt + h * hd, L->q_norm, qt + h * hd, hd, hp->norm_eps);
-        tn_rope(qt + h * hd, hp->n_rot, pos, base, hp->rope_scale, hp->rope_neox);
+        tn_rope_apply(qt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
       for (int32_t h = 0; h < hp->n_head_kv; h++) {
         if (L->k_norm) tn_rms_norm(kt + h * hd, L->k_norm, kt + h * hd, hd, hp->norm_eps);
-        tn_rope(kt + h * hd, hp->n_rot, pos, base, hp->rope_scale, hp->rope_neox);
+        tn_rope_apply(kt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
       const struct tn_kv_seq *s = b->seqs[b->seq[t]];
       int32_t blk = s->blocks[pos / f->kv->block_size];

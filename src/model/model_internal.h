@@ -20,6 +20,7 @@ struct tn_ctx {
   float *tmp;    /* [T][n_embd] block output */
   float *gate, *up; /* [T][n_ff] */
   float *scores; /* [n_threads][n_ctx] attention weights */
+  float *rope_cs; /* [T][2][n_rot]: (cos, sin) per pair, global/swa base */
   void *qbuf[TN_TYPE_COUNT]; /* quantized activations by vec_dot_type */
   /* output */
   float *out_x;     /* [n_logits_max][n_embd] */

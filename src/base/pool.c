@@ -20,6 +20,7 @@
 #include "base/base.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -32,6 +33,16 @@
 
 /* Spin iterations before an idle worker sleeps (~a millisecond or two). */
 #define POOL_SPIN_ITERS 200000
+/* Spins at a barrier before yielding the core each round: when the
+ * machine is oversubscribed, the thread we wait for may need our core. */
+#define BARRIER_SPIN_ITERS 20000
+
+static inline void spin_wait(int *spins) {
+  if (++*spins < BARRIER_SPIN_ITERS)
+    cpu_relax();
+  else
+    sched_yield();
+}
 
 struct tn_pool {
   int n_threads;
@@ -154,8 +165,9 @@ void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
     pthread_mutex_unlock(&pool->mu);
   }
   fn(ctx, 0, pool->n_threads);
+  int spins = 0;
   while (atomic_load_explicit(&pool->n_active, memory_order_acquire) > 0)
-    cpu_relax();
+    spin_wait(&spins);
 }
 
 void tn_pool_barrier(struct tn_pool *pool) {
@@ -168,6 +180,7 @@ void tn_pool_barrier(struct tn_pool *pool) {
     atomic_fetch_add_explicit(&pool->bar_phase, 1, memory_order_release);
     return;
   }
+  int spins = 0;
   while (atomic_load_explicit(&pool->bar_phase, memory_order_acquire) == phase)
-    cpu_relax();
+    spin_wait(&spins);
 }

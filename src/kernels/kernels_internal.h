@@ -119,6 +119,32 @@ void tn_vec_dot_q4_K_q8_K_avx2(int64_t n, float *s, const void *x, const void *y
 void tn_vec_dot_q5_K_q8_K_avx2(int64_t n, float *s, const void *x, const void *y);
 void tn_vec_dot_q6_K_q8_K_avx2(int64_t n, float *s, const void *x, const void *y);
 
+/* Tiles for matmul.c (tn_gemm_tile_cb, declared below): mr = 2, mt = 4. */
+void tn_gemm_q4_K_q8_K_avx2(int64_t n, const void *w, size_t w_stride,
+                            const void *q, size_t q_stride, float *y,
+                            int64_t ldy, int nr, int nt);
+void tn_gemm_q5_K_q8_K_avx2(int64_t n, const void *w, size_t w_stride,
+                            const void *q, size_t q_stride, float *y,
+                            int64_t ldy, int nr, int nt);
+void tn_gemm_q6_K_q8_K_avx2(int64_t n, const void *w, size_t w_stride,
+                            const void *q, size_t q_stride, float *y,
+                            int64_t ldy, int nr, int nt);
+
+/* AVX-512 F/BW/VL + VNNI (quants_k_avx512.c); Q8_K quantization stays AVX2. */
+void tn_vec_dot_q4_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
+void tn_vec_dot_q5_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
+void tn_vec_dot_q6_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
+/* nt == 1: the AVX-512 dots; nt > 1: the AVX2 tiles. mr = 2, mt = 4. */
+void tn_gemm_q4_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                              const void *q, size_t q_stride, float *y,
+                              int64_t ldy, int nr, int nt);
+void tn_gemm_q5_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                              const void *q, size_t q_stride, float *y,
+                              int64_t ldy, int nr, int nt);
+void tn_gemm_q6_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                              const void *q, size_t q_stride, float *y,
+                              int64_t ldy, int nr, int nt);
+
 /* ---- basic kernels: declared below by quants.c's author */
 
 /* The scalar reference table (types.c); dispatch.c derives one per level. */

@@ -1,0 +1,412 @@
+/*
+ * quants_avx2.c: AVX2 + FMA + F16C versions of the kernels in quants.c,
+ * and the tiled matmul micro-kernels for Q4_0, Q4_1 and Q8_0 weights.
+ *
+ * Integer dots use _mm256_maddubs_epi16 (u8 x s8 -> pairs summed to s16)
+ * then _mm256_madd_epi16 with ones (-> s32). maddubs needs an unsigned left
+ * operand, so:
+ *   Q4_1/Q5_1 (unsigned quants):   maddubs(q, y)
+ *   Q4_0:  sum((q - 8) * y) = maddubs(q, y) - maddubs(8, y)
+ *   Q5_0/Q8_0 (signed quants):     maddubs(|q|, sign(y, q))
+ * None of these saturate: |q| <= 128 and |y| <= 127 keep each s16 pair sum
+ * below 32767.
+ *
+ * The tile kernels compute an nr x nt block of outputs (nr <= 4 weight
+ * rows, nt <= 2 tokens here: 8 accumulators plus operands fit the 16 ymm
+ * registers). Each weight block is unpacked once and used for every token
+ * of the tile. The per-row vec_dot of these types is the 1 x 1 tile.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* A tile reads its NR weight rows side by side, which to the hardware
+ * prefetchers looks like NR interleaved streams; with rows over ~512 bytes
+ * they stop following it and a matvec from DRAM drops from ~20 to ~4 GB/s
+ * (measured on Zen 4). So the tile prefetches for itself, in plain address
+ * order: during block b it touches the bytes that are b/nb of the way
+ * through the region two tiles ahead (rows are contiguous, ws = row size).
+ * Prefetches past the matrix end are harmless: they never fault. */
+#define PREFETCH_TILE(w, ws, b, NR, BS)                                       \
+  do {                                                                        \
+    const char *pf_ = (const char *)(w) + 2 * (NR) * (ws) + (b) * (NR) * (BS); \
+    for (int k_ = 0; k_ < ((NR) * (BS) + 63) / 64; k_++)                      \
+      _mm_prefetch(pf_ + 64 * k_, _MM_HINT_T0);                               \
+  } while (0)
+
+ALWAYS_INLINE float h2f(tn_half h) { return _cvtsh_ss(h); }
+
+ALWAYS_INLINE float hsum_ps(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+ALWAYS_INLINE int hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v),
+                            _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+/* 16 bytes of nibbles -> 32 bytes 0..15: low nibbles (elements 0..15) in
+ * the low lane, high nibbles (16..31) in the high lane. */
+ALWAYS_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+  __m128i v = _mm_loadu_si128((const __m128i *)qs);
+  __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+/* 32 bits -> 32 bytes, 0xff where the bit is set. */
+ALWAYS_INLINE __m256i unpack_bits(const uint8_t qh[4]) {
+  uint32_t bits;
+  memcpy(&bits, qh, 4);
+  __m256i v = _mm256_set1_epi32((int)bits);
+  const __m256i spread = _mm256_setr_epi64x(
+      0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+      0x0303030303030303);
+  v = _mm256_shuffle_epi8(v, spread);
+  const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+}
+
+/* sum of u8 x s8 products, as 8 s32 lanes */
+ALWAYS_INLINE __m256i dot_us8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* sum of s8 x s8 products, as 8 s32 lanes */
+ALWAYS_INLINE __m256i dot_ss8(__m256i a, __m256i b) {
+  return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+/* ---- float types */
+
+void tn_dequant_f16_avx2(const void *vx, float *y, int64_t n) {
+  const uint16_t *x = vx;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+  for (; i < n; i++) y[i] = tn_fp16_to_fp32(x[i]);
+}
+
+void tn_quant_f16_avx2(const float *x, void *vy, int64_t n) {
+  uint16_t *y = vy;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i *)(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                     _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; i++) y[i] = tn_fp32_to_fp16(x[i]);
+}
+
+void tn_vec_dot_f32_f32_avx2(int64_t n, float *s, const void *vx,
+                             const void *vy) {
+  const float *x = vx, *y = vy;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8),
+                         _mm256_loadu_ps(y + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16),
+                         _mm256_loadu_ps(y + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24),
+                         _mm256_loadu_ps(y + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8)
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+  float r = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; i++) r += x[i] * y[i];
+  *s = r;
+}
+
+void tn_vec_dot_f16_f32_avx2(int64_t n, float *s, const void *vx,
+                             const void *vy) {
+  const uint16_t *x = vx;
+  const float *y = vy;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+    __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8)));
+    a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(y + i), a0);
+    a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(y + i + 8), a1);
+  }
+  float r = hsum_ps(_mm256_add_ps(a0, a1));
+  for (; i < n; i++) r += tn_fp16_to_fp32(x[i]) * y[i];
+  *s = r;
+}
+
+ALWAYS_INLINE __m256 load_bf16(const uint16_t *x) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+void tn_vec_dot_bf16_f32_avx2(int64_t n, float *s, const void *vx,
+                              const void *vy) {
+  const uint16_t *x = vx;
+  const float *y = vy;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(load_bf16(x + i), _mm256_loadu_ps(y + i), a0);
+    a1 = _mm256_fmadd_ps(load_bf16(x + i + 8), _mm256_loadu_ps(y + i + 8), a1);
+  }
+  float r = hsum_ps(_mm256_add_ps(a0, a1));
+  for (; i < n; i++) r += tn_bf16_to_fp32(x[i]) * y[i];
+  *s = r;
+}
+
+/* ---- activation quantizers */
+
+/* Quantizes 32 floats to 32 int8 with the Q8 rule; returns d, and the sum
+ * of the quants in *sum. */
+ALWAYS_INLINE float quant_block_q8(const float *x, int8_t *qs, int *sum) {
+  __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+  __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_max_ps(
+      _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+      _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float amax = _mm_cvtss_f32(m4);
+  float d = amax / 127.0f;
+  float id = d != 0.0f ? 1.0f / d : 0.0f;
+  __m256 vid = _mm256_set1_ps(id);
+  __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
+  __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+  __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid));
+  __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+  if (sum)
+    *sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1),
+                                       _mm256_add_epi32(i2, i3)));
+  /* packs work per 128-bit lane; the permute restores element order */
+  __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1),
+                                 _mm256_packs_epi32(i2, i3));
+  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i *)qs, p);
+  return d;
+}
+
+void tn_quant_q8_0_avx2(const float *x, void *vy, int64_t n) {
+  struct block_q8_0 *y = vy;
+  for (int64_t b = 0; b < n / QK8_0; b++, x += QK8_0)
+    y[b].d = tn_fp32_to_fp16(quant_block_q8(x, y[b].qs, NULL));
+}
+
+void tn_quant_q8_1_avx2(const float *x, void *vy, int64_t n) {
+  struct block_q8_1 *y = vy;
+  for (int64_t b = 0; b < n / QK8_1; b++, x += QK8_1) {
+    int sum;
+    float d = quant_block_q8(x, y[b].qs, &sum);
+    y[b].d = tn_fp32_to_fp16(d);
+    y[b].s = tn_fp32_to_fp16(d * (float)sum);
+  }
+}
+
+/* ---- Q5_0 / Q5_1 vec_dot (no tiles: rare in practice) */
+
+void tn_vec_dot_q5_0_q8_0_avx2(int64_t n, float *s, const void *vx,
+                               const void *vy) {
+  const struct block_q5_0 *x = vx;
+  const struct block_q8_0 *y = vy;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK5_0; b++) {
+    /* q - 16: nibble | 0xf0 (i.e. nibble - 16) where the fifth bit is 0 */
+    __m256i hi = _mm256_andnot_si256(unpack_bits(x[b].qh),
+                                     _mm256_set1_epi8((char)0xf0));
+    __m256i qx = _mm256_or_si256(unpack_nibbles(x[b].qs), hi);
+    __m256i qy = _mm256_loadu_si256((const __m256i *)y[b].qs);
+    __m256 d = _mm256_set1_ps(h2f(x[b].d) * h2f(y[b].d));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_ss8(qx, qy)), d, acc);
+  }
+  *s = hsum_ps(acc);
+}
+
+void tn_vec_dot_q5_1_q8_1_avx2(int64_t n, float *s, const void *vx,
+                               const void *vy) {
+  const struct block_q5_1 *x = vx;
+  const struct block_q8_1 *y = vy;
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < n / QK5_1; b++) {
+    __m256i hi = _mm256_and_si256(unpack_bits(x[b].qh), _mm256_set1_epi8(0x10));
+    __m256i qx = _mm256_or_si256(unpack_nibbles(x[b].qs), hi);
+    __m256i qy = _mm256_loadu_si256((const __m256i *)y[b].qs);
+    __m256 d = _mm256_set1_ps(h2f(x[b].d) * h2f(y[b].d));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us8(qx, qy)), d, acc);
+    mins += h2f(x[b].m) * h2f(y[b].s);
+  }
+  *s = hsum_ps(acc) + mins;
+}
+
+/* ---- tiles
+ *
+ * Each tile kernel is written once as an always-inline function of
+ * compile-time (NR, NT) and instantiated by TILE_ENTRY for every shape up
+ * to MR x MT, so the accumulator arrays live in registers. */
+
+#define MR 4
+#define MT 2
+
+#define DOT_Q4_1(u, s) dot_us8(u, s)
+
+ALWAYS_INLINE void tile_q4_1(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  /* Scales ride in vectors: ys = [dy0, sy0, dy1, sy1, ...] for the tile's
+   * tokens, dm = [dx, mx] per row broadcast to [dx, mx, dx, mx, ...], so
+   * one multiply gives every token's d-product (even lanes, picked out with
+   * a permute) and min term (odd lanes, summed into macc[r]). */
+  __m256 acc[MR][MT], macc[MR];
+  for (int r = 0; r < NR; r++) {
+    macc[r] = _mm256_setzero_ps();
+    for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < n / QK4_1; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q4_1));
+    __m256i qy[MT];
+    uint32_t ds[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_1 *yb = (const struct block_q8_1 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      memcpy(&ds[t], &yb->d, 4); /* d and s, adjacent halves */
+    }
+    __m256 ys = _mm256_cvtph_ps(_mm_setr_epi32((int)ds[0], (int)ds[1],
+                                               (int)ds[2], (int)ds[3]));
+    for (int r = 0; r < NR; r++) {
+      const struct block_q4_1 *xb = (const struct block_q4_1 *)(w + r * ws) + b;
+      __m256i qx = unpack_nibbles(xb->qs);
+      uint32_t dm32;
+      memcpy(&dm32, &xb->d, 4); /* d and m */
+      __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm32));
+      __m256 prod = _mm256_mul_ps(
+          _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(dm))), ys);
+      macc[r] = _mm256_add_ps(macc[r], prod);
+      for (int t = 0; t < NT; t++) {
+        __m256 scale =
+            t == 0 ? _mm256_broadcastss_ps(_mm256_castps256_ps128(prod))
+                   : _mm256_permutevar8x32_ps(prod, _mm256_set1_epi32(2 * t));
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_Q4_1(qx, qy[t])),
+                                    scale, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++) {
+    float m[8];
+    _mm256_storeu_ps(m, macc[r]);
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum_ps(acc[r][t]) + m[2 * t + 1];
+  }
+}
+
+ALWAYS_INLINE void tile_q4_0(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  __m256 acc[MR][MT];
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < n / QK4_0; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q4_0));
+    __m256i qy[MT], c8[MT];
+    float dy[MT];
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      c8[t] = _mm256_maddubs_epi16(eight, qy[t]);
+      dy[t] = h2f(yb->d);
+    }
+    for (int r = 0; r < NR; r++) {
+      const struct block_q4_0 *xb = (const struct block_q4_0 *)(w + r * ws) + b;
+      __m256i qx = unpack_nibbles(xb->qs);
+      float dx = h2f(xb->d);
+      for (int t = 0; t < NT; t++) {
+        __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qx, qy[t]), c8[t]);
+        __m256 p = _mm256_cvtepi32_ps(
+            _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum_ps(acc[r][t]);
+}
+
+ALWAYS_INLINE void tile_q8_0(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  __m256 acc[MR][MT];
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK8_0; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q8_0));
+    __m256i qy[MT];
+    float dy[MT];
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      dy[t] = h2f(yb->d);
+    }
+    for (int r = 0; r < NR; r++) {
+      const struct block_q8_0 *xb = (const struct block_q8_0 *)(w + r * ws) + b;
+      __m256i qx = _mm256_loadu_si256((const __m256i *)xb->qs);
+      __m256i ax = _mm256_sign_epi8(qx, qx);
+      float dx = h2f(xb->d);
+      for (int t = 0; t < NT; t++) {
+        __m256 p = _mm256_cvtepi32_ps(dot_us8(ax, _mm256_sign_epi8(qy[t], qx)));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum_ps(acc[r][t]);
+}
+
+/* One entry point per type: switch on the tile shape so that every
+ * instantiation has constant bounds. */
+#define TILE_ENTRY(fn, body)                                                  \
+  void fn(int64_t n, const void *w, size_t ws, const void *q, size_t qs,      \
+          float *y, int64_t ldy, int nr, int nt) {                            \
+    const uint8_t *w8 = w, *q8 = q;                                           \
+    switch ((nr - 1) * MT + (nt - 1)) {                                       \
+    case 0: body(n, w8, ws, q8, qs, y, ldy, 1, 1); break;                     \
+    case 1: body(n, w8, ws, q8, qs, y, ldy, 1, 2); break;                     \
+    case 2: body(n, w8, ws, q8, qs, y, ldy, 2, 1); break;                     \
+    case 3: body(n, w8, ws, q8, qs, y, ldy, 2, 2); break;                     \
+    case 4: body(n, w8, ws, q8, qs, y, ldy, 3, 1); break;                     \
+    case 5: body(n, w8, ws, q8, qs, y, ldy, 3, 2); break;                     \
+    case 6: body(n, w8, ws, q8, qs, y, ldy, 4, 1); break;                     \
+    case 7: body(n, w8, ws, q8, qs, y, ldy, 4, 2); break;                     \
+    default: break;                                                           \
+    }                                                                         \
+  }
+
+TILE_ENTRY(tn_gemm_q4_0_q8_0_avx2, tile_q4_0)
+TILE_ENTRY(tn_gemm_q4_1_q8_1_avx2, tile_q4_1)
+TILE_ENTRY(tn_gemm_q8_0_q8_0_avx2, tile_q8_0)
+
+void tn_vec_dot_q4_0_q8_0_avx2(int64_t n, float *s, const void *x,
+                               const void *y) {
+  tile_q4_0(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q4_1_q8_1_avx2(int64_t n, float *s, const void *x,
+                               const void *y) {
+  tile_q4_1(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q8_0_q8_0_avx2(int64_t n, float *s, const void *x,
+                               const void *y) {
+  tile_q8_0(n, x, 0, y, 0, s, 0, 1, 1);
+}

@@ -182,7 +182,11 @@ static void attend(const struct fwd *f, int32_t il, int64_t t, int32_t h,
   const struct tn_kv_seq *s = f->b->seqs[f->b->seq[t]];
   int32_t start = 0;
   if (L->swa && pos - hp->swa_window + 1 > 0) start = pos - hp->swa_window + 1;
-  const float *qv = c->q + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
+  /* q and the attention weights are rounded to f16, as llama.cpp does with
+   * an F16 cache: it keeps tern's logits next to the reference's. */
+  float qv[TN_HEAD_DIM_MAX];
+  const float *q32 = c->q + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
+  for (int32_t i = 0; i < hd; i++) qv[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(q32[i]));
   float *o = c->attn + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
   int32_t n = pos - start + 1;
   for (int32_t j = 0; j < n; j++) {
@@ -192,6 +196,8 @@ static void attend(const struct fwd *f, int32_t il, int64_t t, int32_t h,
     scores[j] = tn_vec_dot_f16(kp, qv, hd) * hp->attn_scale;
   }
   tn_softmax(scores, n);
+  for (int32_t j = 0; j < n; j++)
+    scores[j] = tn_fp16_to_fp32(tn_fp32_to_fp16(scores[j]));
   memset(o, 0, (size_t)hd * sizeof(float));
   for (int32_t j = 0; j < n; j++) {
     int32_t p = start + j;
@@ -330,6 +336,9 @@ static void forward_worker(void *arg, int ith, int nth) {
     }
     /* The next layer's first op reads only this thread's tokens of x. */
   }
+
+  /* The rows asked for may have been finished by another thread. */
+  tn_pool_barrier(pool);
 
   /* logits for the tokens that asked: out_x[n_out][d] = norm(x) */
   const int64_t n_out = c->n_logits;

@@ -192,7 +192,7 @@ static enum tn_status load_hparams(struct loader *ld) {
   hp->head_dim = (int32_t)v;
   uint32_t vlen;
   if ((st = get_u32(ld, "attention.value_length", false, v, &vlen))) return st;
-  if (vlen != v || hp->head_dim <= 0 || hp->head_dim > 1024 ||
+  if (vlen != v || hp->head_dim <= 0 || hp->head_dim > TN_HEAD_DIM_MAX ||
       hp->head_dim % 2 != 0)
     return tn_error_set(err, TN_EUNSUPPORTED,
                         "model: head sizes key %u / value %u not supported",

@@ -26,6 +26,8 @@
 #include "kernels/kernels.h"
 #include "kv/kv.h"
 
+#define TN_HEAD_DIM_MAX 1024
+
 enum tn_arch {
   TN_ARCH_LLAMA,
   TN_ARCH_QWEN2,

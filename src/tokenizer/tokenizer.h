@@ -30,6 +30,11 @@ void tn_tokenizer_free(struct tn_tokenizer *tok);
 int32_t tn_tokenizer_n_vocab(const struct tn_tokenizer *tok);
 int32_t tn_tokenizer_bos(const struct tn_tokenizer *tok); /* -1 if none */
 int32_t tn_tokenizer_eos(const struct tn_tokenizer *tok); /* -1 if none */
+/* End of turn (<|im_end|>, <end_of_turn>, <|eot_id|>, ...); -1 if none. */
+int32_t tn_tokenizer_eot(const struct tn_tokenizer *tok);
+/* Whether encode(add_special=true) prepends BOS (tokenizer.ggml.add_bos_token
+ * or the vocabulary's default). */
+bool tn_tokenizer_add_bos(const struct tn_tokenizer *tok);
 /* End of generation: EOS, EOT (<|im_end|>, <end_of_turn>, ...). */
 bool tn_tokenizer_is_eog(const struct tn_tokenizer *tok, int32_t id);
 /* Control/special token (not rendered in normal text output). */
@@ -66,8 +71,11 @@ struct tn_detok {
 void tn_detok_init(struct tn_detok *d, const struct tn_tokenizer *tok,
                    bool render_special);
 /* Appends the text completed by token id to out (cap bytes); returns bytes
- * written. cap >= 256 always suffices for one token. */
+ * written. cap >= 256 suffices for one token whose piece is at most 80
+ * bytes (every token of our models); tn_detok_cap() always suffices. Output
+ * that does not fit is dropped, never overrun. */
 size_t tn_detok_push(struct tn_detok *d, int32_t id, char *out, size_t cap);
+size_t tn_detok_cap(const struct tn_tokenizer *tok);
 /* Flushes what is pending (incomplete bytes become U+FFFD). */
 size_t tn_detok_flush(struct tn_detok *d, char *out, size_t cap);
 

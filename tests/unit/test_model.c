@@ -1,0 +1,354 @@
+/*
+ * test_model.c: the forward pass against llama.cpp on real models.
+ *
+ * For each model under models/ that has fixtures in tests/fixtures/ref/
+ * (made by tools/gen_ref_fixtures.py from llama.cpp):
+ *  - logits: for every prompt, the last position's logits from llama.cpp's
+ *    own token ids: same top-1, top-10 sets overlapping by >= 9, and the
+ *    largest difference over llama.cpp's top-64 divided by the std of the
+ *    logit vector (the "normalized difference") within LOGIT_BOUND;
+ *  - greedy: 64-token argmax continuations identical to llama.cpp's for at
+ *    least 8 of 10 prompts (mismatches are printed with the margin of the
+ *    step where they part);
+ *  - batching: all prompts as separate sequences in one batch give the same
+ *    logits as each alone (within BATCH_BOUND, since tiles sum in another
+ *    order) and the same argmax.
+ * TN_TEST_QUICK=1 (the sanitizer run) trims greedy to 3 prompts and skips
+ * the largest model.
+ */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kv/kv.h"
+#include "model/model.h"
+#include "tn_test.h"
+
+#define LOGIT_BOUND 0.05 /* max |ours - ref| / std(ref) over ref's top 64 */
+#define BATCH_BOUND 0.01
+
+struct model_case {
+  const char *name;
+  const char *file;
+  bool large;
+};
+
+static const struct model_case models[] = {
+    {"smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", false},
+    {"gemma3-270m", "gemma-3-270m-Q4_K_M.gguf", false},
+    {"qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", true},
+};
+
+static bool quick(void) {
+  const char *q = getenv("TN_TEST_QUICK");
+  return q && *q == '1';
+}
+
+struct runner {
+  struct tn_model *m;
+  struct tn_pool *pool;
+  struct tn_ctx *ctx;
+  struct tn_kv_pool kv;
+};
+
+static bool runner_open(struct runner *r, const char *path, int n_batch,
+                        int n_blocks) {
+  struct tn_error err = {0};
+  memset(r, 0, sizeof(*r));
+  if (tn_model_load(path, &r->m, &err)) {
+    fprintf(stderr, "load %s: %s\n", path, err.msg);
+    return false;
+  }
+  r->pool = tn_pool_new(getenv("TN_TEST_THREADS") ? atoi(getenv("TN_TEST_THREADS")) : 2);
+  const struct tn_hparams *hp = &r->m->hp;
+  if (tn_ctx_new(r->m, r->pool, n_batch, 1024, 16, &r->ctx, &err) ||
+      tn_kv_pool_init(&r->kv, hp->n_layer, n_blocks, 16,
+                      hp->n_head_kv * hp->head_dim, &err)) {
+    fprintf(stderr, "ctx: %s\n", err.msg);
+    return false;
+  }
+  return true;
+}
+
+static void runner_close(struct runner *r) {
+  tn_kv_pool_deinit(&r->kv);
+  tn_ctx_free(r->ctx);
+  tn_pool_free(r->pool);
+  tn_model_free(r->m);
+}
+
+/* Evaluates ids[0..n) for one sequence from position seq->n_tokens; the
+ * last token's logits are copied to out (when out). */
+static bool eval(struct runner *r, struct tn_kv_seq *seq, const int32_t *ids,
+                 int32_t n, float *out) {
+  struct tn_error err = {0};
+  int32_t pos[1024], sq[1024];
+  bool lg[1024];
+  if (n > 1024 || tn_kv_seq_reserve(&r->kv, seq, seq->n_tokens + n)) return false;
+  for (int32_t i = 0; i < n; i++) {
+    pos[i] = seq->n_tokens + i;
+    sq[i] = 0;
+    lg[i] = i == n - 1;
+  }
+  struct tn_kv_seq *seqs[1] = {seq};
+  struct tn_batch b = {.n_tokens = n, .token = (int32_t *)ids, .pos = pos,
+                       .seq = sq, .logits = lg, .n_seqs = 1, .seqs = seqs};
+  if (tn_model_forward(r->ctx, &r->kv, &b, &err)) {
+    fprintf(stderr, "forward: %s\n", err.msg);
+    return false;
+  }
+  seq->n_tokens += n;
+  if (out)
+    memcpy(out, tn_ctx_logits(r->ctx), (size_t)r->m->hp.n_vocab * sizeof(float));
+  return true;
+}
+
+static int32_t argmax(const float *l, int32_t n) {
+  int32_t b = 0;
+  for (int32_t i = 1; i < n; i++)
+    if (l[i] > l[b]) b = i;
+  return b;
+}
+
+static int32_t ids_from_json(json_t *arr, int32_t *out, int32_t cap) {
+  int32_t n = (int32_t)json_array_size(arr);
+  if (n > cap) n = cap;
+  for (int32_t i = 0; i < n; i++)
+    out[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
+  return n;
+}
+
+static json_t *load_fixture(const char *model, const char *what) {
+  char path[512];
+  snprintf(path, sizeof(path), "%s/tests/fixtures/ref/%s/%s.json",
+           TN_SOURCE_DIR, model, what);
+  json_error_t je;
+  json_t *j = json_load_file(path, 0, &je);
+  if (!j) fprintf(stderr, "note: no fixture %s (%s)\n", path, je.text);
+  return j;
+}
+
+static const char *model_file(const struct model_case *mc, char *buf,
+                              size_t cap) {
+  snprintf(buf, cap, "%s/models/%s", TN_SOURCE_DIR, mc->file);
+  FILE *f = fopen(buf, "rb");
+  if (!f) return NULL;
+  fclose(f);
+  return buf;
+}
+
+static void check_logits(const struct model_case *mc) {
+  char pbuf[512];
+  const char *path = model_file(mc, pbuf, sizeof(pbuf));
+  json_t *fx = load_fixture(mc->name, "logits");
+  if (!path || !fx) {
+    printf("skip logits %s: model or fixture missing\n", mc->name);
+    json_decref(fx);
+    return;
+  }
+  struct runner r;
+  ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
+  int32_t V = r.m->hp.n_vocab;
+  float *l = malloc((size_t)V * sizeof(float));
+  json_t *prompts = json_object_get(fx, "prompts");
+  size_t i;
+  json_t *p;
+  double worst = 0.0;
+  int fails = 0;
+  json_array_foreach(prompts, i, p) {
+    int32_t ids[1024];
+    int32_t n = ids_from_json(json_object_get(p, "tokens"), ids, 1024);
+    struct tn_kv_seq seq;
+    tn_kv_seq_init(&seq);
+    bool ok = eval(&r, &seq, ids, n, l);
+    tn_kv_seq_deinit(&r.kv, &seq);
+    if (!ok) {
+      fails++;
+      continue;
+    }
+    json_t *top = json_object_get(p, "top");
+    double sd = json_real_value(json_object_get(p, "std"));
+    int32_t ref_top[64];
+    double maxd = 0.0;
+    size_t k;
+    json_t *e;
+    json_array_foreach(top, k, e) {
+      int32_t id = (int32_t)json_integer_value(json_array_get(e, 0));
+      double v = json_real_value(json_array_get(e, 1));
+      if (k < 64) ref_top[k] = id;
+      double dd = fabs((double)l[id] - v);
+      if (dd > maxd) maxd = dd;
+    }
+    /* our top 10 */
+    int32_t ours[10];
+    float *tmp = malloc((size_t)V * sizeof(float));
+    memcpy(tmp, l, (size_t)V * sizeof(float));
+    for (int j = 0; j < 10; j++) {
+      ours[j] = argmax(tmp, V);
+      tmp[ours[j]] = -INFINITY;
+    }
+    free(tmp);
+    int overlap = 0;
+    for (int a = 0; a < 10; a++)
+      for (int b = 0; b < 10; b++) overlap += ours[a] == ref_top[b];
+    double nd = maxd / sd;
+    if (nd > worst) worst = nd;
+    const char *name = json_string_value(json_object_get(p, "name"));
+    printf("  %s %-10s top1 %6d/%6d overlap10 %2d  max|d| %.4f  norm %.4f\n",
+           mc->name, name, ours[0], ref_top[0], overlap, maxd, nd);
+    if (ours[0] != ref_top[0] || overlap < 9 || nd > LOGIT_BOUND) fails++;
+  }
+  printf("  %s: worst normalized logit difference %.4f (bound %.2f)\n",
+         mc->name, worst, LOGIT_BOUND);
+  free(l);
+  runner_close(&r);
+  json_decref(fx);
+  ASSERT_EQ(fails, 0);
+}
+
+static void check_greedy(const struct model_case *mc) {
+  char pbuf[512];
+  const char *path = model_file(mc, pbuf, sizeof(pbuf));
+  json_t *fx = load_fixture(mc->name, "greedy");
+  if (!path || !fx) {
+    printf("skip greedy %s: model or fixture missing\n", mc->name);
+    json_decref(fx);
+    return;
+  }
+  struct runner r;
+  ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
+  int32_t V = r.m->hp.n_vocab;
+  float *l = malloc((size_t)V * sizeof(float));
+  json_t *prompts = json_object_get(fx, "prompts");
+  size_t n_prompts = json_array_size(prompts);
+  if (quick() && n_prompts > 3) n_prompts = 3;
+  int same = 0;
+  for (size_t i = 0; i < n_prompts; i++) {
+    json_t *p = json_array_get(prompts, i);
+    int32_t ids[1024], ref[128];
+    int32_t n = ids_from_json(json_object_get(p, "prompt_tokens"), ids, 1024);
+    int32_t n_ref = ids_from_json(json_object_get(p, "generated"), ref, 128);
+    struct tn_kv_seq seq;
+    tn_kv_seq_init(&seq);
+    bool ok = eval(&r, &seq, ids, n, l);
+    int32_t diverge = -1;
+    for (int32_t g = 0; ok && g < n_ref; g++) {
+      int32_t tok = argmax(l, V);
+      if (tok != ref[g]) {
+        diverge = g;
+        break;
+      }
+      if (g + 1 < n_ref) ok = eval(&r, &seq, &tok, 1, l);
+    }
+    tn_kv_seq_deinit(&r.kv, &seq);
+    const char *name = json_string_value(json_object_get(p, "name"));
+    if (ok && diverge < 0) {
+      same++;
+      printf("  %s greedy %-10s identical (%d tokens)\n", mc->name, name, n_ref);
+    } else {
+      double margin = diverge >= 0 ? json_real_value(json_array_get(
+                                         json_object_get(p, "margins"), (size_t)diverge))
+                                   : 0.0;
+      printf("  %s greedy %-10s differs at token %d (llama.cpp top-2 margin "
+             "there %.4f)\n",
+             mc->name, name, diverge, margin);
+    }
+  }
+  printf("  %s: %d of %zu greedy continuations identical\n", mc->name, same,
+         n_prompts);
+  free(l);
+  runner_close(&r);
+  json_decref(fx);
+  if (quick())
+    ASSERT_GE(same, (int)n_prompts - 1);
+  else
+    ASSERT_GE(same, 8);
+}
+
+/* All prompts of logits.json at once, one sequence each. */
+static void check_batching(const struct model_case *mc) {
+  char pbuf[512];
+  const char *path = model_file(mc, pbuf, sizeof(pbuf));
+  json_t *fx = load_fixture(mc->name, "logits");
+  if (!path || !fx) {
+    printf("skip batching %s\n", mc->name);
+    json_decref(fx);
+    return;
+  }
+  struct runner r;
+  ASSERT(runner_open(&r, path, 1024, 1024 / 16 * 4));
+  int32_t V = r.m->hp.n_vocab;
+  json_t *prompts = json_object_get(fx, "prompts");
+  enum { MAXS = 8 };
+  int32_t n_seqs = 0, n_tok = 0;
+  int32_t tok[1024], pos[1024], sq[1024];
+  bool lg[1024];
+  struct tn_kv_seq seqs[MAXS], *sp[MAXS];
+  float *solo = malloc((size_t)MAXS * (size_t)V * sizeof(float));
+  for (size_t i = 0; i < json_array_size(prompts) && n_seqs < MAXS; i++) {
+    int32_t ids[1024];
+    int32_t n = ids_from_json(json_object_get(json_array_get(prompts, i), "tokens"), ids, 1024);
+    if (n_tok + n > 1024) continue;
+    tn_kv_seq_init(&seqs[n_seqs]);
+    ASSERT(eval(&r, &seqs[n_seqs], ids, n, solo + (size_t)n_seqs * (size_t)V));
+    tn_kv_seq_truncate(&r.kv, &seqs[n_seqs], 0);
+    ASSERT_EQ(tn_kv_seq_reserve(&r.kv, &seqs[n_seqs], n), TN_OK);
+    sp[n_seqs] = &seqs[n_seqs];
+    /* interleave: tokens of different sequences mixed in one batch */
+    for (int32_t j = 0; j < n; j++) {
+      tok[n_tok] = ids[j];
+      pos[n_tok] = j;
+      sq[n_tok] = n_seqs;
+      lg[n_tok] = j == n - 1;
+      n_tok++;
+    }
+    n_seqs++;
+  }
+  struct tn_batch b = {.n_tokens = n_tok, .token = tok, .pos = pos, .seq = sq,
+                       .logits = lg, .n_seqs = n_seqs, .seqs = sp};
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_model_forward(r.ctx, &r.kv, &b, &err), TN_OK);
+  const float *L = tn_ctx_logits(r.ctx);
+  double worst = 0.0;
+  for (int32_t s = 0; s < n_seqs; s++) {
+    const float *a = L + (size_t)s * (size_t)V, *o = solo + (size_t)s * (size_t)V;
+    ASSERT_EQ(argmax(a, V), argmax(o, V));
+    double mx = 0.0, sd = 0.0, mean = 0.0;
+    for (int32_t i = 0; i < V; i++) mean += o[i];
+    mean /= V;
+    for (int32_t i = 0; i < V; i++) {
+      sd += (o[i] - mean) * (o[i] - mean);
+      double d = fabs((double)a[i] - o[i]);
+      if (d > mx) mx = d;
+    }
+    sd = sqrt(sd / V);
+    if (mx / sd > worst) worst = mx / sd;
+  }
+  printf("  %s: %d sequences in one batch of %d tokens, worst normalized "
+         "difference to solo runs %.5f\n",
+         mc->name, n_seqs, n_tok, worst);
+  ASSERT(worst < BATCH_BOUND);
+  for (int32_t s = 0; s < n_seqs; s++) tn_kv_seq_deinit(&r.kv, &seqs[s]);
+  free(solo);
+  runner_close(&r);
+  json_decref(fx);
+}
+
+static void test_logits(void) {
+  for (size_t i = 0; i < TN_ARRAY_LEN(models); i++)
+    if (!(quick() && models[i].large)) check_logits(&models[i]);
+}
+
+static void test_greedy(void) {
+  for (size_t i = 0; i < TN_ARRAY_LEN(models); i++)
+    if (!(quick() && models[i].large)) check_greedy(&models[i]);
+}
+
+static void test_batching(void) {
+  for (size_t i = 0; i < TN_ARRAY_LEN(models); i++)
+    if (!models[i].large) check_batching(&models[i]);
+}
+
+TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching))

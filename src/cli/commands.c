@@ -263,8 +263,12 @@ int tn_cli_tokenize(int argc, char **argv) {
   int rc = 1;
   int32_t *ids = NULL;
   size_t n = 0;
-  if (tn_gguf_open(tn_cli_model_path(model, pbuf, sizeof(pbuf)), &g, &err) ||
-      tn_tokenizer_load(g, &tok, &err) ||
+  const char *path = tn_cli_model_path(model, pbuf, sizeof(pbuf));
+  if (tn_gguf_open(path, &g, &err)) {
+    tn_cli_fail("%s: %s", path, err.msg);
+    goto done;
+  }
+  if (tn_tokenizer_load(g, &tok, &err) ||
       tn_tokenizer_encode(tok, buf, len, true, true, &ids, &n, &err)) {
     tn_cli_fail("%s", err.msg);
     goto done;

@@ -52,7 +52,8 @@ int tn_session_open(struct tn_session *s, const char *model_arg,
   char pbuf[1024];
   const char *path = tn_cli_model_path(model_arg, pbuf, sizeof(pbuf));
   double t0 = tn_time_s();
-  if (tn_model_load(path, &s->model, &err)) return tn_cli_fail("%s", err.msg);
+  if (tn_model_load(path, &s->model, &err))
+    return tn_cli_fail("%s: %s", path, err.msg);
   const struct tn_hparams *hp = &s->model->hp;
   if (need_tokenizer && tn_tokenizer_load(s->model->gguf, &s->tok, &err)) {
     tn_session_close(s);

@@ -8,6 +8,7 @@
  * versions (ops_avx2.c) chosen by tn_kernels_level().
  */
 #include <math.h>
+#include <pthread.h>
 
 #include "kernels/kernels.h"
 #include "base/base.h"
@@ -17,9 +18,12 @@
 
 void tn_rms_norm_ex(const float *x, const float *w, float *y, int64_t n,
                     float eps, bool one_plus) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-  float scale = 1.0f / sqrtf(ss / (float)n + eps);
+  /* Squares summed in double, as llama.cpp does: the mean must not depend
+   * on the summation order (batching, SIMD width). */
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; i++) ss += (double)(x[i] * x[i]);
+  float mean = (float)(ss / (double)n);
+  float scale = 1.0f / sqrtf(mean + eps);
   if (!w) {
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
   } else if (one_plus) {
@@ -54,11 +58,34 @@ void tn_silu_mul(float *gate, const float *up, int64_t n) {
   }
 }
 
+/* GELU (tanh approximation) as llama.cpp's CPU backend evaluates it: for
+ * |x| < 10 the input is rounded to f16 and the result read from a table of
+ * f16(gelu(h)) over all 65,536 halves; below -10 it is 0, above 10 it is x.
+ * Matching this keeps tern's Gemma logits next to the reference's. */
+static uint16_t gelu_table[1 << 16];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+
+static float gelu_f32(float x) {
+  const float c = 0.79788456080286535587989211986876f; /* sqrt(2/pi) */
+  return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
+}
+
+static void gelu_table_init(void) {
+  for (uint32_t h = 0; h < (1u << 16); h++)
+    gelu_table[h] = tn_fp32_to_fp16(gelu_f32(tn_fp16_to_fp32((uint16_t)h)));
+}
+
 void tn_gelu_mul(float *gate, const float *up, int64_t n) {
-  const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+  pthread_once(&gelu_once, gelu_table_init);
   for (int64_t i = 0; i < n; i++) {
-    float g = gate[i];
-    gate[i] = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g))) * up[i];
+    float g = gate[i], y;
+    if (g <= -10.0f)
+      y = 0.0f;
+    else if (g >= 10.0f)
+      y = g;
+    else
+      y = tn_fp16_to_fp32(gelu_table[tn_fp32_to_fp16(g)]);
+    gate[i] = y * up[i];
   }
 }
 
@@ -112,12 +139,16 @@ void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
  * original; theta_i = pos * freq_scale * base^(-2i/n_rot). */
 void tn_rope_cache(float *cs, int64_t n_rot, int64_t pos, float freq_base,
                    float freq_scale) {
+  /* The angle advances by a constant factor per pair, in float, the way
+   * llama.cpp computes it (so positions rotate identically). */
   int64_t half = n_rot / 2;
-  double p = (double)pos * (double)freq_scale;
+  float theta_scale = powf(freq_base, -2.0f / (float)n_rot);
+  float theta = (float)pos;
   for (int64_t i = 0; i < half; i++) {
-    double theta = p * pow((double)freq_base, -2.0 * (double)i / (double)n_rot);
-    cs[2 * i] = (float)cos(theta);
-    cs[2 * i + 1] = (float)sin(theta);
+    float a = theta * freq_scale;
+    cs[2 * i] = cosf(a);
+    cs[2 * i + 1] = sinf(a);
+    theta *= theta_scale;
   }
 }
 

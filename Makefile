@@ -60,7 +60,7 @@ test-release:
 	TERN_BIN=$(abspath $(BUILD)/tern) $(PY) -m pytest -q tests/e2e
 
 test-asan:
-	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure
+	cd $(ASAN_BUILD) && TN_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure
 	TERN_BIN=$(abspath $(ASAN_BUILD)/tern) TERN_SLOW=1 $(PY) -m pytest -q tests/e2e
 
 run: all models

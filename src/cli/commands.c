@@ -332,7 +332,7 @@ int tn_cli_bench(int argc, char **argv) {
   uint64_t x = 1;
   int rc = 1;
   if (!ids) goto done;
-  for (long i = 0; i < n_prompt; i++) {
+  for (long i = 0; i < TN_MAX(n_prompt, 1); i++) {
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     ids[i] = (int32_t)((x >> 33) % (uint64_t)n_vocab);
   }

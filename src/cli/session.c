@@ -30,7 +30,7 @@ static const struct {
 } short_names[] = {
     {"smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"},
     {"gemma3-270m", "gemma-3-270m-Q4_K_M.gguf"},
-    {"qwen2.5-0.5b", "qwen2.5-0.5b-instruct-q4_k_m.gguf"},
+    {"qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"},
     {"qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"},
 };
 

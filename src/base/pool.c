@@ -38,7 +38,7 @@
 #define BARRIER_SPIN_ITERS 20000
 
 static inline void spin_wait(int *spins) {
-  if (++*spins < BARRIER_SPIN_ITERS)
+  if (*spins < BARRIER_SPIN_ITERS && ++*spins < BARRIER_SPIN_ITERS)
     cpu_relax();
   else
     sched_yield();
@@ -158,7 +158,10 @@ void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
   pool->ctx = ctx;
   atomic_store_explicit(&pool->n_active, pool->n_threads - 1,
                         memory_order_relaxed);
-  atomic_fetch_add_explicit(&pool->gen, 1, memory_order_release);
+  /* seq_cst: the store to gen and the load of n_sleeping must not be
+   * reordered against the worker's n_sleeping++ / gen load (a lost
+   * wake-up otherwise). */
+  atomic_fetch_add(&pool->gen, 1);
   if (atomic_load(&pool->n_sleeping) > 0) {
     pthread_mutex_lock(&pool->mu);
     pthread_cond_broadcast(&pool->cond);

@@ -167,17 +167,23 @@ int tn_cli_run(int argc, char **argv) {
   tn_detok_init(&dt, s.tok, false);
   long n_gen = 0;
   bool stopped = false;
+  size_t piece_cap = tn_detok_cap(s.tok);
+  char *piece = malloc(piece_cap);
+  if (!piece) {
+    tn_cli_fail("out of memory");
+    goto done;
+  }
   for (; n_gen < n_predict && !stopped; n_gen++) {
     float *logits = (float *)tn_ctx_logits(s.ctx);
     struct tn_sample_out so;
     tn_sampler_sample(smp, logits, &so);
     if (!ignore_eos && tn_tokenizer_is_eog(s.tok, so.id)) break;
-    char piece[512];
-    size_t pn = tn_detok_push(&dt, so.id, piece, sizeof(piece));
+    size_t pn = tn_detok_push(&dt, so.id, piece, piece_cap);
     if (text_len + pn + 1 > text_cap) {
       text_cap = (text_len + pn + 1) * 2;
       char *nt = realloc(text, text_cap);
       if (!nt) {
+        free(piece);
         tn_cli_fail("out of memory");
         goto done;
       }
@@ -198,9 +204,13 @@ int tn_cli_run(int argc, char **argv) {
     }
     if (n_gen + 1 < n_predict) {
       int32_t id = so.id;
-      if (tn_session_eval(&s, &id, 1, true)) goto done;
+      if (tn_session_eval(&s, &id, 1, true)) {
+        free(piece);
+        goto done;
+      }
     }
   }
+  free(piece);
   if (!stopped) {
     char tail[64];
     size_t tn = tn_detok_flush(&dt, tail, sizeof(tail));
@@ -361,13 +371,18 @@ int tn_cli_bench(int argc, char **argv) {
   qsort(tg, (size_t)reps, sizeof(double), cmp_double);
   double pp_med = pp[reps / 2], tg_med = tg[reps / 2];
   long rss = peak_rss_kib();
+  char name[128];
+  size_t o = 0;
+  for (const char *p = s.model->name; *p && o + 2 < sizeof(name); p++)
+    if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20) name[o++] = *p;
+  name[o] = '\0';
   if (json) {
     printf("{\"model\": \"%s\", \"threads\": %d, \"n_prompt\": %ld, "
            "\"n_gen\": %ld, \"pp_tok_s\": %.2f, \"tg_tok_s\": %.2f, "
            "\"pp_min\": %.2f, \"pp_max\": %.2f, \"tg_min\": %.2f, "
            "\"tg_max\": %.2f, \"load_s\": %.3f, \"peak_rss_mib\": %.1f, "
            "\"weight_bytes\": %zu, \"cpu\": \"%s\"}\n",
-           s.model->name, tn_pool_size(s.pool), n_prompt, n_gen, pp_med,
+           name, tn_pool_size(s.pool), n_prompt, n_gen, pp_med,
            tg_med, pp[0], pp[reps - 1], tg[0], tg[reps - 1], s.load_s,
            (double)rss / 1024.0, s.model->weight_bytes,
            tn_cpu_level_name(tn_kernels_level()));

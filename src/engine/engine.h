@@ -5,8 +5,9 @@
  * and the same logits give the same tokens. Order of operations (as vLLM
  * and the OpenAI API define them): log-probabilities of the raw logits are
  * reported first; then logit bias, repetition / frequency / presence
- * penalties, temperature, top-k, min-p, top-p, and a draw. Temperature 0
- * is greedy (argmax after bias and penalties).
+ * penalties, temperature, top-k, then top-p and min-p (the kept set is
+ * the top-p nucleus cut at min_p * p_max), and a draw. Temperature 0 (or
+ * below 1e-4) is greedy (argmax after bias and penalties).
  */
 #ifndef TN_ENGINE_H
 #define TN_ENGINE_H

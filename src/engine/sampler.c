@@ -67,6 +67,10 @@ enum tn_status tn_sampling_check(const struct tn_sampling *s, int32_t n_vocab,
   if (s->n_logprobs < 0 || s->n_logprobs > TN_LOGPROBS_MAX)
     return tn_error_set(err, TN_EINVAL, "top_logprobs %d must be in [0, %d]",
                         s->n_logprobs, TN_LOGPROBS_MAX);
+  if (s->n_logprobs > n_vocab)
+    return tn_error_set(err, TN_EINVAL,
+                        "top_logprobs %d exceeds the vocabulary of %d",
+                        s->n_logprobs, n_vocab);
   if (s->n_bias < 0 || (s->n_bias > 0 && !s->bias))
     return tn_error_set(err, TN_EINVAL, "logit_bias: bad list");
   for (int32_t i = 0; i < s->n_bias; i++) {
@@ -212,7 +216,7 @@ static void report_logprobs(struct tn_sampler *s, const float *logits,
   float lse = mx + (float)log(sum);
   out->logprob = 0.0f; /* filled once the token is known */
   out->n_top = 0;
-  int32_t k = s->p.n_logprobs;
+  int32_t k = TN_MIN(s->p.n_logprobs, n);
   if (k > 0) {
     for (int32_t i = 0; i < n; i++) s->cand[i] = (struct cand){i, logits[i]};
     select_top(s->cand, n, k);
@@ -262,7 +266,8 @@ void tn_sampler_sample(struct tn_sampler *s, float *logits,
   }
 
   int32_t pick = 0;
-  if (p->temperature <= 0.0f) {
+  /* Temperatures this small are greedy (1/t would overflow). */
+  if (p->temperature < 1e-4f) {
     float best = logits[0];
     for (int32_t i = 1; i < n; i++)
       if (logits[i] > best) {

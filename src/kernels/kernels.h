@@ -165,9 +165,11 @@ void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n);
 void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
              float freq_scale, bool neox);
 /* The same in two steps, for many heads at one position: cs[n_rot] gets
- * (cos, sin) of each pair's angle once, then tn_rope_apply rotates. */
+ * (cos, sin) of each pair's angle once, then tn_rope_apply rotates.
+ * freq_factors (n_rot/2 divisors of each pair's angle, llama 3 style
+ * long-context scaling) may be NULL. */
 void tn_rope_cache(float *cs, int64_t n_rot, int64_t pos, float freq_base,
-                   float freq_scale);
+                   float freq_scale, const float *freq_factors);
 void tn_rope_apply(float *x, const float *cs, int64_t n_rot, bool neox);
 
 #endif /* TN_KERNELS_H */

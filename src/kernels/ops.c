@@ -138,14 +138,14 @@ void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
  * Pair (a, b) at dims (i, i + n_rot/2) for NeoX style, (2i, 2i+1) for the
  * original; theta_i = pos * freq_scale * base^(-2i/n_rot). */
 void tn_rope_cache(float *cs, int64_t n_rot, int64_t pos, float freq_base,
-                   float freq_scale) {
+                   float freq_scale, const float *freq_factors) {
   /* The angle advances by a constant factor per pair, in float, the way
    * llama.cpp computes it (so positions rotate identically). */
   int64_t half = n_rot / 2;
   float theta_scale = powf(freq_base, -2.0f / (float)n_rot);
   float theta = (float)pos;
   for (int64_t i = 0; i < half; i++) {
-    float a = theta * freq_scale;
+    float a = (freq_factors ? theta / freq_factors[i] : theta) * freq_scale;
     cs[2 * i] = cosf(a);
     cs[2 * i + 1] = sinf(a);
     theta *= theta_scale;
@@ -168,6 +168,6 @@ void tn_rope(float *x, int64_t n_rot, int64_t pos, float freq_base,
              float freq_scale, bool neox) {
   float cs[2048];
   TN_ASSERT_ROPE(n_rot <= 2048);
-  tn_rope_cache(cs, n_rot, pos, freq_base, freq_scale);
+  tn_rope_cache(cs, n_rot, pos, freq_base, freq_scale, NULL);
   tn_rope_apply(x, cs, n_rot, neox);
 }

@@ -226,9 +226,10 @@ static void forward_worker(void *arg, int ith, int nth) {
    * the global base and the sliding-window base */
   for (int64_t t = t0; t < t1; t++) {
     float *cs = c->rope_cs + t * 2 * hp->n_rot;
-    tn_rope_cache(cs, hp->n_rot, b->pos[t], hp->rope_base, hp->rope_scale);
+    tn_rope_cache(cs, hp->n_rot, b->pos[t], hp->rope_base, hp->rope_scale,
+                  m->rope_freqs);
     tn_rope_cache(cs + hp->n_rot, hp->n_rot, b->pos[t], hp->rope_base_swa,
-                  hp->rope_scale);
+                  hp->rope_scale_swa, NULL);
     tn_mat_get_row(&m->tok_embd, b->token[t], c->x + t * d);
     if (hp->embd_scale != 1.0f) tn_vec_scale(c->x + t * d, hp->embd_scale, d);
   }
@@ -365,7 +366,28 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
   if (kv->n_layer != hp->n_layer ||
       kv->n_kv_dim != hp->n_head_kv * hp->head_dim)
     return tn_error_set(err, TN_EINVAL, "forward: kv cache shape mismatch");
+  if (b->n_seqs <= 0 || b->n_seqs > b->n_tokens)
+    return tn_error_set(err, TN_EINVAL, "forward: %d sequences for %d tokens",
+                        b->n_seqs, b->n_tokens);
+  /* Positions of each sequence must rise through the batch: two tokens on
+   * one kv slot would be written by two threads at once. */
+  int32_t *last = malloc((size_t)b->n_seqs * sizeof(int32_t));
+  if (!last) return tn_error_set(err, TN_ENOMEM, "forward: out of memory");
+  for (int32_t s = 0; s < b->n_seqs; s++) last[s] = -1;
   int32_t n_out = 0;
+  enum tn_status st = TN_OK;
+  for (int32_t t = 0; t < b->n_tokens && st == TN_OK; t++) {
+    int32_t s = b->seq[t];
+    if (s >= 0 && s < b->n_seqs) {
+      if (b->pos[t] <= last[s])
+        st = tn_error_set(err, TN_EINVAL,
+                          "forward: sequence %d has position %d after %d", s,
+                          b->pos[t], last[s]);
+      last[s] = b->pos[t];
+    }
+  }
+  free(last);
+  if (st) return st;
   for (int32_t t = 0; t < b->n_tokens; t++) {
     int32_t tok = b->token[t], pos = b->pos[t], s = b->seq[t];
     if (tok < 0 || tok >= hp->n_vocab)
@@ -381,6 +403,12 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
     if ((int64_t)pos / kv->block_size >= b->seqs[s]->n_blocks)
       return tn_error_set(err, TN_EINVAL,
                           "forward: position %d has no kv block reserved", pos);
+    /* Writing into a block another sequence shares would corrupt it. */
+    if (kv->refs[b->seqs[s]->blocks[pos / kv->block_size]] != 1)
+      return tn_error_set(err, TN_EINVAL,
+                          "forward: position %d of sequence %d is in a shared "
+                          "kv block",
+                          pos, s);
     if (b->logits[t]) {
       if (n_out == c->n_logits_max)
         return tn_error_set(err, TN_EINVAL, "forward: more than %d logits",

@@ -98,6 +98,11 @@ static enum tn_status get_mat(struct loader *ld, const char *name,
                         "model: tensor '%s' has type %s, which tern cannot "
                         "compute with yet",
                         name, tn_type_name(t->type));
+  size_t align = t->type == TN_TYPE_F32 ? 4 : 2;
+  if (((uintptr_t)t->data % align) != 0)
+    return tn_error_set(ld->err, TN_EFORMAT,
+                        "model: tensor '%s' is not %zu-byte aligned", name,
+                        align);
   out->type = t->type;
   out->n_cols = n_cols;
   out->n_rows = n_rows;
@@ -228,12 +233,14 @@ static enum tn_status load_hparams(struct loader *ld) {
   hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
   hp->embd_scale = 1.0f;
   hp->rope_base_swa = hp->rope_base;
+  hp->rope_scale_swa = hp->rope_scale;
   if (hp->arch == TN_ARCH_GEMMA3) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
     if ((st = get_u32(ld, "attention.sliding_window", false, 0, &v))) return st;
     hp->swa_window = (int32_t)v;
     hp->swa_period = 6;
     hp->rope_base_swa = 10000.0f;
+    hp->rope_scale_swa = 1.0f;
   }
   return TN_OK;
 }
@@ -260,6 +267,9 @@ static enum tn_status load_tensors(struct loader *ld) {
   if ((st = get_vec(ld, "output_norm.weight", d, false, &m->output_norm)))
     return st;
   if ((st = get_mat(ld, "output.weight", d, hp->n_vocab, true, &m->output)))
+    return st;
+  if ((st = get_vec(ld, "rope_freqs.weight", hp->n_rot / 2, true,
+                    &m->rope_freqs)))
     return st;
   if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
 

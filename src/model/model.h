@@ -50,6 +50,7 @@ struct tn_hparams {
   float rope_base;
   float rope_base_swa; /* for sliding-window layers */
   float rope_scale;    /* freq_scale = 1/factor for linear scaling */
+  float rope_scale_swa; /* sliding-window layers are never scaled */
   float norm_eps;
   float attn_scale;    /* multiplies q.k */
   float embd_scale;    /* multiplies the token embedding (gemma: sqrt(d)) */
@@ -74,6 +75,7 @@ struct tn_model {
   struct tn_hparams hp;
   struct tn_mat tok_embd; /* [n_vocab][n_embd] */
   const float *output_norm;
+  const float *rope_freqs; /* [n_rot/2] per-pair divisors (llama 3), or NULL */
   struct tn_mat output;   /* [n_vocab][n_embd]; tok_embd when tied */
   struct tn_layer *layers;
   char name[128];

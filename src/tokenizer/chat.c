@@ -154,7 +154,7 @@ struct sbuf {
 };
 
 static void sb_put(struct sbuf *b, const char *s, size_t n) {
-  if (b->oom) return;
+  if (b->oom || n == 0) return;
   size_t need;
   if (tn_add_overflow(b->n, n + 1, &need)) {
     b->oom = true;

@@ -224,6 +224,9 @@ enum tn_status tn_bpe_init(struct tn_tokenizer *tok, const struct tn_gguf *g,
   size_t pl = TN_MIN(pre.len, sizeof(tok->pre_name) - 1);
   memcpy(tok->pre_name, pre.data, pl);
   tok->pre_name[pl] = '\0';
+  for (size_t k = 0; k < pl; k++) /* file bytes never reach a log raw */
+    if ((unsigned char)tok->pre_name[k] < 0x20 || (unsigned char)tok->pre_name[k] > 0x7e)
+      tok->pre_name[k] = '?';
   const struct pre_def *def = NULL;
   for (size_t k = 0; k < TN_ARRAY_LEN(k_pre) && !def; k++)
     if (name_in(k_pre[k].names, pre.data, pre.len)) def = &k_pre[k];

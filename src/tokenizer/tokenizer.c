@@ -479,10 +479,17 @@ enum tn_status tn_tokenizer_load(const struct tn_gguf *g,
   } else if (tn_str_eq(model, "llama")) {
     tok->kind = TN_VOCAB_KIND_SPM;
   } else {
+    char shown[65];
+    size_t k = 0;
+    for (; k < model.len && k < 64; k++) {
+      unsigned char ch = (unsigned char)model.data[k];
+      shown[k] = ch >= 0x20 && ch <= 0x7e ? (char)ch : '?';
+    }
+    shown[k] = '\0';
     st = tn_error_set(err, TN_EUNSUPPORTED,
-                      "tokenizer: tokenizer.ggml.model = '%.*s' is not "
+                      "tokenizer: tokenizer.ggml.model = '%s' is not "
                       "supported (gpt2, llama)",
-                      (int)TN_MIN(model.len, 64), model.data);
+                      shown);
     goto fail;
   }
 
@@ -775,6 +782,12 @@ enum tn_status tn_tokenizer_encode(const struct tn_tokenizer *tok,
   *n_out = 0;
   if (!text && len > 0)
     return tn_error_set(err, TN_EINVAL, "tokenizer: NULL text");
+  /* Symbol indices inside the tokenizers are 32-bit. */
+  if (len > TN_TOKENIZER_MAX_TEXT)
+    return tn_error_set(err, TN_ERANGE,
+                        "tokenizer: text of %zu bytes exceeds the limit of %d "
+                        "MiB",
+                        len, TN_TOKENIZER_MAX_TEXT >> 20);
 
   st = partition(tok, text, len, parse_special, &frags, &n_frags);
   if (st != TN_OK) goto fail;

@@ -20,6 +20,9 @@
 
 struct tn_tokenizer;
 
+/* Longest text tn_tokenizer_encode accepts, in bytes. */
+#define TN_TOKENIZER_MAX_TEXT (256 << 20)
+
 /* Builds the tokenizer from g's metadata (copies what it keeps: g may be
  * closed afterwards). */
 enum tn_status tn_tokenizer_load(const struct tn_gguf *g,

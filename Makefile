@@ -15,7 +15,7 @@ MODELS ?= smollm2-135m gemma3-270m
 JOBS ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps venv models test test-release test-asan run bench clean
+.PHONY: all deps venv models test test-release test-asan run bench fuzz clean
 
 all: $(BUILD)/tern
 
@@ -68,6 +68,15 @@ run: all models
 
 bench: all models
 	bash bench/run_bench.sh
+
+# libFuzzer on the GGUF reader (clang, ASan+UBSan), FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz:
+	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
+	ninja -C build-fuzz fuzz_gguf
+	mkdir -p build-fuzz/corpus-gguf
+	./build-fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	  -dict=tests/fuzz/gguf.dict build-fuzz/corpus-gguf tests/fuzz/seeds/gguf
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -105,7 +105,7 @@ static void build_tables(void) {
   t[TN_TYPE_Q6_K].vec_dot = tn_vec_dot_q6_K_q8_K_avx512;
   g = level_gemm[TN_CPU_LEVEL_AVX512];
   g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){tn_gemm_q4_0_q8_0_avx512, 4, 4};
-  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx512, 4, 4};
+  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx512, 8, 4};
   g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){tn_gemm_q8_0_q8_0_avx512, 4, 4};
   g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){tn_gemm_q4_K_q8_K_avx512, 2, 4};
   g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){tn_gemm_q5_K_q8_K_avx512, 2, 4};

@@ -134,7 +134,7 @@ void tn_gemm_q6_K_q8_K_avx2(int64_t n, const void *w, size_t w_stride,
 void tn_vec_dot_q4_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
 void tn_vec_dot_q5_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
 void tn_vec_dot_q6_K_q8_K_avx512(int64_t n, float *s, const void *x, const void *y);
-/* nt == 1: the AVX-512 dots; nt > 1: the AVX2 tiles. mr = 2, mt = 4. */
+/* AVX-512 tiles, mr = 2, mt = 4; the dots above are their 1 x 1 case. */
 void tn_gemm_q4_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
@@ -202,6 +202,13 @@ void tn_vec_dot_q8_0_q8_0_avx512(int64_t n, float *s, const void *x, const void 
  * nr x nt tile, nr <= mr weight rows times nt <= mt activation rows:
  *   y[t*ldy + r] = dot(n, w + r*w_stride, q + t*q_stride)
  * The weight rows stay in registers/L1 while the tile's tokens reuse them.
+ *
+ * Batch invariance (a contract, checked bit for bit by test_kernels): the
+ * value written for (row, token) must not depend on nr, nt, the position
+ * in the tile or the other rows and tokens, and must equal the vec_dot of
+ * the same level. Tiles get there by giving every output its own
+ * accumulators, updated by the same operations in the same order for any
+ * shape, with the vec_dot as the 1 x 1 instance.
  */
 typedef void (*tn_gemm_tile_cb)(int64_t n, const void *w, size_t w_stride,
                                 const void *q, size_t q_stride, float *y,

@@ -7,7 +7,9 @@
  * keeps both threads busy even for a single token.
  *
  * Phase 2 (tn_matmul) gives each thread a range of weight rows (in groups of
- * 4, so tiles stay whole). With a tile kernel for the type
+ * 4; a tile of up to mr rows may end early at the range's end, which changes
+ * nothing in the results: tiles are batch and shape invariant, see
+ * kernels_internal.h). With a tile kernel for the type
  * (tn_gemm_kernel_get), the range is walked as mr x mt tiles: mr weight rows
  * are unpacked once per block and dotted with mt tokens. Tokens go in chunks
  * of TOK_CHUNK so the quantized activations of a chunk (about 40 KB for

@@ -19,8 +19,18 @@
  * bit j of qh (read as a little-endian uint32).
  *
  * Rounding follows the format definitions: Q4/Q5 add 0.5 (after the offset)
- * and truncate, Q8 rounds to nearest (roundf). n is always a multiple of the
- * block size; callers check that.
+ * and truncate. n is always a multiple of the block size; callers check that.
+ *
+ * Q8_0 / Q8_1 are the activation types, and their quantizer is specified
+ * exactly, because every SIMD level must produce the same bytes (and the
+ * same bytes as llama.cpp's CPU backend, whose logits we compare against:
+ * a one-step difference in an activation quant is amplified by the layers
+ * that follow). Per block of 32:
+ *   amax = max |x|;  d = amax / 127 (stored as f16);
+ *   id = 127 / amax (0 when amax == 0) -- NOT 1 / d, which rounds twice;
+ *   q = x * id rounded half to EVEN (nearbyintf in the default rounding
+ *       mode; _mm256_round_ps(.., _MM_FROUND_TO_NEAREST_INT) in SIMD);
+ *   Q8_1 only: s = f16(d * (float)sum(q)).
  */
 #include <math.h>
 #include <string.h>
@@ -336,9 +346,9 @@ void tn_quant_q8_0_ref(const float *x, void *vy, int64_t n) {
     float amax = 0.0f;
     for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
     float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     y[b].d = tn_fp32_to_fp16(d);
-    for (int j = 0; j < QK8_0; j++) y[b].qs[j] = (int8_t)roundf(x[j] * id);
+    for (int j = 0; j < QK8_0; j++) y[b].qs[j] = (int8_t)nearbyintf(x[j] * id);
   }
 }
 
@@ -369,10 +379,10 @@ void tn_quant_q8_1_ref(const float *x, void *vy, int64_t n) {
     float amax = 0.0f;
     for (int j = 0; j < QK8_1; j++) amax = fmaxf(amax, fabsf(x[j]));
     float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     int sum = 0;
     for (int j = 0; j < QK8_1; j++) {
-      y[b].qs[j] = (int8_t)roundf(x[j] * id);
+      y[b].qs[j] = (int8_t)nearbyintf(x[j] * id);
       sum += y[b].qs[j];
     }
     y[b].d = tn_fp32_to_fp16(d);

@@ -388,7 +388,11 @@ void tn_quant_q8_K_ref(const float *x, void *vy, int64_t n) {
       memset(&y[b], 0, sizeof(y[b]));
       continue;
     }
-    /* The element of largest magnitude maps to -127 (d takes the sign). */
+    /* The element of largest magnitude x_m maps to -127 (d takes the
+     * sign): iscale = -127 / x_m, q = min(127, round-half-even(iscale * x)),
+     * d = 1 / iscale, exactly as llama.cpp's CPU backend computes it (the
+     * lower clamp never bites for finite input; it only tames NaN). Every
+     * SIMD level must give the same bytes. */
     const float iscale = -127.f / vmax;
     for (int i = 0; i < QK_K; i++) {
       y[b].qs[i] = (int8_t)round_clamp(iscale * x[i], -127, 127);

@@ -120,146 +120,16 @@ static inline __m256i mins_dot(const uint8_t mn[8], const int16_t *bsums) {
   return _mm256_madd_epi16(m16, bs);
 }
 
-void tn_vec_dot_q4_K_q8_K_avx2(int64_t n, float *s, const void *vx,
-                               const void *vy) {
-  TN_ASSERT(n % QK_K == 0);
-  const struct block_q4_K *x = vx;
-  const struct block_q8_K *y = vy;
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / QK_K; b++) {
-    uint8_t sc[8], mn[8];
-    unpack_scales(x[b].scales, sc, mn);
-    const float d = y[b].d * fp16(x[b].d);
-    const float dmin = y[b].d * fp16(x[b].dmin);
-
-    __m256i sumi = _mm256_setzero_si256();
-    const uint8_t *qs = x[b].qs;
-    const int8_t *q8 = y[b].qs;
-    for (int j = 0; j < QK_K / 64; j++, qs += 32, q8 += 64) {
-      __m256i bits = _mm256_loadu_si256((const __m256i *)qs);
-      __m256i lo = _mm256_and_si256(bits, low4);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
-      __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
-      __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
-      plo = _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j]));
-      phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1]));
-      sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
-    }
-    __m256i summ = mins_dot(mn, y[b].bsums);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin), _mm256_cvtepi32_ps(summ), acc);
-  }
-  *s = hsum_ps(acc);
-}
-
-void tn_vec_dot_q5_K_q8_K_avx2(int64_t n, float *s, const void *vx,
-                               const void *vy) {
-  TN_ASSERT(n % QK_K == 0);
-  const struct block_q5_K *x = vx;
-  const struct block_q8_K *y = vy;
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i bit5 = _mm256_set1_epi8(0x10);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / QK_K; b++) {
-    uint8_t sc[8], mn[8];
-    unpack_scales(x[b].scales, sc, mn);
-    const float d = y[b].d * fp16(x[b].d);
-    const float dmin = y[b].d * fp16(x[b].dmin);
-
-    /* qh's bits 2j and 2j+1 belong to the 64 elements of step j; shifting
-     * qh right by 2 per step keeps them at bits 0 and 1 of each byte (the
-     * 16-bit shifts drag neighbours' bits in above, which the masks drop). */
-    __m256i qh = _mm256_loadu_si256((const __m256i *)x[b].qh);
-    __m256i sumi = _mm256_setzero_si256();
-    const uint8_t *qs = x[b].qs;
-    const int8_t *q8 = y[b].qs;
-    for (int j = 0; j < QK_K / 64; j++, qs += 32, q8 += 64) {
-      __m256i bits = _mm256_loadu_si256((const __m256i *)qs);
-      __m256i hlo = _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit5);
-      __m256i hhi = _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit5);
-      qh = _mm256_srli_epi16(qh, 2);
-      __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, low4), hlo);
-      __m256i hi = _mm256_or_si256(
-          _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4), hhi);
-      __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
-      __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
-      plo = _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j]));
-      phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1]));
-      sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
-    }
-    __m256i summ = mins_dot(mn, y[b].bsums);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin), _mm256_cvtepi32_ps(summ), acc);
-  }
-  *s = hsum_ps(acc);
-}
-
-/* ---- Q6_K */
-
-void tn_vec_dot_q6_K_q8_K_avx2(int64_t n, float *s, const void *vx,
-                               const void *vy) {
-  TN_ASSERT(n % QK_K == 0);
-  const struct block_q6_K *x = vx;
-  const struct block_q8_K *y = vy;
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  /* Byte shuffles that broadcast int16 scale 2g of a lane into the low
-   * 128 bits and 2g+1 into the high ones. */
-  __m256i pick[4];
-  for (int g = 0; g < 4; g++) {
-    const char a = (char)(4 * g), c = (char)(4 * g + 2);
-    pick[g] = _mm256_setr_epi8(a, a + 1, a, a + 1, a, a + 1, a, a + 1, a,
-                               a + 1, a, a + 1, a, a + 1, a, a + 1, c, c + 1,
-                               c, c + 1, c, c + 1, c, c + 1, c, c + 1, c,
-                               c + 1, c, c + 1, c, c + 1);
-  }
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / QK_K; b++) {
-    const float d = y[b].d * fp16(x[b].d);
-    const __m256i sc16 = _mm256_cvtepi8_epi16(
-        _mm_loadu_si128((const __m128i *)x[b].scales));
-    /* The offset: 32 * sum_j scales[j] * bsums[j]. */
-    const __m256i off = _mm256_madd_epi16(
-        sc16, _mm256_loadu_si256((const __m256i *)y[b].bsums));
-
-    __m256i sumi = _mm256_setzero_si256();
-    for (int h = 0; h < 2; h++) {
-      const uint8_t *ql = x[b].ql + 64 * h;
-      const __m256i qh = _mm256_loadu_si256((const __m256i *)(x[b].qh + 32 * h));
-      const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-      const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-      __m256i q[4];
-      q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4),
-                             _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
-      q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
-                             _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0c)), 2));
-      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                             _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
-      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                             _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8((char)0xc0)), 2));
-      /* Lane h of the int16 scales in both halves. */
-      const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
-                            : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-      const int8_t *q8 = y[b].qs + 128 * h;
-      for (int g = 0; g < 4; g++) {
-        __m256i p = _mm256_maddubs_epi16(
-            q[g], _mm256_loadu_si256((const __m256i *)(q8 + 32 * g)));
-        p = _mm256_madd_epi16(p, _mm256_shuffle_epi8(sch, pick[g]));
-        sumi = _mm256_add_epi32(sumi, p);
-      }
-    }
-    sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(off, 5));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-  }
-  *s = hsum_ps(acc);
-}
-
 /* ---- tiles: nr <= 2 weight rows x nt <= 4 tokens (matmul.c drives them)
  *
  * Each weight row's block is unpacked once and dotted with every token of
  * the tile; y[t*ldy + r] = dot(row r, token t). The bodies take nr/nt as
  * constants (the entry points switch over the shapes) so that the
  * accumulator arrays live in registers.
+ *
+ * The dot products are the 1 x 1 tiles: each (row, token) output has its
+ * own accumulators and goes through the same operations whatever the tile
+ * shape, so a token's result does not depend on the batch around it.
  */
 #define K_MR 2
 #define K_MT 4
@@ -303,6 +173,10 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
         __m256i lo = _mm256_and_si256(bits, low4);
         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
         if (with_qh) {
+          /* qh's bits 2j and 2j+1 belong to the 64 elements of step j;
+           * shifting qh right by 2 per step keeps them at bits 0 and 1 of
+           * each byte (the 16-bit shifts drag neighbours' bits in above,
+           * which the masks drop). */
           lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit5));
           hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit5));
           qh = _mm256_srli_epi16(qh, 2);
@@ -404,8 +278,6 @@ K_ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
   tile_store(acc, y, ldy, nr, nt);
 }
 
-/* One token (decode): the plain dot per row is a little faster, there is
- * nothing to share. */
 #define K_TILE_ENTRY(fn, body, vec_dot)                                       \
   void fn(int64_t n, const void *w, size_t ws, const void *q, size_t qs,      \
           float *y, int64_t ldy, int nr, int nt) {                            \
@@ -413,17 +285,19 @@ K_ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
               nt <= K_MT);                                                    \
     const uint8_t *w8 = w, *q8 = q;                                           \
     switch ((nr - 1) * K_MT + (nt - 1)) {                                     \
-    case 0:                                                                   \
-    case K_MT:                                                                \
-      for (int r = 0; r < nr; r++) vec_dot(n, y + r, w8 + r * ws, q8);        \
-      break;                                                                  \
+    case 0: body(n, w8, ws, q8, qs, y, ldy, 1, 1); break;                     \
     case 1: body(n, w8, ws, q8, qs, y, ldy, 1, 2); break;                     \
     case 2: body(n, w8, ws, q8, qs, y, ldy, 1, 3); break;                     \
     case 3: body(n, w8, ws, q8, qs, y, ldy, 1, 4); break;                     \
+    case 4: body(n, w8, ws, q8, qs, y, ldy, 2, 1); break;                     \
     case 5: body(n, w8, ws, q8, qs, y, ldy, 2, 2); break;                     \
     case 6: body(n, w8, ws, q8, qs, y, ldy, 2, 3); break;                     \
     default: body(n, w8, ws, q8, qs, y, ldy, 2, 4); break;                    \
     }                                                                         \
+  }                                                                           \
+  void vec_dot(int64_t n, float *s, const void *x, const void *y) {           \
+    TN_ASSERT(n % QK_K == 0);                                                 \
+    body(n, x, 0, y, 0, s, 0, 1, 1);                                          \
   }
 
 K_TILE_ENTRY(tn_gemm_q4_K_q8_K_avx2, tile_q4_K, tn_vec_dot_q4_K_q8_K_avx2)

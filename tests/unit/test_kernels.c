@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/base.h"
 #include "kernels/kernels.h"
 #include "kernels/kernels_internal.h"
 #include "tn_test.h"
@@ -304,6 +305,78 @@ static void test_quant_roundtrip(void) {
   }
 }
 
+/* ---- activation quantizers: every level gives the reference's bytes
+ *
+ * Q8_0, Q8_1 and Q8_K are what activations become before every matmul;
+ * their rounding is specified exactly (quants.c, quants_k.c), so the levels
+ * must agree byte for byte, ties included. Blocks whose largest magnitude
+ * is 127 (or 254, or -127) make the multiplier exactly 1 (or 1/2, or -1),
+ * so that half-integers in them are exact ties. */
+
+static void fill_ties(float *x, int64_t n, int64_t blck, int variant) {
+  for (int64_t b = 0; b < n / blck; b++) {
+    float *xb = x + b * blck;
+    float top = variant == 0 ? 127.0f : variant == 1 ? 254.0f : -127.0f;
+    for (int64_t j = 0; j < blck; j++) {
+      int k = (int)(rng_u32() % 253) - 126; /* -126..126 */
+      float v = (float)k + ((rng_u32() & 1) ? 0.5f : 0.0f);
+      if (variant == 1) v *= 2.0f; /* x * (1/2) lands on k + 0.5 */
+      xb[j] = v;
+    }
+    xb[rng_u32() % blck] = top;
+  }
+}
+
+static void test_quant_activations_exact(void) {
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int n_lv = levels_supported(lv);
+  static const enum tn_type types[] = {TN_TYPE_Q8_0, TN_TYPE_Q8_1,
+                                       TN_TYPE_Q8_K};
+  enum { N = 256 * 24 };
+  static float x[N];
+  static uint8_t q[N * 2], q_ref[N * 2];
+  int n_checked = 0;
+  for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+    enum tn_type t = types[ti];
+    const struct tn_type_traits *rt = tn_type_ref(t);
+    size_t size = tn_type_row_size(t, N);
+    for (int variant = 0; variant < 6; variant++) {
+      if (variant < 3) {
+        fill_ties(x, N, rt->blck_size, variant);
+      } else {
+        fill_random(x, N, variant == 3 ? 1.0f : variant == 4 ? 1e-3f : 50.0f);
+        /* some all-zero and single-value blocks */
+        memset(x, 0, sizeof(float) * (size_t)rt->blck_size);
+        for (int64_t j = 0; j < rt->blck_size; j++)
+          x[rt->blck_size + j] = -0.75f;
+      }
+      rt->from_float(x, q_ref, N);
+      /* the rule itself, on the reference: id = 127 / amax, ties to even */
+      if (t == TN_TYPE_Q8_0 && variant == 0) {
+        const struct block_q8_0 *b = (const struct block_q8_0 *)q_ref;
+        for (int j = 0; j < QK8_0; j++)
+          ASSERT_EQ(b[0].qs[j], (int)nearbyintf(x[j]));
+      }
+      for (int l = 0; l < n_lv; l++) {
+        tn_kernels_init(lv[l]);
+        memset(q, 0xa5, size);
+        tn_type_get(t)->from_float(x, q, N);
+        size_t first = size;
+        for (size_t i = 0; i < size && first == size; i++)
+          if (q[i] != q_ref[i]) first = i;
+        if (first != size)
+          fprintf(stderr, "%s level %s variant %d: byte %zu differs (%d vs %d)\n",
+                  rt->name, tn_cpu_level_name(lv[l]), variant, first,
+                  q[first], q_ref[first]);
+        ASSERT(first == size);
+        n_checked++;
+      }
+      tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+    }
+  }
+  printf("     activation quantizers: %d exact checks\n", n_checked);
+}
+
 /* ---- vec_dot: every level against the reference, identical inputs */
 
 static void test_vec_dot(void) {
@@ -508,6 +581,107 @@ static void test_matmul(void) {
   ASSERT_GT(n_checked, 0);
 }
 
+/* ---- batch invariance
+ *
+ * The product of one weight row with one token must not depend on the
+ * batch around the token: decoding it alone (n_tok = 1) and computing it
+ * at any position of a batch of 2..64 tokens, with any thread split, must
+ * give the same bits at every level. (Levels may differ from each other.)
+ * Activations are quantized as the forward pass does: each thread its own
+ * token slice, with (ith = 0, nth = 1), at that slice's offset in q. */
+
+static void quantize_slices(const struct tn_mat *w, const float *x,
+                            int64_t n_tok, void *q, int nth) {
+  size_t qrs = tn_matmul_q_row_size(w);
+  for (int ith = 0; ith < nth; ith++) {
+    int64_t t0, t1;
+    tn_split(n_tok, ith, nth, &t0, &t1);
+    if (t0 < t1)
+      tn_matmul_quantize(w, x + t0 * w->n_cols, t1 - t0,
+                         (uint8_t *)q + (size_t)t0 * qrs, 0, 1);
+  }
+}
+
+static void check_batch_invariance(enum tn_type t, int64_t n_cols,
+                                   int64_t n_rows, int *n_checked) {
+  enum { NTOK = 64 };
+  static const int batches[] = {2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 33, 64};
+  struct tn_mat w;
+  uint8_t *data = make_weights(t, n_cols, n_rows, &w);
+  float *x = malloc(sizeof(float) * (size_t)(n_cols * NTOK));
+  float *xb = malloc(sizeof(float) * (size_t)(n_cols * NTOK));
+  float *y1 = malloc(sizeof(float) * (size_t)(n_rows * NTOK));
+  float *y = malloc(sizeof(float) * (size_t)(n_rows * NTOK));
+  fill_random(x, n_cols * NTOK, 1.0f);
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int n_lv = levels_supported(lv);
+  for (int l = 0; l < n_lv; l++) {
+    tn_kernels_init(lv[l]);
+    void *q = malloc(tn_matmul_q_size(&w, NTOK));
+    /* each token alone, one thread */
+    for (int64_t tk = 0; tk < NTOK; tk++) {
+      quantize_slices(&w, x + tk * n_cols, 1, q, 1);
+      tn_matmul(&w, q, 1, y1 + tk * n_rows, n_rows, 0, 1);
+    }
+    for (size_t bi = 0; bi < sizeof(batches) / sizeof(batches[0]); bi++) {
+      int64_t n_tok = batches[bi];
+      for (int nth = 1; nth <= 3; nth++) {
+        /* token i of the batch is token (i*7 + off) % NTOK: every token
+         * lands at several positions across the runs */
+        int64_t off = (int64_t)(bi * 5 + (size_t)nth * 11) % NTOK;
+        for (int64_t i = 0; i < n_tok; i++)
+          memcpy(xb + i * n_cols, x + ((i * 7 + off) % NTOK) * n_cols,
+                 sizeof(float) * (size_t)n_cols);
+        quantize_slices(&w, xb, n_tok, q, nth);
+        for (int ith = 0; ith < nth; ith++)
+          tn_matmul(&w, q, n_tok, y, n_rows, ith, nth);
+        for (int64_t i = 0; i < n_tok; i++) {
+          int64_t tk = (i * 7 + off) % NTOK;
+          if (memcmp(y + i * n_rows, y1 + tk * n_rows,
+                     sizeof(float) * (size_t)n_rows) != 0) {
+            int64_t r = 0;
+            while (y[i * n_rows + r] == y1[tk * n_rows + r]) r++;
+            fprintf(stderr,
+                    "%s %" PRId64 "x%" PRId64 " level %s: batch of %" PRId64
+                    " (nth %d), position %" PRId64 ", row %" PRId64
+                    ": %.9g, alone %.9g\n",
+                    tn_type_name(t), n_rows, n_cols, tn_cpu_level_name(lv[l]),
+                    n_tok, nth, i, r, y[i * n_rows + r], y1[tk * n_rows + r]);
+            tn_test_failures++;
+            free(q);
+            goto out;
+          }
+        }
+        ++*n_checked;
+      }
+    }
+    free(q);
+  }
+out:
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+  free(data);
+  free(x);
+  free(xb);
+  free(y1);
+  free(y);
+}
+
+static void test_matmul_batch_invariance(void) {
+  int n_checked = 0;
+  for (int t = 0; t < TN_TYPE_COUNT; t++) {
+    if (!computable(t)) continue;
+    const struct tn_type_traits *rt = tn_type_ref((enum tn_type)t);
+    int before = tn_test_failures;
+    /* odd row counts exercise the partial tiles */
+    check_batch_invariance((enum tn_type)t, rt->blck_size == QK_K ? 768 : 608,
+                           13, &n_checked);
+    check_batch_invariance((enum tn_type)t, rt->blck_size == QK_K ? 256 : 64,
+                           6, &n_checked);
+    ASSERT_EQ(tn_test_failures, before);
+  }
+  printf("     batch invariance: %d runs\n", n_checked);
+}
+
 static void test_get_row(void) {
   struct tn_mat w;
   uint8_t *data = make_weights(TN_TYPE_Q4_1, 576, 5, &w);
@@ -520,5 +694,7 @@ static void test_get_row(void) {
 
 TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_fp16), TN_TEST(test_bf16), TN_TEST(test_fp16_rows),
-             TN_TEST(test_quant_roundtrip), TN_TEST(test_vec_dot),
-             TN_TEST(test_matmul), TN_TEST(test_get_row))
+             TN_TEST(test_quant_roundtrip),
+             TN_TEST(test_quant_activations_exact), TN_TEST(test_vec_dot),
+             TN_TEST(test_matmul), TN_TEST(test_matmul_batch_invariance),
+             TN_TEST(test_get_row))

@@ -97,11 +97,21 @@ void tn_vec_scale(float *y, float s, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] *= s;
 }
 
+float tn_vec_dot_f32_avx2(const float *x, const float *y, int64_t n);
+void tn_vec_axpy_avx2(float *y, float a, const float *x, int64_t n);
+
+/* Attention runs these over the whole context, so they are dispatched;
+ * each level always uses the same one (batch invariance). */
 void tn_vec_axpy(float *y, float a, const float *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_vec_axpy_avx2(y, a, x, n);
+    return;
+  }
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 float tn_vec_dot_f32(const float *x, const float *y, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) return tn_vec_dot_f32_avx2(x, y, n);
   float s[8] = {0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)

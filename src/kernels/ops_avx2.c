@@ -36,3 +36,26 @@ void tn_vec_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n) {
   }
   for (; i < n; i++) y[i] += a * tn_fp16_to_fp32(x[i]);
 }
+
+float tn_vec_dot_f32_avx2(const float *x, const float *y, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
+  float r = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; i < n; i++) r += x[i] * y[i];
+  return r;
+}
+
+void tn_vec_axpy_avx2(float *y, float a, const float *x, int64_t n) {
+  __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
+                                            _mm256_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}

@@ -42,6 +42,8 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->gate);
   tn_aligned_free(c->up);
   tn_aligned_free(c->scores);
+  tn_aligned_free(c->kv_row);
+  free(c->runs);
   tn_aligned_free(c->rope_cs);
   tn_aligned_free(c->logits);
   tn_aligned_free(c->out_x);
@@ -94,7 +96,11 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->tmp = tn_aligned_alloc(T * d * sizeof(float));
   c->gate = tn_aligned_alloc(T * F * sizeof(float));
   c->up = tn_aligned_alloc(T * F * sizeof(float));
-  c->scores = tn_aligned_alloc((size_t)nth * (size_t)n_ctx * sizeof(float));
+  c->scores = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * (size_t)n_ctx *
+                               sizeof(float));
+  c->kv_row = tn_aligned_alloc((size_t)nth * 2 * (size_t)hp->head_dim *
+                               sizeof(float));
+  c->runs = malloc((T + 1) * sizeof(int32_t));
   c->rope_cs = tn_aligned_alloc(T * 2 * (size_t)hp->n_rot * sizeof(float));
   c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
   c->out_x = tn_aligned_alloc((size_t)n_logits_max * d * sizeof(float));
@@ -112,7 +118,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->rope_cs && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->kv_row && c->runs && c->rope_cs && c->logits && c->out_x &&
             c->out_idx;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -169,41 +175,64 @@ static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
   tn_matmul(w, c->qbuf[vt], T, y, w->n_rows, ith, nth);
 }
 
-/* Attention of one (token, head) pair over its sequence's cached keys. */
-static void attend(const struct fwd *f, int32_t il, int64_t t, int32_t h,
-                   float *scores) {
+/* Attention of one head for a run of consecutive tokens of one sequence
+ * (batch indices r0..r1-1, positions rising by one). Each cached key and
+ * value row is converted to f32 once and used by every token of the run
+ * that can see it. Every token's result is computed with the same
+ * operations whether it runs alone or in a run (batch invariance): one
+ * dot per visible position, softmax, f16-rounded weights, then the value
+ * rows accumulated in position order. */
+static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
+                       int32_t h, float *scores, float *krow, float *vrow) {
   struct tn_ctx *c = f->c;
   const struct tn_hparams *hp = &c->m->hp;
   const struct tn_layer *L = &c->m->layers[il];
   const struct tn_kv_pool *kv = f->kv;
-  int32_t hd = hp->head_dim, bs = kv->block_size;
-  int32_t kvh = h / (hp->n_head / hp->n_head_kv);
-  int32_t pos = f->b->pos[t];
-  const struct tn_kv_seq *s = f->b->seqs[f->b->seq[t]];
-  int32_t start = 0;
-  if (L->swa && pos - hp->swa_window + 1 > 0) start = pos - hp->swa_window + 1;
-  /* q and the attention weights are rounded to f16, as llama.cpp does with
-   * an F16 cache: it keeps tern's logits next to the reference's. */
-  float qv[TN_HEAD_DIM_MAX];
-  const float *q32 = c->q + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
-  for (int32_t i = 0; i < hd; i++) qv[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(q32[i]));
-  float *o = c->attn + t * (int64_t)hp->n_head * hd + (int64_t)h * hd;
-  int32_t n = pos - start + 1;
-  for (int32_t j = 0; j < n; j++) {
-    int32_t p = start + j;
-    const uint16_t *kp = tn_kv_k(kv, il, s->blocks[p / bs], p % bs) +
-                         (size_t)kvh * (size_t)hd;
-    scores[j] = tn_vec_dot_f16(kp, qv, hd) * hp->attn_scale;
+  const int32_t hd = hp->head_dim, bs = kv->block_size, n_ctx = c->n_ctx;
+  const int32_t kvh = h / (hp->n_head / hp->n_head_kv);
+  const int64_t qd = (int64_t)hp->n_head * hd;
+  const struct tn_kv_seq *s = f->b->seqs[f->b->seq[r0]];
+  const int32_t nq = r1 - r0;
+  int32_t start[TN_ATTN_RUN] = {0}, pos[TN_ATTN_RUN] = {0};
+  for (int32_t i = 0; i < nq; i++) {
+    pos[i] = f->b->pos[r0 + i];
+    start[i] = L->swa && pos[i] - hp->swa_window + 1 > 0
+                   ? pos[i] - hp->swa_window + 1
+                   : 0;
   }
-  tn_softmax(scores, n);
-  for (int32_t j = 0; j < n; j++)
-    scores[j] = tn_fp16_to_fp32(tn_fp32_to_fp16(scores[j]));
-  memset(o, 0, (size_t)hd * sizeof(float));
-  for (int32_t j = 0; j < n; j++) {
-    int32_t p = start + j;
-    const uint16_t *vp = tn_kv_v(kv, il, s->blocks[p / bs], p % bs) +
-                         (size_t)kvh * (size_t)hd;
-    tn_vec_axpy_f16(o, scores[j], vp, hd);
+  const int32_t j0 = start[0], j1 = pos[nq - 1];
+
+  /* scores[i][j - start[i]] = (k_j . q_i) * scale */
+  for (int32_t j = j0; j <= j1; j++) {
+    tn_fp16_to_fp32_row(tn_kv_k(kv, il, s->blocks[j / bs], j % bs) +
+                            (size_t)kvh * (size_t)hd,
+                        krow, hd);
+    for (int32_t i = 0; i < nq; i++) {
+      if (j < start[i] || j > pos[i]) continue;
+      const float *q = c->q + (int64_t)(r0 + i) * qd + (int64_t)h * hd;
+      scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])] =
+          tn_vec_dot_f32(krow, q, hd) * hp->attn_scale;
+    }
+  }
+  for (int32_t i = 0; i < nq; i++) {
+    float *sc = scores + (size_t)i * (size_t)n_ctx;
+    int32_t n = pos[i] - start[i] + 1;
+    tn_softmax(sc, n);
+    /* rounded to f16 as llama.cpp does next to an F16 cache */
+    for (int32_t j = 0; j < n; j++) sc[j] = tn_fp16_to_fp32(tn_fp32_to_fp16(sc[j]));
+    memset(c->attn + (int64_t)(r0 + i) * qd + (int64_t)h * hd, 0,
+           (size_t)hd * sizeof(float));
+  }
+  for (int32_t j = j0; j <= j1; j++) {
+    tn_fp16_to_fp32_row(tn_kv_v(kv, il, s->blocks[j / bs], j % bs) +
+                            (size_t)kvh * (size_t)hd,
+                        vrow, hd);
+    for (int32_t i = 0; i < nq; i++) {
+      if (j < start[i] || j > pos[i]) continue;
+      float *o = c->attn + (int64_t)(r0 + i) * qd + (int64_t)h * hd;
+      tn_vec_axpy(o, scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])],
+                  vrow, hd);
+    }
   }
 }
 
@@ -218,7 +247,8 @@ static void forward_worker(void *arg, int ith, int nth) {
   const int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_head_kv * hd;
   const int64_t F = hp->n_ff;
   const bool gemma = hp->arch == TN_ARCH_GEMMA3;
-  float *scores = c->scores + (size_t)ith * (size_t)c->n_ctx;
+  float *scores = c->scores + (size_t)ith * TN_ATTN_RUN * (size_t)c->n_ctx;
+  float *krow = c->kv_row + (size_t)ith * 2 * (size_t)hd, *vrow = krow + hd;
   int64_t t0, t1;
   tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
 
@@ -266,6 +296,8 @@ static void forward_worker(void *arg, int ith, int nth) {
         if (L->q_norm) tn_rms_norm(qt + h * hd, L->q_norm, qt + h * hd, hd, hp->norm_eps);
         tn_rope_apply(qt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
+      /* q rounded to f16, as llama.cpp multiplies it with an F16 cache */
+      for (int64_t i = 0; i < qd; i++) qt[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(qt[i]));
       for (int32_t h = 0; h < hp->n_head_kv; h++) {
         if (L->k_norm) tn_rms_norm(kt + h * hd, L->k_norm, kt + h * hd, hd, hp->norm_eps);
         tn_rope_apply(kt + h * hd, cs, hp->n_rot, hp->rope_neox);
@@ -278,12 +310,15 @@ static void forward_worker(void *arg, int ith, int nth) {
     }
     tn_pool_barrier(pool);
 
-    /* attn[T][qd]: (token, head) pairs split over threads */
+    /* attn[T][qd]: (run, head) pairs split over threads */
     {
       int64_t p0, p1;
-      tn_split(T * hp->n_head, ith, nth, &p0, &p1);
-      for (int64_t p = p0; p < p1; p++)
-        attend(f, il, p / hp->n_head, (int32_t)(p % hp->n_head), scores);
+      tn_split((int64_t)c->n_runs * hp->n_head, ith, nth, &p0, &p1);
+      for (int64_t p = p0; p < p1; p++) {
+        int32_t r = (int32_t)(p / hp->n_head);
+        attend_run(f, il, c->runs[r], c->runs[r + 1], (int32_t)(p % hp->n_head),
+                   scores, krow, vrow);
+      }
     }
     tn_pool_barrier(pool);
     {
@@ -417,6 +452,16 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
     }
   }
   c->n_logits = n_out;
+  /* Attention runs: consecutive tokens of one sequence at consecutive
+   * positions, at most TN_ATTN_RUN long. */
+  c->n_runs = 0;
+  for (int32_t t = 0; t < b->n_tokens; t++) {
+    int32_t r0 = c->n_runs ? c->runs[c->n_runs - 1] : -1;
+    bool extend = r0 >= 0 && t - r0 < TN_ATTN_RUN && b->seq[t] == b->seq[t - 1] &&
+                  b->pos[t] == b->pos[t - 1] + 1;
+    if (!extend) c->runs[c->n_runs++] = t;
+  }
+  c->runs[c->n_runs] = b->n_tokens;
   struct fwd f = {.c = c, .kv = kv, .b = b};
   tn_pool_run(c->pool, forward_worker, &f);
   return TN_OK;

@@ -7,6 +7,10 @@
 
 #include "model/model.h"
 
+/* Attention takes up to this many consecutive tokens of one sequence at a
+ * time, so each cached k/v row is converted once for all of them. */
+#define TN_ATTN_RUN 8
+
 struct tn_ctx {
   const struct tn_model *m;
   struct tn_pool *pool;
@@ -19,7 +23,10 @@ struct tn_ctx {
   float *attn;   /* [T][n_head*head_dim] */
   float *tmp;    /* [T][n_embd] block output */
   float *gate, *up; /* [T][n_ff] */
-  float *scores; /* [n_threads][n_ctx] attention weights */
+  float *scores; /* [n_threads][TN_ATTN_RUN][n_ctx] attention weights */
+  float *kv_row; /* [n_threads][2][head_dim]: one k and one v row in f32 */
+  int32_t *runs; /* [T]: first batch index of each attention run */
+  int32_t n_runs;
   float *rope_cs; /* [T][2][n_rot]: (cos, sin) per pair, global/swa base */
   void *qbuf[TN_TYPE_COUNT]; /* quantized activations by vec_dot_type */
   /* output */

@@ -310,11 +310,11 @@ static void forward_worker(void *arg, int ith, int nth) {
     }
     tn_pool_barrier(pool);
 
-    /* attn[T][qd]: (run, head) pairs split over threads */
+    /* attn[T][qd]: (run, head) pairs dealt round-robin (later runs see
+     * more positions, so contiguous slices would be unbalanced) */
     {
-      int64_t p0, p1;
-      tn_split((int64_t)c->n_runs * hp->n_head, ith, nth, &p0, &p1);
-      for (int64_t p = p0; p < p1; p++) {
+      int64_t n_items = (int64_t)c->n_runs * hp->n_head;
+      for (int64_t p = ith; p < n_items; p += nth) {
         int32_t r = (int32_t)(p / hp->n_head);
         attend_run(f, il, c->runs[r], c->runs[r + 1], (int32_t)(p % hp->n_head),
                    scores, krow, vrow);

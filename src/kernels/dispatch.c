@@ -87,6 +87,8 @@ static void build_tables(void) {
   g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){tn_gemm_q4_0_q8_0_avx2, 4, 2};
   g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx2, 4, 2};
   g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){tn_gemm_q8_0_q8_0_avx2, 4, 2};
+  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){tn_gemm_q5_0_q8_0_avx2, 4, 2};
+  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){tn_gemm_q5_1_q8_1_avx2, 4, 2};
   g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){tn_gemm_q4_K_q8_K_avx2, 2, 4};
   g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){tn_gemm_q5_K_q8_K_avx2, 2, 4};
   g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){tn_gemm_q6_K_q8_K_avx2, 2, 4};
@@ -100,6 +102,8 @@ static void build_tables(void) {
   t[TN_TYPE_Q4_0].vec_dot = tn_vec_dot_q4_0_q8_0_avx512;
   t[TN_TYPE_Q4_1].vec_dot = tn_vec_dot_q4_1_q8_1_avx512;
   t[TN_TYPE_Q8_0].vec_dot = tn_vec_dot_q8_0_q8_0_avx512;
+  t[TN_TYPE_Q5_0].vec_dot = tn_vec_dot_q5_0_q8_0_avx512;
+  t[TN_TYPE_Q5_1].vec_dot = tn_vec_dot_q5_1_q8_1_avx512;
   t[TN_TYPE_Q4_K].vec_dot = tn_vec_dot_q4_K_q8_K_avx512;
   t[TN_TYPE_Q5_K].vec_dot = tn_vec_dot_q5_K_q8_K_avx512;
   t[TN_TYPE_Q6_K].vec_dot = tn_vec_dot_q6_K_q8_K_avx512;
@@ -107,6 +111,8 @@ static void build_tables(void) {
   g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){tn_gemm_q4_0_q8_0_avx512, 4, 4};
   g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx512, 8, 4};
   g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){tn_gemm_q8_0_q8_0_avx512, 4, 4};
+  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){tn_gemm_q5_0_q8_0_avx512, 4, 4};
+  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){tn_gemm_q5_1_q8_1_avx512, 4, 4};
   g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){tn_gemm_q4_K_q8_K_avx512, 2, 4};
   g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){tn_gemm_q5_K_q8_K_avx512, 2, 4};
   g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){tn_gemm_q6_K_q8_K_avx512, 2, 4};

@@ -196,6 +196,8 @@ void tn_vec_dot_q8_0_q8_0_avx2(int64_t n, float *s, const void *x, const void *y
 void tn_vec_dot_q4_0_q8_0_avx512(int64_t n, float *s, const void *x, const void *y);
 void tn_vec_dot_q4_1_q8_1_avx512(int64_t n, float *s, const void *x, const void *y);
 void tn_vec_dot_q8_0_q8_0_avx512(int64_t n, float *s, const void *x, const void *y);
+void tn_vec_dot_q5_0_q8_0_avx512(int64_t n, float *s, const void *x, const void *y);
+void tn_vec_dot_q5_1_q8_1_avx512(int64_t n, float *s, const void *x, const void *y);
 
 /*
  * Tiled matmul micro-kernels (matmul.c drives them). One call computes an
@@ -227,6 +229,12 @@ void tn_gemm_q4_1_q8_1_avx2(int64_t n, const void *w, size_t w_stride,
 void tn_gemm_q8_0_q8_0_avx2(int64_t n, const void *w, size_t w_stride,
                             const void *q, size_t q_stride, float *y,
                             int64_t ldy, int nr, int nt);
+void tn_gemm_q5_0_q8_0_avx2(int64_t n, const void *w, size_t w_stride,
+                            const void *q, size_t q_stride, float *y,
+                            int64_t ldy, int nr, int nt);
+void tn_gemm_q5_1_q8_1_avx2(int64_t n, const void *w, size_t w_stride,
+                            const void *q, size_t q_stride, float *y,
+                            int64_t ldy, int nr, int nt);
 void tn_gemm_q4_0_q8_0_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
@@ -234,6 +242,12 @@ void tn_gemm_q4_1_q8_1_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
 void tn_gemm_q8_0_q8_0_avx512(int64_t n, const void *w, size_t w_stride,
+                              const void *q, size_t q_stride, float *y,
+                              int64_t ldy, int nr, int nt);
+void tn_gemm_q5_0_q8_0_avx512(int64_t n, const void *w, size_t w_stride,
+                              const void *q, size_t q_stride, float *y,
+                              int64_t ldy, int nr, int nt);
+void tn_gemm_q5_1_q8_1_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
 

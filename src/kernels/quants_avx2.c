@@ -1,19 +1,21 @@
 /*
  * quants_avx2.c: AVX2 + FMA + F16C versions of the kernels in quants.c,
- * and the tiled matmul micro-kernels for Q4_0, Q4_1 and Q8_0 weights.
+ * and the tiled matmul micro-kernels for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
+ * weights.
  *
  * Integer dots use _mm256_maddubs_epi16 (u8 x s8 -> pairs summed to s16)
  * then _mm256_madd_epi16 with ones (-> s32). maddubs needs an unsigned left
  * operand, so:
  *   Q4_1/Q5_1 (unsigned quants):   maddubs(q, y)
  *   Q4_0:  sum((q - 8) * y) = maddubs(q, y) - maddubs(8, y)
- *   Q5_0/Q8_0 (signed quants):     maddubs(|q|, sign(y, q))
+ *   Q5_0:  sum((q - 16) * y) = maddubs(q, y) - maddubs(16, y)
+ *   Q8_0 (signed quants):          maddubs(|q|, sign(y, q))
  * None of these saturate: |q| <= 128 and |y| <= 127 keep each s16 pair sum
  * below 32767.
  *
- * The tile kernels compute an nr x nt block of outputs (Q4_0 / Q8_0:
- * nr <= 4 weight rows, nt <= 2 tokens, 8 accumulators plus operands in the
- * 16 ymm registers; Q4_1: 8 x 2, two rows per vector). Each weight block is
+ * The tile kernels compute an nr x nt block of outputs (Q4_0, Q5_0, Q5_1,
+ * Q8_0: nr <= 4 weight rows, nt <= 2 tokens, 8 accumulators plus operands
+ * in the 16 ymm registers; Q4_1: 8 x 2, two rows per vector). Each weight block is
  * unpacked once and used for every token of the tile. The per-row vec_dot
  * of these types is the 1 x 1 tile, and every output is computed by the
  * same operations whatever the tile shape: results do not depend on the
@@ -221,42 +223,6 @@ void tn_quant_q8_1_avx2(const float *x, void *vy, int64_t n) {
   }
 }
 
-/* ---- Q5_0 / Q5_1 vec_dot (no tiles: rare in practice) */
-
-void tn_vec_dot_q5_0_q8_0_avx2(int64_t n, float *s, const void *vx,
-                               const void *vy) {
-  const struct block_q5_0 *x = vx;
-  const struct block_q8_0 *y = vy;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n / QK5_0; b++) {
-    /* q - 16: nibble | 0xf0 (i.e. nibble - 16) where the fifth bit is 0 */
-    __m256i hi = _mm256_andnot_si256(unpack_bits(x[b].qh),
-                                     _mm256_set1_epi8((char)0xf0));
-    __m256i qx = _mm256_or_si256(unpack_nibbles(x[b].qs), hi);
-    __m256i qy = _mm256_loadu_si256((const __m256i *)y[b].qs);
-    __m256 d = _mm256_set1_ps(h2f(x[b].d) * h2f(y[b].d));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_ss8(qx, qy)), d, acc);
-  }
-  *s = hsum_ps(acc);
-}
-
-void tn_vec_dot_q5_1_q8_1_avx2(int64_t n, float *s, const void *vx,
-                               const void *vy) {
-  const struct block_q5_1 *x = vx;
-  const struct block_q8_1 *y = vy;
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
-  for (int64_t b = 0; b < n / QK5_1; b++) {
-    __m256i hi = _mm256_and_si256(unpack_bits(x[b].qh), _mm256_set1_epi8(0x10));
-    __m256i qx = _mm256_or_si256(unpack_nibbles(x[b].qs), hi);
-    __m256i qy = _mm256_loadu_si256((const __m256i *)y[b].qs);
-    __m256 d = _mm256_set1_ps(h2f(x[b].d) * h2f(y[b].d));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us8(qx, qy)), d, acc);
-    mins += h2f(x[b].m) * h2f(y[b].s);
-  }
-  *s = hsum_ps(acc) + mins;
-}
-
 /* ---- tiles
  *
  * Each tile kernel is written once as an always-inline function of
@@ -450,6 +416,96 @@ ALWAYS_INLINE void tile_q8_0(int64_t n, const uint8_t *w, size_t ws,
     for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum_ps(acc[r][t]);
 }
 
+/* Q5_0 x Q8_0: the weights as unsigned q in 0..31 (nibble | fifth bit << 4)
+ * and, as for Q4_0, sum((q - 16) y) = maddubs(q, y) - maddubs(16, y) with
+ * maddubs(16, y) computed once per token and block. The s32 lanes are the
+ * integer dots of elements 4i..4i+3 (low lane: 0..15, high: 16..31), then
+ *   acc = fma(float(lanes), dx * dy, acc) per block, result = hsum(acc).
+ * No saturation: a pair is at most 2 * 31 * 128 before the subtraction. */
+ALWAYS_INLINE __m256i unpack_q5(const uint8_t qs[16], const uint8_t qh[4]) {
+  return _mm256_or_si256(unpack_nibbles(qs),
+                         _mm256_and_si256(unpack_bits(qh), _mm256_set1_epi8(0x10)));
+}
+
+ALWAYS_INLINE void tile_q5_0(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  __m256 acc[MR][MT];
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+  const __m256i sixteen = _mm256_set1_epi8(16);
+  for (int64_t b = 0; b < n / QK5_0; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_0));
+    __m256i qy[MT], c16[MT];
+    float dy[MT];
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      c16[t] = _mm256_maddubs_epi16(sixteen, qy[t]);
+      dy[t] = h2f(yb->d);
+    }
+    for (int r = 0; r < NR; r++) {
+      const struct block_q5_0 *xb = (const struct block_q5_0 *)(w + r * ws) + b;
+      const __m256i qx = unpack_q5(xb->qs, xb->qh);
+      const float dx = h2f(xb->d);
+      for (int t = 0; t < NT; t++) {
+        __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qx, qy[t]), c16[t]);
+        __m256 p = _mm256_cvtepi32_ps(
+            _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++)
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum_ps(acc[r][t]);
+}
+
+/* Q5_1 x Q8_1: q in 0..31 unsigned, so maddubs(q, y) directly. Per
+ * (row, token):
+ *   acc  = fma(float(lanes), dx * dy, acc), mins = fma(mx, sy, mins)
+ *   result = hsum(acc) + mins.
+ * The mins of all rows for token t sit in lanes of one vector (lane r for
+ * row r), so each is one fma lane whatever the tile shape. */
+ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  __m256 acc[MR][MT];
+  __m128 macc[MT];
+  for (int t = 0; t < NT; t++) {
+    macc[t] = _mm_setzero_ps();
+    for (int r = 0; r < NR; r++) acc[r][t] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < n / QK5_1; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_1));
+    __m256i qy[MT];
+    float dy[MT];
+    uint16_t mh[4] = {0};
+    for (int r = 0; r < NR; r++)
+      mh[r] = ((const struct block_q5_1 *)(w + r * ws) + b)->m;
+    const __m128 mx = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)mh));
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_1 *yb = (const struct block_q8_1 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      dy[t] = h2f(yb->d);
+      macc[t] = _mm_fmadd_ps(mx, _mm_set1_ps(h2f(yb->s)), macc[t]);
+    }
+    for (int r = 0; r < NR; r++) {
+      const struct block_q5_1 *xb = (const struct block_q5_1 *)(w + r * ws) + b;
+      const __m256i qx = unpack_q5(xb->qs, xb->qh);
+      const float dx = h2f(xb->d);
+      for (int t = 0; t < NT; t++) {
+        __m256 p = _mm256_cvtepi32_ps(dot_us8(qx, qy[t]));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; t++) {
+    float m[4];
+    _mm_storeu_ps(m, macc[t]);
+    for (int r = 0; r < NR; r++) y[t * ldy + r] = hsum_ps(acc[r][t]) + m[r];
+  }
+}
+
 /* One entry point per type: switch on the tile shape so that every
  * instantiation has constant bounds. */
 #define TILE_ENTRY(fn, body)                                                  \
@@ -487,6 +543,8 @@ void tn_gemm_q4_1_q8_1_avx2(int64_t n, const void *w, size_t ws,
   }
 }
 TILE_ENTRY(tn_gemm_q8_0_q8_0_avx2, tile_q8_0)
+TILE_ENTRY(tn_gemm_q5_0_q8_0_avx2, tile_q5_0)
+TILE_ENTRY(tn_gemm_q5_1_q8_1_avx2, tile_q5_1)
 
 void tn_vec_dot_q4_0_q8_0_avx2(int64_t n, float *s, const void *x,
                                const void *y) {
@@ -501,4 +559,14 @@ void tn_vec_dot_q4_1_q8_1_avx2(int64_t n, float *s, const void *x,
 void tn_vec_dot_q8_0_q8_0_avx2(int64_t n, float *s, const void *x,
                                const void *y) {
   tile_q8_0(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q5_0_q8_0_avx2(int64_t n, float *s, const void *x,
+                               const void *y) {
+  tile_q5_0(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q5_1_q8_1_avx2(int64_t n, float *s, const void *x,
+                               const void *y) {
+  tile_q5_1(n, x, 0, y, 0, s, 0, 1, 1);
 }

@@ -1,5 +1,6 @@
 /*
- * quants_avx512.c: AVX-512 VL + VNNI tiles for Q4_0, Q4_1 and Q8_0 weights.
+ * quants_avx512.c: AVX-512 VL + VNNI tiles for Q4_0, Q4_1, Q5_0, Q5_1 and
+ * Q8_0 weights.
  *
  * The vectors stay 256 bits wide (on Zen 4 a 512-bit op costs two 256-bit
  * ones, and our blocks are 32 bytes); what AVX-512 buys is
@@ -9,9 +10,14 @@
  * dpbusd wants an unsigned left operand:
  *   Q4_1:  dpbusd(0, q, y)   (two rows per vector: see tile_q4_1)
  *   Q4_0:  sum((q - 8) y)   = dpbusd(-8 sum(y), q, y)
+ *   Q5_0:  sum((q - 16) y)  = dpbusd(-16 sum(y), q, y), q = nibble | bit5 << 4
+ *   Q5_1:  dpbusd(0, q, y), plus the min term
  *   Q8_0:  sum(q y)         = dpbusd(-128 sum(y), q + 128, y)
  * where the per-token corrections are computed once per block and token
  * and shared by every row of the tile (q + 128 is q ^ 0x80 as a byte).
+ * The s32 lanes are the same integers as the AVX2 level's maddubs + madd
+ * (lane i: elements 4i..4i+3), and the float steps are the same, so for
+ * Q4_0, Q5_0, Q5_1 and Q8_0 the two levels agree bit for bit.
  *
  * Batch invariance: each (row, token) output is accumulated in lanes of its
  * own and reduced by the same sequence of operations whatever the tile
@@ -203,20 +209,33 @@ ALWAYS_INLINE void tile_q4_1(int64_t n, const uint8_t *w, size_t ws,
   }
 }
 
-/* Q4_0 (off = 8, nibbles) and Q8_0 (off = 128, bytes ^ 0x80) share one
- * shape: dpbusd(-off * sum(y), u, y). */
+/* Q4_0 (off = 8, nibbles), Q5_0 (off = 16, nibble | fifth bit << 4) and
+ * Q8_0 (off = 128, bytes ^ 0x80) share one shape: dpbusd(-off * sum(y), u, y). */
+enum { OFF_Q4_0, OFF_Q5_0, OFF_Q8_0 };
+
+/* element i's fifth bit is bit i of qh: 0x10 in the bytes whose bit is set */
+ALWAYS_INLINE __m256i unpack_q5(const uint8_t qs[16], const uint8_t qh[4]) {
+  uint32_t bits;
+  memcpy(&bits, qh, 4);
+  return _mm256_or_si256(unpack_nibbles(qs),
+                         _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)));
+}
+
 ALWAYS_INLINE void tile_offset(int64_t n, const uint8_t *w, size_t ws,
                                const uint8_t *q, size_t qs, float *y,
                                int64_t ldy, const int NR, const int NT,
-                               const int is_q8) {
+                               const int kind) {
+  const int is_q8 = kind == OFF_Q8_0;
+  const int64_t xsize = kind == OFF_Q8_0   ? (int64_t)sizeof(struct block_q8_0)
+                        : kind == OFF_Q5_0 ? (int64_t)sizeof(struct block_q5_0)
+                                           : (int64_t)sizeof(struct block_q4_0);
   __m256 acc[MR][MT];
   for (int r = 0; r < NR; r++)
     for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-  const __m256i off = _mm256_set1_epi8(is_q8 ? (char)0x80 : 8);
+  const __m256i off = _mm256_set1_epi8(is_q8 ? (char)0x80
+                                       : kind == OFF_Q5_0 ? 16 : 8);
   for (int64_t b = 0; b < n / QK8_0; b++) {
-    PREFETCH_TILE(w, ws, b, NR,
-                  is_q8 ? (int64_t)sizeof(struct block_q8_0)
-                        : (int64_t)sizeof(struct block_q4_0));
+    PREFETCH_TILE(w, ws, b, NR, xsize);
     __m256i qy[MT], corr[MT];
     float dy[MT];
     for (int t = 0; t < NT; t++) {
@@ -233,12 +252,17 @@ ALWAYS_INLINE void tile_offset(int64_t n, const uint8_t *w, size_t ws,
       if (is_q8) {
         const struct block_q8_0 *xb =
             (const struct block_q8_0 *)(w + r * ws) + b;
-          qx = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb->qs), off);
+        qx = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb->qs), off);
+        dx = h2f(xb->d);
+      } else if (kind == OFF_Q5_0) {
+        const struct block_q5_0 *xb =
+            (const struct block_q5_0 *)(w + r * ws) + b;
+        qx = unpack_q5(xb->qs, xb->qh);
         dx = h2f(xb->d);
       } else {
         const struct block_q4_0 *xb =
             (const struct block_q4_0 *)(w + r * ws) + b;
-          qx = unpack_nibbles(xb->qs);
+        qx = unpack_nibbles(xb->qs);
         dx = h2f(xb->d);
       }
       for (int t = 0; t < NT; t++) {
@@ -255,13 +279,63 @@ ALWAYS_INLINE void tile_offset(int64_t n, const uint8_t *w, size_t ws,
 ALWAYS_INLINE void tile_q4_0(int64_t n, const uint8_t *w, size_t ws,
                              const uint8_t *q, size_t qs, float *y,
                              int64_t ldy, const int NR, const int NT) {
-  tile_offset(n, w, ws, q, qs, y, ldy, NR, NT, 0);
+  tile_offset(n, w, ws, q, qs, y, ldy, NR, NT, OFF_Q4_0);
+}
+
+ALWAYS_INLINE void tile_q5_0(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  tile_offset(n, w, ws, q, qs, y, ldy, NR, NT, OFF_Q5_0);
+}
+
+/* Q5_1 x Q8_1: the arithmetic of quants_avx2.c's tile_q5_1. Per
+ * (row, token): acc = fma(float(lanes), dx * dy, acc), mins = fma(mx, sy,
+ * mins), result = hsum(acc) + mins; the mins of token t for all rows are
+ * the lanes of one vector (lane r: row r). */
+ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NR, const int NT) {
+  __m256 acc[MR][MT];
+  __m128 macc[MT];
+  for (int t = 0; t < NT; t++) {
+    macc[t] = _mm_setzero_ps();
+    for (int r = 0; r < NR; r++) acc[r][t] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < n / QK5_1; b++) {
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_1));
+    __m256i qy[MT];
+    float dy[MT];
+    uint16_t mh[4] = {0};
+    for (int r = 0; r < NR; r++)
+      mh[r] = ((const struct block_q5_1 *)(w + r * ws) + b)->m;
+    const __m128 mx = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)mh));
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_1 *yb = (const struct block_q8_1 *)(q + t * qs) + b;
+      qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+      dy[t] = h2f(yb->d);
+      macc[t] = _mm_fmadd_ps(mx, _mm_set1_ps(h2f(yb->s)), macc[t]);
+    }
+    for (int r = 0; r < NR; r++) {
+      const struct block_q5_1 *xb = (const struct block_q5_1 *)(w + r * ws) + b;
+      const __m256i qx = unpack_q5(xb->qs, xb->qh);
+      const float dx = h2f(xb->d);
+      for (int t = 0; t < NT; t++) {
+        __m256 p = _mm256_cvtepi32_ps(DOT(qx, qy[t]));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; t++) {
+    float m[4];
+    _mm_storeu_ps(m, macc[t]);
+    for (int r = 0; r < NR; r++) y[t * ldy + r] = hsum_ps(acc[r][t]) + m[r];
+  }
 }
 
 ALWAYS_INLINE void tile_q8_0(int64_t n, const uint8_t *w, size_t ws,
                              const uint8_t *q, size_t qs, float *y,
                              int64_t ldy, const int NR, const int NT) {
-  tile_offset(n, w, ws, q, qs, y, ldy, NR, NT, 1);
+  tile_offset(n, w, ws, q, qs, y, ldy, NR, NT, OFF_Q8_0);
 }
 
 #define CASE(body, r, t)                                                      \
@@ -299,6 +373,8 @@ void tn_gemm_q4_1_q8_1_avx512(int64_t n, const void *w, size_t ws,
   }
 }
 TILE_ENTRY(tn_gemm_q8_0_q8_0_avx512, tile_q8_0)
+TILE_ENTRY(tn_gemm_q5_0_q8_0_avx512, tile_q5_0)
+TILE_ENTRY(tn_gemm_q5_1_q8_1_avx512, tile_q5_1)
 
 void tn_vec_dot_q4_0_q8_0_avx512(int64_t n, float *s, const void *x,
                                  const void *y) {
@@ -313,4 +389,14 @@ void tn_vec_dot_q4_1_q8_1_avx512(int64_t n, float *s, const void *x,
 void tn_vec_dot_q8_0_q8_0_avx512(int64_t n, float *s, const void *x,
                                  const void *y) {
   tile_q8_0(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q5_0_q8_0_avx512(int64_t n, float *s, const void *x,
+                                 const void *y) {
+  tile_q5_0(n, x, 0, y, 0, s, 0, 1, 1);
+}
+
+void tn_vec_dot_q5_1_q8_1_avx512(int64_t n, float *s, const void *x,
+                                 const void *y) {
+  tile_q5_1(n, x, 0, y, 0, s, 0, 1, 1);
 }

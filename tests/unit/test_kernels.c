@@ -682,6 +682,82 @@ static void test_matmul_batch_invariance(void) {
   printf("     batch invariance: %d runs\n", n_checked);
 }
 
+/* Every quantized weight type the models use has a tile kernel at the SIMD
+ * levels, so prefill (n_tok > 1) shares weight loads across tokens instead
+ * of falling back to one vec_dot per (row, token); and the tile's 1 x 1
+ * case is the level's vec_dot. */
+static void test_gemm_tiles_present(void) {
+  static const enum tn_type tiled[] = {TN_TYPE_Q4_0, TN_TYPE_Q4_1,
+                                       TN_TYPE_Q5_0, TN_TYPE_Q5_1,
+                                       TN_TYPE_Q8_0, TN_TYPE_Q4_K,
+                                       TN_TYPE_Q5_K, TN_TYPE_Q6_K};
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int n_lv = levels_supported(lv);
+  int n_checked = 0;
+  for (int l = 0; l < n_lv; l++) {
+    if (lv[l] == TN_CPU_LEVEL_SCALAR) continue;
+    tn_kernels_init(lv[l]);
+    for (size_t i = 0; i < sizeof(tiled) / sizeof(tiled[0]); i++) {
+      enum tn_type t = tiled[i];
+      const struct tn_gemm_kernel *g = tn_gemm_kernel_get(t);
+      if (!g || !g->tile)
+        fprintf(stderr, "%s: no tile at level %s\n", tn_type_name(t),
+                tn_cpu_level_name(lv[l]));
+      ASSERT(g && g->tile);
+      ASSERT(g->mr >= 1 && g->mt >= 2);
+      /* the 1 x 1 tile is the vec_dot, bit for bit */
+      const struct tn_type_traits *tt = tn_type_get(t);
+      const struct tn_type_traits *at = tn_type_get(tt->vec_dot_type);
+      enum { N = 1024 };
+      static float x[N];
+      static uint8_t wq[N * 2], aq[N * 2];
+      fill_random(x, N, 0.5f);
+      tt->from_float(x, wq, N);
+      fill_random(x, N, 2.0f);
+      at->from_float(x, aq, N);
+      float s_dot, s_tile;
+      tt->vec_dot(N, &s_dot, wq, aq);
+      g->tile(N, wq, 0, aq, 0, &s_tile, 1, 1, 1);
+      ASSERT(memcmp(&s_dot, &s_tile, sizeof(float)) == 0);
+      n_checked++;
+    }
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+  printf("     tiles: %d type x level checks\n", n_checked);
+}
+
+/* Q4_0, Q5_0, Q5_1 and Q8_0 compute the same integer lanes and the same
+ * float steps at AVX2 and AVX-512 (quants_avx512.c): the two levels give
+ * the same bits, tiled or not. */
+static void test_matmul_levels_agree(void) {
+  static const enum tn_type same[] = {TN_TYPE_Q4_0, TN_TYPE_Q5_0,
+                                      TN_TYPE_Q5_1, TN_TYPE_Q8_0};
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int n_lv = levels_supported(lv);
+  if (lv[n_lv - 1] != TN_CPU_LEVEL_AVX512) {
+    printf("     (no AVX-512: skipped)\n");
+    return;
+  }
+  enum { NC = 608, NR = 13, NT = 9 };
+  static float x[NC * NT], y2[NR * NT], y5[NR * NT];
+  for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
+    struct tn_mat w;
+    uint8_t *data = make_weights(same[i], NC, NR, &w);
+    fill_random(x, NC * NT, 1.0f);
+    void *q = malloc(tn_matmul_q_size(&w, NT));
+    tn_kernels_init(TN_CPU_LEVEL_AVX2);
+    run_matmul(&w, x, NT, q, y2, NR, 2);
+    tn_kernels_init(TN_CPU_LEVEL_AVX512);
+    run_matmul(&w, x, NT, q, y5, NR, 2);
+    if (memcmp(y2, y5, sizeof(y2)) != 0)
+      fprintf(stderr, "%s: avx2 and avx512 differ\n", tn_type_name(same[i]));
+    ASSERT(memcmp(y2, y5, sizeof(y2)) == 0);
+    free(q);
+    free(data);
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+}
+
 static void test_get_row(void) {
   struct tn_mat w;
   uint8_t *data = make_weights(TN_TYPE_Q4_1, 576, 5, &w);
@@ -697,4 +773,5 @@ TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_quant_roundtrip),
              TN_TEST(test_quant_activations_exact), TN_TEST(test_vec_dot),
              TN_TEST(test_matmul), TN_TEST(test_matmul_batch_invariance),
-             TN_TEST(test_get_row))
+             TN_TEST(test_gemm_tiles_present),
+             TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row))

@@ -381,60 +381,6 @@ static bool ranges_push(struct ranges *r, size_t a, size_t b) {
   return true;
 }
 
-struct bigram {
-  int32_t rank;
-  int32_t left, right;
-  uint32_t size;
-};
-
-/* min-heap on (rank, left) */
-static bool bg_less(const struct bigram *x, const struct bigram *y) {
-  return x->rank < y->rank || (x->rank == y->rank && x->left < y->left);
-}
-
-struct heap {
-  struct bigram *v;
-  size_t n, cap;
-};
-
-static bool heap_push(struct heap *h, struct bigram b) {
-  if (h->n == h->cap) {
-    size_t cap = h->cap ? h->cap * 2 : 64;
-    struct bigram *v = realloc(h->v, cap * sizeof(*v));
-    if (!v) return false;
-    h->v = v;
-    h->cap = cap;
-  }
-  size_t i = h->n++;
-  while (i > 0) {
-    size_t p = (i - 1) / 2;
-    if (!bg_less(&b, &h->v[p])) break;
-    h->v[i] = h->v[p];
-    i = p;
-  }
-  h->v[i] = b;
-  return true;
-}
-
-static struct bigram heap_pop(struct heap *h) {
-  struct bigram top = h->v[0];
-  struct bigram last = h->v[--h->n];
-  size_t i = 0;
-  for (;;) {
-    size_t l = 2 * i + 1, r = l + 1, m = i;
-    const struct bigram *best = &last;
-    if (l < h->n && bg_less(&h->v[l], best)) {
-      m = l;
-      best = &h->v[l];
-    }
-    if (r < h->n && bg_less(&h->v[r], best)) m = r;
-    if (m == i) break;
-    h->v[i] = h->v[m];
-    i = m;
-  }
-  if (h->n > 0) h->v[i] = last;
-  return top;
-}
 
 struct sym {
   int32_t prev, next;
@@ -444,7 +390,7 @@ struct sym {
 struct bpe_ws {
   struct sym *syms;
   size_t cap_syms;
-  struct heap heap;
+  struct tn_bigram_heap heap;
 };
 
 static bool add_bigram(const struct tn_tokenizer *tok, struct bpe_ws *ws,
@@ -453,7 +399,7 @@ static bool add_bigram(const struct tn_tokenizer *tok, struct bpe_ws *ws,
   const struct sym *a = &ws->syms[l], *b = &ws->syms[r];
   int32_t rank = merge_rank(tok, word + a->off, a->n, word + b->off, b->n);
   if (rank < 0) return true;
-  return heap_push(&ws->heap, (struct bigram){rank, l, r, a->n + b->n});
+  return tn_bigram_heap_push(&ws->heap, (struct tn_bigram){-(float)rank, l, r, a->n + b->n});
 }
 
 static enum tn_status merge_word(const struct tn_tokenizer *tok,
@@ -481,7 +427,7 @@ static enum tn_status merge_word(const struct tn_tokenizer *tok,
   for (int32_t i = 1; i < n; i++)
     if (!add_bigram(tok, ws, word, i - 1, i)) return TN_ENOMEM;
   while (ws->heap.n > 0) {
-    struct bigram bg = heap_pop(&ws->heap);
+    struct tn_bigram bg = tn_bigram_heap_pop(&ws->heap);
     struct sym *l = &ws->syms[bg.left], *r = &ws->syms[bg.right];
     if (l->n == 0 || r->n == 0 || l->n + r->n != bg.size) continue;
     l->n += r->n;

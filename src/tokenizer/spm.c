@@ -20,76 +20,22 @@ struct sym {
   uint32_t off, n;
 };
 
-struct bigram {
-  float score;
-  int32_t left, right;
-  uint32_t size;
-};
-
-/* max-heap on score, then min on left */
-static bool bg_before(const struct bigram *x, const struct bigram *y) {
-  return x->score > y->score || (x->score == y->score && x->left < y->left);
-}
-
-struct heap {
-  struct bigram *v;
-  size_t n, cap;
-};
-
-static bool heap_push(struct heap *h, struct bigram b) {
-  if (h->n == h->cap) {
-    size_t cap = h->cap ? h->cap * 2 : 64;
-    struct bigram *v = realloc(h->v, cap * sizeof(*v));
-    if (!v) return false;
-    h->v = v;
-    h->cap = cap;
-  }
-  size_t i = h->n++;
-  while (i > 0) {
-    size_t p = (i - 1) / 2;
-    if (!bg_before(&b, &h->v[p])) break;
-    h->v[i] = h->v[p];
-    i = p;
-  }
-  h->v[i] = b;
-  return true;
-}
-
-static struct bigram heap_pop(struct heap *h) {
-  struct bigram top = h->v[0];
-  struct bigram last = h->v[--h->n];
-  size_t i = 0;
-  for (;;) {
-    size_t l = 2 * i + 1, r = l + 1, m = i;
-    const struct bigram *best = &last;
-    if (l < h->n && bg_before(&h->v[l], best)) {
-      m = l;
-      best = &h->v[l];
-    }
-    if (r < h->n && bg_before(&h->v[r], best)) m = r;
-    if (m == i) break;
-    h->v[i] = h->v[m];
-    i = m;
-  }
-  if (h->n > 0) h->v[i] = last;
-  return top;
-}
 
 static bool try_bigram(const struct tn_tokenizer *tok, const char *text,
-                       const struct sym *syms, struct heap *h, int32_t l,
+                       const struct sym *syms, struct tn_bigram_heap *h, int32_t l,
                        int32_t r) {
   if (l < 0 || r < 0) return true;
   uint32_t n = syms[l].n + syms[r].n;
   int32_t id = tn_tok_lookup(tok, text + syms[l].off, n);
   if (id < 0) return true;
-  return heap_push(h, (struct bigram){tok->toks[id].score, l, r, n});
+  return tn_bigram_heap_push(h, (struct tn_bigram){tok->toks[id].score, l, r, n});
 }
 
 enum tn_status tn_spm_encode(const struct tn_tokenizer *tok, const char *text,
                              size_t len, struct tn_ids *out) {
   if (len == 0) return TN_OK;
   enum tn_status st = TN_ENOMEM;
-  struct heap h = {0};
+  struct tn_bigram_heap h = {0};
   struct sym *syms = malloc(len * sizeof(*syms));
   if (!syms) return TN_ENOMEM;
   int32_t n = 0;
@@ -103,7 +49,7 @@ enum tn_status tn_spm_encode(const struct tn_tokenizer *tok, const char *text,
   for (int32_t i = 1; i < n; i++)
     if (!try_bigram(tok, text, syms, &h, i - 1, i)) goto out;
   while (h.n > 0) {
-    struct bigram bg = heap_pop(&h);
+    struct tn_bigram bg = tn_bigram_heap_pop(&h);
     struct sym *l = &syms[bg.left], *r = &syms[bg.right];
     if (l->n == 0 || r->n == 0 || l->n + r->n != bg.size) continue;
     l->n += r->n;

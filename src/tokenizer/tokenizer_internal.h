@@ -169,4 +169,22 @@ static inline size_t tn_utf8_len_lead(uint8_t c) {
 void tn_chat_detect(struct tn_tokenizer *tok, const struct tn_gguf *g);
 void tn_chat_deinit(struct tn_tokenizer *tok);
 
+/* ---- bigram priority queue shared by BPE and SentencePiece merging
+ * (bigram.c). The best bigram comes first: highest prio, then leftmost.
+ * BPE uses prio = -rank (ranks stay below 2^24, exact in a float);
+ * SentencePiece uses the merged token's score. */
+struct tn_bigram {
+  float prio;
+  int32_t left, right;
+  uint32_t size;
+};
+
+struct tn_bigram_heap {
+  struct tn_bigram *v;
+  size_t n, cap;
+};
+
+bool tn_bigram_heap_push(struct tn_bigram_heap *h, struct tn_bigram b);
+struct tn_bigram tn_bigram_heap_pop(struct tn_bigram_heap *h);
+
 #endif /* TN_TOKENIZER_INTERNAL_H */

@@ -27,16 +27,32 @@
  * default), and arrays whose lengths disagree with the token list are
  * errors.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "tokenizer/tokenizer_internal.h"
 
 /* ---- hashing */
 
+/* The seed is drawn once per process, so a vocabulary crafted to collide
+ * in our tables (and make loading quadratic) cannot be prepared offline. */
+static uint64_t hash_seed = 0x746f6b656e73ull;
+static pthread_once_t hash_seed_once = PTHREAD_ONCE_INIT;
+
+static void hash_seed_init(void) {
+  uint64_t r;
+  if (getrandom(&r, sizeof(r), GRND_NONBLOCK) == (ssize_t)sizeof(r))
+    hash_seed ^= r;
+  else
+    hash_seed ^= tn_time_ns();
+}
+
 uint64_t tn_tok_hash(const void *data, size_t n) {
-  return tn_hash64(data, n, 0x746f6b656e73ull);
+  pthread_once(&hash_seed_once, hash_seed_init);
+  return tn_hash64(data, n, hash_seed);
 }
 
 static uint32_t ht_size_for(size_t n) {

@@ -218,6 +218,7 @@ int tn_cli_run(int argc, char **argv) {
     fwrite(tail, 1, tn, stdout);
   }
   fputc('\n', stdout);
+  fflush(stdout); /* the text before the timing line on stderr */
   double t2 = tn_time_s();
   tn_log_info("prompt %zu tokens in %.3f s (%.1f tok/s), generated %ld tokens "
               "in %.3f s (%.1f tok/s)",

@@ -283,9 +283,17 @@ void tn_sampler_sample(struct tn_sampler *s, float *logits,
       select_top(c, m, p->top_k);
       m = p->top_k;
     }
-    bool need_order = p->top_p < 1.0f || p->min_p > 0.0f;
+    bool need_order = p->top_p < 1.0f;
     float mx = c[0].logit;
     for (int32_t i = 1; i < m; i++) mx = c[i].logit > mx ? c[i].logit : mx;
+    if (!need_order && p->min_p > 0.0f) {
+      /* min-p alone needs no order: keep what clears the cut, in place */
+      float cut = mx + logf(p->min_p);
+      int32_t k = 0;
+      for (int32_t i = 0; i < m; i++)
+        if (c[i].logit >= cut) c[k++] = c[i];
+      m = k;
+    }
     double total = 0.0;
     for (int32_t i = 0; i < m; i++) total += exp((double)(c[i].logit - mx));
     if (need_order) {

@@ -408,28 +408,40 @@ void tn_quant_q8_K_ref(const float *x, void *vy, int64_t n) {
 
 /* ---- dot products against Q8_K */
 
+/* One Q4_K or Q5_K super-block against Q8_K: the two formats share scales,
+ * mins and nibbles; Q5_K adds a fifth bit per element from qh (NULL for
+ * Q4_K). Integer sums per sub-block, scales and mins applied once. */
+static float dot_k45_block(tn_half d, tn_half dmin, const uint8_t *scales,
+                           const uint8_t *qs, const uint8_t *qh,
+                           const struct block_q8_K *y) {
+  int32_t sumi = 0, summ = 0;
+  for (int j = 0; j < QK_K / 32; j++) {
+    uint8_t sc, m;
+    tn_k_scale_min_get(j, scales, &sc, &m);
+    const uint8_t *q = qs + 32 * (j / 2);
+    const int8_t *a = y->qs + 32 * j;
+    const int shift = 4 * (j & 1);
+    int32_t dot = 0;
+    for (int l = 0; l < 32; l++) {
+      int v = (q[l] >> shift) & 0x0f;
+      if (qh) v |= ((qh[l] >> j) & 1) << 4;
+      dot += v * a[l];
+    }
+    sumi += sc * dot;
+    summ += m * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+  }
+  return y->d * (tn_k_fp16_to_fp32(d) * (float)sumi -
+                 tn_k_fp16_to_fp32(dmin) * (float)summ);
+}
+
 void tn_vec_dot_q4_K_q8_K_ref(int64_t n, float *s, const void *vx,
                               const void *vy) {
   TN_ASSERT(n % QK_K == 0);
   const struct block_q4_K *x = vx;
   const struct block_q8_K *y = vy;
   float sum = 0;
-  for (int64_t b = 0; b < n / QK_K; b++) {
-    int32_t sumi = 0, summ = 0;
-    for (int j = 0; j < QK_K / 32; j++) {
-      uint8_t sc, m;
-      tn_k_scale_min_get(j, x[b].scales, &sc, &m);
-      const uint8_t *q = x[b].qs + 32 * (j / 2);
-      const int8_t *a = y[b].qs + 32 * j;
-      const int shift = 4 * (j & 1);
-      int32_t dot = 0;
-      for (int l = 0; l < 32; l++) dot += ((q[l] >> shift) & 0x0f) * a[l];
-      sumi += sc * dot;
-      summ += m * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
-    }
-    sum += y[b].d * (tn_k_fp16_to_fp32(x[b].d) * (float)sumi -
-                     tn_k_fp16_to_fp32(x[b].dmin) * (float)summ);
-  }
+  for (int64_t b = 0; b < n / QK_K; b++)
+    sum += dot_k45_block(x[b].d, x[b].dmin, x[b].scales, x[b].qs, NULL, &y[b]);
   *s = sum;
 }
 
@@ -439,25 +451,9 @@ void tn_vec_dot_q5_K_q8_K_ref(int64_t n, float *s, const void *vx,
   const struct block_q5_K *x = vx;
   const struct block_q8_K *y = vy;
   float sum = 0;
-  for (int64_t b = 0; b < n / QK_K; b++) {
-    int32_t sumi = 0, summ = 0;
-    for (int j = 0; j < QK_K / 32; j++) {
-      uint8_t sc, m;
-      tn_k_scale_min_get(j, x[b].scales, &sc, &m);
-      const uint8_t *q = x[b].qs + 32 * (j / 2);
-      const int8_t *a = y[b].qs + 32 * j;
-      const int shift = 4 * (j & 1);
-      int32_t dot = 0;
-      for (int l = 0; l < 32; l++) {
-        int v = ((q[l] >> shift) & 0x0f) | (((x[b].qh[l] >> j) & 1) << 4);
-        dot += v * a[l];
-      }
-      sumi += sc * dot;
-      summ += m * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
-    }
-    sum += y[b].d * (tn_k_fp16_to_fp32(x[b].d) * (float)sumi -
-                     tn_k_fp16_to_fp32(x[b].dmin) * (float)summ);
-  }
+  for (int64_t b = 0; b < n / QK_K; b++)
+    sum += dot_k45_block(x[b].d, x[b].dmin, x[b].scales, x[b].qs, x[b].qh,
+                         &y[b]);
   *s = sum;
 }
 

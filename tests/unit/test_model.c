@@ -149,17 +149,31 @@ static const char *model_file(const struct model_case *mc, char *buf,
   return buf;
 }
 
-static void check_logits(const struct model_case *mc) {
+/* Loads the model and fixture of a case: 1 ready (*fx and *r to release),
+ * 0 skipped (model or fixture absent, printed), -1 the model failed. */
+static int open_case(const struct model_case *mc, const char *what,
+                     int n_batch, int n_blocks, json_t **fx, struct runner *r) {
   char pbuf[512];
   const char *path = model_file(mc, pbuf, sizeof(pbuf));
-  json_t *fx = load_fixture(mc->name, "logits");
-  if (!path || !fx) {
-    printf("skip logits %s: model or fixture missing\n", mc->name);
-    json_decref(fx);
-    return;
+  *fx = load_fixture(mc->name, what);
+  if (!path || !*fx) {
+    printf("skip %s %s: model or fixture missing\n", what, mc->name);
+    json_decref(*fx);
+    return 0;
   }
+  if (!runner_open(r, path, n_batch, n_blocks)) {
+    json_decref(*fx);
+    return -1;
+  }
+  return 1;
+}
+
+static void check_logits(const struct model_case *mc) {
+  json_t *fx;
   struct runner r;
-  ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
+  int rc = open_case(mc, "logits", 512, 1024 / 16 + 1, &fx, &r);
+  ASSERT(rc >= 0);
+  if (rc == 0) return;
   int32_t V = r.m->hp.n_vocab;
   float *l = malloc((size_t)V * sizeof(float));
   json_t *prompts = json_object_get(fx, "prompts");
@@ -219,16 +233,11 @@ static void check_logits(const struct model_case *mc) {
 }
 
 static void check_greedy(const struct model_case *mc) {
-  char pbuf[512];
-  const char *path = model_file(mc, pbuf, sizeof(pbuf));
-  json_t *fx = load_fixture(mc->name, "greedy");
-  if (!path || !fx) {
-    printf("skip greedy %s: model or fixture missing\n", mc->name);
-    json_decref(fx);
-    return;
-  }
+  json_t *fx;
   struct runner r;
-  ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
+  int rc = open_case(mc, "greedy", 512, 1024 / 16 + 1, &fx, &r);
+  ASSERT(rc >= 0);
+  if (rc == 0) return;
   int32_t V = r.m->hp.n_vocab;
   float *l = malloc((size_t)V * sizeof(float));
   json_t *prompts = json_object_get(fx, "prompts");
@@ -278,16 +287,11 @@ static void check_greedy(const struct model_case *mc) {
 
 /* All prompts of logits.json at once, one sequence each. */
 static void check_batching(const struct model_case *mc) {
-  char pbuf[512];
-  const char *path = model_file(mc, pbuf, sizeof(pbuf));
-  json_t *fx = load_fixture(mc->name, "logits");
-  if (!path || !fx) {
-    printf("skip batching %s\n", mc->name);
-    json_decref(fx);
-    return;
-  }
+  json_t *fx;
   struct runner r;
-  ASSERT(runner_open(&r, path, 1024, 1024 / 16 * 4));
+  int rc = open_case(mc, "logits", 1024, 1024 / 16 * 4, &fx, &r);
+  ASSERT(rc >= 0);
+  if (rc == 0) return;
   int32_t V = r.m->hp.n_vocab;
   json_t *prompts = json_object_get(fx, "prompts");
   enum { MAXS = 8 };

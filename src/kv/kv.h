@@ -30,6 +30,22 @@ struct tn_kv_pool {
   int32_t *refs;      /* [n_blocks] */
   int32_t *free_list; /* stack of free block ids */
   int32_t n_free;
+  /* Prefix cache: full blocks registered under a hash chain stay cached
+   * when their last reference goes, on an LRU list, until acquire needs
+   * them. */
+  struct tn_kv_meta *meta; /* [n_blocks] */
+  int32_t *index;          /* open addressing: block id or -1 */
+  uint32_t index_mask;
+  int32_t lru_head, lru_tail; /* oldest first; -1 when empty */
+  int32_t n_lru;
+  int32_t *tokens;         /* [n_blocks][block_size] of cached blocks */
+};
+
+struct tn_kv_meta {
+  uint64_t hash;           /* chain hash; valid when cached */
+  uint64_t parent;         /* hash of the block before (0 for the first) */
+  int32_t lru_prev, lru_next;
+  bool cached;             /* in the index */
 };
 
 /* Bytes one block takes across all layers, K and V. */
@@ -40,12 +56,35 @@ enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
                                int32_t n_kv_dim, struct tn_error *err);
 void tn_kv_pool_deinit(struct tn_kv_pool *pool);
 
-/* Takes a free block (refcount 1); -1 when none is free. */
+/* Takes a free block (refcount 1), else evicts the least recently used
+ * cached block; -1 when every block is in use. */
 int32_t tn_kv_block_acquire(struct tn_kv_pool *pool);
 /* Takes another reference on a block in use. */
 void tn_kv_block_retain(struct tn_kv_pool *pool, int32_t block);
 /* Drops one reference; the block returns to the free list at zero. */
 void tn_kv_block_release(struct tn_kv_pool *pool, int32_t block);
+
+/* Blocks a new acquire can get: free plus cached-but-unused. */
+static inline int32_t tn_kv_available(const struct tn_kv_pool *p) {
+  return p->n_free + p->n_lru;
+}
+
+/* ---- prefix cache
+ *
+ * A full block is identified by the chain hash of every token up to its
+ * end: hash = H(parent hash, its block_size tokens, salt). The first
+ * block's parent is the salt (adapter id, ...). Lookups compare parent and
+ * tokens too, so a hash collision can never hand out the wrong block. */
+uint64_t tn_kv_chain_hash(uint64_t parent, const int32_t *tokens, int32_t n);
+/* The cached block for (parent, tokens[block_size]); retains it (taking it
+ * off the LRU list) and returns its id, or -1. */
+int32_t tn_kv_prefix_get(struct tn_kv_pool *pool, uint64_t parent,
+                         const int32_t *tokens);
+/* Registers a full block the caller holds under (parent, tokens); returns
+ * its chain hash. A block already registered, or a chain already cached
+ * under another block, is left as it is. */
+uint64_t tn_kv_prefix_put(struct tn_kv_pool *pool, int32_t block,
+                          uint64_t parent, const int32_t *tokens);
 
 /* Address of layer il's key (or value) vector for a slot of a block. */
 static inline uint16_t *tn_kv_k(const struct tn_kv_pool *p, int32_t il,

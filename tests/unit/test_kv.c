@@ -55,4 +55,73 @@ static void test_seq(void) {
   tn_kv_pool_deinit(&p);
 }
 
-TN_TEST_MAIN(TN_TEST(test_pool_refs), TN_TEST(test_bad_shape), TN_TEST(test_seq))
+/* Full blocks registered under a chain hash are found again by the same
+ * prefix, survive their last release on the LRU list, and are evicted
+ * oldest first when acquire runs out of free blocks. */
+static void test_prefix_cache(void) {
+  struct tn_kv_pool p;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_kv_pool_init(&p, 1, 4, 4, 2, &err), TN_OK);
+  int32_t t0[4] = {1, 2, 3, 4}, t1[4] = {5, 6, 7, 8}, t2[4] = {1, 2, 3, 5};
+  int32_t a = tn_kv_block_acquire(&p), b = tn_kv_block_acquire(&p);
+  uint64_t ha = tn_kv_prefix_put(&p, a, 0, t0);
+  uint64_t hb = tn_kv_prefix_put(&p, b, ha, t1);
+  ASSERT(ha != hb);
+  ASSERT_EQ(ha, tn_kv_chain_hash(0, t0, 4));
+  /* Same chain: found (and retained); other tokens or parent: not. */
+  ASSERT_EQ(tn_kv_prefix_get(&p, 0, t0), a);
+  ASSERT_EQ(p.refs[a], 2);
+  ASSERT_EQ(tn_kv_prefix_get(&p, 0, t2), -1);
+  ASSERT_EQ(tn_kv_prefix_get(&p, 0, t1), -1); /* t1 only after t0 */
+  ASSERT_EQ(tn_kv_prefix_get(&p, ha, t1), b);
+  /* Released to zero: cached, not free; still found. */
+  tn_kv_block_release(&p, a);
+  tn_kv_block_release(&p, a);
+  tn_kv_block_release(&p, b);
+  tn_kv_block_release(&p, b);
+  ASSERT_EQ(p.n_free, 2);
+  ASSERT_EQ(p.n_lru, 2);
+  ASSERT_EQ(tn_kv_available(&p), 4);
+  ASSERT_EQ(tn_kv_prefix_get(&p, ha, t1), b);
+  ASSERT_EQ(p.n_lru, 1);
+  tn_kv_block_release(&p, b); /* b is now the most recently used */
+  /* Two free blocks go first, then a (least recently used), then b. */
+  int32_t c = tn_kv_block_acquire(&p), d = tn_kv_block_acquire(&p);
+  ASSERT(c != a && c != b && d != a && d != b);
+  ASSERT_EQ(tn_kv_block_acquire(&p), a);
+  ASSERT_EQ(tn_kv_prefix_get(&p, 0, t0), -1); /* evicted: forgotten */
+  ASSERT_EQ(tn_kv_prefix_get(&p, ha, t1), b);
+  ASSERT_EQ(tn_kv_block_acquire(&p), -1);   /* all four held */
+  tn_kv_pool_deinit(&p);
+}
+
+/* Many blocks through the index: inserts, lookups and evictions keep it
+ * consistent (backward-shift deletion). */
+static void test_prefix_churn(void) {
+  struct tn_kv_pool p;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_kv_pool_init(&p, 1, 64, 2, 1, &err), TN_OK);
+  for (int32_t round = 0; round < 2000; round++) {
+    int32_t b = tn_kv_block_acquire(&p);
+    ASSERT_GE(b, 0);
+    int32_t t[2] = {round, round * 7};
+    tn_kv_prefix_put(&p, b, (uint64_t)round % 5, t);
+    tn_kv_block_release(&p, b);
+    /* The last 64 are cached; the one before them is gone. */
+    ASSERT_EQ(tn_kv_prefix_get(&p, (uint64_t)round % 5, t), b);
+    tn_kv_block_release(&p, b);
+    if (round >= 64) {
+      int32_t o[2] = {round - 64, (round - 64) * 7};
+      ASSERT_EQ(tn_kv_prefix_get(&p, (uint64_t)(round - 64) % 5, o), -1);
+    }
+  }
+  /* The last 64 are all still there. */
+  for (int32_t round = 2000 - 64; round < 2000; round++) {
+    int32_t o[2] = {round, round * 7};
+    ASSERT_GE(tn_kv_prefix_get(&p, (uint64_t)round % 5, o), 0);
+  }
+  tn_kv_pool_deinit(&p);
+}
+
+TN_TEST_MAIN(TN_TEST(test_pool_refs), TN_TEST(test_bad_shape), TN_TEST(test_seq),
+             TN_TEST(test_prefix_cache), TN_TEST(test_prefix_churn))

@@ -1,0 +1,564 @@
+/*
+ * test_obs.c: the metrics registry (src/obs/metrics.c): name checks,
+ * counter/gauge/histogram values, cumulative buckets, escaping, exact sums
+ * under concurrent updates, and the exact text a scrape returns. When the
+ * project's venv has prometheus_client, the rendered text also goes through
+ * its parser.
+ */
+#include <pthread.h>
+#include <unistd.h>
+
+#include "obs/obs.h"
+#include "tn_test.h"
+
+static const double k_buckets[] = {0.1, 1, 10};
+
+static void test_names(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  ASSERT(reg);
+  const char *model[] = {"model"};
+  /* metric names */
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "", "h", NULL, 0, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, NULL, "h", NULL, 0, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "1abc", "h", NULL, 0, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "a-b", "h", NULL, 0, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "a b", "h", NULL, 0, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "a\xc3\xa9", "h", NULL, 0, NULL, 0));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_COUNTER, "a:b_c1", "h", NULL, 0, NULL, 0));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_COUNTER, ":x", "h", NULL, 0, NULL, 0));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_COUNTER, "_x9", NULL, NULL, 0, NULL, 0));
+  /* bad kind */
+  ASSERT(!tn_metrics_family(reg, (enum tn_metric_kind)7, "k", "h", NULL, 0, NULL, 0));
+  /* label names */
+  const char *colon[] = {"a:b"};
+  const char *digit[] = {"1a"};
+  const char *reserved[] = {"__name"};
+  const char *le[] = {"le"};
+  const char *dup[] = {"model", "model"};
+  const char *five[] = {"a", "b", "c", "d", "e"};
+  const char *nullname[] = {NULL};
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g1", "h", colon, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g2", "h", digit, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g3", "h", reserved, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g4", "h", dup, 2, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g5", "h", five, 5, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g6", "h", nullname, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g7", "h", NULL, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "g8", "h", model, -1, NULL, 0));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_GAUGE, "g9", "h", le, 1, NULL, 0));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_GAUGE, "g10", "h", five, 4, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h1", "h", le, 1, k_buckets, 3));
+  /* buckets */
+  const double desc[] = {1, 0.5};
+  const double same[] = {1, 1};
+  const double inf[] = {1, INFINITY};
+  const double nan[] = {NAN};
+  double many[TN_METRIC_BUCKETS_MAX + 1];
+  for (int i = 0; i <= TN_METRIC_BUCKETS_MAX; i++) many[i] = i;
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h2", "h", NULL, 0, desc, 2));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h3", "h", NULL, 0, same, 2));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h4", "h", NULL, 0, inf, 2));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h5", "h", NULL, 0, nan, 1));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h6", "h", NULL, 0, many,
+                            TN_METRIC_BUCKETS_MAX + 1));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h7", "h", NULL, 0, NULL, 2));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h8", "h", NULL, 0, many,
+                           TN_METRIC_BUCKETS_MAX));
+  ASSERT(tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h9", "h", NULL, 0, NULL, 0));
+  /* a failed registration left nothing behind: the name is still free */
+  ASSERT(tn_metrics_family(reg, TN_METRIC_GAUGE, "g1", "h", model, 1, NULL, 0));
+  tn_metrics_free(reg);
+}
+
+static void test_reregister(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  const char *model[] = {"model"};
+  const char *other[] = {"other"};
+  const char *two[] = {"model", "outcome"};
+  const double b2[] = {0.1, 2};
+  struct tn_metric_family *c =
+      tn_metrics_family(reg, TN_METRIC_COUNTER, "reqs", "h", model, 1, NULL, 0);
+  ASSERT(c);
+  ASSERT(tn_metrics_family(reg, TN_METRIC_COUNTER, "reqs", "other help", model,
+                           1, NULL, 0) == c);
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_GAUGE, "reqs", "h", model, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "reqs", "h", other, 1, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "reqs", "h", two, 2, NULL, 0));
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_COUNTER, "reqs", "h", NULL, 0, NULL, 0));
+  struct tn_metric_family *h = tn_metrics_family(
+      reg, TN_METRIC_HISTOGRAM, "lat", "h", model, 1, k_buckets, 3);
+  ASSERT(h);
+  ASSERT(tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "lat", "h", model, 1,
+                           k_buckets, 3) == h);
+  ASSERT(!tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "lat", "h", model, 1,
+                            b2, 2));
+  /* still registered once */
+  size_t len;
+  char *text = tn_metrics_render(reg, &len);
+  ASSERT(text);
+  const char *first = strstr(text, "# TYPE reqs counter");
+  ASSERT(first);
+  ASSERT(!strstr(first + 1, "# TYPE reqs counter"));
+  free(text);
+  tn_metrics_free(reg);
+}
+
+static void test_series(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  const char *two[] = {"model", "outcome"};
+  struct tn_metric_family *f =
+      tn_metrics_family(reg, TN_METRIC_COUNTER, "r", "h", two, 2, NULL, 0);
+  const char *v1[] = {"a", "ok"};
+  const char *v1b[] = {"a", "ok"};
+  const char *v2[] = {"a", "error"};
+  const char *split1[] = {"ab", "c"};
+  const char *split2[] = {"a", "bc"};
+  const char *vnull[] = {"a", NULL};
+  struct tn_metric *m1 = tn_metric_series(f, v1);
+  ASSERT(m1);
+  ASSERT(tn_metric_series(f, v1b) == m1);
+  struct tn_metric *m2 = tn_metric_series(f, v2);
+  ASSERT(m2 && m2 != m1);
+  ASSERT(tn_metric_series(f, split1) != tn_metric_series(f, split2));
+  ASSERT(!tn_metric_series(f, vnull));
+  ASSERT(!tn_metric_series(f, NULL));
+  ASSERT(!tn_metric_series(NULL, v1));
+  /* pointers stay valid while many more series are created */
+  tn_metric_add(m1, 1);
+  char buf[32];
+  for (int i = 0; i < 200; i++) {
+    snprintf(buf, sizeof buf, "m%d", i);
+    const char *v[] = {buf, "ok"};
+    struct tn_metric *m = tn_metric_series(f, v);
+    ASSERT(m);
+    tn_metric_add(m, i);
+  }
+  tn_metric_add(m1, 1);
+  ASSERT_NEAR(tn_metric_value(m1), 2, 0);
+  const char *v199[] = {"m199", "ok"};
+  ASSERT_NEAR(tn_metric_value(tn_metric_series(f, v199)), 199, 0);
+  /* an unlabelled family has its one series from the start */
+  struct tn_metric_family *g =
+      tn_metrics_family(reg, TN_METRIC_GAUGE, "g", "h", NULL, 0, NULL, 0);
+  struct tn_metric *gm = tn_metric_series(g, NULL);
+  ASSERT(gm);
+  ASSERT(tn_metric_series(g, NULL) == gm);
+  /* updates on NULL are harmless */
+  tn_metric_add(NULL, 1);
+  tn_metric_set(NULL, 1);
+  tn_metric_observe(NULL, 1);
+  ASSERT_NEAR(tn_metric_value(NULL), 0, 0);
+  tn_metrics_free(reg);
+  tn_metrics_free(NULL);
+}
+
+static void test_values(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  struct tn_metric *c = tn_metric_series(
+      tn_metrics_family(reg, TN_METRIC_COUNTER, "c", "h", NULL, 0, NULL, 0),
+      NULL);
+  struct tn_metric *g = tn_metric_series(
+      tn_metrics_family(reg, TN_METRIC_GAUGE, "g", "h", NULL, 0, NULL, 0),
+      NULL);
+  struct tn_metric *h = tn_metric_series(
+      tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "h", "h", NULL, 0, k_buckets,
+                        3),
+      NULL);
+  ASSERT(c && g && h);
+  ASSERT_NEAR(tn_metric_value(c), 0, 0);
+  tn_metric_add(c, 1);
+  tn_metric_add(c, 2.5);
+  tn_metric_add(c, -1);   /* ignored: counters only go up */
+  tn_metric_add(c, NAN);  /* ignored */
+  tn_metric_set(c, 100);  /* ignored: not a gauge */
+  tn_metric_observe(c, 1);
+  ASSERT_NEAR(tn_metric_value(c), 3.5, 0);
+
+  tn_metric_add(g, 5);
+  tn_metric_add(g, -7);
+  ASSERT_NEAR(tn_metric_value(g), -2, 0);
+  tn_metric_set(g, 42.25);
+  ASSERT_NEAR(tn_metric_value(g), 42.25, 0);
+  tn_metric_observe(g, 1); /* ignored */
+  ASSERT_NEAR(tn_metric_value(g), 42.25, 0);
+
+  tn_metric_observe(h, 0.05);
+  tn_metric_observe(h, 0.1); /* on the bound: le="0.1" */
+  tn_metric_observe(h, 0.5);
+  tn_metric_observe(h, 10);
+  tn_metric_observe(h, 1e9);
+  tn_metric_observe(h, -3);
+  tn_metric_add(h, 1); /* ignored */
+  tn_metric_set(h, 1); /* ignored */
+  ASSERT_NEAR(tn_metric_value(h), 6, 0);
+
+  size_t len = 0;
+  char *text = tn_metrics_render(reg, &len);
+  ASSERT(text);
+  ASSERT_EQ(len, strlen(text));
+  ASSERT_SUBSTR(text, "\nc 3.5\n");
+  ASSERT_SUBSTR(text, "\ng 42.25\n");
+  ASSERT_SUBSTR(text,
+                "h_bucket{le=\"0.1\"} 3\n"
+                "h_bucket{le=\"1\"} 4\n"
+                "h_bucket{le=\"10\"} 5\n"
+                "h_bucket{le=\"+Inf\"} 6\n"
+                "h_sum 1000000007.65\n"
+                "h_count 6\n");
+  free(text);
+
+  /* special values */
+  tn_metric_set(g, INFINITY);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng +Inf\n");
+  free(text);
+  tn_metric_set(g, -INFINITY);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng -Inf\n");
+  free(text);
+  tn_metric_set(g, NAN);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng NaN\n");
+  free(text);
+  tn_metric_set(g, 0.1);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng 0.1\n");
+  free(text);
+  tn_metric_set(g, 1e300);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng 1e+300\n");
+  free(text);
+  tn_metric_set(g, 1.0 / 3);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng 0.3333333333333333\n");
+  free(text);
+  tn_metric_set(g, 123456789012345678.0);
+  text = tn_metrics_render(reg, NULL);
+  ASSERT_SUBSTR(text, "\ng 1.2345678901234568e+17\n");
+  free(text);
+  tn_metrics_free(reg);
+}
+
+static void test_cumulative(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  const double b[] = {1, 2, 3, 4, 5, 6, 7, 8};
+  const char *lab[] = {"model"};
+  const char *val[] = {"m"};
+  struct tn_metric *h = tn_metric_series(
+      tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "x", "h", lab, 1, b, 8), val);
+  ASSERT(h);
+  /* i observations of value i - 0.5 for i = 1..9 */
+  for (int i = 1; i <= 9; i++)
+    for (int k = 0; k < i; k++) tn_metric_observe(h, i - 0.5);
+  char *text = tn_metrics_render(reg, NULL);
+  ASSERT(text);
+  int expect = 0;
+  char line[128];
+  for (int i = 1; i <= 9; i++) {
+    expect += i;
+    if (i <= 8)
+      snprintf(line, sizeof line, "x_bucket{model=\"m\",le=\"%d\"} %d\n", i,
+               expect);
+    else
+      snprintf(line, sizeof line, "x_bucket{model=\"m\",le=\"+Inf\"} %d\n",
+               expect);
+    ASSERT_SUBSTR(text, line);
+  }
+  ASSERT_SUBSTR(text, "x_count{model=\"m\"} 45\n");
+  ASSERT_SUBSTR(text, "x_sum{model=\"m\"} 262.5\n"); /* sum i*(i-0.5) */
+  /* counts never decrease down the bucket list */
+  const char *p = text;
+  long prev = -1;
+  while ((p = strstr(p, "x_bucket{")) != NULL) {
+    const char *sp = strchr(p, ' ');
+    ASSERT(sp);
+    long v = strtol(sp + 1, NULL, 10);
+    ASSERT_GE(v, prev);
+    prev = v;
+    p = sp;
+  }
+  ASSERT_EQ(prev, 45);
+  free(text);
+  tn_metrics_free(reg);
+}
+
+static void test_escaping(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  const char *lab[] = {"model", "path"};
+  struct tn_metric_family *f = tn_metrics_family(
+      reg, TN_METRIC_COUNTER, "esc_total", "Line one\nback\\slash \"quoted\"",
+      lab, 2, NULL, 0);
+  ASSERT(f);
+  const char *val[] = {"a\"b\\c\nd", ""};
+  tn_metric_add(tn_metric_series(f, val), 2);
+  char *text = tn_metrics_render(reg, NULL);
+  ASSERT(text);
+  ASSERT_SUBSTR(text,
+                "# HELP esc_total Line one\\nback\\\\slash \"quoted\"\n");
+  ASSERT_SUBSTR(text, "esc_total{model=\"a\\\"b\\\\c\\nd\",path=\"\"} 2\n");
+  free(text);
+  tn_metrics_free(reg);
+}
+
+static void test_render_shape(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  size_t len = 99;
+  char *text = tn_metrics_render(reg, &len);
+  ASSERT(text);
+  ASSERT_EQ(len, 0);
+  ASSERT_STR_EQ(text, "");
+  free(text);
+
+  const char *model[] = {"model"};
+  const char *outcome[] = {"model", "outcome"};
+  const double b[] = {0.005, 0.5, 2.5};
+  struct tn_metric_family *req = tn_metrics_family(
+      reg, TN_METRIC_COUNTER, "tern_requests_total", "Requests by outcome.",
+      outcome, 2, NULL, 0);
+  struct tn_metric_family *run = tn_metrics_family(
+      reg, TN_METRIC_GAUGE, "tern_requests_running", "Running requests.",
+      model, 1, NULL, 0);
+  struct tn_metric_family *ttft = tn_metrics_family(
+      reg, TN_METRIC_HISTOGRAM, "tern_time_to_first_token_seconds",
+      "Time to first token.", model, 1, b, 3);
+  struct tn_metric_family *up =
+      tn_metrics_family(reg, TN_METRIC_GAUGE, "tern_up", NULL, NULL, 0, NULL, 0);
+  struct tn_metric_family *empty = tn_metrics_family(
+      reg, TN_METRIC_COUNTER, "tern_unused_total", "Never used.", model, 1,
+      NULL, 0);
+  ASSERT(req && run && ttft && up && empty);
+  const char *s_ok[] = {"smollm2", "stop"};
+  const char *s_len[] = {"smollm2", "length"};
+  const char *s_m[] = {"smollm2"};
+  const char *g_m[] = {"gemma"};
+  tn_metric_add(tn_metric_series(req, s_ok), 3);
+  tn_metric_add(tn_metric_series(req, s_len), 1);
+  tn_metric_set(tn_metric_series(run, s_m), 2);
+  tn_metric_set(tn_metric_series(run, g_m), 0);
+  tn_metric_observe(tn_metric_series(ttft, s_m), 0.25);
+  tn_metric_observe(tn_metric_series(ttft, s_m), 4);
+  tn_metric_set(tn_metric_series(up, NULL), 1);
+  text = tn_metrics_render(reg, &len);
+  ASSERT(text);
+  ASSERT_STR_EQ(
+      text,
+      "# HELP tern_requests_total Requests by outcome.\n"
+      "# TYPE tern_requests_total counter\n"
+      "tern_requests_total{model=\"smollm2\",outcome=\"stop\"} 3\n"
+      "tern_requests_total{model=\"smollm2\",outcome=\"length\"} 1\n"
+      "# HELP tern_requests_running Running requests.\n"
+      "# TYPE tern_requests_running gauge\n"
+      "tern_requests_running{model=\"smollm2\"} 2\n"
+      "tern_requests_running{model=\"gemma\"} 0\n"
+      "# HELP tern_time_to_first_token_seconds Time to first token.\n"
+      "# TYPE tern_time_to_first_token_seconds histogram\n"
+      "tern_time_to_first_token_seconds_bucket{model=\"smollm2\",le=\"0.005\"} 0\n"
+      "tern_time_to_first_token_seconds_bucket{model=\"smollm2\",le=\"0.5\"} 1\n"
+      "tern_time_to_first_token_seconds_bucket{model=\"smollm2\",le=\"2.5\"} 1\n"
+      "tern_time_to_first_token_seconds_bucket{model=\"smollm2\",le=\"+Inf\"} 2\n"
+      "tern_time_to_first_token_seconds_sum{model=\"smollm2\"} 4.25\n"
+      "tern_time_to_first_token_seconds_count{model=\"smollm2\"} 2\n"
+      "# TYPE tern_up gauge\n"
+      "tern_up 1\n"
+      "# HELP tern_unused_total Never used.\n"
+      "# TYPE tern_unused_total counter\n");
+  ASSERT_EQ(len, strlen(text));
+  free(text);
+  tn_metrics_free(reg);
+}
+
+/* ---- concurrency: 4 writers, 1 reader, exact totals */
+
+enum { N_THREADS = 4, N_ITERS = 100000 };
+
+struct conc {
+  struct tn_metrics *reg;
+  struct tn_metric_family *c, *g, *h;
+  int id;
+};
+
+static void *writer(void *arg) {
+  struct conc *k = arg;
+  const char *shared[] = {"shared"};
+  char own_name[16];
+  snprintf(own_name, sizeof own_name, "t%d", k->id);
+  const char *own[] = {own_name};
+  for (int i = 0; i < N_ITERS; i++) {
+    /* look the series up each time too: creation races with lookups */
+    tn_metric_add(tn_metric_series(k->c, shared), 1);
+    tn_metric_add(tn_metric_series(k->c, own), 0.5);
+    tn_metric_add(tn_metric_series(k->g, shared), (i & 1) ? -1 : 2);
+    tn_metric_observe(tn_metric_series(k->h, shared), (double)(i % 4));
+  }
+  return NULL;
+}
+
+static void *reader(void *arg) {
+  struct conc *k = arg;
+  for (int i = 0; i < 50; i++) {
+    char *text = tn_metrics_render(k->reg, NULL);
+    if (!text) return (void *)1;
+    /* within one scrape, _count equals the +Inf bucket */
+    const char *inf = strstr(text, "lat_bucket{model=\"shared\",le=\"+Inf\"} ");
+    const char *cnt = strstr(text, "lat_count{model=\"shared\"} ");
+    if (inf && cnt) {
+      long a = strtol(strchr(inf, '}') + 2, NULL, 10);
+      long b = strtol(strchr(cnt, '}') + 2, NULL, 10);
+      if (a != b) {
+        free(text);
+        return (void *)1;
+      }
+    }
+    free(text);
+  }
+  return NULL;
+}
+
+static void test_concurrent(void) {
+  struct tn_metrics *reg = tn_metrics_new();
+  const char *model[] = {"model"};
+  const double b[] = {0.5, 1.5, 2.5};
+  struct conc base = {
+      .reg = reg,
+      .c = tn_metrics_family(reg, TN_METRIC_COUNTER, "n_total", "h", model, 1,
+                             NULL, 0),
+      .g = tn_metrics_family(reg, TN_METRIC_GAUGE, "level", "h", model, 1,
+                             NULL, 0),
+      .h = tn_metrics_family(reg, TN_METRIC_HISTOGRAM, "lat", "h", model, 1,
+                             b, 3),
+  };
+  ASSERT(base.c && base.g && base.h);
+  struct conc ks[N_THREADS + 1];
+  pthread_t th[N_THREADS + 1];
+  for (int i = 0; i <= N_THREADS; i++) {
+    ks[i] = base;
+    ks[i].id = i;
+    ASSERT_EQ(pthread_create(&th[i], NULL, i < N_THREADS ? writer : reader,
+                             &ks[i]),
+              0);
+  }
+  void *rc[N_THREADS + 1];
+  for (int i = 0; i <= N_THREADS; i++) pthread_join(th[i], &rc[i]);
+  ASSERT(rc[N_THREADS] == NULL);
+
+  const char *shared[] = {"shared"};
+  ASSERT_NEAR(tn_metric_value(tn_metric_series(base.c, shared)),
+              (double)N_THREADS * N_ITERS, 0);
+  for (int i = 0; i < N_THREADS; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "t%d", i);
+    const char *own[] = {name};
+    ASSERT_NEAR(tn_metric_value(tn_metric_series(base.c, own)),
+                N_ITERS * 0.5, 0);
+  }
+  ASSERT_NEAR(tn_metric_value(tn_metric_series(base.g, shared)),
+              (double)N_THREADS * N_ITERS / 2, 0);
+  ASSERT_NEAR(tn_metric_value(tn_metric_series(base.h, shared)),
+              (double)N_THREADS * N_ITERS, 0);
+  char *text = tn_metrics_render(reg, NULL);
+  ASSERT(text);
+  char line[128];
+  int q = N_THREADS * N_ITERS / 4; /* per value 0, 1, 2, 3 */
+  snprintf(line, sizeof line, "lat_bucket{model=\"shared\",le=\"0.5\"} %d\n", q);
+  ASSERT_SUBSTR(text, line);
+  snprintf(line, sizeof line, "lat_bucket{model=\"shared\",le=\"2.5\"} %d\n",
+           3 * q);
+  ASSERT_SUBSTR(text, line);
+  snprintf(line, sizeof line, "lat_sum{model=\"shared\"} %d\n", 6 * q);
+  ASSERT_SUBSTR(text, line);
+  snprintf(line, sizeof line, "lat_count{model=\"shared\"} %d\n", 4 * q);
+  ASSERT_SUBSTR(text, line);
+  free(text);
+  tn_metrics_free(reg);
+}
+
+/* ---- the real parser, when the venv has it */
+
+static const char k_parse_py[] =
+    "import sys\n"
+    "from prometheus_client.parser import text_string_to_metric_families\n"
+    "fams = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}\n"
+    "assert fams['tern_requests'].type == 'counter', fams.keys()\n"
+    "s = [x for x in fams['tern_requests'].samples]\n"
+    "assert s[0].labels == {'model': 'a\"b\\\\c\\nd', 'outcome': 'stop'}, s[0]\n"
+    "assert s[0].value == 3\n"
+    "h = fams['tern_ttft_seconds']\n"
+    "assert h.type == 'histogram'\n"
+    "b = [x for x in h.samples if x.name.endswith('_bucket')]\n"
+    "assert [x.labels['le'] for x in b] == ['0.005', '0.5', '2.5', '+Inf'], b\n"
+    "assert [x.value for x in b] == [0, 1, 1, 2], b\n"
+    "g = fams['tern_gauge'].samples\n"
+    "import math\n"
+    "assert g[0].value == math.inf and g[1].value == -math.inf\n"
+    "assert math.isnan(g[2].value) and g[3].value == 0.1\n"
+    "print('parsed', len(fams), 'families')\n";
+
+static void test_prometheus_parser(void) {
+  char py[1024];
+  snprintf(py, sizeof py, "%s/.venv/bin/python", TN_SOURCE_DIR);
+  if (access(py, X_OK) != 0) {
+    printf("     (no %s: parser check skipped)\n", py);
+    return;
+  }
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd,
+           "'%s' -c 'import prometheus_client' 2>/dev/null", py);
+  if (system(cmd) != 0) {
+    printf("     (no prometheus_client: parser check skipped)\n");
+    return;
+  }
+  char script[] = "/tmp/tn_obs_parse_XXXXXX";
+  int fd = mkstemp(script);
+  ASSERT(fd >= 0);
+  ASSERT_EQ(write(fd, k_parse_py, sizeof k_parse_py - 1),
+            (long)(sizeof k_parse_py - 1));
+  close(fd);
+
+  struct tn_metrics *reg = tn_metrics_new();
+  const char *lab[] = {"model", "outcome"};
+  const char *model[] = {"model"};
+  const char *gl[] = {"i"};
+  const double b[] = {0.005, 0.5, 2.5};
+  struct tn_metric_family *req = tn_metrics_family(
+      reg, TN_METRIC_COUNTER, "tern_requests_total", "Requests,\nby \\ outcome.",
+      lab, 2, NULL, 0);
+  struct tn_metric_family *ttft = tn_metrics_family(
+      reg, TN_METRIC_HISTOGRAM, "tern_ttft_seconds", "TTFT.", model, 1, b, 3);
+  struct tn_metric_family *g = tn_metrics_family(
+      reg, TN_METRIC_GAUGE, "tern_gauge", "Specials.", gl, 1, NULL, 0);
+  const char *v[] = {"a\"b\\c\nd", "stop"};
+  const char *m[] = {"m"};
+  tn_metric_add(tn_metric_series(req, v), 3);
+  tn_metric_observe(tn_metric_series(ttft, m), 0.25);
+  tn_metric_observe(tn_metric_series(ttft, m), 4);
+  const char *g0[] = {"0"}, *g1[] = {"1"}, *g2[] = {"2"}, *g3[] = {"3"};
+  tn_metric_set(tn_metric_series(g, g0), INFINITY);
+  tn_metric_set(tn_metric_series(g, g1), -INFINITY);
+  tn_metric_set(tn_metric_series(g, g2), NAN);
+  tn_metric_set(tn_metric_series(g, g3), 0.1);
+  size_t len;
+  char *text = tn_metrics_render(reg, &len);
+  tn_metrics_free(reg);
+  if (!text) {
+    unlink(script);
+    ASSERT(text);
+  }
+  snprintf(cmd, sizeof cmd, "'%s' '%s'", py, script);
+  FILE *p = popen(cmd, "w");
+  if (!p) {
+    free(text);
+    unlink(script);
+    ASSERT(p);
+  }
+  fwrite(text, 1, len, p);
+  int st = pclose(p);
+  free(text);
+  unlink(script);
+  ASSERT_EQ(st, 0);
+}
+
+TN_TEST_MAIN(TN_TEST(test_names), TN_TEST(test_reregister),
+             TN_TEST(test_series), TN_TEST(test_values),
+             TN_TEST(test_cumulative), TN_TEST(test_escaping),
+             TN_TEST(test_render_shape), TN_TEST(test_concurrent),
+             TN_TEST(test_prometheus_parser))

@@ -14,6 +14,11 @@ int tn_cli_run(int argc, char **argv);
 int tn_cli_tokenize(int argc, char **argv);
 int tn_cli_bench(int argc, char **argv);
 int tn_cli_perplexity(int argc, char **argv);
+int tn_cli_serve(int argc, char **argv);
+
+/* Parses a whole integer option in [lo, hi] or prints why not. */
+bool tn_cli_parse_int(const char *opt, const char *s, long lo, long hi,
+                      long *out);
 
 /* One model, its tokenizer, a compute pool, a forward context and a KV
  * cache with room for one sequence of n_ctx tokens. */

@@ -13,7 +13,7 @@
 #include "cli/cli.h"
 
 /* Parses a whole integer / float argument or fails naming the option. */
-static bool parse_int(const char *opt, const char *s, long lo, long hi,
+bool tn_cli_parse_int(const char *opt, const char *s, long lo, long hi,
                       long *out) {
   char *end;
   errno = 0;
@@ -88,17 +88,17 @@ int tn_cli_run(int argc, char **argv) {
     switch (c) {
       case 'm': model = optarg; break;
       case 'p': prompt = optarg; break;
-      case 'n': if (!parse_int("-n", optarg, -1, 1 << 20, &n_predict)) return 1; break;
-      case 't': if (!parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
-      case 'c': if (!parse_int("-c", optarg, 8, 1 << 20, &n_ctx)) return 1; break;
+      case 'n': if (!tn_cli_parse_int("-n", optarg, -1, 1 << 20, &n_predict)) return 1; break;
+      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
+      case 'c': if (!tn_cli_parse_int("-c", optarg, 8, 1 << 20, &n_ctx)) return 1; break;
       case 'v': tn_log_set_level(TN_LOG_LEVEL_DEBUG); break;
       case OPT_TEMP: if (!parse_float("--temp", optarg, &sp.temperature)) return 1; break;
       case OPT_SEED:
-        if (!parse_int("--seed", optarg, 0, 0x7fffffffL, &v)) return 1;
+        if (!tn_cli_parse_int("--seed", optarg, 0, 0x7fffffffL, &v)) return 1;
         sp.seed = (uint64_t)v;
         break;
       case OPT_TOP_K:
-        if (!parse_int("--top-k", optarg, 0, 1 << 24, &v)) return 1;
+        if (!tn_cli_parse_int("--top-k", optarg, 0, 1 << 24, &v)) return 1;
         sp.top_k = (int32_t)v;
         break;
       case OPT_TOP_P: if (!parse_float("--top-p", optarg, &sp.top_p)) return 1; break;
@@ -325,10 +325,10 @@ int tn_cli_bench(int argc, char **argv) {
   while ((c = getopt_long(argc, argv, "m:t:p:n:r:", opts, NULL)) != -1) {
     switch (c) {
       case 'm': model = optarg; break;
-      case 't': if (!parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
-      case 'p': if (!parse_int("-p", optarg, 0, 1 << 16, &n_prompt)) return 1; break;
-      case 'n': if (!parse_int("-n", optarg, 0, 1 << 16, &n_gen)) return 1; break;
-      case 'r': if (!parse_int("-r", optarg, 1, 100, &reps)) return 1; break;
+      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
+      case 'p': if (!tn_cli_parse_int("-p", optarg, 0, 1 << 16, &n_prompt)) return 1; break;
+      case 'n': if (!tn_cli_parse_int("-n", optarg, 0, 1 << 16, &n_gen)) return 1; break;
+      case 'r': if (!tn_cli_parse_int("-r", optarg, 1, 100, &reps)) return 1; break;
       case OPT_JSON: json = true; break;
       default: return 2;
     }
@@ -426,8 +426,8 @@ int tn_cli_perplexity(int argc, char **argv) {
     switch (c) {
       case 'm': model = optarg; break;
       case 'f': file = optarg; break;
-      case 'c': if (!parse_int("-c", optarg, 16, 1 << 16, &n_ctx)) return 1; break;
-      case 't': if (!parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
+      case 'c': if (!tn_cli_parse_int("-c", optarg, 16, 1 << 16, &n_ctx)) return 1; break;
+      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
       default: return 2;
     }
   }

@@ -5,6 +5,7 @@
  *   tern tokenize -m MODEL            (text on stdin, JSON ids on stdout)
  *   tern bench -m MODEL [-t N] [-p 512] [-n 128] [-r 3] [--json]
  *   tern perplexity -m MODEL -f FILE [-c 512]
+ *   tern serve -m MODEL [--port 8080] ...  (see serve.c)
  *
  * stdout carries only results (generated text, ids, numbers); logs and
  * errors go to stderr. Each failure prints one line and exits non-zero.
@@ -29,6 +30,7 @@ static void usage(FILE *f) {
           "  tokenize    print the token ids of stdin as a JSON array\n"
           "  bench       prefill and decode speed (like llama-bench)\n"
           "  perplexity  perplexity of a text file (like llama-perplexity)\n"
+          "  serve       OpenAI-compatible HTTP server (tern serve --help)\n"
           "\n"
           "common options:\n"
           "  -m, --model PATH|NAME   GGUF file, or a short name under models/\n"
@@ -56,6 +58,7 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "tokenize")) return tn_cli_tokenize(argc - 1, argv + 1);
   if (!strcmp(cmd, "bench")) return tn_cli_bench(argc - 1, argv + 1);
   if (!strcmp(cmd, "perplexity")) return tn_cli_perplexity(argc - 1, argv + 1);
+  if (!strcmp(cmd, "serve")) return tn_cli_serve(argc - 1, argv + 1);
   fprintf(stderr, "tern: unknown command '%s' (try 'tern --help')\n", cmd);
   return 2;
 }

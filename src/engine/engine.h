@@ -85,4 +85,139 @@ struct tn_stop_match {
 struct tn_stop_match tn_stop_scan(const char *text, size_t len,
                                   const char *const *stops, size_t n_stops);
 
+/* ---- the serving engine
+ *
+ * One engine per loaded model. It owns the model, tokenizer, compute pool,
+ * forward context and KV pool, and one thread that runs continuous
+ * batching: every step is one batched forward over all running sequences
+ * (decodes first, then chunks of waiting prompts under a token budget).
+ * Requests come in through a bounded queue (tn_engine_submit never
+ * blocks); results go out through the request object, which the engine
+ * fills under its lock and announces with the notify callback. */
+
+struct tn_metrics;
+struct tn_model;
+struct tn_tokenizer;
+
+#define TN_GEN_N_MAX 16   /* samples per request */
+#define TN_GEN_STOPS_MAX 16
+
+enum tn_finish {
+  TN_FINISH_NONE,      /* still running */
+  TN_FINISH_STOP,      /* end of generation token or a stop string */
+  TN_FINISH_LENGTH,    /* max_tokens or the context */
+  TN_FINISH_CANCELLED, /* client went away, or the server is stopping */
+  TN_FINISH_ERROR,     /* see tn_req.error */
+};
+const char *tn_finish_str(enum tn_finish f); /* "stop", "length", ... */
+
+struct tn_gen_params {
+  struct tn_sampling sampling; /* bias borrowed; copied at submit */
+  int32_t max_tokens;          /* >= 1; capped by the context */
+  int32_t min_tokens;          /* EOS and stop strings ignored before */
+  bool ignore_eos;
+  bool logprobs;               /* record tokens with sampling.n_logprobs
+                                  alternatives each */
+  int32_t n;                   /* samples, 1..TN_GEN_N_MAX */
+  const char *const *stops;    /* copied at submit */
+  int32_t n_stops;
+};
+void tn_gen_params_default(struct tn_gen_params *p);
+
+struct tn_gen_token {
+  int32_t id;
+  float logprob;
+  int32_t n_top;
+  struct tn_token_logprob top[TN_LOGPROBS_MAX];
+};
+
+/* One sample of a request. Read under tn_req_lock(). */
+struct tn_choice {
+  char *text;                  /* released text (stop strings held back) */
+  size_t len, cap;
+  struct tn_gen_token *toks;   /* generated tokens, when params.logprobs */
+  int32_t n_toks, cap_toks;
+  int32_t n_gen;               /* tokens generated (usage) */
+  enum tn_finish finish;
+};
+
+typedef void (*tn_req_notify_fn)(void *user);
+
+/* A request, shared by the submitter and the engine (reference counted).
+ * Fields below are written by the engine and read under tn_req_lock(). */
+struct tn_req {
+  int32_t n_prompt;            /* prompt tokens */
+  int32_t n_cached;            /* of those, served from the prefix cache */
+  int32_t n_choices;
+  struct tn_choice *choices;
+  bool done;                   /* every choice finished */
+  char error[256];             /* when a choice finished with ERROR */
+  double t_submit, t_first, t_done; /* tn_time_now() seconds */
+  struct tn_req_priv *priv;    /* engine's own */
+};
+
+struct tn_engine_config {
+  const char *name;      /* model name for the API and metric labels */
+  int32_t n_threads;     /* compute threads */
+  int32_t n_ctx;         /* longest sequence (prompt + output); 0: model's
+                            training context, capped at 4096 */
+  int32_t max_seqs;      /* sequences in the running batch */
+  int32_t step_tokens;   /* token budget per step (chunked prefill) */
+  int32_t queue_max;     /* waiting requests before submit says TN_EFULL */
+  size_t kv_bytes;       /* KV pool size; 0: room for max_seqs x n_ctx,
+                            capped at 1 GiB */
+  bool prefix_cache;     /* reuse full blocks across requests (default on) */
+};
+void tn_engine_config_default(struct tn_engine_config *c);
+
+struct tn_engine;
+
+/* Loads the model at path and starts the engine thread. metrics may be
+ * NULL; the engine registers its tern_* families in it. */
+enum tn_status tn_engine_open(const char *path,
+                              const struct tn_engine_config *cfg,
+                              struct tn_metrics *metrics,
+                              struct tn_engine **out, struct tn_error *err);
+/* Cancels everything still running, stops the thread, frees all. */
+void tn_engine_close(struct tn_engine *e);
+
+const struct tn_model *tn_engine_model(const struct tn_engine *e);
+const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e);
+const char *tn_engine_name(const struct tn_engine *e);
+int32_t tn_engine_n_ctx(const struct tn_engine *e);
+
+/* Queues a request for prompt[n_prompt] (copied). On success *out holds a
+ * reference the caller drops with tn_req_release(); notify(user) runs on
+ * the engine thread whenever the request gained text or finished, with
+ * the request's lock held (it must not block nor call tn_req_*; typically
+ * it wakes the connection). Errors: TN_EINVAL /
+ * TN_ERANGE for a request that can never run (prompt longer than the
+ * context, bad ids; err names it), TN_EFULL when the queue is full,
+ * TN_ECANCELED when the engine is draining. */
+enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
+                                int32_t n_prompt,
+                                const struct tn_gen_params *params,
+                                tn_req_notify_fn notify, void *user,
+                                struct tn_req **out, struct tn_error *err);
+
+/* Asks the engine to stop the request at its next step (idempotent). */
+void tn_req_cancel(struct tn_req *r);
+void tn_req_lock(struct tn_req *r);
+void tn_req_unlock(struct tn_req *r);
+/* Drops the caller's reference. After this notify is never called again
+ * for this caller: release only once you no longer want callbacks. */
+void tn_req_release(struct tn_req *r);
+
+/* Stop taking new requests (submit says TN_ECANCELED). */
+void tn_engine_drain(struct tn_engine *e);
+/* Cancels every request still queued or running. */
+void tn_engine_cancel_all(struct tn_engine *e);
+
+struct tn_engine_stats {
+  int32_t running, waiting;
+  int32_t kv_blocks_total, kv_blocks_used, kv_blocks_cached;
+  uint64_t steps, preemptions, prefix_queries, prefix_hits;
+};
+void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);
+
 #endif /* TN_ENGINE_H */

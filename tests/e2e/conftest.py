@@ -40,3 +40,86 @@ def run_tern(tern_bin):
 def slow_mode():
     """True under the sanitizer build: tests trim their workload."""
     return os.environ.get("TERN_SLOW") == "1"
+
+
+# ---- a running `tern serve`
+
+class TernServer:
+    """A `tern serve` child on a free loopback port."""
+
+    def __init__(self, tern_bin, args, log_path):
+        import socket
+        import time
+        import urllib.request
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [tern_bin, "serve", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tern serve exited {self.proc.returncode}: "
+                                   + self.read_log()[-2000:])
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("tern serve did not become healthy in 60 s")
+
+    def read_log(self):
+        self.log.flush()
+        return pathlib.Path(self.log_path).read_text(errors="replace")
+
+    def client(self, **kw):
+        import openai
+        return openai.OpenAI(base_url=self.base + "/v1",
+                             api_key=kw.pop("api_key", "none"),
+                             max_retries=0, timeout=kw.pop("timeout", 300), **kw)
+
+    def stop(self, timeout=60):
+        """SIGTERM, then the exit code (tern drains and exits 0)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tern_bin, tmp_path):
+    """start_server(*args) -> TernServer; stopped (and checked to exit 0)
+    at the end of the test."""
+    servers = []
+
+    def start(*args):
+        srv = TernServer(tern_bin, list(args),
+                         str(tmp_path / f"serve{len(servers)}.log"))
+        servers.append(srv)
+        return srv
+    yield start
+    for srv in servers:
+        rc = srv.stop()
+        assert rc == 0, f"tern serve exited {rc}: {srv.read_log()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(tern_bin, tmp_path_factory):
+    """One shared SmolLM2 server for a test module (2 threads)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    srv = TernServer(tern_bin, ["-m", model_path("smollm2-135m"), "-t", "2",
+                                "--ctx", "2048", "--queue", "64"], str(log))
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, f"tern serve exited {rc}: {srv.read_log()[-3000:]}"

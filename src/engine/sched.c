@@ -1,0 +1,1177 @@
+/*
+ * sched.c: the serving engine: one thread per model running continuous
+ * batching over a paged, prefix-cached KV pool (see engine.h).
+ *
+ * Each step:
+ *   1. take new requests from the inbox, drop cancelled sequences;
+ *   2. build one batch under the token budget: every admitted sequence in
+ *      admission order gets its pending tokens (1 for a decode, a chunk of
+ *      the prompt for a prefill), then waiting sequences are admitted while
+ *      there is budget, room in the batch and KV blocks; a sequence short
+ *      of blocks preempts the newest admitted one (which recomputes later);
+ *   3. one forward over the batch;
+ *   4. sample for every sequence whose pending tokens are all in the cache,
+ *      release text, finish, register newly filled blocks in the prefix
+ *      index, update metrics, notify the requests touched.
+ *
+ * A sequence's pending tokens are tokens[n_done .. n_tokens): a new or
+ * preempted sequence holds its whole history there, a decoding one exactly
+ * its last sampled token. Prefill, decode and recompute are one path.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/engine.h"
+#include "kv/kv.h"
+#include "model/model.h"
+#include "obs/obs.h"
+#include "tokenizer/tokenizer.h"
+
+#define BLOCK_SIZE 16
+
+const char *tn_finish_str(enum tn_finish f) {
+  switch (f) {
+  case TN_FINISH_NONE: return "none";
+  case TN_FINISH_STOP: return "stop";
+  case TN_FINISH_LENGTH: return "length";
+  case TN_FINISH_CANCELLED: return "cancelled";
+  case TN_FINISH_ERROR: return "error";
+  }
+  return "unknown";
+}
+
+void tn_gen_params_default(struct tn_gen_params *p) {
+  memset(p, 0, sizeof(*p));
+  tn_sampling_default(&p->sampling);
+  p->max_tokens = 16;
+  p->n = 1;
+}
+
+void tn_engine_config_default(struct tn_engine_config *c) {
+  memset(c, 0, sizeof(*c));
+  c->name = "default";
+  c->n_threads = 1;
+  c->max_seqs = 16;
+  c->step_tokens = 256;
+  c->queue_max = 256;
+  c->prefix_cache = true;
+}
+
+/* ---- requests and sequences */
+
+struct seq;
+
+struct tn_req_priv {
+  pthread_mutex_t mu;
+  atomic_int refs;
+  atomic_bool cancel;
+  tn_req_notify_fn notify;
+  void *user;
+  bool user_gone;             /* the submitter released its reference */
+  struct tn_gen_params params;
+  struct tn_logit_bias *bias;
+  char **stops;
+  int32_t *prompt;
+  int32_t n_prompt;
+  int32_t n_live;             /* sequences not finished */
+  int32_t n_spawned;          /* choices given a sequence */
+  bool touched;               /* gained output this step */
+  bool queued;                /* counted in the waiting gauge */
+  double t_admit;
+  struct tn_req *next_inbox;
+};
+
+enum seq_state { SEQ_WAITING, SEQ_ADMITTED };
+
+struct seq {
+  struct tn_req *req;
+  int32_t choice;
+  enum seq_state state;
+  uint64_t order;             /* admission order: newest preempted first */
+  struct tn_kv_seq kv;
+  int32_t *tokens;            /* prompt and generated */
+  int32_t n_tokens, cap_tokens;
+  int32_t n_done;             /* tokens in the KV cache */
+  int32_t n_blocks_hashed;    /* leading blocks registered in the index */
+  uint64_t chain;             /* hash of the last registered block */
+  int32_t n_gen;
+  struct tn_sampler *sampler;
+  struct tn_detok detok;
+  char *held;                 /* text held back for stop strings */
+  size_t n_held, cap_held;
+  double t_last;              /* last token time (inter-token latency) */
+  int32_t chunk;              /* tokens in the current batch */
+  bool stop_hit;              /* a stop string ended it: drop what's held */
+  bool wants_logits;
+  struct seq *next;
+};
+
+struct model_metrics {
+  struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
+  struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
+      *preemptions, *running, *waiting, *kv_used, *kv_free;
+  struct tn_metric_family *requests; /* by outcome */
+};
+
+struct tn_engine {
+  struct tn_engine_config cfg;
+  char name[128];
+  struct tn_model *model;
+  struct tn_tokenizer *tok;
+  struct tn_pool *pool;
+  struct tn_ctx *ctx;
+  struct tn_kv_pool kv;
+  int32_t n_ctx;
+  int32_t n_vocab;
+  int32_t *eog;               /* end-of-generation ids, masked when needed */
+  int32_t n_eog;
+  struct tn_metrics *metrics;
+  struct model_metrics mm;
+
+  pthread_t thread;
+  bool thread_started;
+  pthread_mutex_t mu;         /* inbox, flags, stats */
+  pthread_cond_t cv;
+  struct tn_req *inbox_head, *inbox_tail;
+  int32_t n_inbox;
+  int32_t n_waiting_total;    /* inbox + engine's waiting list */
+  bool stop, draining, cancel_all;
+  struct tn_engine_stats stats;
+
+  /* engine thread only */
+  struct seq *admitted;       /* in admission order */
+  struct seq *waiting;        /* FIFO; preempted ones go first */
+  int32_t n_admitted;
+  uint64_t next_order;
+  uint64_t n_steps, n_preemptions, n_prefix_queries, n_prefix_hits;
+  struct tn_batch batch;
+  struct seq **batch_seqs;    /* per batch sequence index */
+  char *text_buf;
+  size_t text_cap;
+};
+
+/* ---- small helpers */
+
+static bool seq_push_token(struct seq *s, int32_t id) {
+  if (s->n_tokens == s->cap_tokens) {
+    int32_t cap = s->cap_tokens ? s->cap_tokens * 2 : 64;
+    int32_t *t = realloc(s->tokens, (size_t)cap * sizeof(int32_t));
+    if (!t) return false;
+    s->tokens = t;
+    s->cap_tokens = cap;
+  }
+  s->tokens[s->n_tokens++] = id;
+  return true;
+}
+
+static bool bytes_reserve(char **p, size_t *cap, size_t need) {
+  if (need <= *cap) return true;
+  size_t c = *cap ? *cap : 256;
+  while (c < need) c *= 2;
+  char *n = realloc(*p, c);
+  if (!n) return false;
+  *p = n;
+  *cap = c;
+  return true;
+}
+
+static void req_free(struct tn_req *r) {
+  struct tn_req_priv *p = r->priv;
+  for (int32_t i = 0; i < r->n_choices; i++) {
+    free(r->choices[i].text);
+    free(r->choices[i].toks);
+  }
+  free(r->choices);
+  for (int32_t i = 0; i < p->params.n_stops; i++) free(p->stops[i]);
+  free(p->stops);
+  free(p->bias);
+  free(p->prompt);
+  pthread_mutex_destroy(&p->mu);
+  free(p);
+  free(r);
+}
+
+static void req_unref(struct tn_req *r) {
+  if (atomic_fetch_sub(&r->priv->refs, 1) == 1) req_free(r);
+}
+
+void tn_req_lock(struct tn_req *r) { pthread_mutex_lock(&r->priv->mu); }
+void tn_req_unlock(struct tn_req *r) { pthread_mutex_unlock(&r->priv->mu); }
+
+void tn_req_cancel(struct tn_req *r) { atomic_store(&r->priv->cancel, true); }
+
+void tn_req_release(struct tn_req *r) {
+  pthread_mutex_lock(&r->priv->mu);
+  r->priv->user_gone = true;
+  r->priv->notify = NULL;
+  pthread_mutex_unlock(&r->priv->mu);
+  atomic_store(&r->priv->cancel, true); /* harmless once done */
+  req_unref(r);
+}
+
+/* Calls the request's notify (under its lock, so a release that returns
+ * has no callback in flight) when it gained output. */
+static void req_notify(struct tn_req *r) {
+  struct tn_req_priv *p = r->priv;
+  tn_req_lock(r);
+  if (p->touched && p->notify) p->notify(p->user);
+  p->touched = false;
+  tn_req_unlock(r);
+}
+
+/* Appends released text to a choice (engine thread, under the req lock). */
+static bool choice_append(struct tn_choice *c, const char *s, size_t n) {
+  if (!n) return true;
+  if (!bytes_reserve(&c->text, &c->cap, c->len + n + 1)) return false;
+  memcpy(c->text + c->len, s, n);
+  c->len += n;
+  c->text[c->len] = '\0';
+  return true;
+}
+
+/* ---- metrics */
+
+static const double ttft_buckets[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06,
+                                      0.08,  0.1,   0.25, 0.5,  0.75, 1.0,
+                                      2.5,   5.0,   7.5,  10.0, 20.0, 40.0,
+                                      80.0};
+static const double itl_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.015, 0.02,
+                                     0.025, 0.03,   0.04,  0.05, 0.075, 0.1,
+                                     0.15,  0.2,    0.3,   0.4,  0.5,   0.75,
+                                     1.0,   2.5,    5.0};
+static const double e2e_buckets[] = {0.3,  0.5,  0.8,  1.0,  1.5,  2.0,
+                                     2.5,  5.0,  10.0, 15.0, 20.0, 30.0,
+                                     40.0, 50.0, 60.0, 120.0, 240.0};
+static const double tok_buckets[] = {1,    2,    5,    10,   20,   50,
+                                     100,  200,  500,  1000, 2000, 5000,
+                                     10000, 20000, 50000, 100000};
+
+static struct tn_metric *series1(struct tn_metrics *reg,
+                                 enum tn_metric_kind kind, const char *name,
+                                 const char *help, const double *b, int nb,
+                                 const char *model) {
+  static const char *const labels[] = {"model"};
+  struct tn_metric_family *f =
+      tn_metrics_family(reg, kind, name, help, labels, 1, b, nb);
+  return f ? tn_metric_series(f, &model) : NULL;
+}
+
+static void metrics_init(struct tn_engine *e) {
+  struct tn_metrics *r = e->metrics;
+  struct model_metrics *m = &e->mm;
+  const char *n = e->name;
+  if (!r) return;
+#define H(field, name, help, b) \
+  m->field = series1(r, TN_METRIC_HISTOGRAM, name, help, b, \
+                     (int)TN_ARRAY_LEN(b), n)
+#define C(field, kind, name, help) m->field = series1(r, kind, name, help, NULL, 0, n)
+  H(ttft, "tern_time_to_first_token_seconds",
+    "Time from request arrival to its first generated token.", ttft_buckets);
+  H(itl, "tern_inter_token_latency_seconds",
+    "Time between consecutive tokens of one sequence.", itl_buckets);
+  H(e2e, "tern_e2e_request_latency_seconds",
+    "Time from request arrival to its last token.", e2e_buckets);
+  H(queue, "tern_request_queue_time_seconds",
+    "Time a request waited before it was first scheduled.", e2e_buckets);
+  H(prompt_hist, "tern_request_prompt_tokens",
+    "Prompt tokens per request.", tok_buckets);
+  H(gen_hist, "tern_request_generation_tokens",
+    "Generated tokens per request (all samples).", tok_buckets);
+  C(prompt_total, TN_METRIC_COUNTER, "tern_prompt_tokens_total",
+    "Prompt tokens of finished requests.");
+  C(gen_total, TN_METRIC_COUNTER, "tern_generation_tokens_total",
+    "Generated tokens.");
+  C(prefix_queries, TN_METRIC_COUNTER, "tern_prefix_cache_queries_total",
+    "Prompt tokens looked up in the prefix cache.");
+  C(prefix_hits, TN_METRIC_COUNTER, "tern_prefix_cache_hits_total",
+    "Prompt tokens served from the prefix cache.");
+  C(preemptions, TN_METRIC_COUNTER, "tern_num_preemptions_total",
+    "Sequences preempted for lack of KV blocks (recomputed later).");
+  C(running, TN_METRIC_GAUGE, "tern_requests_running",
+    "Requests with a sequence in the running batch.");
+  C(waiting, TN_METRIC_GAUGE, "tern_requests_waiting",
+    "Requests queued, not yet scheduled.");
+  C(kv_used, TN_METRIC_GAUGE, "tern_kv_blocks_used",
+    "KV cache blocks held by sequences.");
+  C(kv_free, TN_METRIC_GAUGE, "tern_kv_blocks_free",
+    "KV cache blocks free or cached for reuse.");
+#undef H
+#undef C
+  static const char *const labels[] = {"model", "outcome"};
+  m->requests = tn_metrics_family(r, TN_METRIC_COUNTER,
+                                  "tern_request_success_total",
+                                  "Finished requests by model and outcome.",
+                                  labels, 2, NULL, 0);
+}
+
+static void metric_observe(struct tn_metric *m, double v) {
+  if (m) tn_metric_observe(m, v);
+}
+static void metric_add(struct tn_metric *m, double v) {
+  if (m) tn_metric_add(m, v);
+}
+static void metric_set(struct tn_metric *m, double v) {
+  if (m) tn_metric_set(m, v);
+}
+
+static void metrics_request_done(struct tn_engine *e, struct tn_req *r,
+                                 const char *outcome) {
+  if (!e->metrics) return;
+  int32_t gen = 0;
+  for (int32_t i = 0; i < r->n_choices; i++) gen += r->choices[i].n_gen;
+  metric_observe(e->mm.e2e, r->t_done - r->t_submit);
+  metric_observe(e->mm.prompt_hist, r->n_prompt);
+  metric_observe(e->mm.gen_hist, gen);
+  metric_add(e->mm.prompt_total, r->n_prompt);
+  if (e->mm.requests) {
+    const char *lv[2] = {e->name, outcome};
+    metric_add(tn_metric_series(e->mm.requests, lv), 1);
+  }
+}
+
+/* ---- sequences */
+
+static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
+                           int32_t choice) {
+  struct tn_req_priv *p = r->priv;
+  struct seq *s = calloc(1, sizeof(*s));
+  if (!s) return NULL;
+  s->req = r;
+  s->choice = choice;
+  tn_kv_seq_init(&s->kv);
+  s->tokens = malloc((size_t)(p->n_prompt + 16) * sizeof(int32_t));
+  struct tn_sampling sp = p->params.sampling;
+  sp.seed += (uint64_t)choice * 0x9e3779b97f4a7c15ull;
+  struct tn_error err;
+  if (!s->tokens || tn_sampler_new(&sp, e->n_vocab, &s->sampler, &err)) {
+    free(s->tokens);
+    free(s);
+    return NULL;
+  }
+  memcpy(s->tokens, p->prompt, (size_t)p->n_prompt * sizeof(int32_t));
+  s->n_tokens = p->n_prompt;
+  s->cap_tokens = p->n_prompt + 16;
+  tn_sampler_add_prompt(s->sampler, p->prompt, (size_t)p->n_prompt);
+  tn_detok_init(&s->detok, e->tok, false);
+  atomic_fetch_add(&p->refs, 1);
+  return s;
+}
+
+static void seq_free(struct tn_engine *e, struct seq *s) {
+  tn_kv_seq_deinit(&e->kv, &s->kv);
+  tn_sampler_free(s->sampler);
+  free(s->tokens);
+  free(s->held);
+  req_unref(s->req);
+  free(s);
+}
+
+/* Unlinks s from a singly linked list. */
+static void list_remove(struct seq **head, struct seq *s) {
+  for (struct seq **pp = head; *pp; pp = &(*pp)->next)
+    if (*pp == s) {
+      *pp = s->next;
+      s->next = NULL;
+      return;
+    }
+}
+
+static void list_append(struct seq **head, struct seq *s) {
+  struct seq **pp = head;
+  while (*pp) pp = &(*pp)->next;
+  s->next = NULL;
+  *pp = s;
+}
+
+/* Finishes a sequence's choice; the caller frees the sequence. Runs under
+ * no lock; takes the request's. */
+static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
+                       const char *error) {
+  struct tn_req *r = s->req;
+  struct tn_req_priv *p = r->priv;
+  struct tn_choice *c = &r->choices[s->choice];
+  char tail[64];
+  size_t n_tail = 0;
+  bool flush = (f == TN_FINISH_LENGTH || f == TN_FINISH_STOP) && !s->stop_hit;
+  if (flush) n_tail = tn_detok_flush(&s->detok, tail, sizeof(tail));
+  tn_req_lock(r);
+  if (flush) {
+    /* Held text was only a possible start of a stop string. */
+    choice_append(c, s->held, s->n_held);
+    choice_append(c, tail, n_tail);
+  }
+  s->n_held = 0;
+  c->finish = f;
+  if (f == TN_FINISH_ERROR && error)
+    snprintf(r->error, sizeof(r->error), "%s", error);
+  bool done = --p->n_live == 0 && p->n_spawned == r->n_choices;
+  if (done) {
+    r->done = true;
+    r->t_done = tn_time_s();
+  }
+  p->touched = true;
+  tn_req_unlock(r);
+  if (done) {
+    const char *outcome = tn_finish_str(f);
+    for (int32_t i = 0; i < r->n_choices; i++)
+      if (r->choices[i].finish == TN_FINISH_CANCELLED ||
+          r->choices[i].finish == TN_FINISH_ERROR)
+        outcome = tn_finish_str(r->choices[i].finish);
+    metrics_request_done(e, r, outcome);
+  }
+}
+
+/* Registers the sequence's newly filled blocks in the prefix index. */
+static void seq_index_blocks(struct tn_engine *e, struct seq *s) {
+  if (!e->cfg.prefix_cache) return;
+  while ((s->n_blocks_hashed + 1) * BLOCK_SIZE <= s->n_done) {
+    int32_t b = s->n_blocks_hashed;
+    s->chain = tn_kv_prefix_put(&e->kv, s->kv.blocks[b], s->chain,
+                                s->tokens + (size_t)b * BLOCK_SIZE);
+    s->n_blocks_hashed++;
+  }
+}
+
+/* Takes the cached blocks that match the start of s's tokens (at least one
+ * token is left to compute: its logits are needed). */
+static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
+  s->chain = 0;
+  s->n_blocks_hashed = 0;
+  if (!e->cfg.prefix_cache || s->n_done != 0) return;
+  int32_t max_blocks = (s->n_tokens - 1) / BLOCK_SIZE;
+  int32_t got = 0;
+  for (; got < max_blocks; got++) {
+    const int32_t *t = s->tokens + (size_t)got * BLOCK_SIZE;
+    int32_t b = tn_kv_prefix_get(&e->kv, s->chain, t);
+    if (b < 0) break;
+    if (s->kv.n_blocks == s->kv.cap) {
+      int32_t cap = s->kv.cap ? s->kv.cap * 2 : 8;
+      int32_t *nb = realloc(s->kv.blocks, (size_t)cap * sizeof(int32_t));
+      if (!nb) {
+        tn_kv_block_release(&e->kv, b);
+        break;
+      }
+      s->kv.blocks = nb;
+      s->kv.cap = cap;
+    }
+    s->kv.blocks[s->kv.n_blocks++] = b;
+    s->chain = tn_kv_chain_hash(s->chain, t, BLOCK_SIZE);
+  }
+  s->n_blocks_hashed = got;
+  s->n_done = got * BLOCK_SIZE;
+  s->kv.n_tokens = s->n_done;
+}
+
+/* Sends s back to the front of the waiting list, dropping its blocks; its
+ * whole history is recomputed when it is admitted again. */
+static void seq_preempt(struct tn_engine *e, struct seq *s) {
+  list_remove(&e->admitted, s);
+  e->n_admitted--;
+  tn_kv_seq_deinit(&e->kv, &s->kv);
+  tn_kv_seq_init(&s->kv);
+  s->n_done = 0;
+  s->n_blocks_hashed = 0;
+  s->chain = 0;
+  s->state = SEQ_WAITING;
+  s->chunk = 0;
+  s->next = e->waiting;
+  e->waiting = s;
+  e->n_preemptions++;
+  metric_add(e->mm.preemptions, 1);
+  tn_log_debug("engine %s: preempted a sequence of %d tokens", e->name,
+               s->n_tokens);
+}
+
+static struct seq *newest_admitted(struct tn_engine *e) {
+  struct seq *best = NULL;
+  for (struct seq *s = e->admitted; s; s = s->next)
+    if (!best || s->order > best->order) best = s;
+  return best;
+}
+
+/* Makes room in s's block table for n more tokens, preempting newer
+ * sequences if the pool runs dry. false: s itself had to go. */
+static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n) {
+  for (;;) {
+    enum tn_status st = tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n);
+    if (st == TN_OK) return true;
+    struct seq *victim = newest_admitted(e);
+    if (!victim || victim == s) return false;
+    seq_preempt(e, victim);
+  }
+}
+
+/* ---- the step */
+
+static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
+  struct tn_batch *b = &e->batch;
+  int32_t si = b->n_seqs++;
+  b->seqs[si] = &s->kv;
+  e->batch_seqs[si] = s;
+  for (int32_t i = 0; i < n; i++) {
+    int32_t t = b->n_tokens++;
+    b->token[t] = s->tokens[s->n_done + i];
+    b->pos[t] = s->n_done + i;
+    b->seq[t] = si;
+    b->logits[t] = false;
+  }
+  s->chunk = n;
+  s->wants_logits = s->n_done + n == s->n_tokens;
+  if (s->wants_logits) b->logits[b->n_tokens - 1] = true;
+}
+
+static void engine_take_inbox(struct tn_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  struct tn_req *r = e->inbox_head;
+  e->inbox_head = e->inbox_tail = NULL;
+  e->n_inbox = 0;
+  pthread_mutex_unlock(&e->mu);
+  while (r) {
+    struct tn_req *next = r->priv->next_inbox;
+    r->priv->next_inbox = NULL;
+    struct seq *s = seq_new(e, r, 0);
+    if (!s) {
+      tn_req_lock(r);
+      r->choices[0].finish = TN_FINISH_ERROR;
+      snprintf(r->error, sizeof(r->error), "out of memory");
+      for (int32_t i = 0; i < r->n_choices; i++)
+        r->choices[i].finish = TN_FINISH_ERROR;
+      r->done = true;
+      r->t_done = tn_time_s();
+      r->priv->touched = true;
+      tn_req_unlock(r);
+      pthread_mutex_lock(&e->mu);
+      e->n_waiting_total--;
+      pthread_mutex_unlock(&e->mu);
+    } else {
+      r->priv->n_spawned = 1;
+      r->priv->n_live = 1;
+      list_append(&e->waiting, s);
+    }
+    /* The inbox held a reference for the engine; the sequence has its own. */
+    req_notify(r);
+    req_unref(r);
+    r = next;
+  }
+}
+
+/* Children of an n > 1 request start once choice 0 has its prompt cached. */
+static void spawn_children(struct tn_engine *e, struct tn_req *r) {
+  struct tn_req_priv *p = r->priv;
+  struct seq *first = NULL, **tailp = &first;
+  while (p->n_spawned < r->n_choices) {
+    struct seq *c = seq_new(e, r, p->n_spawned);
+    tn_req_lock(r);
+    p->n_spawned++;
+    if (!c) {
+      r->choices[p->n_spawned - 1].finish = TN_FINISH_ERROR;
+      snprintf(r->error, sizeof(r->error), "out of memory");
+      if (p->n_live == 0 && p->n_spawned == r->n_choices) {
+        r->done = true;
+        r->t_done = tn_time_s();
+      }
+      p->touched = true;
+      tn_req_unlock(r);
+      continue;
+    }
+    p->n_live++;
+    tn_req_unlock(r);
+    *tailp = c;
+    tailp = &c->next;
+  }
+  /* Ahead of other waiting requests: they share the blocks just made. */
+  *tailp = e->waiting;
+  e->waiting = first;
+}
+
+static bool req_cancelled(const struct tn_engine *e, const struct seq *s) {
+  return e->cancel_all || atomic_load(&s->req->priv->cancel);
+}
+
+static void drop_cancelled(struct tn_engine *e) {
+  struct seq **lists[2] = {&e->admitted, &e->waiting};
+  for (int l = 0; l < 2; l++) {
+    struct seq **pp = lists[l];
+    while (*pp) {
+      struct seq *s = *pp;
+      if (!req_cancelled(e, s)) {
+        pp = &s->next;
+        continue;
+      }
+      *pp = s->next;
+      if (l == 0) e->n_admitted--;
+      struct tn_req *r = s->req;
+      struct tn_req_priv *p = r->priv;
+      if (p->queued) {
+        p->queued = false;
+        pthread_mutex_lock(&e->mu);
+        e->n_waiting_total--;
+        pthread_mutex_unlock(&e->mu);
+      }
+      /* Choices never spawned are cancelled with it. */
+      tn_req_lock(r);
+      while (p->n_spawned < r->n_choices)
+        r->choices[p->n_spawned++].finish = TN_FINISH_CANCELLED;
+      tn_req_unlock(r);
+      seq_finish(e, s, TN_FINISH_CANCELLED, NULL);
+      req_notify(r);
+      seq_free(e, s);
+    }
+  }
+}
+
+/* Releases text the detokenizer made, holding back what might start a
+ * stop string. Returns true when a stop string was hit. */
+static bool seq_emit_text(struct tn_engine *e, struct seq *s, const char *t,
+                          size_t n, bool stops_active) {
+  struct tn_req *r = s->req;
+  struct tn_req_priv *p = r->priv;
+  struct tn_choice *c = &r->choices[s->choice];
+  if (p->params.n_stops == 0) {
+    tn_req_lock(r);
+    choice_append(c, t, n);
+    tn_req_unlock(r);
+    return false;
+  }
+  if (!bytes_reserve(&s->held, &s->cap_held, s->n_held + n + 1)) return false;
+  memcpy(s->held + s->n_held, t, n);
+  s->n_held += n;
+  struct tn_stop_match m = {false, s->n_held};
+  if (stops_active)
+    m = tn_stop_scan(s->held, s->n_held, (const char *const *)p->stops,
+                     (size_t)p->params.n_stops);
+  else
+    m.emit_len = s->n_held; /* min_tokens: stops don't count yet */
+  tn_req_lock(r);
+  choice_append(c, s->held, m.emit_len);
+  tn_req_unlock(r);
+  if (m.hit) {
+    s->n_held = 0;
+    s->stop_hit = true;
+    return true;
+  }
+  memmove(s->held, s->held + m.emit_len, s->n_held - m.emit_len);
+  s->n_held -= m.emit_len;
+  return false;
+}
+
+/* Samples the next token of s from its logits row; returns the finish
+ * reason (NONE to go on). */
+static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
+                                 float *logits, double now) {
+  struct tn_req *r = s->req;
+  struct tn_req_priv *p = r->priv;
+  const struct tn_gen_params *gp = &p->params;
+  bool early = s->n_gen < gp->min_tokens;
+  if (gp->ignore_eos || early)
+    for (int32_t i = 0; i < e->n_eog; i++) logits[e->eog[i]] = -INFINITY;
+  struct tn_sample_out out;
+  tn_sampler_sample(s->sampler, logits, &out);
+  if (!seq_push_token(s, out.id)) return TN_FINISH_ERROR;
+  s->n_gen++;
+  struct tn_choice *c = &r->choices[s->choice];
+  tn_req_lock(r);
+  c->n_gen = s->n_gen;
+  if (gp->logprobs) {
+    if (c->n_toks == c->cap_toks) {
+      int32_t cap = c->cap_toks ? c->cap_toks * 2 : 16;
+      struct tn_gen_token *nt =
+          realloc(c->toks, (size_t)cap * sizeof(*nt));
+      if (nt) {
+        c->toks = nt;
+        c->cap_toks = cap;
+      }
+    }
+    if (c->n_toks < c->cap_toks) {
+      struct tn_gen_token *g = &c->toks[c->n_toks++];
+      g->id = out.id;
+      g->logprob = out.logprob;
+      g->n_top = out.n_top;
+      memcpy(g->top, out.top, sizeof(g->top));
+    }
+  }
+  bool first = r->t_first == 0;
+  if (first) r->t_first = now;
+  tn_req_unlock(r);
+  if (first) metric_observe(e->mm.ttft, now - r->t_submit);
+  else if (s->t_last > 0) metric_observe(e->mm.itl, now - s->t_last);
+  s->t_last = now;
+  metric_add(e->mm.gen_total, 1);
+
+  if (tn_tokenizer_is_eog(e->tok, out.id)) return TN_FINISH_STOP;
+  size_t n = tn_detok_push(&s->detok, out.id, e->text_buf, e->text_cap);
+  if (seq_emit_text(e, s, e->text_buf, n, !early)) return TN_FINISH_STOP;
+  if (s->n_gen >= gp->max_tokens) return TN_FINISH_LENGTH;
+  if (s->n_tokens >= e->n_ctx) return TN_FINISH_LENGTH;
+  return TN_FINISH_NONE;
+}
+
+static void update_gauges(struct tn_engine *e) {
+  int32_t used = e->kv.n_blocks - tn_kv_available(&e->kv);
+  int32_t running = 0;
+  for (struct seq *s = e->admitted; s; s = s->next)
+    if (s->choice == 0) running++;
+  pthread_mutex_lock(&e->mu);
+  e->stats.running = running;
+  e->stats.waiting = e->n_waiting_total;
+  e->stats.kv_blocks_total = e->kv.n_blocks;
+  e->stats.kv_blocks_used = used;
+  e->stats.kv_blocks_cached = e->kv.n_lru;
+  e->stats.steps = e->n_steps;
+  e->stats.preemptions = e->n_preemptions;
+  e->stats.prefix_queries = e->n_prefix_queries;
+  e->stats.prefix_hits = e->n_prefix_hits;
+  int32_t waiting = e->n_waiting_total;
+  pthread_mutex_unlock(&e->mu);
+  metric_set(e->mm.running, running);
+  metric_set(e->mm.waiting, waiting);
+  metric_set(e->mm.kv_used, used);
+  metric_set(e->mm.kv_free, e->kv.n_blocks - used);
+}
+
+/* One scheduling step; false when there was nothing to do. */
+static bool engine_step(struct tn_engine *e) {
+  drop_cancelled(e);
+  struct tn_batch *b = &e->batch;
+  b->n_tokens = 0;
+  b->n_seqs = 0;
+  int32_t budget = e->cfg.step_tokens;
+
+  /* Admitted sequences, oldest first. A sequence that cannot get blocks
+   * preempts the newest; if that is itself, it waits. */
+  for (struct seq *s = e->admitted, *next; s && budget > 0; s = next) {
+    s->chunk = 0;
+    int32_t n = TN_MIN(s->n_tokens - s->n_done, budget);
+    if (n <= 0) {
+      next = s->next;
+      continue;
+    }
+    if (!seq_reserve(e, s, n)) {
+      seq_preempt(e, s);
+      break; /* it was the newest, so the last */
+    }
+    next = s->next; /* newer ones may have been preempted */
+    batch_add(e, s, n);
+    budget -= n;
+  }
+  /* Admit waiting sequences while there is budget, room and blocks. */
+  while (e->waiting && budget > 0 && e->n_admitted < e->cfg.max_seqs) {
+    struct seq *s = e->waiting;
+    seq_prefix_lookup(e, s);
+    int32_t n = TN_MIN(s->n_tokens - s->n_done, budget);
+    if (tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) != TN_OK) {
+      /* Not now: give back what it took (the cached prefix stays cached). */
+      tn_kv_seq_deinit(&e->kv, &s->kv);
+      tn_kv_seq_init(&s->kv);
+      s->n_done = 0;
+      break;
+    }
+    e->waiting = s->next;
+    s->next = NULL;
+    s->state = SEQ_ADMITTED;
+    s->order = e->next_order++;
+    list_append(&e->admitted, s);
+    e->n_admitted++;
+    struct tn_req_priv *p = s->req->priv;
+    if (p->queued) {
+      p->queued = false;
+      p->t_admit = tn_time_s();
+      metric_observe(e->mm.queue, p->t_admit - s->req->t_submit);
+      pthread_mutex_lock(&e->mu);
+      e->n_waiting_total--;
+      pthread_mutex_unlock(&e->mu);
+    }
+    metric_add(e->mm.prefix_queries, s->n_tokens);
+    metric_add(e->mm.prefix_hits, s->n_done);
+    e->n_prefix_queries += (uint64_t)s->n_tokens;
+    e->n_prefix_hits += (uint64_t)s->n_done;
+    if (s->choice == 0 && s->n_gen == 0) {
+      tn_req_lock(s->req);
+      s->req->n_cached = s->n_done;
+      tn_req_unlock(s->req);
+    }
+    batch_add(e, s, n);
+    budget -= n;
+  }
+  if (b->n_tokens == 0) {
+    update_gauges(e);
+    return false;
+  }
+
+  struct tn_error err = {0};
+  enum tn_status st = tn_model_forward(e->ctx, &e->kv, b, &err);
+  double now = tn_time_s();
+  const float *logits = tn_ctx_logits(e->ctx);
+  int32_t row = 0;
+  for (int32_t si = 0; si < b->n_seqs; si++) {
+    struct seq *s = e->batch_seqs[si];
+    if (st != TN_OK) {
+      list_remove(&e->admitted, s);
+      e->n_admitted--;
+      seq_finish(e, s, TN_FINISH_ERROR, err.msg);
+      seq_free(e, s);
+      continue;
+    }
+    s->n_done += s->chunk;
+    s->kv.n_tokens = s->n_done;
+    s->chunk = 0;
+    seq_index_blocks(e, s);
+    if (!s->wants_logits) continue;
+    float *row_logits = (float *)logits + (size_t)row++ * (size_t)e->n_vocab;
+    struct tn_req *r = s->req;
+    bool was_prompt = s->n_gen == 0;
+    enum tn_finish f = seq_sample(e, s, row_logits, now);
+    r->priv->touched = true;
+    if (was_prompt && s->choice == 0 && r->n_choices > 1)
+      spawn_children(e, r);
+    if (f != TN_FINISH_NONE) {
+      list_remove(&e->admitted, s);
+      e->n_admitted--;
+      seq_finish(e, s, f, f == TN_FINISH_ERROR ? "out of memory" : NULL);
+      seq_free(e, s);
+    }
+  }
+  if (st != TN_OK) tn_log_error("engine %s: forward: %s", e->name, err.msg);
+  e->n_steps++;
+  update_gauges(e);
+  return true;
+}
+
+/* Notifies the requests of this step and drops the references taken by
+ * collect_reqs. */
+static void notify_touched(struct tn_req **reqs, int32_t n) {
+  for (int32_t i = 0; i < n; i++) {
+    req_notify(reqs[i]);
+    req_unref(reqs[i]);
+  }
+}
+
+/* Collects (with a reference each) the requests the next step may touch. */
+static int32_t collect_reqs(struct tn_engine *e, struct tn_req ***arr,
+                            int32_t *cap) {
+  int32_t n = 0;
+  struct seq *lists[2] = {e->admitted, e->waiting};
+  for (int l = 0; l < 2; l++)
+    for (struct seq *s = lists[l]; s; s = s->next) {
+      bool seen = false;
+      for (int32_t i = 0; i < n && !seen; i++) seen = (*arr)[i] == s->req;
+      if (seen) continue;
+      if (n == *cap) {
+        int32_t c = *cap ? *cap * 2 : 64;
+        struct tn_req **na = realloc(*arr, (size_t)c * sizeof(*na));
+        if (!na) return n;
+        *arr = na;
+        *cap = c;
+      }
+      atomic_fetch_add(&s->req->priv->refs, 1);
+      (*arr)[n++] = s->req;
+    }
+  return n;
+}
+
+static void *engine_main(void *arg) {
+  struct tn_engine *e = arg;
+  struct tn_req **reqs = NULL;
+  int32_t cap = 0;
+  for (;;) {
+    pthread_mutex_lock(&e->mu);
+    while (!e->stop && !e->inbox_head && !e->admitted && !e->waiting &&
+           !e->cancel_all)
+      pthread_cond_wait(&e->cv, &e->mu);
+    bool stop = e->stop;
+    pthread_mutex_unlock(&e->mu);
+    if (stop) break;
+    engine_take_inbox(e);
+    int32_t n = collect_reqs(e, &reqs, &cap);
+    bool worked = engine_step(e);
+    notify_touched(reqs, n);
+    pthread_mutex_lock(&e->mu);
+    if (e->cancel_all && !e->admitted && !e->waiting && !e->inbox_head)
+      e->cancel_all = false;
+    pthread_mutex_unlock(&e->mu);
+    if (!worked && (e->admitted || e->waiting)) {
+      /* Nothing could run (no blocks): wait briefly for changes. */
+      struct timespec ts = {0, 1000000};
+      nanosleep(&ts, NULL);
+    }
+  }
+  /* Shutting down: everything still here is cancelled. */
+  e->cancel_all = true;
+  engine_take_inbox(e);
+  int32_t n = collect_reqs(e, &reqs, &cap);
+  drop_cancelled(e);
+  notify_touched(reqs, n);
+  free(reqs);
+  return NULL;
+}
+
+/* ---- public API */
+
+enum tn_status tn_engine_open(const char *path,
+                              const struct tn_engine_config *cfg,
+                              struct tn_metrics *metrics,
+                              struct tn_engine **out, struct tn_error *err) {
+  *out = NULL;
+  struct tn_engine *e = calloc(1, sizeof(*e));
+  if (!e) return tn_error_set(err, TN_ENOMEM, "out of memory");
+  e->cfg = *cfg;
+  snprintf(e->name, sizeof(e->name), "%s", cfg->name ? cfg->name : "default");
+  e->cfg.name = e->name;
+  e->metrics = metrics;
+  pthread_mutex_init(&e->mu, NULL);
+  pthread_cond_init(&e->cv, NULL);
+  enum tn_status st;
+  if ((st = tn_model_load(path, &e->model, err))) goto fail;
+  if ((st = tn_tokenizer_load(e->model->gguf, &e->tok, err))) goto fail;
+  const struct tn_hparams *hp = &e->model->hp;
+  e->n_vocab = hp->n_vocab;
+  if (tn_tokenizer_n_vocab(e->tok) != hp->n_vocab) {
+    st = tn_error_set(err, TN_EFORMAT,
+                      "tokenizer has %d tokens, the model %d",
+                      tn_tokenizer_n_vocab(e->tok), hp->n_vocab);
+    goto fail;
+  }
+  int32_t n_ctx = cfg->n_ctx > 0 ? cfg->n_ctx
+                                 : TN_MIN(hp->n_ctx_train > 0 ? hp->n_ctx_train
+                                                              : 4096,
+                                          4096);
+  if (e->cfg.max_seqs <= 0) e->cfg.max_seqs = 16;
+  if (e->cfg.step_tokens < e->cfg.max_seqs)
+    e->cfg.step_tokens = e->cfg.max_seqs;
+  if (e->cfg.queue_max <= 0) e->cfg.queue_max = 256;
+  int32_t n_kv_dim = hp->n_head_kv * hp->head_dim;
+  size_t block_bytes = tn_kv_block_bytes(hp->n_layer, BLOCK_SIZE, n_kv_dim);
+  size_t kv_bytes = cfg->kv_bytes;
+  if (kv_bytes == 0) {
+    kv_bytes = (size_t)e->cfg.max_seqs * (size_t)n_ctx / BLOCK_SIZE *
+               block_bytes;
+    kv_bytes = TN_MIN(kv_bytes, (size_t)1 << 30);
+  }
+  size_t n_blocks = kv_bytes / block_bytes;
+  if (n_blocks < 2) {
+    st = tn_error_set(err, TN_EINVAL,
+                      "--kv-mem %zu bytes holds fewer than 2 blocks of %d "
+                      "tokens (%zu bytes each)",
+                      kv_bytes, BLOCK_SIZE, block_bytes);
+    goto fail;
+  }
+  if (n_blocks > INT32_MAX / BLOCK_SIZE) n_blocks = INT32_MAX / BLOCK_SIZE;
+  if ((size_t)n_ctx > n_blocks * BLOCK_SIZE) {
+    tn_log_warn("%s: the KV pool holds %zu tokens; context capped from %d",
+                e->name, n_blocks * BLOCK_SIZE, n_ctx);
+    n_ctx = (int32_t)(n_blocks * BLOCK_SIZE);
+  }
+  e->n_ctx = n_ctx;
+  e->cfg.n_ctx = n_ctx;
+  if ((st = tn_kv_pool_init(&e->kv, hp->n_layer, (int32_t)n_blocks,
+                            BLOCK_SIZE, n_kv_dim, err)))
+    goto fail;
+  e->pool = tn_pool_new(cfg->n_threads > 0 ? cfg->n_threads : 1);
+  if (!e->pool) {
+    st = tn_error_set(err, TN_ENOMEM, "cannot start compute threads");
+    goto fail;
+  }
+  if ((st = tn_ctx_new(e->model, e->pool, e->cfg.step_tokens, n_ctx,
+                       e->cfg.max_seqs, &e->ctx, err)))
+    goto fail;
+  int32_t nt = e->cfg.step_tokens, ns = e->cfg.max_seqs;
+  e->batch.token = calloc((size_t)nt, sizeof(int32_t));
+  e->batch.pos = calloc((size_t)nt, sizeof(int32_t));
+  e->batch.seq = calloc((size_t)nt, sizeof(int32_t));
+  e->batch.logits = calloc((size_t)nt, sizeof(bool));
+  e->batch.seqs = calloc((size_t)ns, sizeof(*e->batch.seqs));
+  e->batch_seqs = calloc((size_t)ns, sizeof(*e->batch_seqs));
+  e->text_cap = tn_detok_cap(e->tok);
+  e->text_buf = malloc(e->text_cap);
+  e->eog = malloc((size_t)hp->n_vocab * sizeof(int32_t));
+  if (!e->batch.token || !e->batch.pos || !e->batch.seq || !e->batch.logits ||
+      !e->batch.seqs || !e->batch_seqs || !e->text_buf || !e->eog) {
+    st = tn_error_set(err, TN_ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (int32_t i = 0; i < hp->n_vocab; i++)
+    if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
+  metrics_init(e);
+  update_gauges(e);
+  if (pthread_create(&e->thread, NULL, engine_main, e)) {
+    st = tn_error_set(err, TN_ENOMEM, "cannot start the engine thread");
+    goto fail;
+  }
+  e->thread_started = true;
+  tn_log_info("engine %s: %s, ctx %d, %zu KV blocks (%zu MiB), %d seqs, "
+              "%d tokens per step, %d threads",
+              e->name, tn_arch_name(hp->arch), n_ctx, n_blocks,
+              n_blocks * block_bytes >> 20, e->cfg.max_seqs,
+              e->cfg.step_tokens, tn_pool_size(e->pool));
+  *out = e;
+  return TN_OK;
+fail:
+  tn_engine_close(e);
+  return st;
+}
+
+void tn_engine_close(struct tn_engine *e) {
+  if (!e) return;
+  if (e->thread_started) {
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+  }
+  free(e->batch.token);
+  free(e->batch.pos);
+  free(e->batch.seq);
+  free(e->batch.logits);
+  free(e->batch.seqs);
+  free(e->batch_seqs);
+  free(e->text_buf);
+  free(e->eog);
+  tn_ctx_free(e->ctx);
+  tn_kv_pool_deinit(&e->kv);
+  if (e->pool) tn_pool_free(e->pool);
+  tn_tokenizer_free(e->tok);
+  tn_model_free(e->model);
+  pthread_cond_destroy(&e->cv);
+  pthread_mutex_destroy(&e->mu);
+  free(e);
+}
+
+const struct tn_model *tn_engine_model(const struct tn_engine *e) {
+  return e->model;
+}
+const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e) {
+  return e->tok;
+}
+const char *tn_engine_name(const struct tn_engine *e) { return e->name; }
+int32_t tn_engine_n_ctx(const struct tn_engine *e) { return e->n_ctx; }
+
+enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
+                                int32_t n_prompt,
+                                const struct tn_gen_params *params,
+                                tn_req_notify_fn notify, void *user,
+                                struct tn_req **out, struct tn_error *err) {
+  *out = NULL;
+  if (n_prompt <= 0)
+    return tn_error_set(err, TN_EINVAL, "the prompt is empty (0 tokens)");
+  for (int32_t i = 0; i < n_prompt; i++)
+    if (prompt[i] < 0 || prompt[i] >= e->n_vocab)
+      return tn_error_set(err, TN_ERANGE,
+                          "prompt token %d at index %d is outside the "
+                          "vocabulary (0..%d)",
+                          prompt[i], i, e->n_vocab - 1);
+  if (n_prompt >= e->n_ctx)
+    return tn_error_set(err, TN_ERANGE,
+                        "the prompt is %d tokens; this model's context is "
+                        "%d tokens, which must also hold at least one "
+                        "generated token",
+                        n_prompt, e->n_ctx);
+  if (params->n < 1 || params->n > TN_GEN_N_MAX)
+    return tn_error_set(err, TN_EINVAL, "n must be in 1..%d, got %d",
+                        TN_GEN_N_MAX, params->n);
+  if (params->n_stops < 0 || params->n_stops > TN_GEN_STOPS_MAX)
+    return tn_error_set(err, TN_EINVAL, "at most %d stop strings",
+                        TN_GEN_STOPS_MAX);
+  enum tn_status st = tn_sampling_check(&params->sampling, e->n_vocab, err);
+  if (st) return st;
+
+  struct tn_req *r = calloc(1, sizeof(*r));
+  struct tn_req_priv *p = calloc(1, sizeof(*p));
+  if (!r || !p) {
+    free(r);
+    free(p);
+    return tn_error_set(err, TN_ENOMEM, "out of memory");
+  }
+  r->priv = p;
+  pthread_mutex_init(&p->mu, NULL);
+  atomic_init(&p->refs, 2); /* the submitter and the inbox */
+  atomic_init(&p->cancel, false);
+  p->notify = notify;
+  p->user = user;
+  p->params = *params;
+  int32_t room = e->n_ctx - n_prompt;
+  if (p->params.max_tokens <= 0 || p->params.max_tokens > room)
+    p->params.max_tokens = room;
+  if (p->params.min_tokens > p->params.max_tokens)
+    p->params.min_tokens = p->params.max_tokens;
+  p->prompt = malloc((size_t)n_prompt * sizeof(int32_t));
+  r->choices = calloc((size_t)params->n, sizeof(*r->choices));
+  bool ok = p->prompt && r->choices;
+  if (ok && params->sampling.n_bias > 0) {
+    p->bias = malloc((size_t)params->sampling.n_bias * sizeof(*p->bias));
+    ok = p->bias != NULL;
+    if (ok)
+      memcpy(p->bias, params->sampling.bias,
+             (size_t)params->sampling.n_bias * sizeof(*p->bias));
+  }
+  p->params.sampling.bias = p->bias;
+  if (ok && params->n_stops > 0) {
+    p->stops = calloc((size_t)params->n_stops, sizeof(char *));
+    ok = p->stops != NULL;
+    for (int32_t i = 0; ok && i < params->n_stops; i++)
+      ok = (p->stops[i] = strdup(params->stops[i])) != NULL;
+  }
+  p->params.stops = (const char *const *)p->stops;
+  if (!ok) {
+    p->params.n_stops = p->stops ? params->n_stops : 0;
+    r->n_choices = 0;
+    req_free(r);
+    return tn_error_set(err, TN_ENOMEM, "out of memory");
+  }
+  memcpy(p->prompt, prompt, (size_t)n_prompt * sizeof(int32_t));
+  p->n_prompt = n_prompt;
+  r->n_prompt = n_prompt;
+  r->n_choices = params->n;
+  r->t_submit = tn_time_s();
+  p->queued = true;
+
+  pthread_mutex_lock(&e->mu);
+  if (e->draining || e->stop) {
+    pthread_mutex_unlock(&e->mu);
+    req_free(r);
+    return tn_error_set(err, TN_ECANCELED,
+                        "the server is shutting down; try another replica");
+  }
+  if (e->n_waiting_total >= e->cfg.queue_max) {
+    pthread_mutex_unlock(&e->mu);
+    req_free(r);
+    return tn_error_set(err, TN_EFULL,
+                        "the queue of model %s is full (%d waiting); retry "
+                        "later",
+                        e->name, e->cfg.queue_max);
+  }
+  if (e->inbox_tail) e->inbox_tail->priv->next_inbox = r;
+  else e->inbox_head = r;
+  e->inbox_tail = r;
+  e->n_inbox++;
+  e->n_waiting_total++;
+  pthread_cond_signal(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  *out = r;
+  return TN_OK;
+}
+
+void tn_engine_drain(struct tn_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  e->draining = true;
+  pthread_mutex_unlock(&e->mu);
+}
+
+void tn_engine_cancel_all(struct tn_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  e->cancel_all = true;
+  pthread_cond_signal(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out) {
+  pthread_mutex_lock(&e->mu);
+  *out = e->stats;
+  out->waiting = e->n_waiting_total;
+  pthread_mutex_unlock(&e->mu);
+}

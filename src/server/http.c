@@ -1,0 +1,851 @@
+/*
+ * http.c: the HTTP server (libmicrohttpd) in front of the engines.
+ *
+ * Every request is read whole (bounded by max_body), then handled on the
+ * HTTP thread that read it: parse, tokenize, submit. A completion then
+ * suspends its connection; the engine's notify callback resumes it when
+ * there is output (a streamed chunk or the finished response). So HTTP
+ * threads never wait on inference, and a slow client only slows itself.
+ *
+ * Lock order: a request's lock (held by the engine around notify), then a
+ * connection's mu. The HTTP side never holds mu while taking a request's
+ * lock.
+ *
+ * A reaper thread polls the sockets of connections waiting on the engine
+ * for a hang-up (POLLRDHUP), because a suspended connection is not read:
+ * a client that leaves while its request is queued or prefilling is
+ * cancelled within ~100 ms.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <microhttpd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "engine/engine.h"
+#include "model/model.h"
+#include "obs/obs.h"
+#include "server/api.h"
+#include "server/server.h"
+#include "tokenizer/tokenizer.h"
+
+#define MAX_PROMPTS 64
+
+struct tn_server {
+  struct tn_server_config cfg;
+  struct tn_server_model *models;
+  int n_models;
+  struct tn_metrics *metrics;
+  struct tn_metric_family *http_requests;
+  struct MHD_Daemon *mhd;
+  int port;
+  atomic_bool draining;
+  atomic_int in_flight;
+
+  pthread_mutex_t mu;         /* the live list */
+  struct conn *live;
+  pthread_t reaper;
+  bool reaper_started;
+  atomic_bool stop;
+};
+
+struct conn {
+  struct tn_server *srv;
+  struct MHD_Connection *mhd;
+  atomic_int refs;            /* MHD's connection, a streaming response */
+  int fd;
+  const char *route;          /* for metrics */
+  char *body;
+  size_t len, cap;
+  bool too_large;
+  bool submitted;
+  bool counted;               /* in in_flight */
+
+  pthread_mutex_t mu;
+  bool suspended, wake;
+
+  struct tn_api_request q;
+  bool have_q;
+  struct tn_server_model *model;
+  struct tn_req *reqs[MAX_PROMPTS];
+  size_t n_reqs;
+  char *echo_text[MAX_PROMPTS];
+  size_t echo_len[MAX_PROMPTS];
+  struct tn_api_stream st;
+  struct tn_buf out;
+  size_t out_off;
+  bool stream_done;
+  char id[48];
+  long created;
+
+  struct conn *live_prev, *live_next;
+  bool in_live;
+};
+
+void tn_server_config_default(struct tn_server_config *c) {
+  memset(c, 0, sizeof(*c));
+  c->host = "127.0.0.1";
+  c->port = 8080;
+  c->max_body = 8u << 20;
+  c->http_threads = 4;
+  c->conn_timeout_s = 60;
+}
+
+/* ---- connections */
+
+static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
+  struct conn *c = calloc(1, sizeof(*c));
+  if (!c) return NULL;
+  c->srv = s;
+  c->mhd = mc;
+  atomic_init(&c->refs, 1);
+  c->fd = -1;
+  pthread_mutex_init(&c->mu, NULL);
+  tn_api_stream_init(&c->st);
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+  if (ci) c->fd = ci->connect_fd;
+  return c;
+}
+
+static void live_remove(struct conn *c) {
+  struct tn_server *s = c->srv;
+  pthread_mutex_lock(&s->mu);
+  if (c->in_live) {
+    if (c->live_prev) c->live_prev->live_next = c->live_next;
+    else s->live = c->live_next;
+    if (c->live_next) c->live_next->live_prev = c->live_prev;
+    c->in_live = false;
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void live_add(struct conn *c) {
+  struct tn_server *s = c->srv;
+  pthread_mutex_lock(&s->mu);
+  c->live_prev = NULL;
+  c->live_next = s->live;
+  if (s->live) s->live->live_prev = c;
+  s->live = c;
+  c->in_live = true;
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void conn_unref(struct conn *c) {
+  if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+  free(c->body);
+  for (size_t i = 0; i < MAX_PROMPTS; i++) free(c->echo_text[i]);
+  if (c->have_q) tn_api_request_free(&c->q);
+  tn_api_stream_free(&c->st);
+  tn_buf_free(&c->out);
+  pthread_mutex_destroy(&c->mu);
+  free(c);
+}
+
+/* MHD is done with the connection's request (sent, failed or closed). */
+static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+  struct conn *c = *con_cls;
+  (void)cls;
+  (void)mc;
+  (void)toe;
+  if (!c) return;
+  *con_cls = NULL;
+  live_remove(c);
+  /* After release no notify runs for these requests (it runs under the
+   * request's lock, which release takes). Unfinished ones are cancelled. */
+  for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
+  c->n_reqs = 0;
+  if (c->counted) atomic_fetch_sub(&c->srv->in_flight, 1);
+  c->counted = false;
+  conn_unref(c);
+}
+
+/* The engine's notify: runs on the engine thread under the request lock. */
+static void conn_wake(void *user) {
+  struct conn *c = user;
+  pthread_mutex_lock(&c->mu);
+  c->wake = true;
+  if (c->suspended) {
+    c->suspended = false;
+    MHD_resume_connection(c->mhd);
+  }
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* Suspends unless a wake-up came since the caller last looked; false when
+ * it did (look again). */
+static bool conn_suspend(struct conn *c) {
+  pthread_mutex_lock(&c->mu);
+  if (c->wake) {
+    c->wake = false;
+    pthread_mutex_unlock(&c->mu);
+    return false;
+  }
+  c->suspended = true;
+  MHD_suspend_connection(c->mhd);
+  pthread_mutex_unlock(&c->mu);
+  return true;
+}
+
+static void conn_clear_wake(struct conn *c) {
+  pthread_mutex_lock(&c->mu);
+  c->wake = false;
+  pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- responses */
+
+static void count_status(struct conn *c, unsigned status) {
+  struct tn_server *s = c->srv;
+  if (!s->http_requests) return;
+  char code[8];
+  snprintf(code, sizeof(code), "%u", status);
+  const char *lv[2] = {c->route ? c->route : "other", code};
+  struct tn_metric *m = tn_metric_series(s->http_requests, lv);
+  if (m) tn_metric_add(m, 1);
+}
+
+static enum MHD_Result send_body(struct conn *c, unsigned status,
+                                 const char *ctype, char *body, size_t len,
+                                 int retry_after) {
+  struct MHD_Response *r = MHD_create_response_from_buffer(
+      len, body, MHD_RESPMEM_MUST_FREE);
+  if (!r) {
+    free(body);
+    return MHD_NO;
+  }
+  MHD_add_response_header(r, "Content-Type", ctype);
+  if (retry_after > 0) {
+    char ra[16];
+    snprintf(ra, sizeof(ra), "%d", retry_after);
+    MHD_add_response_header(r, "Retry-After", ra);
+  }
+  if (status == 401)
+    MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+  enum MHD_Result ret = MHD_queue_response(c->mhd, status, r);
+  MHD_destroy_response(r);
+  count_status(c, status);
+  return ret;
+}
+
+static enum MHD_Result send_json(struct conn *c, unsigned status,
+                                 const char *json) {
+  char *b = strdup(json);
+  if (!b) return MHD_NO;
+  return send_body(c, status, "application/json", b, strlen(b), 0);
+}
+
+static enum MHD_Result send_error(struct conn *c,
+                                  const struct tn_api_error *err) {
+  size_t len = 0;
+  char *b = tn_api_error_json(err, &len);
+  if (!b) return MHD_NO;
+  int ra = err->http_status == 429 ? 1 : err->http_status == 503 ? 5 : 0;
+  tn_log_debug("http: %d %s", err->http_status, err->message);
+  return send_body(c, (unsigned)err->http_status, "application/json", b, len,
+                   ra);
+}
+
+static enum MHD_Result send_error_msg(struct conn *c, int status,
+                                      const char *type, const char *param,
+                                      const char *code, const char *msg) {
+  struct tn_api_error e;
+  tn_api_error_set(&e, status, type, param, code, "%s", msg);
+  return send_error(c, &e);
+}
+
+/* ---- small routes */
+
+static enum MHD_Result route_models(struct conn *c) {
+  struct tn_buf b = {0};
+  long now = (long)time(NULL);
+  tn_buf_printf(&b, "{\"object\":\"list\",\"data\":[");
+  bool first = true;
+  for (int i = 0; i < c->srv->n_models; i++) {
+    const struct tn_server_model *m = &c->srv->models[i];
+    const struct tn_model *tm = tn_engine_model(m->engine);
+    for (int a = -1; a < m->n_aliases; a++) {
+      const char *name = a < 0 ? tn_engine_name(m->engine) : m->aliases[a];
+      tn_buf_printf(&b, "%s{\"id\":\"", first ? "" : ",");
+      /* Names come from our own config: still escape quotes/backslashes. */
+      for (const char *p = name; *p; p++) {
+        if (*p == '"' || *p == '\\') tn_buf_append(&b, "\\", 1);
+        if ((unsigned char)*p >= 0x20) tn_buf_append(&b, p, 1);
+      }
+      tn_buf_printf(&b,
+                    "\",\"object\":\"model\",\"created\":%ld,\"owned_by\":"
+                    "\"tern\",\"meta\":{\"arch\":\"%s\",\"n_ctx\":%d,"
+                    "\"n_vocab\":%d,\"n_params_bytes\":%zu}}",
+                    now, tn_arch_name(tm->hp.arch),
+                    tn_engine_n_ctx(m->engine), tm->hp.n_vocab,
+                    tm->weight_bytes);
+      first = false;
+    }
+  }
+  tn_buf_printf(&b, "]}");
+  if (b.oom) {
+    tn_buf_free(&b);
+    return MHD_NO;
+  }
+  return send_body(c, 200, "application/json", b.data, b.len, 0);
+}
+
+static enum MHD_Result route_metrics(struct conn *c) {
+  size_t len = 0;
+  char *text = c->srv->metrics ? tn_metrics_render(c->srv->metrics, &len)
+                               : strdup("");
+  if (!text) return MHD_NO;
+  if (!c->srv->metrics) len = 0;
+  return send_body(c, 200, "text/plain; version=0.0.4; charset=utf-8", text,
+                   len, 0);
+}
+
+/* ---- completions */
+
+static struct tn_server_model *find_model(struct tn_server *s,
+                                          const char *name) {
+  if (!name) return &s->models[0];
+  for (int i = 0; i < s->n_models; i++) {
+    struct tn_server_model *m = &s->models[i];
+    if (!strcmp(tn_engine_name(m->engine), name)) return m;
+    for (int a = 0; a < m->n_aliases; a++)
+      if (!strcmp(m->aliases[a], name)) return m;
+  }
+  return NULL;
+}
+
+static void make_id(char *out, size_t cap, const char *prefix) {
+  unsigned char r[12];
+  if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+    uint64_t t = tn_time_ns();
+    memcpy(r, &t, 8);
+    memset(r + 8, 0x5a, 4);
+  }
+  size_t n = (size_t)snprintf(out, cap, "%s", prefix);
+  for (size_t i = 0; i < sizeof(r) && n + 2 < cap; i++)
+    n += (size_t)snprintf(out + n, cap - n, "%02x", r[i]);
+}
+
+static uint64_t random_seed(void) {
+  uint64_t s;
+  if (getrandom(&s, sizeof(s), 0) != (ssize_t)sizeof(s)) s = tn_time_ns();
+  return s;
+}
+
+/* Tokens of prompt i (chat: the formatted conversation). */
+static int build_prompt(struct conn *c, size_t i, int32_t **ids,
+                        size_t *n_ids, struct tn_api_error *aerr) {
+  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->model->engine);
+  struct tn_error err = {0};
+  *ids = NULL;
+  *n_ids = 0;
+  if (c->q.kind == TN_API_CHAT) {
+    char *text = NULL;
+    size_t len = 0;
+    if (tn_chat_format(tok, c->q.msgs, c->q.n_msgs, true, &text, &len, &err))
+      return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
+                              NULL, "%s", err.msg);
+    enum tn_status st =
+        tn_tokenizer_encode(tok, text, len, true, true, ids, n_ids, &err);
+    free(text);
+    if (st)
+      return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
+                              NULL, "%s", err.msg);
+    return 0;
+  }
+  const struct tn_api_prompt *p = &c->q.prompts[i];
+  if (p->ids) {
+    *ids = malloc((p->n_ids ? p->n_ids : 1) * sizeof(int32_t));
+    if (!*ids)
+      return tn_api_error_set(aerr, 500, "server_error", NULL, NULL,
+                              "out of memory");
+    memcpy(*ids, p->ids, p->n_ids * sizeof(int32_t));
+    *n_ids = p->n_ids;
+  } else if (tn_tokenizer_encode(tok, p->text, p->len, true, true, ids, n_ids,
+                                 &err)) {
+    return tn_api_error_set(aerr, 400, "invalid_request_error", "prompt",
+                            NULL, "%s", err.msg);
+  }
+  if (c->q.echo) {
+    if (p->text) {
+      c->echo_text[i] = malloc(p->len + 1);
+      if (c->echo_text[i]) {
+        memcpy(c->echo_text[i], p->text, p->len);
+        c->echo_len[i] = p->len;
+      }
+    } else {
+      struct tn_buf b = {0};
+      struct tn_detok d;
+      char piece[512];
+      tn_detok_init(&d, tok, false);
+      for (size_t k = 0; k < p->n_ids; k++)
+        tn_buf_append(&b, piece, tn_detok_push(&d, p->ids[k], piece,
+                                               sizeof(piece)));
+      tn_buf_append(&b, piece, tn_detok_flush(&d, piece, sizeof(piece)));
+      c->echo_text[i] = b.data;
+      c->echo_len[i] = b.len;
+      if (!b.data) c->echo_text[i] = strdup("");
+    }
+  }
+  return 0;
+}
+
+static void cancel_reqs(struct conn *c) {
+  for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
+  c->n_reqs = 0;
+}
+
+static struct tn_api_meta conn_meta(struct conn *c) {
+  struct tn_api_meta m = {
+      .id = c->id,
+      .created = c->created,
+      .model = c->q.model ? c->q.model : tn_engine_name(c->model->engine),
+      .tok = tn_engine_tokenizer(c->model->engine),
+      .echo_text = c->q.echo ? (const char *const *)c->echo_text : NULL,
+      .echo_len = c->q.echo ? c->echo_len : NULL,
+  };
+  return m;
+}
+
+static void lock_reqs(struct conn *c) {
+  for (size_t i = 0; i < c->n_reqs; i++) tn_req_lock(c->reqs[i]);
+}
+static void unlock_reqs(struct conn *c) {
+  for (size_t i = c->n_reqs; i-- > 0;) tn_req_unlock(c->reqs[i]);
+}
+
+/* Why a finished request produced no normal answer, or 0. */
+static int reqs_failure(struct conn *c, struct tn_api_error *aerr) {
+  for (size_t i = 0; i < c->n_reqs; i++) {
+    struct tn_req *r = c->reqs[i];
+    for (int32_t k = 0; k < r->n_choices; k++) {
+      if (r->choices[k].finish == TN_FINISH_ERROR)
+        return tn_api_error_set(aerr, 500, "server_error", NULL, NULL,
+                                "generation failed: %s", r->error);
+      if (r->choices[k].finish == TN_FINISH_CANCELLED)
+        return tn_api_error_set(aerr, 503, "server_error", NULL,
+                                "server_shutting_down",
+                                "the request was cancelled: the server is "
+                                "shutting down");
+    }
+  }
+  return 0;
+}
+
+/* Non-streaming: answer if every request is done, else wait. */
+static enum MHD_Result completion_wait(struct conn *c) {
+  for (;;) {
+    conn_clear_wake(c);
+    bool done = true;
+    for (size_t i = 0; i < c->n_reqs && done; i++) {
+      tn_req_lock(c->reqs[i]);
+      done = c->reqs[i]->done;
+      tn_req_unlock(c->reqs[i]);
+    }
+    if (done) break;
+    if (conn_suspend(c)) return MHD_YES;
+  }
+  live_remove(c);
+  struct tn_api_error aerr;
+  lock_reqs(c);
+  int fail = reqs_failure(c, &aerr);
+  char *body = NULL;
+  size_t len = 0;
+  if (!fail) {
+    struct tn_api_meta meta = conn_meta(c);
+    body = tn_api_render_response(&c->q, &meta, c->reqs, c->n_reqs, &len);
+  }
+  unlock_reqs(c);
+  if (fail) return send_error(c, &aerr);
+  if (!body)
+    return send_error_msg(c, 500, "server_error", NULL, NULL, "out of memory");
+  return send_body(c, 200, "application/json", body, len, 0);
+}
+
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
+  struct conn *c = cls;
+  (void)pos;
+  for (;;) {
+    if (c->out_off < c->out.len) {
+      size_t n = TN_MIN(max, c->out.len - c->out_off);
+      memcpy(buf, c->out.data + c->out_off, n);
+      c->out_off += n;
+      if (c->out_off == c->out.len) c->out_off = c->out.len = 0;
+      return (ssize_t)n;
+    }
+    if (c->stream_done) {
+      live_remove(c);
+      return MHD_CONTENT_READER_END_OF_STREAM;
+    }
+    conn_clear_wake(c);
+    struct tn_api_meta meta = conn_meta(c);
+    lock_reqs(c);
+    c->stream_done =
+        tn_api_render_stream(&c->q, &meta, c->reqs, c->n_reqs, &c->st, &c->out);
+    unlock_reqs(c);
+    if (c->out.oom) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (c->out.len > 0 || c->stream_done) continue;
+    if (conn_suspend(c)) return 0;
+  }
+}
+
+static void stream_free(void *cls) { conn_unref(cls); }
+
+static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
+  struct tn_server *s = c->srv;
+  struct tn_api_error aerr = {0};
+  if (atomic_load(&s->draining))
+    return send_error_msg(c, 503, "server_error", NULL,
+                          "server_shutting_down",
+                          "the server is shutting down; send the request to "
+                          "another replica");
+  if (c->too_large) {
+    char msg[160];
+    snprintf(msg, sizeof(msg),
+             "the request body is larger than the limit of %zu bytes",
+             s->cfg.max_body);
+    return send_error_msg(c, 413, "invalid_request_error", NULL,
+                          "request_too_large", msg);
+  }
+  if (tn_api_parse(kind, c->body ? c->body : "", c->len, &c->q, &aerr))
+    return send_error(c, &aerr);
+  c->have_q = true;
+  c->model = find_model(s, c->q.model);
+  if (!c->model) {
+    tn_api_error_set(&aerr, 404, "invalid_request_error", "model",
+                     "model_not_found", "The model '%.100s' does not exist",
+                     c->q.model);
+    return send_error(c, &aerr);
+  }
+  struct tn_engine *e = c->model->engine;
+  const struct tn_model *tm = tn_engine_model(e);
+  if (tn_api_check_vocab(&c->q, tm->hp.n_vocab, &aerr))
+    return send_error(c, &aerr);
+  size_t n_prompts = kind == TN_API_CHAT ? 1 : c->q.n_prompts;
+  if (n_prompts > MAX_PROMPTS || n_prompts == 0) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "prompt", NULL,
+                     "'prompt' must hold 1..%d prompts, got %zu", MAX_PROMPTS,
+                     n_prompts);
+    return send_error(c, &aerr);
+  }
+  const char *pparam = kind == TN_API_CHAT ? "messages" : "prompt";
+  int32_t n_ctx = tn_engine_n_ctx(e);
+  struct tn_gen_params gen = c->q.gen;
+  /* Without max_tokens, completions stop at 16 tokens (OpenAI's default);
+   * chat runs to the end of the context. */
+  gen.max_tokens = c->q.max_tokens > 0 ? c->q.max_tokens
+                   : kind == TN_API_COMPLETIONS ? 16
+                                                : 0;
+  if (!c->q.has_seed) gen.sampling.seed = random_seed();
+  for (size_t i = 0; i < n_prompts; i++) {
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (build_prompt(c, i, &ids, &n_ids, &aerr)) {
+      cancel_reqs(c);
+      return send_error(c, &aerr);
+    }
+    if (n_ids >= (size_t)n_ctx) {
+      free(ids);
+      cancel_reqs(c);
+      tn_api_error_set(&aerr, 400, "invalid_request_error", pparam,
+                       "context_length_exceeded",
+                       "This model's maximum context length is %d tokens, "
+                       "but the %s is %zu tokens",
+                       n_ctx, pparam, n_ids);
+      return send_error(c, &aerr);
+    }
+    if (c->q.max_tokens > 0 && n_ids + (size_t)c->q.max_tokens > (size_t)n_ctx) {
+      free(ids);
+      cancel_reqs(c);
+      tn_api_error_set(&aerr, 400, "invalid_request_error", "max_tokens",
+                       "context_length_exceeded",
+                       "This model's maximum context length is %d tokens; "
+                       "the %s is %zu tokens and max_tokens is %d, "
+                       "together %zu",
+                       n_ctx, pparam, n_ids, c->q.max_tokens,
+                       n_ids + (size_t)c->q.max_tokens);
+      return send_error(c, &aerr);
+    }
+    struct tn_error err = {0};
+    struct tn_req *r = NULL;
+    enum tn_status st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
+                                         conn_wake, c, &r, &err);
+    free(ids);
+    if (st) {
+      cancel_reqs(c);
+      if (st == TN_EFULL)
+        tn_api_error_set(&aerr, 429, "rate_limit_error", NULL,
+                         "queue_full", "%s", err.msg);
+      else if (st == TN_ECANCELED)
+        tn_api_error_set(&aerr, 503, "server_error", NULL,
+                         "server_shutting_down", "%s", err.msg);
+      else if (st == TN_ENOMEM)
+        tn_api_error_set(&aerr, 500, "server_error", NULL, NULL, "%s",
+                         err.msg);
+      else
+        tn_api_error_set(&aerr, 400, "invalid_request_error", pparam, NULL,
+                         "%s", err.msg);
+      return send_error(c, &aerr);
+    }
+    c->reqs[c->n_reqs++] = r;
+  }
+  c->submitted = true;
+  make_id(c->id, sizeof(c->id),
+          kind == TN_API_CHAT ? "chatcmpl-" : "cmpl-");
+  c->created = (long)time(NULL);
+  live_add(c);
+  if (!c->q.stream) return completion_wait(c);
+
+  atomic_fetch_add(&c->refs, 1);
+  struct MHD_Response *resp = MHD_create_response_from_callback(
+      MHD_SIZE_UNKNOWN, 16384, stream_read, c, stream_free);
+  if (!resp) {
+    conn_unref(c);
+    return MHD_NO;
+  }
+  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+  MHD_add_response_header(resp, "Cache-Control", "no-cache");
+  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
+  MHD_destroy_response(resp);
+  count_status(c, 200);
+  return ret;
+}
+
+/* ---- the access handler */
+
+static bool auth_ok(struct tn_server *s, struct MHD_Connection *mc) {
+  if (!s->cfg.api_key || !*s->cfg.api_key) return true;
+  const char *h =
+      MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+  if (!h || strncmp(h, "Bearer ", 7) != 0) return false;
+  const char *k = h + 7, *want = s->cfg.api_key;
+  size_t nk = strlen(k), nw = strlen(want);
+  unsigned char diff = nk != nw;
+  for (size_t i = 0; i < nw; i++) diff |= (unsigned char)(want[i] ^ k[i < nk ? i : 0]);
+  return diff == 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
+                                  const char *url, const char *method,
+                                  const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls) {
+  struct tn_server *s = cls;
+  struct conn *c = *con_cls;
+  (void)version;
+  if (!c) {
+    c = conn_new(s, mc);
+    if (!c) return MHD_NO;
+    *con_cls = c;
+    const char *cl =
+        MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
+    if (cl) {
+      char *end = NULL;
+      errno = 0;
+      unsigned long long v = strtoull(cl, &end, 10);
+      if (errno || end == cl || v > s->cfg.max_body) c->too_large = true;
+    }
+    return MHD_YES;
+  }
+  if (*upload_size) {
+    size_t n = *upload_size;
+    *upload_size = 0;
+    if (c->too_large) return MHD_YES; /* read and dropped */
+    if (c->len + n > s->cfg.max_body) {
+      c->too_large = true;
+      free(c->body);
+      c->body = NULL;
+      c->len = c->cap = 0;
+      return MHD_YES;
+    }
+    if (c->len + n + 1 > c->cap) {
+      size_t cap = c->cap ? c->cap : 4096;
+      while (cap < c->len + n + 1) cap *= 2;
+      char *b = realloc(c->body, cap);
+      if (!b) return MHD_NO;
+      c->body = b;
+      c->cap = cap;
+    }
+    memcpy(c->body + c->len, upload, n);
+    c->len += n;
+    c->body[c->len] = '\0';
+    return MHD_YES;
+  }
+  if (c->submitted) return completion_wait(c); /* resumed */
+
+  bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+  bool post = !strcmp(method, "POST");
+  if (!strcmp(url, "/health")) {
+    c->route = "/health";
+    return send_json(c, 200, "{\"status\":\"ok\"}");
+  }
+  if (!strcmp(url, "/ready")) {
+    c->route = "/ready";
+    if (atomic_load(&s->draining))
+      return send_error_msg(c, 503, "server_error", NULL,
+                            "server_shutting_down",
+                            "the server is shutting down");
+    return send_json(c, 200, "{\"status\":\"ready\"}");
+  }
+  if (!strcmp(url, "/metrics")) {
+    c->route = "/metrics";
+    return route_metrics(c);
+  }
+  bool v1 = !strncmp(url, "/v1/", 4);
+  if (v1 && !auth_ok(s, mc)) {
+    c->route = "auth";
+    return send_error_msg(c, 401, "invalid_request_error", NULL,
+                          "invalid_api_key",
+                          "Incorrect or missing API key: send "
+                          "'Authorization: Bearer <key>'");
+  }
+  enum tn_api_kind kind;
+  if (!strcmp(url, "/v1/models")) {
+    c->route = "/v1/models";
+    if (!get) goto bad_method;
+    return route_models(c);
+  }
+  if (!strcmp(url, "/v1/chat/completions")) {
+    c->route = "/v1/chat/completions";
+    kind = TN_API_CHAT;
+  } else if (!strcmp(url, "/v1/completions")) {
+    c->route = "/v1/completions";
+    kind = TN_API_COMPLETIONS;
+  } else {
+    c->route = "other";
+    return send_error_msg(c, 404, "invalid_request_error", NULL,
+                          "unknown_url",
+                          "Unknown request URL: no such route on this "
+                          "server (try /v1/chat/completions, "
+                          "/v1/completions, /v1/models)");
+  }
+  if (!post) goto bad_method;
+  atomic_fetch_add(&s->in_flight, 1);
+  c->counted = true;
+  return route_completion(c, kind);
+bad_method:
+  return send_error_msg(c, 405, "invalid_request_error", NULL,
+                        "method_not_allowed",
+                        "this route does not accept that HTTP method");
+}
+
+/* ---- the reaper: cancel requests whose client hung up */
+
+static void *reaper_main(void *arg) {
+  struct tn_server *s = arg;
+  while (!atomic_load(&s->stop)) {
+    struct timespec ts = {0, 100 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    pthread_mutex_lock(&s->mu);
+    for (struct conn *c = s->live; c; c = c->live_next) {
+      if (c->fd < 0) continue;
+      struct pollfd p = {.fd = c->fd, .events = POLLRDHUP};
+      if (poll(&p, 1, 0) > 0 &&
+          (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
+        for (size_t i = 0; i < c->n_reqs; i++) tn_req_cancel(c->reqs[i]);
+        c->fd = -1; /* once is enough */
+      }
+    }
+    pthread_mutex_unlock(&s->mu);
+  }
+  return NULL;
+}
+
+/* ---- lifecycle */
+
+static void log_mhd(void *cls, const char *fmt, va_list ap) {
+  (void)cls;
+  char msg[512];
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  size_t n = strlen(msg);
+  while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
+  tn_log_debug("http: %s", msg);
+}
+
+enum tn_status tn_server_start(const struct tn_server_config *cfg,
+                               const struct tn_server_model *models,
+                               int n_models, struct tn_metrics *metrics,
+                               struct tn_server **out, struct tn_error *err) {
+  *out = NULL;
+  if (n_models <= 0)
+    return tn_error_set(err, TN_EINVAL, "no models to serve");
+  struct tn_server *s = calloc(1, sizeof(*s));
+  if (!s) return tn_error_set(err, TN_ENOMEM, "out of memory");
+  s->cfg = *cfg;
+  s->metrics = metrics;
+  s->models = calloc((size_t)n_models, sizeof(*s->models));
+  if (!s->models) {
+    free(s);
+    return tn_error_set(err, TN_ENOMEM, "out of memory");
+  }
+  memcpy(s->models, models, (size_t)n_models * sizeof(*models));
+  s->n_models = n_models;
+  pthread_mutex_init(&s->mu, NULL);
+  if (metrics) {
+    static const char *const labels[] = {"route", "status"};
+    s->http_requests = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_http_requests_total",
+        "HTTP responses by route and status code.", labels, 2, NULL, 0);
+  }
+
+  struct sockaddr_in addr = {0};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons((uint16_t)cfg->port);
+  if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1) {
+    tn_server_stop(s);
+    return tn_error_set(err, TN_EINVAL,
+                        "--host '%.64s' is not an IPv4 address", cfg->host);
+  }
+  unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME |
+                   MHD_USE_ERROR_LOG;
+  s->mhd = MHD_start_daemon(
+      flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
+      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+      MHD_OPTION_THREAD_POOL_SIZE, (unsigned)TN_MAX(1, cfg->http_threads),
+      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->conn_timeout_s,
+      MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024,
+      MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024,
+      MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+      MHD_OPTION_EXTERNAL_LOGGER, log_mhd, NULL,
+      MHD_OPTION_END);
+  if (!s->mhd) {
+    tn_server_stop(s);
+    return tn_error_set(err, TN_EIO,
+                        "cannot listen on %.64s:%d (in use, or not "
+                        "permitted)",
+                        cfg->host, cfg->port);
+  }
+  const union MHD_DaemonInfo *di =
+      MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+  s->port = di ? di->port : cfg->port;
+  if (pthread_create(&s->reaper, NULL, reaper_main, s) == 0)
+    s->reaper_started = true;
+  *out = s;
+  return TN_OK;
+}
+
+int tn_server_port(const struct tn_server *s) { return s->port; }
+
+void tn_server_drain(struct tn_server *s) { atomic_store(&s->draining, true); }
+
+int tn_server_in_flight(struct tn_server *s) {
+  return atomic_load(&s->in_flight);
+}
+
+void tn_server_stop(struct tn_server *s) {
+  if (!s) return;
+  atomic_store(&s->stop, true);
+  if (s->reaper_started) pthread_join(s->reaper, NULL);
+  if (s->mhd) MHD_stop_daemon(s->mhd);
+  pthread_mutex_destroy(&s->mu);
+  free(s->models);
+  free(s);
+}

@@ -1,0 +1,53 @@
+/*
+ * server.h: the HTTP front of tern (libmicrohttpd), OpenAI-compatible.
+ *
+ * Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+ * GET /health (alive), GET /ready (models loaded, not draining), GET
+ * /metrics (Prometheus). The HTTP threads parse, tokenize and submit to
+ * the model's engine, then suspend the connection; the engine's notify
+ * resumes it when there is output. They never wait on inference.
+ */
+#ifndef TN_SERVER_H
+#define TN_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/base.h"
+
+struct tn_engine;
+struct tn_metrics;
+
+struct tn_server_model {
+  struct tn_engine *engine;   /* borrowed */
+  const char *const *aliases; /* other names clients may send */
+  int n_aliases;
+};
+
+struct tn_server_config {
+  const char *host;           /* "127.0.0.1" */
+  int port;                   /* 0: any free port (see tn_server_port) */
+  const char *api_key;        /* NULL: no auth */
+  size_t max_body;            /* bytes; larger bodies get 413 */
+  int http_threads;
+  int conn_timeout_s;         /* idle connection timeout */
+};
+void tn_server_config_default(struct tn_server_config *c);
+
+struct tn_server;
+
+/* Starts listening. models[0] serves requests that name no model. */
+enum tn_status tn_server_start(const struct tn_server_config *cfg,
+                               const struct tn_server_model *models,
+                               int n_models, struct tn_metrics *metrics,
+                               struct tn_server **out, struct tn_error *err);
+int tn_server_port(const struct tn_server *s);
+/* /ready turns 503 and new completions get 503; running ones go on. */
+void tn_server_drain(struct tn_server *s);
+/* Requests with an open connection. */
+int tn_server_in_flight(struct tn_server *s);
+/* Stops listening and closes every connection. */
+void tn_server_stop(struct tn_server *s);
+
+#endif /* TN_SERVER_H */

@@ -3,6 +3,8 @@
 #   make            release build: build/tern
 #   make test       from a fresh Debian 12: deps, venv, models, release and
 #                   ASan+UBSan builds, ctest and pytest on both
+#   make serve      from a fresh Debian 12: deps, build, the default model,
+#                   then `tern serve` on http://127.0.0.1:8080 (PORT=...)
 #   make run        a greedy completion from the default model
 #   make bench      tern vs llama.cpp (bench/run_bench.sh)
 
@@ -15,7 +17,7 @@ MODELS ?= smollm2-135m gemma3-270m
 JOBS ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps venv models test test-release test-asan run bench fuzz clean
+.PHONY: all deps venv models test test-release test-asan run serve bench fuzz clean
 
 all: $(BUILD)/tern
 
@@ -62,6 +64,15 @@ test-release:
 test-asan:
 	cd $(ASAN_BUILD) && TN_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure
 	TERN_BIN=$(abspath $(ASAN_BUILD)/tern) TERN_SLOW=1 $(PY) -m pytest -q tests/e2e
+
+PORT ?= 8080
+HOST ?= 127.0.0.1
+SERVE_MODEL ?= smollm2-135m
+serve: deps
+	$(MAKE) all
+	$(MAKE) venv
+	$(PY) tools/fetch_model.py $(SERVE_MODEL)
+	$(BUILD)/tern serve -m $(SERVE_MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 run: all models
 	$(BUILD)/tern run -m smollm2-135m --temp 0 -n 64 -p "The capital of France is"

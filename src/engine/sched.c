@@ -153,6 +153,8 @@ struct tn_engine {
   struct seq **batch_seqs;    /* per batch sequence index */
   char *text_buf;
   size_t text_cap;
+  struct tn_req **touched;    /* requests with news this step (a ref each) */
+  int32_t n_touched, cap_touched;
 };
 
 /* ---- small helpers */
@@ -222,6 +224,41 @@ static void req_notify(struct tn_req *r) {
   if (p->touched && p->notify) p->notify(p->user);
   p->touched = false;
   tn_req_unlock(r);
+}
+
+/* Notifies right away (when the touched list cannot grow). */
+static void req_notify_now(struct tn_req *r) {
+  tn_req_lock(r);
+  if (r->priv->notify) r->priv->notify(r->priv->user);
+  tn_req_unlock(r);
+}
+
+/* Marks r as having news for its submitter; the engine notifies every
+ * touched request once at the end of the step. */
+static void req_touch(struct tn_engine *e, struct tn_req *r) {
+  struct tn_req_priv *p = r->priv;
+  if (p->touched) return;
+  if (e->n_touched == e->cap_touched) {
+    int32_t cap = e->cap_touched ? e->cap_touched * 2 : 64;
+    struct tn_req **t = realloc(e->touched, (size_t)cap * sizeof(*t));
+    if (!t) {
+      req_notify_now(r);
+      return;
+    }
+    e->touched = t;
+    e->cap_touched = cap;
+  }
+  p->touched = true;
+  atomic_fetch_add(&p->refs, 1);
+  e->touched[e->n_touched++] = r;
+}
+
+static void flush_touched(struct tn_engine *e) {
+  for (int32_t i = 0; i < e->n_touched; i++) {
+    req_notify(e->touched[i]);
+    req_unref(e->touched[i]);
+  }
+  e->n_touched = 0;
 }
 
 /* Appends released text to a choice (engine thread, under the req lock). */
@@ -414,8 +451,8 @@ static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
     r->done = true;
     r->t_done = tn_time_s();
   }
-  p->touched = true;
   tn_req_unlock(r);
+  req_touch(e, r);
   if (done) {
     const char *outcome = tn_finish_str(f);
     for (int32_t i = 0; i < r->n_choices; i++)
@@ -487,21 +524,20 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
                s->n_tokens);
 }
 
-static struct seq *newest_admitted(struct tn_engine *e) {
-  struct seq *best = NULL;
-  for (struct seq *s = e->admitted; s; s = s->next)
-    if (!best || s->order > best->order) best = s;
-  return best;
-}
-
 /* Makes room in s's block table for n more tokens, preempting newer
- * sequences if the pool runs dry. false: s itself had to go. */
-static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n) {
+ * sequences (planned for this step or not) if the pool runs dry. false:
+ * nothing newer is left to preempt. */
+static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n,
+                        int32_t *budget) {
   for (;;) {
-    enum tn_status st = tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n);
-    if (st == TN_OK) return true;
-    struct seq *victim = newest_admitted(e);
-    if (!victim || victim == s) return false;
+    if (tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) == TN_OK)
+      return true;
+    struct seq *victim = NULL;
+    for (struct seq *v = e->admitted; v; v = v->next)
+      if (v->order > s->order && (!victim || v->order > victim->order))
+        victim = v;
+    if (!victim) return false;
+    *budget += victim->chunk;
     seq_preempt(e, victim);
   }
 }
@@ -543,8 +579,8 @@ static void engine_take_inbox(struct tn_engine *e) {
         r->choices[i].finish = TN_FINISH_ERROR;
       r->done = true;
       r->t_done = tn_time_s();
-      r->priv->touched = true;
       tn_req_unlock(r);
+      req_touch(e, r);
       pthread_mutex_lock(&e->mu);
       e->n_waiting_total--;
       pthread_mutex_unlock(&e->mu);
@@ -554,7 +590,6 @@ static void engine_take_inbox(struct tn_engine *e) {
       list_append(&e->waiting, s);
     }
     /* The inbox held a reference for the engine; the sequence has its own. */
-    req_notify(r);
     req_unref(r);
     r = next;
   }
@@ -575,8 +610,8 @@ static void spawn_children(struct tn_engine *e, struct tn_req *r) {
         r->done = true;
         r->t_done = tn_time_s();
       }
-      p->touched = true;
       tn_req_unlock(r);
+      req_touch(e, r);
       continue;
     }
     p->n_live++;
@@ -619,7 +654,6 @@ static void drop_cancelled(struct tn_engine *e) {
         r->choices[p->n_spawned++].finish = TN_FINISH_CANCELLED;
       tn_req_unlock(r);
       seq_finish(e, s, TN_FINISH_CANCELLED, NULL);
-      req_notify(r);
       seq_free(e, s);
     }
   }
@@ -742,23 +776,31 @@ static bool engine_step(struct tn_engine *e) {
   b->n_seqs = 0;
   int32_t budget = e->cfg.step_tokens;
 
-  /* Admitted sequences, oldest first. A sequence that cannot get blocks
-   * preempts the newest; if that is itself, it waits. */
-  for (struct seq *s = e->admitted, *next; s && budget > 0; s = next) {
-    s->chunk = 0;
-    int32_t n = TN_MIN(s->n_tokens - s->n_done, budget);
-    if (n <= 0) {
-      next = s->next;
-      continue;
+  /* Plan the step. Decodes first, oldest first; then prompt chunks of
+   * admitted sequences; then new admissions. A sequence short of blocks
+   * preempts the newest ones; when it is the newest, it goes itself. */
+  for (struct seq *s = e->admitted; s; s = s->next) s->chunk = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    for (struct seq *s = e->admitted, *next; s; s = next) {
+      int32_t pending = s->n_tokens - s->n_done;
+      bool decode = pending == 1 && s->n_gen > 0;
+      if (decode != (pass == 0) || budget <= 0) {
+        next = s->next;
+        continue;
+      }
+      int32_t n = TN_MIN(pending, budget);
+      if (!seq_reserve(e, s, n, &budget)) {
+        next = s->next;
+        seq_preempt(e, s);
+        continue;
+      }
+      next = s->next; /* newer ones may have been preempted */
+      s->chunk = n;
+      budget -= n;
     }
-    if (!seq_reserve(e, s, n)) {
-      seq_preempt(e, s);
-      break; /* it was the newest, so the last */
-    }
-    next = s->next; /* newer ones may have been preempted */
-    batch_add(e, s, n);
-    budget -= n;
   }
+  for (struct seq *s = e->admitted; s; s = s->next)
+    if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
   while (e->waiting && budget > 0 && e->n_admitted < e->cfg.max_seqs) {
     struct seq *s = e->waiting;
@@ -826,7 +868,7 @@ static bool engine_step(struct tn_engine *e) {
     struct tn_req *r = s->req;
     bool was_prompt = s->n_gen == 0;
     enum tn_finish f = seq_sample(e, s, row_logits, now);
-    r->priv->touched = true;
+    req_touch(e, r);
     if (was_prompt && s->choice == 0 && r->n_choices > 1)
       spawn_children(e, r);
     if (f != TN_FINISH_NONE) {
@@ -842,42 +884,8 @@ static bool engine_step(struct tn_engine *e) {
   return true;
 }
 
-/* Notifies the requests of this step and drops the references taken by
- * collect_reqs. */
-static void notify_touched(struct tn_req **reqs, int32_t n) {
-  for (int32_t i = 0; i < n; i++) {
-    req_notify(reqs[i]);
-    req_unref(reqs[i]);
-  }
-}
-
-/* Collects (with a reference each) the requests the next step may touch. */
-static int32_t collect_reqs(struct tn_engine *e, struct tn_req ***arr,
-                            int32_t *cap) {
-  int32_t n = 0;
-  struct seq *lists[2] = {e->admitted, e->waiting};
-  for (int l = 0; l < 2; l++)
-    for (struct seq *s = lists[l]; s; s = s->next) {
-      bool seen = false;
-      for (int32_t i = 0; i < n && !seen; i++) seen = (*arr)[i] == s->req;
-      if (seen) continue;
-      if (n == *cap) {
-        int32_t c = *cap ? *cap * 2 : 64;
-        struct tn_req **na = realloc(*arr, (size_t)c * sizeof(*na));
-        if (!na) return n;
-        *arr = na;
-        *cap = c;
-      }
-      atomic_fetch_add(&s->req->priv->refs, 1);
-      (*arr)[n++] = s->req;
-    }
-  return n;
-}
-
 static void *engine_main(void *arg) {
   struct tn_engine *e = arg;
-  struct tn_req **reqs = NULL;
-  int32_t cap = 0;
   for (;;) {
     pthread_mutex_lock(&e->mu);
     while (!e->stop && !e->inbox_head && !e->admitted && !e->waiting &&
@@ -887,9 +895,8 @@ static void *engine_main(void *arg) {
     pthread_mutex_unlock(&e->mu);
     if (stop) break;
     engine_take_inbox(e);
-    int32_t n = collect_reqs(e, &reqs, &cap);
     bool worked = engine_step(e);
-    notify_touched(reqs, n);
+    flush_touched(e);
     pthread_mutex_lock(&e->mu);
     if (e->cancel_all && !e->admitted && !e->waiting && !e->inbox_head)
       e->cancel_all = false;
@@ -903,10 +910,10 @@ static void *engine_main(void *arg) {
   /* Shutting down: everything still here is cancelled. */
   e->cancel_all = true;
   engine_take_inbox(e);
-  int32_t n = collect_reqs(e, &reqs, &cap);
   drop_cancelled(e);
-  notify_touched(reqs, n);
-  free(reqs);
+  flush_touched(e);
+  free(e->touched);
+  e->touched = NULL;
   return NULL;
 }
 

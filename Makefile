@@ -80,14 +80,17 @@ run: all models
 bench: all models
 	bash bench/run_bench.sh
 
-# libFuzzer on the GGUF reader (clang, ASan+UBSan), FUZZ_SECONDS each.
+# libFuzzer on the GGUF reader and the OpenAI request parser (clang,
+# ASan+UBSan), FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
 fuzz:
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
-	ninja -C build-fuzz fuzz_gguf
-	mkdir -p build-fuzz/corpus-gguf
+	ninja -C build-fuzz fuzz_gguf fuzz_api
+	mkdir -p build-fuzz/corpus-gguf build-fuzz/corpus-api
 	./build-fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
 	  -dict=tests/fuzz/gguf.dict build-fuzz/corpus-gguf tests/fuzz/seeds/gguf
+	./build-fuzz/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
+	  -dict=tests/fuzz/api.dict build-fuzz/corpus-api tests/fuzz/seeds/api
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

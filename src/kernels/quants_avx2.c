@@ -87,11 +87,6 @@ ALWAYS_INLINE __m256i dot_us8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* sum of s8 x s8 products, as 8 s32 lanes */
-ALWAYS_INLINE __m256i dot_ss8(__m256i a, __m256i b) {
-  return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-}
-
 /* ---- float types */
 
 void tn_dequant_f16_avx2(const void *vx, float *y, int64_t n) {

@@ -37,6 +37,7 @@
 #include "tokenizer/tokenizer.h"
 
 #define MAX_PROMPTS 64
+#define MAX_SEQS_PER_REQUEST 128
 
 struct tn_server {
   struct tn_server_config cfg;
@@ -67,6 +68,7 @@ struct conn {
   bool too_large;
   bool submitted;
   bool counted;               /* in in_flight */
+  atomic_bool client_gone;    /* the reaper saw the client hang up */
 
   pthread_mutex_t mu;
   bool suspended, wake;
@@ -341,6 +343,22 @@ static uint64_t random_seed(void) {
 }
 
 /* Tokens of prompt i (chat: the formatted conversation). */
+/* Refuses a text that has at least n_ctx tokens whatever its
+ * tokenization, before spending time on encoding it. */
+static int too_long_to_encode(struct conn *c, size_t len, const char *param,
+                              struct tn_api_error *aerr) {
+  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->model->engine);
+  size_t n_ctx = (size_t)tn_engine_n_ctx(c->model->engine);
+  size_t at_least = len / tn_tokenizer_max_token_len(tok);
+  if (at_least < n_ctx) return 0;
+  return tn_api_error_set(aerr, 400, "invalid_request_error", param,
+                          "context_length_exceeded",
+                          "This model's maximum context length is %zu "
+                          "tokens, but the prompt is at least %zu tokens "
+                          "(%zu bytes)",
+                          n_ctx, at_least, len);
+}
+
 static int build_prompt(struct conn *c, size_t i, int32_t **ids,
                         size_t *n_ids, struct tn_api_error *aerr) {
   const struct tn_tokenizer *tok = tn_engine_tokenizer(c->model->engine);
@@ -350,6 +368,9 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
   if (c->q.kind == TN_API_CHAT) {
     char *text = NULL;
     size_t len = 0;
+    size_t total = 0;
+    for (size_t k = 0; k < c->q.n_msgs; k++) total += c->q.msgs[k].content_len;
+    if (too_long_to_encode(c, total, "messages", aerr)) return aerr->http_status;
     if (tn_chat_format(tok, c->q.msgs, c->q.n_msgs, true, &text, &len, &err))
       return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
                               NULL, "%s", err.msg);
@@ -369,6 +390,8 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
                               "out of memory");
     memcpy(*ids, p->ids, p->n_ids * sizeof(int32_t));
     *n_ids = p->n_ids;
+  } else if (too_long_to_encode(c, p->len, "prompt", aerr)) {
+    return aerr->http_status;
   } else if (tn_tokenizer_encode(tok, p->text, p->len, true, true, ids, n_ids,
                                  &err)) {
     return tn_api_error_set(aerr, 400, "invalid_request_error", "prompt",
@@ -430,6 +453,13 @@ static int reqs_failure(struct conn *c, struct tn_api_error *aerr) {
       if (r->choices[k].finish == TN_FINISH_ERROR)
         return tn_api_error_set(aerr, 500, "server_error", NULL, NULL,
                                 "generation failed: %s", r->error);
+      if (r->choices[k].finish == TN_FINISH_CANCELLED &&
+          atomic_load(&c->client_gone))
+        return tn_api_error_set(aerr, 499, "invalid_request_error", NULL,
+                                "client_closed_request",
+                                "the client closed the connection (or its "
+                                "sending side) before the answer was ready; "
+                                "the request was cancelled");
       if (r->choices[k].finish == TN_FINISH_CANCELLED)
         return tn_api_error_set(aerr, 503, "server_error", NULL,
                                 "server_shutting_down",
@@ -536,6 +566,14 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                      n_prompts);
     return send_error(c, &aerr);
   }
+  if (n_prompts * (size_t)c->q.gen.n > MAX_SEQS_PER_REQUEST) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "n", NULL,
+                     "%zu prompts x n=%d is %zu sequences; one request may "
+                     "ask for at most %d",
+                     n_prompts, c->q.gen.n, n_prompts * (size_t)c->q.gen.n,
+                     MAX_SEQS_PER_REQUEST);
+    return send_error(c, &aerr);
+  }
   const char *pparam = kind == TN_API_CHAT ? "messages" : "prompt";
   int32_t n_ctx = tn_engine_n_ctx(e);
   struct tn_gen_params gen = c->q.gen;
@@ -558,8 +596,8 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
       tn_api_error_set(&aerr, 400, "invalid_request_error", pparam,
                        "context_length_exceeded",
                        "This model's maximum context length is %d tokens, "
-                       "but the %s is %zu tokens",
-                       n_ctx, pparam, n_ids);
+                       "but the prompt is %zu tokens",
+                       n_ctx, n_ids);
       return send_error(c, &aerr);
     }
     if (c->q.max_tokens > 0 && n_ids + (size_t)c->q.max_tokens > (size_t)n_ctx) {
@@ -568,9 +606,9 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
       tn_api_error_set(&aerr, 400, "invalid_request_error", "max_tokens",
                        "context_length_exceeded",
                        "This model's maximum context length is %d tokens; "
-                       "the %s is %zu tokens and max_tokens is %d, "
+                       "the prompt is %zu tokens and max_tokens is %d, "
                        "together %zu",
-                       n_ctx, pparam, n_ids, c->q.max_tokens,
+                       n_ctx, n_ids, c->q.max_tokens,
                        n_ids + (size_t)c->q.max_tokens);
       return send_error(c, &aerr);
     }
@@ -750,6 +788,7 @@ static void *reaper_main(void *arg) {
       struct pollfd p = {.fd = c->fd, .events = POLLRDHUP};
       if (poll(&p, 1, 0) > 0 &&
           (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
+        atomic_store(&c->client_gone, true);
         for (size_t i = 0; i < c->n_reqs; i++) tn_req_cancel(c->reqs[i]);
         c->fd = -1; /* once is enough */
       }

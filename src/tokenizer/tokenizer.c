@@ -1016,6 +1016,10 @@ size_t tn_detok_push(struct tn_detok *d, int32_t id, char *out, size_t cap) {
   return at;
 }
 
+size_t tn_tokenizer_max_token_len(const struct tn_tokenizer *tok) {
+  return tok->max_tok_len ? tok->max_tok_len : 1;
+}
+
 size_t tn_detok_cap(const struct tn_tokenizer *tok) {
   /* each input byte gives at most 3 output bytes (U+FFFD), plus what a
    * broken pending sequence flushes */

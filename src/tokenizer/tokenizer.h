@@ -42,6 +42,10 @@ bool tn_tokenizer_add_bos(const struct tn_tokenizer *tok);
 bool tn_tokenizer_is_eog(const struct tn_tokenizer *tok, int32_t id);
 /* Control/special token (not rendered in normal text output). */
 bool tn_tokenizer_is_special(const struct tn_tokenizer *tok, int32_t id);
+/* The longest token text in bytes: no token covers more input bytes, so
+ * len / tn_tokenizer_max_token_len() bounds a text's token count from
+ * below without encoding it. */
+size_t tn_tokenizer_max_token_len(const struct tn_tokenizer *tok);
 /* Looks up a token by its exact text; -1 if none. */
 int32_t tn_tokenizer_find(const struct tn_tokenizer *tok, const char *text,
                           size_t len);

@@ -3,7 +3,8 @@
 
 The script starts each server itself (tern first, then llama-server) on a
 free loopback port with the same model file, threads and per-sequence
-context, waits for GET /health, and drives it over the OpenAI-compatible
+context, waits until it is ready (tern: GET /ready; llama-server: GET
+/health), and drives it over the OpenAI-compatible
 API with streaming POST /v1/completions requests:
 
   * fixed concurrency (closed loop: C workers, each sends its next request
@@ -221,7 +222,10 @@ class Server:
                                  f"before it was healthy; last lines of its "
                                  f"output:\n{self.tail()}")
             try:
-                status, _ = http_get(self.port, "/health", timeout=2.0)
+                # tern: /health is liveness, /ready says the models are
+                # loaded; llama-server's /health is 503 until it is loaded.
+                path = "/ready" if self.name == "tern" else "/health"
+                status, _ = http_get(self.port, path, timeout=2.0)
                 if status == 200:
                     break
             except (OSError, http.client.HTTPException):

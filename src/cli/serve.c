@@ -173,33 +173,16 @@ int tn_cli_serve(int argc, char **argv) {
     tn_cli_fail("out of memory");
     goto done;
   }
+  /* Names first: the server answers (503 "loading") while models load. */
+  char single_name[128];
+  if (!config) default_name(name ? name : model, single_name,
+                            sizeof(single_name));
   for (int i = 0; i < n_models; i++) {
-    struct tn_engine_config ec = ecfg;
-    const char *arg = model;
-    char nbuf[128], pbuf[1024];
+    sm[i].name = config ? file.models[i].name : name ? name : single_name;
     if (config) {
-      const struct tn_serve_model_cfg *mc = &file.models[i];
-      arg = mc->path;
-      ec.name = mc->name;
-      if (mc->threads > 0) ec.n_threads = mc->threads;
-      if (mc->ctx > 0) ec.n_ctx = mc->ctx;
-      if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
-      if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;
-      sm[i].aliases = (const char *const *)mc->aliases;
-      sm[i].n_aliases = mc->n_aliases;
-    } else {
-      default_name(name ? name : model, nbuf, sizeof(nbuf));
-      ec.name = name ? name : nbuf;
+      sm[i].aliases = (const char *const *)file.models[i].aliases;
+      sm[i].n_aliases = file.models[i].n_aliases;
     }
-    const char *path = tn_cli_model_path(arg, pbuf, sizeof(pbuf));
-    double t0 = tn_time_s();
-    if (tn_engine_open(path, &ec, metrics, &engines[i], &err)) {
-      tn_cli_fail("%s: %s", path, err.msg);
-      goto done;
-    }
-    sm[i].engine = engines[i];
-    tn_log_info("loaded %s as '%s' in %.2f s", path, ec.name,
-                tn_time_s() - t0);
   }
 
   struct sigaction sa = {0};
@@ -213,6 +196,30 @@ int tn_cli_serve(int argc, char **argv) {
     tn_cli_fail("serve: %s", err.msg);
     goto done;
   }
+  for (int i = 0; i < n_models && !g_signal; i++) {
+    struct tn_engine_config ec = ecfg;
+    const char *arg = model;
+    char pbuf[1024];
+    ec.name = sm[i].name;
+    if (config) {
+      const struct tn_serve_model_cfg *mc = &file.models[i];
+      arg = mc->path;
+      if (mc->threads > 0) ec.n_threads = mc->threads;
+      if (mc->ctx > 0) ec.n_ctx = mc->ctx;
+      if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
+      if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;
+    }
+    const char *path = tn_cli_model_path(arg, pbuf, sizeof(pbuf));
+    double t0 = tn_time_s();
+    if (tn_engine_open(path, &ec, metrics, &engines[i], &err)) {
+      tn_cli_fail("%s: %s", path, err.msg);
+      goto done;
+    }
+    tn_server_set_engine(srv, i, engines[i]);
+    tn_log_info("loaded %s as '%s' in %.2f s", path, ec.name,
+                tn_time_s() - t0);
+  }
+
   int port = tn_server_port(srv);
   fprintf(stderr,
           "tern: serving %s at http://%s:%d/v1 (Ctrl-C to stop)\n"
@@ -220,7 +227,7 @@ int tn_cli_serve(int argc, char **argv) {
           "  curl http://%s:%d/v1/chat/completions -H 'Content-Type: "
           "application/json'%s -d '{\"messages\":[{\"role\":\"user\","
           "\"content\":\"Hello! Who are you?\"}],\"max_tokens\":64}'\n",
-          tn_engine_name(engines[0]), scfg.host, port, scfg.host, port,
+          sm[0].name, scfg.host, port, scfg.host, port,
           api_key ? " -H 'Authorization: Bearer $TERN_API_KEY'" : "");
   fflush(stderr);
 

@@ -42,6 +42,7 @@
 struct tn_server {
   struct tn_server_config cfg;
   struct tn_server_model *models;
+  _Atomic(struct tn_engine *) *engines; /* [n_models]; NULL while loading */
   int n_models;
   struct tn_metrics *metrics;
   struct tn_metric_family *http_requests;
@@ -76,6 +77,7 @@ struct conn {
   struct tn_api_request q;
   bool have_q;
   struct tn_server_model *model;
+  struct tn_engine *engine;   /* model's engine, once looked up */
   struct tn_req *reqs[MAX_PROMPTS];
   size_t n_reqs;
   char *echo_text[MAX_PROMPTS];
@@ -266,6 +268,17 @@ static enum MHD_Result send_error_msg(struct conn *c, int status,
 
 /* ---- small routes */
 
+static struct tn_engine *model_engine(struct tn_server *s,
+                                      const struct tn_server_model *m) {
+  return atomic_load(&s->engines[m - s->models]);
+}
+
+static bool all_loaded(struct tn_server *s) {
+  for (int i = 0; i < s->n_models; i++)
+    if (!atomic_load(&s->engines[i])) return false;
+  return true;
+}
+
 static enum MHD_Result route_models(struct conn *c) {
   struct tn_buf b = {0};
   long now = (long)time(NULL);
@@ -273,9 +286,11 @@ static enum MHD_Result route_models(struct conn *c) {
   bool first = true;
   for (int i = 0; i < c->srv->n_models; i++) {
     const struct tn_server_model *m = &c->srv->models[i];
-    const struct tn_model *tm = tn_engine_model(m->engine);
+    struct tn_engine *e = model_engine(c->srv, m);
+    if (!e) continue; /* still loading */
+    const struct tn_model *tm = tn_engine_model(e);
     for (int a = -1; a < m->n_aliases; a++) {
-      const char *name = a < 0 ? tn_engine_name(m->engine) : m->aliases[a];
+      const char *name = a < 0 ? m->name : m->aliases[a];
       tn_buf_printf(&b, "%s{\"id\":\"", first ? "" : ",");
       /* Names come from our own config: still escape quotes/backslashes. */
       for (const char *p = name; *p; p++) {
@@ -287,7 +302,7 @@ static enum MHD_Result route_models(struct conn *c) {
                     "\"tern\",\"meta\":{\"arch\":\"%s\",\"n_ctx\":%d,"
                     "\"n_vocab\":%d,\"n_params_bytes\":%zu}}",
                     now, tn_arch_name(tm->hp.arch),
-                    tn_engine_n_ctx(m->engine), tm->hp.n_vocab,
+                    tn_engine_n_ctx(e), tm->hp.n_vocab,
                     tm->weight_bytes);
       first = false;
     }
@@ -317,7 +332,7 @@ static struct tn_server_model *find_model(struct tn_server *s,
   if (!name) return &s->models[0];
   for (int i = 0; i < s->n_models; i++) {
     struct tn_server_model *m = &s->models[i];
-    if (!strcmp(tn_engine_name(m->engine), name)) return m;
+    if (!strcmp(m->name, name)) return m;
     for (int a = 0; a < m->n_aliases; a++)
       if (!strcmp(m->aliases[a], name)) return m;
   }
@@ -347,8 +362,8 @@ static uint64_t random_seed(void) {
  * tokenization, before spending time on encoding it. */
 static int too_long_to_encode(struct conn *c, size_t len, const char *param,
                               struct tn_api_error *aerr) {
-  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->model->engine);
-  size_t n_ctx = (size_t)tn_engine_n_ctx(c->model->engine);
+  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->engine);
+  size_t n_ctx = (size_t)tn_engine_n_ctx(c->engine);
   size_t at_least = len / tn_tokenizer_max_token_len(tok);
   if (at_least < n_ctx) return 0;
   return tn_api_error_set(aerr, 400, "invalid_request_error", param,
@@ -361,7 +376,7 @@ static int too_long_to_encode(struct conn *c, size_t len, const char *param,
 
 static int build_prompt(struct conn *c, size_t i, int32_t **ids,
                         size_t *n_ids, struct tn_api_error *aerr) {
-  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->model->engine);
+  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->engine);
   struct tn_error err = {0};
   *ids = NULL;
   *n_ids = 0;
@@ -430,8 +445,8 @@ static struct tn_api_meta conn_meta(struct conn *c) {
   struct tn_api_meta m = {
       .id = c->id,
       .created = c->created,
-      .model = c->q.model ? c->q.model : tn_engine_name(c->model->engine),
-      .tok = tn_engine_tokenizer(c->model->engine),
+      .model = c->q.model ? c->q.model : c->model->name,
+      .tok = tn_engine_tokenizer(c->engine),
       .echo_text = c->q.echo ? (const char *const *)c->echo_text : NULL,
       .echo_len = c->q.echo ? c->echo_len : NULL,
   };
@@ -555,7 +570,13 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                      c->q.model);
     return send_error(c, &aerr);
   }
-  struct tn_engine *e = c->model->engine;
+  struct tn_engine *e = c->engine = model_engine(s, c->model);
+  if (!e) {
+    tn_api_error_set(&aerr, 503, "server_error", "model", "model_loading",
+                     "The model '%.100s' is still loading; retry shortly",
+                     c->model->name);
+    return send_error(c, &aerr);
+  }
   const struct tn_model *tm = tn_engine_model(e);
   if (tn_api_check_vocab(&c->q, tm->hp.n_vocab, &aerr))
     return send_error(c, &aerr);
@@ -731,6 +752,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
       return send_error_msg(c, 503, "server_error", NULL,
                             "server_shutting_down",
                             "the server is shutting down");
+    if (!all_loaded(s))
+      return send_error_msg(c, 503, "server_error", NULL, "model_loading",
+                            "models are still loading");
     return send_json(c, 200, "{\"status\":\"ready\"}");
   }
   if (!strcmp(url, "/metrics")) {
@@ -827,6 +851,14 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   }
   memcpy(s->models, models, (size_t)n_models * sizeof(*models));
   s->n_models = n_models;
+  s->engines = calloc((size_t)n_models, sizeof(*s->engines));
+  if (!s->engines) {
+    free(s->models);
+    free(s);
+    return tn_error_set(err, TN_ENOMEM, "out of memory");
+  }
+  for (int i = 0; i < n_models; i++)
+    atomic_init(&s->engines[i], models[i].engine);
   pthread_mutex_init(&s->mu, NULL);
   if (metrics) {
     static const char *const labels[] = {"route", "status"};
@@ -873,6 +905,10 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
 
 int tn_server_port(const struct tn_server *s) { return s->port; }
 
+void tn_server_set_engine(struct tn_server *s, int i, struct tn_engine *e) {
+  if (i >= 0 && i < s->n_models) atomic_store(&s->engines[i], e);
+}
+
 void tn_server_drain(struct tn_server *s) { atomic_store(&s->draining, true); }
 
 int tn_server_in_flight(struct tn_server *s) {
@@ -885,6 +921,7 @@ void tn_server_stop(struct tn_server *s) {
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
   pthread_mutex_destroy(&s->mu);
+  free(s->engines);
   free(s->models);
   free(s);
 }

@@ -20,7 +20,8 @@ struct tn_engine;
 struct tn_metrics;
 
 struct tn_server_model {
-  struct tn_engine *engine;   /* borrowed */
+  const char *name;           /* what clients send as "model" */
+  struct tn_engine *engine;   /* borrowed; NULL while loading (503) */
   const char *const *aliases; /* other names clients may send */
   int n_aliases;
 };
@@ -37,12 +38,18 @@ void tn_server_config_default(struct tn_server_config *c);
 
 struct tn_server;
 
-/* Starts listening. models[0] serves requests that name no model. */
+/* Starts listening (names, aliases and pointers are borrowed: they must
+ * outlive the server). models[0] serves requests that name no model.
+ * Models may still be loading: their requests get 503 until
+ * tn_server_set_engine(). */
 enum tn_status tn_server_start(const struct tn_server_config *cfg,
                                const struct tn_server_model *models,
                                int n_models, struct tn_metrics *metrics,
                                struct tn_server **out, struct tn_error *err);
 int tn_server_port(const struct tn_server *s);
+/* Hands model i its engine once loaded; /ready is 200 when every model
+ * has one (and the server is not draining). */
+void tn_server_set_engine(struct tn_server *s, int i, struct tn_engine *e);
 /* /ready turns 503 and new completions get 503; running ones go on. */
 void tn_server_drain(struct tn_server *s);
 /* Requests with an open connection. */

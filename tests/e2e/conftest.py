@@ -67,12 +67,13 @@ class TernServer:
                 raise RuntimeError(f"tern serve exited {self.proc.returncode}: "
                                    + self.read_log()[-2000:])
             try:
-                with urllib.request.urlopen(self.base + "/health", timeout=1):
+                # /health answers while models load; /ready once loaded
+                with urllib.request.urlopen(self.base + "/ready", timeout=1):
                     return
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("tern serve did not become healthy in 60 s")
+        raise RuntimeError("tern serve did not become ready in 60 s")
 
     def read_log(self):
         self.log.flush()

@@ -358,22 +358,23 @@ ALWAYS_INLINE void tile_q4_0(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK4_0; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q4_0));
     __m256i qy[MT], c8[MT];
-    float dy[MT];
+    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
     for (int t = 0; t < NT; t++) {
       const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
       c8[t] = _mm256_maddubs_epi16(eight, qy[t]);
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
     }
     for (int r = 0; r < NR; r++) {
       const struct block_q4_0 *xb = (const struct block_q4_0 *)(w + r * ws) + b;
       __m256i qx = unpack_nibbles(xb->qs);
       float dx = h2f(xb->d);
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qx, qy[t]), c8[t]);
         __m256 p = _mm256_cvtepi32_ps(
             _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }
@@ -390,20 +391,21 @@ ALWAYS_INLINE void tile_q8_0(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK8_0; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q8_0));
     __m256i qy[MT];
-    float dy[MT];
+    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
     for (int t = 0; t < NT; t++) {
       const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
     }
     for (int r = 0; r < NR; r++) {
       const struct block_q8_0 *xb = (const struct block_q8_0 *)(w + r * ws) + b;
       __m256i qx = _mm256_loadu_si256((const __m256i *)xb->qs);
       __m256i ax = _mm256_sign_epi8(qx, qx);
       float dx = h2f(xb->d);
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256 p = _mm256_cvtepi32_ps(dot_us8(ax, _mm256_sign_epi8(qy[t], qx)));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }
@@ -432,22 +434,23 @@ ALWAYS_INLINE void tile_q5_0(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK5_0; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_0));
     __m256i qy[MT], c16[MT];
-    float dy[MT];
+    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
     for (int t = 0; t < NT; t++) {
       const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
       c16[t] = _mm256_maddubs_epi16(sixteen, qy[t]);
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
     }
     for (int r = 0; r < NR; r++) {
       const struct block_q5_0 *xb = (const struct block_q5_0 *)(w + r * ws) + b;
       const __m256i qx = unpack_q5(xb->qs, xb->qh);
       const float dx = h2f(xb->d);
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qx, qy[t]), c16[t]);
         __m256 p = _mm256_cvtepi32_ps(
             _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }
@@ -473,7 +476,7 @@ ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK5_1; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_1));
     __m256i qy[MT];
-    float dy[MT];
+    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
     uint16_t mh[4] = {0};
     for (int r = 0; r < NR; r++)
       mh[r] = ((const struct block_q5_1 *)(w + r * ws) + b)->m;
@@ -481,16 +484,17 @@ ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
     for (int t = 0; t < NT; t++) {
       const struct block_q8_1 *yb = (const struct block_q8_1 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
       macc[t] = _mm_fmadd_ps(mx, _mm_set1_ps(h2f(yb->s)), macc[t]);
     }
     for (int r = 0; r < NR; r++) {
       const struct block_q5_1 *xb = (const struct block_q5_1 *)(w + r * ws) + b;
       const __m256i qx = unpack_q5(xb->qs, xb->qh);
       const float dx = h2f(xb->d);
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256 p = _mm256_cvtepi32_ps(dot_us8(qx, qy[t]));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }

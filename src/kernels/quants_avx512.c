@@ -237,14 +237,14 @@ ALWAYS_INLINE void tile_offset(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK8_0; b++) {
     PREFETCH_TILE(w, ws, b, NR, xsize);
     __m256i qy[MT], corr[MT];
-    float dy[MT];
+    __m256 dy[MT];
     for (int t = 0; t < NT; t++) {
       const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
       corr[t] = _mm256_sub_epi32(
           _mm256_setzero_si256(),
           _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, qy[t]));
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
     }
     for (int r = 0; r < NR; r++) {
       __m256i qx;
@@ -265,10 +265,13 @@ ALWAYS_INLINE void tile_offset(int64_t n, const uint8_t *w, size_t ws,
         qx = unpack_nibbles(xb->qs);
         dx = h2f(xb->d);
       }
+      /* dx * dy as a vector product: the same IEEE product in every
+       * lane as the scalar one, without a broadcast per (row, token) */
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256i p = _mm256_dpbusd_epi32(corr[t], qx, qy[t]);
         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                    _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+                                    _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }
@@ -304,7 +307,7 @@ ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
   for (int64_t b = 0; b < n / QK5_1; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_1));
     __m256i qy[MT];
-    float dy[MT];
+    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
     uint16_t mh[4] = {0};
     for (int r = 0; r < NR; r++)
       mh[r] = ((const struct block_q5_1 *)(w + r * ws) + b)->m;
@@ -312,16 +315,17 @@ ALWAYS_INLINE void tile_q5_1(int64_t n, const uint8_t *w, size_t ws,
     for (int t = 0; t < NT; t++) {
       const struct block_q8_1 *yb = (const struct block_q8_1 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
-      dy[t] = h2f(yb->d);
+      dy[t] = _mm256_set1_ps(h2f(yb->d));
       macc[t] = _mm_fmadd_ps(mx, _mm_set1_ps(h2f(yb->s)), macc[t]);
     }
     for (int r = 0; r < NR; r++) {
       const struct block_q5_1 *xb = (const struct block_q5_1 *)(w + r * ws) + b;
       const __m256i qx = unpack_q5(xb->qs, xb->qh);
       const float dx = h2f(xb->d);
+      const __m256 vdx = _mm256_set1_ps(dx);
       for (int t = 0; t < NT; t++) {
         __m256 p = _mm256_cvtepi32_ps(DOT(qx, qy[t]));
-        acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dy[t]), acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(vdx, dy[t]), acc[r][t]);
       }
     }
   }

@@ -157,6 +157,15 @@ void tn_vec_scale(float *y, float s, int64_t n);
 float tn_vec_dot_f32(const float *x, const float *y, int64_t n);
 /* y += a * x */
 void tn_vec_axpy(float *y, float a, const float *x, int64_t n);
+/* Attention over a run of tokens, one call per cache row: *out[i] =
+ * tn_vec_dot_f32(x, y + i * y_stride, n) * scale, and y + i * y_stride +=
+ * a[i] * x, for i < ny, with exactly the single-row arithmetic. */
+void tn_vec_dot_f32_rows(const float *x, const float *y, int64_t y_stride,
+                         int ny, float *const *out, int64_t n, float scale);
+void tn_vec_axpy_rows(float *y, int64_t y_stride, const float *a, int ny,
+                      const float *x, int64_t n);
+/* x[i] = f32(f16(x[i])), round to nearest even. */
+void tn_round_f16(float *x, int64_t n);
 float tn_vec_dot_f16(const uint16_t *x, const float *y, int64_t n);
 void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n);
 

@@ -99,6 +99,12 @@ void tn_vec_scale(float *y, float s, int64_t n) {
 
 float tn_vec_dot_f32_avx2(const float *x, const float *y, int64_t n);
 void tn_vec_axpy_avx2(float *y, float a, const float *x, int64_t n);
+void tn_vec_dot_f32_rows_avx2(const float *x, const float *y, int64_t y_stride,
+                              int ny, float *const *out, int64_t n,
+                              float scale);
+void tn_vec_axpy_rows_avx2(float *y, int64_t y_stride, const float *a, int ny,
+                           const float *x, int64_t n);
+void tn_round_f16_avx2(float *x, int64_t n);
 
 /* Attention runs these over the whole context, so they are dispatched;
  * each level always uses the same one (batch invariance). */
@@ -120,6 +126,33 @@ float tn_vec_dot_f32(const float *x, const float *y, int64_t n) {
   for (; i < n; i++) r += x[i] * y[i];
   for (int j = 0; j < 8; j++) r += s[j];
   return r;
+}
+
+void tn_vec_dot_f32_rows(const float *x, const float *y, int64_t y_stride,
+                         int ny, float *const *out, int64_t n, float scale) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_vec_dot_f32_rows_avx2(x, y, y_stride, ny, out, n, scale);
+    return;
+  }
+  for (int i = 0; i < ny; i++)
+    *out[i] = tn_vec_dot_f32(x, y + (int64_t)i * y_stride, n) * scale;
+}
+
+void tn_vec_axpy_rows(float *y, int64_t y_stride, const float *a, int ny,
+                      const float *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_vec_axpy_rows_avx2(y, y_stride, a, ny, x, n);
+    return;
+  }
+  for (int i = 0; i < ny; i++) tn_vec_axpy(y + (int64_t)i * y_stride, a[i], x, n);
+}
+
+void tn_round_f16(float *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_round_f16_avx2(x, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) x[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(x[i]));
 }
 
 /* ---- f16 helpers for attention: scalar here, AVX2 in ops_avx2.c */

@@ -202,37 +202,46 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
   }
   const int32_t j0 = start[0], j1 = pos[nq - 1];
 
+  /* Cache row j is seen by the tokens i in [lo, hi): positions rise and
+   * window starts never fall along the run. */
+  int32_t lo = 0, hi = 0;
+  const float *q0 = c->q + (int64_t)r0 * qd + (int64_t)h * hd;
+  float *o0 = c->attn + (int64_t)r0 * qd + (int64_t)h * hd;
+  float *outs[TN_ATTN_RUN];
+  float w[TN_ATTN_RUN];
+
   /* scores[i][j - start[i]] = (k_j . q_i) * scale */
   for (int32_t j = j0; j <= j1; j++) {
+    while (lo < nq && pos[lo] < j) lo++;
+    while (hi < nq && start[hi] <= j) hi++;
+    if (lo >= hi) continue;
     tn_fp16_to_fp32_row(tn_kv_k(kv, il, s->blocks[j / bs], j % bs) +
                             (size_t)kvh * (size_t)hd,
                         krow, hd);
-    for (int32_t i = 0; i < nq; i++) {
-      if (j < start[i] || j > pos[i]) continue;
-      const float *q = c->q + (int64_t)(r0 + i) * qd + (int64_t)h * hd;
-      scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])] =
-          tn_vec_dot_f32(krow, q, hd) * hp->attn_scale;
-    }
+    for (int32_t i = lo; i < hi; i++)
+      outs[i - lo] = scores + (size_t)i * (size_t)n_ctx + (size_t)(j - start[i]);
+    tn_vec_dot_f32_rows(krow, q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
+                        hp->attn_scale);
   }
   for (int32_t i = 0; i < nq; i++) {
     float *sc = scores + (size_t)i * (size_t)n_ctx;
     int32_t n = pos[i] - start[i] + 1;
     tn_softmax(sc, n);
     /* rounded to f16 as llama.cpp does next to an F16 cache */
-    for (int32_t j = 0; j < n; j++) sc[j] = tn_fp16_to_fp32(tn_fp32_to_fp16(sc[j]));
-    memset(c->attn + (int64_t)(r0 + i) * qd + (int64_t)h * hd, 0,
-           (size_t)hd * sizeof(float));
+    tn_round_f16(sc, n);
+    memset(o0 + (int64_t)i * qd, 0, (size_t)hd * sizeof(float));
   }
+  lo = hi = 0;
   for (int32_t j = j0; j <= j1; j++) {
+    while (lo < nq && pos[lo] < j) lo++;
+    while (hi < nq && start[hi] <= j) hi++;
+    if (lo >= hi) continue;
     tn_fp16_to_fp32_row(tn_kv_v(kv, il, s->blocks[j / bs], j % bs) +
                             (size_t)kvh * (size_t)hd,
                         vrow, hd);
-    for (int32_t i = 0; i < nq; i++) {
-      if (j < start[i] || j > pos[i]) continue;
-      float *o = c->attn + (int64_t)(r0 + i) * qd + (int64_t)h * hd;
-      tn_vec_axpy(o, scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])],
-                  vrow, hd);
-    }
+    for (int32_t i = lo; i < hi; i++)
+      w[i - lo] = scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])];
+    tn_vec_axpy_rows(o0 + (int64_t)lo * qd, qd, w, hi - lo, vrow, hd);
   }
 }
 
@@ -297,7 +306,7 @@ static void forward_worker(void *arg, int ith, int nth) {
         tn_rope_apply(qt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
       /* q rounded to f16, as llama.cpp multiplies it with an F16 cache */
-      for (int64_t i = 0; i < qd; i++) qt[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(qt[i]));
+      tn_round_f16(qt, qd);
       for (int32_t h = 0; h < hp->n_head_kv; h++) {
         if (L->k_norm) tn_rms_norm(kt + h * hd, L->k_norm, kt + h * hd, hd, hp->norm_eps);
         tn_rope_apply(kt + h * hd, cs, hp->n_rot, hp->rope_neox);

@@ -221,6 +221,10 @@ int tn_cli_serve(int argc, char **argv) {
   }
 
   int port = tn_server_port(srv);
+  if (strcmp(scfg.host, "127.0.0.1") != 0 && (!api_key || !*api_key))
+    tn_log_warn("listening on %s without --api-key: anyone who can reach "
+                "this address can use the models",
+                scfg.host);
   fprintf(stderr,
           "tern: serving %s at http://%s:%d/v1 (Ctrl-C to stop)\n"
           "tern: try:\n"

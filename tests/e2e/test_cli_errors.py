@@ -71,3 +71,37 @@ def test_bad_options(run_tern):
         r = run_tern(*args)
         assert r.returncode != 0, args
         assert needle in r.stderr.decode(), (args, r.stderr)
+
+
+# ---- `tern serve`: impossible configurations are refused at startup
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ([], "give a model"),
+    (["-m", "MODEL", "--kv-mem", "1"], "fewer than 2 blocks"),
+    (["-m", "MODEL", "--kv-mem", "lots"], "--kv-mem"),
+    (["-m", "MODEL", "--port", "70000"], "--port"),
+    (["-m", "MODEL", "--ctx", "1"], "--ctx"),
+    (["-m", "MODEL", "--max-seqs", "0"], "--max-seqs"),
+    (["-m", "MODEL", "--host", "not-an-address"], "--host"),
+    (["-m", "MODEL", "--config", "/nonexistent/models.yaml"], "models.yaml"),
+    (["-m", "/nonexistent/model.gguf"], "model.gguf"),
+    (["-m", "MODEL", "stray"], "unexpected argument"),
+])
+def test_serve_refuses_bad_configuration(run_tern, args, fragment):
+    args = [model_path("smollm2-135m") if a == "MODEL" else a for a in args]
+    r = run_tern("serve", "--port", "0", *args, timeout=60)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "tern: error:" in err and fragment in err, err
+
+
+def test_serve_bad_config_file_names_the_key(run_tern, tmp_path):
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("models:\n  - name: a\n    path: x.gguf\n    threads: lots\n")
+    r = run_tern("serve", "--config", str(cfg), timeout=60)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "threads" in err and "models.yaml" in err, err

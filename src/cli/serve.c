@@ -241,7 +241,8 @@ int tn_cli_serve(int argc, char **argv) {
   }
   tn_log_info("signal %d: draining (up to %ld s)", (int)g_signal, drain_s);
   tn_server_drain(srv);
-  for (int i = 0; i < n_models; i++) tn_engine_drain(engines[i]);
+  for (int i = 0; i < n_models; i++)
+    if (engines[i]) tn_engine_drain(engines[i]);
   double deadline = tn_time_s() + (double)drain_s;
   while (tn_server_in_flight(srv) > 0 && tn_time_s() < deadline) {
     struct timespec ts = {0, 20 * 1000 * 1000};
@@ -250,7 +251,8 @@ int tn_cli_serve(int argc, char **argv) {
   if (tn_server_in_flight(srv) > 0) {
     tn_log_warn("drain deadline passed: cancelling %d requests",
                 tn_server_in_flight(srv));
-    for (int i = 0; i < n_models; i++) tn_engine_cancel_all(engines[i]);
+    for (int i = 0; i < n_models; i++)
+      if (engines[i]) tn_engine_cancel_all(engines[i]);
     deadline = tn_time_s() + 5.0;
     while (tn_server_in_flight(srv) > 0 && tn_time_s() < deadline) {
       struct timespec ts = {0, 20 * 1000 * 1000};

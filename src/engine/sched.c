@@ -140,7 +140,8 @@ struct tn_engine {
   struct tn_req *inbox_head, *inbox_tail;
   int32_t n_inbox;
   int32_t n_waiting_total;    /* inbox + engine's waiting list */
-  bool stop, draining, cancel_all;
+  bool stop, draining;
+  atomic_bool cancel_all;     /* read by the engine thread without mu */
   struct tn_engine_stats stats;
 
   /* engine thread only */
@@ -625,7 +626,7 @@ static void spawn_children(struct tn_engine *e, struct tn_req *r) {
 }
 
 static bool req_cancelled(const struct tn_engine *e, const struct seq *s) {
-  return e->cancel_all || atomic_load(&s->req->priv->cancel);
+  return atomic_load(&e->cancel_all) || atomic_load(&s->req->priv->cancel);
 }
 
 static void drop_cancelled(struct tn_engine *e) {
@@ -889,7 +890,7 @@ static void *engine_main(void *arg) {
   for (;;) {
     pthread_mutex_lock(&e->mu);
     while (!e->stop && !e->inbox_head && !e->admitted && !e->waiting &&
-           !e->cancel_all)
+           !atomic_load(&e->cancel_all))
       pthread_cond_wait(&e->cv, &e->mu);
     bool stop = e->stop;
     pthread_mutex_unlock(&e->mu);
@@ -898,8 +899,9 @@ static void *engine_main(void *arg) {
     bool worked = engine_step(e);
     flush_touched(e);
     pthread_mutex_lock(&e->mu);
-    if (e->cancel_all && !e->admitted && !e->waiting && !e->inbox_head)
-      e->cancel_all = false;
+    if (atomic_load(&e->cancel_all) && !e->admitted && !e->waiting &&
+        !e->inbox_head)
+      atomic_store(&e->cancel_all, false);
     pthread_mutex_unlock(&e->mu);
     if (!worked && (e->admitted || e->waiting)) {
       /* Nothing could run (no blocks): wait briefly for changes. */
@@ -908,7 +910,7 @@ static void *engine_main(void *arg) {
     }
   }
   /* Shutting down: everything still here is cancelled. */
-  e->cancel_all = true;
+  atomic_store(&e->cancel_all, true);
   engine_take_inbox(e);
   drop_cancelled(e);
   flush_touched(e);
@@ -1171,7 +1173,7 @@ void tn_engine_drain(struct tn_engine *e) {
 
 void tn_engine_cancel_all(struct tn_engine *e) {
   pthread_mutex_lock(&e->mu);
-  e->cancel_all = true;
+  atomic_store(&e->cancel_all, true);
   pthread_cond_signal(&e->cv);
   pthread_mutex_unlock(&e->mu);
 }

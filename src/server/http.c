@@ -56,6 +56,7 @@ struct tn_server {
   pthread_t reaper;
   bool reaper_started;
   atomic_bool stop;
+  atomic_bool stopping;       /* no connection may suspend any more */
 };
 
 struct conn {
@@ -185,10 +186,11 @@ static void conn_wake(void *user) {
 }
 
 /* Suspends unless a wake-up came since the caller last looked; false when
- * it did (look again). */
+ * it did (look again) or when the server is stopping (the caller answers
+ * now: libmicrohttpd must not be stopped with a suspended connection). */
 static bool conn_suspend(struct conn *c) {
   pthread_mutex_lock(&c->mu);
-  if (c->wake) {
+  if (c->wake || atomic_load(&c->srv->stopping)) {
     c->wake = false;
     pthread_mutex_unlock(&c->mu);
     return false;
@@ -496,6 +498,13 @@ static enum MHD_Result completion_wait(struct conn *c) {
       tn_req_unlock(c->reqs[i]);
     }
     if (done) break;
+    if (atomic_load(&c->srv->stopping)) {
+      live_remove(c);
+      cancel_reqs(c);
+      return send_error_msg(c, 503, "server_error", NULL,
+                            "server_shutting_down",
+                            "the server stopped before the answer was ready");
+    }
     if (conn_suspend(c)) return MHD_YES;
   }
   live_remove(c);
@@ -538,6 +547,10 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     unlock_reqs(c);
     if (c->out.oom) return MHD_CONTENT_READER_END_WITH_ERROR;
     if (c->out.len > 0 || c->stream_done) continue;
+    if (atomic_load(&c->srv->stopping)) {
+      live_remove(c);
+      return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
     if (conn_suspend(c)) return 0;
   }
 }
@@ -915,8 +928,35 @@ int tn_server_in_flight(struct tn_server *s) {
   return atomic_load(&s->in_flight);
 }
 
+/* Resumes every suspended connection (they answer 503 or end their stream
+ * now) and waits until none is suspended: MHD_stop_daemon() aborts the
+ * process if one still is. */
+static void resume_all(struct tn_server *s) {
+  atomic_store(&s->stopping, true);
+  for (int tries = 0; tries < 500; tries++) {
+    int suspended = 0;
+    pthread_mutex_lock(&s->mu);
+    for (struct conn *c = s->live; c; c = c->live_next) {
+      pthread_mutex_lock(&c->mu);
+      if (c->suspended) {
+        c->suspended = false;
+        MHD_resume_connection(c->mhd);
+        suspended++;
+      }
+      pthread_mutex_unlock(&c->mu);
+    }
+    bool any_live = s->live != NULL;
+    pthread_mutex_unlock(&s->mu);
+    if (!suspended && !any_live) return;
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  tn_log_warn("http: connections still busy at shutdown");
+}
+
 void tn_server_stop(struct tn_server *s) {
   if (!s) return;
+  if (s->mhd) resume_all(s);
   atomic_store(&s->stop, true);
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);

@@ -807,7 +807,11 @@ static bool engine_step(struct tn_engine *e) {
     struct seq *s = e->waiting;
     seq_prefix_lookup(e, s);
     int32_t n = TN_MIN(s->n_tokens - s->n_done, budget);
-    if (tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) != TN_OK) {
+    /* Check first: a reserve that fails half-way would have evicted
+     * cached prefix blocks for nothing. */
+    int32_t need = (s->n_done + n + BLOCK_SIZE - 1) / BLOCK_SIZE - s->kv.n_blocks;
+    if (need > tn_kv_available(&e->kv) ||
+        tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) != TN_OK) {
       /* Not now: give back what it took (the cached prefix stays cached). */
       tn_kv_seq_deinit(&e->kv, &s->kv);
       tn_kv_seq_init(&s->kv);

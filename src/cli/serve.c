@@ -225,7 +225,8 @@ int tn_cli_serve(int argc, char **argv) {
     tn_log_warn("listening on %s without --api-key: anyone who can reach "
                 "this address can use the models",
                 scfg.host);
-  fprintf(stderr,
+  if (!g_signal)
+    fprintf(stderr,
           "tern: serving %s at http://%s:%d/v1 (Ctrl-C to stop)\n"
           "tern: try:\n"
           "  curl http://%s:%d/v1/chat/completions -H 'Content-Type: "

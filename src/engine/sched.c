@@ -445,6 +445,10 @@ static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
   }
   s->n_held = 0;
   c->finish = f;
+  /* A failed or cancelled choice 0 takes the choices it never spawned
+   * with it, or the request would never be done. */
+  if (f == TN_FINISH_ERROR || f == TN_FINISH_CANCELLED)
+    while (p->n_spawned < r->n_choices) r->choices[p->n_spawned++].finish = f;
   if (f == TN_FINISH_ERROR && error)
     snprintf(r->error, sizeof(r->error), "%s", error);
   bool done = --p->n_live == 0 && p->n_spawned == r->n_choices;

@@ -72,7 +72,6 @@ struct tn_req_priv {
   atomic_bool cancel;
   tn_req_notify_fn notify;
   void *user;
-  bool user_gone;             /* the submitter released its reference */
   struct tn_gen_params params;
   struct tn_logit_bias *bias;
   char **stops;
@@ -82,16 +81,12 @@ struct tn_req_priv {
   int32_t n_spawned;          /* choices given a sequence */
   bool touched;               /* gained output this step */
   bool queued;                /* counted in the waiting gauge */
-  double t_admit;
   struct tn_req *next_inbox;
 };
-
-enum seq_state { SEQ_WAITING, SEQ_ADMITTED };
 
 struct seq {
   struct tn_req *req;
   int32_t choice;
-  enum seq_state state;
   uint64_t order;             /* admission order: newest preempted first */
   struct tn_kv_seq kv;
   int32_t *tokens;            /* prompt and generated */
@@ -138,7 +133,6 @@ struct tn_engine {
   pthread_mutex_t mu;         /* inbox, flags, stats */
   pthread_cond_t cv;
   struct tn_req *inbox_head, *inbox_tail;
-  int32_t n_inbox;
   int32_t n_waiting_total;    /* inbox + engine's waiting list */
   bool stop, draining;
   atomic_bool cancel_all;     /* read by the engine thread without mu */
@@ -210,7 +204,6 @@ void tn_req_cancel(struct tn_req *r) { atomic_store(&r->priv->cancel, true); }
 
 void tn_req_release(struct tn_req *r) {
   pthread_mutex_lock(&r->priv->mu);
-  r->priv->user_gone = true;
   r->priv->notify = NULL;
   pthread_mutex_unlock(&r->priv->mu);
   atomic_store(&r->priv->cancel, true); /* harmless once done */
@@ -519,7 +512,6 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
   s->n_done = 0;
   s->n_blocks_hashed = 0;
   s->chain = 0;
-  s->state = SEQ_WAITING;
   s->chunk = 0;
   s->next = e->waiting;
   e->waiting = s;
@@ -570,7 +562,6 @@ static void engine_take_inbox(struct tn_engine *e) {
   pthread_mutex_lock(&e->mu);
   struct tn_req *r = e->inbox_head;
   e->inbox_head = e->inbox_tail = NULL;
-  e->n_inbox = 0;
   pthread_mutex_unlock(&e->mu);
   while (r) {
     struct tn_req *next = r->priv->next_inbox;
@@ -578,7 +569,6 @@ static void engine_take_inbox(struct tn_engine *e) {
     struct seq *s = seq_new(e, r, 0);
     if (!s) {
       tn_req_lock(r);
-      r->choices[0].finish = TN_FINISH_ERROR;
       snprintf(r->error, sizeof(r->error), "out of memory");
       for (int32_t i = 0; i < r->n_choices; i++)
         r->choices[i].finish = TN_FINISH_ERROR;
@@ -653,12 +643,7 @@ static void drop_cancelled(struct tn_engine *e) {
         e->n_waiting_total--;
         pthread_mutex_unlock(&e->mu);
       }
-      /* Choices never spawned are cancelled with it. */
-      tn_req_lock(r);
-      while (p->n_spawned < r->n_choices)
-        r->choices[p->n_spawned++].finish = TN_FINISH_CANCELLED;
-      tn_req_unlock(r);
-      seq_finish(e, s, TN_FINISH_CANCELLED, NULL);
+      seq_finish(e, s, TN_FINISH_CANCELLED, NULL); /* and unspawned ones */
       seq_free(e, s);
     }
   }
@@ -680,12 +665,11 @@ static bool seq_emit_text(struct tn_engine *e, struct seq *s, const char *t,
   if (!bytes_reserve(&s->held, &s->cap_held, s->n_held + n + 1)) return false;
   memcpy(s->held + s->n_held, t, n);
   s->n_held += n;
+  /* Before min_tokens, stop strings don't count yet. */
   struct tn_stop_match m = {false, s->n_held};
   if (stops_active)
     m = tn_stop_scan(s->held, s->n_held, (const char *const *)p->stops,
                      (size_t)p->params.n_stops);
-  else
-    m.emit_len = s->n_held; /* min_tokens: stops don't count yet */
   tn_req_lock(r);
   choice_append(c, s->held, m.emit_len);
   tn_req_unlock(r);
@@ -824,15 +808,13 @@ static bool engine_step(struct tn_engine *e) {
     }
     e->waiting = s->next;
     s->next = NULL;
-    s->state = SEQ_ADMITTED;
     s->order = e->next_order++;
     list_append(&e->admitted, s);
     e->n_admitted++;
     struct tn_req_priv *p = s->req->priv;
     if (p->queued) {
       p->queued = false;
-      p->t_admit = tn_time_s();
-      metric_observe(e->mm.queue, p->t_admit - s->req->t_submit);
+      metric_observe(e->mm.queue, tn_time_s() - s->req->t_submit);
       pthread_mutex_lock(&e->mu);
       e->n_waiting_total--;
       pthread_mutex_unlock(&e->mu);
@@ -1165,7 +1147,6 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
   if (e->inbox_tail) e->inbox_tail->priv->next_inbox = r;
   else e->inbox_head = r;
   e->inbox_tail = r;
-  e->n_inbox++;
   e->n_waiting_total++;
   pthread_cond_signal(&e->cv);
   pthread_mutex_unlock(&e->mu);

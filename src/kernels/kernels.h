@@ -149,25 +149,37 @@ void tn_rms_norm(const float *x, const float *w, float *y, int64_t n,
 /* Gemma stores norm weights as (w), applied as x*(1+w) when one_plus. */
 void tn_rms_norm_ex(const float *x, const float *w, float *y, int64_t n,
                     float eps, bool one_plus);
-void tn_softmax(float *x, int64_t n);
-void tn_silu_mul(float *gate, const float *up, int64_t n); /* gate=silu(gate)*up */
+/* gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)) with tn_exp_poly */
+void tn_silu_mul(float *gate, const float *up, int64_t n);
 void tn_gelu_mul(float *gate, const float *up, int64_t n); /* tanh-approx GELU */
 void tn_vec_add(float *y, const float *x, int64_t n);
 void tn_vec_scale(float *y, float s, int64_t n);
-float tn_vec_dot_f32(const float *x, const float *y, int64_t n);
-/* y += a * x */
-void tn_vec_axpy(float *y, float a, const float *x, int64_t n);
-/* Attention over a run of tokens, one call per cache row: *out[i] =
- * tn_vec_dot_f32(x, y + i * y_stride, n) * scale, and y + i * y_stride +=
- * a[i] * x, for i < ny, with exactly the single-row arithmetic. */
-void tn_vec_dot_f32_rows(const float *x, const float *y, int64_t y_stride,
-                         int ny, float *const *out, int64_t n, float scale);
-void tn_vec_axpy_rows(float *y, int64_t y_stride, const float *a, int ny,
-                      const float *x, int64_t n);
+
+/* exp(x) to about 1.5 ulp, with llama.cpp's CPU rounding (see ops.c). */
+float tn_exp_poly(float x);
+/* The sum of v[0..16) in the order of an AVX-512 horizontal add. */
+float tn_reduce16(const float *v);
+
+/* ---- attention in llama.cpp's order of operations (ops.c)
+ *
+ * tn_attn_softmax: softmax of x[0..n) with tn_exp_poly, the sum taken in
+ *   16-wide chunks aligned so that x[i] is lane (i + off) % 16 (off: the
+ *   first position's cache index mod 16), then scaled by 1/sum.
+ * tn_attn_dot: x.y in 64 lanes (see ops.c); *out[i] = tn_attn_dot(x, y +
+ *   i * y_stride, n) * scale for i < ny, one call per cache row.
+ * tn_attn_accum_rows: acc + i * acc_stride += a[i] * x (fused), i < ny: the
+ *   weighted value row x of position p goes into lane p % 64 of each
+ *   token's [64][n] accumulator, and tn_attn_reduce folds one
+ *   accumulator's 64 lanes into out[n]. */
+void tn_attn_softmax(float *x, int64_t n, int64_t off);
+float tn_attn_dot(const float *x, const float *y, int64_t n);
+void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
+                      int ny, float *const *out, int64_t n, float scale);
+void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
+                        const float *x, int64_t n);
+void tn_attn_reduce(const float *acc, float *out, int64_t n);
 /* x[i] = f32(f16(x[i])), round to nearest even. */
 void tn_round_f16(float *x, int64_t n);
-float tn_vec_dot_f16(const uint16_t *x, const float *y, int64_t n);
-void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n);
 
 /* RoPE on one head vector x[head_dim] at position pos, rotating the first
  * n_rot dims. neox: pairs (i, i + n_rot/2); otherwise (2i, 2i+1). */

@@ -3,9 +3,10 @@
  * softmax, RoPE) and the f16 dot/axpy used by attention over the KV cache.
  *
  * These are cheap next to the matrix products; the scalar loops are written
- * so the compiler vectorises them. The f16 attention helpers are the
- * exception: they run over the whole context every step, so they have AVX2
- * versions (ops_avx2.c) chosen by tn_kernels_level().
+ * so the compiler vectorises them. Attention sums, exp and SiLU are the
+ * exception: they run over the whole context or n_ff every step, so they
+ * have AVX2 versions (ops_avx2.c, bit for bit the same) chosen by
+ * tn_kernels_level().
  */
 #include <math.h>
 #include <pthread.h>
@@ -38,23 +39,75 @@ void tn_rms_norm(const float *x, const float *w, float *y, int64_t n,
   tn_rms_norm_ex(x, w, y, n, eps, false);
 }
 
-void tn_softmax(float *x, int64_t n) {
+/* ---- exp, softmax and SiLU in llama.cpp's arithmetic
+ *
+ * Greedy decoding agrees with llama.cpp token for token only if every op
+ * rounds the way its CPU backend (x86, AVX-512 build) does: one bit of
+ * difference in an attention weight can flip the f16 rounding of that
+ * weight or the 8-bit rounding of an activation, and from there the two
+ * drift apart. So exp is the same polynomial it uses (ARM's
+ * optimized-routines expf: range reduction by ln 2 in two parts, degree-5
+ * polynomial, scaling by 2^n; about 1.5 ulp), and sums are formed in the
+ * same order (see tn_attn_dot). This is the arithmetic only; the code is
+ * ours, and every level (scalar, AVX2) gives the same bits. */
+
+float tn_exp_poly(float x) {
+  const float shift = 0x1.8p23f;
+  float z = fmaf(x, 0x1.715476p+0f, shift);
+  float n = z - shift; /* round(x / ln 2) */
+  float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+  float u = b * b;
+  float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                      fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                 u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+  if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+  return ldexpf(j, (int)n); /* j * 2^n, one rounding */
+}
+
+/* The sum of 16 lanes in the tree an AVX-512 horizontal add uses. */
+float tn_reduce16(const float *v) {
+  float t8[8], t4[4];
+  for (int l = 0; l < 8; l++) t8[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; l++) t4[l] = t8[l] + t8[l + 4];
+  return (t4[0] + t4[2]) + (t4[1] + t4[3]);
+}
+
+void tn_softmax_avx2(float *x, int64_t n, int64_t off);
+
+void tn_attn_softmax(float *x, int64_t n, int64_t off) {
   if (n <= 0) return;
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_softmax_avx2(x, n, off);
+    return;
+  }
   float mx = x[0];
   for (int64_t i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; i++) {
-    x[i] = expf(x[i] - mx);
-    sum += x[i];
+  for (int64_t i = 0; i < n; i++) x[i] = tn_exp_poly(x[i] - mx);
+  /* x[i] sits in lane (i + off) % 16 of a 16-wide chunk; lanes outside
+   * [0, n) are the masked positions, exactly 0. */
+  double sum = 0.0;
+  for (int64_t c0 = -off; c0 < n; c0 += 16) {
+    float v[16];
+    for (int l = 0; l < 16; l++) {
+      int64_t i = c0 + l;
+      v[l] = i >= 0 && i < n ? x[i] : 0.0f;
+    }
+    sum += (double)tn_reduce16(v);
   }
-  float inv = 1.0f / sum;
+  float inv = (float)(1.0 / sum);
   for (int64_t i = 0; i < n; i++) x[i] *= inv;
 }
 
+void tn_silu_mul_avx2(float *gate, const float *up, int64_t n);
+
 void tn_silu_mul(float *gate, const float *up, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_silu_mul_avx2(gate, up, n);
+    return;
+  }
   for (int64_t i = 0; i < n; i++) {
     float g = gate[i];
-    gate[i] = g / (1.0f + expf(-g)) * up[i];
+    gate[i] = g / (1.0f + tn_exp_poly(0.0f - g)) * up[i];
   }
 }
 
@@ -97,54 +150,69 @@ void tn_vec_scale(float *y, float s, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] *= s;
 }
 
-float tn_vec_dot_f32_avx2(const float *x, const float *y, int64_t n);
-void tn_vec_axpy_avx2(float *y, float a, const float *x, int64_t n);
-void tn_vec_dot_f32_rows_avx2(const float *x, const float *y, int64_t y_stride,
-                              int ny, float *const *out, int64_t n,
-                              float scale);
-void tn_vec_axpy_rows_avx2(float *y, int64_t y_stride, const float *a, int ny,
-                           const float *x, int64_t n);
+/* ---- attention sums over the F16 cache
+ *
+ * llama.cpp forms Q.K and weights.V as f16 dot products (its one-token
+ * path, which is what every generated token takes): products accumulate
+ * into 64 lanes, position p into lane p % 64, in position order; then the
+ * four 16-lane quarters are added (0+2, 1+3, then the two), the 16 lanes
+ * reduced by tn_reduce16, and any tail past a multiple of 64 added in
+ * double. tern uses that order for every token, batched or not. */
+
+float tn_attn_dot(const float *x, const float *y, int64_t n) {
+  float acc[64] = {0};
+  int64_t np = n & ~(int64_t)63;
+  for (int64_t i = 0; i < np; i += 64)
+    for (int k = 0; k < 64; k++) acc[k] = fmaf(x[i + k], y[i + k], acc[k]);
+  float v[16];
+  for (int l = 0; l < 16; l++)
+    v[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
+  double s = tn_reduce16(v);
+  for (int64_t i = np; i < n; i++) s += (double)(x[i] * y[i]);
+  return (float)s;
+}
+
+void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
+                           int ny, float *const *out, int64_t n, float scale);
+void tn_attn_accum_rows_avx2(float *acc, int64_t acc_stride, const float *a,
+                             int ny, const float *x, int64_t n);
+void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
 void tn_round_f16_avx2(float *x, int64_t n);
 
-/* Attention runs these over the whole context, so they are dispatched;
- * each level always uses the same one (batch invariance). */
-void tn_vec_axpy(float *y, float a, const float *x, int64_t n) {
+void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
+                      int ny, float *const *out, int64_t n, float scale) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_vec_axpy_avx2(y, a, x, n);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-float tn_vec_dot_f32(const float *x, const float *y, int64_t n) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) return tn_vec_dot_f32_avx2(x, y, n);
-  float s[8] = {0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; j++) s[j] += x[i + j] * y[i + j];
-  float r = 0.0f;
-  for (; i < n; i++) r += x[i] * y[i];
-  for (int j = 0; j < 8; j++) r += s[j];
-  return r;
-}
-
-void tn_vec_dot_f32_rows(const float *x, const float *y, int64_t y_stride,
-                         int ny, float *const *out, int64_t n, float scale) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_vec_dot_f32_rows_avx2(x, y, y_stride, ny, out, n, scale);
+    tn_attn_dot_rows_avx2(x, y, y_stride, ny, out, n, scale);
     return;
   }
   for (int i = 0; i < ny; i++)
-    *out[i] = tn_vec_dot_f32(x, y + (int64_t)i * y_stride, n) * scale;
+    *out[i] = tn_attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
-void tn_vec_axpy_rows(float *y, int64_t y_stride, const float *a, int ny,
-                      const float *x, int64_t n) {
+void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
+                        const float *x, int64_t n) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_vec_axpy_rows_avx2(y, y_stride, a, ny, x, n);
+    tn_attn_accum_rows_avx2(acc, acc_stride, a, ny, x, n);
     return;
   }
-  for (int i = 0; i < ny; i++) tn_vec_axpy(y + (int64_t)i * y_stride, a[i], x, n);
+  for (int i = 0; i < ny; i++) {
+    float *r = acc + (int64_t)i * acc_stride;
+    for (int64_t d = 0; d < n; d++) r[d] = fmaf(a[i], x[d], r[d]);
+  }
+}
+
+void tn_attn_reduce(const float *acc, float *out, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_attn_reduce_avx2(acc, out, n);
+    return;
+  }
+  for (int64_t d = 0; d < n; d++) {
+    float v[16];
+    for (int l = 0; l < 16; l++)
+      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
+             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
+    out[d] = tn_reduce16(v);
+  }
 }
 
 void tn_round_f16(float *x, int64_t n) {
@@ -153,27 +221,6 @@ void tn_round_f16(float *x, int64_t n) {
     return;
   }
   for (int64_t i = 0; i < n; i++) x[i] = tn_fp16_to_fp32(tn_fp32_to_fp16(x[i]));
-}
-
-/* ---- f16 helpers for attention: scalar here, AVX2 in ops_avx2.c */
-
-float tn_vec_dot_f16_avx2(const uint16_t *x, const float *y, int64_t n);
-void tn_vec_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n);
-
-float tn_vec_dot_f16(const uint16_t *x, const float *y, int64_t n) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2)
-    return tn_vec_dot_f16_avx2(x, y, n);
-  float r = 0.0f;
-  for (int64_t i = 0; i < n; i++) r += tn_fp16_to_fp32(x[i]) * y[i];
-  return r;
-}
-
-void tn_vec_axpy_f16(float *y, float a, const uint16_t *x, int64_t n) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_vec_axpy_f16_avx2(y, a, x, n);
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) y[i] += a * tn_fp16_to_fp32(x[i]);
 }
 
 /* ---- RoPE
@@ -202,8 +249,10 @@ void tn_rope_apply(float *x, const float *cs, int64_t n_rot, bool neox) {
     int64_t ia = neox ? i : 2 * i;
     int64_t ib = neox ? i + half : 2 * i + 1;
     float a = x[ia], b = x[ib];
-    x[ia] = a * c - b * s;
-    x[ib] = a * s + b * c;
+    /* Fused as llama.cpp's build fuses them, so positions rotate to the
+     * same bits (a plain a*c - b*s parts in the last bit). */
+    x[ia] = fmaf(a, c, -(b * s));
+    x[ib] = fmaf(a, s, b * c);
   }
 }
 

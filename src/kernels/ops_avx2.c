@@ -1,89 +1,177 @@
 /*
- * ops_avx2.c: AVX2/F16C versions of the attention helpers in ops.c.
+ * ops_avx2.c: AVX2/FMA/F16C versions of the attention sums, exp, softmax
+ * and SiLU in ops.c. Each gives the bits of its scalar version: the same
+ * operations per lane, in the same order (ops.c says which order and why).
  */
 #include <immintrin.h>
+#include <math.h>
+#include <string.h>
 
 #include "kernels/kernels.h"
 
-static inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
+/* tn_reduce16 of lo (lanes 0..7) and hi (lanes 8..15). */
+static inline float reduce16(__m256 lo, __m256 hi) {
+  __m256 t8 = _mm256_add_ps(lo, hi);
+  __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+  return _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)));
 }
 
-float tn_vec_dot_f16_avx2(const uint16_t *x, const float *y, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 a0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
-    __m256 a1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8)));
-    acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(y + i), acc0);
-    acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(y + i + 8), acc1);
+/* tn_exp_poly on 8 lanes. */
+static inline __m256 exp8(__m256 x) {
+  const __m256 shift = _mm256_set1_ps(0x1.8p23f);
+  __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), shift);
+  __m256 n = _mm256_sub_ps(z, shift);
+  __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                              _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+  __m256 u = _mm256_mul_ps(b, b);
+  __m256 j = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b,
+                                      _mm256_set1_ps(0x1.573e2ep-5f)),
+                      u,
+                      _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b,
+                                      _mm256_set1_ps(0x1.fffdb6p-2f))),
+      u, _mm256_fmadd_ps(_mm256_set1_ps(0x1.ffffecp-1f), b, _mm256_set1_ps(1.0f)));
+  /* j * 2^n is exact while the result stays normal: n in [-125, 126]. */
+  __m256 lo = _mm256_cmp_ps(n, _mm256_set1_ps(-125.0f), _CMP_GE_OQ);
+  __m256 hi = _mm256_cmp_ps(n, _mm256_set1_ps(126.0f), _CMP_LE_OQ);
+  if (_mm256_movemask_ps(_mm256_and_ps(lo, hi)) == 0xff) {
+    __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(j, _mm256_castsi256_ps(e));
   }
-  float r = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) r += tn_fp16_to_fp32(x[i]) * y[i];
-  return r;
+  float jj[8], nn[8], r[8];
+  _mm256_storeu_ps(jj, j);
+  _mm256_storeu_ps(nn, n);
+  for (int l = 0; l < 8; l++) {
+    if (fabsf(nn[l]) > 192.0f)
+      r[l] = nn[l] <= 0.0f ? 0.0f : INFINITY;
+    else
+      r[l] = ldexpf(jj[l], (int)nn[l]);
+  }
+  return _mm256_loadu_ps(r);
 }
 
-void tn_vec_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n) {
-  __m256 va = _mm256_set1_ps(a);
+void tn_softmax_avx2(float *x, int64_t n, int64_t off) {
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + i));
+  float m8[8], mx = -INFINITY;
+  _mm256_storeu_ps(m8, vmx);
+  for (int l = 0; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
+  for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+
+  __m256 vm = _mm256_set1_ps(mx);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+  if (i < n) {
+    float t[8] = {0};
+    memcpy(t, x + i, (size_t)(n - i) * sizeof(float));
+    _mm256_storeu_ps(t, exp8(_mm256_sub_ps(_mm256_loadu_ps(t), vm)));
+    memcpy(x + i, t, (size_t)(n - i) * sizeof(float));
+  }
+
+  /* Chunks of 16 aligned to lane (i + off) % 16; lanes outside are 0. */
+  double sum = 0.0;
+  int64_t c0 = -off;
+  if (c0 < 0) {
+    float v[16] = {0};
+    int64_t m = n < 16 + c0 ? n : 16 + c0;
+    memcpy(v - c0, x, (size_t)m * sizeof(float));
+    sum += (double)reduce16(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
+    c0 += 16;
+  }
+  for (; c0 + 16 <= n; c0 += 16)
+    sum += (double)reduce16(_mm256_loadu_ps(x + c0), _mm256_loadu_ps(x + c0 + 8));
+  if (c0 < n) {
+    float v[16] = {0};
+    memcpy(v, x + c0, (size_t)(n - c0) * sizeof(float));
+    sum += (double)reduce16(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
+  }
+
+  __m256 inv = _mm256_set1_ps((float)(1.0 / sum));
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+  for (; i < n; i++) x[i] *= _mm256_cvtss_f32(inv);
+}
+
+void tn_silu_mul_avx2(float *gate, const float *up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(y + i)));
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 e = exp8(_mm256_sub_ps(zero, g));
+    __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
   }
-  for (; i < n; i++) y[i] += a * tn_fp16_to_fp32(x[i]);
-}
-
-static inline __attribute__((always_inline)) float dot_f32(const float *x,
-                                                            const float *y,
-                                                            int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
+  for (; i < n; i++) {
+    float g = gate[i];
+    gate[i] = g / (1.0f + tn_exp_poly(0.0f - g)) * up[i];
   }
-  for (; i + 8 <= n; i += 8)
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
-  float r = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) r += x[i] * y[i];
-  return r;
 }
 
-float tn_vec_dot_f32_avx2(const float *x, const float *y, int64_t n) {
-  return dot_f32(x, y, n);
+/* tn_attn_dot: 64 lanes as eight 8-lane accumulators. */
+static inline __attribute__((always_inline)) float attn_dot(const float *x,
+                                                             const float *y,
+                                                             int64_t n) {
+  __m256 a[8];
+  for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+  int64_t np = n & ~(int64_t)63, i = 0;
+  for (; i < np; i += 64)
+    for (int k = 0; k < 8; k++)
+      a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * k),
+                             _mm256_loadu_ps(y + i + 8 * k), a[k]);
+  /* quarters q0 = a0:a1, q1 = a2:a3, q2 = a4:a5, q3 = a6:a7 */
+  __m256 lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+  __m256 hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+  double s = reduce16(lo, hi);
+  for (; i < n; i++) s += (double)(x[i] * y[i]);
+  return (float)s;
 }
 
-/* out[i] = dot(x, y + i * y_stride) * scale, each dot exactly as above. */
-void tn_vec_dot_f32_rows_avx2(const float *x, const float *y, int64_t y_stride,
-                              int ny, float *const *out, int64_t n,
-                              float scale) {
+void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
+                           int ny, float *const *out, int64_t n, float scale) {
   for (int i = 0; i < ny; i++)
-    *out[i] = dot_f32(x, y + (int64_t)i * y_stride, n) * scale;
+    *out[i] = attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
-static inline __attribute__((always_inline)) void axpy_f32(float *y, float a,
-                                                            const float *x,
-                                                            int64_t n) {
-  __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
-                                            _mm256_loadu_ps(y + i)));
-  for (; i < n; i++) y[i] += a * x[i];
+void tn_attn_accum_rows_avx2(float *acc, int64_t acc_stride, const float *a,
+                             int ny, const float *x, int64_t n) {
+  for (int i = 0; i < ny; i++) {
+    float *r = acc + (int64_t)i * acc_stride;
+    __m256 va = _mm256_set1_ps(a[i]);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+      _mm256_storeu_ps(r + d, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + d),
+                                              _mm256_loadu_ps(r + d)));
+    for (; d < n; d++) r[d] = fmaf(a[i], x[d], r[d]);
+  }
 }
 
-void tn_vec_axpy_avx2(float *y, float a, const float *x, int64_t n) {
-  axpy_f32(y, a, x, n);
-}
-
-/* y + i * y_stride += a[i] * x for i < ny, each exactly as above. */
-void tn_vec_axpy_rows_avx2(float *y, int64_t y_stride, const float *a, int ny,
-                           const float *x, int64_t n) {
-  for (int i = 0; i < ny; i++) axpy_f32(y + (int64_t)i * y_stride, a[i], x, n);
+void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    /* v[l] for 8 dims at once: lanes are rows of acc */
+    __m256 v[16];
+    for (int l = 0; l < 16; l++)
+      v[l] = _mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(acc + l * n + d),
+                        _mm256_loadu_ps(acc + (32 + l) * n + d)),
+          _mm256_add_ps(_mm256_loadu_ps(acc + (16 + l) * n + d),
+                        _mm256_loadu_ps(acc + (48 + l) * n + d)));
+    __m256 t8[8], t4[4];
+    for (int l = 0; l < 8; l++) t8[l] = _mm256_add_ps(v[l], v[l + 8]);
+    for (int l = 0; l < 4; l++) t4[l] = _mm256_add_ps(t8[l], t8[l + 4]);
+    _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_add_ps(t4[0], t4[2]),
+                                            _mm256_add_ps(t4[1], t4[3])));
+  }
+  for (; d < n; d++) {
+    float v[16];
+    for (int l = 0; l < 16; l++)
+      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
+             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
+    out[d] = tn_reduce16(v);
+  }
 }
 
 /* x = f32(f16(x)), rounding to nearest even (F16C does IEEE rounding, as

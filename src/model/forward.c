@@ -43,6 +43,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->up);
   tn_aligned_free(c->scores);
   tn_aligned_free(c->kv_row);
+  tn_aligned_free(c->attn_acc);
   free(c->runs);
   tn_aligned_free(c->rope_cs);
   tn_aligned_free(c->logits);
@@ -100,6 +101,8 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
                                sizeof(float));
   c->kv_row = tn_aligned_alloc((size_t)nth * 2 * (size_t)hp->head_dim *
                                sizeof(float));
+  c->attn_acc = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * 64 *
+                                 (size_t)hp->head_dim * sizeof(float));
   c->runs = malloc((T + 1) * sizeof(int32_t));
   c->rope_cs = tn_aligned_alloc(T * 2 * (size_t)hp->n_rot * sizeof(float));
   c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
@@ -118,7 +121,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->kv_row && c->runs && c->rope_cs && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->runs && c->rope_cs && c->logits && c->out_x &&
             c->out_idx;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -181,9 +184,11 @@ static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
  * that can see it. Every token's result is computed with the same
  * operations whether it runs alone or in a run (batch invariance): one
  * dot per visible position, softmax, f16-rounded weights, then the value
- * rows accumulated in position order. */
+ * rows accumulated in position order into 64 lanes (acc: [run][64][hd])
+ * and folded, the order llama.cpp's one-token path uses (kernels.h). */
 static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
-                       int32_t h, float *scores, float *krow, float *vrow) {
+                       int32_t h, float *scores, float *krow, float *vrow,
+                       float *acc) {
   struct tn_ctx *c = f->c;
   const struct tn_hparams *hp = &c->m->hp;
   const struct tn_layer *L = &c->m->layers[il];
@@ -220,17 +225,19 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
                         krow, hd);
     for (int32_t i = lo; i < hi; i++)
       outs[i - lo] = scores + (size_t)i * (size_t)n_ctx + (size_t)(j - start[i]);
-    tn_vec_dot_f32_rows(krow, q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
-                        hp->attn_scale);
+    tn_attn_dot_rows(krow, q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
+                     hp->attn_scale);
   }
   for (int32_t i = 0; i < nq; i++) {
     float *sc = scores + (size_t)i * (size_t)n_ctx;
     int32_t n = pos[i] - start[i] + 1;
-    tn_softmax(sc, n);
+    /* the cache index of position p is p, as in llama.cpp's cache */
+    tn_attn_softmax(sc, n, start[i] % 16);
     /* rounded to f16 as llama.cpp does next to an F16 cache */
     tn_round_f16(sc, n);
-    memset(o0 + (int64_t)i * qd, 0, (size_t)hd * sizeof(float));
   }
+  const int64_t acc_stride = 64 * (int64_t)hd;
+  memset(acc, 0, (size_t)nq * (size_t)acc_stride * sizeof(float));
   lo = hi = 0;
   for (int32_t j = j0; j <= j1; j++) {
     while (lo < nq && pos[lo] < j) lo++;
@@ -241,8 +248,11 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
                         vrow, hd);
     for (int32_t i = lo; i < hi; i++)
       w[i - lo] = scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])];
-    tn_vec_axpy_rows(o0 + (int64_t)lo * qd, qd, w, hi - lo, vrow, hd);
+    tn_attn_accum_rows(acc + lo * acc_stride + (j % 64) * (int64_t)hd,
+                       acc_stride, w, hi - lo, vrow, hd);
   }
+  for (int32_t i = 0; i < nq; i++)
+    tn_attn_reduce(acc + i * acc_stride, o0 + (int64_t)i * qd, hd);
 }
 
 static void forward_worker(void *arg, int ith, int nth) {
@@ -258,6 +268,7 @@ static void forward_worker(void *arg, int ith, int nth) {
   const bool gemma = hp->arch == TN_ARCH_GEMMA3;
   float *scores = c->scores + (size_t)ith * TN_ATTN_RUN * (size_t)c->n_ctx;
   float *krow = c->kv_row + (size_t)ith * 2 * (size_t)hd, *vrow = krow + hd;
+  float *acc = c->attn_acc + (size_t)ith * TN_ATTN_RUN * 64 * (size_t)hd;
   int64_t t0, t1;
   tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
 
@@ -326,7 +337,7 @@ static void forward_worker(void *arg, int ith, int nth) {
       for (int64_t p = ith; p < n_items; p += nth) {
         int32_t r = (int32_t)(p / hp->n_head);
         attend_run(f, il, c->runs[r], c->runs[r + 1], (int32_t)(p % hp->n_head),
-                   scores, krow, vrow);
+                   scores, krow, vrow, acc);
       }
     }
     tn_pool_barrier(pool);

@@ -25,6 +25,7 @@ struct tn_ctx {
   float *gate, *up; /* [T][n_ff] */
   float *scores; /* [n_threads][TN_ATTN_RUN][n_ctx] attention weights */
   float *kv_row; /* [n_threads][2][head_dim]: one k and one v row in f32 */
+  float *attn_acc; /* [n_threads][TN_ATTN_RUN][64][head_dim] value sums */
   int32_t *runs; /* [T]: first batch index of each attention run */
   int32_t n_runs;
   float *rope_cs; /* [T][2][n_rot]: (cos, sin) per pair, global/swa base */

@@ -768,10 +768,96 @@ static void test_get_row(void) {
   ASSERT(memcmp(y, y_ref, sizeof(y)) == 0);
 }
 
+
+/* ---- attention and activation arithmetic (ops.c): every level must give
+ * the scalar version's bits, since the order of operations is what makes
+ * greedy output match llama.cpp's. */
+
+static float ulp_diff(float a, float b) {
+  if (a == b) return 0.0f;
+  return fabsf(a - b) / fabsf(nextafterf(b, INFINITY) - b);
+}
+
+static void test_exp_poly(void) {
+  /* accuracy against libm over the range softmax and SiLU use */
+  float worst = 0.0f;
+  for (int i = 0; i <= 200000; i++) {
+    float x = -87.0f + 175.0f * (float)i / 200000.0f;
+    float u = ulp_diff(tn_exp_poly(x), expf(x));
+    if (u > worst) worst = u;
+  }
+  printf("  tn_exp_poly worst error vs expf on [-87, 88]: %.2f ulp\n", worst);
+  ASSERT(worst < 3.0f);
+  ASSERT(tn_exp_poly(0.0f) == 1.0f);
+  ASSERT(tn_exp_poly(-INFINITY) == 0.0f);
+  ASSERT(tn_exp_poly(-200.0f) == 0.0f);
+  ASSERT(isinf(tn_exp_poly(200.0f)));
+  /* a denormal result, rounded once: exp(-100) = 3.72e-44 */
+  ASSERT_NEAR(tn_exp_poly(-100.0f) * 0x1p100f, 3.72008e-44 * 0x1p100, 2e-45 * 0x1p100);
+  float v[16];
+  for (int l = 0; l < 16; l++) v[l] = (float)(1 << l) * 1e-3f;
+  ASSERT_NEAR(tn_reduce16(v), 65.535f, 1e-3f);
+}
+
+static void test_attention_ops_levels_agree(void) {
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int nl = levels_supported(lv);
+  enum { HD = 72, NPOS = 203, NQ = 3 };
+  static float k[NPOS][HD], q[NQ][HD], sc[TN_CPU_LEVEL_COUNT][NQ][NPOS];
+  static float acc[TN_CPU_LEVEL_COUNT][NQ][64 * HD], out[TN_CPU_LEVEL_COUNT][NQ][HD];
+  static float g[TN_CPU_LEVEL_COUNT][999], up[999], g0[999];
+  for (int j = 0; j < NPOS; j++) fill_random(k[j], HD, 1.0f);
+  for (int i = 0; i < NQ; i++) fill_random(q[i], HD, 1.0f);
+  fill_random(g0, 999, 6.0f);
+  fill_random(up, 999, 1.0f);
+  g0[0] = -95.0f; /* exp(-x) far out of range, both sides */
+  g0[1] = 95.0f;
+  g0[2] = -130.0f;
+  for (int li = 0; li < nl; li++) {
+    tn_kernels_init(lv[li]);
+    for (int j = 0; j < NPOS; j++) {
+      float *outs[NQ];
+      for (int i = 0; i < NQ; i++) outs[i] = &sc[li][i][j];
+      tn_attn_dot_rows(k[j], q[0], HD, NQ, outs, HD, 0.125f);
+    }
+    /* one weight far below the others: exp of a large negative number */
+    sc[li][0][5] = -150.0f;
+    for (int i = 0; i < NQ; i++) tn_attn_softmax(sc[li][i], NPOS - i, (i * 7) % 16);
+    memset(acc[li], 0, sizeof(acc[li]));
+    for (int j = 0; j < NPOS; j++) {
+      float w[NQ];
+      for (int i = 0; i < NQ; i++) w[i] = sc[li][i][j];
+      tn_attn_accum_rows(acc[li][0] + (j % 64) * HD, 64 * HD, w, NQ, k[j], HD);
+    }
+    for (int i = 0; i < NQ; i++) tn_attn_reduce(acc[li][i], out[li][i], HD);
+    memcpy(g[li], g0, sizeof(g0));
+    tn_silu_mul(g[li], up, 999);
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+  for (int i = 0; i < NQ; i++) {
+    double s = 0.0;
+    for (int j = 0; j < NPOS - i; j++) s += sc[0][i][j];
+    ASSERT_NEAR(s, 1.0, 1e-5);
+  }
+  ASSERT(g[0][2] == 0.0f); /* silu(-130) = -130 / inf */
+  ASSERT_NEAR(g[0][1], 95.0f * up[1], 1e-3f);
+  for (int li = 1; li < nl; li++) {
+    ASSERT(memcmp(sc[li], sc[0], sizeof(sc[0])) == 0);
+    ASSERT(memcmp(out[li], out[0], sizeof(out[0])) == 0);
+    ASSERT(memcmp(g[li], g[0], sizeof(g[0])) == 0);
+  }
+  /* the scalar dot is the 64-lane order, not a plain running sum */
+  float d = tn_attn_dot(k[0], q[0], HD);
+  double ref = 0.0;
+  for (int e = 0; e < HD; e++) ref += (double)k[0][e] * (double)q[0][e];
+  ASSERT_NEAR(d, ref, 1e-4 * (fabs(ref) + 1.0));
+}
+
 TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_fp16), TN_TEST(test_bf16), TN_TEST(test_fp16_rows),
              TN_TEST(test_quant_roundtrip),
              TN_TEST(test_quant_activations_exact), TN_TEST(test_vec_dot),
              TN_TEST(test_matmul), TN_TEST(test_matmul_batch_invariance),
              TN_TEST(test_gemm_tiles_present),
-             TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row))
+             TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row),
+             TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree))

@@ -13,7 +13,8 @@ Needs numpy and the reference build in <repo>/ref/ (override with --ref):
 Writes, per model:
   logits.json      prompt token ids + last-position top-64 logits + stats
   greedy.json      greedy 64-token continuations
-  greedy_ub1.json  the same with the prompt fed one token at a time
+  logits_ub1.json, greedy_ub1.json
+                   the same with the prompt fed one token at a time
   perplexity.json  llama-perplexity final PPL on tests/fixtures/ref/ppl.txt
 The exact schemas are described in tests/fixtures/ref/README.md.
 """
@@ -291,8 +292,7 @@ def main():
     ap.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--ref", default=os.path.join(ROOT, "ref"))
     ap.add_argument("--models-dir", default=os.path.join(ROOT, "models"))
-    ap.add_argument("--only", default="logits,greedy,ppl",
-                    help="also: greedy_ub1 (used for smollm2-135m only)")
+    ap.add_argument("--only", default="logits,greedy,logits_ub1,greedy_ub1,ppl")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default=FIXTURES, help="output root (default tests/fixtures/ref)")
     a = ap.parse_args()
@@ -321,18 +321,23 @@ def main():
             if "greedy" in what:
                 dump(os.path.join(outdir, "greedy.json"),
                      dict(meta, n_gen=N_GEN, prompts=greedy_fixture(r, prompts)))
-        if "greedy_ub1" in what:
-            # The same greedy runs with the prompt fed one token per
-            # llama_decode (n_ubatch = 1): every token then takes ggml's
-            # one-token path, the order of operations tern follows.
+        if what & {"logits_ub1", "greedy_ub1"}:
+            # The same with the prompt fed one token per llama_decode
+            # (n_ubatch = 1): every token then takes ggml's one-token path
+            # (f16 dot products, not tinyBLAS tiles), the order of operations
+            # tern follows; llama.cpp's result depends on its n_ubatch.
             CTX_PARAMS["n_ubatch"] = 1
             r1 = Ref(L, path)
-            params = dict(CTX_PARAMS)
+            meta1 = dict(meta, n_vocab=r1.n_vocab, add_bos=r1.add_bos, bos=r1.bos,
+                         eos=r1.eos, params=dict(CTX_PARAMS))
             CTX_PARAMS["n_ubatch"] = CTX_PARAMS["n_batch"]
-            dump(os.path.join(outdir, "greedy_ub1.json"),
-                 dict(meta, n_vocab=r1.n_vocab, add_bos=r1.add_bos, bos=r1.bos,
-                      eos=r1.eos, params=params, n_gen=N_GEN,
-                      prompts=greedy_fixture(r1, prompts_for(m["chat"]))))
+            prompts = prompts_for(m["chat"])
+            if "logits_ub1" in what:
+                dump(os.path.join(outdir, "logits_ub1.json"),
+                     dict(meta1, topk=TOPK, prompts=logits_fixture(r1, prompts)))
+            if "greedy_ub1" in what:
+                dump(os.path.join(outdir, "greedy_ub1.json"),
+                     dict(meta1, n_gen=N_GEN, prompts=greedy_fixture(r1, prompts)))
         if "ppl" in what:
             meta.pop("params", None)
             dump(os.path.join(outdir, "perplexity.json"),

@@ -5,8 +5,8 @@
  * These are cheap next to the matrix products; the scalar loops are written
  * so the compiler vectorises them. Attention sums, exp and SiLU are the
  * exception: they run over the whole context or n_ff every step, so they
- * have AVX2 versions (ops_avx2.c, bit for bit the same) chosen by
- * tn_kernels_level().
+ * have AVX2 and AVX-512 versions (ops_avx2.c, ops_avx512.c, bit for bit
+ * the same) chosen by tn_kernels_level().
  */
 #include <math.h>
 #include <pthread.h>
@@ -115,12 +115,14 @@ void tn_silu_mul(float *gate, const float *up, int64_t n) {
  * |x| < 10 the input is rounded to f16 and the result read from a table of
  * f16(gelu(h)) over all 65,536 halves; below -10 it is 0, above 10 it is x.
  * Matching this keeps tern's Gemma logits next to the reference's. */
-static uint16_t gelu_table[1 << 16];
+/* two spare entries: the AVX2 version gathers 4 bytes per index */
+static uint16_t gelu_table[(1 << 16) + 2];
 static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
 
 static float gelu_f32(float x) {
   const float c = 0.79788456080286535587989211986876f; /* sqrt(2/pi) */
-  return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
+  /* 1 + 0.044715 x^2 fused, as llama.cpp's build computes its table */
+  return 0.5f * x * (1.0f + tanhf(c * x * fmaf(0.044715f * x, x, 1.0f)));
 }
 
 static void gelu_table_init(void) {
@@ -128,8 +130,15 @@ static void gelu_table_init(void) {
     gelu_table[h] = tn_fp32_to_fp16(gelu_f32(tn_fp16_to_fp32((uint16_t)h)));
 }
 
+void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
+                      const uint16_t *table);
+
 void tn_gelu_mul(float *gate, const float *up, int64_t n) {
   pthread_once(&gelu_once, gelu_table_init);
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_gelu_mul_avx2(gate, up, n, gelu_table);
+    return;
+  }
   for (int64_t i = 0; i < n; i++) {
     float g = gate[i], y;
     if (g <= -10.0f)
@@ -177,10 +186,19 @@ void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
 void tn_attn_accum_rows_avx2(float *acc, int64_t acc_stride, const float *a,
                              int ny, const float *x, int64_t n);
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
+void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
+                             int ny, float *const *out, int64_t n, float scale);
+void tn_attn_accum_rows_avx512(float *acc, int64_t acc_stride, const float *a,
+                               int ny, const float *x, int64_t n);
+void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
 void tn_round_f16_avx2(float *x, int64_t n);
 
 void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
                       int ny, float *const *out, int64_t n, float scale) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_dot_rows_avx512(x, y, y_stride, ny, out, n, scale);
+    return;
+  }
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
     tn_attn_dot_rows_avx2(x, y, y_stride, ny, out, n, scale);
     return;
@@ -191,6 +209,10 @@ void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
 
 void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
                         const float *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_accum_rows_avx512(acc, acc_stride, a, ny, x, n);
+    return;
+  }
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
     tn_attn_accum_rows_avx2(acc, acc_stride, a, ny, x, n);
     return;
@@ -202,6 +224,10 @@ void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
 }
 
 void tn_attn_reduce(const float *acc, float *out, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_reduce_avx512(acc, out, n);
+    return;
+  }
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
     tn_attn_reduce_avx2(acc, out, n);
     return;

@@ -408,53 +408,64 @@ void tn_quant_q8_K_ref(const float *x, void *vy, int64_t n) {
 
 /* ---- dot products against Q8_K */
 
-/* One Q4_K or Q5_K super-block against Q8_K: the two formats share scales,
- * mins and nibbles; Q5_K adds a fifth bit per element from qh (NULL for
- * Q4_K). Integer sums per sub-block, scales and mins applied once. */
-static float dot_k45_block(tn_half d, tn_half dmin, const uint8_t *scales,
-                           const uint8_t *qs, const uint8_t *qh,
-                           const struct block_q8_K *y) {
-  int32_t sumi = 0, summ = 0;
-  for (int j = 0; j < QK_K / 32; j++) {
-    uint8_t sc, m;
-    tn_k_scale_min_get(j, scales, &sc, &m);
-    const uint8_t *q = qs + 32 * (j / 2);
-    const int8_t *a = y->qs + 32 * j;
-    const int shift = 4 * (j & 1);
-    int32_t dot = 0;
-    for (int l = 0; l < 32; l++) {
-      int v = (q[l] >> shift) & 0x0f;
-      if (qh) v |= ((qh[l] >> j) & 1) << 4;
-      dot += v * a[l];
+/* The float arithmetic of these dot products is llama.cpp's (x86 build),
+ * so that matrix products give its bits (docs/DESIGN.md, "llama.cpp's
+ * order of operations"); the integer sums are exact in any order:
+ *  - Q4_K / Q5_K, as its repacked Q4_K kernel: per super-block the integer
+ *    totals S = sum_j sc_j * (w . a over sub-block j) and M = sum_j mn_j *
+ *    (a's sum over sub-block j); A += S * (d * a.d), Mn += M * (dmin * a.d),
+ *    both fused, in block order; the result is A - Mn.
+ *  - Q6_K, as its AVX2 kernel: eight int32 lanes per super-block, lane l
+ *    holding the elements e with (e % 32) / 4 == l of sc * level * a minus
+ *    32 * (sc * bsum) of 16-groups 2l and 2l + 1; each lane accumulated in
+ *    float (fused, times d * a.d) over the blocks, then the eight lanes
+ *    added as tn_hsum8 does. */
+
+float tn_hsum8(const float *v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+static float dot_k45(int64_t n, const void *vx, size_t xsize, bool with_qh,
+                     const struct block_q8_K *y) {
+  float acc = 0.0f, accm = 0.0f;
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    const uint8_t *xb = (const uint8_t *)vx + (size_t)b * xsize;
+    const struct block_q4_K *x4 = (const struct block_q4_K *)xb;
+    const uint8_t *qs = xb + xsize - QK_K / 2;
+    const uint8_t *qh =
+        with_qh ? ((const struct block_q5_K *)xb)->qh : NULL;
+    int32_t sumi = 0, summ = 0;
+    for (int j = 0; j < QK_K / 32; j++) {
+      uint8_t sc, m;
+      tn_k_scale_min_get(j, x4->scales, &sc, &m);
+      const uint8_t *q = qs + 32 * (j / 2);
+      const int8_t *a = y[b].qs + 32 * j;
+      const int shift = 4 * (j & 1);
+      int32_t dot = 0;
+      for (int l = 0; l < 32; l++) {
+        int v = (q[l] >> shift) & 0x0f;
+        if (qh) v |= ((qh[l] >> j) & 1) << 4;
+        dot += v * a[l];
+      }
+      sumi += sc * dot;
+      summ += m * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
     }
-    sumi += sc * dot;
-    summ += m * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+    acc = fmaf((float)sumi, tn_k_fp16_to_fp32(x4->d) * y[b].d, acc);
+    accm = fmaf((float)summ, tn_k_fp16_to_fp32(x4->dmin) * y[b].d, accm);
   }
-  return y->d * (tn_k_fp16_to_fp32(d) * (float)sumi -
-                 tn_k_fp16_to_fp32(dmin) * (float)summ);
+  return acc - accm;
 }
 
 void tn_vec_dot_q4_K_q8_K_ref(int64_t n, float *s, const void *vx,
                               const void *vy) {
   TN_ASSERT(n % QK_K == 0);
-  const struct block_q4_K *x = vx;
-  const struct block_q8_K *y = vy;
-  float sum = 0;
-  for (int64_t b = 0; b < n / QK_K; b++)
-    sum += dot_k45_block(x[b].d, x[b].dmin, x[b].scales, x[b].qs, NULL, &y[b]);
-  *s = sum;
+  *s = dot_k45(n, vx, sizeof(struct block_q4_K), false, vy);
 }
 
 void tn_vec_dot_q5_K_q8_K_ref(int64_t n, float *s, const void *vx,
                               const void *vy) {
   TN_ASSERT(n % QK_K == 0);
-  const struct block_q5_K *x = vx;
-  const struct block_q8_K *y = vy;
-  float sum = 0;
-  for (int64_t b = 0; b < n / QK_K; b++)
-    sum += dot_k45_block(x[b].d, x[b].dmin, x[b].scales, x[b].qs, x[b].qh,
-                         &y[b]);
-  *s = sum;
+  *s = dot_k45(n, vx, sizeof(struct block_q5_K), true, vy);
 }
 
 void tn_vec_dot_q6_K_q8_K_ref(int64_t n, float *s, const void *vx,
@@ -462,16 +473,16 @@ void tn_vec_dot_q6_K_q8_K_ref(int64_t n, float *s, const void *vx,
   TN_ASSERT(n % QK_K == 0);
   const struct block_q6_K *x = vx;
   const struct block_q8_K *y = vy;
-  float sum = 0;
+  float acc[8] = {0};
   for (int64_t b = 0; b < n / QK_K; b++) {
-    int32_t sumi = 0;
-    for (int j = 0; j < QK_K / 16; j++) {
-      int32_t dot = 0;
-      for (int l = 0; l < 16; l++)
-        dot += (q6_level(&x[b], 16 * j + l) - 32) * y[b].qs[16 * j + l];
-      sumi += x[b].scales[j] * dot;
-    }
-    sum += y[b].d * tn_k_fp16_to_fp32(x[b].d) * (float)sumi;
+    int32_t lane[8];
+    for (int l = 0; l < 8; l++)
+      lane[l] = -32 * (x[b].scales[2 * l] * y[b].bsums[2 * l] +
+                       x[b].scales[2 * l + 1] * y[b].bsums[2 * l + 1]);
+    for (int e = 0; e < QK_K; e++)
+      lane[(e % 32) / 4] += x[b].scales[e / 16] * q6_level(&x[b], e) * y[b].qs[e];
+    const float d = y[b].d * tn_k_fp16_to_fp32(x[b].d);
+    for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lane[l], acc[l]);
   }
-  *s = sum;
+  *s = tn_hsum8(acc);
 }

@@ -13,11 +13,13 @@
  * activations' bsums instead.
  */
 #include <immintrin.h>
+#include <math.h>
 
 #include "base/base.h"
 #include "kernels/kernels_internal.h"
 #include "kernels/quants_k_internal.h"
 
+/* tn_hsum8's order */
 static inline float hsum_ps(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -32,6 +34,12 @@ static inline int32_t hsum_epi32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(s);
+}
+
+/* The four totals of a0..a3 (int32 lanes each), as one vector. */
+static inline __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
 static inline float fp16(uint16_t h) {
@@ -149,13 +157,18 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
   const __m256i bit5 = _mm256_set1_epi8(0x10);
   const size_t xsize = with_qh ? sizeof(struct block_q5_K)
                                : sizeof(struct block_q4_K);
-  __m256 acc[K_MR][K_MT];
-  for (int r = 0; r < nr; r++)
-    for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
+  /* per row, one lane per token: the fused sums of the blocks' integer
+   * totals (quants_k.c gives the order; each lane is that scalar fmaf) */
+  __m128 acc[K_MR], accm[K_MR];
+  for (int r = 0; r < nr; r++) acc[r] = accm[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
     const struct block_q8_K *yb[K_MT];
-    for (int t = 0; t < nt; t++)
+    float yd[K_MT] = {0};
+    for (int t = 0; t < nt; t++) {
       yb[t] = (const struct block_q8_K *)(q + t * qs) + b;
+      yd[t] = yb[t]->d;
+    }
+    const __m128 yd4 = _mm_loadu_ps(yd);
     for (int r = 0; r < nr; r++) {
       const uint8_t *xb = w + r * ws + (size_t)b * xsize;
       const struct block_q4_K *x4 = (const struct block_q4_K *)xb;
@@ -166,8 +179,8 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
       __m256i qh = with_qh ? _mm256_loadu_si256(
                                  (const __m256i *)((const struct block_q5_K *)xb)->qh)
                            : _mm256_setzero_si256();
-      __m256i sumi[K_MT];
-      for (int t = 0; t < nt; t++) sumi[t] = _mm256_setzero_si256();
+      __m256i sumi[K_MT], summ[K_MT];
+      for (int t = 0; t < K_MT; t++) sumi[t] = summ[t] = _mm256_setzero_si256();
       for (int j = 0; j < QK_K / 64; j++) {
         __m256i bits = _mm256_loadu_si256((const __m256i *)(qsx + 32 * j));
         __m256i lo = _mm256_and_si256(bits, low4);
@@ -191,16 +204,19 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
                                                                _mm256_madd_epi16(phi, shi)));
         }
       }
-      for (int t = 0; t < nt; t++) {
-        const __m256i summ = mins_dot(mn, yb[t]->bsums);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(d * yb[t]->d),
-                                    _mm256_cvtepi32_ps(sumi[t]), acc[r][t]);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * yb[t]->d),
-                                    _mm256_cvtepi32_ps(summ), acc[r][t]);
-      }
+      for (int t = 0; t < nt; t++) summ[t] = mins_dot(mn, yb[t]->bsums);
+      const __m128i s4 = hsum4_epi32(sumi[0], sumi[1], sumi[2], sumi[3]);
+      const __m128i m4 = hsum4_epi32(summ[0], summ[1], summ[2], summ[3]);
+      acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_set1_ps(d), yd4), acc[r]);
+      accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m4), _mm_mul_ps(_mm_set1_ps(dmin), yd4),
+                             accm[r]);
     }
   }
-  tile_store(acc, y, ldy, nr, nt);
+  for (int r = 0; r < nr; r++) {
+    float o[4];
+    _mm_storeu_ps(o, _mm_sub_ps(acc[r], accm[r]));
+    for (int t = 0; t < nt; t++) y[t * ldy + r] = o[t];
+  }
 }
 
 K_ALWAYS_INLINE void tile_q4_K(int64_t n, const uint8_t *w, size_t ws,

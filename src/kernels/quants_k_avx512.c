@@ -22,6 +22,7 @@
  * the batch it is computed in (tests/unit/test_kernels.c checks the bits).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "base/base.h"
@@ -30,6 +31,20 @@
 
 static inline float fp16(uint16_t h) {
   return _cvtsh_ss(h);
+}
+
+/* The four totals of a0..a3 (int32 lanes each), as one vector. */
+static inline __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* tn_hsum8's order */
+static inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
 }
 
 /* Index vector for _mm512_permutexvar_epi16: int16 lanes 0..15 take source
@@ -82,17 +97,18 @@ ALWAYS_INLINE void tile_q45(int64_t n, const uint8_t *w, size_t ws,
       _mm512_inserti64x4(_mm512_set1_epi8(0x04), _mm256_set1_epi8(0x08), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x10), _mm256_set1_epi8(0x20), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x40), _mm256_set1_epi8((char)0x80), 1)};
-  __m512 acc[K_MR][K_MT];
-  __m256 accm[K_MR][K_MT];
-  for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++) {
-      acc[r][t] = _mm512_setzero_ps();
-      accm[r][t] = _mm256_setzero_ps();
-    }
+  /* per row, one lane per token: the fused sums of the blocks' integer
+   * totals (quants_k.c gives the order; each lane is that scalar fmaf) */
+  __m128 acc[K_MR], accm[K_MR];
+  for (int r = 0; r < NR; r++) acc[r] = accm[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
     const struct block_q8_K *yb[K_MT];
-    for (int t = 0; t < NT; t++)
+    float yd[K_MT] = {0};
+    for (int t = 0; t < NT; t++) {
       yb[t] = (const struct block_q8_K *)(q + t * qs) + b;
+      yd[t] = yb[t]->d;
+    }
+    const __m128 yd4 = _mm_loadu_ps(yd);
     for (int r = 0; r < NR; r++) {
       const uint8_t *xb = w + r * ws + (size_t)b * xsize;
       /* Q4_K and Q5_K share d, dmin, scales at the front; qs is at the end */
@@ -126,6 +142,8 @@ ALWAYS_INLINE void tile_q45(int64_t n, const uint8_t *w, size_t ws,
       }
       __m512i scv[4];
       for (int c = 0; c < 4; c++) scv[c] = _mm512_permutexvar_epi16(idx[c], sc16);
+      __m256i s8[K_MT], m8[K_MT];
+      for (int t = 0; t < K_MT; t++) s8[t] = m8[t] = _mm256_setzero_si256();
       for (int t = 0; t < NT; t++) {
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
@@ -133,19 +151,22 @@ ALWAYS_INLINE void tile_q45(int64_t n, const uint8_t *w, size_t ws,
                                            _mm512_loadu_si512(yb[t]->qs + 64 * c));
           sumi = _mm512_dpwssd_epi32(sumi, p, scv[c]);
         }
-        const __m256i summ = _mm256_madd_epi16(
-            m16, _mm256_loadu_si256((const __m256i *)yb[t]->bsums));
-        acc[r][t] = _mm512_fmadd_ps(_mm512_set1_ps(d * yb[t]->d),
-                                    _mm512_cvtepi32_ps(sumi), acc[r][t]);
-        accm[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * yb[t]->d),
-                                     _mm256_cvtepi32_ps(summ), accm[r][t]);
+        s8[t] = _mm256_add_epi32(_mm512_castsi512_si256(sumi),
+                                 _mm512_extracti64x4_epi64(sumi, 1));
+        m8[t] = _mm256_madd_epi16(m16, _mm256_loadu_si256((const __m256i *)yb[t]->bsums));
       }
+      const __m128i s4 = hsum4_epi32(s8[0], s8[1], s8[2], s8[3]);
+      const __m128i m4 = hsum4_epi32(m8[0], m8[1], m8[2], m8[3]);
+      acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_set1_ps(d), yd4), acc[r]);
+      accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m4), _mm_mul_ps(_mm_set1_ps(dmin), yd4),
+                             accm[r]);
     }
   }
-  for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++)
-      y[t * ldy + r] = _mm512_reduce_add_ps(
-          _mm512_add_ps(acc[r][t], _mm512_zextps256_ps512(accm[r][t])));
+  for (int r = 0; r < NR; r++) {
+    float o[4];
+    _mm_storeu_ps(o, _mm_sub_ps(acc[r], accm[r]));
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = o[t];
+  }
 }
 
 ALWAYS_INLINE void tile_q4_K(int64_t n, const uint8_t *w, size_t ws,
@@ -188,9 +209,10 @@ ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
                          _mm_add_epi16(v, _mm_set1_epi16(2))),
         1);
   }
-  __m512 acc[K_MR][K_MT];
+  /* eight float lanes per (row, token), as quants_k.c orders them */
+  __m256 acc[K_MR][K_MT];
   for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
     const struct block_q8_K *yb[K_MT];
     for (int t = 0; t < NT; t++)
@@ -225,16 +247,20 @@ ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
                                            _mm512_loadu_si512(yb[t]->qs + 64 * c));
           sumi = _mm512_dpwssd_epi32(sumi, p, scv[c]);
         }
-        /* Fold the offset (8 lanes) into the low half of sumi. */
-        sumi = _mm512_sub_epi32(
-            sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
-        acc[r][t] = _mm512_fmadd_ps(_mm512_set1_ps(d * yb[t]->d),
-                                    _mm512_cvtepi32_ps(sumi), acc[r][t]);
+        /* int32 lane m holds bytes 4m..4m+3 of each 64-byte chunk: lanes
+         * m and m + 8 together are lane m of the 32-byte order; then the
+         * offset. */
+        const __m256i s8 = _mm256_sub_epi32(
+            _mm256_add_epi32(_mm512_castsi512_si256(sumi),
+                             _mm512_extracti64x4_epi64(sumi, 1)),
+            _mm256_slli_epi32(off, 5));
+        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(yb[t]->d * d),
+                                    _mm256_cvtepi32_ps(s8), acc[r][t]);
       }
     }
   }
   for (int r = 0; r < NR; r++)
-    for (int t = 0; t < NT; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < NT; t++) y[t * ldy + r] = hsum8(acc[r][t]);
 }
 
 #define CASE(body, r, t)                                                      \

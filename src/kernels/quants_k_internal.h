@@ -57,5 +57,8 @@ static inline uint16_t tn_k_fp32_to_fp16(float f) {
 
 /* Sub-block j's 6-bit scale and min from a Q4_K / Q5_K scales[12]. */
 void tn_k_scale_min_get(int j, const uint8_t *q, uint8_t *sc, uint8_t *m);
+/* ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)): an AVX2 horizontal
+ * add, the order the K-quant dot products end with (quants_k.c). */
+float tn_hsum8(const float *v);
 
 #endif /* TN_QUANTS_K_INTERNAL_H */

@@ -236,6 +236,7 @@ static enum tn_status load_hparams(struct loader *ld) {
   hp->rope_scale_swa = hp->rope_scale;
   if (hp->arch == TN_ARCH_GEMMA3) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
+    hp->attn_scale_q = true;
     if ((st = get_u32(ld, "attention.sliding_window", false, 0, &v))) return st;
     hp->swa_window = (int32_t)v;
     hp->swa_period = 6;

@@ -53,6 +53,8 @@ struct tn_hparams {
   float rope_scale_swa; /* sliding-window layers are never scaled */
   float norm_eps;
   float attn_scale;    /* multiplies q.k */
+  bool attn_scale_q;   /* applied to q before its f16 rounding (Gemma 3, as
+                          llama.cpp scales the query), not to q.k */
   float embd_scale;    /* multiplies the token embedding (gemma: sqrt(d)) */
   int32_t swa_window;  /* 0: none */
   int32_t swa_period;  /* every swa_period-th layer is global (gemma3: 6) */

@@ -730,17 +730,21 @@ static void test_gemm_tiles_present(void) {
  * float steps at AVX2 and AVX-512 (quants_avx512.c): the two levels give
  * the same bits, tiled or not. */
 static void test_matmul_levels_agree(void) {
-  static const enum tn_type same[] = {TN_TYPE_Q4_0, TN_TYPE_Q5_0,
-                                      TN_TYPE_Q5_1, TN_TYPE_Q8_0};
+  /* every quantized type: both levels sum in llama.cpp's x86 order */
+  static const enum tn_type same[] = {TN_TYPE_Q4_0, TN_TYPE_Q4_1,
+                                      TN_TYPE_Q5_0, TN_TYPE_Q5_1,
+                                      TN_TYPE_Q8_0, TN_TYPE_Q4_K,
+                                      TN_TYPE_Q5_K, TN_TYPE_Q6_K};
   enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
   int n_lv = levels_supported(lv);
   if (lv[n_lv - 1] != TN_CPU_LEVEL_AVX512) {
     printf("     (no AVX-512: skipped)\n");
     return;
   }
-  enum { NC = 608, NR = 13, NT = 9 };
-  static float x[NC * NT], y2[NR * NT], y5[NR * NT];
+  enum { NCMAX = 768, NR = 13, NT = 9 };
+  static float x[NCMAX * NT], y2[NR * NT], y5[NR * NT];
   for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
+    const int NC = tn_type_get(same[i])->blck_size == 256 ? 768 : 608;
     struct tn_mat w;
     uint8_t *data = make_weights(same[i], NC, NR, &w);
     fill_random(x, NC * NT, 1.0f);
@@ -805,7 +809,8 @@ static void test_attention_ops_levels_agree(void) {
   enum { HD = 72, NPOS = 203, NQ = 3 };
   static float k[NPOS][HD], q[NQ][HD], sc[TN_CPU_LEVEL_COUNT][NQ][NPOS];
   static float acc[TN_CPU_LEVEL_COUNT][NQ][64 * HD], out[TN_CPU_LEVEL_COUNT][NQ][HD];
-  static float g[TN_CPU_LEVEL_COUNT][999], up[999], g0[999];
+  static float g[TN_CPU_LEVEL_COUNT][999], ge[TN_CPU_LEVEL_COUNT][999];
+  static float up[999], g0[999];
   for (int j = 0; j < NPOS; j++) fill_random(k[j], HD, 1.0f);
   for (int i = 0; i < NQ; i++) fill_random(q[i], HD, 1.0f);
   fill_random(g0, 999, 6.0f);
@@ -813,6 +818,9 @@ static void test_attention_ops_levels_agree(void) {
   g0[0] = -95.0f; /* exp(-x) far out of range, both sides */
   g0[1] = 95.0f;
   g0[2] = -130.0f;
+  g0[3] = 10.0f; /* GELU's table edges */
+  g0[4] = -10.0f;
+  g0[5] = 9.999f;
   for (int li = 0; li < nl; li++) {
     tn_kernels_init(lv[li]);
     for (int j = 0; j < NPOS; j++) {
@@ -832,6 +840,8 @@ static void test_attention_ops_levels_agree(void) {
     for (int i = 0; i < NQ; i++) tn_attn_reduce(acc[li][i], out[li][i], HD);
     memcpy(g[li], g0, sizeof(g0));
     tn_silu_mul(g[li], up, 999);
+    memcpy(ge[li], g0, sizeof(g0));
+    tn_gelu_mul(ge[li], up, 999);
   }
   tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
   for (int i = 0; i < NQ; i++) {
@@ -845,6 +855,7 @@ static void test_attention_ops_levels_agree(void) {
     ASSERT(memcmp(sc[li], sc[0], sizeof(sc[0])) == 0);
     ASSERT(memcmp(out[li], out[0], sizeof(out[0])) == 0);
     ASSERT(memcmp(g[li], g[0], sizeof(g[0])) == 0);
+    ASSERT(memcmp(ge[li], ge[0], sizeof(ge[0])) == 0);
   }
   /* the scalar dot is the 64-lane order, not a plain running sum */
   float d = tn_attn_dot(k[0], q[0], HD);

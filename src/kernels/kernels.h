@@ -167,16 +167,16 @@ float tn_reduce16(const float *v);
  *   first position's cache index mod 16), then scaled by 1/sum.
  * tn_attn_dot: x.y in 64 lanes (see ops.c); *out[i] = tn_attn_dot(x, y +
  *   i * y_stride, n) * scale for i < ny, one call per cache row.
- * tn_attn_accum_rows: acc + i * acc_stride += a[i] * x (fused), i < ny: the
- *   weighted value row x of position p goes into lane p % 64 of each
- *   token's [64][n] accumulator, and tn_attn_reduce folds one
- *   accumulator's 64 lanes into out[n]. */
+ * tn_attn_lanes: the weights.V sum of one token in 64 lanes: for k < 64,
+ *   acc[k][0..n) = the fused sum, in position order from 0, of w[p - p0] *
+ *   rows[p][0..n) (f16 value rows) over its visible positions p0 <= p <=
+ *   p1 with p % 64 == k; tn_attn_reduce folds the lanes into out[n]. */
 void tn_attn_softmax(float *x, int64_t n, int64_t off);
 float tn_attn_dot(const float *x, const float *y, int64_t n);
 void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
                       int ny, float *const *out, int64_t n, float scale);
-void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
-                        const float *x, int64_t n);
+void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
+                   int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce(const float *acc, float *out, int64_t n);
 /* x[i] = f32(f16(x[i])), round to nearest even. */
 void tn_round_f16(float *x, int64_t n);

@@ -183,13 +183,13 @@ float tn_attn_dot(const float *x, const float *y, int64_t n) {
 
 void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
                            int ny, float *const *out, int64_t n, float scale);
-void tn_attn_accum_rows_avx2(float *acc, int64_t acc_stride, const float *a,
-                             int ny, const float *x, int64_t n);
+void tn_attn_lanes_avx2(float *acc, const uint16_t *const *rows,
+                        const float *w, int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
 void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
                              int ny, float *const *out, int64_t n, float scale);
-void tn_attn_accum_rows_avx512(float *acc, int64_t acc_stride, const float *a,
-                               int ny, const float *x, int64_t n);
+void tn_attn_lanes_avx512(float *acc, const uint16_t *const *rows,
+                          const float *w, int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
 void tn_round_f16_avx2(float *x, int64_t n);
 
@@ -207,19 +207,22 @@ void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
     *out[i] = tn_attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
-void tn_attn_accum_rows(float *acc, int64_t acc_stride, const float *a, int ny,
-                        const float *x, int64_t n) {
+void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
+                   int32_t p0, int32_t p1, int64_t n) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
-    tn_attn_accum_rows_avx512(acc, acc_stride, a, ny, x, n);
+    tn_attn_lanes_avx512(acc, rows, w, p0, p1, n);
     return;
   }
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_attn_accum_rows_avx2(acc, acc_stride, a, ny, x, n);
+    tn_attn_lanes_avx2(acc, rows, w, p0, p1, n);
     return;
   }
-  for (int i = 0; i < ny; i++) {
-    float *r = acc + (int64_t)i * acc_stride;
-    for (int64_t d = 0; d < n; d++) r[d] = fmaf(a[i], x[d], r[d]);
+  for (int32_t k = 0; k < 64; k++) {
+    float *dst = acc + (int64_t)k * n;
+    for (int64_t d = 0; d < n; d++) dst[d] = 0.0f;
+    for (int32_t p = p0 + ((k - p0 % 64) + 64) % 64; p <= p1; p += 64)
+      for (int64_t d = 0; d < n; d++)
+        dst[d] = fmaf(w[p - p0], tn_fp16_to_fp32(rows[p][d]), dst[d]);
   }
 }
 

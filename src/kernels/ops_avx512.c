@@ -39,16 +39,50 @@ void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
     *out[i] = attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
-void tn_attn_accum_rows_avx512(float *acc, int64_t acc_stride, const float *a,
-                               int ny, const float *x, int64_t n) {
-  for (int i = 0; i < ny; i++) {
-    float *r = acc + (int64_t)i * acc_stride;
-    __m512 va = _mm512_set1_ps(a[i]);
-    int64_t d = 0;
-    for (; d + 16 <= n; d += 16)
-      _mm512_storeu_ps(r + d, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + d),
-                                              _mm512_loadu_ps(r + d)));
-    for (; d < n; d++) r[d] = fmaf(a[i], x[d], r[d]);
+/* one lane of tn_attn_lanes (positions 64 apart), 128 dims at a time in
+ * eight registers */
+static inline __attribute__((always_inline)) void lane(float *dst,
+                                                       const uint16_t *const *rows,
+                                                       const float *w, int64_t cnt,
+                                                       int64_t n) {
+  const int64_t step = 64;
+  int64_t d0 = 0;
+  for (; d0 + 128 <= n; d0 += 128) {
+    __m512 a[8];
+    for (int k = 0; k < 8; k++) a[k] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cnt; c++) {
+      const uint16_t *r = rows[c * step] + d0;
+      const __m512 wv = _mm512_set1_ps(w[c * step]);
+      for (int k = 0; k < 8; k++)
+        a[k] = _mm512_fmadd_ps(
+            wv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + 16 * k))), a[k]);
+    }
+    for (int k = 0; k < 8; k++) _mm512_storeu_ps(dst + d0 + 16 * k, a[k]);
+  }
+  for (; d0 + 16 <= n; d0 += 16) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cnt; c++)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(w[c * step]),
+                          _mm512_cvtph_ps(_mm256_loadu_si256(
+                              (const __m256i *)(rows[c * step] + d0))),
+                          a);
+    _mm512_storeu_ps(dst + d0, a);
+  }
+  for (int64_t d = d0; d < n; d++) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < cnt; c++)
+      acc = fmaf(w[c * step], tn_fp16_to_fp32(rows[c * step][d]), acc);
+    dst[d] = acc;
+  }
+}
+
+void tn_attn_lanes_avx512(float *acc, const uint16_t *const *rows,
+                         const float *w, int32_t p0, int32_t p1, int64_t n) {
+  for (int32_t k = 0; k < 64; k++) {
+    /* the first visible position of lane k, then every 64th */
+    int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
+    int64_t cnt = p <= p1 ? (p1 - p) / 64 + 1 : 0;
+    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), cnt, n);
   }
 }
 

@@ -44,6 +44,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->scores);
   tn_aligned_free(c->kv_row);
   tn_aligned_free(c->attn_acc);
+  free(c->vrows);
   free(c->runs);
   tn_aligned_free(c->rope_cs);
   tn_aligned_free(c->logits);
@@ -99,10 +100,11 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->up = tn_aligned_alloc(T * F * sizeof(float));
   c->scores = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * (size_t)n_ctx *
                                sizeof(float));
-  c->kv_row = tn_aligned_alloc((size_t)nth * 2 * (size_t)hp->head_dim *
+  c->kv_row = tn_aligned_alloc((size_t)nth * (size_t)hp->head_dim *
                                sizeof(float));
-  c->attn_acc = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * 64 *
-                                 (size_t)hp->head_dim * sizeof(float));
+  c->attn_acc = tn_aligned_alloc((size_t)nth * 64 * (size_t)hp->head_dim *
+                                 sizeof(float));
+  c->vrows = malloc((size_t)nth * (size_t)n_ctx * sizeof(*c->vrows));
   c->runs = malloc((T + 1) * sizeof(int32_t));
   c->rope_cs = tn_aligned_alloc(T * 2 * (size_t)hp->n_rot * sizeof(float));
   c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
@@ -121,7 +123,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->runs && c->rope_cs && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->vrows && c->runs && c->rope_cs && c->logits && c->out_x &&
             c->out_idx;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -184,11 +186,12 @@ static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
  * that can see it. Every token's result is computed with the same
  * operations whether it runs alone or in a run (batch invariance): one
  * dot per visible position, softmax, f16-rounded weights, then the value
- * rows accumulated in position order into 64 lanes (acc: [run][64][hd])
- * and folded, the order llama.cpp's one-token path uses (kernels.h). */
+ * rows summed in position order into 64 lanes (acc: [64][hd]), one lane
+ * at a time straight from the f16 cache, and folded: the order llama.cpp's
+ * one-token path uses (kernels.h). */
 static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
-                       int32_t h, float *scores, float *krow, float *vrow,
-                       float *acc) {
+                       int32_t h, float *scores, float *krow,
+                       const uint16_t **vrows, float *acc) {
   struct tn_ctx *c = f->c;
   const struct tn_hparams *hp = &c->m->hp;
   const struct tn_layer *L = &c->m->layers[il];
@@ -213,7 +216,6 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
   const float *q0 = c->q + (int64_t)r0 * qd + (int64_t)h * hd;
   float *o0 = c->attn + (int64_t)r0 * qd + (int64_t)h * hd;
   float *outs[TN_ATTN_RUN];
-  float w[TN_ATTN_RUN];
 
   /* scores[i][j - start[i]] = (k_j . q_i) * scale */
   for (int32_t j = j0; j <= j1; j++) {
@@ -236,23 +238,14 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
     /* rounded to f16 as llama.cpp does next to an F16 cache */
     tn_round_f16(sc, n);
   }
-  const int64_t acc_stride = 64 * (int64_t)hd;
-  memset(acc, 0, (size_t)nq * (size_t)acc_stride * sizeof(float));
-  lo = hi = 0;
-  for (int32_t j = j0; j <= j1; j++) {
-    while (lo < nq && pos[lo] < j) lo++;
-    while (hi < nq && start[hi] <= j) hi++;
-    if (lo >= hi) continue;
-    tn_fp16_to_fp32_row(tn_kv_v(kv, il, s->blocks[j / bs], j % bs) +
-                            (size_t)kvh * (size_t)hd,
-                        vrow, hd);
-    for (int32_t i = lo; i < hi; i++)
-      w[i - lo] = scores[(size_t)i * (size_t)n_ctx + (size_t)(j - start[i])];
-    tn_attn_accum_rows(acc + lo * acc_stride + (j % 64) * (int64_t)hd,
-                       acc_stride, w, hi - lo, vrow, hd);
+  /* vrows[j]: the value row of position j in the cache */
+  for (int32_t j = j0; j <= j1; j++)
+    vrows[j] = tn_kv_v(kv, il, s->blocks[j / bs], j % bs) + (size_t)kvh * (size_t)hd;
+  for (int32_t i = 0; i < nq; i++) {
+    const float *wi = scores + (size_t)i * (size_t)n_ctx;
+    tn_attn_lanes(acc, vrows, wi, start[i], pos[i], hd);
+    tn_attn_reduce(acc, o0 + (int64_t)i * qd, hd);
   }
-  for (int32_t i = 0; i < nq; i++)
-    tn_attn_reduce(acc + i * acc_stride, o0 + (int64_t)i * qd, hd);
 }
 
 static void forward_worker(void *arg, int ith, int nth) {
@@ -267,8 +260,9 @@ static void forward_worker(void *arg, int ith, int nth) {
   const int64_t F = hp->n_ff;
   const bool gemma = hp->arch == TN_ARCH_GEMMA3;
   float *scores = c->scores + (size_t)ith * TN_ATTN_RUN * (size_t)c->n_ctx;
-  float *krow = c->kv_row + (size_t)ith * 2 * (size_t)hd, *vrow = krow + hd;
-  float *acc = c->attn_acc + (size_t)ith * TN_ATTN_RUN * 64 * (size_t)hd;
+  float *krow = c->kv_row + (size_t)ith * (size_t)hd;
+  float *acc = c->attn_acc + (size_t)ith * 64 * (size_t)hd;
+  const uint16_t **vrows = c->vrows + (size_t)ith * (size_t)c->n_ctx;
   int64_t t0, t1;
   tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
 
@@ -340,7 +334,7 @@ static void forward_worker(void *arg, int ith, int nth) {
       for (int64_t p = ith; p < n_items; p += nth) {
         int32_t r = (int32_t)(p / hp->n_head);
         attend_run(f, il, c->runs[r], c->runs[r + 1], (int32_t)(p % hp->n_head),
-                   scores, krow, vrow, acc);
+                   scores, krow, vrows, acc);
       }
     }
     tn_pool_barrier(pool);

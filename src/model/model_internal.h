@@ -24,8 +24,9 @@ struct tn_ctx {
   float *tmp;    /* [T][n_embd] block output */
   float *gate, *up; /* [T][n_ff] */
   float *scores; /* [n_threads][TN_ATTN_RUN][n_ctx] attention weights */
-  float *kv_row; /* [n_threads][2][head_dim]: one k and one v row in f32 */
-  float *attn_acc; /* [n_threads][TN_ATTN_RUN][64][head_dim] value sums */
+  float *kv_row; /* [n_threads][head_dim]: one k row in f32 */
+  float *attn_acc; /* [n_threads][64][head_dim] value sums, one token's */
+  const uint16_t **vrows; /* [n_threads][n_ctx] value rows of a sequence */
   int32_t *runs; /* [T]: first batch index of each attention run */
   int32_t n_runs;
   float *rope_cs; /* [T][2][n_rot]: (cos, sin) per pair, global/swa base */

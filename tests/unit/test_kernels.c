@@ -806,12 +806,19 @@ static void test_exp_poly(void) {
 static void test_attention_ops_levels_agree(void) {
   enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
   int nl = levels_supported(lv);
-  enum { HD = 72, NPOS = 203, NQ = 3 };
+  /* HD = 128 + 16 + 8 takes every vector width and a scalar tail */
+  enum { HD = 152, NPOS = 203, NQ = 3 };
   static float k[NPOS][HD], q[NQ][HD], sc[TN_CPU_LEVEL_COUNT][NQ][NPOS];
+  static uint16_t vh[NPOS][HD];
+  const uint16_t *rows[NPOS];
   static float acc[TN_CPU_LEVEL_COUNT][NQ][64 * HD], out[TN_CPU_LEVEL_COUNT][NQ][HD];
   static float g[TN_CPU_LEVEL_COUNT][999], ge[TN_CPU_LEVEL_COUNT][999];
   static float up[999], g0[999];
   for (int j = 0; j < NPOS; j++) fill_random(k[j], HD, 1.0f);
+  for (int j = 0; j < NPOS; j++) {
+    for (int e = 0; e < HD; e++) vh[j][e] = tn_fp32_to_fp16(k[NPOS - 1 - j][e]);
+    rows[j] = vh[j];
+  }
   for (int i = 0; i < NQ; i++) fill_random(q[i], HD, 1.0f);
   fill_random(g0, 999, 6.0f);
   fill_random(up, 999, 1.0f);
@@ -831,13 +838,12 @@ static void test_attention_ops_levels_agree(void) {
     /* one weight far below the others: exp of a large negative number */
     sc[li][0][5] = -150.0f;
     for (int i = 0; i < NQ; i++) tn_attn_softmax(sc[li][i], NPOS - i, (i * 7) % 16);
-    memset(acc[li], 0, sizeof(acc[li]));
-    for (int j = 0; j < NPOS; j++) {
-      float w[NQ];
-      for (int i = 0; i < NQ; i++) w[i] = sc[li][i][j];
-      tn_attn_accum_rows(acc[li][0] + (j % 64) * HD, 64 * HD, w, NQ, k[j], HD);
+    /* token i sees positions 5i .. NPOS-1-i (a window start, a shorter
+     * run), weights from its softmax */
+    for (int i = 0; i < NQ; i++) {
+      tn_attn_lanes(acc[li][i], rows, sc[li][i], 5 * i, NPOS - 1 - i, HD);
+      tn_attn_reduce(acc[li][i], out[li][i], HD);
     }
-    for (int i = 0; i < NQ; i++) tn_attn_reduce(acc[li][i], out[li][i], HD);
     memcpy(g[li], g0, sizeof(g0));
     tn_silu_mul(g[li], up, 999);
     memcpy(ge[li], g0, sizeof(g0));
@@ -856,6 +862,13 @@ static void test_attention_ops_levels_agree(void) {
     ASSERT(memcmp(out[li], out[0], sizeof(out[0])) == 0);
     ASSERT(memcmp(g[li], g[0], sizeof(g[0])) == 0);
     ASSERT(memcmp(ge[li], ge[0], sizeof(ge[0])) == 0);
+  }
+  /* the value sum is the weighted sum (to rounding) */
+  for (int e = 0; e < HD; e += 37) {
+    double ref = 0.0;
+    for (int p = 5; p <= NPOS - 2; p++)
+      ref += (double)sc[0][1][p - 5] * (double)tn_fp16_to_fp32(vh[p][e]);
+    ASSERT_NEAR(out[0][1][e], ref, 1e-4);
   }
   /* the scalar dot is the 64-lane order, not a plain running sum */
   float d = tn_attn_dot(k[0], q[0], HD);

@@ -60,7 +60,8 @@ float tn_exp_poly(float x) {
   float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
                       fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
                  u, fmaf(0x1.ffffecp-1f, b, 1.0f));
-  if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+  if (!(fabsf(n) <= 192.0f)) /* out of range, or NaN (no int cast) */
+    return n != n ? x + x : n <= 0.0f ? 0.0f : INFINITY;
   return ldexpf(j, (int)n); /* j * 2^n, one rounding */
 }
 
@@ -220,6 +221,7 @@ void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
   for (int32_t k = 0; k < 64; k++) {
     float *dst = acc + (int64_t)k * n;
     for (int64_t d = 0; d < n; d++) dst[d] = 0.0f;
+    /* the first visible position of lane k, then every 64th */
     for (int32_t p = p0 + ((k - p0 % 64) + 64) % 64; p <= p1; p += 64)
       for (int64_t d = 0; d < n; d++)
         dst[d] = fmaf(w[p - p0], tn_fp16_to_fp32(rows[p][d]), dst[d]);

@@ -44,8 +44,8 @@ static inline __m256 exp8(__m256 x) {
   _mm256_storeu_ps(jj, j);
   _mm256_storeu_ps(nn, n);
   for (int l = 0; l < 8; l++) {
-    if (fabsf(nn[l]) > 192.0f)
-      r[l] = nn[l] <= 0.0f ? 0.0f : INFINITY;
+    if (!(fabsf(nn[l]) <= 192.0f)) /* out of range, or NaN */
+      r[l] = nn[l] != nn[l] ? nn[l] : nn[l] <= 0.0f ? 0.0f : INFINITY;
     else
       r[l] = ldexpf(jj[l], (int)nn[l]);
   }
@@ -199,8 +199,11 @@ void tn_attn_lanes_avx2(float *acc, const uint16_t *const *rows,
   for (int32_t k = 0; k < 64; k++) {
     /* the first visible position of lane k, then every 64th */
     int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
-    int64_t cnt = p <= p1 ? (p1 - p) / 64 + 1 : 0;
-    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), cnt, n);
+    if (p > p1) { /* no visible position in this lane */
+      memset(acc + (int64_t)k * n, 0, (size_t)n * sizeof(float));
+      continue;
+    }
+    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), (p1 - p) / 64 + 1, n);
   }
 }
 

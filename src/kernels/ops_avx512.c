@@ -5,6 +5,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 #include "kernels/kernels.h"
 
@@ -81,8 +82,11 @@ void tn_attn_lanes_avx512(float *acc, const uint16_t *const *rows,
   for (int32_t k = 0; k < 64; k++) {
     /* the first visible position of lane k, then every 64th */
     int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
-    int64_t cnt = p <= p1 ? (p1 - p) / 64 + 1 : 0;
-    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), cnt, n);
+    if (p > p1) { /* no visible position in this lane */
+      memset(acc + (int64_t)k * n, 0, (size_t)n * sizeof(float));
+      continue;
+    }
+    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), (p1 - p) / 64 + 1, n);
   }
 }
 

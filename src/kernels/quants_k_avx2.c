@@ -1,8 +1,8 @@
 /*
  * quants_k_avx2.c: AVX2 versions of the K-quant hot paths (quantize Q8_K,
- * and the Q4_K / Q5_K / Q6_K dot products against Q8_K). Same results as
- * the scalar reference in quants_k.c up to float summation order; Q8_K
- * quantization is bit-identical to it for finite input.
+ * and the Q4_K / Q5_K / Q6_K dot products against Q8_K). Bit-identical to
+ * the scalar reference in quants_k.c (same integer lanes, same float
+ * order); Q8_K quantization too, for finite input.
  *
  * The dot products all have one shape: rebuild the weights' unsigned levels
  * 32 bytes at a time, multiply them with the signed Q8_K quants by

@@ -730,35 +730,44 @@ static void test_gemm_tiles_present(void) {
  * float steps at AVX2 and AVX-512 (quants_avx512.c): the two levels give
  * the same bits, tiled or not. */
 static void test_matmul_levels_agree(void) {
-  /* every quantized type: both levels sum in llama.cpp's x86 order */
+  /* Every quantized type sums in llama.cpp's x86 order at the SIMD levels;
+   * the K-quants at the scalar level too. */
   static const enum tn_type same[] = {TN_TYPE_Q4_0, TN_TYPE_Q4_1,
                                       TN_TYPE_Q5_0, TN_TYPE_Q5_1,
                                       TN_TYPE_Q8_0, TN_TYPE_Q4_K,
                                       TN_TYPE_Q5_K, TN_TYPE_Q6_K};
   enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
   int n_lv = levels_supported(lv);
-  if (lv[n_lv - 1] != TN_CPU_LEVEL_AVX512) {
-    printf("     (no AVX-512: skipped)\n");
-    return;
-  }
   enum { NCMAX = 768, NR = 13, NT = 9 };
-  static float x[NCMAX * NT], y2[NR * NT], y5[NR * NT];
+  static float x[NCMAX * NT], y[TN_CPU_LEVEL_COUNT][NR * NT];
+  int n_cmp = 0;
   for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
-    const int NC = tn_type_get(same[i])->blck_size == 256 ? 768 : 608;
+    const bool k_quant = tn_type_get(same[i])->blck_size == 256;
+    const int NC = k_quant ? 768 : 608;
     struct tn_mat w;
     uint8_t *data = make_weights(same[i], NC, NR, &w);
     fill_random(x, NC * NT, 1.0f);
     void *q = malloc(tn_matmul_q_size(&w, NT));
-    tn_kernels_init(TN_CPU_LEVEL_AVX2);
-    run_matmul(&w, x, NT, q, y2, NR, 2);
-    tn_kernels_init(TN_CPU_LEVEL_AVX512);
-    run_matmul(&w, x, NT, q, y5, NR, 2);
-    if (memcmp(y2, y5, sizeof(y2)) != 0)
-      fprintf(stderr, "%s: avx2 and avx512 differ\n", tn_type_name(same[i]));
-    ASSERT(memcmp(y2, y5, sizeof(y2)) == 0);
+    int first = -1;
+    for (int l = 0; l < n_lv; l++) {
+      if (lv[l] == TN_CPU_LEVEL_SCALAR && !k_quant) continue;
+      tn_kernels_init(lv[l]);
+      run_matmul(&w, x, NT, q, y[l], NR, 2);
+      if (first < 0) {
+        first = l;
+        continue;
+      }
+      n_cmp++;
+      if (memcmp(y[first], y[l], sizeof(y[l])) != 0)
+        fprintf(stderr, "%s: %s and %s differ\n", tn_type_name(same[i]),
+                tn_cpu_level_name(lv[first]), tn_cpu_level_name(lv[l]));
+      ASSERT(memcmp(y[first], y[l], sizeof(y[l])) == 0);
+    }
     free(q);
     free(data);
   }
+  printf("     %d level pairs compared bit for bit\n", n_cmp);
+  ASSERT_GT(n_cmp, 0);
   tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
 }
 
@@ -810,6 +819,7 @@ static void test_attention_ops_levels_agree(void) {
   enum { HD = 152, NPOS = 203, NQ = 3 };
   static float k[NPOS][HD], q[NQ][HD], sc[TN_CPU_LEVEL_COUNT][NQ][NPOS];
   static uint16_t vh[NPOS][HD];
+  static float short_sm[TN_CPU_LEVEL_COUNT][40][16][40];
   const uint16_t *rows[NPOS];
   static float acc[TN_CPU_LEVEL_COUNT][NQ][64 * HD], out[TN_CPU_LEVEL_COUNT][NQ][HD];
   static float g[TN_CPU_LEVEL_COUNT][999], ge[TN_CPU_LEVEL_COUNT][999];
@@ -838,6 +848,15 @@ static void test_attention_ops_levels_agree(void) {
     /* one weight far below the others: exp of a large negative number */
     sc[li][0][5] = -150.0f;
     for (int i = 0; i < NQ; i++) tn_attn_softmax(sc[li][i], NPOS - i, (i * 7) % 16);
+    /* short rows at every chunk offset, one weight in exp's subnormal
+     * range (x - max near -95) */
+    for (int n = 1; n <= 40; n++)
+      for (int off = 0; off < 16; off++) {
+        float *r = short_sm[li][n - 1][off];
+        for (int e = 0; e < n; e++) r[e] = (float)((e * 37 + off * 11) % 23) * 0.3f;
+        if (n > 3) r[2] = r[0] - 95.0f;
+        tn_attn_softmax(r, n, off);
+      }
     /* token i sees positions 5i .. NPOS-1-i (a window start, a shorter
      * run), weights from its softmax */
     for (int i = 0; i < NQ; i++) {
@@ -862,6 +881,7 @@ static void test_attention_ops_levels_agree(void) {
     ASSERT(memcmp(out[li], out[0], sizeof(out[0])) == 0);
     ASSERT(memcmp(g[li], g[0], sizeof(g[0])) == 0);
     ASSERT(memcmp(ge[li], ge[0], sizeof(ge[0])) == 0);
+    ASSERT(memcmp(short_sm[li], short_sm[0], sizeof(short_sm[0])) == 0);
   }
   /* the value sum is the weighted sum (to rounding) */
   for (int e = 0; e < HD; e += 37) {
@@ -870,7 +890,8 @@ static void test_attention_ops_levels_agree(void) {
       ref += (double)sc[0][1][p - 5] * (double)tn_fp16_to_fp32(vh[p][e]);
     ASSERT_NEAR(out[0][1][e], ref, 1e-4);
   }
-  /* the scalar dot is the 64-lane order, not a plain running sum */
+  /* the dot is a dot product (its order is checked against the levels
+   * above and against llama.cpp's logits in test_model) */
   float d = tn_attn_dot(k[0], q[0], HD);
   double ref = 0.0;
   for (int e = 0; e < HD; e++) ref += (double)k[0][e] * (double)q[0][e];

@@ -805,6 +805,7 @@ static void test_exp_poly(void) {
   ASSERT(tn_exp_poly(-INFINITY) == 0.0f);
   ASSERT(tn_exp_poly(-200.0f) == 0.0f);
   ASSERT(isinf(tn_exp_poly(200.0f)));
+  ASSERT(isnan(tn_exp_poly(NAN))); /* and no NaN-to-int cast (UBSan) */
   /* a denormal result, rounded once: exp(-100) = 3.72e-44 */
   ASSERT_NEAR(tn_exp_poly(-100.0f) * 0x1p100f, 3.72008e-44 * 0x1p100, 2e-45 * 0x1p100);
   float v[16];
@@ -867,6 +868,12 @@ static void test_attention_ops_levels_agree(void) {
     tn_silu_mul(g[li], up, 999);
     memcpy(ge[li], g0, sizeof(g0));
     tn_gelu_mul(ge[li], up, 999);
+    /* NaN propagates through SiLU and GELU, vector lanes and tail alike */
+    float nan_g[9], nan_e[9];
+    for (int e = 0; e < 9; e++) nan_g[e] = nan_e[e] = NAN;
+    tn_silu_mul(nan_g, up, 9);
+    tn_gelu_mul(nan_e, up, 9);
+    for (int e = 0; e < 9; e++) ASSERT(isnan(nan_g[e]) && isnan(nan_e[e]));
   }
   tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
   for (int i = 0; i < NQ; i++) {

@@ -98,7 +98,7 @@ def load_bindings(ref):
 
 
 class Ref:
-    def __init__(self, L, model_path):
+    def __init__(self, L, model_path, params=CTX_PARAMS):
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
@@ -110,12 +110,12 @@ class Ref:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         cp = L.llama_context_default_params()
-        cp.n_ctx = CTX_PARAMS["n_ctx"]
-        cp.n_batch = CTX_PARAMS["n_batch"]
-        cp.n_ubatch = CTX_PARAMS["n_ubatch"]
+        cp.n_ctx = params["n_ctx"]
+        cp.n_batch = params["n_batch"]
+        cp.n_ubatch = params["n_ubatch"]
         cp.n_seq_max = 1
-        cp.n_threads = CTX_PARAMS["n_threads"]
-        cp.n_threads_batch = CTX_PARAMS["n_threads"]
+        cp.n_threads = params["n_threads"]
+        cp.n_threads_batch = params["n_threads"]
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -310,36 +310,26 @@ def main():
         os.makedirs(outdir, exist_ok=True)
         print(f"{name}: {path}", file=sys.stderr)
         meta = {"model": name, "file": m["file"], "llama_cpp": llama_version(a.ref)}
-        if what & {"logits", "greedy"}:
-            r = Ref(L, path)
-            meta.update({"n_vocab": r.n_vocab, "add_bos": r.add_bos, "bos": r.bos, "eos": r.eos,
-                         "params": CTX_PARAMS})
+        # Two llama.cpp runs: the prompt in one batch, and fed one token per
+        # llama_decode (n_ubatch = 1, files *_ub1.json), where every token
+        # takes ggml's one-token path (f16 dot products, not tinyBLAS
+        # tiles), the order of operations tern follows; llama.cpp's result
+        # depends on its n_ubatch.
+        for suffix, ubatch in (("", CTX_PARAMS["n_ubatch"]), ("_ub1", 1)):
+            if not what & {"logits" + suffix, "greedy" + suffix}:
+                continue
+            params = dict(CTX_PARAMS, n_ubatch=ubatch)
+            r = Ref(L, path, params)
+            meta_r = dict(meta, n_vocab=r.n_vocab, add_bos=r.add_bos, bos=r.bos,
+                          eos=r.eos, params=params)
             prompts = prompts_for(m["chat"])
-            if "logits" in what:
-                dump(os.path.join(outdir, "logits.json"),
-                     dict(meta, topk=TOPK, prompts=logits_fixture(r, prompts)))
-            if "greedy" in what:
-                dump(os.path.join(outdir, "greedy.json"),
-                     dict(meta, n_gen=N_GEN, prompts=greedy_fixture(r, prompts)))
-        if what & {"logits_ub1", "greedy_ub1"}:
-            # The same with the prompt fed one token per llama_decode
-            # (n_ubatch = 1): every token then takes ggml's one-token path
-            # (f16 dot products, not tinyBLAS tiles), the order of operations
-            # tern follows; llama.cpp's result depends on its n_ubatch.
-            CTX_PARAMS["n_ubatch"] = 1
-            r1 = Ref(L, path)
-            meta1 = dict(meta, n_vocab=r1.n_vocab, add_bos=r1.add_bos, bos=r1.bos,
-                         eos=r1.eos, params=dict(CTX_PARAMS))
-            CTX_PARAMS["n_ubatch"] = CTX_PARAMS["n_batch"]
-            prompts = prompts_for(m["chat"])
-            if "logits_ub1" in what:
-                dump(os.path.join(outdir, "logits_ub1.json"),
-                     dict(meta1, topk=TOPK, prompts=logits_fixture(r1, prompts)))
-            if "greedy_ub1" in what:
-                dump(os.path.join(outdir, "greedy_ub1.json"),
-                     dict(meta1, n_gen=N_GEN, prompts=greedy_fixture(r1, prompts)))
+            if "logits" + suffix in what:
+                dump(os.path.join(outdir, f"logits{suffix}.json"),
+                     dict(meta_r, topk=TOPK, prompts=logits_fixture(r, prompts)))
+            if "greedy" + suffix in what:
+                dump(os.path.join(outdir, f"greedy{suffix}.json"),
+                     dict(meta_r, n_gen=N_GEN, prompts=greedy_fixture(r, prompts)))
         if "ppl" in what:
-            meta.pop("params", None)
             dump(os.path.join(outdir, "perplexity.json"),
                  dict(meta, **perplexity_fixture(a.ref, path)))
     return 0

@@ -255,4 +255,33 @@ void tn_gemm_q5_1_q8_1_avx512(int64_t n, const void *w, size_t w_stride,
  * (tile == NULL when there is none). */
 const struct tn_gemm_kernel *tn_gemm_kernel_get(enum tn_type t);
 
+/* ---- row ops (ops.c): scalar versions the SIMD files finish their tails
+ * with, and the SIMD entry points ops.c dispatches to. Same bits at every
+ * level (ops.c gives the order of operations). */
+
+void tn_silu_mul_ref(float *gate, const float *up, int64_t n);
+void tn_gelu_mul_ref(float *gate, const float *up, int64_t n,
+                     const uint16_t *table);
+/* dims [d0, n) of one lane of tn_attn_lanes (positions 64 apart: rows[64c],
+ * w[64c] for c < cnt) and of tn_attn_reduce */
+void tn_attn_lane_ref(float *dst, const uint16_t *const *rows, const float *w,
+                      int64_t cnt, int64_t d0, int64_t n);
+void tn_attn_reduce_ref(const float *acc, float *out, int64_t d0, int64_t n);
+
+void tn_softmax_avx2(float *x, int64_t n, int64_t off);
+void tn_silu_mul_avx2(float *gate, const float *up, int64_t n);
+void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
+                      const uint16_t *table);
+void tn_round_f16_avx2(float *x, int64_t n);
+void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
+                           int ny, float *const *out, int64_t n, float scale);
+void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,
+                       int64_t cnt, int64_t n);
+void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
+void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
+                             int ny, float *const *out, int64_t n, float scale);
+void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
+                         const float *w, int64_t cnt, int64_t n);
+void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
+
 #endif /* TN_KERNELS_INTERNAL_H */

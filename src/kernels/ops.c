@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <string.h>
 
 #include "kernels/kernels.h"
 #include "base/base.h"
@@ -73,8 +74,6 @@ float tn_reduce16(const float *v) {
   return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
-void tn_softmax_avx2(float *x, int64_t n, int64_t off);
-
 void tn_attn_softmax(float *x, int64_t n, int64_t off) {
   if (n <= 0) return;
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
@@ -99,17 +98,18 @@ void tn_attn_softmax(float *x, int64_t n, int64_t off) {
   for (int64_t i = 0; i < n; i++) x[i] *= inv;
 }
 
-void tn_silu_mul_avx2(float *gate, const float *up, int64_t n);
-
-void tn_silu_mul(float *gate, const float *up, int64_t n) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_silu_mul_avx2(gate, up, n);
-    return;
-  }
+void tn_silu_mul_ref(float *gate, const float *up, int64_t n) {
   for (int64_t i = 0; i < n; i++) {
     float g = gate[i];
     gate[i] = g / (1.0f + tn_exp_poly(0.0f - g)) * up[i];
   }
+}
+
+void tn_silu_mul(float *gate, const float *up, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2)
+    tn_silu_mul_avx2(gate, up, n);
+  else
+    tn_silu_mul_ref(gate, up, n);
 }
 
 /* GELU (tanh approximation) as llama.cpp's CPU backend evaluates it: for
@@ -131,15 +131,8 @@ static void gelu_table_init(void) {
     gelu_table[h] = tn_fp32_to_fp16(gelu_f32(tn_fp16_to_fp32((uint16_t)h)));
 }
 
-void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
-                      const uint16_t *table);
-
-void tn_gelu_mul(float *gate, const float *up, int64_t n) {
-  pthread_once(&gelu_once, gelu_table_init);
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_gelu_mul_avx2(gate, up, n, gelu_table);
-    return;
-  }
+void tn_gelu_mul_ref(float *gate, const float *up, int64_t n,
+                     const uint16_t *table) {
   for (int64_t i = 0; i < n; i++) {
     float g = gate[i], y;
     if (g <= -10.0f)
@@ -147,9 +140,17 @@ void tn_gelu_mul(float *gate, const float *up, int64_t n) {
     else if (g >= 10.0f)
       y = g;
     else
-      y = tn_fp16_to_fp32(gelu_table[tn_fp32_to_fp16(g)]);
+      y = tn_fp16_to_fp32(table[tn_fp32_to_fp16(g)]);
     gate[i] = y * up[i];
   }
+}
+
+void tn_gelu_mul(float *gate, const float *up, int64_t n) {
+  pthread_once(&gelu_once, gelu_table_init);
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2)
+    tn_gelu_mul_avx2(gate, up, n, gelu_table);
+  else
+    tn_gelu_mul_ref(gate, up, n, gelu_table);
 }
 
 void tn_vec_add(float *y, const float *x, int64_t n) {
@@ -182,18 +183,6 @@ float tn_attn_dot(const float *x, const float *y, int64_t n) {
   return (float)s;
 }
 
-void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
-                           int ny, float *const *out, int64_t n, float scale);
-void tn_attn_lanes_avx2(float *acc, const uint16_t *const *rows,
-                        const float *w, int32_t p0, int32_t p1, int64_t n);
-void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
-void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
-                             int ny, float *const *out, int64_t n, float scale);
-void tn_attn_lanes_avx512(float *acc, const uint16_t *const *rows,
-                          const float *w, int32_t p0, int32_t p1, int64_t n);
-void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
-void tn_round_f16_avx2(float *x, int64_t n);
-
 void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
                       int ny, float *const *out, int64_t n, float scale) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
@@ -208,23 +197,44 @@ void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
     *out[i] = tn_attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
+void tn_attn_lane_ref(float *dst, const uint16_t *const *rows, const float *w,
+                      int64_t cnt, int64_t d0, int64_t n) {
+  for (int64_t d = d0; d < n; d++) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < cnt; c++)
+      acc = fmaf(w[64 * c], tn_fp16_to_fp32(rows[64 * c][d]), acc);
+    dst[d] = acc;
+  }
+}
+
+static void attn_lane_scalar(float *dst, const uint16_t *const *rows,
+                             const float *w, int64_t cnt, int64_t n) {
+  tn_attn_lane_ref(dst, rows, w, cnt, 0, n);
+}
+
 void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
                    int32_t p0, int32_t p1, int64_t n) {
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
-    tn_attn_lanes_avx512(acc, rows, w, p0, p1, n);
-    return;
-  }
-  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
-    tn_attn_lanes_avx2(acc, rows, w, p0, p1, n);
-    return;
-  }
+  void (*lane)(float *, const uint16_t *const *, const float *, int64_t,
+               int64_t) = tn_kernels_level() >= TN_CPU_LEVEL_AVX512 ? tn_attn_lane_avx512
+                          : tn_kernels_level() >= TN_CPU_LEVEL_AVX2 ? tn_attn_lane_avx2
+                                                                    : attn_lane_scalar;
   for (int32_t k = 0; k < 64; k++) {
-    float *dst = acc + (int64_t)k * n;
-    for (int64_t d = 0; d < n; d++) dst[d] = 0.0f;
     /* the first visible position of lane k, then every 64th */
-    for (int32_t p = p0 + ((k - p0 % 64) + 64) % 64; p <= p1; p += 64)
-      for (int64_t d = 0; d < n; d++)
-        dst[d] = fmaf(w[p - p0], tn_fp16_to_fp32(rows[p][d]), dst[d]);
+    int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
+    if (p > p1) /* no visible position in this lane */
+      memset(acc + (int64_t)k * n, 0, (size_t)n * sizeof(float));
+    else
+      lane(acc + (int64_t)k * n, rows + p, w + (p - p0), (p1 - p) / 64 + 1, n);
+  }
+}
+
+void tn_attn_reduce_ref(const float *acc, float *out, int64_t d0, int64_t n) {
+  for (int64_t d = d0; d < n; d++) {
+    float v[16];
+    for (int l = 0; l < 16; l++)
+      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
+             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
+    out[d] = tn_reduce16(v);
   }
 }
 
@@ -237,13 +247,7 @@ void tn_attn_reduce(const float *acc, float *out, int64_t n) {
     tn_attn_reduce_avx2(acc, out, n);
     return;
   }
-  for (int64_t d = 0; d < n; d++) {
-    float v[16];
-    for (int l = 0; l < 16; l++)
-      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
-             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
-    out[d] = tn_reduce16(v);
-  }
+  tn_attn_reduce_ref(acc, out, 0, n);
 }
 
 void tn_round_f16(float *x, int64_t n) {

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
 
 /* tn_reduce16 of lo (lanes 0..7) and hi (lanes 8..15). */
 static inline float reduce16(__m256 lo, __m256 hi) {
@@ -104,10 +105,7 @@ void tn_silu_mul_avx2(float *gate, const float *up, int64_t n) {
     __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
     _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
   }
-  for (; i < n; i++) {
-    float g = gate[i];
-    gate[i] = g / (1.0f + tn_exp_poly(0.0f - g)) * up[i];
-  }
+  tn_silu_mul_ref(gate + i, up + i, n - i);
 }
 
 /* tn_gelu_mul: the f16 table read by a gather (4 bytes at entry h: the
@@ -129,16 +127,7 @@ void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
     y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(g, lo, _CMP_LE_OQ));
     _mm256_storeu_ps(gate + i, _mm256_mul_ps(y, _mm256_loadu_ps(up + i)));
   }
-  for (; i < n; i++) {
-    float g = gate[i], y;
-    if (g <= -10.0f)
-      y = 0.0f;
-    else if (g >= 10.0f)
-      y = g;
-    else
-      y = tn_fp16_to_fp32(table[tn_fp32_to_fp16(g)]);
-    gate[i] = y * up[i];
-  }
+  tn_gelu_mul_ref(gate + i, up + i, n - i, table);
 }
 
 /* tn_attn_dot: 64 lanes as eight 8-lane accumulators. */
@@ -168,10 +157,8 @@ void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
 
 /* one lane of tn_attn_lanes (positions 64 apart), 64 dims at a time in
  * eight registers */
-static inline __attribute__((always_inline)) void lane(float *dst,
-                                                       const uint16_t *const *rows,
-                                                       const float *w, int64_t cnt,
-                                                       int64_t n) {
+void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,
+                       int64_t cnt, int64_t n) {
   const int64_t step = 64;
   int64_t d0 = 0;
   for (; d0 + 64 <= n; d0 += 64) {
@@ -186,25 +173,7 @@ static inline __attribute__((always_inline)) void lane(float *dst,
     }
     for (int k = 0; k < 8; k++) _mm256_storeu_ps(dst + d0 + 8 * k, a[k]);
   }
-  for (int64_t d = d0; d < n; d++) {
-    float acc = 0.0f;
-    for (int64_t c = 0; c < cnt; c++)
-      acc = fmaf(w[c * step], tn_fp16_to_fp32(rows[c * step][d]), acc);
-    dst[d] = acc;
-  }
-}
-
-void tn_attn_lanes_avx2(float *acc, const uint16_t *const *rows,
-                         const float *w, int32_t p0, int32_t p1, int64_t n) {
-  for (int32_t k = 0; k < 64; k++) {
-    /* the first visible position of lane k, then every 64th */
-    int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
-    if (p > p1) { /* no visible position in this lane */
-      memset(acc + (int64_t)k * n, 0, (size_t)n * sizeof(float));
-      continue;
-    }
-    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), (p1 - p) / 64 + 1, n);
-  }
+  tn_attn_lane_ref(dst, rows, w, cnt, d0, n);
 }
 
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n) {
@@ -224,13 +193,7 @@ void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n) {
     _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_add_ps(t4[0], t4[2]),
                                             _mm256_add_ps(t4[1], t4[3])));
   }
-  for (; d < n; d++) {
-    float v[16];
-    for (int l = 0; l < 16; l++)
-      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
-             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
-    out[d] = tn_reduce16(v);
-  }
+  tn_attn_reduce_ref(acc, out, d, n);
 }
 
 /* x = f32(f16(x)), rounding to nearest even (F16C does IEEE rounding, as

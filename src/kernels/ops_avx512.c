@@ -4,10 +4,9 @@
  * scalar and AVX2 versions (ops.c explains the order), so the same bits.
  */
 #include <immintrin.h>
-#include <math.h>
-#include <string.h>
 
 #include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
 
 /* tn_reduce16 of the 16 lanes of v */
 static inline float reduce16(__m512 v) {
@@ -42,10 +41,8 @@ void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
 
 /* one lane of tn_attn_lanes (positions 64 apart), 128 dims at a time in
  * eight registers */
-static inline __attribute__((always_inline)) void lane(float *dst,
-                                                       const uint16_t *const *rows,
-                                                       const float *w, int64_t cnt,
-                                                       int64_t n) {
+void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
+                         const float *w, int64_t cnt, int64_t n) {
   const int64_t step = 64;
   int64_t d0 = 0;
   for (; d0 + 128 <= n; d0 += 128) {
@@ -69,25 +66,7 @@ static inline __attribute__((always_inline)) void lane(float *dst,
                           a);
     _mm512_storeu_ps(dst + d0, a);
   }
-  for (int64_t d = d0; d < n; d++) {
-    float acc = 0.0f;
-    for (int64_t c = 0; c < cnt; c++)
-      acc = fmaf(w[c * step], tn_fp16_to_fp32(rows[c * step][d]), acc);
-    dst[d] = acc;
-  }
-}
-
-void tn_attn_lanes_avx512(float *acc, const uint16_t *const *rows,
-                         const float *w, int32_t p0, int32_t p1, int64_t n) {
-  for (int32_t k = 0; k < 64; k++) {
-    /* the first visible position of lane k, then every 64th */
-    int32_t p = p0 + ((k - p0 % 64) + 64) % 64;
-    if (p > p1) { /* no visible position in this lane */
-      memset(acc + (int64_t)k * n, 0, (size_t)n * sizeof(float));
-      continue;
-    }
-    lane(acc + (int64_t)k * n, rows + p, w + (p - p0), (p1 - p) / 64 + 1, n);
-  }
+  tn_attn_lane_ref(dst, rows, w, cnt, d0, n);
 }
 
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n) {
@@ -106,11 +85,5 @@ void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n) {
     _mm512_storeu_ps(out + d, _mm512_add_ps(_mm512_add_ps(t4[0], t4[2]),
                                             _mm512_add_ps(t4[1], t4[3])));
   }
-  for (; d < n; d++) {
-    float v[16];
-    for (int l = 0; l < 16; l++)
-      v[l] = (acc[l * n + d] + acc[(32 + l) * n + d]) +
-             (acc[(16 + l) * n + d] + acc[(48 + l) * n + d]);
-    out[d] = tn_reduce16(v);
-  }
+  tn_attn_reduce_ref(acc, out, d, n);
 }

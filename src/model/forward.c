@@ -228,7 +228,7 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
     for (int32_t i = lo; i < hi; i++)
       outs[i - lo] = scores + (size_t)i * (size_t)n_ctx + (size_t)(j - start[i]);
     tn_attn_dot_rows(krow, q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
-                     hp->attn_scale_q ? 1.0f : hp->attn_scale);
+                     hp->kq_scale);
   }
   for (int32_t i = 0; i < nq; i++) {
     float *sc = scores + (size_t)i * (size_t)n_ctx;
@@ -310,10 +310,9 @@ static void forward_worker(void *arg, int ith, int nth) {
         if (L->q_norm) tn_rms_norm(qt + h * hd, L->q_norm, qt + h * hd, hd, hp->norm_eps);
         tn_rope_apply(qt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
-      /* q rounded to f16, as llama.cpp multiplies it with an F16 cache;
-       * Gemma's q is scaled first (the rounding sees the scaled value:
-       * small entries become f16 subnormals) */
-      if (hp->attn_scale_q) tn_vec_scale(qt, hp->attn_scale, qd);
+      /* q rounded to f16, as llama.cpp multiplies it with an F16 cache
+       * (after its share of the attention scale) */
+      if (hp->q_scale != 1.0f) tn_vec_scale(qt, hp->q_scale, qd);
       tn_round_f16(qt, qd);
       for (int32_t h = 0; h < hp->n_head_kv; h++) {
         if (L->k_norm) tn_rms_norm(kt + h * hd, L->k_norm, kt + h * hd, hd, hp->norm_eps);

@@ -230,13 +230,15 @@ static enum tn_status load_hparams(struct loader *ld) {
     return st;
 
   hp->rope_neox = hp->arch != TN_ARCH_LLAMA;
-  hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+  hp->q_scale = 1.0f;
+  hp->kq_scale = 1.0f / sqrtf((float)hp->head_dim);
   hp->embd_scale = 1.0f;
   hp->rope_base_swa = hp->rope_base;
   hp->rope_scale_swa = hp->rope_scale;
   if (hp->arch == TN_ARCH_GEMMA3) {
     hp->embd_scale = sqrtf((float)hp->n_embd);
-    hp->attn_scale_q = true;
+    hp->q_scale = hp->kq_scale;
+    hp->kq_scale = 1.0f;
     if ((st = get_u32(ld, "attention.sliding_window", false, 0, &v))) return st;
     hp->swa_window = (int32_t)v;
     hp->swa_period = 6;

@@ -52,9 +52,10 @@ struct tn_hparams {
   float rope_scale;    /* freq_scale = 1/factor for linear scaling */
   float rope_scale_swa; /* sliding-window layers are never scaled */
   float norm_eps;
-  float attn_scale;    /* multiplies q.k */
-  bool attn_scale_q;   /* applied to q before its f16 rounding (Gemma 3, as
-                          llama.cpp scales the query), not to q.k */
+  /* attention scale 1/sqrt(d), split as llama.cpp applies it: q_scale
+   * multiplies q before its f16 rounding (Gemma 3: small entries become f16
+   * subnormals), kq_scale multiplies q.k (llama, qwen2); the other is 1 */
+  float q_scale, kq_scale;
   float embd_scale;    /* multiplies the token embedding (gemma: sqrt(d)) */
   int32_t swa_window;  /* 0: none */
   int32_t swa_period;  /* every swa_period-th layer is global (gemma3: 6) */

@@ -6,16 +6,43 @@
 #include <stdlib.h>
 #include <string.h>
 
+struct tn_kv_meta {
+  uint64_t hash;           /* chain hash; valid when cached */
+  uint64_t parent;         /* hash of the block before (0 for the first) */
+  int32_t lru_prev, lru_next;
+  bool cached;             /* in the index */
+};
+
+struct tn_kv_pool {
+  struct tn_kv_layout lay; /* storage, what forward addresses */
+  int32_t n_layer;
+  int32_t n_blocks;
+  int32_t block_size;
+  int32_t n_kv_dim;
+  int32_t *refs;      /* [n_blocks] */
+  int32_t *free_list; /* stack of free block ids */
+  int32_t n_free;
+  /* Prefix cache: full blocks registered under a hash chain stay cached
+   * when their last reference goes, on an LRU list, until acquire needs
+   * them. */
+  struct tn_kv_meta *meta; /* [n_blocks] */
+  int32_t *index;          /* open addressing: block id or -1 */
+  uint32_t index_mask;
+  int32_t lru_head, lru_tail; /* oldest first; -1 when empty */
+  int32_t n_lru;
+  int32_t *tokens;         /* [n_blocks][block_size] of cached blocks */
+};
+
 size_t tn_kv_block_bytes(int32_t n_layer, int32_t block_size,
                          int32_t n_kv_dim) {
   return 2u * (size_t)n_layer * (size_t)block_size * (size_t)n_kv_dim *
          sizeof(uint16_t);
 }
 
-enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
-                               int32_t n_blocks, int32_t block_size,
-                               int32_t n_kv_dim, struct tn_error *err) {
-  memset(pool, 0, sizeof(*pool));
+enum tn_status tn_kv_pool_new(int32_t n_layer, int32_t n_blocks,
+                              int32_t block_size, int32_t n_kv_dim,
+                              struct tn_kv_pool **out, struct tn_error *err) {
+  *out = NULL;
   if (n_layer <= 0 || n_blocks <= 0 || block_size <= 0 || n_kv_dim <= 0)
     return tn_error_set(err, TN_EINVAL,
                         "kv cache: bad shape (layers %d, blocks %d, block "
@@ -27,12 +54,18 @@ enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
       tn_mul_overflow(n, (size_t)n_kv_dim, &n) ||
       tn_mul_overflow(n, sizeof(uint16_t), &n))
     return tn_error_set(err, TN_EINVAL, "kv cache: size overflows");
+  struct tn_kv_pool *pool = calloc(1, sizeof(*pool));
+  if (!pool) return tn_error_set(err, TN_ENOMEM, "kv cache: out of memory");
   pool->n_layer = n_layer;
   pool->n_blocks = n_blocks;
   pool->block_size = block_size;
   pool->n_kv_dim = n_kv_dim;
-  pool->k = tn_aligned_alloc(n);
-  pool->v = tn_aligned_alloc(n);
+  pool->lay.k = tn_aligned_alloc(n);
+  pool->lay.v = tn_aligned_alloc(n);
+  pool->lay.n_layer = n_layer;
+  pool->lay.n_blocks = n_blocks;
+  pool->lay.block_size = block_size;
+  pool->lay.n_kv_dim = n_kv_dim;
   pool->refs = calloc((size_t)n_blocks, sizeof(int32_t));
   pool->free_list = malloc((size_t)n_blocks * sizeof(int32_t));
   uint32_t slots = 16;
@@ -41,9 +74,9 @@ enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
   pool->index_mask = slots - 1;
   pool->meta = calloc((size_t)n_blocks, sizeof(*pool->meta));
   pool->tokens = malloc((size_t)n_blocks * (size_t)block_size * sizeof(int32_t));
-  if (!pool->k || !pool->v || !pool->refs || !pool->free_list ||
+  if (!pool->lay.k || !pool->lay.v || !pool->refs || !pool->free_list ||
       !pool->index || !pool->meta || !pool->tokens) {
-    tn_kv_pool_deinit(pool);
+    tn_kv_pool_free(pool);
     return tn_error_set(err, TN_ENOMEM,
                         "kv cache: cannot allocate %zu MiB for %d blocks",
                         2 * n >> 20, n_blocks);
@@ -53,19 +86,35 @@ enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
   pool->n_free = n_blocks;
   for (uint32_t i = 0; i < slots; i++) pool->index[i] = -1;
   pool->lru_head = pool->lru_tail = -1;
+  *out = pool;
   return TN_OK;
 }
 
-void tn_kv_pool_deinit(struct tn_kv_pool *pool) {
+void tn_kv_pool_free(struct tn_kv_pool *pool) {
   if (!pool) return;
-  tn_aligned_free(pool->k);
-  tn_aligned_free(pool->v);
+  tn_aligned_free(pool->lay.k);
+  tn_aligned_free(pool->lay.v);
   free(pool->refs);
   free(pool->free_list);
   free(pool->index);
   free(pool->meta);
   free(pool->tokens);
-  memset(pool, 0, sizeof(*pool));
+  free(pool);
+}
+
+const struct tn_kv_layout *tn_kv_pool_layout(const struct tn_kv_pool *pool) {
+  return &pool->lay;
+}
+
+int32_t tn_kv_available(const struct tn_kv_pool *p) {
+  return p->n_free + p->n_lru;
+}
+int32_t tn_kv_n_blocks(const struct tn_kv_pool *p) { return p->n_blocks; }
+int32_t tn_kv_n_free(const struct tn_kv_pool *p) { return p->n_free; }
+int32_t tn_kv_n_cached(const struct tn_kv_pool *p) { return p->n_lru; }
+int32_t tn_kv_block_refs(const struct tn_kv_pool *p, int32_t block) {
+  TN_ASSERT(block >= 0 && block < p->n_blocks);
+  return p->refs[block];
 }
 
 /* ---- LRU list of cached blocks nobody holds */
@@ -221,6 +270,22 @@ enum tn_status tn_kv_seq_reserve(struct tn_kv_pool *pool, struct tn_kv_seq *s,
     if (b < 0) return TN_EFULL;
     s->blocks[s->n_blocks++] = b;
   }
+  return TN_OK;
+}
+
+enum tn_status tn_kv_seq_push(struct tn_kv_pool *pool, struct tn_kv_seq *s,
+                              int32_t block) {
+  if (s->n_blocks == s->cap) {
+    int32_t cap = s->cap ? s->cap * 2 : 8;
+    int32_t *nb = realloc(s->blocks, (size_t)cap * sizeof(int32_t));
+    if (!nb) {
+      tn_kv_block_release(pool, block);
+      return TN_ENOMEM;
+    }
+    s->blocks = nb;
+    s->cap = cap;
+  }
+  s->blocks[s->n_blocks++] = block;
   return TN_OK;
 }
 

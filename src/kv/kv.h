@@ -20,41 +20,29 @@
 
 #include "base/base.h"
 
-struct tn_kv_pool {
+/* The pool is opaque: its free list, reference counts and prefix index
+ * are kv.c's. What the forward pass needs to address the storage is the
+ * layout below. */
+struct tn_kv_pool;
+
+struct tn_kv_layout {
+  uint16_t *k;        /* f16, [n_layer][n_blocks][block_size][n_kv_dim] */
+  uint16_t *v;
   int32_t n_layer;
   int32_t n_blocks;
   int32_t block_size; /* token slots per block */
   int32_t n_kv_dim;   /* n_head_kv * head_dim (keys and values alike) */
-  uint16_t *k;        /* f16, [n_layer][n_blocks][block_size][n_kv_dim] */
-  uint16_t *v;
-  int32_t *refs;      /* [n_blocks] */
-  int32_t *free_list; /* stack of free block ids */
-  int32_t n_free;
-  /* Prefix cache: full blocks registered under a hash chain stay cached
-   * when their last reference goes, on an LRU list, until acquire needs
-   * them. */
-  struct tn_kv_meta *meta; /* [n_blocks] */
-  int32_t *index;          /* open addressing: block id or -1 */
-  uint32_t index_mask;
-  int32_t lru_head, lru_tail; /* oldest first; -1 when empty */
-  int32_t n_lru;
-  int32_t *tokens;         /* [n_blocks][block_size] of cached blocks */
-};
-
-struct tn_kv_meta {
-  uint64_t hash;           /* chain hash; valid when cached */
-  uint64_t parent;         /* hash of the block before (0 for the first) */
-  int32_t lru_prev, lru_next;
-  bool cached;             /* in the index */
 };
 
 /* Bytes one block takes across all layers, K and V. */
 size_t tn_kv_block_bytes(int32_t n_layer, int32_t block_size, int32_t n_kv_dim);
 
-enum tn_status tn_kv_pool_init(struct tn_kv_pool *pool, int32_t n_layer,
-                               int32_t n_blocks, int32_t block_size,
-                               int32_t n_kv_dim, struct tn_error *err);
-void tn_kv_pool_deinit(struct tn_kv_pool *pool);
+enum tn_status tn_kv_pool_new(int32_t n_layer, int32_t n_blocks,
+                              int32_t block_size, int32_t n_kv_dim,
+                              struct tn_kv_pool **out, struct tn_error *err);
+void tn_kv_pool_free(struct tn_kv_pool *pool);
+/* Borrowed until tn_kv_pool_free. */
+const struct tn_kv_layout *tn_kv_pool_layout(const struct tn_kv_pool *pool);
 
 /* Takes a free block (refcount 1), else evicts the least recently used
  * cached block; -1 when every block is in use. */
@@ -65,9 +53,13 @@ void tn_kv_block_retain(struct tn_kv_pool *pool, int32_t block);
 void tn_kv_block_release(struct tn_kv_pool *pool, int32_t block);
 
 /* Blocks a new acquire can get: free plus cached-but-unused. */
-static inline int32_t tn_kv_available(const struct tn_kv_pool *p) {
-  return p->n_free + p->n_lru;
-}
+int32_t tn_kv_available(const struct tn_kv_pool *pool);
+int32_t tn_kv_n_blocks(const struct tn_kv_pool *pool);
+int32_t tn_kv_n_free(const struct tn_kv_pool *pool);
+/* Cached blocks nobody holds (on the LRU list). */
+int32_t tn_kv_n_cached(const struct tn_kv_pool *pool);
+/* References on a block (0: free or cached). */
+int32_t tn_kv_block_refs(const struct tn_kv_pool *pool, int32_t block);
 
 /* ---- prefix cache
  *
@@ -87,14 +79,14 @@ uint64_t tn_kv_prefix_put(struct tn_kv_pool *pool, int32_t block,
                           uint64_t parent, const int32_t *tokens);
 
 /* Address of layer il's key (or value) vector for a slot of a block. */
-static inline uint16_t *tn_kv_k(const struct tn_kv_pool *p, int32_t il,
+static inline uint16_t *tn_kv_k(const struct tn_kv_layout *p, int32_t il,
                                 int32_t block, int32_t slot) {
   return p->k + (((size_t)il * (size_t)p->n_blocks + (size_t)block) *
                      (size_t)p->block_size +
                  (size_t)slot) *
                     (size_t)p->n_kv_dim;
 }
-static inline uint16_t *tn_kv_v(const struct tn_kv_pool *p, int32_t il,
+static inline uint16_t *tn_kv_v(const struct tn_kv_layout *p, int32_t il,
                                 int32_t block, int32_t slot) {
   return p->v + (((size_t)il * (size_t)p->n_blocks + (size_t)block) *
                      (size_t)p->block_size +
@@ -115,6 +107,11 @@ void tn_kv_seq_init(struct tn_kv_seq *s);
  * pool ran dry (what was acquired stays acquired). */
 enum tn_status tn_kv_seq_reserve(struct tn_kv_pool *pool, struct tn_kv_seq *s,
                                  int32_t n_tokens);
+/* Appends a block the caller holds a reference on (tn_kv_prefix_get) to the
+ * table; the table now owns that reference. TN_ENOMEM (the reference is
+ * dropped) when the table cannot grow. */
+enum tn_status tn_kv_seq_push(struct tn_kv_pool *pool, struct tn_kv_seq *s,
+                              int32_t block);
 /* Forgets positions >= n_tokens, releasing blocks no longer needed. */
 void tn_kv_seq_truncate(struct tn_kv_pool *pool, struct tn_kv_seq *s,
                         int32_t n_tokens);

@@ -81,6 +81,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   if (!c) return tn_error_set(err, TN_ENOMEM, "context: out of memory");
   c->m = m;
   c->pool = pool;
+  c->n_threads = tn_pool_size(pool);
   c->n_tokens_max = n_tokens_max;
   c->n_ctx = n_ctx;
   c->n_logits_max = n_logits_max;
@@ -141,6 +142,11 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   return TN_OK;
 }
 
+void tn_ctx_set_threads(struct tn_ctx *c, int n_threads) {
+  int size = tn_pool_size(c->pool);
+  c->n_threads = n_threads < 1 || n_threads > size ? size : n_threads;
+}
+
 const float *tn_ctx_logits(const struct tn_ctx *c) { return c->logits; }
 int32_t tn_ctx_n_logits(const struct tn_ctx *c) { return c->n_logits; }
 
@@ -148,7 +154,7 @@ int32_t tn_ctx_n_logits(const struct tn_ctx *c) { return c->n_logits; }
 
 struct fwd {
   struct tn_ctx *c;
-  struct tn_kv_pool *kv;
+  const struct tn_kv_layout *lay;
   const struct tn_batch *b;
 };
 
@@ -195,7 +201,7 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
   struct tn_ctx *c = f->c;
   const struct tn_hparams *hp = &c->m->hp;
   const struct tn_layer *L = &c->m->layers[il];
-  const struct tn_kv_pool *kv = f->kv;
+  const struct tn_kv_layout *kv = f->lay;
   const int32_t hd = hp->head_dim, bs = kv->block_size, n_ctx = c->n_ctx;
   const int32_t kvh = h / (hp->n_head / hp->n_head_kv);
   const int64_t qd = (int64_t)hp->n_head * hd;
@@ -319,10 +325,10 @@ static void forward_worker(void *arg, int ith, int nth) {
         tn_rope_apply(kt + h * hd, cs, hp->n_rot, hp->rope_neox);
       }
       const struct tn_kv_seq *s = b->seqs[b->seq[t]];
-      int32_t blk = s->blocks[pos / f->kv->block_size];
-      int32_t slot = pos % f->kv->block_size;
-      tn_fp32_to_fp16_row(kt, tn_kv_k(f->kv, il, blk, slot), kd);
-      tn_fp32_to_fp16_row(vt, tn_kv_v(f->kv, il, blk, slot), kd);
+      int32_t blk = s->blocks[pos / f->lay->block_size];
+      int32_t slot = pos % f->lay->block_size;
+      tn_fp32_to_fp16_row(kt, tn_kv_k(f->lay, il, blk, slot), kd);
+      tn_fp32_to_fp16_row(vt, tn_kv_v(f->lay, il, blk, slot), kd);
     }
     tn_pool_barrier(pool);
 
@@ -414,8 +420,9 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
   if (b->n_tokens <= 0 || b->n_tokens > c->n_tokens_max)
     return tn_error_set(err, TN_EINVAL, "forward: batch of %d tokens (max %d)",
                         b->n_tokens, c->n_tokens_max);
-  if (kv->n_layer != hp->n_layer ||
-      kv->n_kv_dim != hp->n_head_kv * hp->head_dim)
+  const struct tn_kv_layout *lay = tn_kv_pool_layout(kv);
+  if (lay->n_layer != hp->n_layer ||
+      lay->n_kv_dim != hp->n_head_kv * hp->head_dim)
     return tn_error_set(err, TN_EINVAL, "forward: kv cache shape mismatch");
   if (b->n_seqs <= 0 || b->n_seqs > b->n_tokens)
     return tn_error_set(err, TN_EINVAL, "forward: %d sequences for %d tokens",
@@ -451,11 +458,11 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
       return tn_error_set(err, TN_ERANGE,
                           "forward: position %d outside context %d", pos,
                           c->n_ctx);
-    if ((int64_t)pos / kv->block_size >= b->seqs[s]->n_blocks)
+    if ((int64_t)pos / lay->block_size >= b->seqs[s]->n_blocks)
       return tn_error_set(err, TN_EINVAL,
                           "forward: position %d has no kv block reserved", pos);
     /* Writing into a block another sequence shares would corrupt it. */
-    if (kv->refs[b->seqs[s]->blocks[pos / kv->block_size]] != 1)
+    if (tn_kv_block_refs(kv, b->seqs[s]->blocks[pos / lay->block_size]) != 1)
       return tn_error_set(err, TN_EINVAL,
                           "forward: position %d of sequence %d is in a shared "
                           "kv block",
@@ -478,7 +485,7 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
     if (!extend) c->runs[c->n_runs++] = t;
   }
   c->runs[c->n_runs] = b->n_tokens;
-  struct fwd f = {.c = c, .kv = kv, .b = b};
-  tn_pool_run(c->pool, forward_worker, &f);
+  struct fwd f = {.c = c, .lay = lay, .b = b};
+  tn_pool_run_n(c->pool, c->n_threads, forward_worker, &f);
   return TN_OK;
 }

@@ -115,6 +115,9 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
                           int32_t n_logits_max, struct tn_ctx **out,
                           struct tn_error *err);
 void tn_ctx_free(struct tn_ctx *c);
+/* Runs use n_threads of the pool's threads (default and upper bound: all
+ * of them; the results do not depend on it). */
+void tn_ctx_set_threads(struct tn_ctx *c, int n_threads);
 
 /* Runs the batch. Logits of the tokens that asked for them, in batch
  * order, are at tn_ctx_logits(c)[i * n_vocab]. */

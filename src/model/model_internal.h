@@ -14,6 +14,7 @@
 struct tn_ctx {
   const struct tn_model *m;
   struct tn_pool *pool;
+  int n_threads;  /* of the pool's, used by this context's runs */
   int32_t n_tokens_max, n_ctx, n_logits_max;
   /* scratch, T = n_tokens_max */
   float *x;      /* [T][n_embd] residual stream */

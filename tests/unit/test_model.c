@@ -69,7 +69,7 @@ struct runner {
   struct tn_model *m;
   struct tn_pool *pool;
   struct tn_ctx *ctx;
-  struct tn_kv_pool kv;
+  struct tn_kv_pool *kv;
 };
 
 static bool runner_open(struct runner *r, const char *path, int n_batch,
@@ -83,8 +83,8 @@ static bool runner_open(struct runner *r, const char *path, int n_batch,
   r->pool = tn_pool_new(getenv("TN_TEST_THREADS") ? atoi(getenv("TN_TEST_THREADS")) : 2);
   const struct tn_hparams *hp = &r->m->hp;
   if (tn_ctx_new(r->m, r->pool, n_batch, 1024, 16, &r->ctx, &err) ||
-      tn_kv_pool_init(&r->kv, hp->n_layer, n_blocks, 16,
-                      hp->n_head_kv * hp->head_dim, &err)) {
+      tn_kv_pool_new(hp->n_layer, n_blocks, 16, hp->n_head_kv * hp->head_dim,
+                     &r->kv, &err)) {
     fprintf(stderr, "ctx: %s\n", err.msg);
     return false;
   }
@@ -92,7 +92,7 @@ static bool runner_open(struct runner *r, const char *path, int n_batch,
 }
 
 static void runner_close(struct runner *r) {
-  tn_kv_pool_deinit(&r->kv);
+  tn_kv_pool_free(r->kv);
   tn_ctx_free(r->ctx);
   tn_pool_free(r->pool);
   tn_model_free(r->m);
@@ -105,7 +105,7 @@ static bool eval(struct runner *r, struct tn_kv_seq *seq, const int32_t *ids,
   struct tn_error err = {0};
   int32_t pos[1024], sq[1024];
   bool lg[1024];
-  if (n > 1024 || tn_kv_seq_reserve(&r->kv, seq, seq->n_tokens + n)) return false;
+  if (n > 1024 || tn_kv_seq_reserve(r->kv, seq, seq->n_tokens + n)) return false;
   for (int32_t i = 0; i < n; i++) {
     pos[i] = seq->n_tokens + i;
     sq[i] = 0;
@@ -114,7 +114,7 @@ static bool eval(struct runner *r, struct tn_kv_seq *seq, const int32_t *ids,
   struct tn_kv_seq *seqs[1] = {seq};
   struct tn_batch b = {.n_tokens = n, .token = (int32_t *)ids, .pos = pos,
                        .seq = sq, .logits = lg, .n_seqs = 1, .seqs = seqs};
-  if (tn_model_forward(r->ctx, &r->kv, &b, &err)) {
+  if (tn_model_forward(r->ctx, r->kv, &b, &err)) {
     fprintf(stderr, "forward: %s\n", err.msg);
     return false;
   }
@@ -159,14 +159,16 @@ static const char *model_file(const struct model_case *mc, char *buf,
 }
 
 /* Loads the model and fixture of a case: 1 ready (*fx and *r to release),
- * 0 skipped (model or fixture absent, printed), -1 the model failed. */
+ * 0 skipped (model or fixture absent: tn_test_skip says so), -1 the model
+ * failed. */
 static int open_case(const struct model_case *mc, const char *what,
                      int n_batch, int n_blocks, json_t **fx, struct runner *r) {
   char pbuf[512];
   const char *path = model_file(mc, pbuf, sizeof(pbuf));
   *fx = load_fixture(mc->name, what);
   if (!path || !*fx) {
-    printf("skip %s %s: model or fixture missing\n", what, mc->name);
+    if (!path) tn_test_skip("%s: models/%s not present", mc->name, mc->file);
+    else tn_test_skip("%s: fixture %s missing or unreadable", mc->name, what);
     json_decref(*fx);
     return 0;
   }
@@ -174,6 +176,7 @@ static int open_case(const struct model_case *mc, const char *what,
     json_decref(*fx);
     return -1;
   }
+  tn_test_ran();
   return 1;
 }
 
@@ -209,7 +212,7 @@ static void check_logits(const struct model_case *mc, const char *fixture) {
     struct tn_kv_seq seq;
     tn_kv_seq_init(&seq);
     bool ok = eval(&r, &seq, ids, n, l);
-    tn_kv_seq_deinit(&r.kv, &seq);
+    tn_kv_seq_deinit(r.kv, &seq);
     if (!ok) {
       fails++;
       continue;
@@ -292,7 +295,7 @@ static void check_greedy(const struct model_case *mc, const char *fixture,
       }
       if (g + 1 < n_ref) ok = eval(&r, &seq, &tok, 1, l);
     }
-    tn_kv_seq_deinit(&r.kv, &seq);
+    tn_kv_seq_deinit(r.kv, &seq);
     const char *name = json_string_value(json_object_get(p, "name"));
     if (ok && diverge < 0) {
       same++;
@@ -339,8 +342,8 @@ static void check_batching(const struct model_case *mc) {
     if (n_tok + n > 1024) continue;
     tn_kv_seq_init(&seqs[n_seqs]);
     ASSERT(eval(&r, &seqs[n_seqs], ids, n, solo + (size_t)n_seqs * (size_t)V));
-    tn_kv_seq_truncate(&r.kv, &seqs[n_seqs], 0);
-    ASSERT_EQ(tn_kv_seq_reserve(&r.kv, &seqs[n_seqs], n), TN_OK);
+    tn_kv_seq_truncate(r.kv, &seqs[n_seqs], 0);
+    ASSERT_EQ(tn_kv_seq_reserve(r.kv, &seqs[n_seqs], n), TN_OK);
     sp[n_seqs] = &seqs[n_seqs];
     /* interleave: tokens of different sequences mixed in one batch */
     for (int32_t j = 0; j < n; j++) {
@@ -355,7 +358,7 @@ static void check_batching(const struct model_case *mc) {
   struct tn_batch b = {.n_tokens = n_tok, .token = tok, .pos = pos, .seq = sq,
                        .logits = lg, .n_seqs = n_seqs, .seqs = sp};
   struct tn_error err = {0};
-  ASSERT_EQ(tn_model_forward(r.ctx, &r.kv, &b, &err), TN_OK);
+  ASSERT_EQ(tn_model_forward(r.ctx, r.kv, &b, &err), TN_OK);
   const float *L = tn_ctx_logits(r.ctx);
   double worst = 0.0;
   for (int32_t s = 0; s < n_seqs; s++) {
@@ -376,7 +379,7 @@ static void check_batching(const struct model_case *mc) {
          "difference to solo runs %.5f\n",
          mc->name, n_seqs, n_tok, worst);
   ASSERT(worst == 0.0);
-  for (int32_t s = 0; s < n_seqs; s++) tn_kv_seq_deinit(&r.kv, &seqs[s]);
+  for (int32_t s = 0; s < n_seqs; s++) tn_kv_seq_deinit(r.kv, &seqs[s]);
   free(solo);
   runner_close(&r);
   json_decref(fx);

@@ -4,6 +4,7 @@
 #include "base/base.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,71 @@ void tn_log(enum tn_log_level level, const char *fmt, ...) {
   vsnprintf(buf, sizeof(buf), fmt, ap);
   va_end(ap);
   fprintf(stderr, "tern: %s: %s\n", names[level], buf);
+}
+
+/* ---- growable buffer */
+
+
+static bool buf_reserve(struct tn_buf *b, size_t extra) {
+  if (b->oom) return false;
+  /* keep room for a terminating NUL */
+  if (extra >= SIZE_MAX - b->len) {
+    b->oom = true;
+    return false;
+  }
+  size_t need = b->len + extra + 1;
+  if (need <= b->cap) return true;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < need) {
+    if (cap > SIZE_MAX / 2) {
+      cap = need;
+      break;
+    }
+    cap *= 2;
+  }
+  char *d = realloc(b->data, cap);
+  if (!d) {
+    b->oom = true;
+    return false;
+  }
+  b->data = d;
+  b->cap = cap;
+  return true;
+}
+
+void tn_buf_append(struct tn_buf *b, const char *s, size_t n) {
+  if (!buf_reserve(b, n)) return;
+  if (n) memcpy(b->data + b->len, s, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+}
+
+void tn_buf_printf(struct tn_buf *b, const char *fmt, ...) {
+  if (b->oom) return;
+  va_list ap;
+  va_start(ap, fmt);
+  char small[128];
+  int n = vsnprintf(small, sizeof(small), fmt, ap);
+  va_end(ap);
+  if (n < 0) {
+    b->oom = true;
+    return;
+  }
+  if ((size_t)n < sizeof(small)) {
+    tn_buf_append(b, small, (size_t)n);
+    return;
+  }
+  if (!buf_reserve(b, (size_t)n)) return;
+  va_start(ap, fmt);
+  vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  b->len += (size_t)n;
+}
+
+void tn_buf_free(struct tn_buf *b) {
+  if (!b) return;
+  free(b->data);
+  memset(b, 0, sizeof(*b));
 }
 
 /* ---- memory */
@@ -133,9 +199,4 @@ enum tn_status tn_file_read(const char *path, char **out, size_t *size,
   *out = buf;
   *size = n;
   return TN_OK;
-}
-
-int tn_cpu_count(void) {
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
 }

@@ -2,8 +2,9 @@
  * base.h: what every tern subsystem leans on.
  *
  * Status codes and error messages, logging to stderr, checked size
- * arithmetic for untrusted counts, clocks, a bump arena, and the compute
- * thread pool that runs one parallel region per forward pass.
+ * arithmetic for untrusted counts, aligned allocation, clocks, hashing,
+ * whole-file reads, CPU counts, and the compute thread pool that runs one
+ * parallel region per forward pass.
  */
 #ifndef TN_BASE_H
 #define TN_BASE_H
@@ -97,6 +98,18 @@ static inline bool tn_add_overflow(size_t a, size_t b, size_t *out) {
 void *tn_aligned_alloc(size_t n);
 void tn_aligned_free(void *p);
 
+/* A growable byte buffer; oom is sticky (appends after a failure do
+ * nothing), so a render can check once at the end. */
+struct tn_buf {
+  char *data;
+  size_t len, cap;
+  bool oom;
+};
+void tn_buf_append(struct tn_buf *b, const char *s, size_t n);
+void tn_buf_printf(struct tn_buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void tn_buf_free(struct tn_buf *b);
+
 /* ---- clocks */
 
 uint64_t tn_time_ns(void); /* monotonic */
@@ -105,6 +118,22 @@ double tn_time_s(void);
 /* ---- hashing */
 
 uint64_t tn_hash64(const void *data, size_t n, uint64_t seed);
+
+/* SHA-256 (FIPS 180-4, sha256.c), for checking downloads: init, update any
+ * number of times, final (which wipes the state). tn_sha256_hex writes 64
+ * lowercase hex digits and a NUL. */
+#define TN_SHA256_SIZE 32
+struct tn_sha256 {
+  uint32_t h[8];
+  uint64_t n_bytes;
+  uint8_t buf[64];
+  size_t n_buf;
+};
+void tn_sha256_init(struct tn_sha256 *s);
+void tn_sha256_update(struct tn_sha256 *s, const void *data, size_t n);
+void tn_sha256_final(struct tn_sha256 *s, uint8_t out[TN_SHA256_SIZE]);
+void tn_sha256_hex(const uint8_t digest[TN_SHA256_SIZE],
+                   char out[2 * TN_SHA256_SIZE + 1]);
 
 /* ---- files */
 
@@ -120,6 +149,9 @@ enum tn_status tn_file_read(const char *path, char **out, size_t *size,
  * while between runs before sleeping, so a run per decode step costs no
  * syscall. Inside a run, tn_pool_barrier() makes all nth threads meet; it
  * spins (kernels between barriers are microseconds long).
+ *
+ * Any number of threads may call tn_pool_run()/tn_pool_run_n() on one pool
+ * (every model of a server shares one): runs take turns in arrival order.
  */
 struct tn_pool;
 typedef void (*tn_pool_fn_cb)(void *ctx, int ith, int nth);
@@ -128,6 +160,9 @@ struct tn_pool *tn_pool_new(int n_threads);
 void tn_pool_free(struct tn_pool *pool);
 int tn_pool_size(const struct tn_pool *pool);
 void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx);
+/* The same with nth threads (1..size; others sit the run out). */
+void tn_pool_run_n(struct tn_pool *pool, int nth, tn_pool_fn_cb fn,
+                   void *ctx);
 void tn_pool_barrier(struct tn_pool *pool);
 
 /* Splits [0, n) into nth nearly equal ranges and gives thread ith's. */
@@ -138,7 +173,14 @@ static inline void tn_split(int64_t n, int ith, int nth, int64_t *lo,
   *hi = TN_MIN(*lo + per, n);
 }
 
-/* Number of CPU cores usable by this process. */
+/* ---- CPUs */
+
+/* Physical cores this process may use: the CPUs of its affinity mask
+ * counted once per core (hyper-threads share one), capped by a cgroup CPU
+ * quota (cgroup v2 cpu.max or v1 cfs_quota_us). At least 1. Compute
+ * threads beyond it wait on each other. */
 int tn_cpu_count(void);
+/* Logical CPUs of the affinity mask, capped by the cgroup quota. */
+int tn_cpu_count_logical(void);
 
 #endif /* TN_BASE_H */

@@ -1,21 +1,34 @@
 /*
  * pool.c: the compute thread pool.
  *
- * A forward pass is one parallel region: tn_pool_run() hands fn to every
- * thread, each runs the whole layer loop on its slice (ith/nth) and the
- * threads meet at tn_pool_barrier() between dependent ops. Small models
- * take tens of barriers per token, so the barrier spins (a sense-reversing
- * counter) and never sleeps, and idle workers spin for a while on the run
- * generation before falling asleep on a condition variable. A decode loop
- * therefore costs no syscalls per step.
+ * A forward pass is one parallel region: tn_pool_run() hands fn to the
+ * run's threads, each runs the whole layer loop on its slice (ith/nth) and
+ * they meet at tn_pool_barrier() between dependent ops. Small models take
+ * tens of barriers per token, so the barrier spins (a sense-reversing
+ * counter), and idle workers spin for a while on the run generation before
+ * falling asleep on a condition variable. A decode loop therefore costs no
+ * syscalls per step.
+ *
+ * One pool serves every model of a process: each engine thread calls
+ * tn_pool_run() for its own forward passes, and runs are taken in arrival
+ * order (a ticket lock), so two models never have two spinning pools
+ * fighting over the same cores, and neither starves the other. A run may
+ * use fewer threads than the pool has (a model configured with fewer
+ * threads); the others skip it.
+ *
+ * When the pool has more threads than the process has cores, a spinning
+ * thread would hold a core the thread it waits for needs: then barriers
+ * and idle workers yield at once instead of spinning.
  *
  * Invariants:
- *  - Only the thread that owns the pool calls tn_pool_run (not reentrant).
- *  - gen is bumped (release) after fn/ctx are published; a worker that sees
- *    the new gen (acquire) sees fn/ctx.
+ *  - run_mu + ticket/serving serialise runs; inside a run only the caller
+ *    (thread 0) and the workers touch fn/ctx/run_nth.
+ *  - gen is bumped (release) after fn/ctx/run_nth are published; a worker
+ *    that sees the new gen (acquire) sees them.
  *  - n_active counts workers still inside the current run; the caller
  *    returns only when it is 0, so fn/ctx may be reused afterwards.
- * Locks: mu guards only the sleep/wake handshake (n_sleeping, cond).
+ * Locks: run_mu guards ticket/serving; mu guards only the workers'
+ * sleep/wake handshake (n_sleeping, cond). Never both at once.
  */
 #include "base/base.h"
 
@@ -37,8 +50,8 @@
  * machine is oversubscribed, the thread we wait for may need our core. */
 #define BARRIER_SPIN_ITERS 20000
 
-static inline void spin_wait(int *spins) {
-  if (*spins < BARRIER_SPIN_ITERS && ++*spins < BARRIER_SPIN_ITERS)
+static inline void spin_wait(int *spins, int limit) {
+  if (*spins < limit && ++*spins < limit)
     cpu_relax();
   else
     sched_yield();
@@ -47,9 +60,17 @@ static inline void spin_wait(int *spins) {
 struct tn_pool {
   int n_threads;
   pthread_t *threads;
+  int barrier_spins;    /* BARRIER_SPIN_ITERS, or 0 when oversubscribed */
+  int idle_spins;       /* POOL_SPIN_ITERS, or a few when oversubscribed */
+
+  /* runs, one at a time in ticket order: guarded by run_mu */
+  pthread_mutex_t run_mu;
+  pthread_cond_t run_cv;
+  uint64_t ticket, serving;
 
   tn_pool_fn_cb fn;
   void *ctx;
+  int run_nth;          /* threads taking part in the current run */
   _Atomic uint64_t gen;
   _Atomic int n_active;
   _Atomic bool stop;
@@ -81,7 +102,7 @@ static void *worker_main(void *p) {
     while ((g = atomic_load_explicit(&pool->gen, memory_order_acquire)) ==
                seen &&
            !atomic_load_explicit(&pool->stop, memory_order_acquire)) {
-      if (++spins < POOL_SPIN_ITERS) {
+      if (++spins < pool->idle_spins) {
         cpu_relax();
         continue;
       }
@@ -95,7 +116,7 @@ static void *worker_main(void *p) {
     }
     if (atomic_load_explicit(&pool->stop, memory_order_acquire)) break;
     seen = g;
-    pool->fn(pool->ctx, ith, pool->n_threads);
+    if (ith < pool->run_nth) pool->fn(pool->ctx, ith, pool->run_nth);
     atomic_fetch_sub_explicit(&pool->n_active, 1, memory_order_release);
   }
   return NULL;
@@ -107,8 +128,13 @@ struct tn_pool *tn_pool_new(int n_threads) {
   struct tn_pool *pool = calloc(1, sizeof(*pool));
   if (!pool) return NULL;
   pool->n_threads = n_threads;
+  bool over = n_threads > tn_cpu_count_logical();
+  pool->barrier_spins = over ? 0 : BARRIER_SPIN_ITERS;
+  pool->idle_spins = over ? 64 : POOL_SPIN_ITERS;
   pthread_mutex_init(&pool->mu, NULL);
   pthread_cond_init(&pool->cond, NULL);
+  pthread_mutex_init(&pool->run_mu, NULL);
+  pthread_cond_init(&pool->run_cv, NULL);
   pool->threads = calloc((size_t)n_threads, sizeof(pthread_t));
   if (!pool->threads) goto fail;
   for (int i = 1; i < n_threads; i++) {
@@ -130,6 +156,8 @@ struct tn_pool *tn_pool_new(int n_threads) {
 fail:
   pthread_mutex_destroy(&pool->mu);
   pthread_cond_destroy(&pool->cond);
+  pthread_mutex_destroy(&pool->run_mu);
+  pthread_cond_destroy(&pool->run_cv);
   free(pool);
   return NULL;
 }
@@ -143,15 +171,37 @@ void tn_pool_free(struct tn_pool *pool) {
   for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
   pthread_mutex_destroy(&pool->mu);
   pthread_cond_destroy(&pool->cond);
+  pthread_mutex_destroy(&pool->run_mu);
+  pthread_cond_destroy(&pool->run_cv);
   free(pool->threads);
   free(pool);
 }
 
 int tn_pool_size(const struct tn_pool *pool) { return pool->n_threads; }
 
-void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
-  if (pool->n_threads == 1) {
+/* Waits for this caller's turn (FIFO across engine threads). */
+static void run_begin(struct tn_pool *pool) {
+  pthread_mutex_lock(&pool->run_mu);
+  uint64_t me = pool->ticket++;
+  while (pool->serving != me) pthread_cond_wait(&pool->run_cv, &pool->run_mu);
+  pthread_mutex_unlock(&pool->run_mu);
+}
+
+static void run_end(struct tn_pool *pool) {
+  pthread_mutex_lock(&pool->run_mu);
+  pool->serving++;
+  if (pool->ticket != pool->serving) pthread_cond_broadcast(&pool->run_cv);
+  pthread_mutex_unlock(&pool->run_mu);
+}
+
+void tn_pool_run_n(struct tn_pool *pool, int nth, tn_pool_fn_cb fn,
+                   void *ctx) {
+  if (nth < 1 || nth > pool->n_threads) nth = pool->n_threads;
+  run_begin(pool);
+  pool->run_nth = nth;
+  if (nth == 1) {
     fn(ctx, 0, 1);
+    run_end(pool);
     return;
   }
   pool->fn = fn;
@@ -167,15 +217,20 @@ void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
     pthread_cond_broadcast(&pool->cond);
     pthread_mutex_unlock(&pool->mu);
   }
-  fn(ctx, 0, pool->n_threads);
+  fn(ctx, 0, nth);
   int spins = 0;
   while (atomic_load_explicit(&pool->n_active, memory_order_acquire) > 0)
-    spin_wait(&spins);
+    spin_wait(&spins, pool->barrier_spins);
+  run_end(pool);
+}
+
+void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx) {
+  tn_pool_run_n(pool, pool->n_threads, fn, ctx);
 }
 
 void tn_pool_barrier(struct tn_pool *pool) {
-  int n = pool->n_threads;
-  if (n == 1) return;
+  int n = pool->run_nth;
+  if (n <= 1) return;
   int phase = atomic_load_explicit(&pool->bar_phase, memory_order_relaxed);
   if (atomic_fetch_add_explicit(&pool->bar_count, 1, memory_order_acq_rel) ==
       n - 1) {
@@ -185,5 +240,5 @@ void tn_pool_barrier(struct tn_pool *pool) {
   }
   int spins = 0;
   while (atomic_load_explicit(&pool->bar_phase, memory_order_acquire) == phase)
-    spin_wait(&spins);
+    spin_wait(&spins, pool->barrier_spins);
 }

@@ -38,75 +38,12 @@
 #define API_PROMPTS_MAX 64
 #define API_BIAS_MAX 1024
 
-/* ---- growable buffer */
-
-static bool buf_reserve(struct tn_buf *b, size_t extra) {
-  if (b->oom) return false;
-  /* keep room for a terminating NUL */
-  if (extra >= SIZE_MAX - b->len) {
-    b->oom = true;
-    return false;
-  }
-  size_t need = b->len + extra + 1;
-  if (need <= b->cap) return true;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < need) {
-    if (cap > SIZE_MAX / 2) {
-      cap = need;
-      break;
-    }
-    cap *= 2;
-  }
-  char *d = realloc(b->data, cap);
-  if (!d) {
-    b->oom = true;
-    return false;
-  }
-  b->data = d;
-  b->cap = cap;
-  return true;
-}
-
-void tn_buf_append(struct tn_buf *b, const char *s, size_t n) {
-  if (!buf_reserve(b, n)) return;
-  if (n) memcpy(b->data + b->len, s, n);
-  b->len += n;
-  b->data[b->len] = '\0';
-}
-
 static void buf_puts(struct tn_buf *b, const char *s) {
   tn_buf_append(b, s, strlen(s));
 }
 
 static void buf_putc(struct tn_buf *b, char c) { tn_buf_append(b, &c, 1); }
 
-void tn_buf_printf(struct tn_buf *b, const char *fmt, ...) {
-  if (b->oom) return;
-  va_list ap;
-  va_start(ap, fmt);
-  char small[128];
-  int n = vsnprintf(small, sizeof(small), fmt, ap);
-  va_end(ap);
-  if (n < 0) {
-    b->oom = true;
-    return;
-  }
-  if ((size_t)n < sizeof(small)) {
-    tn_buf_append(b, small, (size_t)n);
-    return;
-  }
-  if (!buf_reserve(b, (size_t)n)) return;
-  va_start(ap, fmt);
-  vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
-  va_end(ap);
-  b->len += (size_t)n;
-}
-
-void tn_buf_free(struct tn_buf *b) {
-  if (!b) return;
-  free(b->data);
-  memset(b, 0, sizeof(*b));
-}
 
 /* ---- JSON writing */
 

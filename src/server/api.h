@@ -18,17 +18,6 @@
 #include "engine/engine.h"
 #include "tokenizer/tokenizer.h"
 
-/* A growable byte buffer; oom is sticky (appends after a failure do
- * nothing), so a render can check once at the end. */
-struct tn_buf {
-  char *data;
-  size_t len, cap;
-  bool oom;
-};
-void tn_buf_append(struct tn_buf *b, const char *s, size_t n);
-void tn_buf_printf(struct tn_buf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-void tn_buf_free(struct tn_buf *b);
 
 enum tn_api_kind {
   TN_API_CHAT,        /* POST /v1/chat/completions */

@@ -14,8 +14,7 @@
  *    "You are Qwen, created by Alibaba Cloud. You are a helpful
  *    assistant.") it is emitted first unless the first message is a system
  *    message. Generation prompt "<|im_start|>assistant\n".
- *  - gemma   ("<start_of_turn>", or no template but a <start_of_turn>
- *    token: Gemma 3's GGUF ships none): a leading system message becomes
+ *  - gemma   ("<start_of_turn>"): a leading system message becomes
  *    "{system}\n\n" in front of the first turn; roles must alternate
  *    user/assistant; assistant is spelled "model"; contents are trimmed
  *    (Python str.strip()). Generation prompt "<start_of_turn>model\n".
@@ -24,6 +23,11 @@
  *    mention "Cutting Knowledge Date" (3.1+) always open with a system turn
  *    carrying the knowledge date and "Today Date: " + the template's default
  *    date_string ("26 Jul 2024"; we never call strftime_now).
+ *
+ * A GGUF without tokenizer.chat_template gets no format: such files are
+ * base models (the Gemma 3 270M we ship is one), and guessing a format
+ * from the special tokens they still carry gives noise. The user may
+ * choose a family by name (tn_chat_set_template; --chat-template).
  *
  * BOS: Gemma's and Llama 3's templates begin with bos_token. When the
  * tokenizer adds BOS itself (add_bos_token, true for both), we leave it out
@@ -121,14 +125,44 @@ void tn_chat_detect(struct tn_tokenizer *tok, const struct tn_gguf *g) {
       tn_log_warn("tokenizer: chat template not recognised; "
                   "chat formatting unavailable");
     }
-  } else if (tn_tok_lookup(tok, "<start_of_turn>", 15) >= 0) {
-    tok->chat_family = TN_CHAT_FAMILY_GEMMA;
-  } else if (tn_tok_lookup(tok, "<|im_start|>", 12) >= 0) {
-    tok->chat_family = TN_CHAT_FAMILY_CHATML;
-  } else if (tn_tok_lookup(tok, "<|start_header_id|>", 19) >= 0) {
-    tok->chat_family = TN_CHAT_FAMILY_LLAMA3;
+  } else {
+    tok->chat_absent = true;
   }
 #undef HAS
+}
+
+enum tn_status tn_chat_set_template(struct tn_tokenizer *tok,
+                                    const char *name, struct tn_error *err) {
+  static const struct {
+    const char *name;
+    enum tn_chat_family fam;
+    const char *marker; /* a token the format needs */
+  } fams[] = {
+      {"chatml", TN_CHAT_FAMILY_CHATML, "<|im_start|>"},
+      {"gemma", TN_CHAT_FAMILY_GEMMA, "<start_of_turn>"},
+      {"llama3", TN_CHAT_FAMILY_LLAMA3, "<|start_header_id|>"},
+  };
+  for (size_t i = 0; i < TN_ARRAY_LEN(fams); i++) {
+    if (strcmp(name, fams[i].name) != 0) continue;
+    if (tn_tok_lookup(tok, fams[i].marker, strlen(fams[i].marker)) < 0)
+      return tn_error_set(err, TN_EINVAL,
+                          "chat template '%s' needs the token %s, which this "
+                          "model's vocabulary lacks",
+                          name, fams[i].marker);
+    free(tok->chat_default_system);
+    tok->chat_default_system = NULL;
+    tok->chat_family = fams[i].fam;
+    tok->chat_llama3_dated = false;
+    return TN_OK;
+  }
+  return tn_error_set(err, TN_EINVAL,
+                      "unknown chat template '%s' (known: chatml, gemma, "
+                      "llama3)",
+                      name);
+}
+
+bool tn_chat_available(const struct tn_tokenizer *tok) {
+  return tok->chat_family != TN_CHAT_FAMILY_NONE;
 }
 
 void tn_chat_deinit(struct tn_tokenizer *tok) {
@@ -323,10 +357,22 @@ enum tn_status tn_chat_format(const struct tn_tokenizer *tok,
   }
 
   default:
+    if (tok->chat_absent)
+      return tn_error_set(err, TN_EUNSUPPORTED,
+                          "this model has no chat template (its GGUF has no "
+                          "tokenizer.chat_template: a base model, trained to "
+                          "continue text, not to chat)");
     return tn_error_set(err, TN_EUNSUPPORTED,
-                        "chat: the model has no chat template we recognise");
+                        "this model's chat template is not one tern "
+                        "recognises (ChatML, Gemma, Llama 3)");
   }
-  if (!b.p) sb_put(&b, "", 0);
+  /* An empty conversation without a generation prompt renders as "" (a
+   * buffer, not NULL: sb_put skips empty writes). */
+  if (!b.p && !b.oom) {
+    b.p = malloc(1);
+    if (b.p) b.p[0] = '\0';
+    else b.oom = true;
+  }
   if (b.oom) {
     free(b.p);
     return tn_error_set(err, TN_ENOMEM, "chat: out of memory");

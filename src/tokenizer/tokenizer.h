@@ -97,11 +97,21 @@ struct tn_chat_msg {
   size_t content_len;
 };
 
+/* On success *out is malloc'd (caller frees with free()), *out_len bytes
+ * long (contents may hold NULs) and NUL-terminated after them, also when
+ * empty; on failure *out is NULL and *out_len 0. */
 enum tn_status tn_chat_format(const struct tn_tokenizer *tok,
                               const struct tn_chat_msg *msgs, size_t n_msgs,
                               bool add_generation_prompt, char **out,
                               size_t *out_len, struct tn_error *err);
-/* The name of the template family in use ("chatml", "gemma", ...). */
+/* The name of the template family in use ("chatml", "gemma", "llama3"),
+ * or "none" (no template in the GGUF, or one not recognised). */
 const char *tn_chat_template_name(const struct tn_tokenizer *tok);
+/* Whether tn_chat_format can format for this model. */
+bool tn_chat_available(const struct tn_tokenizer *tok);
+/* Uses the named family ("chatml", "gemma", "llama3") instead of what the
+ * GGUF says; the vocabulary must have the family's special tokens. */
+enum tn_status tn_chat_set_template(struct tn_tokenizer *tok,
+                                    const char *name, struct tn_error *err);
 
 #endif /* TN_TOKENIZER_H */

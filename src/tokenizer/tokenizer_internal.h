@@ -118,6 +118,7 @@ struct tn_tokenizer {
   enum tn_chat_family chat_family;
   char *chat_default_system; /* chatml default system prompt, or NULL */
   bool chat_llama3_dated;     /* llama 3.1 style system header */
+  bool chat_absent;           /* no tokenizer.chat_template at all */
   char chat_date[32];
 };
 

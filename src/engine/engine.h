@@ -1,5 +1,14 @@
 /*
- * engine.h: turning logits into tokens (sampling) and stop conditions.
+ * engine.h: generation. Everything that turns a prompt into text goes
+ * through here, for the server and the CLI alike (one scheduler, one
+ * sampler, one stop logic):
+ *
+ *  - prompts: a chat conversation formatted with the model's template, or
+ *    a text, encoded the one way every front end uses (tn_engine_encode_*);
+ *  - the serving engine: one per loaded model, a thread running continuous
+ *    batching over a paged, prefix-cached KV pool; requests in through a
+ *    bounded queue, text out through the request object (sched.c);
+ *  - sampling: logits to tokens (sampler.c), and stop strings.
  *
  * The sampler owns its random state and penalty history, so the same seed
  * and the same logits give the same tokens. Order of operations (as vLLM
@@ -156,9 +165,32 @@ struct tn_req {
   struct tn_req_priv *priv;    /* engine's own */
 };
 
+/* One step as planned, for tests and tracing (tn_engine_config.on_step):
+ * every sequence in the batch with the tokens it runs. */
+struct tn_step_entry {
+  const struct tn_req *req;
+  int32_t choice;
+  int32_t pos;           /* position of its first token in this step */
+  int32_t n_tokens;      /* tokens it runs (1 for a decode) */
+  bool decode;           /* its last sampled token, not prompt/recompute */
+};
+struct tn_step_trace {
+  uint64_t step;         /* steps run before this one */
+  int32_t n_entries;
+  const struct tn_step_entry *entries; /* batch order */
+  int32_t n_tokens;      /* sum of n_tokens */
+  int32_t n_waiting;     /* sequences left waiting */
+  uint64_t preemptions;  /* total so far */
+  int32_t kv_blocks_available;
+};
+typedef void (*tn_engine_step_cb)(void *user, const struct tn_step_trace *t);
+
 struct tn_engine_config {
   const char *name;      /* model name for the API and metric labels */
-  int32_t n_threads;     /* compute threads */
+  struct tn_pool *pool;  /* compute pool shared by every model of the
+                            process (borrowed); NULL: the engine starts its
+                            own with n_threads */
+  int32_t n_threads;     /* threads of the pool its steps use (0: all) */
   int32_t n_ctx;         /* longest sequence (prompt + output); 0: model's
                             training context, capped at 4096 */
   int32_t max_seqs;      /* sequences in the running batch */
@@ -167,6 +199,11 @@ struct tn_engine_config {
   size_t kv_bytes;       /* KV pool size; 0: room for max_seqs x n_ctx,
                             capped at 1 GiB */
   bool prefix_cache;     /* reuse full blocks across requests (default on) */
+  const char *chat_template; /* family name overriding the GGUF's template
+                                ("chatml", "gemma", "llama3"), or NULL */
+  tn_engine_step_cb on_step; /* called on the engine thread after each
+                                step is planned, before its forward pass */
+  void *on_step_user;
 };
 void tn_engine_config_default(struct tn_engine_config *c);
 
@@ -181,10 +218,40 @@ enum tn_status tn_engine_open(const char *path,
 /* Cancels everything still running, stops the thread, frees all. */
 void tn_engine_close(struct tn_engine *e);
 
-const struct tn_model *tn_engine_model(const struct tn_engine *e);
 const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e);
 const char *tn_engine_name(const struct tn_engine *e);
 int32_t tn_engine_n_ctx(const struct tn_engine *e);
+
+/* What front ends show about a loaded model. */
+struct tn_engine_info {
+  const char *arch;          /* "llama", "qwen2", "gemma3" */
+  const char *model_name;    /* general.name of the GGUF */
+  const char *chat_template; /* family in use, or "none" */
+  int32_t n_ctx;             /* longest sequence served */
+  int32_t n_ctx_train;
+  int32_t n_vocab;
+  int32_t n_layer, n_embd;
+  int32_t n_threads;         /* compute threads its steps use */
+  size_t weight_bytes;       /* weights read per token */
+  int32_t kv_blocks;         /* KV pool size in 16-token blocks */
+};
+void tn_engine_info(const struct tn_engine *e, struct tn_engine_info *out);
+
+/* ---- prompts (prompt.c): the same for the API and the CLI
+ *
+ * Both refuse, before encoding, a text so long that it has at least n_ctx
+ * tokens whatever its tokenization (TN_ERANGE), and return the other
+ * failures (bad template, roles, bytes) as TN_EINVAL or TN_EUNSUPPORTED
+ * with a message. *ids is malloc'd. */
+struct tn_chat_msg;
+enum tn_status tn_engine_encode_chat(const struct tn_engine *e,
+                                     const struct tn_chat_msg *msgs,
+                                     size_t n_msgs, int32_t **ids,
+                                     size_t *n_ids, struct tn_error *err);
+enum tn_status tn_engine_encode_text(const struct tn_engine *e,
+                                     const char *text, size_t len,
+                                     int32_t **ids, size_t *n_ids,
+                                     struct tn_error *err);
 
 /* Queues a request for prompt[n_prompt] (copied). On success *out holds a
  * reference the caller drops with tn_req_release(); notify(user) runs on

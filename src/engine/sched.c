@@ -118,9 +118,11 @@ struct tn_engine {
   char name[128];
   struct tn_model *model;
   struct tn_tokenizer *tok;
-  struct tn_pool *pool;
+  struct tn_pool *pool;       /* compute threads (maybe shared) */
   struct tn_ctx *ctx;
-  struct tn_kv_pool kv;
+  struct tn_kv_pool *kv;
+  struct tn_pool *own_pool;   /* when no shared pool was given */
+  int n_threads;              /* of the pool's, used by our steps */
   int32_t n_ctx;
   int32_t n_vocab;
   int32_t *eog;               /* end-of-generation ids, masked when needed */
@@ -146,6 +148,7 @@ struct tn_engine {
   uint64_t n_steps, n_preemptions, n_prefix_queries, n_prefix_hits;
   struct tn_batch batch;
   struct seq **batch_seqs;    /* per batch sequence index */
+  struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   char *text_buf;
   size_t text_cap;
   struct tn_req **touched;    /* requests with news this step (a ref each) */
@@ -394,7 +397,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
 }
 
 static void seq_free(struct tn_engine *e, struct seq *s) {
-  tn_kv_seq_deinit(&e->kv, &s->kv);
+  tn_kv_seq_deinit(e->kv, &s->kv);
   tn_sampler_free(s->sampler);
   free(s->tokens);
   free(s->held);
@@ -466,7 +469,7 @@ static void seq_index_blocks(struct tn_engine *e, struct seq *s) {
   if (!e->cfg.prefix_cache) return;
   while ((s->n_blocks_hashed + 1) * BLOCK_SIZE <= s->n_done) {
     int32_t b = s->n_blocks_hashed;
-    s->chain = tn_kv_prefix_put(&e->kv, s->kv.blocks[b], s->chain,
+    s->chain = tn_kv_prefix_put(e->kv, s->kv.blocks[b], s->chain,
                                 s->tokens + (size_t)b * BLOCK_SIZE);
     s->n_blocks_hashed++;
   }
@@ -482,19 +485,8 @@ static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
   int32_t got = 0;
   for (; got < max_blocks; got++) {
     const int32_t *t = s->tokens + (size_t)got * BLOCK_SIZE;
-    int32_t b = tn_kv_prefix_get(&e->kv, s->chain, t);
-    if (b < 0) break;
-    if (s->kv.n_blocks == s->kv.cap) {
-      int32_t cap = s->kv.cap ? s->kv.cap * 2 : 8;
-      int32_t *nb = realloc(s->kv.blocks, (size_t)cap * sizeof(int32_t));
-      if (!nb) {
-        tn_kv_block_release(&e->kv, b);
-        break;
-      }
-      s->kv.blocks = nb;
-      s->kv.cap = cap;
-    }
-    s->kv.blocks[s->kv.n_blocks++] = b;
+    int32_t b = tn_kv_prefix_get(e->kv, s->chain, t);
+    if (b < 0 || tn_kv_seq_push(e->kv, &s->kv, b) != TN_OK) break;
     s->chain = tn_kv_chain_hash(s->chain, t, BLOCK_SIZE);
   }
   s->n_blocks_hashed = got;
@@ -507,7 +499,7 @@ static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
 static void seq_preempt(struct tn_engine *e, struct seq *s) {
   list_remove(&e->admitted, s);
   e->n_admitted--;
-  tn_kv_seq_deinit(&e->kv, &s->kv);
+  tn_kv_seq_deinit(e->kv, &s->kv);
   tn_kv_seq_init(&s->kv);
   s->n_done = 0;
   s->n_blocks_hashed = 0;
@@ -527,7 +519,7 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
 static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n,
                         int32_t *budget) {
   for (;;) {
-    if (tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) == TN_OK)
+    if (tn_kv_seq_reserve(e->kv, &s->kv, s->n_done + n) == TN_OK)
       return true;
     struct seq *victim = NULL;
     for (struct seq *v = e->admitted; v; v = v->next)
@@ -735,16 +727,17 @@ static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
 }
 
 static void update_gauges(struct tn_engine *e) {
-  int32_t used = e->kv.n_blocks - tn_kv_available(&e->kv);
+  int32_t n_blocks = tn_kv_n_blocks(e->kv);
+  int32_t used = n_blocks - tn_kv_available(e->kv);
   int32_t running = 0;
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->choice == 0) running++;
   pthread_mutex_lock(&e->mu);
   e->stats.running = running;
   e->stats.waiting = e->n_waiting_total;
-  e->stats.kv_blocks_total = e->kv.n_blocks;
+  e->stats.kv_blocks_total = n_blocks;
   e->stats.kv_blocks_used = used;
-  e->stats.kv_blocks_cached = e->kv.n_lru;
+  e->stats.kv_blocks_cached = tn_kv_n_cached(e->kv);
   e->stats.steps = e->n_steps;
   e->stats.preemptions = e->n_preemptions;
   e->stats.prefix_queries = e->n_prefix_queries;
@@ -754,7 +747,34 @@ static void update_gauges(struct tn_engine *e) {
   metric_set(e->mm.running, running);
   metric_set(e->mm.waiting, waiting);
   metric_set(e->mm.kv_used, used);
-  metric_set(e->mm.kv_free, e->kv.n_blocks - used);
+  metric_set(e->mm.kv_free, n_blocks - used);
+}
+
+/* Tells the on_step observer what this step runs. */
+static void step_trace(struct tn_engine *e) {
+  const struct tn_batch *b = &e->batch;
+  int32_t n_waiting = 0;
+  for (struct seq *s = e->waiting; s; s = s->next) n_waiting++;
+  for (int32_t si = 0; si < b->n_seqs; si++) {
+    const struct seq *s = e->batch_seqs[si];
+    e->trace[si] = (struct tn_step_entry){
+        .req = s->req,
+        .choice = s->choice,
+        .pos = s->n_done,
+        .n_tokens = s->chunk,
+        .decode = s->chunk == 1 && s->n_gen > 0 && s->n_done + 1 == s->n_tokens,
+    };
+  }
+  struct tn_step_trace t = {
+      .step = e->n_steps,
+      .n_entries = b->n_seqs,
+      .entries = e->trace,
+      .n_tokens = b->n_tokens,
+      .n_waiting = n_waiting,
+      .preemptions = e->n_preemptions,
+      .kv_blocks_available = tn_kv_available(e->kv),
+  };
+  e->cfg.on_step(e->cfg.on_step_user, &t);
 }
 
 /* One scheduling step; false when there was nothing to do. */
@@ -798,10 +818,10 @@ static bool engine_step(struct tn_engine *e) {
     /* Check first: a reserve that fails half-way would have evicted
      * cached prefix blocks for nothing. */
     int32_t need = (s->n_done + n + BLOCK_SIZE - 1) / BLOCK_SIZE - s->kv.n_blocks;
-    if (need > tn_kv_available(&e->kv) ||
-        tn_kv_seq_reserve(&e->kv, &s->kv, s->n_done + n) != TN_OK) {
+    if (need > tn_kv_available(e->kv) ||
+        tn_kv_seq_reserve(e->kv, &s->kv, s->n_done + n) != TN_OK) {
       /* Not now: give back what it took (the cached prefix stays cached). */
-      tn_kv_seq_deinit(&e->kv, &s->kv);
+      tn_kv_seq_deinit(e->kv, &s->kv);
       tn_kv_seq_init(&s->kv);
       s->n_done = 0;
       break;
@@ -835,9 +855,10 @@ static bool engine_step(struct tn_engine *e) {
     update_gauges(e);
     return false;
   }
+  if (e->cfg.on_step) step_trace(e);
 
   struct tn_error err = {0};
-  enum tn_status st = tn_model_forward(e->ctx, &e->kv, b, &err);
+  enum tn_status st = tn_model_forward(e->ctx, e->kv, b, &err);
   double now = tn_time_s();
   const float *logits = tn_ctx_logits(e->ctx);
   int32_t row = 0;
@@ -927,6 +948,9 @@ enum tn_status tn_engine_open(const char *path,
   enum tn_status st;
   if ((st = tn_model_load(path, &e->model, err))) goto fail;
   if ((st = tn_tokenizer_load(e->model->gguf, &e->tok, err))) goto fail;
+  if (cfg->chat_template &&
+      (st = tn_chat_set_template(e->tok, cfg->chat_template, err)))
+    goto fail;
   const struct tn_hparams *hp = &e->model->hp;
   e->n_vocab = hp->n_vocab;
   if (tn_tokenizer_n_vocab(e->tok) != hp->n_vocab) {
@@ -947,9 +971,11 @@ enum tn_status tn_engine_open(const char *path,
   size_t block_bytes = tn_kv_block_bytes(hp->n_layer, BLOCK_SIZE, n_kv_dim);
   size_t kv_bytes = cfg->kv_bytes;
   if (kv_bytes == 0) {
-    kv_bytes = (size_t)e->cfg.max_seqs * (size_t)n_ctx / BLOCK_SIZE *
-               block_bytes;
+    /* Room for max_seqs full contexts, at most 1 GiB, at least 2 blocks. */
+    size_t per_seq = ((size_t)n_ctx + BLOCK_SIZE - 1) / BLOCK_SIZE;
+    kv_bytes = (size_t)e->cfg.max_seqs * per_seq * block_bytes;
     kv_bytes = TN_MIN(kv_bytes, (size_t)1 << 30);
+    kv_bytes = TN_MAX(kv_bytes, 2 * block_bytes);
   }
   size_t n_blocks = kv_bytes / block_bytes;
   if (n_blocks < 2) {
@@ -967,17 +993,24 @@ enum tn_status tn_engine_open(const char *path,
   }
   e->n_ctx = n_ctx;
   e->cfg.n_ctx = n_ctx;
-  if ((st = tn_kv_pool_init(&e->kv, hp->n_layer, (int32_t)n_blocks,
-                            BLOCK_SIZE, n_kv_dim, err)))
+  if ((st = tn_kv_pool_new(hp->n_layer, (int32_t)n_blocks, BLOCK_SIZE,
+                           n_kv_dim, &e->kv, err)))
     goto fail;
-  e->pool = tn_pool_new(cfg->n_threads > 0 ? cfg->n_threads : 1);
+  e->pool = cfg->pool;
   if (!e->pool) {
-    st = tn_error_set(err, TN_ENOMEM, "cannot start compute threads");
-    goto fail;
+    e->pool = e->own_pool = tn_pool_new(cfg->n_threads > 0 ? cfg->n_threads : 1);
+    if (!e->pool) {
+      st = tn_error_set(err, TN_ENOMEM, "cannot start compute threads");
+      goto fail;
+    }
   }
   if ((st = tn_ctx_new(e->model, e->pool, e->cfg.step_tokens, n_ctx,
                        e->cfg.max_seqs, &e->ctx, err)))
     goto fail;
+  tn_ctx_set_threads(e->ctx, cfg->n_threads);
+  e->n_threads = cfg->n_threads > 0 && cfg->n_threads < tn_pool_size(e->pool)
+                     ? cfg->n_threads
+                     : tn_pool_size(e->pool);
   int32_t nt = e->cfg.step_tokens, ns = e->cfg.max_seqs;
   e->batch.token = calloc((size_t)nt, sizeof(int32_t));
   e->batch.pos = calloc((size_t)nt, sizeof(int32_t));
@@ -985,11 +1018,13 @@ enum tn_status tn_engine_open(const char *path,
   e->batch.logits = calloc((size_t)nt, sizeof(bool));
   e->batch.seqs = calloc((size_t)ns, sizeof(*e->batch.seqs));
   e->batch_seqs = calloc((size_t)ns, sizeof(*e->batch_seqs));
+  e->trace = calloc((size_t)ns, sizeof(*e->trace));
   e->text_cap = tn_detok_cap(e->tok);
   e->text_buf = malloc(e->text_cap);
   e->eog = malloc((size_t)hp->n_vocab * sizeof(int32_t));
   if (!e->batch.token || !e->batch.pos || !e->batch.seq || !e->batch.logits ||
-      !e->batch.seqs || !e->batch_seqs || !e->text_buf || !e->eog) {
+      !e->batch.seqs || !e->batch_seqs || !e->trace || !e->text_buf ||
+      !e->eog) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
   }
@@ -1002,11 +1037,11 @@ enum tn_status tn_engine_open(const char *path,
     goto fail;
   }
   e->thread_started = true;
-  tn_log_info("engine %s: %s, ctx %d, %zu KV blocks (%zu MiB), %d seqs, "
-              "%d tokens per step, %d threads",
-              e->name, tn_arch_name(hp->arch), n_ctx, n_blocks,
-              n_blocks * block_bytes >> 20, e->cfg.max_seqs,
-              e->cfg.step_tokens, tn_pool_size(e->pool));
+  tn_log_debug("engine %s: %s, ctx %d, %zu KV blocks (%zu MiB), %d seqs, "
+               "%d tokens per step, %d threads",
+               e->name, tn_arch_name(hp->arch), n_ctx, n_blocks,
+               n_blocks * block_bytes >> 20, e->cfg.max_seqs,
+               e->cfg.step_tokens, e->n_threads);
   *out = e;
   return TN_OK;
 fail:
@@ -1029,11 +1064,12 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->batch.logits);
   free(e->batch.seqs);
   free(e->batch_seqs);
+  free(e->trace);
   free(e->text_buf);
   free(e->eog);
   tn_ctx_free(e->ctx);
-  tn_kv_pool_deinit(&e->kv);
-  if (e->pool) tn_pool_free(e->pool);
+  tn_kv_pool_free(e->kv);
+  tn_pool_free(e->own_pool);
   tn_tokenizer_free(e->tok);
   tn_model_free(e->model);
   pthread_cond_destroy(&e->cv);
@@ -1041,8 +1077,20 @@ void tn_engine_close(struct tn_engine *e) {
   free(e);
 }
 
-const struct tn_model *tn_engine_model(const struct tn_engine *e) {
-  return e->model;
+void tn_engine_info(const struct tn_engine *e, struct tn_engine_info *out) {
+  const struct tn_hparams *hp = &e->model->hp;
+  memset(out, 0, sizeof(*out));
+  out->arch = tn_arch_name(hp->arch);
+  out->model_name = e->model->name;
+  out->chat_template = tn_chat_template_name(e->tok);
+  out->n_ctx = e->n_ctx;
+  out->n_ctx_train = hp->n_ctx_train;
+  out->n_vocab = hp->n_vocab;
+  out->n_layer = hp->n_layer;
+  out->n_embd = hp->n_embd;
+  out->n_threads = e->n_threads;
+  out->weight_bytes = e->model->weight_bytes;
+  out->kv_blocks = tn_kv_n_blocks(e->kv);
 }
 const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e) {
   return e->tok;

@@ -347,9 +347,10 @@ static enum tn_status parse_aliases(struct loader *ld, const char *where,
 }
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
-       MK_KV_MEM, MK_COUNT };
+       MK_KV_MEM, MK_CHAT_TEMPLATE, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
-    "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem"};
+    "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
+    "chat_template"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -374,6 +375,9 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_CTX: st = take_i32(ld, key, 1, 1 << 24, &m->ctx); break;
       case MK_MAX_SEQS: st = take_i32(ld, key, 1, 4096, &m->max_seqs); break;
       case MK_KV_MEM: st = take_size(ld, key, &m->kv_mem); break;
+      case MK_CHAT_TEMPLATE:
+        st = take_string(ld, key, 64, &m->chat_template, true);
+        break;
     }
     if (st) return st;
   }
@@ -419,9 +423,9 @@ static enum tn_status parse_models(struct loader *ld) {
   return TN_OK;
 }
 
-enum { TK_HOST, TK_PORT, TK_API_KEY, TK_MODELS, TK_COUNT };
+enum { TK_HOST, TK_PORT, TK_API_KEY, TK_THREADS, TK_MODELS, TK_COUNT };
 static const char *const k_top_keys[TK_COUNT] = {"host", "port", "api_key",
-                                                 "models"};
+                                                 "threads", "models"};
 
 static enum tn_status parse_document(struct loader *ld) {
   struct tn_serve_config *cfg = ld->cfg;
@@ -437,7 +441,8 @@ static enum tn_status parse_document(struct loader *ld) {
     return fail(ld, TN_EINVAL, ev_line(ld), NULL, "the config is empty");
   if (ld->ev.type != YAML_MAPPING_START_EVENT)
     return fail(ld, TN_EINVAL, ev_line(ld), NULL,
-                "the config must be a mapping (host, port, api_key, models), "
+                "the config must be a mapping (host, port, api_key, threads, "
+                "models), "
                 "not %s",
                 ev_kind(&ld->ev));
   int top_line = ev_line(ld);
@@ -456,6 +461,8 @@ static enum tn_status parse_document(struct loader *ld) {
         if (!st) cfg->port = (int)port;
         break;
       case TK_API_KEY: st = take_string(ld, "api_key", 4096, &cfg->api_key, true);
+        break;
+      case TK_THREADS: st = take_i32(ld, "threads", 1, 1024, &cfg->threads);
         break;
       case TK_MODELS: st = parse_models(ld); break;
     }
@@ -511,6 +518,7 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     struct tn_serve_model_cfg *m = &cfg->models[i];
     free(m->name);
     free(m->path);
+    free(m->chat_template);
     for (int a = 0; a < m->n_aliases; a++) free(m->aliases[a]);
     free(m->aliases);
   }

@@ -6,6 +6,8 @@
  *   host: 127.0.0.1        # optional
  *   port: 8080             # optional, 1..65535
  *   api_key: secret        # optional
+ *   threads: 4             # optional, 1..1024: the compute pool every
+ *                          # model shares (default: physical cores)
  *   models:                # required, 1..TN_SERVE_MODELS_MAX entries
  *     - name: smollm2      # required: what clients send as "model"
  *       path: models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -13,10 +15,13 @@
  *                          # (smollm2-135m); kept as written, the CLI
  *                          # resolves it
  *       aliases: [default, small]   # optional extra names
- *       threads: 2         # optional, 1..1024
+ *       threads: 2         # optional, 1..1024: of the shared pool's
+ *                          # threads, how many this model's steps use
  *       ctx: 2048          # optional, 1..16777216
  *       max_seqs: 16       # optional, 1..4096
  *       kv_mem: 256MiB     # optional, a size (tn_parse_size), > 0
+ *       chat_template: chatml  # optional: chatml, gemma or llama3 instead
+ *                          # of the model's own (checked when it loads)
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -55,6 +60,7 @@ struct tn_serve_model_cfg {
   int32_t ctx;
   int32_t max_seqs;
   int64_t kv_mem; /* bytes */
+  char *chat_template; /* or NULL */
 };
 
 /* host and api_key are NULL and port 0 when not set. */
@@ -62,6 +68,7 @@ struct tn_serve_config {
   char *host;
   int port;
   char *api_key;
+  int32_t threads; /* 0 when not set */
   struct tn_serve_model_cfg *models;
   int n_models;
 };

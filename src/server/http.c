@@ -30,7 +30,6 @@
 #include <time.h>
 
 #include "engine/engine.h"
-#include "model/model.h"
 #include "obs/obs.h"
 #include "server/api.h"
 #include "server/server.h"
@@ -290,7 +289,8 @@ static enum MHD_Result route_models(struct conn *c) {
     const struct tn_server_model *m = &c->srv->models[i];
     struct tn_engine *e = model_engine(c->srv, m);
     if (!e) continue; /* still loading */
-    const struct tn_model *tm = tn_engine_model(e);
+    struct tn_engine_info info;
+    tn_engine_info(e, &info);
     for (int a = -1; a < m->n_aliases; a++) {
       const char *name = a < 0 ? m->name : m->aliases[a];
       tn_buf_printf(&b, "%s{\"id\":\"", first ? "" : ",");
@@ -303,9 +303,8 @@ static enum MHD_Result route_models(struct conn *c) {
                     "\",\"object\":\"model\",\"created\":%ld,\"owned_by\":"
                     "\"tern\",\"meta\":{\"arch\":\"%s\",\"n_ctx\":%d,"
                     "\"n_vocab\":%d,\"n_params_bytes\":%zu}}",
-                    now, tn_arch_name(tm->hp.arch),
-                    tn_engine_n_ctx(e), tm->hp.n_vocab,
-                    tm->weight_bytes);
+                    now, info.arch, info.n_ctx, info.n_vocab,
+                    info.weight_bytes);
       first = false;
     }
   }
@@ -359,44 +358,39 @@ static uint64_t random_seed(void) {
   return s;
 }
 
-/* Tokens of prompt i (chat: the formatted conversation). */
-/* Refuses a text that has at least n_ctx tokens whatever its
- * tokenization, before spending time on encoding it. */
-static int too_long_to_encode(struct conn *c, size_t len, const char *param,
-                              struct tn_api_error *aerr) {
-  const struct tn_tokenizer *tok = tn_engine_tokenizer(c->engine);
-  size_t n_ctx = (size_t)tn_engine_n_ctx(c->engine);
-  size_t at_least = len / tn_tokenizer_max_token_len(tok);
-  if (at_least < n_ctx) return 0;
-  return tn_api_error_set(aerr, 400, "invalid_request_error", param,
-                          "context_length_exceeded",
-                          "This model's maximum context length is %zu "
-                          "tokens, but the prompt is at least %zu tokens "
-                          "(%zu bytes)",
-                          n_ctx, at_least, len);
+/* Tokens of prompt i (chat: the formatted conversation), as the CLI makes
+ * them too (tn_engine_encode_*). */
+static int prompt_error(struct conn *c, enum tn_status st, const char *param,
+                        const struct tn_error *err,
+                        struct tn_api_error *aerr) {
+  if (st == TN_ERANGE)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", param,
+                            "context_length_exceeded", "%s", err->msg);
+  if (st == TN_ENOMEM)
+    return tn_api_error_set(aerr, 500, "server_error", NULL, NULL,
+                            "out of memory");
+  if (st == TN_EUNSUPPORTED && c->q.kind == TN_API_CHAT)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
+                            "chat_template_missing",
+                            "model '%s': %s; send a plain prompt to "
+                            "/v1/completions, or serve it with "
+                            "--chat-template chatml|gemma|llama3",
+                            c->model->name, err->msg);
+  return tn_api_error_set(aerr, 400, "invalid_request_error", param, NULL,
+                          "%s", err->msg);
 }
 
 static int build_prompt(struct conn *c, size_t i, int32_t **ids,
                         size_t *n_ids, struct tn_api_error *aerr) {
   const struct tn_tokenizer *tok = tn_engine_tokenizer(c->engine);
   struct tn_error err = {0};
+  enum tn_status st;
   *ids = NULL;
   *n_ids = 0;
   if (c->q.kind == TN_API_CHAT) {
-    char *text = NULL;
-    size_t len = 0;
-    size_t total = 0;
-    for (size_t k = 0; k < c->q.n_msgs; k++) total += c->q.msgs[k].content_len;
-    if (too_long_to_encode(c, total, "messages", aerr)) return aerr->http_status;
-    if (tn_chat_format(tok, c->q.msgs, c->q.n_msgs, true, &text, &len, &err))
-      return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
-                              NULL, "%s", err.msg);
-    enum tn_status st =
-        tn_tokenizer_encode(tok, text, len, true, true, ids, n_ids, &err);
-    free(text);
-    if (st)
-      return tn_api_error_set(aerr, 400, "invalid_request_error", "messages",
-                              NULL, "%s", err.msg);
+    if ((st = tn_engine_encode_chat(c->engine, c->q.msgs, c->q.n_msgs, ids,
+                                    n_ids, &err)))
+      return prompt_error(c, st, "messages", &err, aerr);
     return 0;
   }
   const struct tn_api_prompt *p = &c->q.prompts[i];
@@ -407,12 +401,9 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
                               "out of memory");
     memcpy(*ids, p->ids, p->n_ids * sizeof(int32_t));
     *n_ids = p->n_ids;
-  } else if (too_long_to_encode(c, p->len, "prompt", aerr)) {
-    return aerr->http_status;
-  } else if (tn_tokenizer_encode(tok, p->text, p->len, true, true, ids, n_ids,
-                                 &err)) {
-    return tn_api_error_set(aerr, 400, "invalid_request_error", "prompt",
-                            NULL, "%s", err.msg);
+  } else if ((st = tn_engine_encode_text(c->engine, p->text, p->len, ids,
+                                         n_ids, &err))) {
+    return prompt_error(c, st, "prompt", &err, aerr);
   }
   if (c->q.echo) {
     if (p->text) {
@@ -590,8 +581,9 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                      c->model->name);
     return send_error(c, &aerr);
   }
-  const struct tn_model *tm = tn_engine_model(e);
-  if (tn_api_check_vocab(&c->q, tm->hp.n_vocab, &aerr))
+  struct tn_engine_info info;
+  tn_engine_info(e, &info);
+  if (tn_api_check_vocab(&c->q, info.n_vocab, &aerr))
     return send_error(c, &aerr);
   size_t n_prompts = kind == TN_API_CHAT ? 1 : c->q.n_prompts;
   if (n_prompts > MAX_PROMPTS || n_prompts == 0) {

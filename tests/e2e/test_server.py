@@ -638,7 +638,9 @@ def test_config_two_models(start_server, tmp_path, run_tern):
         f"  - name: small\n    path: {model_path(SMOL)}\n"
         "    aliases: [default]\n    threads: 2\n    ctx: 512\n"
         f"  - name: gemma\n    path: {model_path('gemma3-270m')}\n"
-        "    threads: 2\n    ctx: 512\n")
+        "    threads: 2\n    ctx: 512\n"
+        f"  - name: gemma-chat\n    path: {model_path('gemma3-270m')}\n"
+        "    ctx: 512\n    chat_template: gemma\n")
     srv = start_server("--config", str(cfg))
     c = srv.client()
     ids = {m.id for m in c.models.list().data}
@@ -659,9 +661,19 @@ def test_config_two_models(start_server, tmp_path, run_tern):
     g_ids = tokenize(run_tern, prompt, "gemma3-270m")
     assert g_ids[0] == 2
     assert gemma.usage.prompt_tokens == len(g_ids)
-    r = c.chat.completions.create(model="gemma", max_tokens=8,
+    # the Gemma 3 270M we ship is a base model: no chat template, so chat
+    # is refused with a clear error, unless a format is configured
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(model="gemma", max_tokens=8,
                                   messages=[{"role": "user", "content": "Hi"}])
-    assert r.model == "gemma" and r.choices[0].message.content
+    body = ei.value.body
+    assert body["code"] == "chat_template_missing", body
+    assert body["param"] == "messages"
+    assert "no chat template" in body["message"]
+    assert "/v1/completions" in body["message"]
+    r = c.chat.completions.create(model="gemma-chat", max_tokens=8,
+                                  messages=[{"role": "user", "content": "Hi"}])
+    assert r.model == "gemma-chat" and r.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", **kw)
     with pytest.raises(openai.NotFoundError):

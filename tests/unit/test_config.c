@@ -40,6 +40,7 @@ static const char k_full[] =
     "host: 0.0.0.0\n"
     "port: 9000\n"
     "api_key: \"s3cret: with colon\"\n"
+    "threads: 3\n"
     "models:\n"
     "  - name: smollm2\n"
     "    path: models/SmolLM2-135M-Instruct.Q4_1.gguf\n"
@@ -54,6 +55,7 @@ static const char k_full[] =
     "      - g3\n"
     "      - \"org/gemma:270m\"\n"
     "    kv_mem: 1000000\n"
+    "    chat_template: gemma\n"
     "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB}\n";
 
 static void test_good_full(void) {
@@ -65,6 +67,7 @@ static void test_good_full(void) {
   ASSERT_STR_EQ(cfg.host, "0.0.0.0");
   ASSERT_EQ(cfg.port, 9000);
   ASSERT_STR_EQ(cfg.api_key, "s3cret: with colon");
+  ASSERT_EQ(cfg.threads, 3);
   ASSERT_EQ(cfg.n_models, 3);
   const struct tn_serve_model_cfg *m = &cfg.models[0];
   ASSERT_STR_EQ(m->name, "smollm2");
@@ -76,6 +79,7 @@ static void test_good_full(void) {
   ASSERT_EQ(m->ctx, 2048);
   ASSERT_EQ(m->max_seqs, 16);
   ASSERT_EQ(m->kv_mem, 256ll << 20);
+  ASSERT(m->chat_template == NULL);
   m = &cfg.models[1];
   ASSERT_STR_EQ(m->name, "gemma");
   ASSERT_STR_EQ(m->path, "gemma-3-270m");
@@ -86,6 +90,7 @@ static void test_good_full(void) {
   ASSERT_EQ(m->ctx, 0);
   ASSERT_EQ(m->max_seqs, 0);
   ASSERT_EQ(m->kv_mem, 1000000);
+  ASSERT_STR_EQ(m->chat_template, "gemma");
   m = &cfg.models[2];
   ASSERT_STR_EQ(m->name, "qwen");
   ASSERT_STR_EQ(m->path, "qwen.gguf");
@@ -174,7 +179,7 @@ static const struct bad_case k_bad[] = {
     {"? [a, b]\n: c\n" MODEL_OK, TN_EINVAL, ":1: expected a key, got a list"},
     /* top-level keys */
     {"hots: x\n" MODEL_OK, TN_EINVAL,
-     ":1: unknown key 'hots' (expected host, port, api_key or models)"},
+     ":1: unknown key 'hots' (expected host, port, api_key, threads or models)"},
     {"port: 1\n" MODEL_OK "port: 2\n", TN_EINVAL, ":5: duplicate key 'port'"},
     {"port: [8080]\n" MODEL_OK, TN_EINVAL, ":1: port: expected a value, got a list"},
     {"port: {a: 1}\n" MODEL_OK, TN_EINVAL, ":1: port: expected a value, got a mapping"},
@@ -202,7 +207,7 @@ static const struct bad_case k_bad[] = {
     {"models:\n  - name: a\n", TN_EINVAL, ":2: models[0]: missing key 'path' (model 'a')"},
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
-     "threads, ctx, max_seqs or kv_mem)"},
+     "threads, ctx, max_seqs, kv_mem or chat_template)"},
     {MODEL_OK "    name: b\n", TN_EINVAL, ":4: models[0]: duplicate key 'name'"},
     {"models:\n  - name: [a]\n    path: p\n", TN_EINVAL,
      ":2: models[0].name: expected a value, got a list"},

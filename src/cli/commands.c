@@ -1,8 +1,8 @@
 /*
- * commands.c: tern run, tokenize, bench and perplexity.
+ * commands.c: tern tokenize, bench and perplexity (tools that look at the
+ * model itself rather than generate; generation is run.c and chat.c).
  */
 #include <errno.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,242 +12,30 @@
 
 #include "cli/cli.h"
 
-/* Parses a whole integer / float argument or fails naming the option. */
-bool tn_cli_parse_int(const char *opt, const char *s, long lo, long hi,
-                      long *out) {
-  char *end;
-  errno = 0;
-  long v = strtol(s, &end, 10);
-  if (errno || end == s || *end || v < lo || v > hi) {
-    tn_cli_fail("%s: '%s' is not an integer in [%ld, %ld]", opt, s, lo, hi);
-    return false;
-  }
-  *out = v;
-  return true;
-}
-
-static bool parse_float(const char *opt, const char *s, float *out) {
-  char *end;
-  errno = 0;
-  float v = strtof(s, &end);
-  if (errno || end == s || *end || !isfinite(v)) {
-    tn_cli_fail("%s: '%s' is not a number", opt, s);
-    return false;
-  }
-  *out = v;
-  return true;
-}
-
-enum {
-  OPT_TEMP = 1000,
-  OPT_SEED,
-  OPT_TOP_K,
-  OPT_TOP_P,
-  OPT_MIN_P,
-  OPT_REPEAT,
-  OPT_STOP,
-  OPT_CHAT,
-  OPT_SYSTEM,
-  OPT_JSON,
-  OPT_IGNORE_EOS,
-};
-
-/* ---- tern run */
-
-int tn_cli_run(int argc, char **argv) {
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},
-      {"prompt", required_argument, 0, 'p'},
-      {"n-predict", required_argument, 0, 'n'},
-      {"threads", required_argument, 0, 't'},
-      {"ctx-size", required_argument, 0, 'c'},
-      {"verbose", no_argument, 0, 'v'},
-      {"temp", required_argument, 0, OPT_TEMP},
-      {"seed", required_argument, 0, OPT_SEED},
-      {"top-k", required_argument, 0, OPT_TOP_K},
-      {"top-p", required_argument, 0, OPT_TOP_P},
-      {"min-p", required_argument, 0, OPT_MIN_P},
-      {"repeat-penalty", required_argument, 0, OPT_REPEAT},
-      {"stop", required_argument, 0, OPT_STOP},
-      {"chat", no_argument, 0, OPT_CHAT},
-      {"system", required_argument, 0, OPT_SYSTEM},
-      {"ignore-eos", no_argument, 0, OPT_IGNORE_EOS},
-      {0, 0, 0, 0}};
-  const char *model = NULL, *prompt = NULL, *system = NULL;
-  const char *stops[16];
-  size_t n_stops = 0;
-  long n_predict = 128, threads = 0, n_ctx = 0, v;
-  bool chat = false, ignore_eos = false;
-  struct tn_sampling sp;
-  tn_sampling_default(&sp);
-  sp.repeat_penalty = 1.0f;
-  sp.temperature = 0.8f;
-  int c;
-  optind = 1;
-  while ((c = getopt_long(argc, argv, "m:p:n:t:c:v", opts, NULL)) != -1) {
-    switch (c) {
-      case 'm': model = optarg; break;
-      case 'p': prompt = optarg; break;
-      case 'n': if (!tn_cli_parse_int("-n", optarg, -1, 1 << 20, &n_predict)) return 1; break;
-      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
-      case 'c': if (!tn_cli_parse_int("-c", optarg, 8, 1 << 20, &n_ctx)) return 1; break;
-      case 'v': tn_log_set_level(TN_LOG_LEVEL_DEBUG); break;
-      case OPT_TEMP: if (!parse_float("--temp", optarg, &sp.temperature)) return 1; break;
-      case OPT_SEED:
-        if (!tn_cli_parse_int("--seed", optarg, 0, 0x7fffffffL, &v)) return 1;
-        sp.seed = (uint64_t)v;
-        break;
-      case OPT_TOP_K:
-        if (!tn_cli_parse_int("--top-k", optarg, 0, 1 << 24, &v)) return 1;
-        sp.top_k = (int32_t)v;
-        break;
-      case OPT_TOP_P: if (!parse_float("--top-p", optarg, &sp.top_p)) return 1; break;
-      case OPT_MIN_P: if (!parse_float("--min-p", optarg, &sp.min_p)) return 1; break;
-      case OPT_REPEAT: if (!parse_float("--repeat-penalty", optarg, &sp.repeat_penalty)) return 1; break;
-      case OPT_STOP:
-        if (n_stops == TN_ARRAY_LEN(stops)) return tn_cli_fail("too many --stop strings (max 16)");
-        stops[n_stops++] = optarg;
-        break;
-      case OPT_CHAT: chat = true; break;
-      case OPT_SYSTEM: system = optarg; chat = true; break;
-      case OPT_IGNORE_EOS: ignore_eos = true; break;
-      default: return 2;
-    }
-  }
-  if (!model) return tn_cli_fail("run: -m MODEL is required");
-  if (!prompt) return tn_cli_fail("run: -p PROMPT is required");
-  struct tn_error err = {0};
-  struct tn_session s;
-  if (tn_session_open(&s, model, (int)threads, (int32_t)n_ctx, 512, 1, true))
-    return 1;
-  int rc = 1;
-  struct tn_sampler *smp = NULL;
-  int32_t *ids = NULL;
-  size_t n_ids = 0;
-  char *text = NULL, *formatted = NULL;
-  size_t text_len = 0, text_cap = 0, emitted = 0;
-
-  const char *input = prompt;
-  size_t input_len = strlen(prompt);
-  if (chat) {
-    struct tn_chat_msg msgs[2];
-    size_t n_msgs = 0;
-    if (system) msgs[n_msgs++] = (struct tn_chat_msg){"system", system, strlen(system)};
-    msgs[n_msgs++] = (struct tn_chat_msg){"user", prompt, strlen(prompt)};
-    if (tn_chat_format(s.tok, msgs, n_msgs, true, &formatted, &input_len, &err)) {
-      tn_cli_fail("%s", err.msg);
-      goto done;
-    }
-    input = formatted;
-  }
-  if (tn_tokenizer_encode(s.tok, input, input_len, true, chat, &ids, &n_ids, &err)) {
-    tn_cli_fail("%s", err.msg);
-    goto done;
-  }
-  if (n_ids == 0) {
-    tn_cli_fail("run: the prompt is empty after tokenization");
-    goto done;
-  }
-  if (n_predict < 0 || (long)n_ids + n_predict > s.n_ctx)
-    n_predict = s.n_ctx - (long)n_ids;
-  if (n_predict < 0) {
-    tn_cli_fail("run: prompt of %zu tokens does not fit the context of %d",
-                n_ids, s.n_ctx);
-    goto done;
-  }
-  if (tn_sampler_new(&sp, s.model->hp.n_vocab, &smp, &err)) {
-    tn_cli_fail("%s", err.msg);
-    goto done;
-  }
-  tn_sampler_add_prompt(smp, ids, n_ids);
-  double t0 = tn_time_s();
-  if (tn_session_eval(&s, ids, (int32_t)n_ids, true)) goto done;
-  double t1 = tn_time_s();
-  struct tn_detok dt;
-  tn_detok_init(&dt, s.tok, false);
-  long n_gen = 0;
-  bool stopped = false;
-  size_t piece_cap = tn_detok_cap(s.tok);
-  char *piece = malloc(piece_cap);
-  if (!piece) {
-    tn_cli_fail("out of memory");
-    goto done;
-  }
-  for (; n_gen < n_predict && !stopped; n_gen++) {
-    float *logits = (float *)tn_ctx_logits(s.ctx);
-    struct tn_sample_out so;
-    tn_sampler_sample(smp, logits, &so);
-    if (!ignore_eos && tn_tokenizer_is_eog(s.tok, so.id)) break;
-    size_t pn = tn_detok_push(&dt, so.id, piece, piece_cap);
-    if (text_len + pn + 1 > text_cap) {
-      text_cap = (text_len + pn + 1) * 2;
-      char *nt = realloc(text, text_cap);
-      if (!nt) {
-        free(piece);
-        tn_cli_fail("out of memory");
-        goto done;
-      }
-      text = nt;
-    }
-    memcpy(text + text_len, piece, pn);
-    text_len += pn;
-    struct tn_stop_match sm = tn_stop_scan(text, text_len, stops, n_stops);
-    if (sm.emit_len > emitted) {
-      fwrite(text + emitted, 1, sm.emit_len - emitted, stdout);
-      fflush(stdout);
-      emitted = sm.emit_len;
-    }
-    if (sm.hit) {
-      stopped = true;
-      n_gen++;
-      break;
-    }
-    if (n_gen + 1 < n_predict) {
-      int32_t id = so.id;
-      if (tn_session_eval(&s, &id, 1, true)) {
-        free(piece);
-        goto done;
-      }
-    }
-  }
-  free(piece);
-  if (!stopped) {
-    char tail[64];
-    size_t tn = tn_detok_flush(&dt, tail, sizeof(tail));
-    fwrite(text ? text + emitted : "", 1, text ? text_len - emitted : 0, stdout);
-    fwrite(tail, 1, tn, stdout);
-  }
-  fputc('\n', stdout);
-  fflush(stdout); /* the text before the timing line on stderr */
-  double t2 = tn_time_s();
-  tn_log_info("prompt %zu tokens in %.3f s (%.1f tok/s), generated %ld tokens "
-              "in %.3f s (%.1f tok/s)",
-              n_ids, t1 - t0, (double)n_ids / (t1 - t0), n_gen, t2 - t1,
-              n_gen > 0 ? (double)n_gen / (t2 - t1) : 0.0);
-  rc = 0;
-done:
-  tn_sampler_free(smp);
-  free(ids);
-  free(text);
-  free(formatted);
-  tn_session_close(&s);
-  return rc;
-}
-
 /* ---- tern tokenize */
 
 int tn_cli_tokenize(int argc, char **argv) {
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {0, 0, 0, 0}};
   const char *model = NULL;
-  int c;
-  optind = 1;
-  while ((c = getopt_long(argc, argv, "m:", opts, NULL)) != -1) {
-    if (c == 'm')
-      model = optarg;
-    else
-      return 2;
-  }
+  bool no_special = false;
+  const struct tn_opt opts[] = {
+      {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
+       "model whose vocabulary to use", NULL, NULL, 0},
+      {"no-special", 0, TN_OPT_FLAG, &no_special, 0, 0, NULL,
+       "no BOS, and special-token text stays plain text", NULL, NULL, 0},
+      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
+       NULL, 0},
+      {0},
+  };
+  const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
+  static const struct tn_cli_cmd cmd = {
+      "tokenize", "tern tokenize -m MODEL < TEXT",
+      "Prints the token ids of stdin (any bytes) as a JSON array, as the "
+      "server encodes prompts: BOS as the vocabulary says, special tokens "
+      "spelled in the text parsed as such.",
+      "example:\n  echo -n \"Hello, world\" | tern tokenize -m smollm2-135m",
+      0};
+  int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
+  if (prc) return prc;
   if (!model) return tn_cli_fail("tokenize: -m MODEL is required");
   /* Read all of stdin, any bytes. */
   size_t len = 0, cap = 1 << 16;
@@ -275,12 +63,14 @@ int tn_cli_tokenize(int argc, char **argv) {
   int32_t *ids = NULL;
   size_t n = 0;
   const char *path = tn_cli_model_path(model, pbuf, sizeof(pbuf));
+  if (!path) goto done;
   if (tn_gguf_open(path, &g, &err)) {
     tn_cli_fail("%s: %s", path, err.msg);
     goto done;
   }
   if (tn_tokenizer_load(g, &tok, &err) ||
-      tn_tokenizer_encode(tok, buf, len, true, true, &ids, &n, &err)) {
+      tn_tokenizer_encode(tok, buf, len, !no_special, !no_special, &ids, &n,
+                          &err)) {
     tn_cli_fail("%s", err.msg);
     goto done;
   }
@@ -310,29 +100,37 @@ static long peak_rss_kib(void) {
 }
 
 int tn_cli_bench(int argc, char **argv) {
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"threads", required_argument, 0, 't'},
-                                       {"n-prompt", required_argument, 0, 'p'},
-                                       {"n-gen", required_argument, 0, 'n'},
-                                       {"repetitions", required_argument, 0, 'r'},
-                                       {"json", no_argument, 0, OPT_JSON},
-                                       {0, 0, 0, 0}};
   const char *model = NULL;
   long threads = 0, n_prompt = 512, n_gen = 128, reps = 3;
-  bool json = false;
-  int c;
-  optind = 1;
-  while ((c = getopt_long(argc, argv, "m:t:p:n:r:", opts, NULL)) != -1) {
-    switch (c) {
-      case 'm': model = optarg; break;
-      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
-      case 'p': if (!tn_cli_parse_int("-p", optarg, 0, 1 << 16, &n_prompt)) return 1; break;
-      case 'n': if (!tn_cli_parse_int("-n", optarg, 0, 1 << 16, &n_gen)) return 1; break;
-      case 'r': if (!tn_cli_parse_int("-r", optarg, 1, 100, &reps)) return 1; break;
-      case OPT_JSON: json = true; break;
-      default: return 2;
-    }
-  }
+  bool json = false, verbose = false;
+  const struct tn_opt opts[] = {
+      {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH", "model to time",
+       NULL, NULL, 0},
+      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N", "compute threads",
+       "physical cores", NULL, 0},
+      {"n-prompt", 'p', TN_OPT_INT, &n_prompt, 0, 1 << 16, "N",
+       "prompt tokens per prefill run (0: skip)", NULL, NULL, 0},
+      {"n-gen", 'n', TN_OPT_INT, &n_gen, 0, 1 << 16, "N",
+       "tokens per decode run (0: skip)", NULL, NULL, 0},
+      {"repetitions", 'r', TN_OPT_INT, &reps, 1, 100, "N",
+       "runs of each; the median is reported", NULL, NULL, 0},
+      {"json", 0, TN_OPT_FLAG, &json, 0, 0, NULL, "one JSON object on stdout",
+       NULL, NULL, 0},
+      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
+       NULL, NULL, 0},
+      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
+       NULL, 0},
+      {0},
+  };
+  const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
+  static const struct tn_cli_cmd cmd = {
+      "bench", "tern bench -m MODEL [options]",
+      "Prefill (pp) and decode (tg) speed of one sequence with random "
+      "tokens, like llama-bench.",
+      "example:\n  tern bench -m smollm2-135m -t 2 -p 512 -n 128 --json", 0};
+  int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
+  if (prc) return prc;
+  if (verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
   if (!model) return tn_cli_fail("bench: -m MODEL is required");
   struct tn_session s;
   int32_t n_ctx = (int32_t)TN_MAX(n_prompt, n_gen) + 16;
@@ -352,13 +150,13 @@ int tn_cli_bench(int argc, char **argv) {
   for (long r = 0; r < reps; r++) {
     pp[r] = tg[r] = 0.0;
     if (n_prompt > 0) {
-      tn_kv_seq_truncate(&s.kv, &s.seq, 0);
+      tn_kv_seq_truncate(s.kv, &s.seq, 0);
       double t0 = tn_time_s();
       if (tn_session_eval(&s, ids, (int32_t)n_prompt, true)) goto done;
       pp[r] = (double)n_prompt / (tn_time_s() - t0);
     }
     if (n_gen > 0) {
-      tn_kv_seq_truncate(&s.kv, &s.seq, 0);
+      tn_kv_seq_truncate(s.kv, &s.seq, 0);
       int32_t tok = ids[0];
       double t0 = tn_time_s();
       for (long i = 0; i < n_gen; i++) {
@@ -413,24 +211,34 @@ done:
  * then has at least n_ctx/2 tokens of context). */
 
 int tn_cli_perplexity(int argc, char **argv) {
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"file", required_argument, 0, 'f'},
-                                       {"ctx-size", required_argument, 0, 'c'},
-                                       {"threads", required_argument, 0, 't'},
-                                       {0, 0, 0, 0}};
   const char *model = NULL, *file = NULL;
   long n_ctx = 512, threads = 0;
-  int c;
-  optind = 1;
-  while ((c = getopt_long(argc, argv, "m:f:c:t:", opts, NULL)) != -1) {
-    switch (c) {
-      case 'm': model = optarg; break;
-      case 'f': file = optarg; break;
-      case 'c': if (!tn_cli_parse_int("-c", optarg, 16, 1 << 16, &n_ctx)) return 1; break;
-      case 't': if (!tn_cli_parse_int("-t", optarg, 1, 256, &threads)) return 1; break;
-      default: return 2;
-    }
-  }
+  bool verbose = false;
+  const struct tn_opt opts[] = {
+      {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH", "model to score",
+       NULL, NULL, 0},
+      {"file", 'f', TN_OPT_STR, &file, 0, 0, "FILE", "text to score", NULL,
+       NULL, 0},
+      {"ctx-size", 'c', TN_OPT_INT, &n_ctx, 16, 1 << 16, "N",
+       "tokens per chunk (the second half of each is scored)", NULL, NULL, 0},
+      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N", "compute threads",
+       "physical cores", NULL, 0},
+      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
+       NULL, NULL, 0},
+      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
+       NULL, 0},
+      {0},
+  };
+  const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
+  static const struct tn_cli_cmd cmd = {
+      "perplexity", "tern perplexity -m MODEL -f FILE [options]",
+      "Perplexity of a text as llama-perplexity computes it (chunks of -c "
+      "tokens, BOS first, second halves scored).",
+      "example:\n  tern perplexity -m smollm2-135m -f tests/fixtures/ref/ppl.txt -c 128",
+      0};
+  int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
+  if (prc) return prc;
+  if (verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
   if (!model || !file) return tn_cli_fail("perplexity: -m MODEL and -f FILE are required");
   struct tn_error err = {0};
   char *text = NULL;
@@ -471,8 +279,8 @@ int tn_cli_perplexity(int argc, char **argv) {
   size_t count = 0;
   struct tn_kv_seq *seqs[1] = {&s.seq};
   for (size_t ch = 0; ch < n_chunks; ch++) {
-    tn_kv_seq_truncate(&s.kv, &s.seq, 0);
-    if (tn_kv_seq_reserve(&s.kv, &s.seq, (int32_t)n_ctx)) {
+    tn_kv_seq_truncate(s.kv, &s.seq, 0);
+    if (tn_kv_seq_reserve(s.kv, &s.seq, (int32_t)n_ctx)) {
       tn_cli_fail("kv cache exhausted");
       goto done;
     }
@@ -485,7 +293,7 @@ int tn_cli_perplexity(int argc, char **argv) {
     if (add_bos) tok[0] = bos;
     struct tn_batch b = {.n_tokens = (int32_t)n_ctx, .token = tok, .pos = pos,
                          .seq = seq, .logits = lg, .n_seqs = 1, .seqs = seqs};
-    if (tn_model_forward(s.ctx, &s.kv, &b, &err)) {
+    if (tn_model_forward(s.ctx, s.kv, &b, &err)) {
       tn_cli_fail("%s", err.msg);
       goto done;
     }

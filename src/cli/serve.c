@@ -10,7 +10,6 @@
  * running ones get --drain-timeout seconds to finish, the rest are
  * cancelled, and tern exits 0.
  */
-#include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,49 +26,6 @@ static volatile sig_atomic_t g_signal;
 
 static void on_signal(int sig) { g_signal = sig; }
 
-static void serve_usage(FILE *f) {
-  fprintf(f,
-          "usage: tern serve -m MODEL [options]\n"
-          "       tern serve --config FILE.yaml [options]\n"
-          "\n"
-          "  -m, --model PATH|NAME   GGUF file or short name (smollm2-135m)\n"
-          "      --name NAME         model name clients send (default: the\n"
-          "                          short name or file name)\n"
-          "      --host ADDR         listen address (default 127.0.0.1)\n"
-          "      --port N            port (default 8080; 0 picks a free one)\n"
-          "  -t, --threads N         compute threads per model (default: all)\n"
-          "  -c, --ctx N             longest sequence, prompt + output\n"
-          "                          (default: the model's, at most 4096)\n"
-          "      --max-seqs N        sequences in the running batch (16)\n"
-          "      --kv-mem SIZE       KV cache size, e.g. 512MiB (default:\n"
-          "                          max-seqs x ctx, at most 1 GiB)\n"
-          "      --step-tokens N     tokens per batched step (256)\n"
-          "      --queue N           waiting requests before 429 (256)\n"
-          "      --max-body SIZE     largest request body (8MiB)\n"
-          "      --api-key KEY       require 'Authorization: Bearer KEY'\n"
-          "                          (or set TERN_API_KEY)\n"
-          "      --drain-timeout S   seconds running requests get on\n"
-          "                          SIGTERM (30)\n"
-          "      --no-prefix-cache   don't reuse KV blocks across requests\n"
-          "      --config FILE       YAML: several models with aliases\n"
-          "  -v, --verbose           debug logging\n");
-}
-
-enum {
-  OPT_HOST = 2000,
-  OPT_PORT,
-  OPT_MAX_SEQS,
-  OPT_KV_MEM,
-  OPT_API_KEY,
-  OPT_CONFIG,
-  OPT_STEP,
-  OPT_QUEUE,
-  OPT_MAX_BODY,
-  OPT_DRAIN,
-  OPT_NO_PREFIX,
-  OPT_NAME,
-};
-
 /* The name clients use for a model given as a path or short name. */
 static void default_name(const char *arg, char *out, size_t cap) {
   const char *base = strrchr(arg, '/');
@@ -81,76 +37,101 @@ static void default_name(const char *arg, char *out, size_t cap) {
   out[n] = '\0';
 }
 
-static bool parse_size_opt(const char *opt, const char *s, int64_t *out) {
-  struct tn_error err = {0};
-  if (tn_parse_size(s, out, &err)) {
-    tn_cli_fail("%s: %s", opt, err.msg);
-    return false;
-  }
-  return true;
-}
-
 int tn_cli_serve(int argc, char **argv) {
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},
-      {"threads", required_argument, 0, 't'},
-      {"ctx", required_argument, 0, 'c'},
-      {"verbose", no_argument, 0, 'v'},
-      {"help", no_argument, 0, 'h'},
-      {"host", required_argument, 0, OPT_HOST},
-      {"port", required_argument, 0, OPT_PORT},
-      {"max-seqs", required_argument, 0, OPT_MAX_SEQS},
-      {"kv-mem", required_argument, 0, OPT_KV_MEM},
-      {"api-key", required_argument, 0, OPT_API_KEY},
-      {"config", required_argument, 0, OPT_CONFIG},
-      {"step-tokens", required_argument, 0, OPT_STEP},
-      {"queue", required_argument, 0, OPT_QUEUE},
-      {"max-body", required_argument, 0, OPT_MAX_BODY},
-      {"drain-timeout", required_argument, 0, OPT_DRAIN},
-      {"no-prefix-cache", no_argument, 0, OPT_NO_PREFIX},
-      {"name", required_argument, 0, OPT_NAME},
-      {0, 0, 0, 0},
-  };
-  const char *model = NULL, *config = NULL, *name = NULL;
+  const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
+  const char *chat_template = NULL;
+  const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
   tn_server_config_default(&scfg);
   struct tn_engine_config ecfg;
   tn_engine_config_default(&ecfg);
-  long threads = sysconf(_SC_NPROCESSORS_ONLN), v = 0, drain_s = 30;
-  int64_t kv_mem = 0, max_body = 0;
-  bool port_given = false, host_given = false;
-  const char *api_key = getenv("TERN_API_KEY");
-  int c;
-  optind = 1;
-  while ((c = getopt_long(argc, argv, "m:t:c:vh", opts, NULL)) != -1) {
-    switch (c) {
-    case 'm': model = optarg; break;
-    case 't': if (!tn_cli_parse_int("--threads", optarg, 1, 256, &threads)) return 1; break;
-    case 'c': if (!tn_cli_parse_int("--ctx", optarg, 16, 1 << 20, &v)) return 1; ecfg.n_ctx = (int32_t)v; break;
-    case 'v': tn_log_set_level(TN_LOG_LEVEL_DEBUG); break;
-    case 'h': serve_usage(stdout); return 0;
-    case OPT_HOST: scfg.host = optarg; host_given = true; break;
-    case OPT_PORT: if (!tn_cli_parse_int("--port", optarg, 0, 65535, &v)) return 1; scfg.port = (int)v; port_given = true; break;
-    case OPT_MAX_SEQS: if (!tn_cli_parse_int("--max-seqs", optarg, 1, 1024, &v)) return 1; ecfg.max_seqs = (int32_t)v; break;
-    case OPT_KV_MEM: if (!parse_size_opt("--kv-mem", optarg, &kv_mem)) return 1; break;
-    case OPT_API_KEY: api_key = optarg; break;
-    case OPT_CONFIG: config = optarg; break;
-    case OPT_STEP: if (!tn_cli_parse_int("--step-tokens", optarg, 1, 65536, &v)) return 1; ecfg.step_tokens = (int32_t)v; break;
-    case OPT_QUEUE: if (!tn_cli_parse_int("--queue", optarg, 1, 1 << 20, &v)) return 1; ecfg.queue_max = (int32_t)v; break;
-    case OPT_MAX_BODY: if (!parse_size_opt("--max-body", optarg, &max_body)) return 1; break;
-    case OPT_DRAIN: if (!tn_cli_parse_int("--drain-timeout", optarg, 0, 86400, &drain_s)) return 1; break;
-    case OPT_NO_PREFIX: ecfg.prefix_cache = false; break;
-    case OPT_NAME: name = optarg; break;
-    default: serve_usage(stderr); return 2;
-    }
-  }
-  if (optind < argc)
-    return tn_cli_fail("serve: unexpected argument '%s'", argv[optind]);
+  long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
+  long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
+  int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body;
+  bool port_given = false, host_given = false, threads_given = false;
+  bool no_prefix = false, verbose = false;
+  const struct tn_opt model_opts[] = {
+      {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
+       "model: a short name (tern models) or a .gguf file", NULL, NULL, 0},
+      {"name", 0, TN_OPT_STR, &name, 0, 0, "NAME",
+       "the model name clients send", "the short name or file name", NULL,
+       0},
+      {"config", 0, TN_OPT_STR, &config, 0, 0, "FILE",
+       "YAML file: several models with aliases (README)", NULL, NULL, 0},
+      {"chat-template", 0, TN_OPT_STR, &chat_template, 0, 0, "NAME",
+       "chat format instead of the model's own: chatml, gemma, llama3",
+       "the model's", NULL, 0},
+      {0},
+  };
+  const struct tn_opt http_opts[] = {
+      {"host", 0, TN_OPT_STR, &host, 0, 0, "ADDR", "listen address",
+       "127.0.0.1", &host_given, 0},
+      {"port", 0, TN_OPT_INT, &port, 0, 65535, "N",
+       "port (0 picks a free one)", NULL, &port_given, 0},
+      {"api-key", 0, TN_OPT_STR, &api_key, 0, 0, "KEY",
+       "require 'Authorization: Bearer KEY' (or set TERN_API_KEY)", "none",
+       NULL, 0},
+      {"max-body", 0, TN_OPT_SIZE, &max_body, 0, 0, "SIZE",
+       "largest request body", "8MiB", NULL, 0},
+      {"queue", 0, TN_OPT_INT, &queue, 1, 1 << 20, "N",
+       "waiting requests per model before 429", NULL, NULL, 0},
+      {"drain-timeout", 0, TN_OPT_INT, &drain_s, 0, 86400, "S",
+       "seconds running requests get on SIGTERM", NULL, NULL, 0},
+      {0},
+  };
+  const struct tn_opt engine_opts[] = {
+      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N",
+       "compute threads, shared by all models", "physical cores",
+       &threads_given, 0},
+      {"ctx", 'c', TN_OPT_INT, &n_ctx, 16, 1 << 20, "N",
+       "longest sequence, prompt + output", "the model's, at most 4096",
+       NULL, 0},
+      {"max-seqs", 0, TN_OPT_INT, &max_seqs, 1, 1024, "N",
+       "sequences in the running batch", NULL, NULL, 0},
+      {"kv-mem", 0, TN_OPT_SIZE, &kv_mem, 0, 0, "SIZE",
+       "KV cache size, e.g. 512MiB", "max-seqs x ctx, at most 1 GiB", NULL,
+       0},
+      {"step-tokens", 0, TN_OPT_INT, &step, 1, 65536, "N",
+       "tokens per batched step (prompt chunks)", NULL, NULL, 0},
+      {"no-prefix-cache", 0, TN_OPT_FLAG, &no_prefix, 0, 0, NULL,
+       "don't reuse KV blocks across requests", NULL, NULL, 0},
+      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
+       NULL, NULL, 0},
+      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
+       NULL, 0},
+      {0},
+  };
+  const struct tn_opt_group groups[] = {
+      {"model", model_opts},
+      {"http", http_opts},
+      {"engine", engine_opts},
+      {NULL, NULL},
+  };
+  static const struct tn_cli_cmd cmd = {
+      "serve",
+      "tern serve -m MODEL [options]\n       tern serve --config FILE.yaml "
+      "[options]",
+      "An OpenAI-compatible server: /v1/chat/completions, /v1/completions, "
+      "/v1/models,\n/health, /ready, /metrics. SIGTERM drains and exits.",
+      "example:\n  tern serve -m qwen2.5-coder-0.5b --port 8080", 0};
+  int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
+  if (prc) return prc;
+  if (verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
+  if (host) scfg.host = host;
+  scfg.port = (int)port;
   if (!model && !config)
     return tn_cli_fail("serve: give a model (-m MODEL) or --config FILE");
-  if (max_body > 0) scfg.max_body = (size_t)max_body;
-  ecfg.n_threads = (int32_t)threads;
+  if (model && config)
+    return tn_cli_fail("serve: give -m MODEL or --config FILE, not both");
+  if (max_body <= 0) return tn_cli_fail("--max-body: must be above 0");
+  scfg.max_body = (size_t)max_body;
+  ecfg.n_ctx = (int32_t)n_ctx;
+  ecfg.max_seqs = (int32_t)max_seqs;
+  ecfg.step_tokens = (int32_t)step;
+  ecfg.queue_max = (int32_t)queue;
+  ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;
+  ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
 
   struct tn_serve_config file = {0};
   struct tn_error err = {0};
@@ -160,8 +141,14 @@ int tn_cli_serve(int argc, char **argv) {
     if (file.host && !host_given) scfg.host = file.host;
     if (file.port > 0 && !port_given) scfg.port = file.port;
     if (file.api_key && !api_key) api_key = file.api_key;
+    if (file.threads > 0 && !threads_given) threads = file.threads;
   }
   scfg.api_key = api_key;
+  /* One compute pool for every model: two models never oversubscribe the
+   * cores, and their steps take turns on the same threads. */
+  int n_threads = tn_cli_threads(threads);
+  struct tn_pool *pool = tn_pool_new(n_threads);
+  if (!pool) return tn_cli_fail("cannot start %d compute threads", n_threads);
 
   int n_models = config ? file.n_models : 1;
   struct tn_metrics *metrics = tn_metrics_new();
@@ -199,41 +186,76 @@ int tn_cli_serve(int argc, char **argv) {
   for (int i = 0; i < n_models && !g_signal; i++) {
     struct tn_engine_config ec = ecfg;
     const char *arg = model;
-    char pbuf[1024];
+    char pbuf[4096];
     ec.name = sm[i].name;
+    ec.pool = pool;
+    ec.chat_template = chat_template;
     if (config) {
       const struct tn_serve_model_cfg *mc = &file.models[i];
       arg = mc->path;
-      if (mc->threads > 0) ec.n_threads = mc->threads;
+      if (mc->threads > 0) {
+        if (mc->threads > n_threads)
+          tn_log_warn("%s: threads %d, but the shared pool has %d; using %d",
+                      mc->name, mc->threads, n_threads, n_threads);
+        ec.n_threads = TN_MIN(mc->threads, n_threads);
+      }
+      if (mc->chat_template) ec.chat_template = mc->chat_template;
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;
       if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
       if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;
     }
     const char *path = tn_cli_model_path(arg, pbuf, sizeof(pbuf));
+    if (!path) goto done;
     double t0 = tn_time_s();
     if (tn_engine_open(path, &ec, metrics, &engines[i], &err)) {
       tn_cli_fail("%s: %s", path, err.msg);
       goto done;
     }
     tn_server_set_engine(srv, i, engines[i]);
-    tn_log_info("loaded %s as '%s' in %.2f s", path, ec.name,
-                tn_time_s() - t0);
+    struct tn_engine_info info;
+    tn_engine_info(engines[i], &info);
+    tn_log_info("loaded %s as '%s' in %.2f s: %s, context %d, %d threads, "
+                "chat template %s",
+                path, ec.name, tn_time_s() - t0, info.arch, info.n_ctx,
+                info.n_threads, info.chat_template);
   }
 
-  int port = tn_server_port(srv);
+  int bound = tn_server_port(srv);
   if (strcmp(scfg.host, "127.0.0.1") != 0 && (!api_key || !*api_key))
     tn_log_warn("listening on %s without --api-key: anyone who can reach "
                 "this address can use the models",
                 scfg.host);
-  if (!g_signal)
-    fprintf(stderr,
-          "tern: serving %s at http://%s:%d/v1 (Ctrl-C to stop)\n"
-          "tern: try:\n"
-          "  curl http://%s:%d/v1/chat/completions -H 'Content-Type: "
-          "application/json'%s -d '{\"messages\":[{\"role\":\"user\","
-          "\"content\":\"Hello! Who are you?\"}],\"max_tokens\":64}'\n",
-          sm[0].name, scfg.host, port, scfg.host, port,
-          api_key ? " -H 'Authorization: Bearer $TERN_API_KEY'" : "");
+  if (!g_signal) {
+    for (int i = 0; i < n_models; i++) {
+      struct tn_engine_info info;
+      tn_engine_info(engines[i], &info);
+      fprintf(stderr, "tern: serving '%s': %s (%s, context %d, chat template "
+                      "%s)\n",
+              sm[i].name, info.model_name, info.arch, info.n_ctx,
+              info.chat_template);
+    }
+    struct tn_engine_info first;
+    tn_engine_info(engines[0], &first);
+    bool chat = strcmp(first.chat_template, "none") != 0;
+    const char *auth =
+        api_key ? " -H \"Authorization: Bearer $TERN_API_KEY\"" : "";
+    fprintf(stderr, "tern: listening on http://%s:%d/v1 (Ctrl-C to stop); "
+                    "try:\n",
+            scfg.host, bound);
+    if (chat)
+      fprintf(stderr,
+              "  curl http://%s:%d/v1/chat/completions -H 'Content-Type: "
+              "application/json'%s -d '{\"messages\":[{\"role\":\"user\","
+              "\"content\":\"What is the capital of France?\"}],"
+              "\"max_tokens\":64}'\n",
+              scfg.host, bound, auth);
+    else
+      fprintf(stderr,
+              "  curl http://%s:%d/v1/completions -H 'Content-Type: "
+              "application/json'%s -d '{\"prompt\":\"The capital of France "
+              "is\",\"max_tokens\":16}'\n",
+              scfg.host, bound, auth);
+  }
   fflush(stderr);
 
   while (!g_signal) {
@@ -267,6 +289,7 @@ done:
   free(engines);
   free(sm);
   tn_metrics_free(metrics);
+  tn_pool_free(pool);
   tn_serve_config_free(&file);
   if (rc == 0) tn_log_info("stopped");
   return rc;

@@ -1,5 +1,6 @@
 /*
- * session.c: what every subcommand needs to run a model.
+ * session.c: errors, thread counts, and the session bench and perplexity
+ * use to time or score raw forward passes.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -19,29 +20,15 @@ int tn_cli_fail(const char *fmt, ...) {
   return 1;
 }
 
-static bool is_file(const char *p) {
-  struct stat st;
-  return stat(p, &st) == 0 && S_ISREG(st.st_mode);
-}
-
-static const struct {
-  const char *name;
-  const char *file;
-} short_names[] = {
-    {"smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"},
-    {"gemma3-270m", "gemma-3-270m-Q4_K_M.gguf"},
-    {"qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"},
-    {"qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"},
-};
-
-const char *tn_cli_model_path(const char *arg, char *buf, size_t cap) {
-  if (is_file(arg) || strchr(arg, '/')) return arg;
-  const char *file = arg;
-  for (size_t i = 0; i < TN_ARRAY_LEN(short_names); i++)
-    if (!strcmp(arg, short_names[i].name)) file = short_names[i].file;
-  const char *dir = getenv("TERN_MODELS");
-  snprintf(buf, cap, "%s/%s", dir ? dir : "models", file);
-  return buf;
+int tn_cli_threads(long requested) {
+  int cores = tn_cpu_count();
+  if (requested <= 0) return cores;
+  if (requested > cores)
+    tn_log_warn("%ld threads on %d physical core%s: threads beyond the "
+                "cores wait on each other at every step (slower, not "
+                "faster); the default is %d",
+                requested, cores, cores == 1 ? "" : "s", cores);
+  return (int)requested;
 }
 
 int tn_session_open(struct tn_session *s, const char *model_arg,
@@ -51,6 +38,7 @@ int tn_session_open(struct tn_session *s, const char *model_arg,
   struct tn_error err = {0};
   char pbuf[1024];
   const char *path = tn_cli_model_path(model_arg, pbuf, sizeof(pbuf));
+  if (!path) return 1;
   double t0 = tn_time_s();
   if (tn_model_load(path, &s->model, &err))
     return tn_cli_fail("%s: %s", path, err.msg);
@@ -59,7 +47,7 @@ int tn_session_open(struct tn_session *s, const char *model_arg,
     tn_session_close(s);
     return tn_cli_fail("%s", err.msg);
   }
-  if (n_threads <= 0) n_threads = tn_cpu_count();
+  n_threads = tn_cli_threads(n_threads);
   if (n_ctx <= 0) n_ctx = TN_MIN(hp->n_ctx_train, 4096);
   if (n_ctx < 8 || n_ctx > (1 << 20)) {
     tn_session_close(s);
@@ -81,8 +69,8 @@ int tn_session_open(struct tn_session *s, const char *model_arg,
     return tn_cli_fail("%s", err.msg);
   }
   int32_t bs = 16;
-  if (tn_kv_pool_init(&s->kv, hp->n_layer, (n_ctx + bs - 1) / bs, bs,
-                      hp->n_head_kv * hp->head_dim, &err)) {
+  if (tn_kv_pool_new(hp->n_layer, (n_ctx + bs - 1) / bs, bs,
+                     hp->n_head_kv * hp->head_dim, &s->kv, &err)) {
     tn_session_close(s);
     return tn_cli_fail("%s", err.msg);
   }
@@ -95,8 +83,8 @@ int tn_session_open(struct tn_session *s, const char *model_arg,
 }
 
 void tn_session_close(struct tn_session *s) {
-  if (s->kv.n_blocks) tn_kv_seq_deinit(&s->kv, &s->seq);
-  tn_kv_pool_deinit(&s->kv);
+  tn_kv_seq_deinit(s->kv, &s->seq);
+  tn_kv_pool_free(s->kv);
   tn_ctx_free(s->ctx);
   tn_pool_free(s->pool);
   tn_tokenizer_free(s->tok);
@@ -111,7 +99,7 @@ int tn_session_eval(struct tn_session *s, const int32_t *ids, int32_t n,
   if (s->seq.n_tokens + n > s->n_ctx)
     return tn_cli_fail("context full: %d + %d tokens exceed %d",
                        s->seq.n_tokens, n, s->n_ctx);
-  if (tn_kv_seq_reserve(&s->kv, &s->seq, s->seq.n_tokens + n))
+  if (tn_kv_seq_reserve(s->kv, &s->seq, s->seq.n_tokens + n))
     return tn_cli_fail("kv cache exhausted");
   int32_t nb = s->n_batch;
   int32_t *tok = malloc((size_t)nb * sizeof(int32_t));
@@ -133,7 +121,7 @@ int tn_session_eval(struct tn_session *s, const int32_t *ids, int32_t n,
     }
     struct tn_batch b = {.n_tokens = m, .token = tok, .pos = pos, .seq = seq,
                          .logits = lg, .n_seqs = 1, .seqs = seqs};
-    if (tn_model_forward(s->ctx, &s->kv, &b, &err)) {
+    if (tn_model_forward(s->ctx, s->kv, &b, &err)) {
       rc = tn_cli_fail("%s", err.msg);
       goto done;
     }

@@ -8,7 +8,7 @@ def test_missing_model_file(run_tern, tmp_path):
     r = run_tern("run", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
     assert r.returncode != 0
     err = r.stderr.decode()
-    assert "nope.gguf" in err and "No such file" in err
+    assert "nope.gguf" in err and "not found" in err
     assert err.count("\n") == 1
 
 
@@ -64,7 +64,7 @@ def test_bad_options(run_tern):
     for args, needle in [
         (["run", "-m", m, "-p", "x", "-n", "abc"], "-n"),
         (["run", "-m", m, "-p", "x", "--temp", "nan"], "--temp"),
-        (["run", "-m", m], "-p PROMPT"),
+        (["run", "-m", m], "a prompt is required"),
         (["bench", "-m", m, "-t", "0"], "-t"),
         (["frobnicate"], "unknown command"),
     ]:
@@ -86,7 +86,8 @@ import pytest  # noqa: E402
     (["-m", "MODEL", "--ctx", "1"], "--ctx"),
     (["-m", "MODEL", "--max-seqs", "0"], "--max-seqs"),
     (["-m", "MODEL", "--host", "not-an-address"], "--host"),
-    (["-m", "MODEL", "--config", "/nonexistent/models.yaml"], "models.yaml"),
+    (["--config", "/nonexistent/models.yaml"], "models.yaml"),
+    (["-m", "MODEL", "--config", "models.yaml"], "not both"),
     (["-m", "/nonexistent/model.gguf"], "model.gguf"),
     (["-m", "MODEL", "stray"], "unexpected argument"),
 ])

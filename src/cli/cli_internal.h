@@ -1,0 +1,63 @@
+/*
+ * cli_internal.h: what run.c and chat.c share through gen.c.
+ */
+#ifndef TN_CLI_INTERNAL_H
+#define TN_CLI_INTERNAL_H
+
+#include <signal.h>
+
+#include "cli/cli.h"
+
+/* Model and sampling options of run and chat (one command per process). */
+struct tn_cli_gen {
+  const char *model;
+  long threads;         /* 0: physical cores */
+  long n_ctx;           /* 0: the model's, at most 4096 */
+  const char *chat_template;
+  bool verbose;
+  struct tn_sampling sampling;
+  long top_k;
+  long n_predict;       /* -1: until end of text or context */
+  long seed;
+  bool seed_given;
+  struct tn_cli_list stops;
+  bool ignore_eos;
+};
+extern struct tn_cli_gen tn_cli_gen;
+extern const struct tn_opt tn_cli_model_opts[];
+extern const struct tn_opt tn_cli_sampling_opts[];
+
+/* Defaults (llama.cpp's CLI sampling: temp 0.8, top-k 40, top-p 0.95,
+ * min-p 0.05); call before parsing. */
+void tn_cli_gen_init(void);
+
+/* Set by SIGINT once tn_cli_catch_sigint() ran; the caller clears it. */
+extern volatile sig_atomic_t tn_cli_interrupted;
+void tn_cli_catch_sigint(void);
+
+/* Opens the engine for one user (one sequence; prefix cache on request).
+ * chat: refuse a model without a chat template. Prints errors. */
+int tn_cli_engine_open(bool chat, bool prefix_cache, struct tn_engine **out);
+/* Generation parameters from the options (draws the seed once). */
+void tn_cli_gen_params(struct tn_gen_params *gp);
+
+struct tn_cli_stream_result {
+  struct tn_buf text;          /* everything printed; caller frees */
+  enum tn_finish finish;
+  int32_t n_prompt, n_cached, n_gen;
+  double t_submit, t_first, t_done;
+  char error[256];
+};
+/* Submits ids and prints the text to out as it comes; SIGINT cancels the
+ * request (finish CANCELLED, text so far kept). 0, or 1 after an error. */
+int tn_cli_stream(struct tn_engine *e, const int32_t *ids, size_t n_ids,
+                  const struct tn_gen_params *gp, FILE *out,
+                  struct tn_cli_stream_result *res);
+void tn_cli_print_timings(const struct tn_cli_stream_result *res);
+
+/* The prompt from -p TEXT, -p - (all of stdin) or -f FILE; *out is
+ * malloc'd and NUL-terminated. */
+int tn_cli_read_prompt(const char *p, const char *file, char **out,
+                       size_t *len);
+
+#endif /* TN_CLI_INTERNAL_H */

@@ -1,0 +1,319 @@
+/*
+ * gen.c: what `tern run` and `tern chat` share: the model and sampling
+ * options, an engine opened for one user, and streaming one request's
+ * text to the terminal.
+ *
+ * Generation goes through the serving engine (src/engine), the same
+ * scheduler, sampler and stop logic as `tern serve`, so a prompt gives the
+ * CLI exactly the text the API gives for the same request (tested). The
+ * engine thread fills the request's text; this thread waits on a condition
+ * variable that the engine's notify callback signals, prints what is new,
+ * and cancels the request when SIGINT arrives (Ctrl-C stops the answer,
+ * not the program: the caller decides what comes next).
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli/cli_internal.h"
+#include "server/config.h"
+
+struct tn_cli_gen tn_cli_gen;
+
+const struct tn_opt tn_cli_model_opts[] = {
+    {"model", 'm', TN_OPT_STR, &tn_cli_gen.model, 0, 0, "NAME|PATH",
+     "model: a short name (tern models) or a .gguf file", NULL, NULL, 0},
+    {"threads", 't', TN_OPT_INT, &tn_cli_gen.threads, 1, 1024, "N",
+     "compute threads", "physical cores", NULL, 0},
+    {"ctx-size", 'c', TN_OPT_INT, &tn_cli_gen.n_ctx, 16, 1 << 20, "N",
+     "context: prompt + output tokens", "the model's, at most 4096", NULL,
+     0},
+    {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0, "NAME",
+     "chat format instead of the model's own: chatml, gemma, llama3",
+     "the model's", NULL, 0},
+    {"verbose", 'v', TN_OPT_FLAG, &tn_cli_gen.verbose, 0, 0, NULL,
+     "debug logging; print the seed and timings", NULL, NULL, 0},
+    {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL, NULL,
+     0},
+    {0},
+};
+
+const struct tn_opt tn_cli_sampling_opts[] = {
+    {"n-predict", 'n', TN_OPT_INT, &tn_cli_gen.n_predict, -1, 1 << 24, "N",
+     "tokens to generate at most (-1: until the end of text or context)",
+     NULL, NULL, 0},
+    {"temp", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.temperature, 0, 100, "T",
+     "temperature (0: greedy)", NULL, NULL, 0},
+    {"top-k", 0, TN_OPT_INT, &tn_cli_gen.top_k, 0, 1 << 24, "K",
+     "keep the K most likely tokens (0: off)", NULL, NULL, 0},
+    {"top-p", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.top_p, 1e-6, 1, "P",
+     "nucleus sampling (1: off)", NULL, NULL, 0},
+    {"min-p", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.min_p, 0, 1, "P",
+     "drop tokens below P x the top probability (0: off)", NULL, NULL, 0},
+    {"repeat-penalty", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.repeat_penalty,
+     1e-3, 100, "R", "penalise recently seen tokens (1: off)", NULL, NULL,
+     0},
+    {"presence-penalty", 0, TN_OPT_FLOAT,
+     &tn_cli_gen.sampling.presence_penalty, -2, 2, "P",
+     "penalise tokens already generated", NULL, NULL, 0},
+    {"frequency-penalty", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.freq_penalty,
+     -2, 2, "F", "penalise tokens by how often they were generated", NULL,
+     NULL, 0},
+    {"seed", 's', TN_OPT_INT, &tn_cli_gen.seed, 0, 9007199254740991.0,
+     "S", "random seed, for repeatable sampling", "random (shown with -v)",
+     &tn_cli_gen.seed_given, 0},
+    {"stop", 0, TN_OPT_LIST, &tn_cli_gen.stops, 0, 0, "TEXT",
+     "stop when the output contains TEXT (repeatable)", NULL, NULL, 0},
+    {"ignore-eos", 0, TN_OPT_FLAG, &tn_cli_gen.ignore_eos, 0, 0, NULL,
+     "never end at the end-of-text token", NULL, NULL, 0},
+    {0},
+};
+
+void tn_cli_gen_init(void) {
+  memset(&tn_cli_gen, 0, sizeof(tn_cli_gen));
+  tn_sampling_default(&tn_cli_gen.sampling);
+  /* llama.cpp's command-line defaults */
+  tn_cli_gen.sampling.temperature = 0.8f;
+  tn_cli_gen.sampling.top_p = 0.95f;
+  tn_cli_gen.sampling.min_p = 0.05f;
+  tn_cli_gen.top_k = 40;
+  tn_cli_gen.n_predict = -1;
+}
+
+/* ---- SIGINT */
+
+volatile sig_atomic_t tn_cli_interrupted;
+
+static void on_sigint(int sig) {
+  (void)sig;
+  tn_cli_interrupted = 1;
+}
+
+void tn_cli_catch_sigint(void) {
+  struct sigaction sa = {0};
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0; /* no SA_RESTART: a blocked read returns EINTR */
+  sigaction(SIGINT, &sa, NULL);
+}
+
+/* ---- the engine */
+
+int tn_cli_engine_open(bool chat, bool prefix_cache, struct tn_engine **out) {
+  struct tn_cli_gen *g = &tn_cli_gen;
+  *out = NULL;
+  if (g->verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
+  if (!g->model) return tn_cli_fail("-m MODEL is required (see 'tern models')");
+  char pbuf[4096];
+  const char *path = tn_cli_model_path(g->model, pbuf, sizeof(pbuf));
+  if (!path) return 1;
+  struct tn_engine_config cfg;
+  tn_engine_config_default(&cfg);
+  char name[128];
+  const char *base = strrchr(g->model, '/');
+  snprintf(name, sizeof(name), "%s", base ? base + 1 : g->model);
+  cfg.name = name;
+  cfg.n_threads = tn_cli_threads(g->threads);
+  cfg.n_ctx = (int32_t)g->n_ctx;
+  cfg.max_seqs = 1;
+  cfg.step_tokens = 512;
+  cfg.queue_max = 4;
+  cfg.prefix_cache = prefix_cache;
+  cfg.chat_template = g->chat_template;
+  struct tn_error err = {0};
+  double t0 = tn_time_s();
+  if (tn_engine_open(path, &cfg, NULL, out, &err))
+    return tn_cli_fail("%s: %s", path, err.msg);
+  struct tn_engine_info info;
+  tn_engine_info(*out, &info);
+  tn_log_debug("loaded %s (%s, %d layers, ctx %d, chat template %s) in %.2f "
+               "s, %d threads",
+               path, info.arch, info.n_layer, info.n_ctx, info.chat_template,
+               tn_time_s() - t0, info.n_threads);
+  if (chat && !tn_chat_available(tn_engine_tokenizer(*out))) {
+    tn_engine_close(*out);
+    *out = NULL;
+    return tn_cli_fail(
+        "%s has no chat template%s: it continues text rather than answering "
+        "(run it without --chat), or choose a format with --chat-template "
+        "chatml|gemma|llama3",
+        g->model,
+        tn_cli_model_is_base(path) ? " (it is a base model)" : "");
+  }
+  return 0;
+}
+
+void tn_cli_gen_params(struct tn_gen_params *gp) {
+  struct tn_cli_gen *g = &tn_cli_gen;
+  tn_gen_params_default(gp);
+  gp->sampling = g->sampling;
+  gp->sampling.top_k = (int32_t)g->top_k;
+  if (!g->seed_given) {
+    uint64_t s;
+    if (getrandom(&s, sizeof(s), 0) != (ssize_t)sizeof(s)) s = tn_time_ns();
+    g->seed = (long)(s >> 11); /* 53 bits: the range --seed takes */
+    g->seed_given = true;
+    tn_log_debug("seed %ld (repeat with --seed %ld)", g->seed, g->seed);
+  }
+  gp->sampling.seed = (uint64_t)g->seed;
+  gp->max_tokens = g->n_predict < 0 ? 0 : (int32_t)g->n_predict;
+  gp->ignore_eos = g->ignore_eos;
+  gp->stops = g->stops.v;
+  gp->n_stops = g->stops.n;
+}
+
+/* ---- streaming one request */
+
+struct waiter {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  bool news;
+};
+
+static void on_news(void *user) {
+  struct waiter *w = user;
+  pthread_mutex_lock(&w->mu);
+  w->news = true;
+  pthread_cond_signal(&w->cv);
+  pthread_mutex_unlock(&w->mu);
+}
+
+int tn_cli_stream(struct tn_engine *e, const int32_t *ids, size_t n_ids,
+                  const struct tn_gen_params *gp, FILE *out,
+                  struct tn_cli_stream_result *res) {
+  memset(res, 0, sizeof(*res));
+  struct waiter w = {.news = false};
+  pthread_mutex_init(&w.mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&w.cv, &ca);
+  pthread_condattr_destroy(&ca);
+  struct tn_error err = {0};
+  struct tn_req *r = NULL;
+  int rc = 1;
+  if (n_ids > (size_t)INT32_MAX) n_ids = (size_t)INT32_MAX;
+  if (tn_engine_submit(e, ids, (int32_t)n_ids, gp, on_news, &w, &r, &err)) {
+    tn_cli_fail("%s", err.msg);
+    goto done;
+  }
+  size_t shown = 0;
+  bool cancelled = false;
+  for (;;) {
+    pthread_mutex_lock(&w.mu);
+    while (!w.news && !(tn_cli_interrupted && !cancelled)) {
+      struct timespec ts;
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      ts.tv_nsec += 100 * 1000 * 1000;
+      if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+      }
+      pthread_cond_timedwait(&w.cv, &w.mu, &ts);
+    }
+    w.news = false;
+    pthread_mutex_unlock(&w.mu);
+    if (tn_cli_interrupted && !cancelled) {
+      tn_req_cancel(r);
+      cancelled = true;
+    }
+    tn_req_lock(r);
+    const struct tn_choice *c = &r->choices[0];
+    size_t len = c->len;
+    bool done = r->done;
+    /* The text buffer only grows; what is below len stays put while we
+     * hold the lock, and we copy out under it. */
+    if (len > shown) {
+      tn_buf_append(&res->text, c->text + shown, len - shown);
+      fwrite(c->text + shown, 1, len - shown, out);
+      fflush(out);
+      shown = len;
+    }
+    if (done) {
+      res->finish = c->finish;
+      res->n_prompt = r->n_prompt;
+      res->n_cached = r->n_cached;
+      res->n_gen = c->n_gen;
+      res->t_submit = r->t_submit;
+      res->t_first = r->t_first;
+      res->t_done = r->t_done;
+      if (c->finish == TN_FINISH_ERROR)
+        snprintf(res->error, sizeof(res->error), "%s", r->error);
+    }
+    tn_req_unlock(r);
+    if (done) break;
+  }
+  rc = res->finish == TN_FINISH_ERROR ? tn_cli_fail("%s", res->error) : 0;
+done:
+  if (r) tn_req_release(r);
+  pthread_cond_destroy(&w.cv);
+  pthread_mutex_destroy(&w.mu);
+  return rc;
+}
+
+void tn_cli_print_timings(const struct tn_cli_stream_result *res) {
+  double pp = res->t_first > res->t_submit ? res->t_first - res->t_submit : 0;
+  double tg = res->t_done > res->t_first ? res->t_done - res->t_first : 0;
+  int32_t n_pp = res->n_prompt - res->n_cached;
+  fprintf(stderr,
+          "tern: prompt %d tokens (%d cached) in %.3f s (%.1f tok/s), "
+          "generated %d tokens in %.3f s (%.1f tok/s)\n",
+          res->n_prompt, res->n_cached, pp, pp > 0 ? n_pp / pp : 0.0,
+          res->n_gen, tg, tg > 0 && res->n_gen > 1 ? (res->n_gen - 1) / tg : 0.0);
+}
+
+/* ---- prompts from -p, -p - (stdin) or -f FILE */
+
+int tn_cli_read_prompt(const char *p, const char *file, char **out,
+                       size_t *len) {
+  *out = NULL;
+  *len = 0;
+  if (p && file) return tn_cli_fail("give the prompt once: -p TEXT, -p - or -f FILE");
+  struct tn_error err = {0};
+  if (file) {
+    if (tn_file_read(file, out, len, &err))
+      return tn_cli_fail("-f/--file: %s", err.msg);
+    return 0;
+  }
+  if (!p) return tn_cli_fail("a prompt is required: -p TEXT, -p - (stdin) or -f FILE");
+  if (strcmp(p, "-") != 0) {
+    *len = strlen(p);
+    *out = malloc(*len + 1);
+    if (!*out) return tn_cli_fail("out of memory");
+    memcpy(*out, p, *len + 1);
+    return 0;
+  }
+  struct tn_buf b = {0};
+  char chunk[65536];
+  size_t n;
+  while ((n = fread(chunk, 1, sizeof(chunk), stdin)) > 0) {
+    tn_buf_append(&b, chunk, n);
+    if (b.oom) {
+      tn_buf_free(&b);
+      return tn_cli_fail("-p -: out of memory reading stdin");
+    }
+    if (b.len > TN_TOKENIZER_MAX_TEXT) {
+      tn_buf_free(&b);
+      return tn_cli_fail("-p -: stdin holds more than %d bytes",
+                         TN_TOKENIZER_MAX_TEXT);
+    }
+  }
+  if (ferror(stdin)) {
+    tn_buf_free(&b);
+    return tn_cli_fail("-p -: cannot read stdin: %s", strerror(errno));
+  }
+  tn_buf_append(&b, "", 0); /* a NUL-terminated buffer even when empty */
+  if (b.oom) {
+    tn_buf_free(&b);
+    return tn_cli_fail("out of memory");
+  }
+  *out = b.data;
+  *len = b.len;
+  return 0;
+}

@@ -2,7 +2,7 @@
 """Generate llama.cpp reference fixtures under tests/fixtures/ref/<model>/.
 
     tools/build_llamacpp.sh                       # once: builds ref/
-    tools/fetch_model.py smollm2-135m gemma3-270m # once: models/
+    build/tern pull --dir models smollm2-135m gemma3-270m  # once: models/
     /tmp/venv/bin/python tools/gen_ref_fixtures.py [MODEL ...] [--only logits,greedy,ppl]
 
 Needs numpy and the reference build in <repo>/ref/ (override with --ref):

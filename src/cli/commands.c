@@ -22,8 +22,7 @@ int tn_cli_tokenize(int argc, char **argv) {
        "model whose vocabulary to use", NULL, NULL, 0},
       {"no-special", 0, TN_OPT_FLAG, &no_special, 0, 0, NULL,
        "no BOS, and special-token text stays plain text", NULL, NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
@@ -37,24 +36,9 @@ int tn_cli_tokenize(int argc, char **argv) {
   int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
   if (prc) return prc;
   if (!model) return tn_cli_fail("tokenize: -m MODEL is required");
-  /* Read all of stdin, any bytes. */
-  size_t len = 0, cap = 1 << 16;
-  char *buf = malloc(cap);
-  if (!buf) return tn_cli_fail("out of memory");
-  for (;;) {
-    if (len == cap) {
-      char *nb = cap < ((size_t)1 << 30) ? realloc(buf, cap * 2) : NULL;
-      if (!nb) {
-        free(buf);
-        return tn_cli_fail("tokenize: input too large");
-      }
-      buf = nb;
-      cap *= 2;
-    }
-    size_t r = fread(buf + len, 1, cap - len, stdin);
-    if (r == 0) break;
-    len += r;
-  }
+  size_t len = 0;
+  char *buf = NULL;
+  if (tn_cli_read_stdin("tokenize", &buf, &len)) return 1;
   struct tn_error err = {0};
   char pbuf[1024];
   struct tn_gguf *g = NULL;
@@ -116,10 +100,8 @@ int tn_cli_bench(int argc, char **argv) {
        "runs of each; the median is reported", NULL, NULL, 0},
       {"json", 0, TN_OPT_FLAG, &json, 0, 0, NULL, "one JSON object on stdout",
        NULL, NULL, 0},
-      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
-       NULL, NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_VERBOSE(&verbose),
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
@@ -223,10 +205,8 @@ int tn_cli_perplexity(int argc, char **argv) {
        "tokens per chunk (the second half of each is scored)", NULL, NULL, 0},
       {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N", "compute threads",
        "physical cores", NULL, 0},
-      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
-       NULL, NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_VERBOSE(&verbose),
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};

@@ -39,8 +39,7 @@ const struct tn_opt tn_cli_model_opts[] = {
      "the model's", NULL, 0},
     {"verbose", 'v', TN_OPT_FLAG, &tn_cli_gen.verbose, 0, 0, NULL,
      "debug logging; print the seed and timings", NULL, NULL, 0},
-    {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL, NULL,
-     0},
+    TN_CLI_OPT_HELP,
     {0},
 };
 
@@ -289,31 +288,5 @@ int tn_cli_read_prompt(const char *p, const char *file, char **out,
     memcpy(*out, p, *len + 1);
     return 0;
   }
-  struct tn_buf b = {0};
-  char chunk[65536];
-  size_t n;
-  while ((n = fread(chunk, 1, sizeof(chunk), stdin)) > 0) {
-    tn_buf_append(&b, chunk, n);
-    if (b.oom) {
-      tn_buf_free(&b);
-      return tn_cli_fail("-p -: out of memory reading stdin");
-    }
-    if (b.len > TN_TOKENIZER_MAX_TEXT) {
-      tn_buf_free(&b);
-      return tn_cli_fail("-p -: stdin holds more than %d bytes",
-                         TN_TOKENIZER_MAX_TEXT);
-    }
-  }
-  if (ferror(stdin)) {
-    tn_buf_free(&b);
-    return tn_cli_fail("-p -: cannot read stdin: %s", strerror(errno));
-  }
-  tn_buf_append(&b, "", 0); /* a NUL-terminated buffer even when empty */
-  if (b.oom) {
-    tn_buf_free(&b);
-    return tn_cli_fail("out of memory");
-  }
-  *out = b.data;
-  *len = b.len;
-  return 0;
+  return tn_cli_read_stdin("-p -", out, len);
 }

@@ -990,8 +990,7 @@ int tn_cli_models(int argc, char **argv) {
       {"catalog", 0, TN_OPT_STR, &catalog, 0, 0, "FILE",
        "more models: a JSON list of entries like those of --json",
        "$TERN_CATALOG", NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};

@@ -841,8 +841,7 @@ int tn_cli_pull(int argc, char **argv) {
        NULL, 0},
       {"quiet", 'q', TN_OPT_FLAG, &quiet, 0, 0, NULL,
        "print nothing but errors", NULL, NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};

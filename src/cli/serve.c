@@ -95,10 +95,8 @@ int tn_cli_serve(int argc, char **argv) {
        "tokens per batched step (prompt chunks)", NULL, NULL, 0},
       {"no-prefix-cache", 0, TN_OPT_FLAG, &no_prefix, 0, 0, NULL,
        "don't reuse KV blocks across requests", NULL, NULL, 0},
-      {"verbose", 'v', TN_OPT_FLAG, &verbose, 0, 0, NULL, "debug logging",
-       NULL, NULL, 0},
-      {"help", 'h', TN_OPT_HELP, NULL, 0, 0, NULL, "show this help", NULL,
-       NULL, 0},
+      TN_CLI_OPT_VERBOSE(&verbose),
+      TN_CLI_OPT_HELP,
       {0},
   };
   const struct tn_opt_group groups[] = {

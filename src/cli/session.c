@@ -2,6 +2,7 @@
  * session.c: errors, thread counts, and the session bench and perplexity
  * use to time or score raw forward passes.
  */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +19,38 @@ int tn_cli_fail(const char *fmt, ...) {
   fputc('\n', stderr);
   va_end(ap);
   return 1;
+}
+
+int tn_cli_read_stdin(const char *what, char **out, size_t *len) {
+  *out = NULL;
+  *len = 0;
+  struct tn_buf b = {0};
+  char chunk[65536];
+  size_t n;
+  while ((n = fread(chunk, 1, sizeof(chunk), stdin)) > 0) {
+    tn_buf_append(&b, chunk, n);
+    if (b.oom) {
+      tn_buf_free(&b);
+      return tn_cli_fail("%s: out of memory reading stdin", what);
+    }
+    if (b.len > TN_TOKENIZER_MAX_TEXT) {
+      tn_buf_free(&b);
+      return tn_cli_fail("%s: stdin holds more than %d bytes", what,
+                         TN_TOKENIZER_MAX_TEXT);
+    }
+  }
+  if (ferror(stdin)) {
+    tn_buf_free(&b);
+    return tn_cli_fail("%s: cannot read stdin: %s", what, strerror(errno));
+  }
+  tn_buf_append(&b, "", 0); /* NUL-terminated even when empty */
+  if (b.oom) {
+    tn_buf_free(&b);
+    return tn_cli_fail("out of memory");
+  }
+  *out = b.data;
+  *len = b.len;
+  return 0;
 }
 
 int tn_cli_threads(long requested) {

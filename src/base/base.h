@@ -9,6 +9,7 @@
 #ifndef TN_BASE_H
 #define TN_BASE_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -152,10 +153,14 @@ enum tn_status tn_file_read(const char *path, char **out, size_t *size,
  *
  * Any number of threads may call tn_pool_run()/tn_pool_run_n() on one pool
  * (every model of a server shares one): runs take turns in arrival order.
+ * A pool with more threads than the process has CPUs yields at barriers
+ * instead of spinning.
  */
+#define TN_POOL_THREADS_MAX 256
 struct tn_pool;
 typedef void (*tn_pool_fn_cb)(void *ctx, int ith, int nth);
 
+/* 1..TN_POOL_THREADS_MAX threads (clamped); NULL when they cannot start. */
 struct tn_pool *tn_pool_new(int n_threads);
 void tn_pool_free(struct tn_pool *pool);
 int tn_pool_size(const struct tn_pool *pool);
@@ -172,6 +177,13 @@ static inline void tn_split(int64_t n, int ith, int nth, int64_t *lo,
   *lo = TN_MIN((int64_t)ith * per, n);
   *hi = TN_MIN(*lo + per, n);
 }
+
+/* ---- threads */
+
+/* pthread_create with the asynchronous signals (SIGINT, SIGTERM, ...)
+ * blocked in the new thread, so they reach the thread that waits for them
+ * (a CLI blocked in read(), a server's main loop), never a worker. */
+int tn_thread_create(pthread_t *t, void *(*fn)(void *), void *arg);
 
 /* ---- CPUs */
 

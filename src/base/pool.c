@@ -14,7 +14,9 @@
  * order (a ticket lock), so two models never have two spinning pools
  * fighting over the same cores, and neither starves the other. A run may
  * use fewer threads than the pool has (a model configured with fewer
- * threads); the others skip it.
+ * threads); the others still see the run's generation and acknowledge it
+ * (that is what keeps a worker from ever mixing one run's fn with the
+ * next run's thread count), then go back to waiting.
  *
  * When the pool has more threads than the process has cores, a spinning
  * thread would hold a core the thread it waits for needs: then barriers
@@ -34,6 +36,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -124,10 +127,14 @@ static void *worker_main(void *p) {
 
 struct tn_pool *tn_pool_new(int n_threads) {
   if (n_threads < 1) n_threads = 1;
-  if (n_threads > 256) n_threads = 256;
+  if (n_threads > TN_POOL_THREADS_MAX) n_threads = TN_POOL_THREADS_MAX;
   struct tn_pool *pool = calloc(1, sizeof(*pool));
   if (!pool) return NULL;
-  pool->n_threads = n_threads;
+  pool->threads = calloc((size_t)n_threads, sizeof(pthread_t));
+  if (!pool->threads) {
+    free(pool);
+    return NULL;
+  }
   bool over = n_threads > tn_cpu_count_logical();
   pool->barrier_spins = over ? 0 : BARRIER_SPIN_ITERS;
   pool->idle_spins = over ? 64 : POOL_SPIN_ITERS;
@@ -135,31 +142,37 @@ struct tn_pool *tn_pool_new(int n_threads) {
   pthread_cond_init(&pool->cond, NULL);
   pthread_mutex_init(&pool->run_mu, NULL);
   pthread_cond_init(&pool->run_cv, NULL);
-  pool->threads = calloc((size_t)n_threads, sizeof(pthread_t));
-  if (!pool->threads) goto fail;
+  /* n_threads counts the threads started; tn_pool_free joins those. */
+  pool->n_threads = 1;
   for (int i = 1; i < n_threads; i++) {
     struct worker_arg *wa = malloc(sizeof(*wa));
-    if (!wa) goto fail_threads;
+    if (!wa) goto fail;
     wa->pool = pool;
     wa->ith = i;
-    if (pthread_create(&pool->threads[i], NULL, worker_main, wa) != 0) {
+    if (tn_thread_create(&pool->threads[i], worker_main, wa) != 0) {
       free(wa);
-      goto fail_threads;
+      goto fail;
     }
-    continue;
-  fail_threads:
-    pool->n_threads = i; /* join the ones that started */
-    tn_pool_free(pool);
-    return NULL;
+    pool->n_threads = i + 1;
   }
   return pool;
 fail:
-  pthread_mutex_destroy(&pool->mu);
-  pthread_cond_destroy(&pool->cond);
-  pthread_mutex_destroy(&pool->run_mu);
-  pthread_cond_destroy(&pool->run_cv);
-  free(pool);
+  tn_pool_free(pool);
   return NULL;
+}
+
+int tn_thread_create(pthread_t *t, void *(*fn)(void *), void *arg) {
+  sigset_t all, old;
+  sigfillset(&all);
+  /* faults stay deliverable (and the sanitizers' own signals) */
+  static const int sync_sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP,
+                                  SIGABRT, SIGSYS};
+  for (size_t i = 0; i < TN_ARRAY_LEN(sync_sigs); i++)
+    sigdelset(&all, sync_sigs[i]);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  int rc = pthread_create(t, NULL, fn, arg);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return rc;
 }
 
 void tn_pool_free(struct tn_pool *pool) {

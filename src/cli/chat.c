@@ -16,10 +16,14 @@
  * With stdin not a terminal there is no prompt and no banner: lines are
  * read as messages, answers printed one after another (scripts, tests).
  *
- * When the conversation outgrows the context, the oldest exchanges are
- * dropped (the system message stays) and a note says so.
+ * When the conversation would leave less than a quarter of the context (or
+ * -n tokens) for the answer, the oldest exchanges are dropped (the system
+ * message stays) and a note says so; a message that does not fit even
+ * alone is refused and the history kept. Each turn samples with the
+ * session's seed plus the turn number.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,31 +59,80 @@ static bool history_push(struct history *h, const char *role,
   return true;
 }
 
-/* Drops the oldest exchange (a user message and the answer after it). */
-static void history_drop_oldest(struct history *h) {
+/* Drops the oldest exchange (a user message and the answer after it);
+ * returns how many messages went. */
+static size_t history_drop_oldest(struct history *h) {
   size_t k = h->n > 1 && !strcmp(h->msgs[1].role, "assistant") ? 2 : 1;
   for (size_t i = 0; i < k; i++) free((char *)h->msgs[i].content);
   memmove(h->msgs, h->msgs + k, (h->n - k) * sizeof(*h->msgs));
   h->n -= k;
+  return k;
 }
 
-/* The conversation as the template sees it: system message first. */
-static int encode(struct tn_engine *e, const struct history *h,
+/* The last `last` messages of the conversation as the template sees them:
+ * the system message first. */
+static int encode(struct tn_engine *e, const struct history *h, size_t last,
                   int32_t **ids, size_t *n_ids, struct tn_error *err) {
-  size_t n = h->n + (h->system ? 1 : 0);
+  size_t n = last + (h->system ? 1 : 0);
   struct tn_chat_msg *all = malloc((n ? n : 1) * sizeof(*all));
   if (!all) return tn_error_set(err, TN_ENOMEM, "out of memory");
   size_t k = 0;
   if (h->system)
     all[k++] = (struct tn_chat_msg){"system", h->system, strlen(h->system)};
-  memcpy(all + k, h->msgs, h->n * sizeof(*all));
+  memcpy(all + k, h->msgs + (h->n - last), last * sizeof(*all));
   enum tn_status st = tn_engine_encode_chat(e, all, n, ids, n_ids, err);
   free(all);
   return st;
 }
 
+/* Encodes the conversation, whose last message is the new one, so that it
+ * fits the context with room for an answer: the oldest exchanges go first.
+ * When the system message and the new message alone do not fit, nothing
+ * is dropped and the message is refused (returns 1 after saying why). */
+static int fit(struct tn_engine *e, struct history *h, int32_t **ids,
+               size_t *n_ids) {
+  struct tn_error err = {0};
+  int64_t n_ctx = tn_engine_n_ctx(e);
+  enum tn_status st = encode(e, h, 1, ids, n_ids, &err);
+  if (st == TN_OK && (int64_t)*n_ids >= n_ctx)
+    st = tn_error_set(&err, TN_ERANGE,
+                      "the message with the system message and the chat "
+                      "format is %zu tokens; the context holds %" PRId64
+                      " (raise it with -c)",
+                      *n_ids, n_ctx);
+  if (st) {
+    free(*ids);
+    *ids = NULL;
+    return tn_cli_fail("%s", err.msg);
+  }
+  /* Leave room for an answer of a quarter of the context (or -n). */
+  int64_t room = n_ctx / 4;
+  if (tn_cli_gen.n_predict > 0 && tn_cli_gen.n_predict < room)
+    room = tn_cli_gen.n_predict;
+  if ((int64_t)*n_ids + room > n_ctx) room = n_ctx - (int64_t)*n_ids;
+  size_t dropped = 0;
+  for (;;) {
+    free(*ids);
+    *ids = NULL;
+    st = encode(e, h, h->n, ids, n_ids, &err);
+    if (st == TN_OK && (int64_t)*n_ids + room <= n_ctx) break;
+    if (st != TN_OK && st != TN_ERANGE) {
+      free(*ids);
+      *ids = NULL;
+      return tn_cli_fail("%s", err.msg);
+    }
+    if (h->n <= 1) break; /* cannot happen: the message alone fitted */
+    dropped += history_drop_oldest(h);
+  }
+  if (dropped)
+    fprintf(stderr, "(context full: the %zu oldest message%s dropped)\n",
+            dropped, dropped == 1 ? " was" : "s were");
+  return 0;
+}
+
 /* Reads one message (with continuation lines and """ blocks). Returns 1
- * with *out set, 0 at end of input, -1 when Ctrl-C interrupted the read. */
+ * with *out set, 0 at end of input, -1 when Ctrl-C interrupted the read,
+ * -2 out of memory. The prompts go to stderr: stdout carries answers. */
 static int read_message(bool tty, struct tn_buf *out) {
   out->len = 0;
   if (out->data) out->data[0] = '\0';
@@ -87,10 +140,7 @@ static int read_message(bool tty, struct tn_buf *out) {
   char *line = NULL;
   size_t cap = 0;
   for (;;) {
-    if (tty) {
-      fputs(first ? ">>> " : "... ", stdout);
-      fflush(stdout);
-    }
+    if (tty) fputs(first ? ">>> " : "... ", stderr);
     errno = 0;
     ssize_t n = getline(&line, &cap, stdin);
     if (n < 0) {
@@ -136,7 +186,7 @@ static int read_message(bool tty, struct tn_buf *out) {
   }
   free(line);
   tn_buf_append(out, "", 0);
-  return out->oom ? 0 : 1;
+  return out->oom ? -2 : 1;
 }
 
 static void help(FILE *f) {
@@ -204,7 +254,7 @@ int tn_cli_chat(int argc, char **argv) {
   int rc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
   if (rc) return rc;
   struct tn_engine *e = NULL;
-  if (tn_cli_engine_open(true, true, &e)) return 1;
+  if (tn_cli_engine_open("chat", true, true, &e)) return 1;
   bool tty = isatty(STDIN_FILENO);
   struct history h = {0};
   if (system) h.system = strdup(system);
@@ -216,11 +266,16 @@ int tn_cli_chat(int argc, char **argv) {
                     "Ctrl-D to leave.\n",
             tn_cli_gen.model, tn_engine_n_ctx(e));
   struct tn_buf in = {0};
+  uint64_t turn = 0;
   rc = 0;
   for (;;) {
     tn_cli_interrupted = 0;
     int got = read_message(tty, &in);
     if (got == 0) break;
+    if (got == -2) {
+      rc = tn_cli_fail("out of memory reading the message");
+      break;
+    }
     if (got < 0) {
       fprintf(stderr, "\n(Ctrl-D or /bye to leave)\n");
       continue;
@@ -237,37 +292,19 @@ int tn_cli_chat(int argc, char **argv) {
       rc = tn_cli_fail("out of memory");
       break;
     }
-    /* Fit the context: drop the oldest exchanges, keep the new message. */
     int32_t *ids = NULL;
     size_t n_ids = 0;
-    struct tn_error err = {0};
-    size_t dropped = 0;
-    enum tn_status st;
-    for (;;) {
-      free(ids);
-      ids = NULL;
-      st = encode(e, &h, &ids, &n_ids, &err);
-      bool fits = st == TN_OK && (int64_t)n_ids < tn_engine_n_ctx(e);
-      if (fits || h.n <= 1 || (st != TN_OK && st != TN_ERANGE)) break;
-      history_drop_oldest(&h);
-      dropped++;
-    }
-    if (dropped)
-      fprintf(stderr, "(context full: the %zu oldest message%s dropped)\n",
-              dropped, dropped == 1 ? " was" : "s were");
-    if (st || (int64_t)n_ids >= tn_engine_n_ctx(e)) {
-      if (st) tn_cli_fail("%s", err.msg);
-      else
-        tn_cli_fail("the message is %zu tokens; the context holds %d",
-                    n_ids, tn_engine_n_ctx(e));
-      free(ids);
-      free((char *)h.msgs[--h.n].content);
+    if (fit(e, &h, &ids, &n_ids)) {
+      free((char *)h.msgs[--h.n].content); /* refused: history unchanged */
       if (!tty) {
         rc = 1;
         break;
       }
       continue;
     }
+    /* A new seed each turn (from the drawn or given one), so asking again
+     * does not repeat the answer; the session stays repeatable. */
+    gp.sampling.seed = (uint64_t)tn_cli_gen.seed + turn++;
     struct tn_cli_stream_result res = {0};
     int src = tn_cli_stream(e, ids, n_ids, &gp, stdout, &res);
     free(ids);

@@ -28,8 +28,8 @@ int tn_cli_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* ---- options (opts.c)
  *
  * A command lists its options in groups; tn_cli_parse() fills the
- * destinations, tn_cli_help() prints usage with each option's default
- * (taken from its destination before parsing, or from .def). */
+ * destinations, and its --help prints usage with each option's default
+ * (.def, or the destination's value before parsing). */
 
 enum tn_opt_kind {
   TN_OPT_END,   /* table terminator (all zero) */
@@ -38,8 +38,10 @@ enum tn_opt_kind {
   TN_OPT_FLOAT, /* float *dst, in [lo, hi] */
   TN_OPT_STR,   /* const char **dst (borrowed from argv) */
   TN_OPT_SIZE,  /* int64_t *dst, "512MiB", "2G", ... (tn_parse_size) */
-  TN_OPT_LIST,  /* struct tn_cli_list *dst, repeatable */
+  TN_OPT_LIST,  /* struct tn_cli_list *dst, repeatable (at most hi times,
+                   when hi >= 1) */
   TN_OPT_HELP,  /* -h/--help: prints help, tn_cli_parse returns -1 */
+  TN_OPT_COUNT
 };
 
 #define TN_OPT_EMPTY_OK 1u /* TN_OPT_STR: "" is a valid value */
@@ -108,9 +110,9 @@ const char *tn_cli_model_path(const char *arg, char *buf, size_t cap);
  * training), for the error `--chat` gives on it. */
 bool tn_cli_model_is_base(const char *path);
 
-/* Reads all of stdin (any bytes, at most TN_TOKENIZER_MAX_TEXT) into a
+/* Reads all of f (any bytes, at most TN_TOKENIZER_MAX_TEXT) into a
  * malloc'd NUL-terminated buffer; what names the source in errors. */
-int tn_cli_read_stdin(const char *what, char **out, size_t *len);
+int tn_cli_read_stream(FILE *f, const char *what, char **out, size_t *len);
 
 /* ---- threads */
 

@@ -36,8 +36,10 @@ extern volatile sig_atomic_t tn_cli_interrupted;
 void tn_cli_catch_sigint(void);
 
 /* Opens the engine for one user (one sequence; prefix cache on request).
- * chat: refuse a model without a chat template. Prints errors. */
-int tn_cli_engine_open(bool chat, bool prefix_cache, struct tn_engine **out);
+ * chat: refuse a model without a chat template. cmd names the command in
+ * messages. Prints errors. */
+int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
+                       struct tn_engine **out);
 /* Generation parameters from the options (draws the seed once). */
 void tn_cli_gen_params(struct tn_gen_params *gp);
 

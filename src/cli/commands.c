@@ -38,7 +38,7 @@ int tn_cli_tokenize(int argc, char **argv) {
   if (!model) return tn_cli_fail("tokenize: -m MODEL is required");
   size_t len = 0;
   char *buf = NULL;
-  if (tn_cli_read_stdin("tokenize", &buf, &len)) return 1;
+  if (tn_cli_read_stream(stdin, "tokenize: stdin", &buf, &len)) return 1;
   struct tn_error err = {0};
   char pbuf[1024];
   struct tn_gguf *g = NULL;
@@ -90,7 +90,7 @@ int tn_cli_bench(int argc, char **argv) {
   const struct tn_opt opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH", "model to time",
        NULL, NULL, 0},
-      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N", "compute threads",
+      {"threads", 't', TN_OPT_INT, &threads, 1, TN_POOL_THREADS_MAX, "N", "compute threads",
        "physical cores", NULL, 0},
       {"n-prompt", 'p', TN_OPT_INT, &n_prompt, 0, 1 << 16, "N",
        "prompt tokens per prefill run (0: skip)", NULL, NULL, 0},
@@ -203,7 +203,7 @@ int tn_cli_perplexity(int argc, char **argv) {
        NULL, 0},
       {"ctx-size", 'c', TN_OPT_INT, &n_ctx, 16, 1 << 16, "N",
        "tokens per chunk (the second half of each is scored)", NULL, NULL, 0},
-      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N", "compute threads",
+      {"threads", 't', TN_OPT_INT, &threads, 1, TN_POOL_THREADS_MAX, "N", "compute threads",
        "physical cores", NULL, 0},
       TN_CLI_OPT_VERBOSE(&verbose),
       TN_CLI_OPT_HELP,

@@ -29,7 +29,7 @@ struct tn_cli_gen tn_cli_gen;
 const struct tn_opt tn_cli_model_opts[] = {
     {"model", 'm', TN_OPT_STR, &tn_cli_gen.model, 0, 0, "NAME|PATH",
      "model: a short name (tern models) or a .gguf file", NULL, NULL, 0},
-    {"threads", 't', TN_OPT_INT, &tn_cli_gen.threads, 1, 1024, "N",
+    {"threads", 't', TN_OPT_INT, &tn_cli_gen.threads, 1, TN_POOL_THREADS_MAX, "N",
      "compute threads", "physical cores", NULL, 0},
     {"ctx-size", 'c', TN_OPT_INT, &tn_cli_gen.n_ctx, 16, 1 << 20, "N",
      "context: prompt + output tokens", "the model's, at most 4096", NULL,
@@ -45,7 +45,8 @@ const struct tn_opt tn_cli_model_opts[] = {
 
 const struct tn_opt tn_cli_sampling_opts[] = {
     {"n-predict", 'n', TN_OPT_INT, &tn_cli_gen.n_predict, -1, 1 << 24, "N",
-     "tokens to generate at most (-1: until the end of text or context)",
+     "tokens to generate at most (-1: until the end of text or context; "
+     "0 is refused)",
      NULL, NULL, 0},
     {"temp", 0, TN_OPT_FLOAT, &tn_cli_gen.sampling.temperature, 0, 100, "T",
      "temperature (0: greedy)", NULL, NULL, 0},
@@ -67,7 +68,7 @@ const struct tn_opt tn_cli_sampling_opts[] = {
     {"seed", 's', TN_OPT_INT, &tn_cli_gen.seed, 0, 9007199254740991.0,
      "S", "random seed, for repeatable sampling", "random (shown with -v)",
      &tn_cli_gen.seed_given, 0},
-    {"stop", 0, TN_OPT_LIST, &tn_cli_gen.stops, 0, 0, "TEXT",
+    {"stop", 0, TN_OPT_LIST, &tn_cli_gen.stops, 0, TN_GEN_STOPS_MAX, "TEXT",
      "stop when the output contains TEXT (repeatable)", NULL, NULL, 0},
     {"ignore-eos", 0, TN_OPT_FLAG, &tn_cli_gen.ignore_eos, 0, 0, NULL,
      "never end at the end-of-text token", NULL, NULL, 0},
@@ -104,11 +105,16 @@ void tn_cli_catch_sigint(void) {
 
 /* ---- the engine */
 
-int tn_cli_engine_open(bool chat, bool prefix_cache, struct tn_engine **out) {
+int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
+                       struct tn_engine **out) {
   struct tn_cli_gen *g = &tn_cli_gen;
   *out = NULL;
   if (g->verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
-  if (!g->model) return tn_cli_fail("-m MODEL is required (see 'tern models')");
+  if (!g->model)
+    return tn_cli_fail("%s: -m MODEL is required (see 'tern models')", cmd);
+  if (g->n_predict == 0)
+    return tn_cli_fail("-n/--n-predict: 0 tokens would generate nothing; "
+                       "give -1 (no limit) or a count");
   char pbuf[4096];
   const char *path = tn_cli_model_path(g->model, pbuf, sizeof(pbuf));
   if (!path) return 1;
@@ -140,10 +146,10 @@ int tn_cli_engine_open(bool chat, bool prefix_cache, struct tn_engine **out) {
     *out = NULL;
     return tn_cli_fail(
         "%s has no chat template%s: it continues text rather than answering "
-        "(run it without --chat), or choose a format with --chat-template "
-        "chatml|gemma|llama3",
-        g->model,
-        tn_cli_model_is_base(path) ? " (it is a base model)" : "");
+        "(%s), or choose a format with --chat-template chatml|gemma|llama3",
+        g->model, tn_cli_model_is_base(path) ? " (it is a base model)" : "",
+        strcmp(cmd, "chat") == 0 ? "give it text with tern run"
+                                 : "run it without --chat");
   }
   return 0;
 }
@@ -169,10 +175,13 @@ void tn_cli_gen_params(struct tn_gen_params *gp) {
 
 /* ---- streaming one request */
 
+/* The engine's notify callback runs with the request's lock held and
+ * takes mu: lock order request lock, then mu. This thread never holds mu
+ * while taking the request's lock. */
 struct waiter {
   pthread_mutex_t mu;
   pthread_cond_t cv;
-  bool news;
+  bool news; /* guarded by mu */
 };
 
 static void on_news(void *user) {
@@ -274,11 +283,13 @@ int tn_cli_read_prompt(const char *p, const char *file, char **out,
   *out = NULL;
   *len = 0;
   if (p && file) return tn_cli_fail("give the prompt once: -p TEXT, -p - or -f FILE");
-  struct tn_error err = {0};
   if (file) {
-    if (tn_file_read(file, out, len, &err))
-      return tn_cli_fail("-f/--file: %s", err.msg);
-    return 0;
+    /* a stream, not only a regular file: -f /dev/stdin, a pipe, a fifo */
+    FILE *f = fopen(file, "rb");
+    if (!f) return tn_cli_fail("-f/--file: '%s': %s", file, strerror(errno));
+    int rc = tn_cli_read_stream(f, "-f/--file", out, len);
+    fclose(f);
+    return rc;
   }
   if (!p) return tn_cli_fail("a prompt is required: -p TEXT, -p - (stdin) or -f FILE");
   if (strcmp(p, "-") != 0) {
@@ -288,5 +299,5 @@ int tn_cli_read_prompt(const char *p, const char *file, char **out,
     memcpy(*out, p, *len + 1);
     return 0;
   }
-  return tn_cli_read_stdin("-p -", out, len);
+  return tn_cli_read_stream(stdin, "-p - (stdin)", out, len);
 }

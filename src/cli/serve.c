@@ -80,7 +80,7 @@ int tn_cli_serve(int argc, char **argv) {
       {0},
   };
   const struct tn_opt engine_opts[] = {
-      {"threads", 't', TN_OPT_INT, &threads, 1, 1024, "N",
+      {"threads", 't', TN_OPT_INT, &threads, 1, TN_POOL_THREADS_MAX, "N",
        "compute threads, shared by all models", "physical cores",
        &threads_given, 0},
       {"ctx", 'c', TN_OPT_INT, &n_ctx, 16, 1 << 20, "N",

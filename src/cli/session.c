@@ -21,27 +21,27 @@ int tn_cli_fail(const char *fmt, ...) {
   return 1;
 }
 
-int tn_cli_read_stdin(const char *what, char **out, size_t *len) {
+int tn_cli_read_stream(FILE *f, const char *what, char **out, size_t *len) {
   *out = NULL;
   *len = 0;
   struct tn_buf b = {0};
   char chunk[65536];
   size_t n;
-  while ((n = fread(chunk, 1, sizeof(chunk), stdin)) > 0) {
+  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
     tn_buf_append(&b, chunk, n);
     if (b.oom) {
       tn_buf_free(&b);
-      return tn_cli_fail("%s: out of memory reading stdin", what);
+      return tn_cli_fail("%s: out of memory", what);
     }
     if (b.len > TN_TOKENIZER_MAX_TEXT) {
       tn_buf_free(&b);
-      return tn_cli_fail("%s: stdin holds more than %d bytes", what,
+      return tn_cli_fail("%s: more than %d bytes", what,
                          TN_TOKENIZER_MAX_TEXT);
     }
   }
-  if (ferror(stdin)) {
+  if (ferror(f)) {
     tn_buf_free(&b);
-    return tn_cli_fail("%s: cannot read stdin: %s", what, strerror(errno));
+    return tn_cli_fail("%s: %s", what, strerror(errno));
   }
   tn_buf_append(&b, "", 0); /* NUL-terminated even when empty */
   if (b.oom) {

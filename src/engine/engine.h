@@ -122,7 +122,7 @@ const char *tn_finish_str(enum tn_finish f); /* "stop", "length", ... */
 
 struct tn_gen_params {
   struct tn_sampling sampling; /* bias borrowed; copied at submit */
-  int32_t max_tokens;          /* >= 1; capped by the context */
+  int32_t max_tokens;          /* capped by the context; <= 0: up to it */
   int32_t min_tokens;          /* EOS and stop strings ignored before */
   bool ignore_eos;
   bool logprobs;               /* record tokens with sampling.n_logprobs

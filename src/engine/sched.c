@@ -1042,7 +1042,7 @@ enum tn_status tn_engine_open(const char *path,
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
   metrics_init(e);
   update_gauges(e);
-  if (pthread_create(&e->thread, NULL, engine_main, e)) {
+  if (tn_thread_create(&e->thread, engine_main, e)) {
     st = tn_error_set(err, TN_ENOMEM, "cannot start the engine thread");
     goto fail;
   }

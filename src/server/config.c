@@ -371,7 +371,7 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_NAME: st = take_name(ld, key, &m->name); break;
       case MK_PATH: st = take_string(ld, key, 4096, &m->path, true); break;
       case MK_ALIASES: st = parse_aliases(ld, key, m); break;
-      case MK_THREADS: st = take_i32(ld, key, 1, 1024, &m->threads); break;
+      case MK_THREADS: st = take_i32(ld, key, 1, TN_POOL_THREADS_MAX, &m->threads); break;
       case MK_CTX: st = take_i32(ld, key, 1, 1 << 24, &m->ctx); break;
       case MK_MAX_SEQS: st = take_i32(ld, key, 1, 4096, &m->max_seqs); break;
       case MK_KV_MEM: st = take_size(ld, key, &m->kv_mem); break;
@@ -462,7 +462,8 @@ static enum tn_status parse_document(struct loader *ld) {
         break;
       case TK_API_KEY: st = take_string(ld, "api_key", 4096, &cfg->api_key, true);
         break;
-      case TK_THREADS: st = take_i32(ld, "threads", 1, 1024, &cfg->threads);
+      case TK_THREADS: st = take_i32(ld, "threads", 1, TN_POOL_THREADS_MAX,
+                                   &cfg->threads);
         break;
       case TK_MODELS: st = parse_models(ld); break;
     }

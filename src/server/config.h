@@ -6,7 +6,7 @@
  *   host: 127.0.0.1        # optional
  *   port: 8080             # optional, 1..65535
  *   api_key: secret        # optional
- *   threads: 4             # optional, 1..1024: the compute pool every
+ *   threads: 4             # optional, 1..256: the compute pool every
  *                          # model shares (default: physical cores)
  *   models:                # required, 1..TN_SERVE_MODELS_MAX entries
  *     - name: smollm2      # required: what clients send as "model"
@@ -15,7 +15,7 @@
  *                          # (smollm2-135m); kept as written, the CLI
  *                          # resolves it
  *       aliases: [default, small]   # optional extra names
- *       threads: 2         # optional, 1..1024: of the shared pool's
+ *       threads: 2         # optional, 1..256: of the shared pool's
  *                          # threads, how many this model's steps use
  *       ctx: 2048          # optional, 1..16777216
  *       max_seqs: 16       # optional, 1..4096

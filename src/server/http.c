@@ -902,7 +902,7 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   const union MHD_DaemonInfo *di =
       MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di ? di->port : cfg->port;
-  if (pthread_create(&s->reaper, NULL, reaper_main, s) == 0)
+  if (tn_thread_create(&s->reaper, reaper_main, s) == 0)
     s->reaper_started = true;
   *out = s;
   return TN_OK;

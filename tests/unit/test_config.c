@@ -218,7 +218,7 @@ static const struct bad_case k_bad[] = {
     {"models:\n  - name: a\n    path: {x: 1}\n", TN_EINVAL,
      ":3: models[0].path: expected a value, got a mapping"},
     {MODEL_OK "    threads: 0\n", TN_EINVAL,
-     ":4: models[0].threads: 0 is out of range 1..1024"},
+     ":4: models[0].threads: 0 is out of range 1..256"},
     {MODEL_OK "    threads: two\n", TN_EINVAL,
      "models[0].threads: 'two' is not an integer"},
     {MODEL_OK "    ctx: 1.5\n", TN_EINVAL, "models[0].ctx: '1.5' is not an integer"},

@@ -45,6 +45,7 @@
 #include <string.h>
 
 #include "tokenizer/tokenizer.h"
+#include "tokenizer/tokenizer_internal.h" /* tn_utf8_decode */
 
 #define MAX_TEXT 4096
 #define MAX_RANDOM_IDS 256
@@ -78,34 +79,9 @@ static volatile uint64_t sink;
 
 /* Strict UTF-8 (no overlongs, no surrogates, nothing past U+10FFFF). */
 static bool utf8_valid(const char *s, size_t n) {
-  size_t i = 0;
-  while (i < n) {
-    uint8_t c = (uint8_t)s[i];
-    size_t need;
-    uint8_t lo = 0x80, hi = 0xBF;
-    if (c < 0x80) {
-      i++;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      need = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      need = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      need = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (n - i < need) return false;
-    for (size_t k = 1; k < need; k++) {
-      uint8_t b = (uint8_t)s[i + k];
-      if (k == 1 ? (b < lo || b > hi) : (b & 0xC0) != 0x80) return false;
-    }
-    i += need;
-  }
+  uint32_t c;
+  for (size_t i = 0, l; i < n; i += l)
+    if (!(l = tn_utf8_decode((const uint8_t *)s + i, n - i, &c))) return false;
   return true;
 }
 

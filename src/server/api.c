@@ -4,8 +4,12 @@
  * Parsing. The body is untrusted: jansson parses it (rejecting invalid
  * UTF-8, keeping NUL bytes inside strings with JSON_ALLOW_NUL, taking the
  * last of duplicate keys), then every known field is checked for its JSON
- * type and its range. Unknown fields are ignored (clients send extras);
- * null means "absent" for every optional field. Each rejection is a 400
+ * type and its range. Unknown fields are ignored (clients send extras),
+ * except those that would change what the output means and that tern
+ * does not do yet (response_format other than text, tools, grammars,
+ * suffix, best_of above n, audio): those are refused with a 400 naming
+ * them (unsupported()), never silently ignored. null means "absent" for
+ * every optional field. Each rejection is a 400
  * whose `param` names the field (nested ones as "messages[2].content") and
  * whose message names the bad value, quoted the way JSON would write it.
  * String lengths always come from json_string_length(), never strlen(), so
@@ -615,6 +619,97 @@ static int parse_bias(const json_t *o, struct tn_api_request *q,
 
 /* ---- the request */
 
+/* A 400 for a field tern does not support yet, code
+ * "unsupported_parameter". */
+__attribute__((format(printf, 3, 4))) static int unsupported_field(
+    struct tn_api_error *err, const char *param, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int r = error_vset(err, 400, "invalid_request_error", param,
+                     "unsupported_parameter", fmt, ap);
+  va_end(ap);
+  return r;
+}
+
+/* Fields that change what the output means, which we cannot honour yet:
+ * answering without them would hand the client something else than it
+ * asked for (free text where it parses JSON, no tool call where it waits
+ * for one). */
+static int unsupported(enum tn_api_kind kind, const json_t *o,
+                       const struct tn_api_request *q,
+                       struct tn_api_error *err) {
+  json_t *v;
+  if ((v = field(o, "response_format"))) {
+    json_t *t = json_is_object(v) ? field(v, "type") : NULL;
+    if (!t || !json_is_string(t))
+      return bad(err, "response_format",
+                 "'response_format' must be an object with a string 'type', "
+                 "got %s",
+                 show(v).s);
+    if (strcmp(json_string_value(t), "text") != 0)
+      return unsupported_field(
+          err, "response_format",
+          "response_format type %s is not supported by this server yet "
+          "(only 'text'): constrained JSON output is not implemented",
+          show(t).s);
+  }
+  if ((v = field(o, "tools")) && !(json_is_array(v) && json_array_size(v) == 0))
+    return unsupported_field(err, "tools",
+                             "'tools' (tool calling) is not supported by "
+                             "this server yet");
+  if ((v = field(o, "tool_choice")) &&
+      !(json_is_string(v) && (!strcmp(json_string_value(v), "none") ||
+                              !strcmp(json_string_value(v), "auto"))))
+    return unsupported_field(err, "tool_choice",
+                             "'tool_choice' %s is not supported by this "
+                             "server yet (no tool calling)",
+                             show(v).s);
+  static const char *const never[] = {
+      "functions", "function_call",               /* OpenAI, legacy */
+      "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+      "guided_grammar",                            /* vLLM */
+      "grammar", "json_schema",                    /* llama.cpp */
+      "audio",
+  };
+  for (size_t i = 0; i < sizeof(never) / sizeof(never[0]); i++)
+    if (field(o, never[i]))
+      return unsupported_field(err, never[i],
+                               "'%s' is not supported by this server yet",
+                               never[i]);
+  if ((v = field(o, "modalities"))) {
+    bool text_only = json_is_array(v);
+    for (size_t i = 0; text_only && i < json_array_size(v); i++) {
+      json_t *m = json_array_get(v, i);
+      text_only = json_is_string(m) && !strcmp(json_string_value(m), "text");
+    }
+    if (!text_only)
+      return unsupported_field(err, "modalities",
+                               "'modalities' %s: this server produces text "
+                               "only",
+                               show(v).s);
+  }
+  if (kind == TN_API_COMPLETIONS) {
+    if ((v = field(o, "suffix")) &&
+        !(json_is_string(v) && json_string_length(v) == 0))
+      return unsupported_field(err, "suffix",
+                               "'suffix' (insert mode) is not supported by "
+                               "this server");
+    int64_t bo;
+    if ((v = field(o, "best_of"))) {
+      if (!as_int(v, &bo) || bo < 1)
+        return bad(err, "best_of", "'best_of' must be an integer >= 1, got %s",
+                   show(v).s);
+      if (bo != q->gen.n && bo != 1)
+        return unsupported_field(err, "best_of",
+                                 "'best_of' %" PRId64 " above n (%d): "
+                                 "choosing the best of several samples is "
+                                 "not supported by this server",
+                                 bo, q->gen.n);
+    }
+  }
+  return 0;
+}
+
 static int parse_fields(enum tn_api_kind kind, const json_t *o,
                         struct tn_api_request *q, struct tn_api_error *err) {
   int rc;
@@ -747,7 +842,7 @@ static int parse_fields(enum tn_api_kind kind, const json_t *o,
 
   if ((rc = parse_stop(o, q, err))) return rc;
   if ((rc = parse_bias(o, q, err))) return rc;
-  return 0;
+  return unsupported(kind, o, q, err);
 }
 
 int tn_api_parse(enum tn_api_kind kind, const char *body, size_t len,

@@ -364,7 +364,58 @@ CASES = [
     # model
     ("unknown_model", CH, hello(model="gpt-17"), 404, "model",
      ["gpt-17"]),
+    # fields that change what the output means and are not supported yet:
+    # refused, never ignored
+    ("response_format_json", CH, hello(response_format={"type": "json_object"}),
+     400, "response_format", ["json_object", "not supported"]),
+    ("response_format_schema", CM,
+     prompt(response_format={"type": "json_schema", "json_schema": {
+         "name": "x", "schema": {"type": "object"}}}),
+     400, "response_format", ["json_schema"]),
+    ("response_format_no_type", CH, hello(response_format={}), 400,
+     "response_format", ["'type'"]),
+    ("tools", CH, hello(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object"}}}]),
+     400, "tools", ["'tools'"]),
+    ("tool_choice_required", CH, hello(tool_choice="required"), 400,
+     "tool_choice", ["required"]),
+    ("functions", CH, hello(functions=[{"name": "f"}]), 400, "functions",
+     ["'functions'"]),
+    ("guided_json", CH, hello(guided_json={"type": "object"}), 400,
+     "guided_json", ["'guided_json'"]),
+    ("structured_outputs", CM, prompt(structured_outputs={"choice": ["a"]}),
+     400, "structured_outputs", ["'structured_outputs'"]),
+    ("grammar", CM, prompt(grammar="root ::= \"a\""), 400, "grammar",
+     ["'grammar'"]),
+    ("modalities_audio", CH, hello(modalities=["text", "audio"]), 400,
+     "modalities", ["text only"]),
+    ("suffix", CM, prompt(suffix="end"), 400, "suffix", ["insert"]),
+    ("best_of_above_n", CM, prompt(best_of=3), 400, "best_of", ["best_of"]),
+    ("best_of_bad", CM, prompt(best_of=0), 400, "best_of", [">= 1"]),
 ]
+
+UNSUPPORTED = {"response_format_json", "response_format_schema", "tools",
+               "tool_choice_required", "functions", "guided_json",
+               "structured_outputs", "grammar", "modalities_audio", "suffix",
+               "best_of_above_n"}
+
+ACCEPTED = [
+    # what stays harmless is accepted
+    ("response_format_text", CH, hello(response_format={"type": "text"})),
+    ("tools_empty", CH, hello(tools=[])),
+    ("tool_choice_none", CH, hello(tool_choice="none")),
+    ("tool_choice_auto_no_tools", CH, hello(tool_choice="auto")),
+    ("modalities_text", CH, hello(modalities=["text"])),
+    ("suffix_empty", CM, prompt(suffix="")),
+    ("best_of_n", CM, prompt(best_of=2, n=2)),
+]
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_harmless_fields_are_accepted(server, case):
+    _, route, body = case
+    r = post(server, route, body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -380,6 +431,8 @@ def test_bad_request(server, case):
         assert e["type"] == "invalid_request_error"
     if case[0] == "unknown_model":
         assert e["code"] == "model_not_found"
+    if case[0] in UNSUPPORTED:
+        assert e["code"] == "unsupported_parameter"
     assert_still_serves(server)
 
 

@@ -80,6 +80,18 @@ void tn_sampler_add_prompt(struct tn_sampler *s, const int32_t *ids, size_t n);
  * records it as generated. */
 void tn_sampler_sample(struct tn_sampler *s, float *logits,
                        struct tn_sample_out *out);
+/* Speculative verification: decides a drafted token at this position the
+ * way tn_sampler_sample would sample it. q is the drafter's probability
+ * of each token (its own transformed distribution), or NULL when the
+ * drafter proposed `draft` deterministically (n-gram lookup: all its mass
+ * on draft). Greedy: accepted iff draft is the argmax. Otherwise accepted
+ * with probability min(1, p(draft) / q(draft)); when rejected, the token
+ * is drawn from max(p - q, 0) normalised, so the token kept is distributed
+ * exactly as p (Leviathan et al., Chen et al. 2023). Either way out holds
+ * the token kept (draft or its replacement) with its logprobs, and it is
+ * recorded as generated. Returns whether the draft was accepted. */
+bool tn_sampler_verify(struct tn_sampler *s, float *logits, int32_t draft,
+                       const float *q, struct tn_sample_out *out);
 
 /* ---- stop strings
  *
@@ -130,6 +142,8 @@ struct tn_gen_params {
   int32_t n;                   /* samples, 1..TN_GEN_N_MAX */
   const char *const *stops;    /* copied at submit */
   int32_t n_stops;
+  bool speculative;            /* use the engine's speculation (default
+                                  true; false: plain decoding) */
 };
 void tn_gen_params_default(struct tn_gen_params *p);
 
@@ -147,6 +161,8 @@ struct tn_choice {
   struct tn_gen_token *toks;   /* generated tokens, when params.logprobs */
   int32_t n_toks, cap_toks;
   int32_t n_gen;               /* tokens generated (usage) */
+  int32_t n_drafted;           /* speculative tokens proposed */
+  int32_t n_accepted;          /* of those, accepted by the model */
   enum tn_finish finish;
 };
 
@@ -171,7 +187,9 @@ struct tn_step_entry {
   const struct tn_req *req;
   int32_t choice;
   int32_t pos;           /* position of its first token in this step */
-  int32_t n_tokens;      /* tokens it runs (1 for a decode) */
+  int32_t n_tokens;      /* tokens it runs (1 for a decode, 1 + n_draft
+                            when speculating) */
+  int32_t n_draft;       /* drafted tokens verified with its decode */
   bool decode;           /* its last sampled token, not prompt/recompute */
 };
 struct tn_step_trace {
@@ -184,6 +202,42 @@ struct tn_step_trace {
   int32_t kv_blocks_available;
 };
 typedef void (*tn_engine_step_cb)(void *user, const struct tn_step_trace *t);
+
+/* ---- speculative decoding
+ *
+ * A decoding sequence may carry drafted tokens into a step: the model
+ * verifies them with its last token in one pass (logits for every row) and
+ * keeps the longest accepted run plus one token of its own (sampled, or
+ * the correction of the first rejected draft; tn_sampler_verify), so the
+ * output is exactly what plain decoding gives (greedy: token for token;
+ * sampling: the same distribution). Rejected drafts leave the KV cache by
+ * moving the sequence's length back: nothing is copied. */
+enum tn_spec_method {
+  TN_SPEC_OFF,
+  TN_SPEC_NGRAM,    /* prompt lookup: the continuation of the last n
+                       tokens' latest earlier occurrence */
+  TN_SPEC_CUSTOM,   /* tn_spec_config.propose (tests, embedders) */
+  TN_SPEC_COUNT
+};
+const char *tn_spec_method_name(enum tn_spec_method m);
+
+/* A drafter: up to k tokens continuing tokens[0..n_tokens) (the prompt is
+ * tokens[0..n_prompt)), written to out; returns how many. Runs on the
+ * engine thread. */
+typedef int32_t (*tn_spec_propose_cb)(void *user, const struct tn_req *req,
+                                      int32_t choice, const int32_t *tokens,
+                                      int32_t n_tokens, int32_t n_prompt,
+                                      int32_t k, int32_t *out);
+
+#define TN_SPEC_MAX_TOKENS 16
+struct tn_spec_config {
+  enum tn_spec_method method;
+  int32_t max_tokens;       /* drafted tokens per step, 1..16 (default 8) */
+  int32_t ngram_min;        /* shortest suffix to match (default 2) */
+  int32_t ngram_max;        /* longest suffix tried first (default 4) */
+  tn_spec_propose_cb propose; /* TN_SPEC_CUSTOM */
+  void *propose_user;
+};
 
 struct tn_engine_config {
   const char *name;      /* model name for the API and metric labels */
@@ -204,6 +258,7 @@ struct tn_engine_config {
   tn_engine_step_cb on_step; /* called on the engine thread after each
                                 step is planned, before its forward pass */
   void *on_step_user;
+  struct tn_spec_config spec;
 };
 void tn_engine_config_default(struct tn_engine_config *c);
 
@@ -284,6 +339,10 @@ struct tn_engine_stats {
   int32_t running, waiting;
   int32_t kv_blocks_total, kv_blocks_used, kv_blocks_cached;
   uint64_t steps, preemptions, prefix_queries, prefix_hits;
+  /* speculation: steps that verified drafts, drafted and accepted tokens,
+   * accepted tokens by position in their draft */
+  uint64_t spec_drafts, spec_drafted, spec_accepted;
+  uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
 };
 void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);
 

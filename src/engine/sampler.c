@@ -230,8 +230,10 @@ static void report_logprobs(struct tn_sampler *s, const float *logits,
   out->logprob = lse;
 }
 
-void tn_sampler_sample(struct tn_sampler *s, float *logits,
-                       struct tn_sample_out *out) {
+/* Bias and penalties, in place; reports the raw distribution's
+ * logprobs into out and returns its log-normaliser. */
+static float prepare(struct tn_sampler *s, float *logits,
+                     struct tn_sample_out *out) {
   const struct tn_sampling *p = &s->p;
   int32_t n = s->n_vocab;
   memset(out, 0, sizeof(*out));
@@ -264,85 +266,181 @@ void tn_sampler_sample(struct tn_sampler *s, float *logits,
         logits[id] -= (float)cnt * p->freq_penalty + p->presence_penalty;
     }
   }
+  return lse;
+}
 
+/* Temperatures this small are greedy (1/t would overflow). */
+static bool is_greedy(const struct tn_sampler *s) {
+  return s->p.temperature < 1e-4f;
+}
+
+static int32_t argmax(const float *logits, int32_t n) {
   int32_t pick = 0;
-  /* Temperatures this small are greedy (1/t would overflow). */
-  if (p->temperature < 1e-4f) {
-    float best = logits[0];
-    for (int32_t i = 1; i < n; i++)
-      if (logits[i] > best) {
-        best = logits[i];
-        pick = i;
-      }
-  } else {
-    struct cand *c = s->cand;
-    float inv_t = 1.0f / p->temperature;
-    for (int32_t i = 0; i < n; i++) c[i] = (struct cand){i, logits[i] * inv_t};
-    int32_t m = n;
-    if (p->top_k > 0 && p->top_k < m) {
-      select_top(c, m, p->top_k);
-      m = p->top_k;
+  float best = logits[0];
+  for (int32_t i = 1; i < n; i++)
+    if (logits[i] > best) {
+      best = logits[i];
+      pick = i;
     }
-    bool need_order = p->top_p < 1.0f;
-    float mx = c[0].logit;
-    for (int32_t i = 1; i < m; i++) mx = c[i].logit > mx ? c[i].logit : mx;
-    if (!need_order && p->min_p > 0.0f) {
-      /* min-p alone needs no order: keep what clears the cut, in place */
+  return pick;
+}
+
+/* The kept candidates after temperature, top-k, min-p and top-p:
+ * s->cand[0..*m), each with weight exp(logit - *mx); returns the sum. */
+static double candidates(struct tn_sampler *s, const float *logits,
+                         int32_t *m_out, float *mx_out) {
+  const struct tn_sampling *p = &s->p;
+  int32_t n = s->n_vocab;
+  struct cand *c = s->cand;
+  float inv_t = 1.0f / p->temperature;
+  for (int32_t i = 0; i < n; i++) c[i] = (struct cand){i, logits[i] * inv_t};
+  int32_t m = n;
+  if (p->top_k > 0 && p->top_k < m) {
+    select_top(c, m, p->top_k);
+    m = p->top_k;
+  }
+  bool need_order = p->top_p < 1.0f;
+  float mx = c[0].logit;
+  for (int32_t i = 1; i < m; i++) mx = c[i].logit > mx ? c[i].logit : mx;
+  if (!need_order && p->min_p > 0.0f) {
+    /* min-p alone needs no order: keep what clears the cut, in place */
+    float cut = mx + logf(p->min_p);
+    int32_t k = 0;
+    for (int32_t i = 0; i < m; i++)
+      if (c[i].logit >= cut) c[k++] = c[i];
+    m = k;
+  }
+  double total = 0.0;
+  for (int32_t i = 0; i < m; i++) total += exp((double)(c[i].logit - mx));
+  if (need_order) {
+    int32_t k = m;
+    if (m > CAND_FAST) {
+      select_top(c, m, CAND_FAST);
+      double mass = 0.0;
+      for (int32_t i = 0; i < CAND_FAST; i++)
+        mass += exp((double)(c[i].logit - mx));
+      if (mass >= (double)p->top_p * total) k = CAND_FAST;
+    }
+    qsort(c, (size_t)k, sizeof(struct cand), cand_cmp_desc);
+    int32_t keep = k;
+    if (p->min_p > 0.0f) {
       float cut = mx + logf(p->min_p);
-      int32_t k = 0;
-      for (int32_t i = 0; i < m; i++)
-        if (c[i].logit >= cut) c[k++] = c[i];
-      m = k;
+      for (int32_t i = 1; i < keep; i++)
+        if (c[i].logit < cut) {
+          keep = i;
+          break;
+        }
     }
-    double total = 0.0;
-    for (int32_t i = 0; i < m; i++) total += exp((double)(c[i].logit - mx));
-    if (need_order) {
-      int32_t k = m;
-      if (m > CAND_FAST) {
-        select_top(c, m, CAND_FAST);
-        double mass = 0.0;
-        for (int32_t i = 0; i < CAND_FAST; i++)
-          mass += exp((double)(c[i].logit - mx));
-        if (mass >= (double)p->top_p * total) k = CAND_FAST;
-      }
-      qsort(c, (size_t)k, sizeof(struct cand), cand_cmp_desc);
-      int32_t keep = k;
-      if (p->min_p > 0.0f) {
-        float cut = mx + logf(p->min_p);
-        for (int32_t i = 1; i < keep; i++)
-          if (c[i].logit < cut) {
-            keep = i;
-            break;
-          }
-      }
-      if (p->top_p < 1.0f) {
-        double cum = 0.0, target = (double)p->top_p * total;
-        for (int32_t i = 0; i < keep; i++) {
-          cum += exp((double)(c[i].logit - mx));
-          if (cum >= target) {
-            keep = i + 1;
-            break;
-          }
+    if (p->top_p < 1.0f) {
+      double cum = 0.0, target = (double)p->top_p * total;
+      for (int32_t i = 0; i < keep; i++) {
+        cum += exp((double)(c[i].logit - mx));
+        if (cum >= target) {
+          keep = i + 1;
+          break;
         }
       }
-      m = keep;
     }
-    double sum = 0.0;
-    for (int32_t i = 0; i < m; i++) sum += exp((double)(c[i].logit - mx));
-    double r = rng_uniform(s->rng) * sum, acc = 0.0;
-    pick = c[m - 1].id;
+    m = keep;
+  }
+  double sum = 0.0;
+  for (int32_t i = 0; i < m; i++) sum += exp((double)(c[i].logit - mx));
+  *m_out = m;
+  *mx_out = mx;
+  return sum;
+}
+
+/* Draws from the candidates, with weight exp(logit - mx), skipping the
+ * token skip (-1: none); sum is the total weight of those drawn from. */
+static int32_t draw(struct tn_sampler *s, int32_t m, float mx, double sum,
+                    int32_t skip) {
+  const struct cand *c = s->cand;
+  double r = rng_uniform(s->rng) * sum, acc = 0.0;
+  int32_t pick = -1;
+  for (int32_t i = 0; i < m; i++) {
+    if (c[i].id == skip) continue;
+    pick = c[i].id;
+    acc += exp((double)(c[i].logit - mx));
+    if (r < acc) break;
+  }
+  return pick;
+}
+
+/* Records the token as generated and fills out's logprob. */
+static void take(struct tn_sampler *s, int32_t id, float lse,
+                 struct tn_sample_out *out) {
+  out->id = id;
+  out->logprob = s->raw[id] - lse;
+  s->gen_count[id]++;
+  history_push(s, id);
+}
+
+void tn_sampler_sample(struct tn_sampler *s, float *logits,
+                       struct tn_sample_out *out) {
+  float lse = prepare(s, logits, out);
+  int32_t pick;
+  if (is_greedy(s)) {
+    pick = argmax(logits, s->n_vocab);
+  } else {
+    int32_t m;
+    float mx;
+    double sum = candidates(s, logits, &m, &mx);
+    pick = draw(s, m, mx, sum, -1);
+  }
+  take(s, pick, lse, out);
+}
+
+bool tn_sampler_verify(struct tn_sampler *s, float *logits, int32_t draft,
+                       const float *q, struct tn_sample_out *out) {
+  float lse = prepare(s, logits, out);
+  if (is_greedy(s)) {
+    int32_t pick = argmax(logits, s->n_vocab);
+    take(s, pick, lse, out);
+    return pick == draft;
+  }
+  int32_t m;
+  float mx;
+  double sum = candidates(s, logits, &m, &mx);
+  const struct cand *c = s->cand;
+  double p_d = 0.0;
+  for (int32_t i = 0; i < m; i++)
+    if (c[i].id == draft) {
+      p_d = exp((double)(c[i].logit - mx)) / sum;
+      break;
+    }
+  double q_d = q ? (double)q[draft] : 1.0;
+  /* accept with probability min(1, p(d) / q(d)) */
+  if (q_d > 0.0 && rng_uniform(s->rng) * q_d < p_d) {
+    take(s, draft, lse, out);
+    return true;
+  }
+  int32_t pick;
+  if (!q) {
+    /* residual max(p - 1[d], 0) = p without d */
+    double rest = sum - p_d * sum;
+    pick = rest > 0.0 ? draw(s, m, mx, rest, draft) : draft;
+  } else {
+    /* residual max(p - q, 0), over the kept candidates (p is 0 elsewhere) */
+    double total = 0.0;
     for (int32_t i = 0; i < m; i++) {
-      acc += exp((double)(c[i].logit - mx));
-      if (r < acc) {
+      double pi = exp((double)(c[i].logit - mx)) / sum - (double)q[c[i].id];
+      if (pi > 0.0) total += pi;
+    }
+    pick = -1;
+    if (total > 0.0) {
+      double r = rng_uniform(s->rng) * total, acc = 0.0;
+      for (int32_t i = 0; i < m; i++) {
+        double pi = exp((double)(c[i].logit - mx)) / sum - (double)q[c[i].id];
+        if (pi <= 0.0) continue;
         pick = c[i].id;
-        break;
+        acc += pi;
+        if (r < acc) break;
       }
     }
+    if (pick < 0) pick = draw(s, m, mx, sum, -1); /* p == q: cannot reach */
   }
-  out->id = pick;
-  out->logprob = s->raw[pick] - lse;
-  s->gen_count[pick]++;
-  history_push(s, pick);
+  take(s, pick, lse, out);
+  return false;
 }
 
 /* ---- stop strings */

@@ -17,6 +17,20 @@
  * A sequence's pending tokens are tokens[n_done .. n_tokens): a new or
  * preempted sequence holds its whole history there, a decoding one exactly
  * its last sampled token. Prefill, decode and recompute are one path.
+ *
+ * Speculation: when planning a decode, the engine may append up to k
+ * drafted tokens after the last sampled one (spec.c proposes them) and run
+ * all 1 + k in the step with logits for each. After the forward pass the
+ * drafts are checked in order against the model's own choice at each
+ * position (tn_sampler_verify); the accepted run and one token of the
+ * model's stay, the rest are dropped from tokens[] and the KV cache keeps
+ * only the positions before them (n_done moves back; the blocks stay with
+ * the sequence for its next step, their stale rows are overwritten before
+ * anything reads them, and only blocks wholly below n_done are ever
+ * registered in the prefix index). Batch invariance makes a row's logits
+ * the same whether it was computed in a verify pass or alone, so greedy
+ * output is token for token that of plain decoding. Drafts never preempt
+ * another sequence: they use only blocks that are free.
  */
 #include <math.h>
 #include <pthread.h>
@@ -26,7 +40,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "engine/engine.h"
+#include "engine/engine_internal.h"
 #include "kv/kv.h"
 #include "model/model.h"
 #include "obs/obs.h"
@@ -50,6 +64,7 @@ void tn_gen_params_default(struct tn_gen_params *p) {
   tn_sampling_default(&p->sampling);
   p->max_tokens = 16;
   p->n = 1;
+  p->speculative = true;
 }
 
 void tn_engine_config_default(struct tn_engine_config *c) {
@@ -60,6 +75,10 @@ void tn_engine_config_default(struct tn_engine_config *c) {
   c->step_tokens = 256;
   c->queue_max = 256;
   c->prefix_cache = true;
+  c->spec.method = TN_SPEC_OFF;
+  c->spec.max_tokens = 8;
+  c->spec.ngram_min = 2;
+  c->spec.ngram_max = 4;
 }
 
 /* ---- requests and sequences */
@@ -101,6 +120,8 @@ struct seq {
   size_t n_held, cap_held;
   double t_last;              /* last token time (inter-token latency) */
   int32_t chunk;              /* tokens in the current batch */
+  int32_t n_draft;            /* of those, drafted (verified this step) */
+  int32_t spec_k;             /* draft length it may use now (adapts) */
   bool stop_hit;              /* a stop string ended it: drop what's held */
   bool wants_logits;
   bool decode;                /* planned as a decode this step */
@@ -110,6 +131,8 @@ struct seq {
 
 struct model_metrics {
   struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
+  struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
+  struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
   struct tn_metric_family *requests; /* by outcome */
@@ -151,6 +174,9 @@ struct tn_engine {
   struct tn_batch batch;
   struct seq **batch_seqs;    /* per batch sequence index */
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
+  int32_t draft_buf[TN_SPEC_MAX_TOKENS];
+  uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted;
+  uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
   size_t text_cap;
   struct tn_req **touched;    /* requests with news this step (a ref each) */
@@ -343,6 +369,32 @@ static void metrics_init(struct tn_engine *e) {
                                   "tern_request_success_total",
                                   "Finished requests by model and outcome.",
                                   labels, 2, NULL, 0);
+  if (e->cfg.spec.method == TN_SPEC_OFF) return;
+  /* vLLM's spec-decode counter set, labelled by model and method */
+  static const char *const sl[] = {"model", "method", "position"};
+  const char *lv[3] = {n, tn_spec_method_name(e->cfg.spec.method), NULL};
+  struct tn_metric_family *f;
+#define S(field, name, help)                                             \
+  f = tn_metrics_family(r, TN_METRIC_COUNTER, name, help, sl, 2, NULL, 0); \
+  m->field = f ? tn_metric_series(f, lv) : NULL
+  S(spec_drafts, "tern_spec_decode_num_drafts_total",
+    "Decode steps that verified drafted tokens.");
+  S(spec_draft_tokens, "tern_spec_decode_num_draft_tokens_total",
+    "Drafted tokens verified.");
+  S(spec_accepted, "tern_spec_decode_num_accepted_tokens_total",
+    "Drafted tokens accepted.");
+#undef S
+  f = tn_metrics_family(r, TN_METRIC_COUNTER,
+                        "tern_spec_decode_num_accepted_tokens_per_pos_total",
+                        "Drafted tokens accepted, by position in the draft "
+                        "(0: the first).",
+                        sl, 3, NULL, 0);
+  for (int32_t i = 0; f && i < e->cfg.spec.max_tokens; i++) {
+    char pos[16];
+    snprintf(pos, sizeof(pos), "%d", i);
+    lv[2] = pos;
+    m->spec_per_pos[i] = tn_metric_series(f, lv);
+  }
 }
 
 static void metric_observe(struct tn_metric *m, double v) {
@@ -391,6 +443,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   }
   memcpy(s->tokens, p->prompt, (size_t)p->n_prompt * sizeof(int32_t));
   s->n_tokens = p->n_prompt;
+  s->spec_k = e->cfg.spec.max_tokens;
   s->cap_tokens = p->n_prompt + 16;
   tn_sampler_add_prompt(s->sampler, p->prompt, (size_t)p->n_prompt);
   tn_detok_init(&s->detok, e->tok, false);
@@ -501,6 +554,8 @@ static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
 static void seq_preempt(struct tn_engine *e, struct seq *s) {
   list_remove(&e->admitted, s);
   e->n_admitted--;
+  s->n_tokens -= s->n_draft; /* drafts planned this step go */
+  s->n_draft = 0;
   tn_kv_seq_deinit(e->kv, &s->kv);
   tn_kv_seq_init(&s->kv);
   s->n_done = 0;
@@ -549,7 +604,10 @@ static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
   }
   s->chunk = n;
   s->wants_logits = s->n_done + n == s->n_tokens;
-  if (s->wants_logits) b->logits[b->n_tokens - 1] = true;
+  /* the last token's logits, and each draft's row before it */
+  if (s->wants_logits)
+    for (int32_t i = 0; i <= s->n_draft; i++)
+      b->logits[b->n_tokens - 1 - i] = true;
 }
 
 static void engine_take_inbox(struct tn_engine *e) {
@@ -677,19 +735,23 @@ static bool seq_emit_text(struct tn_engine *e, struct seq *s, const char *t,
   return false;
 }
 
-/* Samples the next token of s from its logits row; returns the finish
- * reason (NONE to go on). */
-static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
-                                 float *logits, double now) {
+/* EOG tokens are masked under ignore_eos and before min_tokens. */
+static void seq_mask(const struct tn_engine *e, const struct seq *s,
+                     float *logits) {
+  const struct tn_gen_params *gp = &s->req->priv->params;
+  if (gp->ignore_eos || s->n_gen < gp->min_tokens)
+    for (int32_t i = 0; i < e->n_eog; i++) logits[e->eog[i]] = -INFINITY;
+}
+
+/* Appends a chosen token to s and its choice: logprobs, timing, text,
+ * stop conditions. Returns the finish reason (NONE to go on). */
+static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
+                               const struct tn_sample_out *out, double now) {
   struct tn_req *r = s->req;
   struct tn_req_priv *p = r->priv;
   const struct tn_gen_params *gp = &p->params;
   bool early = s->n_gen < gp->min_tokens;
-  if (gp->ignore_eos || early)
-    for (int32_t i = 0; i < e->n_eog; i++) logits[e->eog[i]] = -INFINITY;
-  struct tn_sample_out out;
-  tn_sampler_sample(s->sampler, logits, &out);
-  if (!seq_push_token(s, out.id)) return TN_FINISH_ERROR;
+  if (!seq_push_token(s, out->id)) return TN_FINISH_ERROR;
   s->n_gen++;
   struct tn_choice *c = &r->choices[s->choice];
   tn_req_lock(r);
@@ -706,10 +768,10 @@ static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
     }
     if (c->n_toks < c->cap_toks) {
       struct tn_gen_token *g = &c->toks[c->n_toks++];
-      g->id = out.id;
-      g->logprob = out.logprob;
-      g->n_top = out.n_top;
-      memcpy(g->top, out.top, sizeof(g->top));
+      g->id = out->id;
+      g->logprob = out->logprob;
+      g->n_top = out->n_top;
+      memcpy(g->top, out->top, sizeof(g->top));
     }
   }
   bool first = r->t_first == 0;
@@ -720,12 +782,111 @@ static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
   s->t_last = now;
   metric_add(e->mm.gen_total, 1);
 
-  if (tn_tokenizer_is_eog(e->tok, out.id)) return TN_FINISH_STOP;
-  size_t n = tn_detok_push(&s->detok, out.id, e->text_buf, e->text_cap);
+  if (tn_tokenizer_is_eog(e->tok, out->id)) return TN_FINISH_STOP;
+  size_t n = tn_detok_push(&s->detok, out->id, e->text_buf, e->text_cap);
   if (seq_emit_text(e, s, e->text_buf, n, !early)) return TN_FINISH_STOP;
   if (s->n_gen >= gp->max_tokens) return TN_FINISH_LENGTH;
   if (s->n_tokens >= e->n_ctx) return TN_FINISH_LENGTH;
   return TN_FINISH_NONE;
+}
+
+/* Samples the next token of s from its logits row; returns the finish
+ * reason (NONE to go on). */
+static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
+                                 float *logits, double now) {
+  seq_mask(e, s, logits);
+  struct tn_sample_out out;
+  tn_sampler_sample(s->sampler, logits, &out);
+  return seq_take(e, s, &out, now);
+}
+
+/* Verifies the k drafts that follow s's last token: rows[i] holds the
+ * logits after drafts[0..i). Takes the accepted drafts and one token of
+ * the model's (the correction of the first rejected draft, or a sample
+ * after all k), stopping early if one of them ends the sequence. Sets
+ * *accepted and returns the finish reason. */
+static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
+                                 float *rows, int32_t k, double now,
+                                 int32_t *accepted) {
+  int32_t drafts[TN_SPEC_MAX_TOKENS];
+  memcpy(drafts, s->tokens + s->n_tokens - k, (size_t)k * sizeof(int32_t));
+  s->n_tokens -= k; /* the accepted ones come back through seq_take */
+  *accepted = 0;
+  enum tn_finish f = TN_FINISH_NONE;
+  for (int32_t i = 0; i <= k; i++) {
+    float *row = rows + (size_t)i * (size_t)e->n_vocab;
+    seq_mask(e, s, row);
+    struct tn_sample_out out;
+    bool ok = false;
+    if (i < k)
+      ok = tn_sampler_verify(s->sampler, row, drafts[i], NULL, &out);
+    else
+      tn_sampler_sample(s->sampler, row, &out);
+    if (ok) (*accepted)++;
+    f = seq_take(e, s, &out, now);
+    if (f != TN_FINISH_NONE || !ok) break;
+  }
+  /* Accounting: per choice for usage, per position for the metrics. */
+  struct tn_choice *c = &s->req->choices[s->choice];
+  tn_req_lock(s->req);
+  c->n_drafted += k;
+  c->n_accepted += *accepted;
+  tn_req_unlock(s->req);
+  e->n_spec_drafts++;
+  e->n_spec_drafted += (uint64_t)k;
+  e->n_spec_accepted += (uint64_t)*accepted;
+  metric_add(e->mm.spec_drafts, 1);
+  metric_add(e->mm.spec_draft_tokens, k);
+  metric_add(e->mm.spec_accepted, *accepted);
+  for (int32_t i = 0; i < *accepted; i++) {
+    metric_add(e->mm.spec_per_pos[i], 1);
+    e->n_spec_accepted_pos[i]++;
+  }
+  /* Adapt the draft length: grow after a full acceptance, else keep what
+   * was accepted plus one. */
+  if (*accepted == k)
+    s->spec_k = TN_MIN(e->cfg.spec.max_tokens, TN_MAX(s->spec_k, k) + 1);
+  else
+    s->spec_k = TN_MAX(1, *accepted + 1);
+  return f;
+}
+
+/* Plans drafts for s, a decode that holds its blocks for 1 token: up to
+ * its draft length, within the step's budget, its max_tokens and the
+ * context, using only blocks that are free (never preempting). */
+static void seq_plan_drafts(struct tn_engine *e, struct seq *s,
+                            int32_t budget) {
+  const struct tn_spec_config *sc = &e->cfg.spec;
+  const struct tn_gen_params *gp = &s->req->priv->params;
+  s->n_draft = 0;
+  if (sc->method == TN_SPEC_OFF || !gp->speculative) return;
+  int32_t k = TN_MIN(s->spec_k, budget - 1);
+  k = TN_MIN(k, gp->max_tokens - s->n_gen - 1);
+  k = TN_MIN(k, e->n_ctx - s->n_tokens - 1);
+  if (k <= 0) return;
+  int32_t got = 0;
+  if (sc->method == TN_SPEC_NGRAM)
+    got = tn_spec_ngram(s->tokens, s->n_tokens, sc->ngram_min, sc->ngram_max,
+                        k, e->draft_buf);
+  else if (sc->method == TN_SPEC_CUSTOM && sc->propose)
+    got = sc->propose(sc->propose_user, s->req, s->choice, s->tokens,
+                      s->n_tokens, s->req->priv->n_prompt, k, e->draft_buf);
+  got = TN_MAX(0, TN_MIN(got, k));
+  /* blocks: what s holds beyond its next token, plus free ones */
+  const int32_t bs = BLOCK_SIZE;
+  int32_t room = s->kv.n_blocks * bs - (s->n_done + 1) +
+                 tn_kv_available(e->kv) * bs;
+  got = TN_MIN(got, room);
+  int32_t n = 0;
+  for (; n < got; n++) {
+    int32_t t = e->draft_buf[n];
+    if (t < 0 || t >= e->n_vocab || !seq_push_token(s, t)) break;
+  }
+  if (n > 0 && tn_kv_seq_reserve(e->kv, &s->kv, s->n_done + 1 + n) != TN_OK) {
+    s->n_tokens -= n; /* cannot happen: room was counted */
+    n = 0;
+  }
+  s->n_draft = n;
 }
 
 static void update_gauges(struct tn_engine *e) {
@@ -744,6 +905,11 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.preemptions = e->n_preemptions;
   e->stats.prefix_queries = e->n_prefix_queries;
   e->stats.prefix_hits = e->n_prefix_hits;
+  e->stats.spec_drafts = e->n_spec_drafts;
+  e->stats.spec_drafted = e->n_spec_drafted;
+  e->stats.spec_accepted = e->n_spec_accepted;
+  memcpy(e->stats.spec_accepted_pos, e->n_spec_accepted_pos,
+         sizeof(e->stats.spec_accepted_pos));
   int32_t waiting = e->n_waiting_total;
   pthread_mutex_unlock(&e->mu);
   metric_set(e->mm.running, running);
@@ -764,6 +930,7 @@ static void step_trace(struct tn_engine *e) {
         .choice = s->choice,
         .pos = s->n_done,
         .n_tokens = s->chunk,
+        .n_draft = s->n_draft,
         .decode = s->decode,
     };
   }
@@ -792,6 +959,7 @@ static bool engine_step(struct tn_engine *e) {
    * preempts the newest ones; when it is the newest, it goes itself. */
   for (struct seq *s = e->admitted; s; s = s->next) {
     s->chunk = 0;
+    s->n_draft = 0;
     s->decode = false;
   }
   for (int pass = 0; pass < 2; pass++) {
@@ -814,6 +982,15 @@ static bool engine_step(struct tn_engine *e) {
       budget -= n;
     }
   }
+  /* Drafts for the decodes, from what budget and free blocks are left
+   * once every planned token has its place. */
+  if (e->cfg.spec.method != TN_SPEC_OFF)
+    for (struct seq *s = e->admitted; s && budget > 0; s = s->next)
+      if (s->decode && s->chunk == 1) {
+        seq_plan_drafts(e, s, budget + 1);
+        s->chunk += s->n_draft;
+        budget -= s->n_draft;
+      }
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
@@ -881,15 +1058,34 @@ static bool engine_step(struct tn_engine *e) {
       seq_free(e, s);
       continue;
     }
-    s->n_done += s->chunk;
-    s->kv.n_tokens = s->n_done;
+    int32_t k = s->n_draft, n_done = s->n_done, chunk = s->chunk;
+    s->n_draft = 0;
     s->chunk = 0;
-    seq_index_blocks(e, s);
-    if (!s->wants_logits) continue;
-    float *row_logits = (float *)logits + (size_t)row++ * (size_t)e->n_vocab;
+    if (!s->wants_logits) {
+      s->n_done = n_done + chunk;
+      s->kv.n_tokens = s->n_done;
+      seq_index_blocks(e, s);
+      continue;
+    }
+    float *row_logits = (float *)logits + (size_t)row * (size_t)e->n_vocab;
+    row += 1 + k;
     struct tn_req *r = s->req;
     bool was_prompt = s->n_gen == 0;
-    enum tn_finish f = seq_sample(e, s, row_logits, now);
+    enum tn_finish f;
+    int32_t accepted = 0;
+    /* The cache holds what ran, but of the drafts only the accepted. */
+    s->n_done = n_done + chunk - k;
+    s->kv.n_tokens = s->n_done;
+    if (k > 0) {
+      f = seq_verify(e, s, row_logits, k, now, &accepted);
+      s->n_done += accepted;
+      s->kv.n_tokens = s->n_done;
+    } else {
+      f = seq_sample(e, s, row_logits, now);
+    }
+    /* a running sequence has exactly its last token pending */
+    TN_ASSERT(f != TN_FINISH_NONE || s->n_done + 1 == s->n_tokens);
+    seq_index_blocks(e, s);
     req_touch(e, r);
     if (was_prompt && s->choice == 0 && r->n_choices > 1)
       spawn_children(e, r);
@@ -977,6 +1173,30 @@ enum tn_status tn_engine_open(const char *path,
   if (e->cfg.step_tokens < e->cfg.max_seqs)
     e->cfg.step_tokens = e->cfg.max_seqs;
   if (e->cfg.queue_max <= 0) e->cfg.queue_max = 256;
+  struct tn_spec_config *sc = &e->cfg.spec;
+  if (sc->method < TN_SPEC_OFF || sc->method >= TN_SPEC_COUNT ||
+      (sc->method == TN_SPEC_CUSTOM && !sc->propose)) {
+    st = tn_error_set(err, TN_EINVAL, "speculation: no such method (%d)",
+                      (int)sc->method);
+    goto fail;
+  }
+  if (sc->method != TN_SPEC_OFF &&
+      (sc->max_tokens < 1 || sc->max_tokens > TN_SPEC_MAX_TOKENS)) {
+    st = tn_error_set(err, TN_EINVAL,
+                      "--spec-max-tokens %d must be in 1..%d",
+                      sc->max_tokens, TN_SPEC_MAX_TOKENS);
+    goto fail;
+  }
+  if (sc->method == TN_SPEC_NGRAM &&
+      (sc->ngram_min < 1 || sc->ngram_max < sc->ngram_min ||
+       sc->ngram_max > 64)) {
+    st = tn_error_set(err, TN_EINVAL,
+                      "speculation: n-gram sizes %d..%d must satisfy 1 <= "
+                      "min <= max <= 64",
+                      sc->ngram_min, sc->ngram_max);
+    goto fail;
+  }
+  if (sc->method == TN_SPEC_OFF) sc->max_tokens = 0;
   int32_t n_kv_dim = hp->n_head_kv * hp->head_dim;
   size_t block_bytes = tn_kv_block_bytes(hp->n_layer, BLOCK_SIZE, n_kv_dim);
   size_t kv_bytes = cfg->kv_bytes;
@@ -1014,8 +1234,11 @@ enum tn_status tn_engine_open(const char *path,
       goto fail;
     }
   }
+  /* logits: one row per sequence, and one per draft when speculating */
+  int32_t n_logits = TN_MIN(e->cfg.step_tokens,
+                            e->cfg.max_seqs * (1 + sc->max_tokens));
   if ((st = tn_ctx_new(e->model, e->pool, e->cfg.step_tokens, n_ctx,
-                       e->cfg.max_seqs, &e->ctx, err)))
+                       n_logits, &e->ctx, err)))
     goto fail;
   tn_ctx_set_threads(e->ctx, cfg->n_threads);
   e->n_threads = cfg->n_threads > 0 && cfg->n_threads < tn_pool_size(e->pool)

@@ -168,6 +168,173 @@ static void test_stop_scan(void) {
   ASSERT_EQ(m.emit_len, 5);
 }
 
+/* ---- speculative verification keeps the target distribution */
+
+#define RV 6 /* vocabulary of the rejection-sampling tests */
+
+static uint64_t test_rng(uint64_t *x) { /* splitmix64 */
+  uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static double test_uniform(uint64_t *x) {
+  return (double)(test_rng(x) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static double tv_distance(const double *a, const double *b, int n) {
+  double d = 0.0;
+  for (int i = 0; i < n; i++) d += fabs(a[i] - b[i]);
+  return d / 2.0;
+}
+
+/* Frequencies of the tokens kept by tn_sampler_verify over n draws, the
+ * draft drawn from q each time (q NULL: always `fixed`). */
+static void verify_freqs(const struct tn_sampling *sp, const float *logits,
+                         const float *q, int32_t fixed, int n,
+                         double *freq) {
+  struct tn_sampler *s = NULL;
+  struct tn_error err = {0};
+  if (tn_sampler_new(sp, RV, &s, &err)) return;
+  uint64_t x = 77;
+  int cnt[RV] = {0};
+  for (int it = 0; it < n; it++) {
+    int32_t d = fixed;
+    if (q) {
+      double u = test_uniform(&x), acc = 0.0;
+      d = RV - 1;
+      for (int i = 0; i < RV; i++) {
+        acc += q[i];
+        if (u < acc) {
+          d = i;
+          break;
+        }
+      }
+    }
+    float w[RV];
+    memcpy(w, logits, sizeof(w));
+    struct tn_sample_out out;
+    tn_sampler_verify(s, w, d, q, &out);
+    cnt[out.id]++;
+  }
+  for (int i = 0; i < RV; i++) freq[i] = (double)cnt[i] / n;
+  tn_sampler_free(s);
+}
+
+/* Over a million draws the kept tokens follow the target's transformed
+ * distribution (temperature; then top-k; then top-p and min-p, whose
+ * reference is tn_sampler_sample's own frequencies) to a total-variation
+ * distance under 0.005, for a point-mass drafter on a likely token, on an
+ * unlikely one, on one outside the kept set, and for drafters with full
+ * distributions near and far from the target's. */
+static void test_rejection_sampling(void) {
+  const int n = getenv("TN_TEST_QUICK") ? 200000 : 1000000;
+  const float logits[RV] = {2.0f, 1.5f, 0.3f, -0.5f, 1.0f, -2.0f};
+  const float q_near[RV] = {0.40f, 0.25f, 0.05f, 0.05f, 0.20f, 0.05f};
+  const float q_far[RV] = {0.02f, 0.03f, 0.40f, 0.30f, 0.05f, 0.20f};
+  struct tn_sampling sp;
+  for (int cfg = 0; cfg < 3; cfg++) {
+    tn_sampling_default(&sp);
+    sp.temperature = 0.8f;
+    sp.seed = 11 + (uint64_t)cfg;
+    if (cfg >= 1) sp.top_k = 4;
+    if (cfg == 2) {
+      sp.top_p = 0.85f;
+      sp.min_p = 0.1f;
+    }
+    /* the target distribution */
+    double p[RV] = {0};
+    if (cfg < 2) {
+      int keep[RV] = {0};
+      for (int i = 0; i < RV; i++) {
+        int above = 0;
+        for (int j = 0; j < RV; j++) above += logits[j] > logits[i];
+        keep[i] = cfg == 0 || above < sp.top_k;
+      }
+      double z = 0.0;
+      for (int i = 0; i < RV; i++)
+        if (keep[i]) z += exp(logits[i] / sp.temperature);
+      for (int i = 0; i < RV; i++)
+        p[i] = keep[i] ? exp(logits[i] / sp.temperature) / z : 0.0;
+    } else {
+      struct tn_sampler *ref = NULL;
+      struct tn_error err = {0};
+      ASSERT_EQ(tn_sampler_new(&sp, RV, &ref, &err), TN_OK);
+      int cnt[RV] = {0};
+      for (int it = 0; it < n; it++) {
+        float w[RV];
+        memcpy(w, logits, sizeof(w));
+        struct tn_sample_out out;
+        tn_sampler_sample(ref, w, &out);
+        cnt[out.id]++;
+      }
+      for (int i = 0; i < RV; i++) p[i] = (double)cnt[i] / n;
+      tn_sampler_free(ref);
+    }
+    struct {
+      const char *name;
+      const float *q;
+      int32_t fixed;
+    } drafters[] = {{"point mass, likely", NULL, 0},
+                    {"point mass, unlikely", NULL, 3},
+                    {"point mass, outside the kept set", NULL, 5},
+                    {"near distribution", q_near, -1},
+                    {"far distribution", q_far, -1}};
+    for (size_t k = 0; k < TN_ARRAY_LEN(drafters); k++) {
+      double f[RV];
+      verify_freqs(&sp, logits, drafters[k].q, drafters[k].fixed, n, f);
+      double tv = tv_distance(f, p, RV);
+      if (tv >= 0.005) {
+        fprintf(stderr, "config %d, %s: tv %.4f\n  kept  ", cfg,
+                drafters[k].name, tv);
+        for (int i = 0; i < RV; i++) fprintf(stderr, " %.4f", f[i]);
+        fprintf(stderr, "\n  target");
+        for (int i = 0; i < RV; i++) fprintf(stderr, " %.4f", p[i]);
+        fputc('\n', stderr);
+      }
+      ASSERT(tv < 0.005);
+    }
+  }
+}
+
+/* Greedy verification accepts exactly the argmax and keeps it otherwise;
+ * a seeded verifier repeats itself. */
+static void test_verify_greedy_and_seeded(void) {
+  const float logits[RV] = {0.1f, 3.0f, 0.2f, -1.0f, 2.9f, 0.0f};
+  struct tn_sampling sp;
+  tn_sampling_default(&sp);
+  sp.temperature = 0.0f;
+  struct tn_sampler *s = NULL;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_sampler_new(&sp, RV, &s, &err), TN_OK);
+  float w[RV];
+  struct tn_sample_out out;
+  memcpy(w, logits, sizeof(w));
+  ASSERT(tn_sampler_verify(s, w, 1, NULL, &out));
+  ASSERT_EQ(out.id, 1);
+  memcpy(w, logits, sizeof(w));
+  ASSERT(!tn_sampler_verify(s, w, 4, NULL, &out));
+  ASSERT_EQ(out.id, 1);
+  tn_sampler_free(s);
+  /* seeded: the same decisions twice */
+  sp.temperature = 1.0f;
+  sp.seed = 99;
+  int32_t a[64], b[64];
+  for (int rep = 0; rep < 2; rep++) {
+    ASSERT_EQ(tn_sampler_new(&sp, RV, &s, &err), TN_OK);
+    for (int i = 0; i < 64; i++) {
+      memcpy(w, logits, sizeof(w));
+      tn_sampler_verify(s, w, i % RV, NULL, &out);
+      (rep ? b : a)[i] = out.id;
+    }
+    tn_sampler_free(s);
+  }
+  ASSERT_EQ(memcmp(a, b, sizeof(a)), 0);
+}
+
 TN_TEST_MAIN(TN_TEST(test_greedy), TN_TEST(test_seed),
              TN_TEST(test_bias_and_check), TN_TEST(test_min_p_top_k_support),
-             TN_TEST(test_penalties_and_logprobs), TN_TEST(test_stop_scan))
+             TN_TEST(test_penalties_and_logprobs), TN_TEST(test_stop_scan),
+             TN_TEST(test_rejection_sampling),
+             TN_TEST(test_verify_greedy_and_seeded))

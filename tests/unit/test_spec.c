@@ -1,0 +1,368 @@
+/*
+ * test_spec.c: speculative decoding in the engine never changes the
+ * output.
+ *
+ * On the tiny generated model of tiny_engine.h: for each drafter (n-gram
+ * lookup; adversarial custom drafters: always wrong, random, and an oracle
+ * that knows the plain-decoding output, so every draft must be accepted),
+ * draft lengths 1..8, batches of 1..16 requests, with preemption and with
+ * prefix reuse, every greedy output equals the same request decoded plainly
+ * on a fresh engine, token for token; every recorded step keeps the
+ * scheduler's invariants (a draft rides only with a decode, budget and
+ * positions hold); acceptance per draft position sums to the accepted
+ * total and never rises with position; seeded sampling is reproducible.
+ */
+#include "engine/engine_internal.h"
+#include "tiny_engine.h"
+
+/* ---- adversarial drafters (TN_SPEC_CUSTOM) */
+
+enum drafter_kind { DRAFT_WRONG, DRAFT_RANDOM, DRAFT_ORACLE };
+
+#define MAX_REQS 16
+
+struct drafter {
+  enum drafter_kind kind;
+  uint64_t rng;
+  /* oracle: the plain outputs of the requests, by prompt */
+  int n;
+  const int32_t *prompt[MAX_REQS];
+  int32_t n_prompt[MAX_REQS];
+  struct out want[MAX_REQS];
+};
+
+static int32_t propose(void *user, const struct tn_req *req, int32_t choice,
+                       const int32_t *tokens, int32_t n_tokens,
+                       int32_t n_prompt, int32_t k, int32_t *out) {
+  struct drafter *d = user;
+  (void)req, (void)choice;
+  switch (d->kind) {
+  case DRAFT_WRONG:
+    /* never the model's choice: the model's next token is unknown here,
+     * but a token equal to the last one shifted by one is a good bet to
+     * differ; the random drafter covers the rest */
+    for (int32_t i = 0; i < k; i++)
+      out[i] = (tokens[n_tokens - 1] + 1 + i) % N_TEXT_TOKENS;
+    return k;
+  case DRAFT_RANDOM:
+    for (int32_t i = 0; i < k; i++)
+      out[i] = (int32_t)(rng_next(&d->rng) % N_VOCAB);
+    return (int32_t)(rng_next(&d->rng) % (uint64_t)(k + 1));
+  case DRAFT_ORACLE:
+    for (int r = 0; r < d->n; r++) {
+      if (d->n_prompt[r] != n_prompt ||
+          memcmp(d->prompt[r], tokens, (size_t)n_prompt * sizeof(int32_t)))
+        continue;
+      /* tokens past the prompt are the output so far */
+      int32_t at = n_tokens - n_prompt, got = 0;
+      while (got < k && at + got < d->want[r].n_ids) {
+        out[got] = d->want[r].ids[at + got];
+        got++;
+      }
+      return got;
+    }
+    return 0;
+  }
+  return 0;
+}
+
+/* ---- one run: requests submitted together to a speculating engine */
+
+struct run {
+  struct eng_opts o;
+  int n;
+  int32_t prompts[MAX_REQS][96];
+  int32_t np[MAX_REQS];
+  struct tn_gen_params p;
+  struct out got[MAX_REQS];
+  int32_t drafted[MAX_REQS], accepted[MAX_REQS];
+  struct tn_engine_stats stats;
+  int trace_bad;
+  bool ok;
+};
+
+static void run_spec(struct run *rn) {
+  struct rec rc;
+  rec_init(&rc);
+  rn->o.gate = true;
+  struct tn_engine *e = eng_open(&rc, &rn->o);
+  rn->ok = e != NULL;
+  struct tn_req *r[MAX_REQS] = {0};
+  if (e) {
+    r[0] = submit(e, &rc, rn->prompts[0], rn->np[0], &rn->p);
+    rn->ok = r[0] && rec_wait_parked(&rc);
+    for (int i = 1; rn->ok && i < rn->n; i++) {
+      r[i] = submit(e, &rc, rn->prompts[i], rn->np[i], &rn->p);
+      rn->ok = r[i] != NULL;
+    }
+    rec_open(&rc);
+    rn->ok = rn->ok && wait_done(&rc, r, rn->n) &&
+             engine_idle(e, rn->o.no_prefix);
+    tn_engine_stats(e, &rn->stats);
+    for (int i = 0; i < rn->n; i++) {
+      if (!r[i]) continue;
+      collect(r[i], 0, &rn->got[i]);
+      tn_req_lock(r[i]);
+      rn->drafted[i] = r[i]->choices[0].n_drafted;
+      rn->accepted[i] = r[i]->choices[0].n_accepted;
+      tn_req_unlock(r[i]);
+    }
+  }
+  tn_engine_close(e);
+  for (int i = 0; i < rn->n; i++)
+    if (r[i]) tn_req_release(r[i]);
+  rn->trace_bad = check_trace(&rc, rn->o.step_tokens ? rn->o.step_tokens : 256,
+                              rn->o.max_seqs ? rn->o.max_seqs : 16);
+  rec_deinit(&rc);
+}
+
+/* Prompts that repeat themselves, so that n-gram lookup finds matches
+ * (the model then often continues the pattern). */
+static void make_repetitive(uint64_t seed, int32_t *out, int32_t n) {
+  int32_t unit[12];
+  make_prompt(seed, unit, 12);
+  for (int32_t i = 0; i < n; i++) out[i] = unit[i % (5 + (int32_t)(seed % 7))];
+}
+
+/* Acceptance counted per position: sums to the total, never rises. */
+static bool per_pos_ok(const struct tn_engine_stats *st, int32_t k_max) {
+  uint64_t sum = 0;
+  bool ok = true;
+  for (int32_t i = 0; i < TN_SPEC_MAX_TOKENS; i++) {
+    sum += st->spec_accepted_pos[i];
+    if (i > 0 && st->spec_accepted_pos[i] > st->spec_accepted_pos[i - 1])
+      ok = false;
+    if (i >= k_max && st->spec_accepted_pos[i]) ok = false;
+  }
+  if (sum != st->spec_accepted || st->spec_accepted > st->spec_drafted)
+    ok = false;
+  if (!ok) {
+    fprintf(stderr, "acceptance: drafted %" PRIu64 ", accepted %" PRIu64
+            ", per position:", st->spec_drafted, st->spec_accepted);
+    for (int32_t i = 0; i < TN_SPEC_MAX_TOKENS; i++)
+      fprintf(stderr, " %" PRIu64, st->spec_accepted_pos[i]);
+    fputc('\n', stderr);
+  }
+  return ok;
+}
+
+/* The requests of rn decoded plainly, each alone on a fresh engine. */
+static bool plain_outputs(const struct run *rn, struct out *want) {
+  struct tn_gen_params p = rn->p;
+  for (int i = 0; i < rn->n; i++)
+    if (!run_alone(rn->prompts[i], rn->np[i], &p, &want[i])) return false;
+  return true;
+}
+
+static int32_t gen_len(void) { return quick() ? 16 : 40; }
+
+/* Every drafter, draft lengths and batch sizes: outputs equal plain
+ * decoding. */
+static void test_greedy_identity(void) {
+  static const int32_t ks[] = {1, 2, 3, 5, 8};
+  static const int ns[] = {1, 4, 16};
+  const enum tn_spec_method methods[] = {TN_SPEC_NGRAM, TN_SPEC_CUSTOM,
+                                         TN_SPEC_CUSTOM, TN_SPEC_CUSTOM};
+  const enum drafter_kind kinds[] = {0, DRAFT_WRONG, DRAFT_RANDOM,
+                                     DRAFT_ORACLE};
+  const char *names[] = {"ngram", "wrong", "random", "oracle"};
+  static struct run rn;
+  static struct out want[MAX_REQS];
+  static struct drafter d;
+  for (size_t ni = 0; ni < TN_ARRAY_LEN(ns); ni++) {
+    if (quick() && ns[ni] == 16) continue;
+    memset(&rn, 0, sizeof(rn));
+    rn.n = ns[ni];
+    rn.p = greedy(gen_len());
+    for (int i = 0; i < rn.n; i++) {
+      rn.np[i] = 9 + 5 * i;
+      make_repetitive(100 + (uint64_t)i, rn.prompts[i], rn.np[i]);
+    }
+    ASSERT(plain_outputs(&rn, want));
+    for (size_t m = 0; m < TN_ARRAY_LEN(methods); m++)
+      for (size_t ki = 0; ki < TN_ARRAY_LEN(ks); ki++) {
+        if (quick() && ki % 2) continue;
+        memset(&d, 0, sizeof(d));
+        d.kind = kinds[m];
+        d.rng = 7 + ki;
+        d.n = rn.n;
+        for (int i = 0; i < rn.n; i++) {
+          d.prompt[i] = rn.prompts[i];
+          d.n_prompt[i] = rn.np[i];
+          d.want[i] = want[i];
+        }
+        rn.o = (struct eng_opts){.max_seqs = 16, .n_threads = 2};
+        rn.o.spec.method = methods[m];
+        rn.o.spec.max_tokens = ks[ki];
+        rn.o.spec.propose = propose;
+        rn.o.spec.propose_user = &d;
+        rn.o.spec.ngram_min = 1; /* the tiny model rarely repeats bigrams */
+        rn.o.spec.ngram_max = 3;
+        run_spec(&rn);
+        char what[96];
+        snprintf(what, sizeof(what), "%s, k=%d, %d requests", names[m],
+                 ks[ki], rn.n);
+        ASSERT(rn.ok);
+        ASSERT_EQ(rn.trace_bad, 0);
+        for (int i = 0; i < rn.n; i++) {
+          if (!out_same(what, &rn.got[i], &want[i])) {
+            ASSERT(false);
+          }
+          ASSERT_LE(rn.accepted[i], rn.drafted[i]);
+        }
+        ASSERT(per_pos_ok(&rn.stats, ks[ki]));
+        if (kinds[m] == DRAFT_ORACLE && methods[m] == TN_SPEC_CUSTOM) {
+          /* the target drafting for itself: everything accepted */
+          ASSERT_GT(rn.stats.spec_drafted, 0);
+          ASSERT_EQ(rn.stats.spec_accepted, rn.stats.spec_drafted);
+        }
+        if (methods[m] == TN_SPEC_CUSTOM && kinds[m] == DRAFT_WRONG)
+          ASSERT_GT(rn.stats.spec_drafted, 0);
+        if (methods[m] == TN_SPEC_NGRAM) ASSERT_GT(rn.stats.spec_drafted, 0);
+      }
+  }
+}
+
+/* A pool too small for everyone: preemption and recompute with drafts in
+ * flight; and prefix reuse between requests sharing a prefix. */
+static void run_pressure(bool prefix) {
+  static struct run rn;
+  static struct out want[MAX_REQS];
+  static struct drafter d;
+  memset(&rn, 0, sizeof(rn));
+  rn.n = 6;
+  rn.p = greedy(gen_len());
+  for (int i = 0; i < rn.n; i++) {
+    rn.np[i] = 40;
+    make_repetitive(300 + (uint64_t)(prefix ? i % 2 : i), rn.prompts[i],
+                    rn.np[i]);
+    rn.prompts[i][39] = i; /* same first blocks, different last token */
+  }
+  ASSERT(plain_outputs(&rn, want));
+  const enum drafter_kind kinds[] = {DRAFT_ORACLE, DRAFT_RANDOM};
+  for (int m = 0; m < 3; m++) {
+    memset(&d, 0, sizeof(d));
+    d.kind = m < 2 ? kinds[m] : DRAFT_WRONG;
+    d.rng = 99;
+    d.n = rn.n;
+    for (int i = 0; i < rn.n; i++) {
+      d.prompt[i] = rn.prompts[i];
+      d.n_prompt[i] = rn.np[i];
+      d.want[i] = want[i];
+    }
+    rn.o = (struct eng_opts){.max_seqs = 6, .step_tokens = 64,
+                             .kv_blocks = 14, .no_prefix = !prefix};
+    rn.o.spec.method = m == 2 ? TN_SPEC_NGRAM : TN_SPEC_CUSTOM;
+    rn.o.spec.max_tokens = 6;
+    rn.o.spec.propose = propose;
+    rn.o.spec.propose_user = &d;
+    run_spec(&rn);
+    ASSERT(rn.ok);
+    ASSERT_EQ(rn.trace_bad, 0);
+    ASSERT_GT(rn.stats.preemptions, 0);
+    if (prefix) ASSERT_GT(rn.stats.prefix_hits, 0);
+    for (int i = 0; i < rn.n; i++)
+      ASSERT(out_same(prefix ? "speculation, prefix reuse, preemption"
+                             : "speculation under preemption",
+                      &rn.got[i], &want[i]));
+    ASSERT(per_pos_ok(&rn.stats, 6));
+  }
+}
+
+static void test_preemption(void) { run_pressure(false); }
+static void test_prefix_reuse(void) { run_pressure(true); }
+
+/* Sampling: the same seed gives the same text with speculation (the
+ * distribution itself is test_sampler's); the per-request switch turns
+ * speculation off. */
+static void test_sampling_and_switch(void) {
+  static struct run a, b, c;
+  static struct drafter d;
+  memset(&d, 0, sizeof(d));
+  d.kind = DRAFT_RANDOM;
+  struct run *rs[3] = {&a, &b, &c};
+  for (int j = 0; j < 3; j++) {
+    struct run *rn = rs[j];
+    memset(rn, 0, sizeof(*rn));
+    rn->n = 3;
+    rn->p = greedy(gen_len());
+    rn->p.sampling.temperature = 0.9f;
+    rn->p.sampling.seed = 1234;
+    rn->p.speculative = j != 2;
+    for (int i = 0; i < rn->n; i++) {
+      rn->np[i] = 20;
+      make_repetitive(500 + (uint64_t)i, rn->prompts[i], 20);
+    }
+    d.rng = 5; /* the same drafts both times */
+    rn->o = (struct eng_opts){.max_seqs = 4};
+    rn->o.spec.method = TN_SPEC_CUSTOM;
+    rn->o.spec.max_tokens = 4;
+    rn->o.spec.propose = propose;
+    rn->o.spec.propose_user = &d;
+    run_spec(rn);
+    ASSERT(rn->ok);
+    ASSERT_EQ(rn->trace_bad, 0);
+  }
+  for (int i = 0; i < a.n; i++)
+    ASSERT(out_same("seeded sampling with speculation, twice", &a.got[i],
+                    &b.got[i]));
+  ASSERT_GT(a.stats.spec_drafted, 0);
+  ASSERT_EQ(c.stats.spec_drafted, 0); /* "speculative": false */
+  for (int i = 0; i < c.n; i++) ASSERT_EQ(c.drafted[i], 0);
+}
+
+/* The n-gram drafter on its own. */
+static void test_ngram_lookup(void) {
+  int32_t out[8];
+  const int32_t t1[] = {1, 2, 3, 4, 5, 9, 9, 1, 2, 3};
+  /* "1 2 3" occurred at 0: continue with 4 5 9 */
+  ASSERT_EQ(tn_spec_ngram(t1, 10, 2, 4, 3, out), 3);
+  ASSERT_EQ(out[0], 4);
+  ASSERT_EQ(out[1], 5);
+  ASSERT_EQ(out[2], 9);
+  /* the latest earlier occurrence wins */
+  const int32_t t2[] = {7, 8, 1, 7, 8, 2, 5, 7, 8};
+  ASSERT_EQ(tn_spec_ngram(t2, 9, 2, 2, 2, out), 2);
+  ASSERT_EQ(out[0], 2);
+  ASSERT_EQ(out[1], 5);
+  /* no match, too short, k = 0 */
+  const int32_t t3[] = {1, 2, 3, 4};
+  ASSERT_EQ(tn_spec_ngram(t3, 4, 2, 4, 4, out), 0);
+  ASSERT_EQ(tn_spec_ngram(t3, 1, 1, 1, 4, out), 0);
+  ASSERT_EQ(tn_spec_ngram(t1, 10, 2, 4, 0, out), 0);
+  /* a repeating pattern is drafted on past the end of the sequence */
+  const int32_t t4[] = {5, 6, 5, 6, 5};
+  ASSERT_EQ(tn_spec_ngram(t4, 5, 2, 2, 4, out), 4);
+  ASSERT_EQ(out[0], 6);
+  ASSERT_EQ(out[1], 5);
+  ASSERT_EQ(out[2], 6);
+  ASSERT_EQ(out[3], 5);
+}
+
+/* Bad configurations are refused at open with a clear message. */
+static void test_bad_config(void) {
+  const char *path = model_path();
+  ASSERT(path != NULL);
+  struct tn_engine_config cfg;
+  struct tn_engine *e = NULL;
+  struct tn_error err = {0};
+  tn_engine_config_default(&cfg);
+  cfg.spec.method = TN_SPEC_NGRAM;
+  cfg.spec.max_tokens = 0;
+  ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT_SUBSTR(err.msg, "spec-max-tokens");
+  cfg.spec.max_tokens = 1000;
+  ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  cfg.spec.max_tokens = 4;
+  cfg.spec.method = TN_SPEC_CUSTOM; /* without a propose callback */
+  ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  cfg.spec.method = TN_SPEC_NGRAM;
+  cfg.spec.ngram_min = 3;
+  cfg.spec.ngram_max = 2;
+  ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT(e == NULL);
+}
+
+TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
+             TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
+             TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch))

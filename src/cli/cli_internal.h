@@ -22,6 +22,8 @@ struct tn_cli_gen {
   bool seed_given;
   struct tn_cli_list stops;
   bool ignore_eos;
+  const char *spec;     /* speculation method, or NULL (off) */
+  long spec_max_tokens;
 };
 extern struct tn_cli_gen tn_cli_gen;
 extern const struct tn_opt tn_cli_model_opts[];
@@ -40,13 +42,16 @@ void tn_cli_catch_sigint(void);
  * messages. Prints errors. */
 int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
                        struct tn_engine **out);
+/* "ngram", "off", ...; 0, or 1 after saying what is wrong with opt. */
+int tn_cli_spec_method(const char *opt, const char *name,
+                       enum tn_spec_method *out);
 /* Generation parameters from the options (draws the seed once). */
 void tn_cli_gen_params(struct tn_gen_params *gp);
 
 struct tn_cli_stream_result {
   struct tn_buf text;          /* everything printed; caller frees */
   enum tn_finish finish;
-  int32_t n_prompt, n_cached, n_gen;
+  int32_t n_prompt, n_cached, n_gen, n_drafted, n_accepted;
   double t_submit, t_first, t_done;
   char error[256];
 };

@@ -34,6 +34,12 @@ const struct tn_opt tn_cli_model_opts[] = {
     {"ctx-size", 'c', TN_OPT_INT, &tn_cli_gen.n_ctx, 16, 1 << 20, "N",
      "context: prompt + output tokens", "the model's, at most 4096", NULL,
      0},
+    {"spec", 0, TN_OPT_STR, &tn_cli_gen.spec, 0, 0, "METHOD",
+     "speculative decoding: ngram (draft from earlier text) or off", "off",
+     NULL, 0},
+    {"spec-max-tokens", 0, TN_OPT_INT, &tn_cli_gen.spec_max_tokens, 1,
+     TN_SPEC_MAX_TOKENS, "K", "drafted tokens per step at most", NULL, NULL,
+     0},
     {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0, "NAME",
      "chat format instead of the model's own: chatml, gemma, llama3",
      "the model's", NULL, 0},
@@ -84,6 +90,24 @@ void tn_cli_gen_init(void) {
   tn_cli_gen.sampling.min_p = 0.05f;
   tn_cli_gen.top_k = 40;
   tn_cli_gen.n_predict = -1;
+  tn_cli_gen.spec_max_tokens = 8;
+}
+
+int tn_cli_spec_method(const char *opt, const char *name,
+                       enum tn_spec_method *out) {
+  if (!name || !strcmp(name, "off") || !strcmp(name, "none")) {
+    *out = TN_SPEC_OFF;
+    return 0;
+  }
+  if (!strcmp(name, "ngram")) {
+    *out = TN_SPEC_NGRAM;
+    return 0;
+  }
+  if (!strcmp(name, "draft") || !strcmp(name, "self"))
+    return tn_cli_fail("%s: '%s' speculation is not available yet (ngram "
+                       "is)",
+                       opt, name);
+  return tn_cli_fail("%s: unknown method '%s' (ngram or off)", opt, name);
 }
 
 /* ---- SIGINT */
@@ -131,6 +155,8 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   cfg.queue_max = 4;
   cfg.prefix_cache = prefix_cache;
   cfg.chat_template = g->chat_template;
+  if (tn_cli_spec_method("--spec", g->spec, &cfg.spec.method)) return 1;
+  cfg.spec.max_tokens = (int32_t)g->spec_max_tokens;
   struct tn_error err = {0};
   double t0 = tn_time_s();
   if (tn_engine_open(path, &cfg, NULL, out, &err))
@@ -248,6 +274,8 @@ int tn_cli_stream(struct tn_engine *e, const int32_t *ids, size_t n_ids,
       res->n_prompt = r->n_prompt;
       res->n_cached = r->n_cached;
       res->n_gen = c->n_gen;
+      res->n_drafted = c->n_drafted;
+      res->n_accepted = c->n_accepted;
       res->t_submit = r->t_submit;
       res->t_first = r->t_first;
       res->t_done = r->t_done;
@@ -269,11 +297,17 @@ void tn_cli_print_timings(const struct tn_cli_stream_result *res) {
   double pp = res->t_first > res->t_submit ? res->t_first - res->t_submit : 0;
   double tg = res->t_done > res->t_first ? res->t_done - res->t_first : 0;
   int32_t n_pp = res->n_prompt - res->n_cached;
+  char spec[96] = "";
+  if (res->n_drafted > 0)
+    snprintf(spec, sizeof(spec), "; drafted %d, accepted %d (%.0f%%)",
+             res->n_drafted, res->n_accepted,
+             100.0 * res->n_accepted / res->n_drafted);
   fprintf(stderr,
           "tern: prompt %d tokens (%d cached) in %.3f s (%.1f tok/s), "
-          "generated %d tokens in %.3f s (%.1f tok/s)\n",
+          "generated %d tokens in %.3f s (%.1f tok/s)%s\n",
           res->n_prompt, res->n_cached, pp, pp > 0 ? n_pp / pp : 0.0,
-          res->n_gen, tg, tg > 0 && res->n_gen > 1 ? (res->n_gen - 1) / tg : 0.0);
+          res->n_gen, tg, tg > 0 && res->n_gen > 1 ? (res->n_gen - 1) / tg : 0.0,
+          spec);
 }
 
 /* ---- prompts from -p, -p - (stdin) or -f FILE */

@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cli/cli.h"
+#include "cli/cli_internal.h"
 #include "obs/obs.h"
 #include "server/config.h"
 #include "server/server.h"
@@ -39,7 +39,7 @@ static void default_name(const char *arg, char *out, size_t cap) {
 
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
-  const char *chat_template = NULL;
+  const char *chat_template = NULL, *spec = NULL;
   const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
   tn_server_config_default(&scfg);
@@ -47,6 +47,7 @@ int tn_cli_serve(int argc, char **argv) {
   tn_engine_config_default(&ecfg);
   long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
   long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
+  long spec_k = 8;
   int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body;
   bool port_given = false, host_given = false, threads_given = false;
   bool no_prefix = false, verbose = false;
@@ -95,6 +96,12 @@ int tn_cli_serve(int argc, char **argv) {
        "tokens per batched step (prompt chunks)", NULL, NULL, 0},
       {"no-prefix-cache", 0, TN_OPT_FLAG, &no_prefix, 0, 0, NULL,
        "don't reuse KV blocks across requests", NULL, NULL, 0},
+      {"spec", 0, TN_OPT_STR, &spec, 0, 0, "METHOD",
+       "speculative decoding: ngram (draft from earlier text) or off; a "
+       "request can opt out with \"speculative\": false",
+       "off", NULL, 0},
+      {"spec-max-tokens", 0, TN_OPT_INT, &spec_k, 1, TN_SPEC_MAX_TOKENS, "K",
+       "drafted tokens per step at most", NULL, NULL, 0},
       TN_CLI_OPT_VERBOSE(&verbose),
       TN_CLI_OPT_HELP,
       {0},
@@ -130,6 +137,8 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
+  if (tn_cli_spec_method("--spec", spec, &ecfg.spec.method)) return 1;
+  ecfg.spec.max_tokens = (int32_t)spec_k;
 
   struct tn_serve_config file = {0};
   struct tn_error err = {0};
@@ -198,6 +207,10 @@ int tn_cli_serve(int argc, char **argv) {
         ec.n_threads = TN_MIN(mc->threads, n_threads);
       }
       if (mc->chat_template) ec.chat_template = mc->chat_template;
+      if (mc->spec &&
+          tn_cli_spec_method("spec", mc->spec, &ec.spec.method))
+        goto done;
+      if (mc->spec_max_tokens > 0) ec.spec.max_tokens = mc->spec_max_tokens;
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;
       if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
       if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;

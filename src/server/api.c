@@ -777,6 +777,9 @@ static int parse_fields(enum tn_api_kind kind, const json_t *o,
                  x, (int)q->max_tokens);
     q->gen.min_tokens = (int32_t)x;
   }
+  /* extension: "speculative": false turns the model's speculation off */
+  if ((rc = get_bool(o, "speculative", &q->gen.speculative, NULL, err)))
+    return rc;
   if ((rc = get_bool(o, "ignore_eos", &q->gen.ignore_eos, NULL, err)))
     return rc;
 
@@ -1065,18 +1068,27 @@ static void put_finish(struct tn_buf *b, enum tn_finish f) {
 
 static void put_usage(struct tn_buf *b, struct tn_req *const *reqs,
                       size_t n_reqs) {
-  int64_t prompt = 0, gen = 0, cached = 0;
+  int64_t prompt = 0, gen = 0, cached = 0, drafted = 0, accepted = 0;
   for (size_t i = 0; i < n_reqs; i++) {
     prompt += reqs[i]->n_prompt;
     cached += reqs[i]->n_cached;
-    for (int32_t j = 0; j < reqs[i]->n_choices; j++)
+    for (int32_t j = 0; j < reqs[i]->n_choices; j++) {
       gen += reqs[i]->choices[j].n_gen;
+      drafted += reqs[i]->choices[j].n_drafted;
+      accepted += reqs[i]->choices[j].n_accepted;
+    }
   }
+  /* Speculation reports in OpenAI's predicted-output fields: drafted
+   * tokens the model accepted, and those it rejected. */
   tn_buf_printf(b,
                 "{\"prompt_tokens\":%" PRId64 ",\"completion_tokens\":%" PRId64
                 ",\"total_tokens\":%" PRId64
-                ",\"prompt_tokens_details\":{\"cached_tokens\":%" PRId64 "}}",
-                prompt, gen, prompt + gen, cached);
+                ",\"prompt_tokens_details\":{\"cached_tokens\":%" PRId64 "}"
+                ",\"completion_tokens_details\":{"
+                "\"accepted_prediction_tokens\":%" PRId64
+                ",\"rejected_prediction_tokens\":%" PRId64 "}}",
+                prompt, gen, prompt + gen, cached, accepted,
+                drafted - accepted);
 }
 
 static void put_head(struct tn_buf *b, const struct tn_api_meta *meta,

@@ -347,10 +347,10 @@ static enum tn_status parse_aliases(struct loader *ld, const char *where,
 }
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
-       MK_KV_MEM, MK_CHAT_TEMPLATE, MK_COUNT };
+       MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
-    "chat_template"};
+    "chat_template", "spec", "spec_max_tokens"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -377,6 +377,10 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_KV_MEM: st = take_size(ld, key, &m->kv_mem); break;
       case MK_CHAT_TEMPLATE:
         st = take_string(ld, key, 64, &m->chat_template, true);
+        break;
+      case MK_SPEC: st = take_string(ld, key, 32, &m->spec, true); break;
+      case MK_SPEC_MAX_TOKENS:
+        st = take_i32(ld, key, 1, 16, &m->spec_max_tokens);
         break;
     }
     if (st) return st;
@@ -520,6 +524,7 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(m->name);
     free(m->path);
     free(m->chat_template);
+    free(m->spec);
     for (int a = 0; a < m->n_aliases; a++) free(m->aliases[a]);
     free(m->aliases);
   }

@@ -22,6 +22,8 @@
  *       kv_mem: 256MiB     # optional, a size (tn_parse_size), > 0
  *       chat_template: chatml  # optional: chatml, gemma or llama3 instead
  *                          # of the model's own (checked when it loads)
+ *       spec: ngram        # optional: speculative decoding (ngram, off)
+ *       spec_max_tokens: 8 # optional, 1..16: drafted tokens per step
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -61,6 +63,8 @@ struct tn_serve_model_cfg {
   int32_t max_seqs;
   int64_t kv_mem; /* bytes */
   char *chat_template; /* or NULL */
+  char *spec;          /* speculation method, or NULL */
+  int32_t spec_max_tokens;
 };
 
 /* host and api_key are NULL and port 0 when not set. */

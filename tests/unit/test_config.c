@@ -56,6 +56,8 @@ static const char k_full[] =
     "      - \"org/gemma:270m\"\n"
     "    kv_mem: 1000000\n"
     "    chat_template: gemma\n"
+    "    spec: ngram\n"
+    "    spec_max_tokens: 4\n"
     "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB}\n";
 
 static void test_good_full(void) {
@@ -91,6 +93,8 @@ static void test_good_full(void) {
   ASSERT_EQ(m->max_seqs, 0);
   ASSERT_EQ(m->kv_mem, 1000000);
   ASSERT_STR_EQ(m->chat_template, "gemma");
+  ASSERT_STR_EQ(m->spec, "ngram");
+  ASSERT_EQ(m->spec_max_tokens, 4);
   m = &cfg.models[2];
   ASSERT_STR_EQ(m->name, "qwen");
   ASSERT_STR_EQ(m->path, "qwen.gguf");
@@ -207,7 +211,7 @@ static const struct bad_case k_bad[] = {
     {"models:\n  - name: a\n", TN_EINVAL, ":2: models[0]: missing key 'path' (model 'a')"},
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
-     "threads, ctx, max_seqs, kv_mem or chat_template)"},
+     "threads, ctx, max_seqs, kv_mem, chat_template, spec or spec_max_tokens)"},
     {MODEL_OK "    name: b\n", TN_EINVAL, ":4: models[0]: duplicate key 'name'"},
     {"models:\n  - name: [a]\n    path: p\n", TN_EINVAL,
      ":2: models[0].name: expected a value, got a list"},

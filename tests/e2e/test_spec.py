@@ -1,0 +1,168 @@
+"""Speculative decoding through the server and the CLI: greedy answers are
+the same with speculation on and off, usage and metrics report drafted and
+accepted tokens, and a request can opt out."""
+import concurrent.futures as cf
+import json
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import model_path, slow_mode
+
+SMOL = "smollm2-135m"
+N = 24 if slow_mode() else 64
+
+# Prompts whose answers repeat their input, where n-gram lookup drafts.
+PROMPTS = [
+    "Repeat exactly: the quick brown fox jumps over the lazy dog. "
+    "The quick brown fox jumps over the lazy dog.",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+    "def mul(a, b):\n",
+    "Once upon a time",
+]
+
+
+@pytest.fixture(scope="module")
+def spec_server(tern_bin, tmp_path_factory):
+    from conftest import TernServer
+    log = tmp_path_factory.mktemp("spec") / "serve.log"
+    srv = TernServer(tern_bin, ["-m", model_path(SMOL), "-t", "2", "--ctx",
+                                "2048", "--spec", "ngram",
+                                "--spec-max-tokens", "6"], str(log))
+    yield srv
+    assert srv.stop() == 0, srv.read_log()[-3000:]
+
+
+def complete(srv, prompt, **kw):
+    body = {"prompt": prompt, "max_tokens": N, "temperature": 0}
+    body.update(kw)
+    r = requests.post(srv.base + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(srv, content, **kw):
+    body = {"messages": [{"role": "user", "content": content}],
+            "max_tokens": N, "temperature": 0}
+    body.update(kw)
+    r = requests.post(srv.base + "/v1/chat/completions", json=body,
+                      timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def metric_values(srv):
+    text = requests.get(srv.base + "/metrics", timeout=30).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completions_identical(server, spec_server, prompt):
+    want = complete(server, prompt)
+    got = complete(spec_server, prompt)
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got["usage"]["completion_tokens"] == \
+        want["usage"]["completion_tokens"]
+    d = got["usage"]["completion_tokens_details"]
+    assert d["accepted_prediction_tokens"] >= 0
+    assert d["rejected_prediction_tokens"] >= 0
+    # the plain server drafted nothing
+    assert want["usage"]["completion_tokens_details"] == {
+        "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+
+
+def test_greedy_chat_identical_and_drafts_happen(server, spec_server):
+    drafted = 0
+    for p in PROMPTS[:3]:
+        want = chat(server, p)
+        got = chat(spec_server, p)
+        assert got["choices"][0]["message"]["content"] == \
+            want["choices"][0]["message"]["content"]
+        d = got["usage"]["completion_tokens_details"]
+        drafted += d["accepted_prediction_tokens"] + \
+            d["rejected_prediction_tokens"]
+    assert drafted > 0
+
+
+def test_concurrent_requests_identical(server, spec_server):
+    want = [complete(server, p)["choices"][0]["text"] for p in PROMPTS]
+    with cf.ThreadPoolExecutor(len(PROMPTS) * 2) as ex:
+        got = list(ex.map(lambda p: complete(spec_server, p), PROMPTS * 2))
+    assert [g["choices"][0]["text"] for g in got] == want * 2
+
+
+def test_streaming_equals_non_streaming(spec_server):
+    p = PROMPTS[0]
+    whole = complete(spec_server, p)["choices"][0]["text"]
+    r = requests.post(spec_server.base + "/v1/completions", stream=True,
+                      timeout=300,
+                      json={"prompt": p, "max_tokens": N, "temperature": 0,
+                            "stream": True,
+                            "stream_options": {"include_usage": True}})
+    text, usage = "", None
+    for line in r.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        d = json.loads(line[6:])
+        if d.get("choices"):
+            text += d["choices"][0]["text"]
+        if d.get("usage"):
+            usage = d["usage"]
+    assert text == whole
+    assert "completion_tokens_details" in usage
+
+
+def test_request_can_opt_out(spec_server):
+    r = complete(spec_server, PROMPTS[1], speculative=False)
+    d = r["usage"]["completion_tokens_details"]
+    assert d == {"accepted_prediction_tokens": 0,
+                 "rejected_prediction_tokens": 0}
+    bad = requests.post(spec_server.base + "/v1/completions", timeout=60,
+                        json={"prompt": "hi", "speculative": "yes"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "speculative"
+
+
+def test_metrics_add_up(spec_server):
+    name = complete(spec_server, PROMPTS[1])["model"]
+    m = metric_values(spec_server)
+    lab = (("method", "ngram"), ("model", name))
+    drafts = m[("tern_spec_decode_num_drafts_total", lab)]
+    drafted = m[("tern_spec_decode_num_draft_tokens_total", lab)]
+    accepted = m[("tern_spec_decode_num_accepted_tokens_total", lab)]
+    assert drafts > 0 and drafted >= drafts and accepted <= drafted
+    per_pos = [m.get(("tern_spec_decode_num_accepted_tokens_per_pos_total",
+                      (("method", "ngram"), ("model", name),
+                       ("position", str(i)))), 0.0) for i in range(6)]
+    assert sum(per_pos) == accepted
+    assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))
+
+
+def test_cli_run_identical(run_tern):
+    p = PROMPTS[2]
+    args = ("run", "-m", model_path(SMOL), "-p", p, "--temp", "0", "-n",
+            str(N), "-v")
+    off = run_tern(*args)
+    on = run_tern(*args, "--spec", "ngram", "--spec-max-tokens", "4")
+    assert off.returncode == 0 and on.returncode == 0, on.stderr
+    assert on.stdout == off.stdout
+    assert b"drafted" in on.stderr and b"drafted" not in off.stderr
+
+
+@pytest.mark.parametrize("args,frag", [
+    (("--spec", "draft"), "not available yet"),
+    (("--spec", "magic"), "unknown method 'magic'"),
+    (("--spec-max-tokens", "0"), "--spec-max-tokens"),
+    (("--spec-max-tokens", "1000"), "--spec-max-tokens"),
+])
+def test_cli_bad_spec_options(run_tern, args, frag):
+    r = run_tern("run", "-m", model_path(SMOL), "-p", "hi", *args)
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert err.startswith("tern: error:") and frag in err, err

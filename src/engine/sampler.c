@@ -5,6 +5,13 @@
  * so candidates are narrowed by quickselect first: top-k directly, and for
  * top-p / min-p the best CAND_FAST tokens, falling back to the whole
  * vocabulary only when those do not hold enough probability mass.
+ *
+ * Randomness: the n-th generated token draws from its own stream, seeded
+ * from (seed, n), not from one stream running through the whole output.
+ * So a token's draw does not depend on how many random numbers the tokens
+ * before it used, and a speculated token checked against a deterministic
+ * draft (tn_sampler_verify with q = NULL) is the very token plain decoding
+ * samples at that position: speculation leaves seeded output unchanged.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -28,7 +35,8 @@ struct tn_sampler {
   size_t n_history, cap_history;
   struct cand *cand;  /* [n_vocab] scratch */
   float *raw;         /* [n_vocab] logits as the model gave them */
-  uint64_t rng[4];
+  uint64_t rng[4];     /* the stream of the token being chosen */
+  uint64_t n_taken;    /* tokens generated: the position's index */
 };
 
 void tn_sampling_default(struct tn_sampling *s) {
@@ -139,8 +147,6 @@ enum tn_status tn_sampler_new(const struct tn_sampling *params,
     return tn_error_set(err, TN_ENOMEM, "sampler: out of memory");
   }
   s->p.bias = s->bias;
-  uint64_t x = params->seed;
-  for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
   *out = s;
   return TN_OK;
 }
@@ -236,6 +242,9 @@ static float prepare(struct tn_sampler *s, float *logits,
                      struct tn_sample_out *out) {
   const struct tn_sampling *p = &s->p;
   int32_t n = s->n_vocab;
+  /* this position's random stream */
+  uint64_t x = p->seed ^ (s->n_taken * 0xd1b54a32d192ed03ull);
+  for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
   memset(out, 0, sizeof(*out));
   report_logprobs(s, logits, out);
   float lse = out->logprob;
@@ -372,6 +381,7 @@ static void take(struct tn_sampler *s, int32_t id, float lse,
   out->id = id;
   out->logprob = s->raw[id] - lse;
   s->gen_count[id]++;
+  s->n_taken++;
   history_push(s, id);
 }
 
@@ -401,6 +411,17 @@ bool tn_sampler_verify(struct tn_sampler *s, float *logits, int32_t draft,
   int32_t m;
   float mx;
   double sum = candidates(s, logits, &m, &mx);
+  int32_t pick;
+  if (!q) {
+    /* A deterministic draft: the token plain sampling draws here is kept,
+     * and the draft is accepted when they agree. That is rejection
+     * sampling for a drafter whose mass is all on the draft (accepted with
+     * probability p(draft); otherwise a draw from p without it), with the
+     * same draw as plain decoding. */
+    pick = draw(s, m, mx, sum, -1);
+    take(s, pick, lse, out);
+    return pick == draft;
+  }
   const struct cand *c = s->cand;
   double p_d = 0.0;
   for (int32_t i = 0; i < m; i++)
@@ -408,37 +429,30 @@ bool tn_sampler_verify(struct tn_sampler *s, float *logits, int32_t draft,
       p_d = exp((double)(c[i].logit - mx)) / sum;
       break;
     }
-  double q_d = q ? (double)q[draft] : 1.0;
+  double q_d = (double)q[draft];
   /* accept with probability min(1, p(d) / q(d)) */
   if (q_d > 0.0 && rng_uniform(s->rng) * q_d < p_d) {
     take(s, draft, lse, out);
     return true;
   }
-  int32_t pick;
-  if (!q) {
-    /* residual max(p - 1[d], 0) = p without d */
-    double rest = sum - p_d * sum;
-    pick = rest > 0.0 ? draw(s, m, mx, rest, draft) : draft;
-  } else {
-    /* residual max(p - q, 0), over the kept candidates (p is 0 elsewhere) */
-    double total = 0.0;
+  /* residual max(p - q, 0), over the kept candidates (p is 0 elsewhere) */
+  double total = 0.0;
+  for (int32_t i = 0; i < m; i++) {
+    double pi = exp((double)(c[i].logit - mx)) / sum - (double)q[c[i].id];
+    if (pi > 0.0) total += pi;
+  }
+  pick = -1;
+  if (total > 0.0) {
+    double r = rng_uniform(s->rng) * total, acc = 0.0;
     for (int32_t i = 0; i < m; i++) {
       double pi = exp((double)(c[i].logit - mx)) / sum - (double)q[c[i].id];
-      if (pi > 0.0) total += pi;
+      if (pi <= 0.0) continue;
+      pick = c[i].id;
+      acc += pi;
+      if (r < acc) break;
     }
-    pick = -1;
-    if (total > 0.0) {
-      double r = rng_uniform(s->rng) * total, acc = 0.0;
-      for (int32_t i = 0; i < m; i++) {
-        double pi = exp((double)(c[i].logit - mx)) / sum - (double)q[c[i].id];
-        if (pi <= 0.0) continue;
-        pick = c[i].id;
-        acc += pi;
-        if (r < acc) break;
-      }
-    }
-    if (pick < 0) pick = draw(s, m, mx, sum, -1); /* p == q: cannot reach */
   }
+  if (pick < 0) pick = draw(s, m, mx, sum, -1); /* p == q: cannot reach */
   take(s, pick, lse, out);
   return false;
 }

@@ -121,7 +121,11 @@ struct seq {
   double t_last;              /* last token time (inter-token latency) */
   int32_t chunk;              /* tokens in the current batch */
   int32_t n_draft;            /* of those, drafted (verified this step) */
-  int32_t spec_k;             /* draft length it may use now (adapts) */
+  int32_t prop[TN_SPEC_MAX_TOKENS]; /* the drafter's proposal this step */
+  int32_t n_prop;
+  double acc_a, acc_r;        /* decayed accepted drafts and rejections:
+                                 its acceptance rate (a+1)/(a+r+2) */
+  int32_t since_draft;        /* steps since it last drafted */
   bool stop_hit;              /* a stop string ended it: drop what's held */
   bool wants_logits;
   bool decode;                /* planned as a decode this step */
@@ -132,6 +136,7 @@ struct seq {
 struct model_metrics {
   struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
   struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
+  struct tn_metric *spec_skipped, *spec_verify_s;
   struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
@@ -174,8 +179,8 @@ struct tn_engine {
   struct tn_batch batch;
   struct seq **batch_seqs;    /* per batch sequence index */
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
-  int32_t draft_buf[TN_SPEC_MAX_TOKENS];
-  uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted;
+  struct tn_spec_cost cost;   /* step time model for planning drafts */
+  uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
   uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
   size_t text_cap;
@@ -383,6 +388,11 @@ static void metrics_init(struct tn_engine *e) {
     "Drafted tokens verified.");
   S(spec_accepted, "tern_spec_decode_num_accepted_tokens_total",
     "Drafted tokens accepted.");
+  S(spec_skipped, "tern_spec_decode_num_skipped_tokens_total",
+    "Proposed draft tokens not verified because the cost model expected "
+    "them to slow the step down more than they would add.");
+  S(spec_verify_s, "tern_spec_decode_verify_seconds_total",
+    "Time of forward passes that verified drafts.");
 #undef S
   f = tn_metrics_family(r, TN_METRIC_COUNTER,
                         "tern_spec_decode_num_accepted_tokens_per_pos_total",
@@ -443,7 +453,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   }
   memcpy(s->tokens, p->prompt, (size_t)p->n_prompt * sizeof(int32_t));
   s->n_tokens = p->n_prompt;
-  s->spec_k = e->cfg.spec.max_tokens;
+
   s->cap_tokens = p->n_prompt + 16;
   tn_sampler_add_prompt(s->sampler, p->prompt, (size_t)p->n_prompt);
   tn_detok_init(&s->detok, e->tok, false);
@@ -842,51 +852,109 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
     metric_add(e->mm.spec_per_pos[i], 1);
     e->n_spec_accepted_pos[i]++;
   }
-  /* Adapt the draft length: grow after a full acceptance, else keep what
-   * was accepted plus one. */
-  if (*accepted == k)
-    s->spec_k = TN_MIN(e->cfg.spec.max_tokens, TN_MAX(s->spec_k, k) + 1);
-  else
-    s->spec_k = TN_MAX(1, *accepted + 1);
+  /* Its acceptance rate, for planning its next drafts: each draft is a
+   * run of accepted tokens ended by a rejection (or not). */
+  s->acc_a = 0.9 * s->acc_a + *accepted;
+  s->acc_r = 0.9 * s->acc_r + (*accepted < k ? 1.0 : 0.0);
   return f;
 }
 
-/* Plans drafts for s, a decode that holds its blocks for 1 token: up to
- * its draft length, within the step's budget, its max_tokens and the
- * context, using only blocks that are free (never preempting). */
-static void seq_plan_drafts(struct tn_engine *e, struct seq *s,
-                            int32_t budget) {
+/* The drafter's proposal for s, a decode holding its blocks for its next
+ * token: up to max_tokens, within its max_tokens and the context. */
+static void seq_propose(struct tn_engine *e, struct seq *s) {
   const struct tn_spec_config *sc = &e->cfg.spec;
   const struct tn_gen_params *gp = &s->req->priv->params;
-  s->n_draft = 0;
-  if (sc->method == TN_SPEC_OFF || !gp->speculative) return;
-  int32_t k = TN_MIN(s->spec_k, budget - 1);
+  s->n_prop = 0;
+  if (!gp->speculative) return;
+  int32_t k = sc->max_tokens;
   k = TN_MIN(k, gp->max_tokens - s->n_gen - 1);
   k = TN_MIN(k, e->n_ctx - s->n_tokens - 1);
   if (k <= 0) return;
   int32_t got = 0;
   if (sc->method == TN_SPEC_NGRAM)
     got = tn_spec_ngram(s->tokens, s->n_tokens, sc->ngram_min, sc->ngram_max,
-                        k, e->draft_buf);
+                        k, s->prop);
   else if (sc->method == TN_SPEC_CUSTOM && sc->propose)
     got = sc->propose(sc->propose_user, s->req, s->choice, s->tokens,
-                      s->n_tokens, s->req->priv->n_prompt, k, e->draft_buf);
+                      s->n_tokens, s->req->priv->n_prompt, k, s->prop);
   got = TN_MAX(0, TN_MIN(got, k));
-  /* blocks: what s holds beyond its next token, plus free ones */
-  const int32_t bs = BLOCK_SIZE;
-  int32_t room = s->kv.n_blocks * bs - (s->n_done + 1) +
-                 tn_kv_available(e->kv) * bs;
-  got = TN_MIN(got, room);
-  int32_t n = 0;
-  for (; n < got; n++) {
-    int32_t t = e->draft_buf[n];
-    if (t < 0 || t >= e->n_vocab || !seq_push_token(s, t)) break;
+  for (int32_t i = 0; i < got; i++)
+    if (s->prop[i] < 0 || s->prop[i] >= e->n_vocab) got = i;
+  s->n_prop = got;
+}
+
+/* Steps after which a sequence the cost rule kept from drafting may try
+ * one token again, to learn whether its drafts got better. */
+#define SPEC_PROBE_STEPS 32
+
+/* Chooses which proposed tokens ride this step, best expected gain first
+ * (a draft token's gain is the chance that it and those before it are all
+ * accepted: alpha^j), as long as each buys more output than the time it
+ * adds (see tn_spec_cost), within the budget and the free KV blocks; then
+ * appends them to their sequences. */
+static void plan_drafts(struct tn_engine *e, int32_t *budget) {
+  int32_t n_tokens = 0, n_out = 0;
+  for (struct seq *s = e->admitted; s; s = s->next) {
+    n_tokens += s->chunk;
+    if (s->chunk > 0 && s->n_done + s->chunk == s->n_tokens) n_out++;
+    s->n_draft = 0;
+    s->n_prop = 0;
+    if (s->decode && s->chunk == 1) seq_propose(e, s);
   }
-  if (n > 0 && tn_kv_seq_reserve(e->kv, &s->kv, s->n_done + 1 + n) != TN_OK) {
-    s->n_tokens -= n; /* cannot happen: room was counted */
-    n = 0;
+  double G = n_out, T = tn_spec_cost_time(&e->cost, n_tokens);
+  double bc = e->cost.b;
+  int32_t blocks = tn_kv_available(e->kv);
+  int32_t proposed = 0, taken = 0;
+  for (struct seq *s = e->admitted; s; s = s->next) proposed += s->n_prop;
+  for (;;) {
+    /* the best next token: the one whose gain is highest */
+    struct seq *best = NULL;
+    double best_g = 0.0;
+    for (struct seq *s = e->admitted; s; s = s->next) {
+      if (s->n_draft >= s->n_prop) continue;
+      double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0);
+      double g = pow(alpha, s->n_draft + 1);
+      /* a sequence kept from drafting for long gets one probe token */
+      if (s->n_draft == 0 && s->since_draft >= SPEC_PROBE_STEPS) g = 1.0;
+      if (g > best_g) {
+        best_g = g;
+        best = s;
+      }
+    }
+    if (!best || *budget <= 0) break;
+    bool probe = best->n_draft == 0 && best->since_draft >= SPEC_PROBE_STEPS;
+    if (!probe && best_g * T <= bc * G) break;
+    /* its KV: a new block when the token starts one */
+    int32_t pos = best->n_done + 1 + best->n_draft;
+    bool new_block = pos >= best->kv.n_blocks * BLOCK_SIZE;
+    if (new_block && blocks == 0) {
+      best->n_prop = best->n_draft; /* nothing more for it */
+      continue;
+    }
+    if (new_block) {
+      if (tn_kv_seq_reserve(e->kv, &best->kv, pos + 1) != TN_OK) {
+        best->n_prop = best->n_draft;
+        continue;
+      }
+      blocks--;
+    }
+    if (!seq_push_token(best, best->prop[best->n_draft])) {
+      best->n_prop = best->n_draft;
+      continue;
+    }
+    best->n_draft++;
+    best->chunk++;
+    (*budget)--;
+    taken++;
+    G += best_g;
+    T += bc;
   }
-  s->n_draft = n;
+  for (struct seq *s = e->admitted; s; s = s->next)
+    if (s->decode) s->since_draft = s->n_draft > 0 ? 0 : s->since_draft + 1;
+  if (proposed > taken) {
+    e->n_spec_skipped += (uint64_t)(proposed - taken);
+    metric_add(e->mm.spec_skipped, proposed - taken);
+  }
 }
 
 static void update_gauges(struct tn_engine *e) {
@@ -984,13 +1052,7 @@ static bool engine_step(struct tn_engine *e) {
   }
   /* Drafts for the decodes, from what budget and free blocks are left
    * once every planned token has its place. */
-  if (e->cfg.spec.method != TN_SPEC_OFF)
-    for (struct seq *s = e->admitted; s && budget > 0; s = s->next)
-      if (s->decode && s->chunk == 1) {
-        seq_plan_drafts(e, s, budget + 1);
-        s->chunk += s->n_draft;
-        budget -= s->n_draft;
-      }
+  if (e->cfg.spec.method != TN_SPEC_OFF) plan_drafts(e, &budget);
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
@@ -1045,8 +1107,16 @@ static bool engine_step(struct tn_engine *e) {
   if (e->cfg.on_step) step_trace(e);
 
   struct tn_error err = {0};
+  double t_fwd = tn_time_s();
   enum tn_status st = tn_model_forward(e->ctx, e->kv, b, &err);
   double now = tn_time_s();
+  if (e->cfg.spec.method != TN_SPEC_OFF && st == TN_OK) {
+    tn_spec_cost_observe(&e->cost, b->n_tokens, now - t_fwd);
+    bool verified = false;
+    for (int32_t si = 0; si < b->n_seqs && !verified; si++)
+      verified = e->batch_seqs[si]->n_draft > 0;
+    if (verified) metric_add(e->mm.spec_verify_s, now - t_fwd);
+  }
   const float *logits = tn_ctx_logits(e->ctx);
   int32_t row = 0;
   for (int32_t si = 0; si < b->n_seqs; si++) {
@@ -1134,6 +1204,44 @@ static void *engine_main(void *arg) {
   free(e->touched);
   e->touched = NULL;
   return NULL;
+}
+
+/* Times forward passes of 1 and 1 + K tokens of a scratch sequence (every
+ * row asking for logits, as a verify pass does) to seed the cost model
+ * speculation is planned with; the best of three each. */
+static void spec_calibrate(struct tn_engine *e) {
+  int32_t n2 = 1 + e->cfg.spec.max_tokens;
+  struct tn_kv_seq ks;
+  tn_kv_seq_init(&ks);
+  double t[2] = {1e9, 1e9};
+  struct tn_batch *b = &e->batch;
+  struct tn_kv_seq *seqs[1] = {&ks};
+  if (n2 <= e->cfg.step_tokens &&
+      tn_kv_seq_reserve(e->kv, &ks, n2) == TN_OK) {
+    for (int rep = 0; rep < 3; rep++)
+      for (int w = 0; w < 2; w++) {
+        int32_t n = w ? n2 : 1;
+        for (int32_t i = 0; i < n; i++) {
+          b->token[i] = i % e->n_vocab;
+          b->pos[i] = i;
+          b->seq[i] = 0;
+          b->logits[i] = true;
+        }
+        struct tn_batch cb = {.n_tokens = n, .token = b->token, .pos = b->pos,
+                              .seq = b->seq, .logits = b->logits,
+                              .n_seqs = 1, .seqs = seqs};
+        struct tn_error err;
+        double t0 = tn_time_s();
+        if (tn_model_forward(e->ctx, e->kv, &cb, &err) == TN_OK)
+          t[w] = TN_MIN(t[w], tn_time_s() - t0);
+      }
+  }
+  tn_kv_seq_deinit(e->kv, &ks);
+  if (t[0] < 1e9 && t[1] < 1e9)
+    tn_spec_cost_init(&e->cost, 1, t[0], n2, t[1]);
+  tn_log_debug("engine %s: a step takes %.2f ms + %.3f ms per token "
+               "(speculation's cost model)",
+               e->name, e->cost.a * 1e3, e->cost.b * 1e3);
 }
 
 /* ---- public API */
@@ -1263,6 +1371,7 @@ enum tn_status tn_engine_open(const char *path,
   }
   for (int32_t i = 0; i < hp->n_vocab; i++)
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
+  if (e->cfg.spec.method != TN_SPEC_OFF) spec_calibrate(e);
   metrics_init(e);
   update_gauges(e);
   if (tn_thread_create(&e->thread, engine_main, e)) {

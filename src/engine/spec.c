@@ -49,3 +49,42 @@ int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
   }
   return 0;
 }
+
+/* ---- cost model */
+
+#define COST_DECAY 0.98
+#define COST_PRIOR_WEIGHT 8.0
+
+static void cost_fit(struct tn_spec_cost *c) {
+  double den = c->w * c->snn - c->sn * c->sn;
+  /* a slope needs steps of different sizes: variance of n above 1/4 */
+  if (den > 0.25 * c->w * c->w) {
+    double b = (c->w * c->snt - c->sn * c->st) / den;
+    c->b = b > 0.0 ? b : 0.0;
+  }
+  double a = (c->st - c->b * c->sn) / c->w;
+  c->a = a > 0.0 ? a : 0.0;
+}
+
+void tn_spec_cost_init(struct tn_spec_cost *c, int32_t n1, double t1,
+                       int32_t n2, double t2) {
+  memset(c, 0, sizeof(*c));
+  double w = COST_PRIOR_WEIGHT;
+  c->w = 2 * w;
+  c->sn = w * (n1 + n2);
+  c->st = w * (t1 + t2);
+  c->snn = w * ((double)n1 * n1 + (double)n2 * n2);
+  c->snt = w * (n1 * t1 + n2 * t2);
+  c->b = n2 != n1 ? (t2 - t1) / (n2 - n1) : 0.0;
+  if (c->b < 0.0) c->b = 0.0;
+  cost_fit(c);
+}
+
+void tn_spec_cost_observe(struct tn_spec_cost *c, int32_t n, double t) {
+  c->w = COST_DECAY * c->w + 1.0;
+  c->sn = COST_DECAY * c->sn + n;
+  c->st = COST_DECAY * c->st + t;
+  c->snn = COST_DECAY * c->snn + (double)n * n;
+  c->snt = COST_DECAY * c->snt + n * t;
+  cost_fit(c);
+}

@@ -24,6 +24,7 @@ struct tn_cli_gen {
   bool ignore_eos;
   const char *spec;     /* speculation method, or NULL (off) */
   long spec_max_tokens;
+  const char *spec_policy; /* "cost" (NULL) or "all" */
 };
 extern struct tn_cli_gen tn_cli_gen;
 extern const struct tn_opt tn_cli_model_opts[];
@@ -45,6 +46,8 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
 /* "ngram", "off", ...; 0, or 1 after saying what is wrong with opt. */
 int tn_cli_spec_method(const char *opt, const char *name,
                        enum tn_spec_method *out);
+/* "cost" or "all" (every_draft). */
+int tn_cli_spec_policy(const char *opt, const char *name, bool *all);
 /* Generation parameters from the options (draws the seed once). */
 void tn_cli_gen_params(struct tn_gen_params *gp);
 

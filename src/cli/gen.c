@@ -40,6 +40,9 @@ const struct tn_opt tn_cli_model_opts[] = {
     {"spec-max-tokens", 0, TN_OPT_INT, &tn_cli_gen.spec_max_tokens, 1,
      TN_SPEC_MAX_TOKENS, "K", "drafted tokens per step at most", NULL, NULL,
      0},
+    {"spec-policy", 0, TN_OPT_STR, &tn_cli_gen.spec_policy, 0, 0, "cost|all",
+     "which drafts to verify: those the cost model expects to pay, or all",
+     "cost", NULL, 0},
     {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0, "NAME",
      "chat format instead of the model's own: chatml, gemma, llama3",
      "the model's", NULL, 0},
@@ -93,9 +96,19 @@ void tn_cli_gen_init(void) {
   tn_cli_gen.spec_max_tokens = 8;
 }
 
+int tn_cli_spec_policy(const char *opt, const char *name, bool *all) {
+  *all = false;
+  if (!name || !strcmp(name, "cost")) return 0;
+  if (!strcmp(name, "all")) {
+    *all = true;
+    return 0;
+  }
+  return tn_cli_fail("%s: '%s' is not a policy (cost or all)", opt, name);
+}
+
 int tn_cli_spec_method(const char *opt, const char *name,
                        enum tn_spec_method *out) {
-  if (!name || !strcmp(name, "off") || !strcmp(name, "none")) {
+  if (!name || !strcmp(name, "off")) {
     *out = TN_SPEC_OFF;
     return 0;
   }
@@ -157,6 +170,9 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   cfg.chat_template = g->chat_template;
   if (tn_cli_spec_method("--spec", g->spec, &cfg.spec.method)) return 1;
   cfg.spec.max_tokens = (int32_t)g->spec_max_tokens;
+  if (tn_cli_spec_policy("--spec-policy", g->spec_policy,
+                         &cfg.spec.every_draft))
+    return 1;
   struct tn_error err = {0};
   double t0 = tn_time_s();
   if (tn_engine_open(path, &cfg, NULL, out, &err))

@@ -39,7 +39,7 @@ static void default_name(const char *arg, char *out, size_t cap) {
 
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
-  const char *chat_template = NULL, *spec = NULL;
+  const char *chat_template = NULL, *spec = NULL, *spec_policy = NULL;
   const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
   tn_server_config_default(&scfg);
@@ -102,6 +102,10 @@ int tn_cli_serve(int argc, char **argv) {
        "off", NULL, 0},
       {"spec-max-tokens", 0, TN_OPT_INT, &spec_k, 1, TN_SPEC_MAX_TOKENS, "K",
        "drafted tokens per step at most", NULL, NULL, 0},
+      {"spec-policy", 0, TN_OPT_STR, &spec_policy, 0, 0, "cost|all",
+       "which drafts to verify: those the cost model expects to pay, or "
+       "all (to measure acceptance)",
+       "cost", NULL, 0},
       TN_CLI_OPT_VERBOSE(&verbose),
       TN_CLI_OPT_HELP,
       {0},
@@ -139,6 +143,8 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
   if (tn_cli_spec_method("--spec", spec, &ecfg.spec.method)) return 1;
   ecfg.spec.max_tokens = (int32_t)spec_k;
+  if (tn_cli_spec_policy("--spec-policy", spec_policy, &ecfg.spec.every_draft))
+    return 1;
 
   struct tn_serve_config file = {0};
   struct tn_error err = {0};

@@ -222,8 +222,9 @@ enum tn_spec_method {
 const char *tn_spec_method_name(enum tn_spec_method m);
 
 /* A drafter: up to k tokens continuing tokens[0..n_tokens) (the prompt is
- * tokens[0..n_prompt)), written to out; returns how many. Runs on the
- * engine thread. */
+ * tokens[0..n_prompt)), written to out, which has room for exactly k;
+ * returns how many (anything outside 0..k is clamped, ids outside the
+ * vocabulary end the draft). Runs on the engine thread. */
 typedef int32_t (*tn_spec_propose_cb)(void *user, const struct tn_req *req,
                                       int32_t choice, const int32_t *tokens,
                                       int32_t n_tokens, int32_t n_prompt,
@@ -237,6 +238,8 @@ struct tn_spec_config {
   int32_t ngram_max;        /* longest suffix tried first (default 4) */
   tn_spec_propose_cb propose; /* TN_SPEC_CUSTOM */
   void *propose_user;
+  bool every_draft;         /* verify every proposed token, without the
+                               cost model (tests; acceptance studies) */
 };
 
 struct tn_engine_config {
@@ -339,8 +342,8 @@ struct tn_engine_stats {
   int32_t running, waiting;
   int32_t kv_blocks_total, kv_blocks_used, kv_blocks_cached;
   uint64_t steps, preemptions, prefix_queries, prefix_hits;
-  /* speculation: steps that verified drafts, drafted and accepted tokens,
-   * accepted tokens by position in their draft */
+  /* speculation: drafts verified (one per sequence and step), drafted and
+   * accepted tokens, accepted tokens by position in their draft */
   uint64_t spec_drafts, spec_drafted, spec_accepted;
   uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
 };

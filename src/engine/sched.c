@@ -383,14 +383,15 @@ static void metrics_init(struct tn_engine *e) {
   f = tn_metrics_family(r, TN_METRIC_COUNTER, name, help, sl, 2, NULL, 0); \
   m->field = f ? tn_metric_series(f, lv) : NULL
   S(spec_drafts, "tern_spec_decode_num_drafts_total",
-    "Decode steps that verified drafted tokens.");
+    "Drafts verified (one per sequence and step).");
   S(spec_draft_tokens, "tern_spec_decode_num_draft_tokens_total",
     "Drafted tokens verified.");
   S(spec_accepted, "tern_spec_decode_num_accepted_tokens_total",
     "Drafted tokens accepted.");
   S(spec_skipped, "tern_spec_decode_num_skipped_tokens_total",
-    "Proposed draft tokens not verified because the cost model expected "
-    "them to slow the step down more than they would add.");
+    "Proposed draft tokens not verified: the cost model expected them to "
+    "cost more than they add, or the step had no budget or free KV block "
+    "left for them (counted again each step they are proposed).");
   S(spec_verify_s, "tern_spec_decode_verify_seconds_total",
     "Time of forward passes that verified drafts.");
 #undef S
@@ -564,8 +565,7 @@ static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
 static void seq_preempt(struct tn_engine *e, struct seq *s) {
   list_remove(&e->admitted, s);
   e->n_admitted--;
-  s->n_tokens -= s->n_draft; /* drafts planned this step go */
-  s->n_draft = 0;
+  s->n_draft = 0; /* (drafts are planned after every preemption) */
   tn_kv_seq_deinit(e->kv, &s->kv);
   tn_kv_seq_init(&s->kv);
   s->n_done = 0;
@@ -903,7 +903,14 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
   }
   double G = n_out, T = tn_spec_cost_time(&e->cost, n_tokens);
   double bc = e->cost.b;
-  int32_t blocks = tn_kv_available(e->kv);
+  /* free blocks only: a cached prefix block is worth more than a draft */
+  int32_t blocks = tn_kv_n_free(e->kv);
+  /* a waiting request that could be admitted keeps its first chunk's
+   * budget: drafts must not delay prompts */
+  int32_t keep = 0;
+  if (e->waiting && e->n_admitted < e->cfg.max_seqs)
+    keep = TN_MIN(*budget, e->waiting->n_tokens - e->waiting->n_done);
+  int32_t draft_budget = *budget - keep;
   int32_t proposed = 0, taken = 0;
   for (struct seq *s = e->admitted; s; s = s->next) proposed += s->n_prop;
   for (;;) {
@@ -921,9 +928,9 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
         best = s;
       }
     }
-    if (!best || *budget <= 0) break;
+    if (!best || draft_budget <= 0) break;
     bool probe = best->n_draft == 0 && best->since_draft >= SPEC_PROBE_STEPS;
-    if (!probe && best_g * T <= bc * G) break;
+    if (!e->cfg.spec.every_draft && !probe && best_g * T <= bc * G) break;
     /* its KV: a new block when the token starts one */
     int32_t pos = best->n_done + 1 + best->n_draft;
     bool new_block = pos >= best->kv.n_blocks * BLOCK_SIZE;
@@ -945,12 +952,15 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
     best->n_draft++;
     best->chunk++;
     (*budget)--;
+    draft_budget--;
     taken++;
     G += best_g;
     T += bc;
   }
+  /* steps a sequence proposed but was kept from drafting */
   for (struct seq *s = e->admitted; s; s = s->next)
-    if (s->decode) s->since_draft = s->n_draft > 0 ? 0 : s->since_draft + 1;
+    if (s->decode && s->n_prop > 0)
+      s->since_draft = s->n_draft > 0 ? 0 : s->since_draft + 1;
   if (proposed > taken) {
     e->n_spec_skipped += (uint64_t)(proposed - taken);
     metric_add(e->mm.spec_skipped, proposed - taken);
@@ -1150,6 +1160,9 @@ static bool engine_step(struct tn_engine *e) {
       f = seq_verify(e, s, row_logits, k, now, &accepted);
       s->n_done += accepted;
       s->kv.n_tokens = s->n_done;
+      /* blocks that only rejected drafts used go back to the pool */
+      if (f == TN_FINISH_NONE) tn_kv_seq_truncate(e->kv, &s->kv, s->n_tokens);
+      s->kv.n_tokens = s->n_done;
     } else {
       f = seq_sample(e, s, row_logits, now);
     }
@@ -1210,14 +1223,13 @@ static void *engine_main(void *arg) {
  * row asking for logits, as a verify pass does) to seed the cost model
  * speculation is planned with; the best of three each. */
 static void spec_calibrate(struct tn_engine *e) {
-  int32_t n2 = 1 + e->cfg.spec.max_tokens;
+  int32_t n2 = TN_MIN(1 + e->cfg.spec.max_tokens, e->cfg.step_tokens);
   struct tn_kv_seq ks;
   tn_kv_seq_init(&ks);
   double t[2] = {1e9, 1e9};
   struct tn_batch *b = &e->batch;
   struct tn_kv_seq *seqs[1] = {&ks};
-  if (n2 <= e->cfg.step_tokens &&
-      tn_kv_seq_reserve(e->kv, &ks, n2) == TN_OK) {
+  if (n2 >= 2 && tn_kv_seq_reserve(e->kv, &ks, n2) == TN_OK) {
     for (int rep = 0; rep < 3; rep++)
       for (int w = 0; w < 2; w++) {
         int32_t n = w ? n2 : 1;
@@ -1237,8 +1249,16 @@ static void spec_calibrate(struct tn_engine *e) {
       }
   }
   tn_kv_seq_deinit(e->kv, &ks);
-  if (t[0] < 1e9 && t[1] < 1e9)
+  if (t[0] < 1e9 && t[1] < 1e9) {
     tn_spec_cost_init(&e->cost, 1, t[0], n2, t[1]);
+  } else {
+    /* no model to plan with: draft only what costs nothing extra */
+    e->cost.a = 0.0;
+    e->cost.b = 1.0;
+    tn_log_warn("engine %s: could not time a verify pass (step tokens %d, "
+                "KV pool); speculation will draft very little",
+                e->name, e->cfg.step_tokens);
+  }
   tn_log_debug("engine %s: a step takes %.2f ms + %.3f ms per token "
                "(speculation's cost model)",
                e->name, e->cost.a * 1e3, e->cost.b * 1e3);

@@ -10,6 +10,7 @@
  * moment they appear, which rules out expansion bombs.
  */
 #include "server/config.h"
+#include "engine/engine.h"
 
 #include <errno.h>
 #include <stdbool.h>
@@ -380,7 +381,7 @@ static enum tn_status parse_model(struct loader *ld, int idx,
         break;
       case MK_SPEC: st = take_string(ld, key, 32, &m->spec, true); break;
       case MK_SPEC_MAX_TOKENS:
-        st = take_i32(ld, key, 1, 16, &m->spec_max_tokens);
+        st = take_i32(ld, key, 1, TN_SPEC_MAX_TOKENS, &m->spec_max_tokens);
         break;
     }
     if (st) return st;

@@ -30,7 +30,10 @@ def spec_server(tern_bin, tmp_path_factory):
     log = tmp_path_factory.mktemp("spec") / "serve.log"
     srv = TernServer(tern_bin, ["-m", model_path(SMOL), "-t", "2", "--ctx",
                                 "2048", "--spec", "ngram",
-                                "--spec-max-tokens", "6"], str(log))
+                                "--spec-max-tokens", "6",
+                                # verify every draft: the cost model's
+                                # choices depend on the machine's timing
+                                "--spec-policy", "all"], str(log))
     yield srv
     assert srv.stop() == 0, srv.read_log()[-3000:]
 
@@ -149,10 +152,26 @@ def test_cli_run_identical(run_tern):
     args = ("run", "-m", model_path(SMOL), "-p", p, "--temp", "0", "-n",
             str(N), "-v")
     off = run_tern(*args)
-    on = run_tern(*args, "--spec", "ngram", "--spec-max-tokens", "4")
+    on = run_tern(*args, "--spec", "ngram", "--spec-max-tokens", "4",
+                  "--spec-policy", "all")
     assert off.returncode == 0 and on.returncode == 0, on.stderr
     assert on.stdout == off.stdout
     assert b"drafted" in on.stderr and b"drafted" not in off.stderr
+
+
+def test_cost_policy_identical_too(server, tern_bin, tmp_path):
+    """The default policy (the cost model picks the drafts) changes which
+    drafts ride, never the answer."""
+    from conftest import TernServer
+    srv = TernServer(tern_bin, ["-m", model_path(SMOL), "-t", "2", "--ctx",
+                                "2048", "--spec", "ngram"],
+                     str(tmp_path / "cost.log"))
+    try:
+        for p in PROMPTS[:2]:
+            assert complete(srv, p)["choices"][0]["text"] == \
+                complete(server, p)["choices"][0]["text"]
+    finally:
+        assert srv.stop() == 0
 
 
 @pytest.mark.parametrize("args,frag", [
@@ -160,6 +179,7 @@ def test_cli_run_identical(run_tern):
     (("--spec", "magic"), "unknown method 'magic'"),
     (("--spec-max-tokens", "0"), "--spec-max-tokens"),
     (("--spec-max-tokens", "1000"), "--spec-max-tokens"),
+    (("--spec", "ngram", "--spec-policy", "some"), "not a policy"),
 ])
 def test_cli_bad_spec_options(run_tern, args, frag):
     r = run_tern("run", "-m", model_path(SMOL), "-p", "hi", *args)

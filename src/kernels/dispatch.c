@@ -84,14 +84,14 @@ static void build_tables(void) {
   t[TN_TYPE_Q5_K].vec_dot = tn_vec_dot_q5_K_q8_K_avx2;
   t[TN_TYPE_Q6_K].vec_dot = tn_vec_dot_q6_K_q8_K_avx2;
   struct tn_gemm_kernel *g = level_gemm[TN_CPU_LEVEL_AVX2];
-  g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){tn_gemm_q4_0_q8_0_avx2, 4, 2};
-  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx2, 4, 2};
-  g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){tn_gemm_q8_0_q8_0_avx2, 4, 2};
-  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){tn_gemm_q5_0_q8_0_avx2, 4, 2};
-  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){tn_gemm_q5_1_q8_1_avx2, 4, 2};
-  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){tn_gemm_q4_K_q8_K_avx2, 2, 4};
-  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){tn_gemm_q5_K_q8_K_avx2, 2, 4};
-  g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){tn_gemm_q6_K_q8_K_avx2, 2, 4};
+  g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_0_q8_0_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_1_q8_1_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q8_0_q8_0_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_0_q8_0_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_1_q8_1_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_K_q8_K_avx2, .mr = 2, .mt = 4};
+  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_K_q8_K_avx2, .mr = 2, .mt = 4};
+  g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q6_K_q8_K_avx2, .mr = 2, .mt = 4};
 
   /* AVX-512: the AVX2 set, with VNNI where it pays. */
   memcpy(level_traits[TN_CPU_LEVEL_AVX512], level_traits[TN_CPU_LEVEL_AVX2],
@@ -108,14 +108,20 @@ static void build_tables(void) {
   t[TN_TYPE_Q5_K].vec_dot = tn_vec_dot_q5_K_q8_K_avx512;
   t[TN_TYPE_Q6_K].vec_dot = tn_vec_dot_q6_K_q8_K_avx512;
   g = level_gemm[TN_CPU_LEVEL_AVX512];
-  g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){tn_gemm_q4_0_q8_0_avx512, 4, 4};
-  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){tn_gemm_q4_1_q8_1_avx512, 8, 4};
-  g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){tn_gemm_q8_0_q8_0_avx512, 4, 4};
-  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){tn_gemm_q5_0_q8_0_avx512, 4, 4};
-  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){tn_gemm_q5_1_q8_1_avx512, 4, 4};
-  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){tn_gemm_q4_K_q8_K_avx512, 2, 4};
-  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){tn_gemm_q5_K_q8_K_avx512, 2, 4};
-  g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){tn_gemm_q6_K_q8_K_avx512, 2, 4};
+  g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_0_q8_0_avx512, .mr = 4, .mt = 4};
+  g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_1_q8_1_avx512, .mr = 8, .mt = 4};
+  g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q8_0_q8_0_avx512, .mr = 4, .mt = 4};
+  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_0_q8_0_avx512, .mr = 4, .mt = 4};
+  g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_1_q8_1_avx512, .mr = 4, .mt = 4};
+  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){
+      .tile = tn_gemm_q4_K_q8_K_avx512, .mr = 2, .mt = 4,
+      .gemv16 = tn_gemv16_q4_K_q8_K_avx512};
+  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){
+      .tile = tn_gemm_q5_K_q8_K_avx512, .mr = 2, .mt = 4,
+      .gemv16 = tn_gemv16_q5_K_q8_K_avx512};
+  g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){
+      .tile = tn_gemm_q6_K_q8_K_avx512, .mr = 2, .mt = 4,
+      .gemv16 = tn_gemv16_q6_K_q8_K_avx512};
 }
 
 static enum tn_cpu_level parse_level(const char *s) {

@@ -145,6 +145,14 @@ void tn_gemm_q6_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
 
+/* 16 rows x 1 token (tn_gemv16_cb) */
+void tn_gemv16_q4_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                                const void *q, float *y);
+void tn_gemv16_q5_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                                const void *q, float *y);
+void tn_gemv16_q6_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
+                                const void *q, float *y);
+
 /* ---- basic kernels: declared below by quants.c's author */
 
 /* The scalar reference table (types.c); dispatch.c derives one per level. */
@@ -215,9 +223,14 @@ void tn_vec_dot_q5_1_q8_1_avx512(int64_t n, float *s, const void *x, const void 
 typedef void (*tn_gemm_tile_cb)(int64_t n, const void *w, size_t w_stride,
                                 const void *q, size_t q_stride, float *y,
                                 int64_t ldy, int nr, int nt);
+/* Decode: y[r] = dot(n, w + r*w_stride, q) for 16 rows r and one token,
+ * the same bits as the tile's (the same contract). */
+typedef void (*tn_gemv16_cb)(int64_t n, const void *w, size_t w_stride,
+                             const void *q, float *y);
 struct tn_gemm_kernel {
   tn_gemm_tile_cb tile; /* NULL: matmul.c loops over vec_dot */
   int mr, mt;           /* largest tile it handles */
+  tn_gemv16_cb gemv16;  /* NULL: one-token products use the tile */
 };
 
 void tn_gemm_q4_0_q8_0_avx2(int64_t n, const void *w, size_t w_stride,

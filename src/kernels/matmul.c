@@ -77,6 +77,15 @@ void tn_matmul(const struct tn_mat *w, const void *q, int64_t n_tok, float *y,
   const int64_t r0 = lo * ROW_GROUP, r1 = TN_MIN(hi * ROW_GROUP, w->n_rows);
   if (r0 >= r1) return;
 
+  if (n_tok == 1 && g && g->gemv16) {
+    int64_t r = r0;
+    for (; r + 16 <= r1; r += 16) g->gemv16(n, wd + r * ws, ws, qd, y + r);
+    for (; r < r1; r += g->mr) {
+      const int nr = (int)TN_MIN((int64_t)g->mr, r1 - r);
+      g->tile(n, wd + r * ws, ws, qd, qs, y + r, ldy, nr, 1);
+    }
+    return;
+  }
   for (int64_t t0 = 0; t0 < n_tok; t0 += TOK_CHUNK) {
     const int64_t t1 = TN_MIN(t0 + TOK_CHUNK, n_tok);
     if (g && g->tile) {

@@ -672,9 +672,10 @@ static void test_matmul_batch_invariance(void) {
     if (!computable(t)) continue;
     const struct tn_type_traits *rt = tn_type_ref((enum tn_type)t);
     int before = tn_test_failures;
-    /* odd row counts exercise the partial tiles */
+    /* odd row counts exercise the partial tiles; 37 rows the decode
+     * kernels of 16 rows (gemv16) and their tails, on one and two threads */
     check_batch_invariance((enum tn_type)t, rt->blck_size == QK_K ? 768 : 608,
-                           13, &n_checked);
+                           37, &n_checked);
     check_batch_invariance((enum tn_type)t, rt->blck_size == QK_K ? 256 : 64,
                            6, &n_checked);
     ASSERT_EQ(tn_test_failures, before);

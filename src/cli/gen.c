@@ -35,7 +35,14 @@ const struct tn_opt tn_cli_model_opts[] = {
      "context: prompt + output tokens", "the model's, at most 4096", NULL,
      0},
     {"spec", 0, TN_OPT_STR, &tn_cli_gen.spec, 0, 0, "METHOD",
-     "speculative decoding: ngram (draft from earlier text) or off", "off",
+     "speculative decoding: ngram (draft from earlier text), draft (a "
+     "smaller model, --draft-model) or off",
+     "off", NULL, 0},
+    {"draft-model", 0, TN_OPT_STR, &tn_cli_gen.draft_model, 0, 0,
+     "NAME|PATH", "draft model for --spec draft: same vocabulary, smaller",
+     NULL, NULL, 0},
+    {"draft-p-min", 0, TN_OPT_FLOAT, &tn_cli_gen.draft_p_min, 0, 1, "P",
+     "a draft ends where the draft model's probability is below P", "0.3",
      NULL, 0},
     {"spec-max-tokens", 0, TN_OPT_INT, &tn_cli_gen.spec_max_tokens, 1,
      TN_SPEC_MAX_TOKENS, "K", "drafted tokens per step at most", NULL, NULL,
@@ -94,6 +101,7 @@ void tn_cli_gen_init(void) {
   tn_cli_gen.top_k = 40;
   tn_cli_gen.n_predict = -1;
   tn_cli_gen.spec_max_tokens = 8;
+  tn_cli_gen.draft_p_min = 0.3f;
 }
 
 int tn_cli_spec_policy(const char *opt, const char *name, bool *all) {
@@ -116,11 +124,35 @@ int tn_cli_spec_method(const char *opt, const char *name,
     *out = TN_SPEC_NGRAM;
     return 0;
   }
-  if (!strcmp(name, "draft") || !strcmp(name, "self"))
+  if (!strcmp(name, "draft")) {
+    *out = TN_SPEC_DRAFT;
+    return 0;
+  }
+  if (!strcmp(name, "self"))
     return tn_cli_fail("%s: '%s' speculation is not available yet (ngram "
-                       "is)",
+                       "and draft are)",
                        opt, name);
-  return tn_cli_fail("%s: unknown method '%s' (ngram or off)", opt, name);
+  return tn_cli_fail("%s: unknown method '%s' (ngram, draft or off)", opt,
+                     name);
+}
+
+int tn_cli_spec_setup(const char *opt, const char *spec, const char *draft,
+                      struct tn_spec_config *sc, char *pbuf, size_t cap) {
+  if (tn_cli_spec_method(opt, spec, &sc->method)) return 1;
+  if (draft && !spec) sc->method = TN_SPEC_DRAFT;
+  if (sc->method != TN_SPEC_DRAFT) {
+    if (draft)
+      return tn_cli_fail("draft model '%s': only for draft speculation, not "
+                         "'%s'",
+                         draft, spec);
+    return 0;
+  }
+  if (!draft)
+    return tn_cli_fail("%s draft: name the draft model (--draft-model "
+                       "NAME|PATH, or draft_model in --config)",
+                       opt);
+  sc->draft_model = tn_cli_model_path(draft, pbuf, cap);
+  return sc->draft_model ? 0 : 1;
 }
 
 /* ---- SIGINT */
@@ -168,8 +200,12 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   cfg.queue_max = 4;
   cfg.prefix_cache = prefix_cache;
   cfg.chat_template = g->chat_template;
-  if (tn_cli_spec_method("--spec", g->spec, &cfg.spec.method)) return 1;
+  char dbuf[4096];
+  if (tn_cli_spec_setup("--spec", g->spec, g->draft_model, &cfg.spec, dbuf,
+                        sizeof(dbuf)))
+    return 1;
   cfg.spec.max_tokens = (int32_t)g->spec_max_tokens;
+  cfg.spec.draft_p_min = g->draft_p_min;
   if (tn_cli_spec_policy("--spec-policy", g->spec_policy,
                          &cfg.spec.every_draft))
     return 1;

@@ -40,6 +40,7 @@ static void default_name(const char *arg, char *out, size_t cap) {
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
   const char *chat_template = NULL, *spec = NULL, *spec_policy = NULL;
+  const char *draft_model = NULL;
   const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
   tn_server_config_default(&scfg);
@@ -97,9 +98,16 @@ int tn_cli_serve(int argc, char **argv) {
       {"no-prefix-cache", 0, TN_OPT_FLAG, &no_prefix, 0, 0, NULL,
        "don't reuse KV blocks across requests", NULL, NULL, 0},
       {"spec", 0, TN_OPT_STR, &spec, 0, 0, "METHOD",
-       "speculative decoding: ngram (draft from earlier text) or off; a "
-       "request can opt out with \"speculative\": false",
+       "speculative decoding: ngram (draft from earlier text), draft (a "
+       "smaller model, --draft-model) or off; a request can opt out with "
+       "\"speculative\": false",
        "off", NULL, 0},
+      {"draft-model", 0, TN_OPT_STR, &draft_model, 0, 0, "NAME|PATH",
+       "draft model for --spec draft: same vocabulary, smaller", NULL, NULL,
+       0},
+      {"draft-p-min", 0, TN_OPT_FLOAT, &ecfg.spec.draft_p_min, 0, 1, "P",
+       "a draft ends where the draft model's probability is below P", NULL,
+       NULL, 0},
       {"spec-max-tokens", 0, TN_OPT_INT, &spec_k, 1, TN_SPEC_MAX_TOKENS, "K",
        "drafted tokens per step at most", NULL, NULL, 0},
       {"spec-policy", 0, TN_OPT_STR, &spec_policy, 0, 0, "cost|all",
@@ -141,7 +149,10 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
-  if (tn_cli_spec_method("--spec", spec, &ecfg.spec.method)) return 1;
+  char dbuf[4096];
+  if (tn_cli_spec_setup("--spec", spec, draft_model, &ecfg.spec, dbuf,
+                        sizeof(dbuf)))
+    return 1;
   ecfg.spec.max_tokens = (int32_t)spec_k;
   if (tn_cli_spec_policy("--spec-policy", spec_policy, &ecfg.spec.every_draft))
     return 1;
@@ -199,7 +210,7 @@ int tn_cli_serve(int argc, char **argv) {
   for (int i = 0; i < n_models && !g_signal; i++) {
     struct tn_engine_config ec = ecfg;
     const char *arg = model;
-    char pbuf[4096];
+    char pbuf[4096], mdbuf[4096];
     ec.name = sm[i].name;
     ec.pool = pool;
     ec.chat_template = chat_template;
@@ -213,8 +224,9 @@ int tn_cli_serve(int argc, char **argv) {
         ec.n_threads = TN_MIN(mc->threads, n_threads);
       }
       if (mc->chat_template) ec.chat_template = mc->chat_template;
-      if (mc->spec &&
-          tn_cli_spec_method("spec", mc->spec, &ec.spec.method))
+      if ((mc->spec || mc->draft_model) &&
+          tn_cli_spec_setup("spec", mc->spec, mc->draft_model, &ec.spec,
+                            mdbuf, sizeof(mdbuf)))
         goto done;
       if (mc->spec_max_tokens > 0) ec.spec.max_tokens = mc->spec_max_tokens;
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;

@@ -216,6 +216,8 @@ enum tn_spec_method {
   TN_SPEC_OFF,
   TN_SPEC_NGRAM,    /* prompt lookup: the continuation of the last n
                        tokens' latest earlier occurrence */
+  TN_SPEC_DRAFT,    /* a smaller model with the same vocabulary
+                       (tn_spec_config.draft_model) */
   TN_SPEC_CUSTOM,   /* tn_spec_config.propose (tests, embedders) */
   TN_SPEC_COUNT
 };
@@ -236,6 +238,10 @@ struct tn_spec_config {
   int32_t max_tokens;       /* drafted tokens per step, 1..16 (default 8) */
   int32_t ngram_min;        /* shortest suffix to match (default 2) */
   int32_t ngram_max;        /* longest suffix tried first (default 4) */
+  const char *draft_model;  /* TN_SPEC_DRAFT: path of its GGUF */
+  float draft_p_min;        /* TN_SPEC_DRAFT: a draft ends at a token the
+                               draft model gives less than this probability
+                               (default 0.3; 0: never) */
   tn_spec_propose_cb propose; /* TN_SPEC_CUSTOM */
   void *propose_user;
   bool every_draft;         /* verify every proposed token, without the

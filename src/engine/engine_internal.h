@@ -5,6 +5,10 @@
 #define TN_ENGINE_INTERNAL_H
 
 #include "engine/engine.h"
+#include "kv/kv.h"
+
+/* Token slots per KV block, for the target's pool and the draft's. */
+#define BLOCK_SIZE 16
 
 /* N-gram lookup: up to k tokens that followed the latest earlier
  * occurrence of the last n tokens of tokens[0..n_tokens), for n from
@@ -34,5 +38,58 @@ static inline double tn_spec_cost_time(const struct tn_spec_cost *c,
                                        int32_t n) {
   return c->a + c->b * (double)n;
 }
+
+/* ---- draft model (draft.c) */
+
+struct tn_drafter;
+
+/* A sequence's place in the draft model's KV pool: it has seen n_done
+ * tokens, the first n_base of them the sequence's history when it last
+ * proposed, then fed[] (drafts it fed itself). */
+struct tn_draft_seq {
+  struct tn_kv_seq kv;
+  int32_t n_done, n_base;
+  int32_t fed[TN_SPEC_MAX_TOKENS];
+};
+
+/* One sequence to draft for: its history tokens[0..n_tokens), at most k
+ * drafts into out; got is how many came. */
+struct tn_draft_req {
+  struct tn_draft_seq *ds;
+  const int32_t *tokens;
+  int32_t n_tokens;
+  int32_t k;
+  int32_t n_masked; /* its first n_masked drafts may not end generation */
+  int32_t *out;
+  int32_t got;
+  float cum;   /* the draft's probability of its whole draft */
+  bool active; /* (draft.c's, between passes) */
+};
+
+/* Loads the draft model at path and checks it shares target_tok's
+ * vocabulary (same size, same BOS/EOS, every token's text): TN_EINVAL
+ * naming the first difference. Its passes use the shared pool's threads;
+ * its KV pool holds kv_tokens plus max_k per sequence. */
+enum tn_status tn_drafter_open(const char *path,
+                               const struct tn_tokenizer *target_tok,
+                               struct tn_pool *pool, int n_threads,
+                               int32_t max_seqs, int32_t max_k, float p_min,
+                               int32_t n_ctx, int32_t kv_tokens,
+                               struct tn_drafter **out,
+                               struct tn_error *err);
+void tn_drafter_free(struct tn_drafter *d);
+const char *tn_drafter_model_name(const struct tn_drafter *d);
+/* Decayed mean time of one drafting pass (one token per sequence). */
+double tn_drafter_pass_seconds(const struct tn_drafter *d);
+void tn_draft_seq_init(struct tn_draft_seq *ds);
+/* Releases its draft blocks (d may be NULL: nothing held). */
+void tn_draft_seq_drop(struct tn_drafter *d, struct tn_draft_seq *ds);
+/* Drafts for n_reqs sequences at once (draft.c says how); ids are the
+ * target's, below n_vocab. A draft also ends (after its first token)
+ * where the draft's probability of the whole of it falls below cum_min:
+ * the chance of acceptance that pays for one more draft pass and verify
+ * slot (the engine's cost model). */
+void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
+                        int32_t n_reqs, int32_t n_vocab, float cum_min);
 
 #endif /* TN_ENGINE_INTERNAL_H */

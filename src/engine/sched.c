@@ -46,7 +46,6 @@
 #include "obs/obs.h"
 #include "tokenizer/tokenizer.h"
 
-#define BLOCK_SIZE 16
 
 const char *tn_finish_str(enum tn_finish f) {
   switch (f) {
@@ -79,6 +78,7 @@ void tn_engine_config_default(struct tn_engine_config *c) {
   c->spec.max_tokens = 8;
   c->spec.ngram_min = 2;
   c->spec.ngram_max = 4;
+  c->spec.draft_p_min = 0.3f;
 }
 
 /* ---- requests and sequences */
@@ -130,13 +130,14 @@ struct seq {
   bool wants_logits;
   bool decode;                /* planned as a decode this step */
   bool cached_reported;       /* its request's n_cached is set */
+  struct tn_draft_seq draft;  /* its place in the draft model's cache */
   struct seq *next;
 };
 
 struct model_metrics {
   struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
   struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
-  struct tn_metric *spec_skipped, *spec_verify_s;
+  struct tn_metric *spec_skipped, *spec_verify_s, *spec_draft_s;
   struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
@@ -180,6 +181,8 @@ struct tn_engine {
   struct seq **batch_seqs;    /* per batch sequence index */
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   struct tn_spec_cost cost;   /* step time model for planning drafts */
+  struct tn_drafter *drafter; /* TN_SPEC_DRAFT */
+  struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
   uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
@@ -394,6 +397,8 @@ static void metrics_init(struct tn_engine *e) {
     "left for them (counted again each step they are proposed).");
   S(spec_verify_s, "tern_spec_decode_verify_seconds_total",
     "Time of forward passes that verified drafts.");
+  S(spec_draft_s, "tern_spec_decode_draft_seconds_total",
+    "Time spent proposing drafts (draft model passes, n-gram lookups).");
 #undef S
   f = tn_metrics_family(r, TN_METRIC_COUNTER,
                         "tern_spec_decode_num_accepted_tokens_per_pos_total",
@@ -443,6 +448,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   s->req = r;
   s->choice = choice;
   tn_kv_seq_init(&s->kv);
+  tn_draft_seq_init(&s->draft);
   s->tokens = malloc((size_t)(p->n_prompt + 16) * sizeof(int32_t));
   struct tn_sampling sp = p->params.sampling;
   sp.seed += (uint64_t)choice * 0x9e3779b97f4a7c15ull;
@@ -464,6 +470,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
 
 static void seq_free(struct tn_engine *e, struct seq *s) {
   tn_kv_seq_deinit(e->kv, &s->kv);
+  tn_draft_seq_drop(e->drafter, &s->draft);
   tn_sampler_free(s->sampler);
   free(s->tokens);
   free(s->held);
@@ -568,6 +575,7 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
   s->n_draft = 0; /* (drafts are planned after every preemption) */
   tn_kv_seq_deinit(e->kv, &s->kv);
   tn_kv_seq_init(&s->kv);
+  tn_draft_seq_drop(e->drafter, &s->draft);
   s->n_done = 0;
   s->n_blocks_hashed = 0;
   s->chain = 0;
@@ -861,14 +869,19 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
 
 /* The drafter's proposal for s, a decode holding its blocks for its next
  * token: up to max_tokens, within its max_tokens and the context. */
-static void seq_propose(struct tn_engine *e, struct seq *s) {
-  const struct tn_spec_config *sc = &e->cfg.spec;
+static int32_t seq_draft_room(const struct tn_engine *e, const struct seq *s) {
   const struct tn_gen_params *gp = &s->req->priv->params;
-  s->n_prop = 0;
-  if (!gp->speculative) return;
-  int32_t k = sc->max_tokens;
+  if (!gp->speculative) return 0;
+  int32_t k = e->cfg.spec.max_tokens;
   k = TN_MIN(k, gp->max_tokens - s->n_gen - 1);
   k = TN_MIN(k, e->n_ctx - s->n_tokens - 1);
+  return TN_MAX(k, 0);
+}
+
+static void seq_propose(struct tn_engine *e, struct seq *s) {
+  const struct tn_spec_config *sc = &e->cfg.spec;
+  s->n_prop = 0;
+  int32_t k = seq_draft_room(e, s);
   if (k <= 0) return;
   int32_t got = 0;
   if (sc->method == TN_SPEC_NGRAM)
@@ -883,6 +896,39 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   s->n_prop = got;
 }
 
+/* The draft model's proposals for every decoding sequence, in one batch
+ * per draft position (draft.c). */
+static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
+  int32_t n = 0;
+  for (struct seq *s = e->admitted; s; s = s->next) {
+    if (!s->decode || s->chunk != 1) continue;
+    int32_t k = seq_draft_room(e, s);
+    if (k <= 0) continue;
+    const struct tn_gen_params *gp = &s->req->priv->params;
+    int32_t masked = gp->ignore_eos ? k : gp->min_tokens - s->n_gen - 1;
+    e->dreqs[n++] = (struct tn_draft_req){.ds = &s->draft,
+                                          .tokens = s->tokens,
+                                          .n_tokens = s->n_tokens,
+                                          .k = k,
+                                          .n_masked = TN_MAX(masked, 0),
+                                          .out = s->prop};
+  }
+  if (n == 0) return;
+  /* One more draft token is worth a pass of the draft model (shared by the
+   * n drafting) and a verify slot when the chance it is accepted, times
+   * the output per second the step gives (G / T), beats its time. */
+  float cum_min = 0.0f;
+  if (!e->cfg.spec.every_draft)
+    cum_min = (float)((tn_drafter_pass_seconds(e->drafter) / n + e->cost.b) *
+                      (double)n_out / TN_MAX(t_step, 1e-6));
+  double t0 = tn_time_s();
+  tn_drafter_propose(e->drafter, e->dreqs, n, e->n_vocab, cum_min);
+  metric_add(e->mm.spec_draft_s, tn_time_s() - t0);
+  int32_t i = 0;
+  for (struct seq *s = e->admitted; s && i < n; s = s->next)
+    if (&s->draft == e->dreqs[i].ds) s->n_prop = e->dreqs[i++].got;
+}
+
 /* Steps after which a sequence the cost rule kept from drafting may try
  * one token again, to learn whether its drafts got better. */
 #define SPEC_PROBE_STEPS 32
@@ -894,13 +940,18 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
  * appends them to their sequences. */
 static void plan_drafts(struct tn_engine *e, int32_t *budget) {
   int32_t n_tokens = 0, n_out = 0;
+  double t_prop = tn_time_s();
   for (struct seq *s = e->admitted; s; s = s->next) {
     n_tokens += s->chunk;
     if (s->chunk > 0 && s->n_done + s->chunk == s->n_tokens) n_out++;
     s->n_draft = 0;
     s->n_prop = 0;
-    if (s->decode && s->chunk == 1) seq_propose(e, s);
+    if (s->decode && s->chunk == 1 && !e->drafter) seq_propose(e, s);
   }
+  if (e->drafter)
+    draft_all(e, n_out, tn_spec_cost_time(&e->cost, n_tokens));
+  else
+    metric_add(e->mm.spec_draft_s, tn_time_s() - t_prop);
   double G = n_out, T = tn_spec_cost_time(&e->cost, n_tokens);
   double bc = e->cost.b;
   /* free blocks only: a cached prefix block is worth more than a draft */
@@ -1303,7 +1354,8 @@ enum tn_status tn_engine_open(const char *path,
   if (e->cfg.queue_max <= 0) e->cfg.queue_max = 256;
   struct tn_spec_config *sc = &e->cfg.spec;
   if (sc->method < TN_SPEC_OFF || sc->method >= TN_SPEC_COUNT ||
-      (sc->method == TN_SPEC_CUSTOM && !sc->propose)) {
+      (sc->method == TN_SPEC_CUSTOM && !sc->propose) ||
+      (sc->method == TN_SPEC_DRAFT && !sc->draft_model)) {
     st = tn_error_set(err, TN_EINVAL, "speculation: no such method (%d)",
                       (int)sc->method);
     goto fail;
@@ -1372,6 +1424,26 @@ enum tn_status tn_engine_open(const char *path,
   e->n_threads = cfg->n_threads > 0 && cfg->n_threads < tn_pool_size(e->pool)
                      ? cfg->n_threads
                      : tn_pool_size(e->pool);
+  if (sc->method == TN_SPEC_DRAFT) {
+    if (!(sc->draft_p_min >= 0.0f && sc->draft_p_min <= 1.0f)) {
+      st = tn_error_set(err, TN_EINVAL,
+                        "--draft-p-min %g must be in 0..1",
+                        (double)sc->draft_p_min);
+      goto fail;
+    }
+    if ((st = tn_drafter_open(sc->draft_model, e->tok, e->pool, cfg->n_threads,
+                              e->cfg.max_seqs, sc->max_tokens,
+                              sc->draft_p_min, n_ctx,
+                              (int32_t)(n_blocks * BLOCK_SIZE), &e->drafter,
+                              err)))
+      goto fail;
+    e->dreqs = calloc((size_t)e->cfg.max_seqs, sizeof(*e->dreqs));
+    if (!e->dreqs) {
+      st = tn_error_set(err, TN_ENOMEM, "out of memory");
+      goto fail;
+    }
+  }
+  sc->draft_model = NULL; /* (borrowed: not kept) */
   int32_t nt = e->cfg.step_tokens, ns = e->cfg.max_seqs;
   e->batch.token = calloc((size_t)nt, sizeof(int32_t));
   e->batch.pos = calloc((size_t)nt, sizeof(int32_t));
@@ -1429,6 +1501,8 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->trace);
   free(e->text_buf);
   free(e->eog);
+  free(e->dreqs);
+  tn_drafter_free(e->drafter);
   tn_ctx_free(e->ctx);
   tn_kv_pool_free(e->kv);
   tn_pool_free(e->own_pool);

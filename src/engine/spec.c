@@ -18,6 +18,7 @@ const char *tn_spec_method_name(enum tn_spec_method m) {
   switch (m) {
   case TN_SPEC_OFF: return "off";
   case TN_SPEC_NGRAM: return "ngram";
+  case TN_SPEC_DRAFT: return "draft";
   case TN_SPEC_CUSTOM: return "custom";
   case TN_SPEC_COUNT: break;
   }

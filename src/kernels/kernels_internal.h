@@ -145,13 +145,16 @@ void tn_gemm_q6_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
                               const void *q, size_t q_stride, float *y,
                               int64_t ldy, int nr, int nt);
 
-/* 16 rows x 1 token (tn_gemv16_cb) */
+/* 16 rows x up to 4 tokens (tn_gemv16_cb) */
 void tn_gemv16_q4_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
-                                const void *q, float *y);
+                                const void *q, size_t q_stride, float *y,
+                                int64_t ldy, int nt);
 void tn_gemv16_q5_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
-                                const void *q, float *y);
+                                const void *q, size_t q_stride, float *y,
+                                int64_t ldy, int nt);
 void tn_gemv16_q6_K_q8_K_avx512(int64_t n, const void *w, size_t w_stride,
-                                const void *q, float *y);
+                                const void *q, size_t q_stride, float *y,
+                                int64_t ldy, int nt);
 
 /* ---- basic kernels: declared below by quants.c's author */
 
@@ -223,10 +226,13 @@ void tn_vec_dot_q5_1_q8_1_avx512(int64_t n, float *s, const void *x, const void 
 typedef void (*tn_gemm_tile_cb)(int64_t n, const void *w, size_t w_stride,
                                 const void *q, size_t q_stride, float *y,
                                 int64_t ldy, int nr, int nt);
-/* Decode: y[r] = dot(n, w + r*w_stride, q) for 16 rows r and one token,
+/* Decode and short batches (speculative verification): 16 weight rows x
+ * nt <= 4 tokens, y[t*ldy + r] = dot(n, w + r*w_stride, q + t*q_stride),
  * the same bits as the tile's (the same contract). */
+#define TN_GEMV16_MT 4
 typedef void (*tn_gemv16_cb)(int64_t n, const void *w, size_t w_stride,
-                             const void *q, float *y);
+                             const void *q, size_t q_stride, float *y,
+                             int64_t ldy, int nt);
 struct tn_gemm_kernel {
   tn_gemm_tile_cb tile; /* NULL: matmul.c loops over vec_dot */
   int mr, mt;           /* largest tile it handles */

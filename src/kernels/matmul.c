@@ -30,6 +30,11 @@
 #include "kernels/kernels_internal.h"
 
 #define TOK_CHUNK 64
+/* Batches up to this many tokens (decode, speculative verification) go
+ * through the 16-row kernels where the type has them. */
+#ifndef GEMV_TOK_MAX
+#define GEMV_TOK_MAX (1 << 30)
+#endif
 #define ROW_GROUP 4
 
 size_t tn_matmul_q_row_size(const struct tn_mat *w) {
@@ -77,18 +82,23 @@ void tn_matmul(const struct tn_mat *w, const void *q, int64_t n_tok, float *y,
   const int64_t r0 = lo * ROW_GROUP, r1 = TN_MIN(hi * ROW_GROUP, w->n_rows);
   if (r0 >= r1) return;
 
-  if (n_tok == 1 && g && g->gemv16) {
-    int64_t r = r0;
-    for (; r + 16 <= r1; r += 16) g->gemv16(n, wd + r * ws, ws, qd, y + r);
-    for (; r < r1; r += g->mr) {
-      const int nr = (int)TN_MIN((int64_t)g->mr, r1 - r);
-      g->tile(n, wd + r * ws, ws, qd, qs, y + r, ldy, nr, 1);
-    }
-    return;
-  }
   for (int64_t t0 = 0; t0 < n_tok; t0 += TOK_CHUNK) {
     const int64_t t1 = TN_MIN(t0 + TOK_CHUNK, n_tok);
-    if (g && g->tile) {
+    if (g && g->gemv16 && n_tok <= GEMV_TOK_MAX) {
+      int64_t r = r0;
+      for (; r + 16 <= r1; r += 16)
+        for (int64_t t = t0; t < t1; t += TN_GEMV16_MT)
+          g->gemv16(n, wd + r * ws, ws, qd + t * qs, qs, y + t * ldy + r, ldy,
+                    (int)TN_MIN((int64_t)TN_GEMV16_MT, t1 - t));
+      for (; r < r1; r += g->mr) {
+        const int nr = (int)TN_MIN((int64_t)g->mr, r1 - r);
+        for (int64_t t = t0; t < t1; t += g->mt) {
+          const int nt = (int)TN_MIN((int64_t)g->mt, t1 - t);
+          g->tile(n, wd + r * ws, ws, qd + t * qs, qs, y + t * ldy + r, ldy,
+                  nr, nt);
+        }
+      }
+    } else if (g && g->tile) {
       for (int64_t r = r0; r < r1; r += g->mr) {
         const int nr = (int)TN_MIN((int64_t)g->mr, r1 - r);
         for (int64_t t = t0; t < t1; t += g->mt) {

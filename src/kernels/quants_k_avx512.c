@@ -322,8 +322,11 @@ ALWAYS_INLINE __m512i reduce16_epi32_256(const __m256i v[16]) {
   return reduce16_epi32(w);
 }
 
+#define G_MT 4 /* tokens per gemv16 call at most */
+
 ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
-                              const uint8_t *q, float *y, const int with_qh) {
+                              const uint8_t *q, size_t qs, float *y,
+                              int64_t ldy, const int NT, const int with_qh) {
   const size_t xsize = with_qh ? sizeof(struct block_q5_K)
                                : sizeof(struct block_q4_K);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -337,21 +340,26 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
       _mm512_inserti64x4(_mm512_set1_epi8(0x02), _mm256_set1_epi8(0x08), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x10), _mm256_set1_epi8(0x40), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x20), _mm256_set1_epi8((char)0x80), 1)};
-  __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+  __m512 acc[G_MT], accm[G_MT];
+  for (int t = 0; t < NT; t++) acc[t] = accm[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
-    const struct block_q8_K *yb = (const struct block_q8_K *)q + b;
-    const __m256i *yq = (const __m256i *)yb->qs;
-    __m512i yv[4];
-    for (int c = 0; c < 4; c++) {
-      const int s0 = (c >> 1) * 4 + (c & 1); /* 32-byte pieces s0, s0 + 2 */
-      yv[c] = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(yq + s0)),
-          _mm256_loadu_si256(yq + s0 + 2), 1);
+    /* each token's quants in the weights' nibble order */
+    __m512i yv[G_MT][4];
+    __m256i bs[G_MT];
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_K *yb = (const struct block_q8_K *)(q + t * qs) + b;
+      const __m256i *yq = (const __m256i *)yb->qs;
+      for (int c = 0; c < 4; c++) {
+        const int s0 = (c >> 1) * 4 + (c & 1); /* 32-byte pieces s0, s0 + 2 */
+        yv[t][c] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(yq + s0)),
+            _mm256_loadu_si256(yq + s0 + 2), 1);
+      }
+      bs[t] = _mm256_loadu_si256((const __m256i *)yb->bsums);
     }
-    const __m256i bs = _mm256_loadu_si256((const __m256i *)yb->bsums);
     uint32_t dd[16];
-    __m512i sv[16];
-    __m256i mv[16];
+    __m512i sv[G_MT][16];
+    __m256i mv[G_MT][16];
     for (int r = 0; r < 16; r++) {
       const uint8_t *xb = w + r * ws + (size_t)b * xsize;
       const uint8_t *qsx = xb + xsize - QK_K / 2;
@@ -361,9 +369,10 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
       unpack_scales(((const struct block_q4_K *)xb)->scales, sc, mn);
       const __m512i sc16 = _mm512_zextsi128_si512(
           _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+      const __m256i m16 = mins16(mn);
       const __m512i w0 = _mm512_loadu_si512(qsx);
       const __m512i w1 = _mm512_loadu_si512(qsx + 64);
-      __m512i wv[4];
+      __m512i wv[4], scv[4];
       wv[0] = _mm512_and_si512(w0, low4);
       wv[1] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), low4);
       wv[2] = _mm512_and_si512(w1, low4);
@@ -376,49 +385,73 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
           wv[c] = _mm512_mask_add_epi8(wv[c], _mm512_test_epi8_mask(qh, hb[c]),
                                        wv[c], bit5);
       }
-      __m512i sumi = _mm512_setzero_si512();
-      for (int c = 0; c < 4; c++)
-        sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(wv[c], yv[c]),
-                                   _mm512_permutexvar_epi16(idx[c], sc16));
-      sv[r] = sumi;
-      mv[r] = _mm256_madd_epi16(mins16(mn), bs);
+      for (int c = 0; c < 4; c++) scv[c] = _mm512_permutexvar_epi16(idx[c], sc16);
+      for (int t = 0; t < NT; t++) {
+        __m512i sumi = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++)
+          sumi = _mm512_dpwssd_epi32(
+              sumi, _mm512_maddubs_epi16(wv[c], yv[t][c]), scv[c]);
+        sv[t][r] = sumi;
+        mv[t][r] = _mm256_madd_epi16(m16, bs[t]);
+      }
     }
-    const __m512i s16 = reduce16_epi32(sv);
-    const __m512i m16 = reduce16_epi32_256(mv);
     const __m512i ddv = _mm512_loadu_si512(dd);
     const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ddv));
     const __m512 dmin = _mm512_cvtph_ps(
         _mm512_cvtepi32_epi16(_mm512_srli_epi32(ddv, 16)));
-    const __m512 yd = _mm512_set1_ps(yb->d);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s16), _mm512_mul_ps(d, yd), acc);
-    accm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m16), _mm512_mul_ps(dmin, yd),
-                           accm);
+    for (int t = 0; t < NT; t++) {
+      const struct block_q8_K *yb = (const struct block_q8_K *)(q + t * qs) + b;
+      const __m512 yd = _mm512_set1_ps(yb->d);
+      const __m512i s16 = reduce16_epi32(sv[t]);
+      const __m512i m16 = reduce16_epi32_256(mv[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s16), _mm512_mul_ps(d, yd),
+                               acc[t]);
+      accm[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m16),
+                                _mm512_mul_ps(dmin, yd), accm[t]);
+    }
   }
-  _mm512_storeu_ps(y, _mm512_sub_ps(acc, accm));
+  for (int t = 0; t < NT; t++)
+    _mm512_storeu_ps(y + t * ldy, _mm512_sub_ps(acc[t], accm[t]));
 }
 
-void tn_gemv16_q4_K_q8_K_avx512(int64_t n, const void *w, size_t ws,
-                                const void *q, float *y) {
-  TN_ASSERT(n % QK_K == 0);
-  gemv16_q45(n, w, ws, q, y, 0);
+#define GEMV16_ENTRY(fn, call)                                                \
+  void fn(int64_t n, const void *w, size_t ws, const void *q, size_t qs,      \
+          float *y, int64_t ldy, int nt) {                                    \
+    TN_ASSERT(n % QK_K == 0 && nt >= 1 && nt <= G_MT);                        \
+    const uint8_t *w8 = w, *q8 = q;                                           \
+    switch (nt) {                                                             \
+    case 1: call(n, w8, ws, q8, qs, y, ldy, 1); break;                        \
+    case 2: call(n, w8, ws, q8, qs, y, ldy, 2); break;                        \
+    case 3: call(n, w8, ws, q8, qs, y, ldy, 3); break;                        \
+    default: call(n, w8, ws, q8, qs, y, ldy, 4); break;                       \
+    }                                                                         \
+  }
+
+ALWAYS_INLINE void gemv16_q4(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NT) {
+  gemv16_q45(n, w, ws, q, qs, y, ldy, NT, 0);
 }
 
-void tn_gemv16_q5_K_q8_K_avx512(int64_t n, const void *w, size_t ws,
-                                const void *q, float *y) {
-  TN_ASSERT(n % QK_K == 0);
-  gemv16_q45(n, w, ws, q, y, 1);
+ALWAYS_INLINE void gemv16_q5(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NT) {
+  gemv16_q45(n, w, ws, q, qs, y, ldy, NT, 1);
 }
 
 /* Q6_K keeps eight float lanes per row (its order), so no lanes to share:
  * the 16 rows go one after another, each one sequential stream, and each
  * block read prefetches the same block 16 rows on. */
-void tn_gemv16_q6_K_q8_K_avx512(int64_t n, const void *w, size_t ws,
-                                const void *q, float *y) {
-  TN_ASSERT(n % QK_K == 0);
+ALWAYS_INLINE void gemv16_q6(int64_t n, const uint8_t *w, size_t ws,
+                             const uint8_t *q, size_t qs, float *y,
+                             int64_t ldy, const int NT) {
   for (int r = 0; r < 16; r++)
-    tile_q6_K_pf(n, (const uint8_t *)w + r * ws, ws, q, 0, y + r, 0, 1, 1,
-                 16 * ws);
+    tile_q6_K_pf(n, w + r * ws, ws, q, qs, y + r, ldy, 1, NT, 16 * ws);
 }
+
+GEMV16_ENTRY(tn_gemv16_q4_K_q8_K_avx512, gemv16_q4)
+GEMV16_ENTRY(tn_gemv16_q5_K_q8_K_avx512, gemv16_q5)
+GEMV16_ENTRY(tn_gemv16_q6_K_q8_K_avx512, gemv16_q6)
 
 #define CASE(body, r, t)                                                      \
   case ((r) - 1) * K_MT + (t) - 1:                                            \

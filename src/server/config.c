@@ -348,10 +348,11 @@ static enum tn_status parse_aliases(struct loader *ld, const char *where,
 }
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
-       MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS, MK_COUNT };
+       MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
+       MK_DRAFT_MODEL, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
-    "chat_template", "spec", "spec_max_tokens"};
+    "chat_template", "spec", "spec_max_tokens", "draft_model"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -382,6 +383,9 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_SPEC: st = take_string(ld, key, 32, &m->spec, true); break;
       case MK_SPEC_MAX_TOKENS:
         st = take_i32(ld, key, 1, TN_SPEC_MAX_TOKENS, &m->spec_max_tokens);
+        break;
+      case MK_DRAFT_MODEL:
+        st = take_string(ld, key, 4096, &m->draft_model, true);
         break;
     }
     if (st) return st;
@@ -526,6 +530,7 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(m->path);
     free(m->chat_template);
     free(m->spec);
+    free(m->draft_model);
     for (int a = 0; a < m->n_aliases; a++) free(m->aliases[a]);
     free(m->aliases);
   }

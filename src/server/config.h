@@ -22,8 +22,11 @@
  *       kv_mem: 256MiB     # optional, a size (tn_parse_size), > 0
  *       chat_template: chatml  # optional: chatml, gemma or llama3 instead
  *                          # of the model's own (checked when it loads)
- *       spec: ngram        # optional: speculative decoding (ngram, off)
+ *       spec: ngram        # optional: speculative decoding (ngram, draft,
+ *                          # off)
  *       spec_max_tokens: 8 # optional, 1..16: drafted tokens per step
+ *       draft_model: qwen2.5-coder-0.5b  # spec: draft's smaller model
+ *                          # (same vocabulary; implies spec: draft)
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -65,6 +68,7 @@ struct tn_serve_model_cfg {
   char *chat_template; /* or NULL */
   char *spec;          /* speculation method, or NULL */
   int32_t spec_max_tokens;
+  char *draft_model;   /* spec: draft's model, as written, or NULL */
 };
 
 /* host and api_key are NULL and port 0 when not set. */

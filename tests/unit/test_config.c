@@ -58,7 +58,8 @@ static const char k_full[] =
     "    chat_template: gemma\n"
     "    spec: ngram\n"
     "    spec_max_tokens: 4\n"
-    "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB}\n";
+    "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB,\n"
+    "     spec: draft, draft_model: qwen-small.gguf}\n";
 
 static void test_good_full(void) {
   struct tn_serve_config cfg;
@@ -97,6 +98,8 @@ static void test_good_full(void) {
   ASSERT_EQ(m->spec_max_tokens, 4);
   m = &cfg.models[2];
   ASSERT_STR_EQ(m->name, "qwen");
+  ASSERT_STR_EQ(m->spec, "draft");
+  ASSERT_STR_EQ(m->draft_model, "qwen-small.gguf");
   ASSERT_STR_EQ(m->path, "qwen.gguf");
   ASSERT_EQ(m->n_aliases, 0);
   ASSERT_EQ(m->ctx, 1 << 24);
@@ -211,7 +214,8 @@ static const struct bad_case k_bad[] = {
     {"models:\n  - name: a\n", TN_EINVAL, ":2: models[0]: missing key 'path' (model 'a')"},
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
-     "threads, ctx, max_seqs, kv_mem, chat_template, spec or spec_max_tokens)"},
+     "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens or "
+     "draft_model)"},
     {MODEL_OK "    name: b\n", TN_EINVAL, ":4: models[0]: duplicate key 'name'"},
     {"models:\n  - name: [a]\n    path: p\n", TN_EINVAL,
      ":2: models[0].name: expected a value, got a list"},

@@ -440,7 +440,119 @@ static void test_bad_config(void) {
   ASSERT(e == NULL);
 }
 
+/* ---- a draft model (TN_SPEC_DRAFT) */
+
+static char g_draft_other[64], g_draft_vocab[64];
+
+static void drafts_unlink(void) {
+  if (g_draft_other[0]) unlink(g_draft_other);
+  if (g_draft_vocab[0]) unlink(g_draft_vocab);
+}
+
+/* Another tiny model with the same vocabulary (other weights: a real,
+ * imperfect drafter) and one with another vocabulary. */
+static bool drafts_write(void) {
+  if (g_draft_other[0]) return true;
+  atexit(drafts_unlink);
+  return tiny_model_write(0x5eed0f, false, g_draft_other,
+                          sizeof(g_draft_other)) &&
+         tiny_model_write(0x5eed0f, true, g_draft_vocab,
+                          sizeof(g_draft_vocab));
+}
+
+/* The draft model is the target itself (every draft accepted) or another
+ * model (some rejected), for draft lengths 1..8 and batches of 1..16, and
+ * under preemption: the output is plain decoding's. */
+static void test_draft_model(void) {
+  ASSERT(model_path() && drafts_write());
+  static const int32_t ks[] = {1, 3, 8};
+  static const int ns[] = {1, 5, 16};
+  static struct run rn;
+  static struct out want[MAX_REQS];
+  for (size_t ni = 0; ni < TN_ARRAY_LEN(ns); ni++) {
+    if (quick() && ns[ni] == 16) continue;
+    memset(&rn, 0, sizeof(rn));
+    rn.n = ns[ni];
+    rn.p = greedy(gen_len());
+    for (int i = 0; i < rn.n; i++) {
+      rn.np[i] = 7 + 11 * i % 60;
+      make_prompt(500 + (uint64_t)i, rn.prompts[i], rn.np[i]);
+    }
+    ASSERT(plain_outputs(&rn, want));
+    for (int self = 0; self < 2; self++)
+      for (size_t ki = 0; ki < TN_ARRAY_LEN(ks); ki++) {
+        rn.o = (struct eng_opts){.max_seqs = 16, .n_threads = 2};
+        rn.o.spec.method = TN_SPEC_DRAFT;
+        rn.o.spec.draft_model = self ? model_path() : g_draft_other;
+        rn.o.spec.max_tokens = ks[ki];
+        rn.o.spec.every_draft = true;
+        rn.o.spec.draft_p_min = ki == 1 ? 0.2f : 0.0f;
+        run_spec(&rn);
+        char what[96];
+        snprintf(what, sizeof(what), "draft model (%s), k=%d, %d requests",
+                 self ? "the target" : "another", ks[ki], rn.n);
+        ASSERT(rn.ok);
+        ASSERT_EQ(rn.trace_bad, 0);
+        for (int i = 0; i < rn.n; i++) {
+          ASSERT(out_same(what, &rn.got[i], &want[i]));
+          ASSERT_LE(rn.accepted[i], rn.drafted[i]);
+        }
+        ASSERT(per_pos_ok(&rn.stats, ks[ki]));
+        ASSERT_GT(rn.stats.spec_drafted, 0);
+        if (self) /* the target drafting for itself */
+          ASSERT_EQ(rn.stats.spec_accepted, rn.stats.spec_drafted);
+        else if (ki == 2)
+          ASSERT_LT(rn.stats.spec_accepted, rn.stats.spec_drafted);
+      }
+  }
+  /* a pool too small for everyone: preemption drops draft caches too */
+  memset(&rn, 0, sizeof(rn));
+  rn.n = 6;
+  rn.p = greedy(40);
+  for (int i = 0; i < rn.n; i++) {
+    rn.np[i] = 40;
+    make_prompt(700 + (uint64_t)i, rn.prompts[i], rn.np[i]);
+  }
+  ASSERT(plain_outputs(&rn, want));
+  rn.o = (struct eng_opts){.max_seqs = 6, .step_tokens = 64, .kv_blocks = 14};
+  rn.o.spec.method = TN_SPEC_DRAFT;
+  rn.o.spec.draft_model = g_draft_other;
+  rn.o.spec.max_tokens = 6;
+  rn.o.spec.every_draft = true;
+  run_spec(&rn);
+  ASSERT(rn.ok);
+  ASSERT_EQ(rn.trace_bad, 0);
+  ASSERT_GT(rn.stats.preemptions, 0);
+  ASSERT_GT(rn.stats.spec_drafted, 0);
+  for (int i = 0; i < rn.n; i++)
+    ASSERT(out_same("draft model under preemption", &rn.got[i], &want[i]));
+}
+
+/* A draft model must share the target's vocabulary; one is required. */
+static void test_draft_model_refused(void) {
+  ASSERT(model_path() && drafts_write());
+  struct tn_engine_config cfg;
+  struct tn_engine *e = NULL;
+  struct tn_error err = {0};
+  tn_engine_config_default(&cfg);
+  cfg.spec.method = TN_SPEC_DRAFT;
+  ASSERT_EQ(tn_engine_open(model_path(), &cfg, NULL, &e, &err), TN_EINVAL);
+  cfg.spec.draft_model = g_draft_vocab;
+  ASSERT_EQ(tn_engine_open(model_path(), &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT_SUBSTR(err.msg, "vocabulary");
+  ASSERT_SUBSTR(err.msg, "token 260");
+  cfg.spec.draft_model = "/nonexistent/draft.gguf";
+  ASSERT(tn_engine_open(model_path(), &cfg, NULL, &e, &err) != TN_OK);
+  ASSERT_SUBSTR(err.msg, "/nonexistent/draft.gguf");
+  cfg.spec.draft_model = g_draft_other;
+  cfg.spec.draft_p_min = 2.0f;
+  ASSERT_EQ(tn_engine_open(model_path(), &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT_SUBSTR(err.msg, "draft-p-min");
+  ASSERT(e == NULL);
+}
+
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
+             TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
              TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch))

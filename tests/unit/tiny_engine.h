@@ -99,11 +99,11 @@ static void model_unlink(void) {
   if (g_model_path[0]) unlink(g_model_path);
 }
 
-/* Writes the model once; returns its path or NULL. */
-static const char *model_path(void) {
-  if (g_model_path[0]) return g_model_path;
-  if (g_model_failed) return NULL;
-  g_model_failed = true;
+/* Writes a tiny model to a new file in /tmp named into path[cap]: its
+ * weights drawn from seed; other_vocab renames one merged token (same
+ * count, another vocabulary). false (and a message) on failure. */
+static bool tiny_model_write(uint64_t seed, bool other_vocab, char *path_out,
+                             size_t cap) {
   struct tn_gguf_writer *w = tn_gguf_writer_new();
   if (!w) return NULL;
   bool ok = true;
@@ -134,11 +134,17 @@ static const char *model_path(void) {
                                                "in", "er"};
   static const char *const merges[N_MERGES] = {"t h", "th e", "\xC4\xA0 a",
                                                "i n", "e r"};
+  static const char *const merged2[N_MERGES] = {"th", "the", ("\xC4\xA0" "a"),
+                                                "in", "on"};
+  static const char *const merges2[N_MERGES] = {"t h", "th e", "\xC4\xA0 a",
+                                                "i n", "o n"};
   struct tn_str ms[N_MERGES];
   for (int i = 0; i < N_MERGES; i++) {
-    toks[256 + i] = (struct tn_str){merged[i], strlen(merged[i])};
+    const char *mt = other_vocab ? merged2[i] : merged[i];
+    const char *mm = other_vocab ? merges2[i] : merges[i];
+    toks[256 + i] = (struct tn_str){mt, strlen(mt)};
     types[256 + i] = 1;
-    ms[i] = (struct tn_str){merges[i], strlen(merges[i])};
+    ms[i] = (struct tn_str){mm, strlen(mm)};
   }
   toks[TOK_IM_START] = (struct tn_str){"<|im_start|>", 12};
   toks[TOK_IM_END] = (struct tn_str){"<|im_end|>", 10};
@@ -185,7 +191,6 @@ static const char *model_path(void) {
   }
 #undef MAT
 #undef VEC
-  uint64_t seed = 0x7e57ab1e;
   struct tn_error err = {0};
   for (int i = 0; i < nt && ok; i++) {
     size_t n = (size_t)(t[i].ne[0] * t[i].ne[1]);
@@ -218,9 +223,20 @@ static const char *model_path(void) {
   tn_gguf_writer_free(w);
   if (!ok) {
     fprintf(stderr, "cannot write the test model: %s\n", err.msg);
-    return NULL;
+    return false;
   }
-  snprintf(g_model_path, sizeof(g_model_path), "%s", path);
+  snprintf(path_out, cap, "%s", path);
+  return true;
+}
+
+/* Writes the model once; returns its path or NULL. */
+static const char *model_path(void) {
+  if (g_model_path[0]) return g_model_path;
+  if (g_model_failed) return NULL;
+  g_model_failed = true;
+  if (!tiny_model_write(0x7e57ab1e, false, g_model_path,
+                        sizeof(g_model_path)))
+    return NULL;
   atexit(model_unlink);
   g_model_failed = false;
   return g_model_path;

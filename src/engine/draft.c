@@ -316,7 +316,8 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
         continue;
       }
       r->out[r->got++] = tok;
-      if (r->got >= r->k) {
+      /* nothing follows the end of generation */
+      if (r->got >= r->k || in_list(d->eog, d->n_eog, tok)) {
         r->active = false;
         continue;
       }

@@ -896,14 +896,40 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   s->n_prop = got;
 }
 
+/* Steps after which a sequence the cost rule kept from drafting may try
+ * one token again, to learn whether its drafts got better. */
+#define SPEC_PROBE_STEPS 32
+
 /* The draft model's proposals for every decoding sequence, in one batch
  * per draft position (draft.c). */
 static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
+  /* One more draft token is worth a pass of the draft model (shared by
+   * those drafting) and a verify slot when the chance it is accepted,
+   * times the output per second the step gives (G / T), beats its time. */
+  int32_t n_cand = 0;
+  for (struct seq *s = e->admitted; s; s = s->next)
+    if (s->decode && s->chunk == 1 && seq_draft_room(e, s) > 0) n_cand++;
+  if (n_cand == 0) return;
+  float cum_min = 0.0f;
+  if (!e->cfg.spec.every_draft)
+    cum_min = (float)((tn_drafter_pass_seconds(e->drafter) / n_cand +
+                       e->cost.b) *
+                      (double)n_out / TN_MAX(t_step, 1e-6));
   int32_t n = 0;
   for (struct seq *s = e->admitted; s; s = s->next) {
     if (!s->decode || s->chunk != 1) continue;
     int32_t k = seq_draft_room(e, s);
     if (k <= 0) continue;
+    if (cum_min > 0.0f) {
+      /* as many as its acceptance so far says will pay (none: it waits
+       * for a probe, and its draft cache catches up when it drafts) */
+      double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0), g = 1.0;
+      int32_t cap = 0;
+      while (cap < k && (g *= alpha) >= cum_min) cap++;
+      if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS) cap = 1;
+      if (cap == 0) continue;
+      k = cap;
+    }
     const struct tn_gen_params *gp = &s->req->priv->params;
     int32_t masked = gp->ignore_eos ? k : gp->min_tokens - s->n_gen - 1;
     e->dreqs[n++] = (struct tn_draft_req){.ds = &s->draft,
@@ -914,13 +940,6 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
                                           .out = s->prop};
   }
   if (n == 0) return;
-  /* One more draft token is worth a pass of the draft model (shared by the
-   * n drafting) and a verify slot when the chance it is accepted, times
-   * the output per second the step gives (G / T), beats its time. */
-  float cum_min = 0.0f;
-  if (!e->cfg.spec.every_draft)
-    cum_min = (float)((tn_drafter_pass_seconds(e->drafter) / n + e->cost.b) *
-                      (double)n_out / TN_MAX(t_step, 1e-6));
   double t0 = tn_time_s();
   tn_drafter_propose(e->drafter, e->dreqs, n, e->n_vocab, cum_min);
   metric_add(e->mm.spec_draft_s, tn_time_s() - t0);
@@ -928,10 +947,6 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
   for (struct seq *s = e->admitted; s && i < n; s = s->next)
     if (&s->draft == e->dreqs[i].ds) s->n_prop = e->dreqs[i++].got;
 }
-
-/* Steps after which a sequence the cost rule kept from drafting may try
- * one token again, to learn whether its drafts got better. */
-#define SPEC_PROBE_STEPS 32
 
 /* Chooses which proposed tokens ride this step, best expected gain first
  * (a draft token's gain is the chance that it and those before it are all

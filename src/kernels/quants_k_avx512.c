@@ -315,13 +315,6 @@ ALWAYS_INLINE __m512i reduce16_epi32(__m512i v[16]) {
                           _mm512_shuffle_i32x4(z0, z1, 0xdd));
 }
 
-/* 16 vectors of 8 int32 lanes -> one vector, lane r = total of v[r]. */
-ALWAYS_INLINE __m512i reduce16_epi32_256(const __m256i v[16]) {
-  __m512i w[16];
-  for (int r = 0; r < 16; r++) w[r] = _mm512_zextsi256_si512(v[r]);
-  return reduce16_epi32(w);
-}
-
 #define G_MT 4 /* tokens per gemv16 call at most */
 
 ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
@@ -340,12 +333,17 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
       _mm512_inserti64x4(_mm512_set1_epi8(0x02), _mm256_set1_epi8(0x08), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x10), _mm256_set1_epi8(0x40), 1),
       _mm512_inserti64x4(_mm512_set1_epi8(0x20), _mm256_set1_epi8((char)0x80), 1)};
+  /* 16 rows' mins (8 bytes each, row-major) to four vectors of int16
+   * pairs: vector i, int32 lane r = (mins[r][2i], mins[r][2i+1]) */
+  const __m512i tr_lo = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0,
+                                          0, 0, 0, 0, 0, 0);
   __m512 acc[G_MT], accm[G_MT];
   for (int t = 0; t < NT; t++) acc[t] = accm[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
-    /* each token's quants in the weights' nibble order */
+    /* each token's quants in the weights' nibble order, and its sums of
+     * 32 quants (one per sub-block) as int16 pairs for the mins */
     __m512i yv[G_MT][4];
-    __m256i bs[G_MT];
+    __m512i bp[G_MT][4];
     for (int t = 0; t < NT; t++) {
       const struct block_q8_K *yb = (const struct block_q8_K *)(q + t * qs) + b;
       const __m256i *yq = (const __m256i *)yb->qs;
@@ -355,21 +353,30 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
             _mm512_castsi256_si512(_mm256_loadu_si256(yq + s0)),
             _mm256_loadu_si256(yq + s0 + 2), 1);
       }
-      bs[t] = _mm256_loadu_si256((const __m256i *)yb->bsums);
+      /* bsums pairs -> 8 int16 sub-block sums; int32 word i = sub-blocks
+       * 2i, 2i + 1 (each |sum| <= 32 * 128: fits) */
+      const __m256i b16 = _mm256_loadu_si256((const __m256i *)yb->bsums);
+      const __m128i s32 = _mm_packs_epi32(
+          _mm256_castsi256_si128(_mm256_madd_epi16(b16, _mm256_set1_epi16(1))),
+          _mm256_extracti128_si256(
+              _mm256_madd_epi16(b16, _mm256_set1_epi16(1)), 1));
+      bp[t][0] = _mm512_broadcastd_epi32(s32);
+      bp[t][1] = _mm512_broadcastd_epi32(_mm_srli_si128(s32, 4));
+      bp[t][2] = _mm512_broadcastd_epi32(_mm_srli_si128(s32, 8));
+      bp[t][3] = _mm512_broadcastd_epi32(_mm_srli_si128(s32, 12));
     }
     uint32_t dd[16];
+    uint8_t mins[16][8];
     __m512i sv[G_MT][16];
-    __m256i mv[G_MT][16];
     for (int r = 0; r < 16; r++) {
       const uint8_t *xb = w + r * ws + (size_t)b * xsize;
       const uint8_t *qsx = xb + xsize - QK_K / 2;
       memcpy(&dd[r], xb, sizeof(dd[r])); /* d, dmin */
       prefetch_l2(xb + 16 * ws, xsize);
-      uint8_t sc[8], mn[8];
-      unpack_scales(((const struct block_q4_K *)xb)->scales, sc, mn);
+      uint8_t sc[8];
+      unpack_scales(((const struct block_q4_K *)xb)->scales, sc, mins[r]);
       const __m512i sc16 = _mm512_zextsi128_si512(
           _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
-      const __m256i m16 = mins16(mn);
       const __m512i w0 = _mm512_loadu_si512(qsx);
       const __m512i w1 = _mm512_loadu_si512(qsx + 64);
       __m512i wv[4], scv[4];
@@ -392,7 +399,24 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
           sumi = _mm512_dpwssd_epi32(
               sumi, _mm512_maddubs_epi16(wv[c], yv[t][c]), scv[c]);
         sv[t][r] = sumi;
-        mv[t][r] = _mm256_madd_epi16(m16, bs[t]);
+      }
+    }
+    /* the mins as int16 pairs, rows in the lanes */
+    __m512i mp[4];
+    {
+      const __m512i z0 = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256((const __m256i *)mins[0]));  /* rows 0-3 */
+      const __m512i z1 = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256((const __m256i *)mins[4]));  /* rows 4-7 */
+      const __m512i z2 = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256((const __m256i *)mins[8]));
+      const __m512i z3 = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256((const __m256i *)mins[12]));
+      for (int i = 0; i < 4; i++) {
+        const __m512i ix = _mm512_add_epi32(tr_lo, _mm512_set1_epi32(i));
+        const __m512i a = _mm512_permutex2var_epi32(z0, ix, z1);
+        const __m512i c = _mm512_permutex2var_epi32(z2, ix, z3);
+        mp[i] = _mm512_inserti64x4(a, _mm512_castsi512_si256(c), 1);
       }
     }
     const __m512i ddv = _mm512_loadu_si512(dd);
@@ -403,7 +427,8 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
       const struct block_q8_K *yb = (const struct block_q8_K *)(q + t * qs) + b;
       const __m512 yd = _mm512_set1_ps(yb->d);
       const __m512i s16 = reduce16_epi32(sv[t]);
-      const __m512i m16 = reduce16_epi32_256(mv[t]);
+      __m512i m16 = _mm512_setzero_si512();
+      for (int i = 0; i < 4; i++) m16 = _mm512_dpwssd_epi32(m16, mp[i], bp[t][i]);
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s16), _mm512_mul_ps(d, yd),
                                acc[t]);
       accm[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m16),

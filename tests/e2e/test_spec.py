@@ -175,7 +175,13 @@ def test_cost_policy_identical_too(server, tern_bin, tmp_path):
 
 
 @pytest.mark.parametrize("args,frag", [
-    (("--spec", "draft"), "not available yet"),
+    (("--spec", "self"), "not available yet"),
+    (("--spec", "draft"), "name the draft model"),
+    (("--spec", "ngram", "--draft-model", "x.gguf"),
+     "only for draft speculation"),
+    (("--spec", "draft", "--draft-model", "/nonexistent/d.gguf"),
+     "/nonexistent/d.gguf"),
+    (("--draft-model", SMOL, "--draft-p-min", "2"), "--draft-p-min"),
     (("--spec", "magic"), "unknown method 'magic'"),
     (("--spec-max-tokens", "0"), "--spec-max-tokens"),
     (("--spec-max-tokens", "1000"), "--spec-max-tokens"),
@@ -186,3 +192,52 @@ def test_cli_bad_spec_options(run_tern, args, frag):
     assert r.returncode == 1
     err = r.stderr.decode()
     assert err.startswith("tern: error:") and frag in err, err
+
+
+# ---- a draft model: the target drafting for itself accepts everything,
+# and a draft model with another vocabulary is refused at load
+
+
+@pytest.fixture(scope="module")
+def draft_server(tern_bin, tmp_path_factory):
+    from conftest import TernServer
+    log = tmp_path_factory.mktemp("draft") / "serve.log"
+    srv = TernServer(tern_bin, ["-m", model_path(SMOL), "-t", "2", "--ctx",
+                                "2048", "--spec", "draft", "--draft-model",
+                                model_path(SMOL), "--draft-p-min", "0",
+                                "--spec-max-tokens", "5",
+                                "--spec-policy", "all"], str(log))
+    yield srv
+    assert srv.stop() == 0, srv.read_log()[-3000:]
+
+
+def test_draft_model_self_identical(server, draft_server):
+    for p in PROMPTS[:3]:
+        want = complete(server, p)
+        got = complete(draft_server, p)
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        d = got["usage"]["completion_tokens_details"]
+        assert d["accepted_prediction_tokens"] > 0, d
+        assert d["rejected_prediction_tokens"] == 0, d
+    # several at once: one draft batch for all of them
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: chat(draft_server, p), PROMPTS))
+    for p, g in zip(PROMPTS, got):
+        assert g["choices"][0]["message"]["content"] == \
+            chat(server, p)["choices"][0]["message"]["content"]
+    m = metric_values(draft_server)
+    drafted = [v for (n, l), v in m.items()
+               if n == "tern_spec_decode_num_draft_tokens_total"]
+    accepted = [v for (n, l), v in m.items()
+                if n == "tern_spec_decode_num_accepted_tokens_total"]
+    assert drafted and drafted == accepted and drafted[0] > 0, m
+    assert any(n == "tern_spec_decode_draft_seconds_total" and v > 0
+                 for (n, l), v in m.items())
+
+
+def test_draft_model_other_vocabulary_refused(run_tern):
+    r = run_tern("run", "-m", model_path(SMOL), "-p", "hi", "--spec", "draft",
+                 "--draft-model", model_path("gemma3-270m"))
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert err.startswith("tern: error:") and "vocabulary" in err, err

@@ -54,6 +54,11 @@ static inline __m512i pick2(int a, int b) {
                             _mm256_set1_epi16((short)b), 1);
 }
 
+/* Bytes 0..31 = a, bytes 32..63 = b. */
+static inline __m512i halves8(char a, char b) {
+  return _mm512_inserti64x4(_mm512_set1_epi8(a), _mm256_set1_epi8(b), 1);
+}
+
 /* Eight 6-bit scales (sc) and mins (mn) of a Q4_K/Q5_K block. */
 static inline void unpack_scales(const uint8_t *q, uint8_t sc[8], uint8_t mn[8]) {
   uint32_t u[3], o[4];
@@ -104,11 +109,8 @@ ALWAYS_INLINE void tile_q45(int64_t n, const uint8_t *w, size_t ws,
    * the scale vector) and 2c+1 (lanes 16..31) */
   const __m512i idx[4] = {pick2(0, 1), pick2(2, 3), pick2(4, 5), pick2(6, 7)};
   /* the fifth bit of element 32j + l is bit j of qh[l] */
-  const __m512i hb[4] = {
-      _mm512_inserti64x4(_mm512_set1_epi8(0x01), _mm256_set1_epi8(0x02), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x04), _mm256_set1_epi8(0x08), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x10), _mm256_set1_epi8(0x20), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x40), _mm256_set1_epi8((char)0x80), 1)};
+  const __m512i hb[4] = {halves8(0x01, 0x02), halves8(0x04, 0x08),
+                          halves8(0x10, 0x20), halves8(0x40, (char)0x80)};
   /* per row, one lane per token: the fused sums of the blocks' integer
    * totals (quants_k.c gives the order; each lane is that scalar fmaf) */
   __m128 acc[K_MR], accm[K_MR];
@@ -202,10 +204,8 @@ ALWAYS_INLINE void tile_q6_K_pf(int64_t n, const uint8_t *w, size_t ws,
    * and 1, whose top bits sit at qh bits 0-1 and 2-3; high nibbles groups 2
    * and 3, at bits 4-5 and 6-7. Mask, then shift to bits 4-5 per 256-bit
    * half. */
-  const __m512i mlo = _mm512_inserti64x4(_mm512_set1_epi8(0x03),
-                                         _mm256_set1_epi8(0x0c), 1);
-  const __m512i mhi = _mm512_inserti64x4(_mm512_set1_epi8(0x30),
-                                         _mm256_set1_epi8((char)0xc0), 1);
+  const __m512i mlo = halves8(0x03, 0x0c);
+  const __m512i mhi = halves8(0x30, (char)0xc0);
   const __m512i shl_lo = _mm512_inserti64x4(_mm512_set1_epi16(4),
                                             _mm256_set1_epi16(2), 1);
   const __m512i shr_hi = _mm512_inserti64x4(_mm512_set1_epi16(0),
@@ -328,11 +328,8 @@ ALWAYS_INLINE void gemv16_q45(int64_t n, const uint8_t *w, size_t ws,
    * low or high nibbles of qs[0..63] or qs[64..127]. */
   const __m512i idx[4] = {pick2(0, 2), pick2(1, 3), pick2(4, 6), pick2(5, 7)};
   /* the fifth bit of element 32j + l is bit j of qh[l] */
-  const __m512i hb[4] = {
-      _mm512_inserti64x4(_mm512_set1_epi8(0x01), _mm256_set1_epi8(0x04), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x02), _mm256_set1_epi8(0x08), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x10), _mm256_set1_epi8(0x40), 1),
-      _mm512_inserti64x4(_mm512_set1_epi8(0x20), _mm256_set1_epi8((char)0x80), 1)};
+  const __m512i hb[4] = {halves8(0x01, 0x04), halves8(0x02, 0x08),
+                          halves8(0x10, 0x40), halves8(0x20, (char)0x80)};
   /* 16 rows' mins (8 bytes each, row-major) to four vectors of int16
    * pairs: vector i, int32 lane r = (mins[r][2i], mins[r][2i+1]) */
   const __m512i tr_lo = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0,

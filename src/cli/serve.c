@@ -46,6 +46,7 @@ int tn_cli_serve(int argc, char **argv) {
   tn_server_config_default(&scfg);
   struct tn_engine_config ecfg;
   tn_engine_config_default(&ecfg);
+  ecfg.decode_slowdown = 2.0f;
   long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
   long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
   long spec_k = 8;
@@ -97,6 +98,12 @@ int tn_cli_serve(int argc, char **argv) {
        "tokens per batched step (prompt chunks)", NULL, NULL, 0},
       {"no-prefix-cache", 0, TN_OPT_FLAG, &no_prefix, 0, 0, NULL,
        "don't reuse KV blocks across requests", NULL, NULL, 0},
+      {"decode-slowdown", 0, TN_OPT_FLOAT, &ecfg.decode_slowdown, 0, 100,
+       "X",
+       "a step carrying decodes may take X times the decodes alone: prompt "
+       "chunks are cut to fit, so streams stay smooth (0: fill every step "
+       "up to --step-tokens)",
+       NULL, NULL, 0},
       {"spec", 0, TN_OPT_STR, &spec, 0, 0, "METHOD",
        "speculative decoding: ngram (draft from earlier text), draft (a "
        "smaller model, --draft-model) or off; a request can opt out with "

@@ -268,6 +268,10 @@ struct tn_engine_config {
                                 step is planned, before its forward pass */
   void *on_step_user;
   struct tn_spec_config spec;
+  float decode_slowdown; /* a step carrying decodes takes at most this many
+                            times the decodes' own step: prompt chunks are
+                            cut to fit (smooth streaming); 0: no limit, a
+                            step is filled up to step_tokens (default) */
 };
 void tn_engine_config_default(struct tn_engine_config *c);
 

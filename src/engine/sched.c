@@ -181,6 +181,7 @@ struct tn_engine {
   struct seq **batch_seqs;    /* per batch sequence index */
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   struct tn_spec_cost cost;   /* step time model for planning drafts */
+  bool cost_ok;               /* calibrated (else prompts are not capped) */
   struct tn_drafter *drafter; /* TN_SPEC_DRAFT */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
@@ -192,6 +193,13 @@ struct tn_engine {
 };
 
 /* ---- small helpers */
+
+/* The step cost model (tn_spec_cost) plans drafts and caps prompt chunks
+ * next to decodes. */
+static bool cost_model_used(const struct tn_engine *e) {
+  return e->cfg.spec.method != TN_SPEC_OFF || e->cfg.decode_slowdown > 0.0f;
+}
+
 
 static bool seq_push_token(struct seq *s, int32_t id) {
   if (s->n_tokens == s->cap_tokens) {
@@ -1090,6 +1098,17 @@ static void step_trace(struct tn_engine *e) {
   e->cfg.on_step(e->cfg.on_step_user, &t);
 }
 
+/* Prompt tokens a step carrying n_dec decodes may add: as many as keep it
+ * within decode_slowdown times the decodes' own step (cost model), at
+ * least a block, so prompts still advance; no limit without decodes. */
+static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
+  double f = e->cfg.decode_slowdown, b = e->cost.b;
+  if (n_dec == 0 || f <= 0.0 || !e->cost_ok || !(b > 1e-9)) return INT32_MAX;
+  double extra = (f - 1.0) * tn_spec_cost_time(&e->cost, n_dec) / b;
+  return (int32_t)TN_MAX(TN_MIN(extra, (double)e->cfg.step_tokens),
+                         (double)BLOCK_SIZE);
+}
+
 /* One scheduling step; false when there was nothing to do. */
 static bool engine_step(struct tn_engine *e) {
   drop_cancelled(e);
@@ -1106,7 +1125,9 @@ static bool engine_step(struct tn_engine *e) {
     s->n_draft = 0;
     s->decode = false;
   }
+  int32_t n_dec = 0;
   for (int pass = 0; pass < 2; pass++) {
+    if (pass == 1) budget = TN_MIN(budget, prompt_cap(e, n_dec));
     for (struct seq *s = e->admitted, *next; s; s = next) {
       int32_t pending = s->n_tokens - s->n_done;
       bool decode = pending == 1 && s->n_gen > 0;
@@ -1124,6 +1145,7 @@ static bool engine_step(struct tn_engine *e) {
       s->chunk = n;
       s->decode = decode;
       budget -= n;
+      n_dec += decode;
     }
   }
   /* Drafts for the decodes, from what budget and free blocks are left
@@ -1186,8 +1208,9 @@ static bool engine_step(struct tn_engine *e) {
   double t_fwd = tn_time_s();
   enum tn_status st = tn_model_forward(e->ctx, e->kv, b, &err);
   double now = tn_time_s();
-  if (e->cfg.spec.method != TN_SPEC_OFF && st == TN_OK) {
+  if (st == TN_OK && cost_model_used(e))
     tn_spec_cost_observe(&e->cost, b->n_tokens, now - t_fwd);
+  if (e->cfg.spec.method != TN_SPEC_OFF && st == TN_OK) {
     bool verified = false;
     for (int32_t si = 0; si < b->n_seqs && !verified; si++)
       verified = e->batch_seqs[si]->n_draft > 0;
@@ -1285,11 +1308,15 @@ static void *engine_main(void *arg) {
   return NULL;
 }
 
-/* Times forward passes of 1 and 1 + K tokens of a scratch sequence (every
- * row asking for logits, as a verify pass does) to seed the cost model
- * speculation is planned with; the best of three each. */
-static void spec_calibrate(struct tn_engine *e) {
-  int32_t n2 = TN_MIN(1 + e->cfg.spec.max_tokens, e->cfg.step_tokens);
+/* Times forward passes of 1 and 1 + K tokens of a scratch sequence to seed
+ * the step cost model (drafts, prompt chunks next to decodes); the best
+ * of three each. */
+static void cost_calibrate(struct tn_engine *e) {
+  /* speculating: 1 + K rows with logits, as a verify pass; else a prompt
+   * chunk's 9 rows, logits for the last */
+  bool spec = e->cfg.spec.method != TN_SPEC_OFF;
+  int32_t n2 = TN_MIN(1 + (spec ? e->cfg.spec.max_tokens : 8),
+                      e->cfg.step_tokens);
   struct tn_kv_seq ks;
   tn_kv_seq_init(&ks);
   double t[2] = {1e9, 1e9};
@@ -1303,7 +1330,7 @@ static void spec_calibrate(struct tn_engine *e) {
           b->token[i] = i % e->n_vocab;
           b->pos[i] = i;
           b->seq[i] = 0;
-          b->logits[i] = true;
+          b->logits[i] = spec || i == n - 1;
         }
         struct tn_batch cb = {.n_tokens = n, .token = b->token, .pos = b->pos,
                               .seq = b->seq, .logits = b->logits,
@@ -1317,16 +1344,18 @@ static void spec_calibrate(struct tn_engine *e) {
   tn_kv_seq_deinit(e->kv, &ks);
   if (t[0] < 1e9 && t[1] < 1e9) {
     tn_spec_cost_init(&e->cost, 1, t[0], n2, t[1]);
+    e->cost_ok = true;
   } else {
     /* no model to plan with: draft only what costs nothing extra */
     e->cost.a = 0.0;
     e->cost.b = 1.0;
     tn_log_warn("engine %s: could not time a verify pass (step tokens %d, "
-                "KV pool); speculation will draft very little",
+                "KV pool); speculation will draft very little and prompt "
+                "chunks next to decodes are not capped",
                 e->name, e->cfg.step_tokens);
   }
   tn_log_debug("engine %s: a step takes %.2f ms + %.3f ms per token "
-               "(speculation's cost model)",
+               "(the step cost model)",
                e->name, e->cost.a * 1e3, e->cost.b * 1e3);
 }
 
@@ -1478,7 +1507,7 @@ enum tn_status tn_engine_open(const char *path,
   }
   for (int32_t i = 0; i < hp->n_vocab; i++)
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
-  if (e->cfg.spec.method != TN_SPEC_OFF) spec_calibrate(e);
+  if (cost_model_used(e)) cost_calibrate(e);
   metrics_init(e);
   update_gauges(e);
   if (tn_thread_create(&e->thread, engine_main, e)) {

@@ -299,10 +299,13 @@ static bool hook_two_decoding(struct rec *rc, const struct rec_step *st,
 
 /* A long prompt admitted while others decode is chunked behind them: they
  * decode in every step, ahead of its chunks. */
-static void test_decode_first(void) {
+/* capped: decode_slowdown 1 lets a step carrying decodes add one block of
+ * prompt (the least it ever adds) */
+static void run_decode_first(bool capped) {
   struct rec rc;
   rec_init(&rc);
-  struct eng_opts o = {.max_seqs = 4, .step_tokens = 32, .gate = true};
+  struct eng_opts o = {.max_seqs = 4, .step_tokens = 32, .gate = true,
+                       .decode_slowdown = capped ? 1.0f : 0.0f};
   struct tn_engine *e = eng_open(&rc, &o);
   ASSERT(e != NULL);
   int32_t pa[10], pb[10], pc[150];
@@ -350,11 +353,12 @@ static void test_decode_first(void) {
       ASSERT(step_entry(&rc, s, iq)->decode);
       ASSERT_LT(iq, ic); /* batch order: decodes first */
     }
-    /* the chunk takes what the two decodes leave */
-    if (covered < 150) ASSERT_EQ(step_entry(&rc, s, ic)->n_tokens, 30);
+    /* the chunk takes what the two decodes leave, or the cap */
+    if (covered < 150)
+      ASSERT_EQ(step_entry(&rc, s, ic)->n_tokens, capped ? 16 : 30);
   }
   ASSERT_EQ(covered, 150);
-  ASSERT_EQ(n_chunk_steps, 5);
+  ASSERT_EQ(n_chunk_steps, capped ? 10 : 5);
   const int32_t *pr[3] = {pa, pb, pc};
   for (int i = 0; i < 3; i++) {
     struct out want;
@@ -364,6 +368,9 @@ static void test_decode_first(void) {
   }
   rec_deinit(&rc);
 }
+
+static void test_decode_first(void) { run_decode_first(false); }
+static void test_decode_first_capped(void) { run_decode_first(true); }
 
 /* A KV pool too small for everyone: the newest sequence is preempted and
  * recomputed later; nothing changes in the outputs. */
@@ -880,7 +887,7 @@ static void test_n_choices(void) {
 }
 
 TN_TEST_MAIN(TN_TEST(test_model), TN_TEST(test_admission),
-             TN_TEST(test_chunking), TN_TEST(test_decode_first),
+             TN_TEST(test_chunking), TN_TEST(test_decode_first), TN_TEST(test_decode_first_capped),
              TN_TEST(test_preemption), TN_TEST(test_preemption_prefix),
              TN_TEST(test_prefix_reuse), TN_TEST(test_cancel),
              TN_TEST(test_close_inflight), TN_TEST(test_batch_invariance),

@@ -426,6 +426,7 @@ struct eng_opts {
   bool no_prefix;
   struct tn_spec_config spec; /* method TN_SPEC_OFF (0) unless set */
   bool gate; /* start with the gate closed: the first step parks */
+  float decode_slowdown; /* tn_engine_config's (0: off) */
 };
 
 static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
@@ -442,6 +443,7 @@ static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
     cfg.kv_bytes = (size_t)o->kv_blocks *
                    tn_kv_block_bytes(N_LAYER, BLOCK, N_HEAD_KV * HEAD_DIM);
   cfg.prefix_cache = !o->no_prefix;
+  cfg.decode_slowdown = o->decode_slowdown;
   if (o->spec.method != TN_SPEC_OFF) {
     cfg.spec = o->spec;
     if (!cfg.spec.max_tokens) cfg.spec.max_tokens = 8;

@@ -908,6 +908,28 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
  * one token again, to learn whether its drafts got better. */
 #define SPEC_PROBE_STEPS 32
 
+/* Whether drafting cap tokens per step for s earns back the draft model's
+ * catch-up on the history its cache lacks (a prompt it has never seen,
+ * or what came since it last drafted): the saving per step (expected
+ * accepted drafts times a plain step, less the draft passes and verify
+ * slots they cost) times the steps left (up to max_tokens, counted to
+ * 256 at most) must exceed the catch-up's time, estimated from the
+ * target's per-token cost scaled by the draft's pass / the target's. */
+static bool catchup_pays(const struct tn_engine *e, const struct seq *s,
+                         double alpha, int32_t cap) {
+  int32_t lag = s->n_tokens - s->draft.n_done;
+  double tp = tn_drafter_pass_seconds(e->drafter);
+  double t1 = tn_spec_cost_time(&e->cost, 1);
+  if (lag <= 2 || tp <= 0.0 || t1 <= 0.0) return true;
+  double g = 1.0, gsum = 0.0;
+  for (int32_t j = 0; j < cap; j++) gsum += (g *= alpha);
+  double save = gsum * t1 - cap * (tp + e->cost.b);
+  int32_t left = TN_MIN(s->req->priv->params.max_tokens - s->n_gen, 256);
+  double steps = left / (1.0 + gsum);
+  double catchup = lag * e->cost.b * tp / t1;
+  return save * steps > catchup;
+}
+
 /* The draft model's proposals for every decoding sequence, in one batch
  * per draft position (draft.c). */
 static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
@@ -935,7 +957,7 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
       int32_t cap = 0;
       while (cap < k && (g *= alpha) >= cum_min) cap++;
       if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS) cap = 1;
-      if (cap == 0) continue;
+      if (cap == 0 || !catchup_pays(e, s, alpha, cap)) continue;
       k = cap;
     }
     const struct tn_gen_params *gp = &s->req->priv->params;
@@ -1508,6 +1530,19 @@ enum tn_status tn_engine_open(const char *path,
   for (int32_t i = 0; i < hp->n_vocab; i++)
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
   if (cost_model_used(e)) cost_calibrate(e);
+  if (e->drafter && e->cost_ok && !e->cfg.spec.every_draft) {
+    /* a draft pass against a plain step: what drafting can give here */
+    double tp = tn_drafter_pass_seconds(e->drafter);
+    double t1 = tn_spec_cost_time(&e->cost, 1);
+    double r = t1 > 0.0 ? tp / t1 : 0.0;
+    if (r > 0.3)
+      tn_log_warn("engine %s: a pass of draft model %s takes %.1f ms, %.0f%% "
+                  "of a step of the target (%.1f ms): drafts rarely pay "
+                  "for themselves at that ratio, so the engine will draft "
+                  "little (a draft about a tenth of its target's cost pays)",
+                  e->name, tn_drafter_model_name(e->drafter), tp * 1e3,
+                  r * 100.0, t1 * 1e3);
+  }
   metrics_init(e);
   update_gauges(e);
   if (tn_thread_create(&e->thread, engine_main, e)) {

@@ -231,9 +231,13 @@ int tn_cli_serve(int argc, char **argv) {
         ec.n_threads = TN_MIN(mc->threads, n_threads);
       }
       if (mc->chat_template) ec.chat_template = mc->chat_template;
+      /* a model's spec: draft without its own draft_model takes
+       * --draft-model's */
+      const char *dm = mc->draft_model;
+      if (!dm && mc->spec && !strcmp(mc->spec, "draft")) dm = draft_model;
       if ((mc->spec || mc->draft_model) &&
-          tn_cli_spec_setup("spec", mc->spec, mc->draft_model, &ec.spec,
-                            mdbuf, sizeof(mdbuf)))
+          tn_cli_spec_setup("spec", mc->spec, dm, &ec.spec, mdbuf,
+                            sizeof(mdbuf)))
         goto done;
       if (mc->spec_max_tokens > 0) ec.spec.max_tokens = mc->spec_max_tokens;
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;

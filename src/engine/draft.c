@@ -35,6 +35,8 @@
  * sequences: the draft's prefill is spread over steps instead of stalling
  * one step for a whole prompt. */
 #define CATCHUP_TOKENS 256
+/* Catch-ups this short go first. */
+#define SMALL_CATCHUP 4
 
 struct tn_drafter {
   struct tn_model *model;
@@ -202,6 +204,10 @@ double tn_drafter_pass_seconds(const struct tn_drafter *d) {
   return d->t_pass;
 }
 
+bool tn_drafter_kv_low(const struct tn_drafter *d) {
+  return tn_kv_n_free(d->kv) < tn_kv_n_blocks(d->kv) / 4;
+}
+
 void tn_draft_seq_init(struct tn_draft_seq *ds) {
   memset(ds, 0, sizeof(*ds));
   tn_kv_seq_init(&ds->kv);
@@ -214,7 +220,8 @@ void tn_draft_seq_drop(struct tn_drafter *d, struct tn_draft_seq *ds) {
 
 /* How much of the draft cache is still s's history: what it fed of its
  * last proposal counts only as far as the history took the same tokens. */
-static int32_t cache_valid(const struct tn_draft_seq *ds, const int32_t *tokens,
+static int32_t cache_valid(const struct tn_draft_seq *ds,
+                           const int32_t *tokens,
                            int32_t n_tokens) {
   int32_t valid = TN_MIN(ds->n_done, ds->n_base);
   for (int32_t j = 0; ds->n_base + j < ds->n_done; j++) {
@@ -267,24 +274,34 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
   b->n_tokens = 0;
   b->n_seqs = 0;
   int32_t budget = CATCHUP_TOKENS;
-  for (int32_t i = 0; i < n_reqs && b->n_seqs < d->max_seqs; i++) {
+  for (int32_t i = 0; i < n_reqs; i++) {
     struct tn_draft_req *r = &reqs[i];
     struct tn_draft_seq *ds = r->ds;
     r->got = 0;
     r->cum = 1.0f;
+    r->active = false;
     if (r->k <= 0 || r->n_tokens + r->k > d->n_ctx) continue;
-    int32_t valid = cache_valid(ds, r->tokens, r->n_tokens);
+    /* the last token is fed again even when the cache has it (its draft
+     * was accepted and then also sampled): its logits start the draft */
+    int32_t valid = TN_MIN(cache_valid(ds, r->tokens, r->n_tokens),
+                           r->n_tokens - 1);
     tn_kv_seq_truncate(d->kv, &ds->kv, valid);
     ds->n_done = valid;
     ds->kv.n_tokens = valid;
     ds->n_base = valid;
-    r->active = false;
+  }
+  /* the small catch-ups (the usual one or two tokens) first, so one long
+   * prompt cannot take every sequence's turn */
+  for (int pass = 0; pass < 2; pass++)
+  for (int32_t i = 0; i < n_reqs && b->n_seqs < d->max_seqs; i++) {
+    struct tn_draft_req *r = &reqs[i];
+    struct tn_draft_seq *ds = r->ds;
+    if (r->k <= 0 || r->n_tokens + r->k > d->n_ctx) continue;
+    int32_t valid = ds->n_done;
     int32_t need = r->n_tokens - valid;
+    if (need <= 0 || (need <= SMALL_CATCHUP) != (pass == 0)) continue;
     int32_t n = TN_MIN(need, budget);
-    if (n <= 0) {
-      /* (never: the last token is the target's newest) */
-      continue;
-    }
+    if (n <= 0) continue;
     /* room for the catch-up and the drafts fed after it */
     if (tn_kv_seq_reserve(d->kv, &ds->kv, valid + n + r->k) != TN_OK) {
       tn_kv_seq_truncate(d->kv, &ds->kv, valid);

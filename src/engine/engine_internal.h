@@ -79,6 +79,8 @@ enum tn_status tn_drafter_open(const char *path,
                                struct tn_error *err);
 void tn_drafter_free(struct tn_drafter *d);
 const char *tn_drafter_model_name(const struct tn_drafter *d);
+/* Fewer than a quarter of the draft's KV blocks are free. */
+bool tn_drafter_kv_low(const struct tn_drafter *d);
 /* Decayed mean time of one drafting pass (one token per sequence). */
 double tn_drafter_pass_seconds(const struct tn_drafter *d);
 void tn_draft_seq_init(struct tn_draft_seq *ds);

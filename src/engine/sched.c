@@ -908,6 +908,9 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
  * one token again, to learn whether its drafts got better. */
 #define SPEC_PROBE_STEPS 32
 
+/* A probe may spend on catching up what this many plain steps take. */
+#define PROBE_STEPS_WORTH 4
+
 /* Whether drafting cap tokens per step for s earns back the draft model's
  * catch-up on the history its cache lacks (a prompt it has never seen,
  * or what came since it last drafted): the saving per step (expected
@@ -916,11 +919,13 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
  * 256 at most) must exceed the catch-up's time, estimated from the
  * target's per-token cost scaled by the draft's pass / the target's. */
 static bool catchup_pays(const struct tn_engine *e, const struct seq *s,
-                         double alpha, int32_t cap) {
+                         double alpha, int32_t cap, bool probe) {
   int32_t lag = s->n_tokens - s->draft.n_done;
   double tp = tn_drafter_pass_seconds(e->drafter);
   double t1 = tn_spec_cost_time(&e->cost, 1);
   if (lag <= 2 || tp <= 0.0 || t1 <= 0.0) return true;
+  /* a probe only asks that its catch-up cost a few plain steps at most */
+  if (probe) return lag * e->cost.b * tp / t1 <= PROBE_STEPS_WORTH * t1;
   double g = 1.0, gsum = 0.0;
   for (int32_t j = 0; j < cap; j++) gsum += (g *= alpha);
   double save = gsum * t1 - cap * (tp + e->cost.b);
@@ -956,12 +961,23 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
       double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0), g = 1.0;
       int32_t cap = 0;
       while (cap < k && (g *= alpha) >= cum_min) cap++;
-      if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS) cap = 1;
-      if (cap == 0 || !catchup_pays(e, s, alpha, cap)) continue;
+      bool probe = false;
+      if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS) {
+        cap = 1;
+        probe = true;
+      }
+      if (cap == 0 || !catchup_pays(e, s, alpha, cap, probe)) {
+        /* not drafting: its draft cache goes back when the pool runs
+         * low (a long-idle cache is worth less than a fresh one) */
+        if (tn_drafter_kv_low(e->drafter))
+          tn_draft_seq_drop(e->drafter, &s->draft);
+        continue;
+      }
       k = cap;
     }
     const struct tn_gen_params *gp = &s->req->priv->params;
-    int32_t masked = gp->ignore_eos ? k : gp->min_tokens - s->n_gen - 1;
+    /* draft i is token n_gen + i: masked while that is below min_tokens */
+    int32_t masked = gp->ignore_eos ? k : gp->min_tokens - s->n_gen;
     e->dreqs[n++] = (struct tn_draft_req){.ds = &s->draft,
                                           .tokens = s->tokens,
                                           .n_tokens = s->n_tokens,
@@ -1147,17 +1163,19 @@ static bool engine_step(struct tn_engine *e) {
     s->n_draft = 0;
     s->decode = false;
   }
-  int32_t n_dec = 0;
+  int32_t n_dec = 0, prompt_left = INT32_MAX;
   for (int pass = 0; pass < 2; pass++) {
-    if (pass == 1) budget = TN_MIN(budget, prompt_cap(e, n_dec));
+    if (pass == 1) prompt_left = prompt_cap(e, n_dec);
     for (struct seq *s = e->admitted, *next; s; s = next) {
       int32_t pending = s->n_tokens - s->n_done;
       bool decode = pending == 1 && s->n_gen > 0;
-      if (decode != (pass == 0) || budget <= 0) {
+      if (decode != (pass == 0) || budget <= 0 ||
+          (!decode && prompt_left <= 0)) {
         next = s->next;
         continue;
       }
-      int32_t n = TN_MIN(pending, budget);
+      int32_t n = TN_MIN(pending, decode ? budget
+                                         : TN_MIN(budget, prompt_left));
       if (!seq_reserve(e, s, n, &budget)) {
         next = s->next;
         seq_preempt(e, s);
@@ -1168,6 +1186,7 @@ static bool engine_step(struct tn_engine *e) {
       s->decode = decode;
       budget -= n;
       n_dec += decode;
+      if (!decode) prompt_left -= n;
     }
   }
   /* Drafts for the decodes, from what budget and free blocks are left
@@ -1176,10 +1195,11 @@ static bool engine_step(struct tn_engine *e) {
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
-  while (e->waiting && budget > 0 && e->n_admitted < e->cfg.max_seqs) {
+  while (e->waiting && budget > 0 && prompt_left > 0 &&
+         e->n_admitted < e->cfg.max_seqs) {
     struct seq *s = e->waiting;
     seq_prefix_lookup(e, s);
-    int32_t n = TN_MIN(s->n_tokens - s->n_done, budget);
+    int32_t n = TN_MIN(s->n_tokens - s->n_done, TN_MIN(budget, prompt_left));
     /* Check first: a reserve that fails half-way would have evicted
      * cached prefix blocks for nothing. */
     int32_t need = (s->n_done + n + BLOCK_SIZE - 1) / BLOCK_SIZE - s->kv.n_blocks;
@@ -1219,6 +1239,7 @@ static bool engine_step(struct tn_engine *e) {
     s->decode = false;
     batch_add(e, s, n);
     budget -= n;
+    prompt_left -= n;
   }
   if (b->n_tokens == 0) {
     update_gauges(e);
@@ -1443,6 +1464,13 @@ enum tn_status tn_engine_open(const char *path,
     goto fail;
   }
   if (sc->method == TN_SPEC_OFF) sc->max_tokens = 0;
+  if (!(e->cfg.decode_slowdown == 0.0f ||
+        (e->cfg.decode_slowdown >= 1.0f && e->cfg.decode_slowdown <= 100.0f))) {
+    st = tn_error_set(err, TN_EINVAL,
+                      "--decode-slowdown %g: 0 (no limit) or 1..100",
+                      (double)e->cfg.decode_slowdown);
+    goto fail;
+  }
   int32_t n_kv_dim = hp->n_head_kv * hp->head_dim;
   size_t block_bytes = tn_kv_block_bytes(hp->n_layer, BLOCK_SIZE, n_kv_dim);
   size_t kv_bytes = cfg->kv_bytes;

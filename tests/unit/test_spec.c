@@ -437,6 +437,10 @@ static void test_bad_config(void) {
   cfg.spec.ngram_min = 3;
   cfg.spec.ngram_max = 2;
   ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  tn_engine_config_default(&cfg);
+  cfg.decode_slowdown = 0.5f; /* 0 (off) or at least 1 */
+  ASSERT_EQ(tn_engine_open(path, &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT_SUBSTR(err.msg, "decode-slowdown");
   ASSERT(e == NULL);
 }
 

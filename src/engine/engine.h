@@ -355,6 +355,8 @@ struct tn_engine_stats {
   /* speculation: drafts verified (one per sequence and step), drafted and
    * accepted tokens, accepted tokens by position in their draft */
   uint64_t spec_drafts, spec_drafted, spec_accepted;
+  uint64_t spec_declined;  /* sequence-steps the cost model kept from
+                              drafting (draft model) */
   uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
 };
 void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);

@@ -138,6 +138,7 @@ struct model_metrics {
   struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
   struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
   struct tn_metric *spec_skipped, *spec_verify_s, *spec_draft_s;
+  struct tn_metric *spec_declined;
   struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
@@ -185,6 +186,7 @@ struct tn_engine {
   struct tn_drafter *drafter; /* TN_SPEC_DRAFT */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
+  uint64_t n_spec_declined;
   uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
   size_t text_cap;
@@ -407,6 +409,10 @@ static void metrics_init(struct tn_engine *e) {
     "Time of forward passes that verified drafts.");
   S(spec_draft_s, "tern_spec_decode_draft_seconds_total",
     "Time spent proposing drafts (draft model passes, n-gram lookups).");
+  S(spec_declined, "tern_spec_decode_num_declined_total",
+    "Decoding steps in which a sequence did not draft because the cost "
+    "model expected drafting not to pay (draft model: passes, verify "
+    "slots, catching up).");
 #undef S
   f = tn_metrics_family(r, TN_METRIC_COUNTER,
                         "tern_spec_decode_num_accepted_tokens_per_pos_total",
@@ -967,6 +973,8 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
         probe = true;
       }
       if (cap == 0 || !catchup_pays(e, s, alpha, cap, probe)) {
+        metric_add(e->mm.spec_declined, 1);
+        e->n_spec_declined++;
         /* not drafting: its draft cache goes back when the pool runs
          * low (a long-idle cache is worth less than a fresh one) */
         if (tn_drafter_kv_low(e->drafter))
@@ -1098,6 +1106,7 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.spec_drafts = e->n_spec_drafts;
   e->stats.spec_drafted = e->n_spec_drafted;
   e->stats.spec_accepted = e->n_spec_accepted;
+  e->stats.spec_declined = e->n_spec_declined;
   memcpy(e->stats.spec_accepted_pos, e->n_spec_accepted_pos,
          sizeof(e->stats.spec_accepted_pos));
   int32_t waiting = e->n_waiting_total;
@@ -1564,8 +1573,8 @@ enum tn_status tn_engine_open(const char *path,
     double t1 = tn_spec_cost_time(&e->cost, 1);
     double r = t1 > 0.0 ? tp / t1 : 0.0;
     if (r > 0.3)
-      tn_log_warn("engine %s: a pass of draft model %s takes %.1f ms, %.0f%% "
-                  "of a step of the target (%.1f ms): drafts rarely pay "
+      tn_log_warn("engine %s: a pass of draft model %s takes %.2f ms, %.0f%% "
+                  "of a step of the target (%.2f ms): drafts rarely pay "
                   "for themselves at that ratio, so the engine will draft "
                   "little (a draft about a tenth of its target's cost pays)",
                   e->name, tn_drafter_model_name(e->drafter), tp * 1e3,

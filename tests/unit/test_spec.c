@@ -509,6 +509,23 @@ static void test_draft_model(void) {
           ASSERT_LT(rn.stats.spec_accepted, rn.stats.spec_drafted);
       }
   }
+  /* the cost model's choice: a draft as costly as its target (itself)
+   * never pays, so it is declined, and the answer is the same */
+  memset(&rn, 0, sizeof(rn));
+  rn.n = 1;
+  rn.p = greedy(gen_len());
+  rn.np[0] = 20;
+  make_prompt(600, rn.prompts[0], rn.np[0]);
+  ASSERT(plain_outputs(&rn, want));
+  rn.o = (struct eng_opts){.max_seqs = 4, .n_threads = 2};
+  rn.o.spec.method = TN_SPEC_DRAFT;
+  rn.o.spec.draft_model = model_path();
+  rn.o.spec.max_tokens = 4;
+  run_spec(&rn);
+  ASSERT(rn.ok);
+  ASSERT(out_same("draft model, cost policy", &rn.got[0], &want[0]));
+  ASSERT_GT(rn.stats.spec_declined, 0);
+
   /* a pool too small for everyone: preemption drops draft caches too */
   memset(&rn, 0, sizeof(rn));
   rn.n = 6;

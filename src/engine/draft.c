@@ -280,7 +280,8 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
     r->got = 0;
     r->cum = 1.0f;
     r->active = false;
-    if (r->k <= 0 || r->n_tokens + r->k > d->n_ctx) continue;
+    if (r->n_tokens + r->k > d->n_ctx) r->k = 0; /* no room to draft */
+    if (r->k <= 0) continue;
     /* the last token is fed again even when the cache has it (its draft
      * was accepted and then also sampled): its logits start the draft */
     int32_t valid = TN_MIN(cache_valid(ds, r->tokens, r->n_tokens),
@@ -292,35 +293,35 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
   }
   /* the small catch-ups (the usual one or two tokens) first, so one long
    * prompt cannot take every sequence's turn */
-  for (int pass = 0; pass < 2; pass++)
-  for (int32_t i = 0; i < n_reqs && b->n_seqs < d->max_seqs; i++) {
-    struct tn_draft_req *r = &reqs[i];
-    struct tn_draft_seq *ds = r->ds;
-    if (r->k <= 0 || r->n_tokens + r->k > d->n_ctx) continue;
-    int32_t valid = ds->n_done;
-    int32_t need = r->n_tokens - valid;
-    if (need <= 0 || (need <= SMALL_CATCHUP) != (pass == 0)) continue;
-    int32_t n = TN_MIN(need, budget);
-    if (n <= 0) continue;
-    /* room for the catch-up and the drafts fed after it */
-    if (tn_kv_seq_reserve(d->kv, &ds->kv, valid + n + r->k) != TN_OK) {
-      tn_kv_seq_truncate(d->kv, &ds->kv, valid);
-      continue;
+  for (int pass = 0; pass < 2; pass++) {
+    for (int32_t i = 0; i < n_reqs && b->n_seqs < d->max_seqs; i++) {
+      struct tn_draft_req *r = &reqs[i];
+      struct tn_draft_seq *ds = r->ds;
+      int32_t valid = ds->n_done;
+      int32_t need = r->n_tokens - valid;
+      int32_t n = TN_MIN(need, budget);
+      if (r->k <= 0 || n <= 0 || (need <= SMALL_CATCHUP) != (pass == 0))
+        continue;
+      /* room for the catch-up and the drafts fed after it */
+      if (tn_kv_seq_reserve(d->kv, &ds->kv, valid + n + r->k) != TN_OK) {
+        tn_kv_seq_truncate(d->kv, &ds->kv, valid);
+        continue;
+      }
+      int32_t si = b->n_seqs++;
+      b->seqs[si] = &ds->kv;
+      d->slot[si] = i;
+      for (int32_t j = 0; j < n; j++) {
+        int32_t t = b->n_tokens++;
+        b->token[t] = r->tokens[valid + j];
+        b->pos[t] = valid + j;
+        b->seq[t] = si;
+        b->logits[t] = false;
+      }
+      budget -= n;
+      r->active = n == need; /* caught up: it drafts */
+      b->logits[b->n_tokens - 1] = r->active;
+      ds->n_done = ds->n_base = valid + n; /* drafts are fed from here */
     }
-    int32_t si = b->n_seqs++;
-    b->seqs[si] = &ds->kv;
-    d->slot[si] = i;
-    for (int32_t j = 0; j < n; j++) {
-      int32_t t = b->n_tokens++;
-      b->token[t] = r->tokens[valid + j];
-      b->pos[t] = valid + j;
-      b->seq[t] = si;
-      b->logits[t] = false;
-    }
-    budget -= n;
-    r->active = n == need; /* caught up: it drafts */
-    b->logits[b->n_tokens - 1] = r->active;
-    ds->n_done = ds->n_base = valid + n; /* drafts are fed from here */
   }
   for (int32_t round = 0; b->n_tokens > 0; round++) {
     struct tn_error err;

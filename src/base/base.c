@@ -200,3 +200,39 @@ enum tn_status tn_file_read(const char *path, char **out, size_t *size,
   *size = n;
   return TN_OK;
 }
+
+size_t tn_utf8_decode(const uint8_t *s, size_t n, uint32_t *cpt) {
+  if (n == 0) return 0;
+  uint8_t c = s[0];
+  if (c < 0x80) {
+    *cpt = c;
+    return 1;
+  }
+  size_t need;
+  uint32_t v;
+  uint8_t lo = 0x80, hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) {
+    need = 2;
+    v = c & 0x1F;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    need = 3;
+    v = c & 0x0F;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    need = 4;
+    v = c & 0x07;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (n < need) return 0;
+  for (size_t i = 1; i < need; i++) {
+    uint8_t b = s[i];
+    if (i == 1 ? (b < lo || b > hi) : (b & 0xC0) != 0x80) return 0;
+    v = (v << 6) | (b & 0x3F);
+  }
+  *cpt = v;
+  return need;
+}

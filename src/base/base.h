@@ -111,6 +111,13 @@ void tn_buf_printf(struct tn_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void tn_buf_free(struct tn_buf *b);
 
+/* ---- UTF-8 */
+
+/* Strict decode of one character at s (n bytes left): returns its length
+ * and sets *cpt, or 0 if invalid (overlong, surrogate, past U+10FFFF) or
+ * incomplete. */
+size_t tn_utf8_decode(const uint8_t *s, size_t n, uint32_t *cpt);
+
 /* ---- clocks */
 
 uint64_t tn_time_ns(void); /* monotonic */

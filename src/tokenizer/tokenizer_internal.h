@@ -156,9 +156,6 @@ int tn_bpe_cpt_to_byte(uint32_t cpt); /* -1 if not a mapped codepoint */
 
 /* UTF-8 helpers. */
 size_t tn_utf8_encode(uint32_t cpt, char *out); /* llama.cpp-lenient, 1..4 */
-/* Strict decode of one character at s (n bytes left): returns its length
- * and sets *cpt, or 0 if invalid/incomplete. */
-size_t tn_utf8_decode(const uint8_t *s, size_t n, uint32_t *cpt);
 /* llama.cpp's unicode_len_utf8: sequence length from the lead byte's high
  * nibble alone (0-B: 1, C-D: 2, E: 3, F: 4). */
 static inline size_t tn_utf8_len_lead(uint8_t c) {

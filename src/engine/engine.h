@@ -116,6 +116,7 @@ struct tn_stop_match tn_stop_scan(const char *text, size_t len,
  * blocks); results go out through the request object, which the engine
  * fills under its lock and announces with the notify callback. */
 
+struct tn_grammar;
 struct tn_metrics;
 struct tn_model;
 struct tn_tokenizer;
@@ -144,6 +145,8 @@ struct tn_gen_params {
   int32_t n_stops;
   bool speculative;            /* use the engine's speculation (default
                                   true; false: plain decoding) */
+  struct tn_grammar *grammar;  /* the output must follow it (NULL: free);
+                                  the request keeps a reference */
 };
 void tn_gen_params_default(struct tn_gen_params *p);
 
@@ -358,6 +361,10 @@ struct tn_engine_stats {
   uint64_t spec_declined;  /* sequence-steps the cost model kept from
                               drafting (draft model) */
   uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
+  /* constrained output: masks computed or looked up, their time, tokens
+   * appended without a pass (early exit) */
+  uint64_t grammar_masks, grammar_forced;
+  double grammar_seconds;
 };
 void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);
 

@@ -41,6 +41,7 @@
 #include <time.h>
 
 #include "engine/engine_internal.h"
+#include "grammar/grammar.h"
 #include "kv/kv.h"
 #include "model/model.h"
 #include "obs/obs.h"
@@ -80,6 +81,9 @@ void tn_engine_config_default(struct tn_engine_config *c) {
   c->spec.ngram_max = 4;
   c->spec.draft_p_min = 0.3f;
 }
+
+/* Token masks remembered per engine, by grammar and parse state. */
+#define GRAMMAR_CACHE_BYTES (64u << 20)
 
 /* ---- requests and sequences */
 
@@ -131,6 +135,8 @@ struct seq {
   bool decode;                /* planned as a decode this step */
   bool cached_reported;       /* its request's n_cached is set */
   struct tn_draft_seq draft;  /* its place in the draft model's cache */
+  struct tn_grammar_matcher *gm; /* when its request has a grammar */
+  char error[200];            /* why it finished with an error */
   struct seq *next;
 };
 
@@ -139,6 +145,8 @@ struct model_metrics {
   struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
   struct tn_metric *spec_skipped, *spec_verify_s, *spec_draft_s;
   struct tn_metric *spec_declined;
+  struct tn_metric *grammar_masks, *grammar_cached, *grammar_s,
+      *grammar_forced;
   struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
@@ -187,6 +195,10 @@ struct tn_engine {
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
   uint64_t n_spec_declined;
+  struct tn_grammar_vocab *gvocab; /* made at the first grammar request */
+  uint64_t *gmask;            /* one mask, n_vocab bits */
+  uint64_t n_grammar_masks, n_grammar_forced;
+  double grammar_s;
   uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
   size_t text_cap;
@@ -237,6 +249,7 @@ static void req_free(struct tn_req *r) {
   free(p->stops);
   free(p->bias);
   free(p->prompt);
+  tn_grammar_release(p->params.grammar);
   pthread_mutex_destroy(&p->mu);
   free(p);
   free(r);
@@ -380,6 +393,16 @@ static void metrics_init(struct tn_engine *e) {
     "KV cache blocks held by sequences.");
   C(kv_free, TN_METRIC_GAUGE, "tern_kv_blocks_free",
     "KV cache blocks free or cached for reuse.");
+  C(grammar_masks, TN_METRIC_COUNTER, "tern_grammar_masks_total",
+    "Token masks of constrained requests (grammar, JSON schema, regex, "
+    "choice), computed or from the mask cache.");
+  C(grammar_cached, TN_METRIC_COUNTER, "tern_grammar_mask_cache_hits_total",
+    "Token masks taken from the mask cache.");
+  C(grammar_s, TN_METRIC_COUNTER, "tern_grammar_mask_seconds_total",
+    "Time spent computing token masks.");
+  C(grammar_forced, TN_METRIC_COUNTER, "tern_grammar_forced_tokens_total",
+    "Tokens appended without a forward pass because the grammar left only "
+    "one way to finish (early exit).");
 #undef H
 #undef C
   static const char *const labels[] = {"model", "outcome"};
@@ -478,6 +501,23 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   s->cap_tokens = p->n_prompt + 16;
   tn_sampler_add_prompt(s->sampler, p->prompt, (size_t)p->n_prompt);
   tn_detok_init(&s->detok, e->tok, false);
+  if (p->params.grammar) {
+    if (!e->gvocab &&
+        (tn_grammar_vocab_new(e->tok, GRAMMAR_CACHE_BYTES, &e->gvocab,
+                              &err) != TN_OK ||
+         !(e->gmask = calloc(((size_t)e->n_vocab + 63) / 64, 8)))) {
+      tn_grammar_vocab_free(e->gvocab);
+      e->gvocab = NULL;
+      tn_log_error("engine %s: grammar vocabulary: %s", e->name, err.msg);
+    }
+    if (!e->gvocab || tn_grammar_matcher_new(p->params.grammar, e->gvocab,
+                                             &s->gm, &err) != TN_OK) {
+      tn_sampler_free(s->sampler);
+      free(s->tokens);
+      free(s);
+      return NULL;
+    }
+  }
   atomic_fetch_add(&p->refs, 1);
   return s;
 }
@@ -486,6 +526,7 @@ static void seq_free(struct tn_engine *e, struct seq *s) {
   tn_kv_seq_deinit(e->kv, &s->kv);
   tn_draft_seq_drop(e->drafter, &s->draft);
   tn_sampler_free(s->sampler);
+  tn_grammar_matcher_free(s->gm);
   free(s->tokens);
   free(s->held);
   req_unref(s->req);
@@ -767,12 +808,57 @@ static bool seq_emit_text(struct tn_engine *e, struct seq *s, const char *t,
   return false;
 }
 
-/* EOG tokens are masked under ignore_eos and before min_tokens. */
-static void seq_mask(const struct tn_engine *e, const struct seq *s,
-                     float *logits) {
+enum mask_result {
+  MASK_OK,
+  MASK_END,   /* the grammar is complete and allows nothing more */
+  MASK_ERROR, /* s->error says why */
+};
+
+/* Applies the grammar's token mask; MASK_END when no token is left and
+ * the grammar may end there. */
+static enum mask_result seq_grammar_mask(struct tn_engine *e, struct seq *s,
+                                         float *logits) {
+  struct tn_error err = {0};
+  double t0 = tn_time_s();
+  struct tn_grammar_vocab_stats before;
+  tn_grammar_vocab_stats(e->gvocab, &before);
+  if (tn_grammar_matcher_mask(s->gm, e->gmask, &err) != TN_OK) {
+    snprintf(s->error, sizeof s->error, "%.199s", err.msg);
+    return MASK_ERROR;
+  }
+  struct tn_grammar_vocab_stats after;
+  tn_grammar_vocab_stats(e->gvocab, &after);
+  double dt = tn_time_s() - t0;
+  e->grammar_s += dt;
+  e->n_grammar_masks++;
+  metric_add(e->mm.grammar_masks, 1);
+  metric_add(e->mm.grammar_s, dt);
+  if (after.cache_hits > before.cache_hits) metric_add(e->mm.grammar_cached, 1);
+  bool any = false;
+  int32_t words = (e->n_vocab + 63) / 64;
+  for (int32_t w = 0; w < words; w++) {
+    uint64_t m = e->gmask[w];
+    int32_t base = w * 64;
+    for (int32_t j = 0; j < 64 && base + j < e->n_vocab; j++) {
+      if ((m >> j) & 1) any |= logits[base + j] > -INFINITY;
+      else logits[base + j] = -INFINITY;
+    }
+  }
+  if (any) return MASK_OK;
+  if (tn_grammar_matcher_can_end(s->gm)) return MASK_END;
+  snprintf(s->error, sizeof s->error,
+           "grammar: no token can continue the output here");
+  return MASK_ERROR;
+}
+
+/* EOG tokens are masked under ignore_eos and before min_tokens; then the
+ * grammar's mask, if any. */
+static enum mask_result seq_mask(struct tn_engine *e, struct seq *s,
+                                 float *logits) {
   const struct tn_gen_params *gp = &s->req->priv->params;
   if (gp->ignore_eos || s->n_gen < gp->min_tokens)
     for (int32_t i = 0; i < e->n_eog; i++) logits[e->eog[i]] = -INFINITY;
+  return s->gm ? seq_grammar_mask(e, s, logits) : MASK_OK;
 }
 
 /* Appends a chosen token to s and its choice: logprobs, timing, text,
@@ -783,6 +869,11 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
   struct tn_req_priv *p = r->priv;
   const struct tn_gen_params *gp = &p->params;
   bool early = s->n_gen < gp->min_tokens;
+  if (s->gm && !tn_grammar_matcher_accept(s->gm, out->id)) {
+    snprintf(s->error, sizeof s->error,
+             "grammar: token %d does not continue the output", out->id);
+    return TN_FINISH_ERROR;
+  }
   if (!seq_push_token(s, out->id)) return TN_FINISH_ERROR;
   s->n_gen++;
   struct tn_choice *c = &r->choices[s->choice];
@@ -822,14 +913,64 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
   return TN_FINISH_NONE;
 }
 
+/* Early exit: once the grammar leaves one way to finish, the rest is
+ * appended without forward passes (tokens the tokenizer gives for the
+ * forced text, logprob 0) and the sequence ends; a grammar that allows
+ * nothing more ends it at once, without a pass for the end token. Not
+ * when logprobs were asked for (they would not be the model's) or when
+ * the rest would pass max_tokens (the plain answer would be cut). */
+static enum tn_finish seq_grammar_exit(struct tn_engine *e, struct seq *s,
+                                       double now) {
+  if (tn_grammar_matcher_done(s->gm)) return TN_FINISH_STOP;
+  const struct tn_gen_params *gp = &s->req->priv->params;
+  if (gp->logprobs) return TN_FINISH_NONE;
+  char buf[512];
+  bool completes = false;
+  size_t n = tn_grammar_matcher_forced(s->gm, buf, sizeof buf, &completes);
+  if (!completes || n == 0) return TN_FINISH_NONE;
+  int32_t *ids = NULL;
+  size_t n_ids = 0;
+  struct tn_error err;
+  if (tn_tokenizer_encode(e->tok, buf, n, false, false, &ids, &n_ids, &err) !=
+      TN_OK)
+    return TN_FINISH_NONE;
+  enum tn_finish f = TN_FINISH_NONE;
+  if (s->n_gen + (int32_t)n_ids <= gp->max_tokens &&
+      s->n_tokens + (int32_t)n_ids <= e->n_ctx) {
+    for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
+      struct tn_sample_out out = {.id = ids[i]};
+      f = seq_take(e, s, &out, now);
+      e->n_grammar_forced++;
+      metric_add(e->mm.grammar_forced, 1);
+    }
+    if (f == TN_FINISH_NONE) f = TN_FINISH_STOP;
+  }
+  free(ids);
+  return f;
+}
+
+/* seq_take, then the grammar's early exit. */
+static enum tn_finish seq_take_token(struct tn_engine *e, struct seq *s,
+                                     const struct tn_sample_out *out,
+                                     double now) {
+  enum tn_finish f = seq_take(e, s, out, now);
+  if (f == TN_FINISH_NONE && s->gm) f = seq_grammar_exit(e, s, now);
+  return f;
+}
+
+static enum tn_finish mask_finish(enum mask_result m) {
+  return m == MASK_END ? TN_FINISH_STOP : TN_FINISH_ERROR;
+}
+
 /* Samples the next token of s from its logits row; returns the finish
  * reason (NONE to go on). */
 static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
                                  float *logits, double now) {
-  seq_mask(e, s, logits);
+  enum mask_result m = seq_mask(e, s, logits);
+  if (m != MASK_OK) return mask_finish(m);
   struct tn_sample_out out;
   tn_sampler_sample(s->sampler, logits, &out);
-  return seq_take(e, s, &out, now);
+  return seq_take_token(e, s, &out, now);
 }
 
 /* Verifies the k drafts that follow s's last token: rows[i] holds the
@@ -847,7 +988,11 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
   enum tn_finish f = TN_FINISH_NONE;
   for (int32_t i = 0; i <= k; i++) {
     float *row = rows + (size_t)i * (size_t)e->n_vocab;
-    seq_mask(e, s, row);
+    enum mask_result m = seq_mask(e, s, row);
+    if (m != MASK_OK) {
+      f = mask_finish(m);
+      break;
+    }
     struct tn_sample_out out;
     bool ok = false;
     if (i < k)
@@ -855,7 +1000,7 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
     else
       tn_sampler_sample(s->sampler, row, &out);
     if (ok) (*accepted)++;
-    f = seq_take(e, s, &out, now);
+    f = seq_take_token(e, s, &out, now);
     if (f != TN_FINISH_NONE || !ok) break;
   }
   /* Accounting: per choice for usage, per position for the metrics. */
@@ -1107,6 +1252,9 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.spec_drafted = e->n_spec_drafted;
   e->stats.spec_accepted = e->n_spec_accepted;
   e->stats.spec_declined = e->n_spec_declined;
+  e->stats.grammar_masks = e->n_grammar_masks;
+  e->stats.grammar_forced = e->n_grammar_forced;
+  e->stats.grammar_seconds = e->grammar_s;
   memcpy(e->stats.spec_accepted_pos, e->n_spec_accepted_pos,
          sizeof(e->stats.spec_accepted_pos));
   int32_t waiting = e->n_waiting_total;
@@ -1316,7 +1464,10 @@ static bool engine_step(struct tn_engine *e) {
     if (f != TN_FINISH_NONE) {
       list_remove(&e->admitted, s);
       e->n_admitted--;
-      seq_finish(e, s, f, f == TN_FINISH_ERROR ? "out of memory" : NULL);
+      seq_finish(e, s, f,
+                 f != TN_FINISH_ERROR ? NULL
+                 : s->error[0]        ? s->error
+                                      : "out of memory");
       seq_free(e, s);
     }
   }
@@ -1618,6 +1769,8 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->text_buf);
   free(e->eog);
   free(e->dreqs);
+  tn_grammar_vocab_free(e->gvocab);
+  free(e->gmask);
   tn_drafter_free(e->drafter);
   tn_ctx_free(e->ctx);
   tn_kv_pool_free(e->kv);
@@ -1678,6 +1831,12 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
                         TN_GEN_STOPS_MAX);
   enum tn_status st = tn_sampling_check(&params->sampling, e->n_vocab, err);
   if (st) return st;
+  if (params->grammar) { /* its start must expand within the bounds */
+    struct tn_grammar_matcher *m = NULL;
+    st = tn_grammar_matcher_new(params->grammar, NULL, &m, err);
+    tn_grammar_matcher_free(m);
+    if (st) return st;
+  }
 
   struct tn_req *r = calloc(1, sizeof(*r));
   struct tn_req_priv *p = calloc(1, sizeof(*p));
@@ -1693,6 +1852,7 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
   p->notify = notify;
   p->user = user;
   p->params = *params;
+  if (p->params.grammar) tn_grammar_retain(p->params.grammar);
   int32_t room = e->n_ctx - n_prompt;
   if (p->params.max_tokens <= 0 || p->params.max_tokens > room)
     p->params.max_tokens = room;

@@ -6,10 +6,12 @@
  * last of duplicate keys), then every known field is checked for its JSON
  * type and its range. Unknown fields are ignored (clients send extras),
  * except those that would change what the output means and that tern
- * does not do yet (response_format other than text, tools, grammars,
- * suffix, best_of above n, audio): those are refused with a 400 naming
- * them (unsupported()), never silently ignored. null means "absent" for
- * every optional field. Each rejection is a 400
+ * does not do yet (tools, suffix, best_of above n, audio): those are
+ * refused with a 400 naming them (unsupported()), never silently ignored.
+ * Output constraints (response_format, structured_outputs, guided_*,
+ * grammar, json_schema) compile to a grammar here, so a bad schema is a
+ * 400 before anything runs. null means "absent" for every optional
+ * field. Each rejection is a 400
  * whose `param` names the field (nested ones as "messages[2].content") and
  * whose message names the bad value, quoted the way JSON would write it.
  * String lengths always come from json_string_length(), never strlen(), so
@@ -28,6 +30,8 @@
  * nothing here locks.
  */
 #include "server/api.h"
+
+#include "grammar/grammar.h"
 
 #include <jansson.h>
 #include <inttypes.h>
@@ -617,8 +621,6 @@ static int parse_bias(const json_t *o, struct tn_api_request *q,
   return 0;
 }
 
-/* ---- the request */
-
 /* A 400 for a field tern does not support yet, code
  * "unsupported_parameter". */
 __attribute__((format(printf, 3, 4))) static int unsupported_field(
@@ -631,13 +633,127 @@ __attribute__((format(printf, 3, 4))) static int unsupported_field(
   return r;
 }
 
-/* Fields that change what the output means, which we cannot honour yet:
- * answering without them would hand the client something else than it
- * asked for (free text where it parses JSON, no tool call where it waits
- * for one). */
-static int unsupported(enum tn_api_kind kind, const json_t *o,
-                       const struct tn_api_request *q,
-                       struct tn_api_error *err) {
+/* ---- constrained output
+ *
+ * Where a request asks for a shape of output, and the grammar that
+ * makes it: OpenAI's response_format (json_object, json_schema), vLLM's
+ * structured_outputs {json, regex, choice, grammar, json_object} and its
+ * older guided_json / guided_regex / guided_choice / guided_grammar, and
+ * llama.cpp's grammar / json_schema. One of them per request. */
+
+static int compile_error(struct tn_api_error *err, const char *param,
+                         const struct tn_error *e) {
+  if (e->status == TN_ENOMEM) return oom(err);
+  return bad(err, param, "%s: %s", param, e->msg);
+}
+
+/* A schema given as an object (or boolean) or as JSON text. */
+static int schema_grammar(const json_t *v, const char *param,
+                          struct tn_grammar **g, struct tn_api_error *err) {
+  struct tn_error e = {0};
+  char *text = NULL;
+  size_t len;
+  if (json_is_string(v)) {
+    len = json_string_length(v);
+    text = dup_bytes(json_string_value(v), len);
+  } else if (json_is_object(v) || json_is_boolean(v)) {
+    text = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    len = text ? strlen(text) : 0;
+  } else {
+    return bad(err, param, "'%s' must be a JSON schema (an object), got %s",
+               param, show(v).s);
+  }
+  if (!text) return oom(err);
+  enum tn_status st = tn_grammar_from_json_schema(text, len, g, &e);
+  free(text);
+  return st == TN_OK ? 0 : compile_error(err, param, &e);
+}
+
+static int string_grammar(const json_t *v, const char *param, bool regex,
+                          struct tn_grammar **g, struct tn_api_error *err) {
+  if (!json_is_string(v))
+    return bad(err, param, "'%s' must be a string, got %s", param, show(v).s);
+  struct tn_error e = {0};
+  enum tn_status st =
+      regex ? tn_grammar_from_regex(json_string_value(v), json_string_length(v),
+                                    g, &e)
+            : tn_grammar_from_gbnf(json_string_value(v), json_string_length(v),
+                                   g, &e);
+  return st == TN_OK ? 0 : compile_error(err, param, &e);
+}
+
+#define API_CHOICES_MAX 10000
+
+static int choice_grammar(const json_t *v, const char *param,
+                          struct tn_grammar **g, struct tn_api_error *err) {
+  size_t n = json_is_array(v) ? json_array_size(v) : 0;
+  if (n == 0 || n > API_CHOICES_MAX)
+    return bad(err, param,
+               "'%s' must be an array of 1 to %d strings, got %s", param,
+               API_CHOICES_MAX, show(v).s);
+  const char **c = malloc(n * sizeof *c);
+  size_t *lens = malloc(n * sizeof *lens);
+  if (!c || !lens) {
+    free(c);
+    free(lens);
+    return oom(err);
+  }
+  int rc = 0;
+  for (size_t i = 0; i < n && !rc; i++) {
+    json_t *s = json_array_get(v, i);
+    if (!json_is_string(s) || json_string_length(s) == 0)
+      rc = bad(err, param, "'%s[%zu]' must be a non-empty string, got %s",
+               param, i, show(s).s);
+    else
+      c[i] = json_string_value(s), lens[i] = json_string_length(s);
+  }
+  struct tn_error e = {0};
+  if (!rc && tn_grammar_from_choices(c, lens, n, g, &e) != TN_OK)
+    rc = compile_error(err, param, &e);
+  free(c);
+  free(lens);
+  return rc;
+}
+
+/* vLLM's structured_outputs object (or the guided_* fields, prefix
+ * "guided_"): exactly one of json, regex, choice, grammar, json_object. */
+static int vllm_constraint(const json_t *o, const char *prefix,
+                           const char *parent, struct tn_grammar **g,
+                           const char **which, struct tn_api_error *err) {
+  static const char *const kinds[] = {"json", "regex", "choice", "grammar",
+                                      "json_object"};
+  char name[64], param[96];
+  int found = 0, rc = 0;
+  for (size_t i = 0; i < sizeof kinds / sizeof *kinds && !rc; i++) {
+    snprintf(name, sizeof name, "%s%s", prefix, kinds[i]);
+    json_t *v = field(o, name);
+    if (!v || (i == 4 && json_is_false(v))) continue;
+    snprintf(param, sizeof param, "%s%s%s", parent, *parent ? "." : "", name);
+    if (found++ || *g)
+      return bad(err, param,
+                 "only one output constraint may be given (response_format, "
+                 "structured_outputs, guided_*, grammar or json_schema)");
+    *which = kinds[i];
+    if (i == 0) rc = schema_grammar(v, param, g, err);
+    else if (i == 1) rc = string_grammar(v, param, true, g, err);
+    else if (i == 2) rc = choice_grammar(v, param, g, err);
+    else if (i == 3) rc = string_grammar(v, param, false, g, err);
+    else if (!json_is_true(v))
+      rc = bad(err, param, "'%s' must be a boolean, got %s", param, show(v).s);
+    else {
+      struct tn_error e = {0};
+      if (tn_grammar_from_json_schema(NULL, 0, g, &e) != TN_OK)
+        rc = compile_error(err, param, &e);
+    }
+  }
+  return rc;
+}
+
+static int parse_constraint(const json_t *o, struct tn_api_request *q,
+                            struct tn_api_error *err) {
+  struct tn_grammar *g = NULL;
+  const char *which = NULL;
+  int rc = 0;
   json_t *v;
   if ((v = field(o, "response_format"))) {
     json_t *t = json_is_object(v) ? field(v, "type") : NULL;
@@ -646,13 +762,90 @@ static int unsupported(enum tn_api_kind kind, const json_t *o,
                  "'response_format' must be an object with a string 'type', "
                  "got %s",
                  show(v).s);
-    if (strcmp(json_string_value(t), "text") != 0)
-      return unsupported_field(
-          err, "response_format",
-          "response_format type %s is not supported by this server yet "
-          "(only 'text'): constrained JSON output is not implemented",
-          show(t).s);
+    const char *type = json_string_value(t);
+    struct tn_error e = {0};
+    if (strcmp(type, "json_object") == 0) {
+      if (tn_grammar_from_json_schema(NULL, 0, &g, &e) != TN_OK)
+        return compile_error(err, "response_format", &e);
+    } else if (strcmp(type, "json_schema") == 0) {
+      json_t *js = field(v, "json_schema");
+      if (!js || !json_is_object(js))
+        return bad(err, "response_format.json_schema",
+                   "'response_format.json_schema' must be an object with a "
+                   "'schema', got %s",
+                   js ? show(js).s : "nothing");
+      json_t *schema = field(js, "schema");
+      rc = schema ? schema_grammar(schema, "response_format.json_schema.schema",
+                                   &g, err)
+                  : (tn_grammar_from_json_schema(NULL, 0, &g, &e) != TN_OK
+                         ? compile_error(err, "response_format", &e)
+                         : 0);
+      if (rc) return rc;
+    } else if (strcmp(type, "text") != 0) {
+      return unsupported_field(err, "response_format",
+                               "response_format type %s is not supported "
+                               "('text', 'json_object' and 'json_schema' "
+                               "are)",
+                               show(t).s);
+    }
   }
+  if ((v = field(o, "structured_outputs"))) {
+    if (!json_is_object(v))
+      rc = bad(err, "structured_outputs",
+               "'structured_outputs' must be an object, got %s", show(v).s);
+    static const char *const refused[] = {"structural_tag",
+                                          "whitespace_pattern"};
+    for (size_t i = 0; !rc && i < sizeof refused / sizeof *refused; i++)
+      if (field(v, refused[i]))
+        rc = unsupported_field(err, "structured_outputs",
+                               "'structured_outputs.%s' is not supported",
+                               refused[i]);
+    static const char *const flags[] = {"disable_any_whitespace",
+                                        "disable_additional_properties"};
+    for (size_t i = 0; !rc && i < sizeof flags / sizeof *flags; i++)
+      if (field(v, flags[i]) && !json_is_false(field(v, flags[i])))
+        rc = unsupported_field(err, "structured_outputs",
+                               "'structured_outputs.%s' is not supported",
+                               flags[i]);
+    if (!rc) rc = vllm_constraint(v, "", "structured_outputs", &g, &which,
+                                  err);
+    if (!rc && !which)
+      rc = bad(err, "structured_outputs",
+               "'structured_outputs' needs one of json, regex, choice, "
+               "grammar, json_object");
+  }
+  if (!rc) rc = vllm_constraint(o, "guided_", "", &g, &which, err);
+  const char *llama[] = {"grammar", "json_schema"};
+  for (size_t i = 0; !rc && i < 2; i++) {
+    if (!(v = field(o, llama[i]))) continue;
+    if (g) {
+      rc = bad(err, llama[i],
+               "only one output constraint may be given (response_format, "
+               "structured_outputs, guided_*, grammar or json_schema)");
+      break;
+    }
+    rc = i == 0 ? string_grammar(v, "grammar", false, &g, err)
+                : schema_grammar(v, "json_schema", &g, err);
+  }
+  if (rc) {
+    tn_grammar_release(g);
+    return rc;
+  }
+  q->grammar = g;
+  q->gen.grammar = g;
+  return 0;
+}
+
+/* ---- the request */
+
+/* Fields that change what the output means, which we cannot honour yet:
+ * answering without them would hand the client something else than it
+ * asked for (free text where it parses JSON, no tool call where it waits
+ * for one). */
+static int unsupported(enum tn_api_kind kind, const json_t *o,
+                       const struct tn_api_request *q,
+                       struct tn_api_error *err) {
+  json_t *v;
   if ((v = field(o, "tools")) && !(json_is_array(v) && json_array_size(v) == 0))
     return unsupported_field(err, "tools",
                              "'tools' (tool calling) is not supported by "
@@ -666,9 +859,7 @@ static int unsupported(enum tn_api_kind kind, const json_t *o,
                              show(v).s);
   static const char *const never[] = {
       "functions", "function_call",               /* OpenAI, legacy */
-      "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-      "guided_grammar",                            /* vLLM */
-      "grammar", "json_schema",                    /* llama.cpp */
+      "guided_whitespace_pattern",                 /* vLLM */
       "audio",
   };
   for (size_t i = 0; i < sizeof(never) / sizeof(never[0]); i++)
@@ -845,7 +1036,8 @@ static int parse_fields(enum tn_api_kind kind, const json_t *o,
 
   if ((rc = parse_stop(o, q, err))) return rc;
   if ((rc = parse_bias(o, q, err))) return rc;
-  return unsupported(kind, o, q, err);
+  if ((rc = unsupported(kind, o, q, err))) return rc;
+  return parse_constraint(o, q, err);
 }
 
 int tn_api_parse(enum tn_api_kind kind, const char *body, size_t len,
@@ -899,6 +1091,7 @@ void tn_api_request_free(struct tn_api_request *q) {
     for (int32_t i = 0; i < q->gen.n_stops; i++) free(q->stops[i]);
   free(q->stops);
   free(q->user);
+  tn_grammar_release(q->grammar);
   memset(q, 0, sizeof(*q));
 }
 

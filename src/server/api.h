@@ -53,6 +53,8 @@ struct tn_api_request {
   char **stops;
   char *user;
   bool has_seed;              /* seed given (else the server picks one) */
+  struct tn_grammar *grammar; /* response_format / structured_outputs /
+                                 guided_* / grammar: gen.grammar, owned */
 };
 
 struct tn_api_error {

@@ -366,12 +366,8 @@ CASES = [
      ["gpt-17"]),
     # fields that change what the output means and are not supported yet:
     # refused, never ignored
-    ("response_format_json", CH, hello(response_format={"type": "json_object"}),
-     400, "response_format", ["json_object", "not supported"]),
-    ("response_format_schema", CM,
-     prompt(response_format={"type": "json_schema", "json_schema": {
-         "name": "x", "schema": {"type": "object"}}}),
-     400, "response_format", ["json_schema"]),
+    ("response_format_type", CH, hello(response_format={"type": "yaml"}),
+     400, "response_format", ["yaml", "not supported"]),
     ("response_format_no_type", CH, hello(response_format={}), 400,
      "response_format", ["'type'"]),
     ("tools", CH, hello(tools=[{"type": "function", "function": {
@@ -381,12 +377,45 @@ CASES = [
      "tool_choice", ["required"]),
     ("functions", CH, hello(functions=[{"name": "f"}]), 400, "functions",
      ["'functions'"]),
-    ("guided_json", CH, hello(guided_json={"type": "object"}), 400,
-     "guided_json", ["'guided_json'"]),
-    ("structured_outputs", CM, prompt(structured_outputs={"choice": ["a"]}),
-     400, "structured_outputs", ["'structured_outputs'"]),
-    ("grammar", CM, prompt(grammar="root ::= \"a\""), 400, "grammar",
-     ["'grammar'"]),
+    ("structural_tag", CM,
+     prompt(structured_outputs={"structural_tag": "{}"}), 400,
+     "structured_outputs", ["structural_tag"]),
+    # output constraints that cannot be compiled: 400 naming the problem
+    ("schema_not_object", CH, hello(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": 3}}),
+     400, "response_format.json_schema.schema", ["JSON schema"]),
+    ("schema_keyword", CH, hello(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"not": {}}}}}}),
+     400, "response_format.json_schema.schema", ["'not'", "/properties/a"]),
+    ("schema_format", CM, prompt(guided_json={
+        "type": "string", "format": "email"}), 400, "guided_json",
+     ["email"]),
+    ("schema_bad_ref", CM, prompt(json_schema={"$ref": "#/$defs/nope"}), 400,
+     "json_schema", ["$ref"]),
+    ("schema_text_invalid", CM, prompt(structured_outputs={"json": "{"}),
+     400, "structured_outputs.json", ["not JSON"]),
+    ("regex_unclosed", CM, prompt(structured_outputs={"regex": "(ab"}), 400,
+     "structured_outputs.regex", ["unclosed"]),
+    ("regex_backref", CM, prompt(guided_regex="(a)\\1"), 400,
+     "guided_regex", ["backreference"]),
+    ("regex_lookahead", CM, prompt(guided_regex="a(?=b)"), 400,
+     "guided_regex", ["lookaround"]),
+    ("grammar_left_recursion", CM,
+     prompt(grammar='root ::= root "a" | "b"'), 400, "grammar",
+     ["left recursion"]),
+    ("grammar_undefined_rule", CM,
+     prompt(structured_outputs={"grammar": "root ::= item"}), 400,
+     "structured_outputs.grammar", ["undefined rule 'item'"]),
+    ("choice_empty", CM, prompt(guided_choice=[]), 400, "guided_choice",
+     ["array of 1"]),
+    ("choice_not_string", CM, prompt(structured_outputs={"choice": ["a", 1]}),
+     400, "structured_outputs.choice", ["choice[1]"]),
+    ("two_constraints", CH, hello(response_format={"type": "json_object"},
+                                  guided_regex="a+"),
+     400, "guided_regex", ["only one"]),
+    ("structured_outputs_empty", CM, prompt(structured_outputs={}), 400,
+     "structured_outputs", ["needs one of"]),
     ("modalities_audio", CH, hello(modalities=["text", "audio"]), 400,
      "modalities", ["text only"]),
     ("suffix", CM, prompt(suffix="end"), 400, "suffix", ["insert"]),
@@ -394,9 +423,8 @@ CASES = [
     ("best_of_bad", CM, prompt(best_of=0), 400, "best_of", [">= 1"]),
 ]
 
-UNSUPPORTED = {"response_format_json", "response_format_schema", "tools",
-               "tool_choice_required", "functions", "guided_json",
-               "structured_outputs", "grammar", "modalities_audio", "suffix",
+UNSUPPORTED = {"response_format_type", "tools", "tool_choice_required",
+               "functions", "structural_tag", "modalities_audio", "suffix",
                "best_of_above_n"}
 
 ACCEPTED = [

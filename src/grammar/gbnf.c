@@ -565,7 +565,7 @@ static void parse_class(struct parser *p, struct alt *out) {
         return;
       }
     }
-    if ((lo_byte || hi_byte) && hi >= 0x80) {
+    if ((lo_byte && lo >= 0x80) || (hi_byte && hi >= 0x80)) {
       /* \x80-\xFF are bytes: only in a plain class of bytes */
       if (negate || lo_byte != hi_byte) {
         fail_at(p, at, "raw bytes (\\x80-\\xFF) in a negated or mixed "

@@ -119,14 +119,30 @@ static void cls_perl(struct cls *c, char k) {
   }
 }
 
+/* A code point inside a GBNF class: printable ASCII as itself, the
+ * class's own punctuation as \xHH, the rest as raw UTF-8 (which every
+ * GBNF reader takes, where \u escapes differ). */
 static void put_cp(struct tn_buf *b, uint32_t cp) {
-  if (cp >= 0x20 && cp < 0x7f && cp != '\\' && cp != ']' && cp != '-' &&
-      cp != '^' && cp != '"' && cp != '[')
+  if (cp >= 0x20 && cp < 0x7f && !strchr("\\]^-[\"", (int)cp)) {
     tn_buf_printf(b, "%c", (char)cp);
-  else if (cp < 0x10000)
-    tn_buf_printf(b, "\\u%04X", cp);
-  else
-    tn_buf_printf(b, "\\U%08X", cp);
+  } else if (cp < 0x80) {
+    tn_buf_printf(b, "\\x%02X", cp);
+  } else {
+    char u[4];
+    int n = cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    if (n == 2) {
+      u[0] = (char)(0xc0 | (cp >> 6));
+    } else if (n == 3) {
+      u[0] = (char)(0xe0 | (cp >> 12));
+      u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+    } else {
+      u[0] = (char)(0xf0 | (cp >> 18));
+      u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+      u[2] = (char)(0x80 | ((cp >> 6) & 0x3f));
+    }
+    u[n - 1] = (char)(0x80 | (cp & 0x3f));
+    tn_buf_append(b, u, (size_t)n);
+  }
 }
 
 /* The JSON escape of a character that must be escaped (", \, controls). */
@@ -189,10 +205,15 @@ static void emit_cls(struct rx *r, struct cls *c, struct tn_buf *b) {
   if (plain.n) {
     tn_buf_append(b, "[", 1);
     for (int i = 0; i < plain.n; i++) {
-      put_cp(b, plain.r[i].lo);
-      if (plain.r[i].hi != plain.r[i].lo) {
+      /* surrogates are not characters: keep endpoints out of them */
+      uint32_t lo = plain.r[i].lo, hi = plain.r[i].hi;
+      if (lo >= 0xd800 && lo <= 0xdfff) lo = 0xe000;
+      if (hi >= 0xd800 && hi <= 0xdfff) hi = 0xd7ff;
+      if (lo > hi) continue;
+      put_cp(b, lo);
+      if (hi != lo) {
         tn_buf_append(b, "-", 1);
-        put_cp(b, plain.r[i].hi);
+        put_cp(b, hi);
       }
     }
     tn_buf_append(b, "]", 1);

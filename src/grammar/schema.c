@@ -558,7 +558,9 @@ static bool gen_array(struct sctx *c, json_t *s, const char *path,
         tn_buf_printf(&e, "( \",\" ws %s ws )* ", item);
     } else if (max > k) {
       size_t extra = max - k;
-      if (none_yet) {
+      if (none_yet && extra == 1) {
+        tn_buf_printf(&e, "( %s ws )? ", item);
+      } else if (none_yet) {
         tn_buf_printf(&e, "( %s ws ( \",\" ws %s ws ){0,%zu} )? ", item, item,
                       extra - 1);
       } else {

@@ -92,8 +92,10 @@ struct parser {
 
 #define MAX_NEST 200
 
-__attribute__((format(printf, 3, 4))) static void fail_at(
-    struct parser *p, const char *at, const char *fmt, ...) {
+__attribute__((format(printf, 3, 4))) static void fail_at(struct parser *p,
+                                                          const char *at,
+                                                          const char *fmt,
+                                                          ...) {
   if (p->failed) return;
   p->failed = true;
   char msg[400];
@@ -107,11 +109,13 @@ __attribute__((format(printf, 3, 4))) static void fail_at(
   }
   int line = 1, col = 1;
   for (const char *c = p->text; c < at && c < p->end; c++) {
-    if (*c == '\n') line++, col = 1;
-    else col++;
+    if (*c == '\n')
+      line++, col = 1;
+    else
+      col++;
   }
-  tn_error_set(p->err, TN_EINVAL, "grammar: %s at line %d column %d", msg,
-               line, col);
+  tn_error_set(p->err, TN_EINVAL, "grammar: %s at line %d column %d", msg, line,
+               col);
 }
 
 static void oom(struct parser *p) {
@@ -239,8 +243,10 @@ static uint32_t set_id(struct parser *p, const uint64_t set[4]) {
 static void alt_push(struct parser *p, struct alt *a, uint32_t el) {
   if (p->failed) return;
   if (++p->n_elems > TN_GRAMMAR_MAX_CODE) {
-    fail_at(p, NULL, "grammar too large (over %u elements after expanding "
-                     "repetitions)", TN_GRAMMAR_MAX_CODE);
+    fail_at(p, NULL,
+            "grammar too large (over %u elements after expanding "
+            "repetitions)",
+            TN_GRAMMAR_MAX_CODE);
     return;
   }
   if (a->n == a->cap) {
@@ -301,9 +307,7 @@ static bool is_name_char(char c) {
 
 static size_t name_len(const struct parser *p, const char *s) {
   size_t n = 0;
-  while (s + n < p->end && is_name_char(s[n]) &&
-         !(s[n] == '.' && n == 0))
-    n++;
+  while (s + n < p->end && is_name_char(s[n]) && !(s[n] == '.' && n == 0)) n++;
   return n;
 }
 
@@ -350,19 +354,44 @@ static bool read_char(struct parser *p, uint32_t *cp, bool *is_byte) {
   p->s += 2;
   int digits = 0;
   switch (c) {
-    case 'n': *cp = '\n'; return true;
-    case 'r': *cp = '\r'; return true;
-    case 't': *cp = '\t'; return true;
-    case 'f': *cp = '\f'; return true;
-    case 'v': *cp = '\v'; return true;
-    case '0': *cp = 0; return true;
-    case '\\': case '"': case '\'': case ']': case '[': case '-':
-    case '^': case '/':
+    case 'n':
+      *cp = '\n';
+      return true;
+    case 'r':
+      *cp = '\r';
+      return true;
+    case 't':
+      *cp = '\t';
+      return true;
+    case 'f':
+      *cp = '\f';
+      return true;
+    case 'v':
+      *cp = '\v';
+      return true;
+    case '0':
+      *cp = 0;
+      return true;
+    case '\\':
+    case '"':
+    case '\'':
+    case ']':
+    case '[':
+    case '-':
+    case '^':
+    case '/':
       *cp = (uint32_t)c;
       return true;
-    case 'x': digits = 2; *is_byte = true; break;
-    case 'u': digits = 4; break;
-    case 'U': digits = 8; break;
+    case 'x':
+      digits = 2;
+      *is_byte = true;
+      break;
+    case 'u':
+      digits = 4;
+      break;
+    case 'U':
+      digits = 8;
+      break;
     default:
       fail_at(p, at, "unknown escape '\\%c'", c);
       return false;
@@ -397,7 +426,9 @@ static int enc_len(uint32_t c) {
 
 static void enc(uint32_t c, unsigned char *o) {
   switch (enc_len(c)) {
-    case 1: o[0] = (unsigned char)c; break;
+    case 1:
+      o[0] = (unsigned char)c;
+      break;
     case 2:
       o[0] = (unsigned char)(0xc0 | (c >> 6));
       o[1] = (unsigned char)(0x80 | (c & 0x3f));
@@ -421,8 +452,8 @@ static void set_range(uint64_t set[4], unsigned lo, unsigned hi) {
 
 /* Appends to rule r the byte sequences of [lo, hi] (same encoded length,
  * no surrogates), splitting where the continuation bytes wrap. */
-static void utf8_ranges(struct parser *p, uint32_t r, uint32_t lo,
-                        uint32_t hi, uint64_t ascii[4]) {
+static void utf8_ranges(struct parser *p, uint32_t r, uint32_t lo, uint32_t hi,
+                        uint64_t ascii[4]) {
   if (p->failed || lo > hi) return;
   if (enc_len(lo) != enc_len(hi)) {
     static const uint32_t lim[] = {0x7f, 0x7ff, 0xffff};
@@ -568,8 +599,9 @@ static void parse_class(struct parser *p, struct alt *out) {
     if ((lo_byte && lo >= 0x80) || (hi_byte && hi >= 0x80)) {
       /* \x80-\xFF are bytes: only in a plain class of bytes */
       if (negate || lo_byte != hi_byte) {
-        fail_at(p, at, "raw bytes (\\x80-\\xFF) in a negated or mixed "
-                       "class; use \\u escapes for code points");
+        fail_at(p, at,
+                "raw bytes (\\x80-\\xFF) in a negated or mixed "
+                "class; use \\u escapes for code points");
         return;
       }
       set_range(raw, lo, hi);
@@ -605,8 +637,10 @@ static void parse_literal(struct parser *p, struct alt *out, char quote) {
     if (!read_char(p, &cp, &is_byte)) return;
     unsigned char b[4];
     int n = 1;
-    if (is_byte) b[0] = (unsigned char)cp;
-    else n = enc_len(cp), enc(cp, b);
+    if (is_byte)
+      b[0] = (unsigned char)cp;
+    else
+      n = enc_len(cp), enc(cp, b);
     for (int i = 0; i < n; i++) {
       uint64_t set[4] = {0};
       set_range(set, b[i], b[i]);
@@ -736,9 +770,12 @@ static void parse_sequence(struct parser *p, struct alt *a,
       if (p->failed || p->s >= p->end) break;
       char o = *p->s;
       uint32_t min, max;
-      if (o == '*') min = 0, max = UINT32_MAX, p->s++;
-      else if (o == '+') min = 1, max = UINT32_MAX, p->s++;
-      else if (o == '?') min = 0, max = 1, p->s++;
+      if (o == '*')
+        min = 0, max = UINT32_MAX, p->s++;
+      else if (o == '+')
+        min = 1, max = UINT32_MAX, p->s++;
+      else if (o == '?')
+        min = 0, max = 1, p->s++;
       else if (o == '{') {
         const char *bat = p->s;
         p->s++;
@@ -819,8 +856,7 @@ static void compute_nullable(const struct parser *p, bool *nullable) {
 
 /* Finds a rule that can reach itself without consuming input (iterative
  * DFS over "starts with" edges). Returns its id or UINT32_MAX. */
-static uint32_t find_left_cycle(const struct parser *p,
-                                const bool *nullable) {
+static uint32_t find_left_cycle(const struct parser *p, const bool *nullable) {
   uint32_t n = p->n_rules;
   uint8_t *color = calloc(n, 1);
   uint32_t *stk = malloc((size_t)n * 3 * sizeof *stk + 1);
@@ -856,8 +892,10 @@ static uint32_t find_left_cycle(const struct parser *p,
       }
       uint32_t t = EL_ARG(el);
       /* next time: the element after, if this one can be empty */
-      if (nullable[t]) stk[sp - 1]++;
-      else stk[sp - 2]++, stk[sp - 1] = 0;
+      if (nullable[t])
+        stk[sp - 1]++;
+      else
+        stk[sp - 2]++, stk[sp - 1] = 0;
       if (color[t] == 1) {
         found = t;
       } else if (color[t] == 0) {
@@ -939,7 +977,7 @@ static enum tn_status build(struct parser *p, struct tn_grammar **out) {
     for (uint32_t a = 0; a < p->rules[r].n_alts; a++) {
       const struct alt *al = &p->rules[r].alts[a];
       g->alt_start[ai++] = c;
-      memcpy(g->code + c, al->el, al->n * sizeof *al->el);
+      if (al->n) memcpy(g->code + c, al->el, al->n * sizeof *al->el);
       c += al->n;
       g->code[c++] = EL(EL_END, 0);
     }
@@ -947,7 +985,7 @@ static enum tn_status build(struct parser *p, struct tn_grammar **out) {
   g->rule_alt[p->n_rules] = ai;
   g->n_code = c;
   g->n_rules = p->n_rules;
-  memcpy(g->sets, p->sets, (size_t)p->n_sets * sizeof *g->sets);
+  if (p->n_sets) memcpy(g->sets, p->sets, (size_t)p->n_sets * sizeof *g->sets);
   g->n_sets = p->n_sets;
   g->root = root;
   uint64_t h0 = 0xcbf29ce484222325ull, h1 = 0x84222325cbf29ce4ull;
@@ -1007,8 +1045,7 @@ void tn_grammar_retain(struct tn_grammar *g) {
 
 void tn_grammar_release(struct tn_grammar *g) {
   if (!g) return;
-  if (atomic_fetch_sub_explicit(&g->refs, 1, memory_order_acq_rel) != 1)
-    return;
+  if (atomic_fetch_sub_explicit(&g->refs, 1, memory_order_acq_rel) != 1) return;
   free(g->code);
   free(g->alt_start);
   free(g->rule_alt);

@@ -34,10 +34,10 @@
 
 #include "base/base.h"
 
-#define TN_GRAMMAR_MAX_CODE (1u << 21)   /* elements after compiling */
-#define TN_GRAMMAR_MAX_REPEAT 10000      /* {m,n} bounds */
-#define TN_GRAMMAR_MAX_STACKS 1024       /* parse stacks open at once */
-#define TN_GRAMMAR_MAX_DEPTH 4096        /* nesting of one stack */
+#define TN_GRAMMAR_MAX_CODE (1u << 21) /* elements after compiling */
+#define TN_GRAMMAR_MAX_REPEAT 10000    /* {m,n} bounds */
+#define TN_GRAMMAR_MAX_STACKS 1024     /* parse stacks open at once */
+#define TN_GRAMMAR_MAX_DEPTH 4096      /* nesting of one stack */
 
 struct tn_grammar;
 
@@ -86,11 +86,11 @@ void tn_grammar_vocab_free(struct tn_grammar_vocab *v);
 int32_t tn_grammar_vocab_n(const struct tn_grammar_vocab *v);
 
 struct tn_grammar_vocab_stats {
-  uint64_t masks;        /* computed or looked up */
+  uint64_t masks; /* computed or looked up */
   uint64_t cache_hits;
-  uint64_t trie_nodes;   /* visited by walks */
-  double walk_seconds;   /* in trie walks */
-  size_t cache_bytes;    /* held now */
+  uint64_t trie_nodes; /* visited by walks */
+  double walk_seconds; /* in trie walks */
+  size_t cache_bytes;  /* held now */
 };
 void tn_grammar_vocab_stats(const struct tn_grammar_vocab *v,
                             struct tn_grammar_vocab_stats *out);
@@ -120,7 +120,7 @@ bool tn_grammar_matcher_can_end(const struct tn_grammar_matcher *m);
 bool tn_grammar_matcher_done(const struct tn_grammar_matcher *m);
 /* The bytes every continuation starts with (up to cap), without taking
  * them; *completes says whether after them the grammar must end. */
-size_t tn_grammar_matcher_forced(const struct tn_grammar_matcher *m,
-                                 char *buf, size_t cap, bool *completes);
+size_t tn_grammar_matcher_forced(const struct tn_grammar_matcher *m, char *buf,
+                                 size_t cap, bool *completes);
 
 #endif /* TN_GRAMMAR_H */

@@ -20,20 +20,20 @@
 enum { EL_END = 0, EL_SET = 1, EL_RULE = 2 };
 #define EL(kind, arg) (((uint32_t)(kind) << 30) | (uint32_t)(arg))
 #define EL_KIND(e) ((e) >> 30)
-#define EL_ARG(e) ((e) & 0x3fffffffu)
+#define EL_ARG(e) ((e)&0x3fffffffu)
 
 struct tn_grammar {
   atomic_int refs;
-  uint32_t *code;       /* alternatives, each ended by EL_END */
+  uint32_t *code; /* alternatives, each ended by EL_END */
   uint32_t n_code;
-  uint32_t *alt_start;  /* code index of each alternative */
-  uint32_t *rule_alt;   /* [n_rules + 1]: rule r's alternatives are
-                           alt_start[rule_alt[r] .. rule_alt[r + 1]) */
+  uint32_t *alt_start; /* code index of each alternative */
+  uint32_t *rule_alt;  /* [n_rules + 1]: rule r's alternatives are
+                          alt_start[rule_alt[r] .. rule_alt[r + 1]) */
   uint32_t n_rules;
-  uint64_t (*sets)[4];  /* 256-bit byte sets */
+  uint64_t (*sets)[4]; /* 256-bit byte sets */
   uint32_t n_sets;
   uint32_t root;
-  uint64_t fp[2];       /* fingerprint: mask cache key */
+  uint64_t fp[2]; /* fingerprint: mask cache key */
 };
 
 static inline bool set_has(const uint64_t *set, unsigned b) {

@@ -73,7 +73,7 @@ struct scratch {
   uint32_t cap_work;
   uint32_t *seen; /* expansion's visited (pos, parent) pairs */
   uint32_t n_seen, cap_seen;
-  bool overflow; /* a bound was passed */
+  bool overflow;             /* a bound was passed */
   uint64_t steps, steps_max; /* expansion steps this walk, and the budget */
   /* the walk's memo */
   uint32_t perm; /* nodes below this index are never popped */
@@ -321,8 +321,10 @@ static void expand(struct scratch *s, struct state *st, uint32_t pos,
       }
       tops_push(s, id);
     } else if (EL_KIND(e) == EL_END) {
-      if (par == NONE) st->accept = true;
-      else work_push(s, &n_work, s->nodes[par].pos, s->nodes[par].parent);
+      if (par == NONE)
+        st->accept = true;
+      else
+        work_push(s, &n_work, s->nodes[par].pos, s->nodes[par].parent);
     } else {
       uint32_t cont = par;
       if (EL_KIND(g->code[p + 1]) != EL_END) {
@@ -346,8 +348,8 @@ static void advance(struct scratch *s, const struct state *st, unsigned b,
   st2->memo = MEMO_UNKNOWN;
   st2->in_memo = false;
   for (uint32_t i = 0; i < st->n && !s->overflow; i++) {
-    uint32_t top = st->in_memo ? s->memo_tops[st->off + i]
-                               : s->tops[st->off + i];
+    uint32_t top =
+        st->in_memo ? s->memo_tops[st->off + i] : s->tops[st->off + i];
     const struct node *nd = &s->nodes[top];
     uint32_t e = g->code[nd->pos];
     if (!set_has(g->sets[EL_ARG(e)], b)) continue;
@@ -549,8 +551,8 @@ bool tn_grammar_matcher_done(const struct tn_grammar_matcher *m) {
   return m->accept && m->key_n >= 2 && m->key[1] == 0;
 }
 
-size_t tn_grammar_matcher_forced(const struct tn_grammar_matcher *m,
-                                 char *buf, size_t cap, bool *completes) {
+size_t tn_grammar_matcher_forced(const struct tn_grammar_matcher *m, char *buf,
+                                 size_t cap, bool *completes) {
   struct tn_grammar_matcher *mm = (struct tn_grammar_matcher *)m;
   struct scratch *s = sc_of(mm);
   *completes = false;
@@ -705,8 +707,7 @@ enum tn_status tn_grammar_vocab_new(const struct tn_tokenizer *tok,
   v->tok_first = malloc((n_nodes + 1) * sizeof *v->tok_first);
   v->toks = malloc((nt + 1) * sizeof *v->toks);
   uint32_t *path = malloc(((size_t)max_len + 2) * sizeof *path);
-  if (!v->label || !v->depth || !v->end || !v->tok_first || !v->toks ||
-      !path)
+  if (!v->label || !v->depth || !v->end || !v->tok_first || !v->toks || !path)
     goto nomem_path;
   v->label[0] = 0;
   v->depth[0] = 0;
@@ -777,7 +778,8 @@ static uint16_t memo_find(struct scratch *s, const struct state *st) {
   for (; s->memo_ht[j]; j = (j + 1) & mask) {
     const struct memo *me = &s->memo[s->memo_ht[j] - 1];
     if (me->n == st->n && me->accept == st->accept &&
-        memcmp(s->memo_tops + me->off, tops, st->n * sizeof *tops) == 0)
+        (st->n == 0 ||
+         memcmp(s->memo_tops + me->off, tops, st->n * sizeof *tops) == 0))
       return (uint16_t)(s->memo_ht[j] - 1);
   }
   if (s->n_memo == MEMO_MAX) return MEMO_UNKNOWN;
@@ -799,7 +801,7 @@ static uint16_t memo_find(struct scratch *s, const struct state *st) {
   me->off = s->n_memo_tops;
   me->n = st->n;
   me->accept = st->accept;
-  memcpy(s->memo_tops + me->off, tops, st->n * sizeof *tops);
+  if (st->n) memcpy(s->memo_tops + me->off, tops, st->n * sizeof *tops);
   s->n_memo_tops += st->n;
   memset(me->next, 0xff, sizeof me->next);
   s->memo_ht[j] = s->n_memo + 1;
@@ -843,8 +845,8 @@ static bool walk(struct tn_grammar_vocab *v, struct scratch *s,
     unsigned b = v->label[i];
     visited++;
     struct state nx;
-    uint16_t mn = par->memo != MEMO_UNKNOWN ? s->memo[par->memo].next[b]
-                                            : MEMO_UNKNOWN;
+    uint16_t mn =
+        par->memo != MEMO_UNKNOWN ? s->memo[par->memo].next[b] : MEMO_UNKNOWN;
     s->n_tops = tmark[d - 1];
     if (s->perm != UINT32_MAX)
       rollback(s, mark[d - 1] > s->perm ? mark[d - 1] : s->perm);
@@ -923,8 +925,8 @@ static void cache_evict(struct tn_grammar_vocab *v, size_t need) {
         if (!oldest || (*pe)->last < (*oldest)->last) oldest = pe;
     struct centry *e = *oldest;
     *oldest = e->next;
-    v->cache_bytes -= sizeof *e + e->key_n * sizeof *e->key +
-                      bits_words(v) * sizeof *e->bits;
+    v->cache_bytes -=
+        sizeof *e + e->key_n * sizeof *e->key + bits_words(v) * sizeof *e->bits;
     v->n_entries--;
     free(e->key);
     free(e->bits);
@@ -989,8 +991,8 @@ enum tn_status tn_grammar_matcher_mask(struct tn_grammar_matcher *m,
   if (!ok)
     return tn_error_set(err, TN_ERANGE,
                         "grammar: the parse grew past its bounds (%d open "
-                        "stacks, %d deep)", TN_GRAMMAR_MAX_STACKS,
-                        TN_GRAMMAR_MAX_DEPTH);
+                        "stacks, %d deep)",
+                        TN_GRAMMAR_MAX_STACKS, TN_GRAMMAR_MAX_DEPTH);
   if (m->accept)
     for (int32_t i = 0; i < v->n_eog; i++) set_bit(bits, v->eog[i]);
   cache_put(v, m->g, h, m->key, m->key_n, bits);

@@ -38,8 +38,7 @@ struct rx {
 
 __attribute__((format(printf, 3, 4))) static void rfail(struct rx *r,
                                                         const char *at,
-                                                        const char *fmt,
-                                                        ...) {
+                                                        const char *fmt, ...) {
   if (r->failed) return;
   r->failed = true;
   char msg[300];
@@ -107,8 +106,12 @@ static void cls_negate(struct cls *c) {
 
 static void cls_perl(struct cls *c, char k) {
   switch (k) {
-    case 'd': case 'D': cls_add(c, '0', '9'); break;
-    case 'w': case 'W':
+    case 'd':
+    case 'D':
+      cls_add(c, '0', '9');
+      break;
+    case 'w':
+    case 'W':
       cls_add(c, '0', '9'), cls_add(c, 'A', 'Z'), cls_add(c, 'a', 'z');
       cls_add(c, '_', '_');
       break;
@@ -149,14 +152,29 @@ static void put_cp(struct tn_buf *b, uint32_t cp) {
 static void json_escape(struct tn_buf *b, uint32_t c) {
   char e[8];
   switch (c) {
-    case '"': snprintf(e, sizeof e, "\\\""); break;
-    case '\\': snprintf(e, sizeof e, "\\\\"); break;
-    case '\b': snprintf(e, sizeof e, "\\b"); break;
-    case '\f': snprintf(e, sizeof e, "\\f"); break;
-    case '\n': snprintf(e, sizeof e, "\\n"); break;
-    case '\r': snprintf(e, sizeof e, "\\r"); break;
-    case '\t': snprintf(e, sizeof e, "\\t"); break;
-    default: snprintf(e, sizeof e, "\\u%04x", c);
+    case '"':
+      snprintf(e, sizeof e, "\\\"");
+      break;
+    case '\\':
+      snprintf(e, sizeof e, "\\\\");
+      break;
+    case '\b':
+      snprintf(e, sizeof e, "\\b");
+      break;
+    case '\f':
+      snprintf(e, sizeof e, "\\f");
+      break;
+    case '\n':
+      snprintf(e, sizeof e, "\\n");
+      break;
+    case '\r':
+      snprintf(e, sizeof e, "\\r");
+      break;
+    case '\t':
+      snprintf(e, sizeof e, "\\t");
+      break;
+    default:
+      snprintf(e, sizeof e, "\\u%04x", c);
   }
   gbnf_literal(b, e, strlen(e));
 }
@@ -233,7 +251,8 @@ static void emit_char(struct rx *r, uint32_t cp, struct tn_buf *b) {
   }
   char u[4];
   int n;
-  if (cp < 0x80) u[0] = (char)cp, n = 1;
+  if (cp < 0x80)
+    u[0] = (char)cp, n = 1;
   else if (cp < 0x800)
     u[0] = (char)(0xc0 | (cp >> 6)), u[1] = (char)(0x80 | (cp & 0x3f)), n = 2;
   else if (cp < 0x10000)
@@ -258,21 +277,37 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
   }
   char c = *r->s++;
   switch (c) {
-    case 'd': case 'w': case 's':
+    case 'd':
+    case 'w':
+    case 's':
       cls_perl(cls, c);
       *is_cls = true;
       return true;
-    case 'D': case 'W': case 'S':
+    case 'D':
+    case 'W':
+    case 'S':
       cls_perl(cls, c);
       cls_negate(cls);
       *is_cls = true;
       return true;
-    case 'n': *cp = '\n'; return true;
-    case 'r': *cp = '\r'; return true;
-    case 't': *cp = '\t'; return true;
-    case 'f': *cp = '\f'; return true;
-    case 'v': *cp = '\v'; return true;
-    case '0': *cp = 0; return true;
+    case 'n':
+      *cp = '\n';
+      return true;
+    case 'r':
+      *cp = '\r';
+      return true;
+    case 't':
+      *cp = '\t';
+      return true;
+    case 'f':
+      *cp = '\f';
+      return true;
+    case 'v':
+      *cp = '\v';
+      return true;
+    case '0':
+      *cp = 0;
+      return true;
     case 'b':
       if (in_class) {
         *cp = '\b';
@@ -280,8 +315,11 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
       }
       rfail(r, at, "word boundaries (\\b) are not supported");
       return false;
-    case 'B': rfail(r, at, "\\B is not supported"); return false;
-    case 'x': case 'u': {
+    case 'B':
+      rfail(r, at, "\\B is not supported");
+      return false;
+    case 'x':
+    case 'u': {
       uint32_t v = 0;
       int digits = c == 'x' ? 2 : 4;
       if (c == 'u' && r->s < r->end && *r->s == '{') {
@@ -437,7 +475,8 @@ static void parse_quant(struct rx *r, struct tn_buf *b) {
       bool open = false;
       if (r->s < r->end && *r->s == ',') {
         r->s++;
-        if (r->s < r->end && *r->s == '}') open = true;
+        if (r->s < r->end && *r->s == '}')
+          open = true;
         else if (!read_num(r, &hi)) {
           rfail(r, at, "bad or too large repetition {m,n}");
           return;
@@ -456,8 +495,10 @@ static void parse_quant(struct rx *r, struct tn_buf *b) {
         rfail(r, at, "repetition {%u,%u} out of order", lo, hi);
         return;
       }
-      if (open) tn_buf_printf(b, "{%u,}", lo);
-      else tn_buf_printf(b, "{%u,%u}", lo, hi);
+      if (open)
+        tn_buf_printf(b, "{%u,}", lo);
+      else
+        tn_buf_printf(b, "{%u,%u}", lo, hi);
     } else {
       return;
     }
@@ -532,8 +573,10 @@ static void parse_seq(struct rx *r, struct tn_buf *b) {
       struct cls cl = {.n = 0};
       bool is_cls;
       if (read_escape(r, false, &cp, &cl, &is_cls)) {
-        if (is_cls) emit_cls(r, &cl, &atom);
-        else emit_char(r, cp, &atom);
+        if (is_cls)
+          emit_cls(r, &cl, &atom);
+        else
+          emit_char(r, cp, &atom);
       }
     } else if (c == '^' || c == '$') {
       rfail(r, at, "anchors are only supported at the very start and end");
@@ -567,8 +610,8 @@ static void parse_alt(struct rx *r, struct tn_buf *b) {
 enum tn_status tn_regex_gbnf(const char *re, size_t len, const char *prefix,
                              bool json, struct tn_buf *out,
                              struct tn_error *err) {
-  struct rx r = {.s = re, .end = re + len, .start = re, .json = json,
-                 .err = err};
+  struct rx r = {
+      .s = re, .end = re + len, .start = re, .json = json, .err = err};
   bool anchored_start = false, anchored_end = false;
   if (r.s < r.end && *r.s == '^') r.s++, anchored_start = true;
   if (r.end > r.s && r.end[-1] == '$' &&

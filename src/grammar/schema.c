@@ -69,7 +69,8 @@ static void lits_expr(struct lits_ctx *c, const struct lit *v, size_t lo,
   while (i < hi) {
     size_t cl = char_len(v[i].s + k, v[i].n - k);
     size_t j = i + 1;
-    while (j < hi && v[j].n >= k + cl && memcmp(v[j].s + k, v[i].s + k, cl) == 0)
+    while (j < hi && v[j].n >= k + cl &&
+           memcmp(v[j].s + k, v[i].s + k, cl) == 0)
       j++;
     /* the longest common run of [i, j) from k, whole characters */
     size_t L = cl;
@@ -136,8 +137,7 @@ enum tn_status tn_grammar_from_choices(const char *const *choices,
                                        struct tn_grammar **out,
                                        struct tn_error *err) {
   *out = NULL;
-  if (n == 0)
-    return tn_error_set(err, TN_EINVAL, "choice: the list is empty");
+  if (n == 0) return tn_error_set(err, TN_EINVAL, "choice: the list is empty");
   struct lit *v = malloc(n * sizeof *v);
   if (!v) return tn_error_set(err, TN_ENOMEM, "grammar: out of memory");
   for (size_t i = 0; i < n; i++) {
@@ -176,12 +176,13 @@ struct sctx {
   bool failed;
   struct tn_error *err;
   /* shared rules used */
-  bool use_value, use_string, use_number, use_integer, use_boolean,
-      use_null, use_object, use_array, use_char;
+  bool use_value, use_string, use_number, use_integer, use_boolean, use_null,
+      use_object, use_array, use_char;
 };
 
-__attribute__((format(printf, 3, 4))) static bool sfail(
-    struct sctx *c, const char *path, const char *fmt, ...) {
+__attribute__((format(printf, 3, 4))) static bool sfail(struct sctx *c,
+                                                        const char *path,
+                                                        const char *fmt, ...) {
   if (c->failed) return false;
   c->failed = true;
   char msg[400];
@@ -212,8 +213,10 @@ static bool gen_literals(struct sctx *c, json_t **vals, size_t n,
   bool ok = v && texts;
   for (size_t i = 0; ok && i < n; i++) {
     texts[i] = dump(vals[i]);
-    if (!texts[i]) ok = false;
-    else v[i] = (struct lit){texts[i], strlen(texts[i])};
+    if (!texts[i])
+      ok = false;
+    else
+      v[i] = (struct lit){texts[i], strlen(texts[i])};
   }
   if (!ok) {
     for (size_t i = 0; texts && i < n; i++) free(texts[i]);
@@ -241,15 +244,19 @@ static void digits_range(struct tn_buf *b, const char *lo, const char *hi,
                          size_t n) {
   if (n == 0) return;
   if (n == 1) {
-    if (lo[0] == hi[0]) tn_buf_printf(b, "\"%c\"", lo[0]);
-    else tn_buf_printf(b, "[%c-%c]", lo[0], hi[0]);
+    if (lo[0] == hi[0])
+      tn_buf_printf(b, "\"%c\"", lo[0]);
+    else
+      tn_buf_printf(b, "[%c-%c]", lo[0], hi[0]);
     return;
   }
   bool full = true;
   for (size_t i = 1; i < n && full; i++) full = lo[i] == '0' && hi[i] == '9';
   if (full) {
-    if (lo[0] == hi[0]) tn_buf_printf(b, "\"%c\" [0-9]{%zu}", lo[0], n - 1);
-    else tn_buf_printf(b, "[%c-%c] [0-9]{%zu}", lo[0], hi[0], n - 1);
+    if (lo[0] == hi[0])
+      tn_buf_printf(b, "\"%c\" [0-9]{%zu}", lo[0], n - 1);
+    else
+      tn_buf_printf(b, "[%c-%c] [0-9]{%zu}", lo[0], hi[0], n - 1);
     return;
   }
   if (lo[0] == hi[0]) {
@@ -282,10 +289,14 @@ static void nonneg_range(struct tn_buf *e, uint64_t a, int64_t b) {
   tn_buf_append(e, "( ", 2);
   for (int L = la; L <= lb; L++) {
     char lo[24], hi[24];
-    if (L == la) memcpy(lo, sa, (size_t)L);
-    else memset(lo, '0', (size_t)L), lo[0] = '1';
-    if (b >= 0 && L == lb) memcpy(hi, sb, (size_t)L);
-    else memset(hi, '9', (size_t)L);
+    if (L == la)
+      memcpy(lo, sa, (size_t)L);
+    else
+      memset(lo, '0', (size_t)L), lo[0] = '1';
+    if (b >= 0 && L == lb)
+      memcpy(hi, sb, (size_t)L);
+    else
+      memset(hi, '9', (size_t)L);
     if (n_alts++) tn_buf_append(e, " | ", 3);
     digits_range(e, lo, hi, (size_t)L);
   }
@@ -318,9 +329,12 @@ static void int_range(struct tn_buf *e, bool has_lo, int64_t lo, bool has_hi,
 }
 
 static bool num_of(const json_t *v, double *d) {
-  if (json_is_integer(v)) *d = (double)json_integer_value(v);
-  else if (json_is_real(v)) *d = json_real_value(v);
-  else return false;
+  if (json_is_integer(v))
+    *d = (double)json_integer_value(v);
+  else if (json_is_real(v))
+    *d = json_real_value(v);
+  else
+    return false;
   return isfinite(*d);
 }
 
@@ -372,7 +386,8 @@ static bool gen_number(struct sctx *c, json_t *s, const char *path,
     if (json_object_get(s, kw[i]))
       return sfail(c, path,
                    "'%s' on a number is not supported (it is on an "
-                   "integer)", kw[i]);
+                   "integer)",
+                   kw[i]);
   c->use_number = true;
   snprintf(out, 64, "number");
   return true;
@@ -385,31 +400,39 @@ static bool gen_string(struct sctx *c, json_t *s, const char *path,
   json_t *v;
   const char *fmt = json_string_value(json_object_get(s, "format"));
   json_t *pat = json_object_get(s, "pattern");
-  json_t *mn = json_object_get(s, "minLength"), *mx = json_object_get(s, "maxLength");
+  json_t *mn = json_object_get(s, "minLength"),
+         *mx = json_object_get(s, "maxLength");
   if (fmt) {
     if (pat || mn || mx)
-      return sfail(c, path, "'format' together with pattern or lengths is "
-                            "not supported");
+      return sfail(c, path,
+                   "'format' together with pattern or lengths is "
+                   "not supported");
     const char *body = NULL;
     if (strcmp(fmt, "date") == 0)
-      body = "[0-9]{4} \"-\" ( \"0\" [1-9] | \"1\" [0-2] ) \"-\" "
-             "( \"0\" [1-9] | [1-2] [0-9] | \"3\" [0-1] )";
+      body =
+          "[0-9]{4} \"-\" ( \"0\" [1-9] | \"1\" [0-2] ) \"-\" "
+          "( \"0\" [1-9] | [1-2] [0-9] | \"3\" [0-1] )";
     else if (strcmp(fmt, "time") == 0)
-      body = "( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] \":\" [0-5] "
-             "[0-9] ( \".\" [0-9]{1,6} )? ( \"Z\" | [+-] ( [01] [0-9] | "
-             "\"2\" [0-3] ) \":\" [0-5] [0-9] )";
+      body =
+          "( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] \":\" [0-5] "
+          "[0-9] ( \".\" [0-9]{1,6} )? ( \"Z\" | [+-] ( [01] [0-9] | "
+          "\"2\" [0-3] ) \":\" [0-5] [0-9] )";
     else if (strcmp(fmt, "date-time") == 0)
-      body = "[0-9]{4} \"-\" ( \"0\" [1-9] | \"1\" [0-2] ) \"-\" "
-             "( \"0\" [1-9] | [1-2] [0-9] | \"3\" [0-1] ) \"T\" "
-             "( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] \":\" [0-5] "
-             "[0-9] ( \".\" [0-9]{1,6} )? ( \"Z\" | [+-] ( [01] [0-9] | "
-             "\"2\" [0-3] ) \":\" [0-5] [0-9] )";
+      body =
+          "[0-9]{4} \"-\" ( \"0\" [1-9] | \"1\" [0-2] ) \"-\" "
+          "( \"0\" [1-9] | [1-2] [0-9] | \"3\" [0-1] ) \"T\" "
+          "( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] \":\" [0-5] "
+          "[0-9] ( \".\" [0-9]{1,6} )? ( \"Z\" | [+-] ( [01] [0-9] | "
+          "\"2\" [0-3] ) \":\" [0-5] [0-9] )";
     else if (strcmp(fmt, "uuid") == 0)
-      body = "[0-9a-fA-F]{8} \"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{4} "
-             "\"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{12}";
+      body =
+          "[0-9a-fA-F]{8} \"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{4} "
+          "\"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{12}";
     else
-      return sfail(c, path, "string format '%s' is not supported (date, "
-                            "time, date-time, uuid are)", fmt);
+      return sfail(c, path,
+                   "string format '%s' is not supported (date, "
+                   "time, date-time, uuid are)",
+                   fmt);
     new_rule(c, out, fmt);
     tn_buf_printf(&c->rules, "%s ::= \"\\\"\" %s \"\\\"\"\n", out, body);
     return true;
@@ -418,8 +441,9 @@ static bool gen_string(struct sctx *c, json_t *s, const char *path,
     if (!json_is_string(pat))
       return sfail(c, path, "'pattern' must be a string");
     if (mn || mx)
-      return sfail(c, path, "'pattern' together with minLength/maxLength "
-                            "is not supported");
+      return sfail(c, path,
+                   "'pattern' together with minLength/maxLength "
+                   "is not supported");
     struct tn_error e2;
     new_rule(c, out, "pattern");
     if (tn_regex_gbnf(json_string_value(pat), json_string_length(pat), out,
@@ -439,8 +463,7 @@ static bool gen_string(struct sctx *c, json_t *s, const char *path,
       return sfail(c, path, "'maxLength' must be a non-negative integer");
     hi = d;
   }
-  if (hi >= 0 && hi < lo)
-    return sfail(c, path, "maxLength is below minLength");
+  if (hi >= 0 && hi < lo) return sfail(c, path, "maxLength is below minLength");
   if (lo > TN_GRAMMAR_MAX_REPEAT || hi > TN_GRAMMAR_MAX_REPEAT)
     return sfail(c, path, "string lengths over %d are not supported",
                  TN_GRAMMAR_MAX_REPEAT);
@@ -453,11 +476,10 @@ static bool gen_string(struct sctx *c, json_t *s, const char *path,
   }
   new_rule(c, out, "str");
   if (hi >= 0)
-    tn_buf_printf(&c->rules, "%s ::= \"\\\"\" char{%.0f,%.0f} \"\\\"\"\n",
-                  out, lo, hi);
+    tn_buf_printf(&c->rules, "%s ::= \"\\\"\" char{%.0f,%.0f} \"\\\"\"\n", out,
+                  lo, hi);
   else
-    tn_buf_printf(&c->rules, "%s ::= \"\\\"\" char{%.0f,} \"\\\"\"\n", out,
-                  lo);
+    tn_buf_printf(&c->rules, "%s ::= \"\\\"\" char{%.0f,} \"\\\"\"\n", out, lo);
   return true;
 }
 
@@ -501,15 +523,16 @@ static bool gen_array(struct sctx *c, json_t *s, const char *path,
     more = false;
   } else if (items && !json_is_true(items)) {
     if (json_is_array(items))
-      return sfail(c, path, "'items' as an array (draft 4 tuples) is not "
-                            "supported; use prefixItems");
+      return sfail(c, path,
+                   "'items' as an array (draft 4 tuples) is not "
+                   "supported; use prefixItems");
     snprintf(sub, sizeof sub, "%s/items", path);
     if (!gen(c, items, sub, item)) return false;
   } else {
     c->use_value = true;
   }
   size_t n_pre = prefix ? json_array_size(prefix) : 0;
-  char (*pre)[64] = n_pre ? calloc(n_pre, 64) : NULL;
+  char(*pre)[64] = n_pre ? calloc(n_pre, 64) : NULL;
   if (n_pre && !pre) return sfail(c, path, "out of memory");
   for (size_t i = 0; i < n_pre; i++) {
     snprintf(sub, sizeof sub, "%s/prefixItems/%zu", path, i);
@@ -579,9 +602,9 @@ static bool gen_array(struct sctx *c, json_t *s, const char *path,
 static bool gen_object(struct sctx *c, json_t *s, const char *path,
                        char out[64]) {
   static const char *const refused[] = {
-      "patternProperties", "propertyNames", "minProperties",
-      "maxProperties", "dependentRequired", "dependentSchemas",
-      "dependencies", "unevaluatedProperties"};
+      "patternProperties", "propertyNames",        "minProperties",
+      "maxProperties",     "dependentRequired",    "dependentSchemas",
+      "dependencies",      "unevaluatedProperties"};
   for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
     if (json_object_get(s, refused[i]))
       return sfail(c, path, "'%s' is not supported", refused[i]);
@@ -611,14 +634,18 @@ static bool gen_object(struct sctx *c, json_t *s, const char *path,
     if (!r) return sfail(c, path, "'required' must list strings");
     if (!props || !json_object_get(props, r)) {
       if (!*extra)
-        return sfail(c, path, "required property '%s' is not in "
-                              "'properties'", r);
-      return sfail(c, path, "required property '%s' without a declared "
-                            "schema is not supported", r);
+        return sfail(c, path,
+                     "required property '%s' is not in "
+                     "'properties'",
+                     r);
+      return sfail(c, path,
+                   "required property '%s' without a declared "
+                   "schema is not supported",
+                   r);
     }
   }
   const char **names = calloc(n + 1, sizeof *names);
-  char (*vals)[64] = calloc(n + 1, 64);
+  char(*vals)[64] = calloc(n + 1, 64);
   bool *required = calloc(n + 1, sizeof *required);
   if (!names || !vals || !required) {
     free(names);
@@ -650,7 +677,7 @@ static bool gen_object(struct sctx *c, json_t *s, const char *path,
   }
   new_rule(c, out, "object");
   /* kv_i: "\"name\"" ws ":" ws value_i */
-  char (*kv)[64] = calloc(n + 1, 64);
+  char(*kv)[64] = calloc(n + 1, 64);
   if (!kv) {
     free(names);
     free(vals);
@@ -683,11 +710,12 @@ static bool gen_object(struct sctx *c, json_t *s, const char *path,
     /* after-i (i in 0..n): following properties i..n-1 */
     tn_buf_printf(&c->rules, "%s-after%zu ::= ", out, i);
     if (i == n) {
-      if (*ex) tn_buf_printf(&c->rules, "( \",\" ws %s ws )*", ex);
-      else tn_buf_append(&c->rules, "\"\"", 2);
+      if (*ex)
+        tn_buf_printf(&c->rules, "( \",\" ws %s ws )*", ex);
+      else
+        tn_buf_append(&c->rules, "\"\"", 2);
     } else if (required[i]) {
-      tn_buf_printf(&c->rules, "\",\" ws %s ws %s-after%zu", kv[i], out,
-                    i + 1);
+      tn_buf_printf(&c->rules, "\",\" ws %s ws %s-after%zu", kv[i], out, i + 1);
     } else {
       tn_buf_printf(&c->rules, "( \",\" ws %s ws )? %s-after%zu", kv[i], out,
                     i + 1);
@@ -696,8 +724,10 @@ static bool gen_object(struct sctx *c, json_t *s, const char *path,
     /* first-i */
     tn_buf_printf(&c->rules, "%s-first%zu ::= ", out, i);
     if (i == n) {
-      if (*ex) tn_buf_printf(&c->rules, "( %s ws %s-after%zu )?", ex, out, n);
-      else tn_buf_append(&c->rules, "\"\"", 2);
+      if (*ex)
+        tn_buf_printf(&c->rules, "( %s ws %s-after%zu )?", ex, out, n);
+      else
+        tn_buf_append(&c->rules, "\"\"", 2);
     } else if (required[i]) {
       tn_buf_printf(&c->rules, "%s ws %s-after%zu", kv[i], out, i + 1);
     } else {
@@ -727,9 +757,12 @@ static json_t *resolve(struct sctx *c, const char *ref) {
     size_t n = 0;
     while (*p && *p != '/') {
       if (n + 1 >= sizeof seg) return NULL;
-      if (p[0] == '~' && p[1] == '1') seg[n++] = '/', p += 2;
-      else if (p[0] == '~' && p[1] == '0') seg[n++] = '~', p += 2;
-      else seg[n++] = *p++;
+      if (p[0] == '~' && p[1] == '1')
+        seg[n++] = '/', p += 2;
+      else if (p[0] == '~' && p[1] == '0')
+        seg[n++] = '~', p += 2;
+      else
+        seg[n++] = *p++;
     }
     seg[n] = 0;
     if (*p == '/') p++;
@@ -755,8 +788,10 @@ static bool gen_ref(struct sctx *c, const char *ref, const char *path,
     }
   json_t *target = resolve(c, ref);
   if (!target)
-    return sfail(c, path, "$ref '%.200s' does not resolve (local refs "
-                          "like #/$defs/Name only)", ref);
+    return sfail(c, path,
+                 "$ref '%.200s' does not resolve (local refs "
+                 "like #/$defs/Name only)",
+                 ref);
   if (c->n_refs == c->cap_refs) {
     size_t nc = c->cap_refs ? c->cap_refs * 2 : 8;
     struct ref *r = realloc(c->refs, nc * sizeof *r);
@@ -781,19 +816,43 @@ static bool gen_ref(struct sctx *c, const char *ref, const char *path,
 /* ---- one schema */
 
 static const char *const known_annotations[] = {
-    "title", "description", "default", "examples", "$schema", "$id",
-    "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
-    "definitions", "discriminator", "example", "strict", "name",
-    "contentMediaType", "contentEncoding", "$anchor"};
+    "title", "description",      "default",         "examples", "$schema",
+    "$id",   "$comment",         "deprecated",      "readOnly", "writeOnly",
+    "$defs", "definitions",      "discriminator",   "example",  "strict",
+    "name",  "contentMediaType", "contentEncoding", "$anchor"};
 
-static const char *const handled[] = {
-    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "nullable",
-    "properties", "required", "additionalProperties", "items",
-    "prefixItems", "minItems", "maxItems", "uniqueItems", "minimum",
-    "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-    "maxLength", "pattern", "format", "patternProperties", "propertyNames",
-    "minProperties", "maxProperties", "dependentRequired",
-    "dependentSchemas", "dependencies", "unevaluatedProperties"};
+static const char *const handled[] = {"type",
+                                      "enum",
+                                      "const",
+                                      "anyOf",
+                                      "oneOf",
+                                      "allOf",
+                                      "$ref",
+                                      "nullable",
+                                      "properties",
+                                      "required",
+                                      "additionalProperties",
+                                      "items",
+                                      "prefixItems",
+                                      "minItems",
+                                      "maxItems",
+                                      "uniqueItems",
+                                      "minimum",
+                                      "maximum",
+                                      "exclusiveMinimum",
+                                      "exclusiveMaximum",
+                                      "minLength",
+                                      "maxLength",
+                                      "pattern",
+                                      "format",
+                                      "patternProperties",
+                                      "propertyNames",
+                                      "minProperties",
+                                      "maxProperties",
+                                      "dependentRequired",
+                                      "dependentSchemas",
+                                      "dependencies",
+                                      "unevaluatedProperties"};
 
 static bool known_keyword(const char *k) {
   for (size_t i = 0; i < sizeof handled / sizeof *handled; i++)
@@ -804,8 +863,8 @@ static bool known_keyword(const char *k) {
   return false;
 }
 
-static bool gen_type(struct sctx *c, json_t *s, const char *t,
-                     const char *path, char out[64]) {
+static bool gen_type(struct sctx *c, json_t *s, const char *t, const char *path,
+                     char out[64]) {
   if (strcmp(t, "string") == 0) return gen_string(c, s, path, out);
   if (strcmp(t, "integer") == 0) return gen_integer(c, s, path, out);
   if (strcmp(t, "number") == 0) return gen_number(c, s, path, out);
@@ -829,7 +888,7 @@ static bool gen_alts(struct sctx *c, json_t *list, const char *kw,
   if (!json_is_array(list) || json_array_size(list) == 0)
     return sfail(c, path, "'%s' must be a non-empty array", kw);
   size_t n = json_array_size(list);
-  char (*names)[64] = calloc(n, 64);
+  char(*names)[64] = calloc(n, 64);
   if (!names) return sfail(c, path, "out of memory");
   char sub[512];
   for (size_t i = 0; i < n; i++) {
@@ -894,8 +953,9 @@ static bool gen(struct sctx *c, json_t *s, const char *path, char out[64]) {
         if (!annotation) others++;
       }
       if (others)
-        ok = sfail(c, path, "'$ref' next to other keywords is not "
-                            "supported");
+        ok = sfail(c, path,
+                   "'$ref' next to other keywords is not "
+                   "supported");
       else
         ok = gen_ref(c, json_string_value(ref), path, body);
     }
@@ -918,22 +978,24 @@ static bool gen(struct sctx *c, json_t *s, const char *path, char out[64]) {
     }
   } else if (any || one) {
     if (type)
-      ok = sfail(c, path, "'%s' next to 'type' is not supported; put the "
-                          "type inside each alternative",
+      ok = sfail(c, path,
+                 "'%s' next to 'type' is not supported; put the "
+                 "type inside each alternative",
                  any ? "anyOf" : "oneOf");
     else
       ok = gen_alts(c, any ? any : one, any ? "anyOf" : "oneOf", path, body);
   } else if (all) {
     if (!json_is_array(all) || json_array_size(all) != 1)
-      ok = sfail(c, path, "'allOf' with more than one schema is not "
-                          "supported");
+      ok = sfail(c, path,
+                 "'allOf' with more than one schema is not "
+                 "supported");
     else
       ok = gen(c, json_array_get(all, 0), path, body);
   } else if (json_is_string(type)) {
     ok = gen_type(c, s, json_string_value(type), path, body);
   } else if (json_is_array(type) && json_array_size(type) > 0) {
     size_t n = json_array_size(type);
-    char (*names)[64] = calloc(n, 64);
+    char(*names)[64] = calloc(n, 64);
     ok = names != NULL;
     for (size_t i = 0; ok && i < n; i++) {
       const char *t = json_string_value(json_array_get(type, i));
@@ -953,8 +1015,7 @@ static bool gen(struct sctx *c, json_t *s, const char *path, char out[64]) {
   } else if (json_object_get(s, "properties") ||
              json_object_get(s, "additionalProperties")) {
     ok = gen_object(c, s, path, body);
-  } else if (json_object_get(s, "items") ||
-             json_object_get(s, "prefixItems")) {
+  } else if (json_object_get(s, "items") || json_object_get(s, "prefixItems")) {
     ok = gen_array(c, s, path, body);
   } else {
     c->use_value = true;
@@ -981,21 +1042,26 @@ static void shared_rules(struct sctx *c) {
   if (c->use_string) c->use_char = true;
   tn_buf_printf(b, "ws ::= [ \\t\\n]{0,20}\n");
   if (c->use_value)
-    tn_buf_printf(b, "value ::= object | array | string | number | "
-                     "boolean | null\n");
+    tn_buf_printf(b,
+                  "value ::= object | array | string | number | "
+                  "boolean | null\n");
   if (c->use_object)
-    tn_buf_printf(b, "object ::= \"{\" ws ( string ws \":\" ws value ws "
-                     "( \",\" ws string ws \":\" ws value ws )* )? \"}\"\n");
+    tn_buf_printf(b,
+                  "object ::= \"{\" ws ( string ws \":\" ws value ws "
+                  "( \",\" ws string ws \":\" ws value ws )* )? \"}\"\n");
   if (c->use_array)
-    tn_buf_printf(b, "array ::= \"[\" ws ( value ws ( \",\" ws value ws )* "
-                     ")? \"]\"\n");
+    tn_buf_printf(b,
+                  "array ::= \"[\" ws ( value ws ( \",\" ws value ws )* "
+                  ")? \"]\"\n");
   if (c->use_string) tn_buf_printf(b, "string ::= \"\\\"\" char* \"\\\"\"\n");
   if (c->use_char)
-    tn_buf_printf(b, "char ::= [^\"\\\\\\x00-\\x1F] | \"\\\\\" ( "
-                     "[\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4} )\n");
+    tn_buf_printf(b,
+                  "char ::= [^\"\\\\\\x00-\\x1F] | \"\\\\\" ( "
+                  "[\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4} )\n");
   if (c->use_number)
-    tn_buf_printf(b, "number ::= \"-\"? ( \"0\" | [1-9] [0-9]{0,15} ) "
-                     "( \".\" [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?\n");
+    tn_buf_printf(b,
+                  "number ::= \"-\"? ( \"0\" | [1-9] [0-9]{0,15} ) "
+                  "( \".\" [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?\n");
   if (c->use_integer)
     tn_buf_printf(b, "integer ::= \"-\"? ( \"0\" | [1-9] [0-9]{0,15} )\n");
   if (c->use_boolean) tn_buf_printf(b, "boolean ::= \"true\" | \"false\"\n");
@@ -1014,8 +1080,7 @@ enum tn_status tn_json_schema_to_gbnf(const char *schema, size_t len,
     json_error_t je;
     c.root = json_loadb(schema, len, JSON_DECODE_ANY, &je);
     if (!c.root)
-      return tn_error_set(err, TN_EINVAL, "json schema: not JSON: %s",
-                          je.text);
+      return tn_error_set(err, TN_EINVAL, "json schema: not JSON: %s", je.text);
     gen(&c, c.root, "", top);
   }
   if (!c.failed) {

@@ -67,7 +67,8 @@ static void vocab(const char *model) {
 
 static void print_mask(const uint64_t *bits, int32_t n) {
   int32_t words = (n + 63) / 64;
-  for (int32_t w = words; w-- > 0;) printf("%016llx", (unsigned long long)bits[w]);
+  for (int32_t w = words; w-- > 0;)
+    printf("%016llx", (unsigned long long)bits[w]);
   printf("\n");
   fflush(stdout);
 }
@@ -128,8 +129,9 @@ int main(int argc, char **argv) {
   } else if (argc == 4 && strcmp(argv[1], "masks") == 0) {
     masks(argv[2], argv[3]);
   } else {
-    fprintf(stderr, "usage: tern-grammar-masks vocab MODEL | gbnf SCHEMA | "
-                    "masks MODEL GBNF\n");
+    fprintf(stderr,
+            "usage: tern-grammar-masks vocab MODEL | gbnf SCHEMA | "
+            "masks MODEL GBNF\n");
     return 2;
   }
   return 0;

@@ -14,6 +14,7 @@
  * text with speculation on and off.
  */
 #include "engine/engine_internal.h"
+#include "grammar/grammar.h"
 #include "tiny_engine.h"
 
 /* ---- adversarial drafters (TN_SPEC_CUSTOM) */
@@ -572,8 +573,122 @@ static void test_draft_model_refused(void) {
   ASSERT(e == NULL);
 }
 
+/* ---- constrained output: masks and speculation together */
+
+static struct tn_grammar *tiny_grammar(const char *text) {
+  struct tn_grammar *g = NULL;
+  struct tn_error err = {0};
+  if (tn_grammar_from_gbnf(text, strlen(text), &g, &err) != TN_OK)
+    fprintf(stderr, "grammar: %s\n", err.msg);
+  return g;
+}
+
+/* Whether text (bytes) is a prefix of a sentence of g. */
+static bool grammar_prefix(struct tn_grammar *g, const char *text,
+                           size_t n) {
+  struct tn_grammar_matcher *m = NULL;
+  struct tn_error err = {0};
+  if (tn_grammar_matcher_new(g, NULL, &m, &err) != TN_OK) return false;
+  bool ok = tn_grammar_matcher_accept_bytes(m, text, n);
+  tn_grammar_matcher_free(m);
+  return ok;
+}
+
+/* Under a grammar every drafter still gives plain decoding's output (the
+ * drafts are verified against the masked logits), and that output follows
+ * the grammar. */
+static void test_grammar_identity(void) {
+  struct tn_grammar *g =
+      tiny_grammar("root ::= ( \"the\" | [a-m] | \" \" [a-e] )+");
+  ASSERT(g);
+  static struct run rn;
+  static struct out want[MAX_REQS];
+  static struct drafter d;
+  const enum drafter_kind kinds[] = {DRAFT_WRONG, DRAFT_RANDOM, DRAFT_ORACLE};
+  memset(&rn, 0, sizeof(rn));
+  rn.n = quick() ? 3 : 6;
+  rn.p = greedy(gen_len());
+  rn.p.grammar = g;
+  for (int i = 0; i < rn.n; i++) {
+    rn.np[i] = 9 + 5 * i;
+    make_repetitive(300 + (uint64_t)i, rn.prompts[i], rn.np[i]);
+  }
+  ASSERT(plain_outputs(&rn, want));
+  for (int i = 0; i < rn.n; i++) {
+    ASSERT_EQ(want[i].n_gen, gen_len());
+    ASSERT(grammar_prefix(g, want[i].text, want[i].len));
+  }
+  for (size_t m = 0; m < TN_ARRAY_LEN(kinds); m++) {
+    memset(&d, 0, sizeof(d));
+    d.kind = kinds[m];
+    d.rng = 11 + m;
+    d.n = rn.n;
+    for (int i = 0; i < rn.n; i++) {
+      d.prompt[i] = rn.prompts[i];
+      d.n_prompt[i] = rn.np[i];
+      d.want[i] = want[i];
+    }
+    rn.o = (struct eng_opts){.max_seqs = 16, .n_threads = 2};
+    rn.o.spec.method = TN_SPEC_CUSTOM;
+    rn.o.spec.max_tokens = 4;
+    rn.o.spec.every_draft = true;
+    rn.o.spec.propose = propose;
+    rn.o.spec.propose_user = &d;
+    run_spec(&rn);
+    ASSERT(rn.ok);
+    ASSERT_EQ(rn.trace_bad, 0);
+    for (int i = 0; i < rn.n; i++)
+      ASSERT(out_same("grammar + drafts", &rn.got[i], &want[i]));
+    if (kinds[m] == DRAFT_ORACLE)
+      ASSERT_EQ(rn.stats.spec_accepted, rn.stats.spec_drafted);
+    ASSERT_GT(rn.stats.grammar_masks, 0);
+  }
+  tn_grammar_release(g);
+}
+
+/* Early exit: once one choice is left its rest is appended without
+ * forward passes; the text equals token-by-token decoding's (logprobs on
+ * turns the fill off), and the engine counts the forced tokens. */
+static void test_grammar_early_exit(void) {
+  struct tn_grammar *g = tiny_grammar(
+      "root ::= \"abcdefghijklmnop\" | \"bcdefghijklmnopq\" | "
+      "\"cdefghijklmnopqr\" | \"hello world\"");
+  ASSERT(g);
+  for (int i = 0; i < 4; i++) {
+    int32_t prompt[12];
+    make_prompt(500 + (uint64_t)i, prompt, 12);
+    struct tn_gen_params p = greedy(64);
+    p.grammar = g;
+    p.ignore_eos = false;
+    struct out slow, fast;
+    ASSERT(run_alone(prompt, 12, &p, &slow));
+    p.logprobs = false;
+    struct rec rc;
+    rec_init(&rc);
+    struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
+    struct tn_engine *e = eng_open(&rc, &o);
+    struct tn_req *r = e ? submit(e, &rc, prompt, 12, &p) : NULL;
+    ASSERT(r && wait_done(&rc, &r, 1));
+    collect(r, 0, &fast);
+    struct tn_engine_stats st;
+    tn_engine_stats(e, &st);
+    tn_req_release(r);
+    tn_engine_close(e);
+    rec_deinit(&rc);
+    ASSERT_EQ(slow.finish, TN_FINISH_STOP);
+    ASSERT_EQ(fast.finish, TN_FINISH_STOP);
+    ASSERT_EQ(fast.len, slow.len);
+    ASSERT(memcmp(fast.text, slow.text, fast.len) == 0);
+    ASSERT_GT(st.grammar_forced, 0);
+    /* the plain path decoded every token and then its end */
+    ASSERT_LT(st.steps, (uint64_t)slow.n_gen + 1);
+  }
+  tn_grammar_release(g);
+}
+
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
-             TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch))
+             TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch),
+             TN_TEST(test_grammar_identity), TN_TEST(test_grammar_early_exit))

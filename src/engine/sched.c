@@ -838,10 +838,17 @@ static enum mask_result seq_grammar_mask(struct tn_engine *e, struct seq *s,
   int32_t words = (e->n_vocab + 63) / 64;
   for (int32_t w = 0; w < words; w++) {
     uint64_t m = e->gmask[w];
-    int32_t base = w * 64;
-    for (int32_t j = 0; j < 64 && base + j < e->n_vocab; j++) {
-      if ((m >> j) & 1) any |= logits[base + j] > -INFINITY;
-      else logits[base + j] = -INFINITY;
+    int32_t base = w * 64, n = TN_MIN(64, e->n_vocab - base);
+    if (m == 0) { /* most words of a narrow mask */
+      for (int32_t j = 0; j < n; j++) logits[base + j] = -INFINITY;
+      continue;
+    }
+    for (uint64_t k = m; k && !any; k &= k - 1)
+      any = logits[base + __builtin_ctzll(k)] > -INFINITY;
+    if (m == UINT64_MAX) continue; /* most words of a wide one */
+    for (uint64_t k = ~m; k; k &= k - 1) {
+      int32_t j = __builtin_ctzll(k);
+      if (j < n) logits[base + j] = -INFINITY;
     }
   }
   if (any) return MASK_OK;

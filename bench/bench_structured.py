@@ -216,20 +216,35 @@ def part1(srv, rounds, peer):
 
 
 def part2(srv, peer, n_req=32, users=16):
+    """The schema requests first; then the same prompts free, each held to
+    the length its constrained answer had (ignore_eos), so both runs decode
+    the same number of tokens in the same batch shapes."""
     res = {}
     chat(srv, "Warm up.", max_tokens=8)
+    lens = {}
     for mode in ("schema", "free"):
         def one(i):
             extra = {"max_tokens": 128}
             if mode == "schema":
                 extra.update(schema_field(peer))
-            return chat(srv, f"Describe {PEOPLE[i % len(PEOPLE)]} (#{i}) as "
-                        "JSON with name, age, address, skills, active.",
-                        **extra)
+            else:
+                extra.update({"max_tokens": max(lens[i], 1),
+                              "ignore_eos": True})
+            # the mode leads the prompt: no prefix shared across modes
+            return chat(srv, f"[{mode} run] Describe "
+                        f"{PEOPLE[i % len(PEOPLE)]} (#{i}) as JSON with name, "
+                        "age, address, skills, active.", **extra)
+        m0 = srv.metrics()
         t0 = time.time()
         with cf.ThreadPoolExecutor(users) as ex:
             outs = list(ex.map(one, range(n_req)))
         dt = time.time() - t0
+        m1 = srv.metrics()
+        if mode == "schema":
+            lens = {i: o["n"] for i, o in enumerate(outs)}
+            res["mask_share"] = (
+                m1.get("tern_grammar_mask_seconds_total", 0) -
+                m0.get("tern_grammar_mask_seconds_total", 0)) / dt
         res[mode] = sum(o["n"] for o in outs) / dt
     return res
 
@@ -270,6 +285,8 @@ def main():
     ap.add_argument("--peer-load", action="store_true",
                     help="also run the 16-user part on llama-server")
     ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--parts", default="123",
+                    help="which parts to run (e.g. 2)")
     a = ap.parse_args()
     r = subprocess.run([a.tern, "models", "--json"], capture_output=True)
     path = next((m["path"] for m in json.loads(r.stdout)
@@ -284,7 +301,7 @@ def main():
                    "--ctx", "4096", "--max-seqs", "16", "--host",
                    "127.0.0.1"], logdir / "bench_structured_tern.log")
     m0 = tern.metrics()
-    t1 = part1(tern, a.rounds, False)
+    t1 = part1(tern, a.rounds, False) if "1" in a.parts else None
     m1 = tern.metrics()
     masks = m1.get("tern_grammar_masks_total", 0) - m0.get(
         "tern_grammar_masks_total", 0)
@@ -292,7 +309,7 @@ def main():
         "tern_grammar_mask_seconds_total", 0)
     hits = m1.get("tern_grammar_mask_cache_hits_total", 0) - m0.get(
         "tern_grammar_mask_cache_hits_total", 0)
-    t2 = part2(tern, False)
+    t2 = part2(tern, False) if "2" in a.parts else None
     tern.stop()
     # classification: the same prompts run in three modes, so the prefix
     # cache would favour the later ones; it is off here
@@ -301,7 +318,8 @@ def main():
                    "--no-prefix-cache"], logdir / "bench_structured_tern2.log")
     items = classification_set(a.items)
     chat(tern, "Warm up.", max_tokens=4)
-    rows, answers, forced = part3(tern, items)
+    rows, answers, forced = part3(tern, items) if "3" in a.parts else (
+        {}, {}, {})
     tern.stop()
 
     peer1 = peer2 = None
@@ -312,8 +330,8 @@ def main():
                        "-c", str(16 * 4096), "-np", "16", "--host",
                        "127.0.0.1", "--no-webui"],
                       logdir / "bench_structured_peer.log", env)
-        peer1 = part1(peer, a.rounds, True)
-        if a.peer_load:
+        peer1 = part1(peer, a.rounds, True) if "1" in a.parts else None
+        if a.peer_load and "2" in a.parts:
             peer2 = part2(peer, True)
         peer.stop()
 
@@ -321,27 +339,35 @@ def main():
         f, s = res["free"][0], res["schema"][0]
         return (1 / s - 1 / f) * 1e3 if f and s else float("nan")
 
-    print("## one user, JSON schema (nested, 5 required fields)\n")
-    print("| server | free tok/s | schema tok/s | schema/free | grammar cost "
-          "per token |")
+    if t1:
+        print("## one user, JSON schema (nested, 5 required fields)\n")
+        print("| server | free tok/s | schema tok/s | schema/free | grammar cost "
+              "per token |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, res in (("tern", t1), ("llama-server", peer1)):
+            if not res:
+                continue
+            print(f"| {name} | {res['free'][0]:.1f} | {res['schema'][0]:.1f} | "
+                  f"{res['schema'][0] / res['free'][0]:.3f} | "
+                  f"{cost_ms(res):.2f} ms |")
+        if masks:
+            print(f"\ntern masks: {int(masks)} in {mask_s * 1e3:.1f} ms "
+                  f"({mask_s / masks * 1e3:.3f} ms each, {hits / masks:.0%} from "
+                  "the mask cache, first request included)")
+    if not t2:
+        return
+    print("\n## 16 users, 32 requests of up to 128 tokens (free: the same "
+          "lengths)\n")
+    print("| server | free tok/s | schema tok/s | schema/free | mask time "
+          "share |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, res in (("tern", t1), ("llama-server", peer1)):
-        if not res:
-            continue
-        print(f"| {name} | {res['free'][0]:.1f} | {res['schema'][0]:.1f} | "
-              f"{res['schema'][0] / res['free'][0]:.3f} | "
-              f"{cost_ms(res):.2f} ms |")
-    if masks:
-        print(f"\ntern masks: {int(masks)} in {mask_s * 1e3:.1f} ms "
-              f"({mask_s / masks * 1e3:.3f} ms each, {hits / masks:.0%} from "
-              "the mask cache, first request included)")
-    print("\n## 16 users, 32 requests of up to 128 tokens\n")
-    print("| server | free tok/s | schema tok/s | schema/free |")
-    print("| --- | ---: | ---: | ---: |")
     for name, res in (("tern", t2), ("llama-server", peer2)):
         if res:
+            share = (f"{res['mask_share']:.1%}" if name == "tern" else "-")
             print(f"| {name} | {res['free']:.1f} | {res['schema']:.1f} | "
-                  f"{res['schema'] / res['free']:.3f} |")
+                  f"{res['schema'] / res['free']:.3f} | {share} |")
+    if not rows:
+        return
     print(f"\n## classification, {len(items)} prompts, 2-10 labels (tern)\n")
     print("| mode | decoded tokens | mean latency | p90 latency | answer "
           "is a label | accuracy |")

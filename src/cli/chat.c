@@ -259,7 +259,11 @@ int tn_cli_chat(int argc, char **argv) {
   struct history h = {0};
   if (system) h.system = strdup(system);
   struct tn_gen_params gp;
-  tn_cli_gen_params(&gp);
+  if (tn_cli_gen_params(&gp)) {
+    free(h.system);
+    tn_engine_close(e);
+    return 1;
+  }
   tn_cli_catch_sigint();
   if (tty)
     fprintf(stderr, "tern chat: %s (context %d tokens). /help for commands, "
@@ -330,5 +334,6 @@ int tn_cli_chat(int argc, char **argv) {
   free(h.msgs);
   free(h.system);
   tn_engine_close(e);
+  tn_cli_gen_done();
   return rc;
 }

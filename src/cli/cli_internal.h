@@ -27,14 +27,23 @@ struct tn_cli_gen {
   float draft_p_min;
   long spec_max_tokens;
   const char *spec_policy; /* "cost" (NULL) or "all" */
+  /* output constraints (one at most) and the grammar they compile to */
+  const char *json_schema;  /* --json-schema FILE */
+  bool json;                /* --json: any JSON object */
+  const char *grammar_file; /* --grammar FILE (GBNF) */
+  const char *regex;        /* --regex RE */
+  struct tn_cli_list choices; /* --choice TEXT ... */
+  struct tn_grammar *grammar;
 };
 extern struct tn_cli_gen tn_cli_gen;
 extern const struct tn_opt tn_cli_model_opts[];
 extern const struct tn_opt tn_cli_sampling_opts[];
 
 /* Defaults (llama.cpp's CLI sampling: temp 0.8, top-k 40, top-p 0.95,
- * min-p 0.05); call before parsing. */
+ * min-p 0.05); call before parsing. tn_cli_gen_done() releases what
+ * tn_cli_gen_params() made. */
 void tn_cli_gen_init(void);
+void tn_cli_gen_done(void);
 
 /* Set by SIGINT once tn_cli_catch_sigint() ran; the caller clears it. */
 extern volatile sig_atomic_t tn_cli_interrupted;
@@ -54,8 +63,9 @@ int tn_cli_spec_setup(const char *opt, const char *spec, const char *draft,
                       struct tn_spec_config *sc, char *pbuf, size_t cap);
 /* "cost" or "all" (every_draft). */
 int tn_cli_spec_policy(const char *opt, const char *name, bool *all);
-/* Generation parameters from the options (draws the seed once). */
-void tn_cli_gen_params(struct tn_gen_params *gp);
+/* Generation parameters from the options (draws the seed once, compiles
+ * an output constraint once); 0, or 1 after saying what is wrong. */
+int tn_cli_gen_params(struct tn_gen_params *gp);
 
 struct tn_cli_stream_result {
   struct tn_buf text;          /* everything printed; caller frees */

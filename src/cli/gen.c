@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "cli/cli_internal.h"
+#include "grammar/grammar.h"
 #include "server/config.h"
 
 struct tn_cli_gen tn_cli_gen;
@@ -88,6 +89,17 @@ const struct tn_opt tn_cli_sampling_opts[] = {
      "stop when the output contains TEXT (repeatable)", NULL, NULL, 0},
     {"ignore-eos", 0, TN_OPT_FLAG, &tn_cli_gen.ignore_eos, 0, 0, NULL,
      "never end at the end-of-text token", NULL, NULL, 0},
+    {"json-schema", 0, TN_OPT_STR, &tn_cli_gen.json_schema, 0, 0, "FILE",
+     "the output is JSON valid against this schema (docs/GRAMMAR.md)", NULL,
+     NULL, 0},
+    {"json", 0, TN_OPT_FLAG, &tn_cli_gen.json, 0, 0, NULL,
+     "the output is a JSON object", NULL, NULL, 0},
+    {"grammar", 0, TN_OPT_STR, &tn_cli_gen.grammar_file, 0, 0, "FILE",
+     "the output follows this GBNF grammar", NULL, NULL, 0},
+    {"regex", 0, TN_OPT_STR, &tn_cli_gen.regex, 0, 0, "RE",
+     "the output matches this regular expression", NULL, NULL, 0},
+    {"choice", 0, TN_OPT_LIST, &tn_cli_gen.choices, 0, TN_CLI_LIST_MAX,
+     "TEXT", "the output is one of these (repeatable)", NULL, NULL, 0},
     {0},
 };
 
@@ -232,7 +244,50 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   return 0;
 }
 
-void tn_cli_gen_params(struct tn_gen_params *gp) {
+void tn_cli_gen_done(void) {
+  tn_grammar_release(tn_cli_gen.grammar);
+  tn_cli_gen.grammar = NULL;
+}
+
+/* The grammar of --json-schema, --json, --grammar, --regex or --choice. */
+static int gen_grammar(struct tn_cli_gen *g) {
+  int n = (g->json_schema != NULL) + g->json + (g->grammar_file != NULL) +
+          (g->regex != NULL) + (g->choices.n > 0);
+  if (n == 0 || g->grammar) return 0;
+  if (n > 1)
+    return tn_cli_fail("--json-schema, --json, --grammar, --regex and "
+                       "--choice: give one");
+  struct tn_error err = {0};
+  enum tn_status st;
+  const char *opt;
+  if (g->json) {
+    opt = "--json";
+    st = tn_grammar_from_json_schema(NULL, 0, &g->grammar, &err);
+  } else if (g->regex) {
+    opt = "--regex";
+    st = tn_grammar_from_regex(g->regex, strlen(g->regex), &g->grammar, &err);
+  } else if (g->choices.n) {
+    opt = "--choice";
+    size_t lens[TN_CLI_LIST_MAX];
+    for (int i = 0; i < g->choices.n; i++) lens[i] = strlen(g->choices.v[i]);
+    st = tn_grammar_from_choices(g->choices.v, lens, (size_t)g->choices.n,
+                                 &g->grammar, &err);
+  } else {
+    opt = g->json_schema ? "--json-schema" : "--grammar";
+    const char *path = g->json_schema ? g->json_schema : g->grammar_file;
+    char *text = NULL;
+    size_t len = 0;
+    if (tn_file_read(path, &text, &len, &err) != TN_OK)
+      return tn_cli_fail("%s %s: %s", opt, path, err.msg);
+    st = g->json_schema
+             ? tn_grammar_from_json_schema(text, len, &g->grammar, &err)
+             : tn_grammar_from_gbnf(text, len, &g->grammar, &err);
+    free(text);
+  }
+  return st == TN_OK ? 0 : tn_cli_fail("%s: %s", opt, err.msg);
+}
+
+int tn_cli_gen_params(struct tn_gen_params *gp) {
   struct tn_cli_gen *g = &tn_cli_gen;
   tn_gen_params_default(gp);
   gp->sampling = g->sampling;
@@ -249,6 +304,9 @@ void tn_cli_gen_params(struct tn_gen_params *gp) {
   gp->ignore_eos = g->ignore_eos;
   gp->stops = g->stops.v;
   gp->n_stops = g->stops.n;
+  if (gen_grammar(g)) return 1;
+  gp->grammar = g->grammar;
+  return 0;
 }
 
 /* ---- streaming one request */

@@ -84,7 +84,7 @@ int tn_cli_run(int argc, char **argv) {
     goto done;
   }
   struct tn_gen_params gp;
-  tn_cli_gen_params(&gp);
+  if (tn_cli_gen_params(&gp)) goto done;
   tn_cli_catch_sigint();
   if (tn_cli_stream(e, ids, n_ids, &gp, stdout, &res)) goto done;
   fputc('\n', stdout);
@@ -97,5 +97,6 @@ done:
   free(ids);
   free(text);
   tn_engine_close(e);
+  tn_cli_gen_done();
   return rc;
 }

@@ -84,6 +84,11 @@ void tn_engine_config_default(struct tn_engine_config *c) {
 
 /* Token masks remembered per engine, by grammar and parse state. */
 #define GRAMMAR_CACHE_BYTES (64u << 20)
+/* Without speculation configured, forced grammar text is still drafted:
+ * this many tokens per sequence, this many logits rows per step in all
+ * (the logits buffer is sized for them). */
+#define GRAMMAR_DRAFT_MAX 8
+#define GRAMMAR_DRAFT_ROWS 32
 
 /* ---- requests and sequences */
 
@@ -127,6 +132,7 @@ struct seq {
   int32_t n_draft;            /* of those, drafted (verified this step) */
   int32_t prop[TN_SPEC_MAX_TOKENS]; /* the drafter's proposal this step */
   int32_t n_prop;
+  bool prop_forced;           /* the proposal is text its grammar forces */
   double acc_a, acc_r;        /* decayed accepted drafts and rejections:
                                  its acceptance rate (a+1)/(a+r+2) */
   int32_t since_draft;        /* steps since it last drafted */
@@ -1038,18 +1044,50 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
 static int32_t seq_draft_room(const struct tn_engine *e, const struct seq *s) {
   const struct tn_gen_params *gp = &s->req->priv->params;
   if (!gp->speculative) return 0;
-  int32_t k = e->cfg.spec.max_tokens;
+  int32_t k = e->cfg.spec.method != TN_SPEC_OFF ? e->cfg.spec.max_tokens
+                                                : GRAMMAR_DRAFT_MAX;
   k = TN_MIN(k, gp->max_tokens - s->n_gen - 1);
   k = TN_MIN(k, e->n_ctx - s->n_tokens - 1);
   return TN_MAX(k, 0);
 }
 
+/* Drafts from the grammar: the text every continuation starts with (the
+ * next fixed key of a schema, the rest of a decided choice), as the
+ * tokenizer spells it. Verified like any draft, so the output stays what
+ * plain decoding gives; accepted, it skips the steps jump-forward would. */
+static int32_t seq_propose_forced(struct tn_engine *e, struct seq *s,
+                                  int32_t k) {
+  char buf[256];
+  bool completes;
+  size_t n = tn_grammar_matcher_forced(s->gm, buf, sizeof buf, &completes);
+  if (n == 0) return 0;
+  int32_t *ids = NULL;
+  size_t n_ids = 0;
+  struct tn_error err;
+  if (tn_tokenizer_encode(e->tok, buf, n, false, false, &ids, &n_ids, &err) !=
+      TN_OK)
+    return 0;
+  /* the last token may merge with what follows the forced text (`"`
+   * then `:` is one token `":`), so it is left to the model */
+  if (!completes && n_ids > 0) n_ids--;
+  int32_t got = (int32_t)TN_MIN(n_ids, (size_t)k);
+  if (got > 0) memcpy(s->prop, ids, (size_t)got * sizeof(int32_t));
+  free(ids);
+  return got;
+}
+
 static void seq_propose(struct tn_engine *e, struct seq *s) {
   const struct tn_spec_config *sc = &e->cfg.spec;
   s->n_prop = 0;
+  s->prop_forced = false;
   int32_t k = seq_draft_room(e, s);
   if (k <= 0) return;
   int32_t got = 0;
+  if (s->gm && (got = seq_propose_forced(e, s, k)) > 0) {
+    s->prop_forced = true;
+    s->n_prop = got;
+    return;
+  }
   if (sc->method == TN_SPEC_NGRAM)
     got = tn_spec_ngram(s->tokens, s->n_tokens, sc->ngram_min, sc->ngram_max,
                         k, s->prop);
@@ -1110,7 +1148,7 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
                       (double)n_out / TN_MAX(t_step, 1e-6));
   int32_t n = 0;
   for (struct seq *s = e->admitted; s; s = s->next) {
-    if (!s->decode || s->chunk != 1) continue;
+    if (!s->decode || s->chunk != 1 || s->prop_forced) continue;
     int32_t k = seq_draft_room(e, s);
     if (k <= 0) continue;
     if (cum_min > 0.0f) {
@@ -1161,13 +1199,16 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
  * appends them to their sequences. */
 static void plan_drafts(struct tn_engine *e, int32_t *budget) {
   int32_t n_tokens = 0, n_out = 0;
+
   double t_prop = tn_time_s();
   for (struct seq *s = e->admitted; s; s = s->next) {
     n_tokens += s->chunk;
     if (s->chunk > 0 && s->n_done + s->chunk == s->n_tokens) n_out++;
     s->n_draft = 0;
     s->n_prop = 0;
-    if (s->decode && s->chunk == 1 && !e->drafter) seq_propose(e, s);
+    s->prop_forced = false;
+    if (s->decode && s->chunk == 1 && (!e->drafter || s->gm))
+      seq_propose(e, s);
   }
   if (e->drafter)
     draft_all(e, n_out, tn_spec_cost_time(&e->cost, n_tokens));
@@ -1193,16 +1234,24 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
       if (s->n_draft >= s->n_prop) continue;
       double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0);
       double g = pow(alpha, s->n_draft + 1);
-      /* a sequence kept from drafting for long gets one probe token */
+      /* a sequence kept from drafting for long gets one probe token;
+       * forced text is as good as certain */
       if (s->n_draft == 0 && s->since_draft >= SPEC_PROBE_STEPS) g = 1.0;
+      if (s->prop_forced) g = 1.0;
       if (g > best_g) {
         best_g = g;
         best = s;
       }
     }
     if (!best || draft_budget <= 0) break;
+    if (e->cfg.spec.method == TN_SPEC_OFF && taken >= GRAMMAR_DRAFT_ROWS)
+      break;
     bool probe = best->n_draft == 0 && best->since_draft >= SPEC_PROBE_STEPS;
-    if (!e->cfg.spec.every_draft && !probe && best_g * T <= bc * G) break;
+    /* without a calibrated cost model forced text rides free */
+    bool free_pass = best->prop_forced && !e->cost_ok;
+    if (!e->cfg.spec.every_draft && !probe && !free_pass &&
+        best_g * T <= bc * G)
+      break;
     /* its KV: a new block when the token starts one */
     int32_t pos = best->n_done + 1 + best->n_draft;
     bool new_block = pos >= best->kv.n_blocks * BLOCK_SIZE;
@@ -1355,7 +1404,10 @@ static bool engine_step(struct tn_engine *e) {
   }
   /* Drafts for the decodes, from what budget and free blocks are left
    * once every planned token has its place. */
-  if (e->cfg.spec.method != TN_SPEC_OFF) plan_drafts(e, &budget);
+  bool grammar = false;
+  for (struct seq *s = e->admitted; s && !grammar; s = s->next)
+    grammar = s->gm != NULL;
+  if (e->cfg.spec.method != TN_SPEC_OFF || grammar) plan_drafts(e, &budget);
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
@@ -1675,9 +1727,12 @@ enum tn_status tn_engine_open(const char *path,
       goto fail;
     }
   }
-  /* logits: one row per sequence, and one per draft when speculating */
-  int32_t n_logits = TN_MIN(e->cfg.step_tokens,
-                            e->cfg.max_seqs * (1 + sc->max_tokens));
+  /* logits: one row per sequence, and one per draft when speculating
+   * (without speculation, room for the grammar's forced drafts) */
+  int32_t n_logits = TN_MIN(
+      e->cfg.step_tokens,
+      e->cfg.max_seqs * (1 + sc->max_tokens) +
+          (sc->method == TN_SPEC_OFF ? GRAMMAR_DRAFT_ROWS : 0));
   if ((st = tn_ctx_new(e->model, e->pool, e->cfg.step_tokens, n_ctx,
                        n_logits, &e->ctx, err)))
     goto fail;

@@ -686,9 +686,44 @@ static void test_grammar_early_exit(void) {
   tn_grammar_release(g);
 }
 
+/* Without speculation configured, the text a grammar forces is drafted
+ * and verified: the same output as with drafting off, in fewer steps. */
+static void test_grammar_forced_drafts(void) {
+  struct tn_grammar *g =
+      tiny_grammar("root ::= ( \"the quick brown fox \" [a-e] \" \" )+");
+  ASSERT(g);
+  for (int i = 0; i < 3; i++) {
+    int32_t prompt[12];
+    make_prompt(700 + (uint64_t)i, prompt, 12);
+    struct tn_gen_params p = greedy(gen_len());
+    p.grammar = g;
+    p.speculative = false;
+    struct out plain, drafted;
+    ASSERT(run_alone(prompt, 12, &p, &plain));
+    p.speculative = true;
+    struct rec rc;
+    rec_init(&rc);
+    struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
+    struct tn_engine *e = eng_open(&rc, &o);
+    struct tn_req *r = e ? submit(e, &rc, prompt, 12, &p) : NULL;
+    ASSERT(r && wait_done(&rc, &r, 1));
+    collect(r, 0, &drafted);
+    struct tn_engine_stats st;
+    tn_engine_stats(e, &st);
+    tn_req_release(r);
+    tn_engine_close(e);
+    rec_deinit(&rc);
+    ASSERT(out_same("forced drafts", &drafted, &plain));
+    ASSERT_GT(st.spec_accepted, 0);
+    ASSERT_LT(st.steps, (uint64_t)plain.n_gen);
+  }
+  tn_grammar_release(g);
+}
+
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
              TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch),
-             TN_TEST(test_grammar_identity), TN_TEST(test_grammar_early_exit))
+             TN_TEST(test_grammar_identity), TN_TEST(test_grammar_early_exit),
+             TN_TEST(test_grammar_forced_drafts))

@@ -378,19 +378,111 @@ static bool gen_integer(struct sctx *c, json_t *s, const char *path,
   return true;
 }
 
+#define FRAC_ANY "( \".\" [0-9]{1,16} )?"
+#define FRAC_ZERO "( \".\" \"0\"{1,16} )?"
+#define FRAC_NONZERO "\".\" \"0\"{0,15} [1-9] [0-9]{0,15}"
+
+/* Numbers y >= 0 written without a sign, with L <= y (L < y when l_excl)
+ * and, when has_h, y <= H (y < H when h_excl): an integer part i and a
+ * fraction f, y = i.f. Appends alternatives to e (" | " between them);
+ * returns how many. */
+static int nonneg_number(struct tn_buf *e, int64_t L, bool l_excl, bool has_h,
+                         int64_t H, bool h_excl) {
+  int n = 0;
+  int64_t A = l_excl ? L + 1 : L;      /* i from here: any fraction */
+  int64_t B = has_h ? H - 1 : -1;      /* to here (-1: unbounded) */
+  if (!has_h || A <= B) {
+    tn_buf_append(e, "( ", 2);
+    nonneg_range(e, (uint64_t)A, B);
+    tn_buf_printf(e, " %s )", FRAC_ANY);
+    n++;
+  }
+  /* i = L with a fraction above zero, below the upper bound */
+  if (l_excl && (!has_h || L <= B)) {
+    tn_buf_printf(e, "%s( \"%lld\" %s )", n++ ? " | " : "", (long long)L,
+                  FRAC_NONZERO);
+  }
+  /* y = H exactly */
+  if (has_h && !h_excl && H >= A) {
+    tn_buf_printf(e, "%s( \"%lld\" %s )", n++ ? " | " : "", (long long)H,
+                  FRAC_ZERO);
+  }
+  return n;
+}
+
+/* Numbers with bounds: integer-valued bounds only (the usual 0, 1, 100);
+ * no exponent, so the digits tell the value. */
 static bool gen_number(struct sctx *c, json_t *s, const char *path,
                        char out[64]) {
   const char *kw[4] = {"minimum", "exclusiveMinimum", "maximum",
                        "exclusiveMaximum"};
-  for (int i = 0; i < 4; i++)
-    if (json_object_get(s, kw[i]))
-      return sfail(c, path,
-                   "'%s' on a number is not supported (it is on an "
-                   "integer)",
+  bool has_lo = false, has_hi = false, lo_x = false, hi_x = false;
+  double lo = 0, hi = 0, d;
+  for (int i = 0; i < 4; i++) {
+    json_t *v = json_object_get(s, kw[i]);
+    if (!v) continue;
+    if (json_is_boolean(v))
+      return sfail(c, path, "'%s' as a boolean (draft 4) is not supported",
                    kw[i]);
-  c->use_number = true;
-  snprintf(out, 64, "number");
-  return true;
+    if (!num_of(v, &d)) return sfail(c, path, "'%s' must be a number", kw[i]);
+    if (d != floor(d) || fabs(d) > 1e15)
+      return sfail(c, path,
+                   "'%s' %g on a number: only whole-number bounds up to "
+                   "1e15 are supported",
+                   kw[i], d);
+    bool excl = i == 1 || i == 3;
+    if (i < 2) {
+      if (!has_lo || d > lo || (d == lo && excl)) lo = d, lo_x = excl;
+      has_lo = true;
+    } else {
+      if (!has_hi || d < hi || (d == hi && excl)) hi = d, hi_x = excl;
+      has_hi = true;
+    }
+  }
+  if (!has_lo && !has_hi) {
+    c->use_number = true;
+    snprintf(out, 64, "number");
+    return true;
+  }
+  struct tn_buf e = {0};
+  int n = 0;
+  tn_buf_append(&e, "( ", 2);
+  /* negative values: "-" y with y in (max(0, -hi) .. -lo) */
+  if (!has_lo || lo < 0) {
+    bool l_excl = false;
+    int64_t L = 0;
+    if (has_hi && hi <= 0) L = (int64_t)-hi, l_excl = hi_x;
+    struct tn_buf neg = {0};
+    int k = nonneg_number(&neg, L, l_excl, has_lo, has_lo ? (int64_t)-lo : 0,
+                          lo_x);
+    if (k) {
+      tn_buf_printf(&e, "\"-\" ( %s )", neg.data);
+      n++;
+    }
+    tn_buf_free(&neg);
+  }
+  /* values >= 0 */
+  if (!has_hi || hi > 0 || (hi == 0 && !hi_x)) {
+    int64_t L = has_lo && lo > 0 ? (int64_t)lo : 0;
+    bool l_excl = has_lo && lo >= 0 && lo_x;
+    struct tn_buf pos = {0};
+    int k = nonneg_number(&pos, L, l_excl, has_hi, has_hi ? (int64_t)hi : 0,
+                          hi_x);
+    if (k) {
+      tn_buf_printf(&e, "%s( %s )", n ? " | " : "", pos.data);
+      n++;
+    }
+    tn_buf_free(&pos);
+  }
+  tn_buf_append(&e, " )", 2);
+  if (n == 0) {
+    tn_buf_free(&e);
+    return sfail(c, path, "no number lies within the bounds");
+  }
+  new_rule(c, out, "num");
+  tn_buf_printf(&c->rules, "%s ::= %s\n", out, e.data);
+  tn_buf_free(&e);
+  return !c->rules.oom;
 }
 
 /* ---- strings */

@@ -43,6 +43,10 @@ def _corpus():
         {"type": "integer", "minimum": 1000},
         {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000},
         {"type": "integer", "maximum": -7},
+        {"type": "number", "minimum": 0, "maximum": 1},
+        {"type": "object", "properties": {"score": {
+            "type": "number", "exclusiveMinimum": -5, "maximum": 5}},
+         "required": ["score"]},
         {"enum": ["red", "green", "blue", 1, 2.5, None, True]},
         {"enum": [f"item-{i}" for i in range(1000)]},
         {"const": {"fixed": [1, 2, {"x": "y"}]}},

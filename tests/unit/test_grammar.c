@@ -231,6 +231,52 @@ static void test_schema(void) {
   tn_grammar_release(g);
 }
 
+/* Number bounds: every short decimal matches iff its value is inside. */
+static void check_number_bounds(const char *schema, double lo, bool lo_x,
+                                double hi, bool hi_x) {
+  struct tn_grammar *g = from_schema(schema);
+  ASSERT(g);
+  static const char *const fr[] = {"", ".0", ".5", ".00", ".25", ".001"};
+  char num[64];
+  for (int i = -12; i <= 12; i++)
+    for (size_t f = 0; f < sizeof fr / sizeof *fr; f++)
+      for (int neg = 0; neg < 2; neg++) {
+        if (i < 0 && neg) continue;
+        int a = i < 0 ? -i : i;
+        snprintf(num, sizeof num, "%s%d%s", (i < 0 || neg) ? "-" : "", a,
+                 fr[f]);
+        double v = atof(num);
+        if (v == 0 && num[0] == '-') continue; /* "-0": never written */
+        bool want = (lo_x ? v > lo : v >= lo) && (hi_x ? v < hi : v <= hi);
+        if (MATCH(g, num) != want) {
+          TN_FAIL_NORETURN("%s: %s matched %d, want %d", schema, num, !want,
+                           want);
+          tn_grammar_release(g);
+          return;
+        }
+      }
+  ASSERT(!MATCH(g, "1e2"));
+  tn_grammar_release(g);
+}
+
+static void test_number_bounds(void) {
+  check_number_bounds("{\"type\":\"number\",\"minimum\":0,\"maximum\":1}",
+                      0, false, 1, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"exclusiveMinimum\":-3,\"maximum\":7}", -3,
+      true, 7, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":-10,\"exclusiveMaximum\":-2}",
+      -10, false, -2, true);
+  check_number_bounds("{\"type\":\"number\",\"exclusiveMaximum\":0}", -1e18,
+                      false, 0, true);
+  check_number_bounds("{\"type\":\"number\",\"minimum\":5}", 5, false, 1e18,
+                      false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"exclusiveMinimum\":2,\"maximum\":3}", 2,
+      true, 3, false);
+}
+
 static void schema_refused(const char *schema, const char *needle) {
   struct tn_grammar *g = NULL;
   struct tn_error err = {0};
@@ -244,7 +290,10 @@ static void test_schema_refusals(void) {
   schema_refused("{\"type\":\"string\",\"format\":\"email\"}", "email");
   schema_refused("{\"not\":{\"type\":\"string\"}}", "'not'");
   schema_refused("{\"type\":\"array\",\"uniqueItems\":true}", "uniqueItems");
-  schema_refused("{\"type\":\"number\",\"minimum\":0}", "minimum");
+  schema_refused("{\"type\":\"number\",\"minimum\":0.5}", "whole-number");
+  schema_refused("{\"type\":\"number\",\"exclusiveMinimum\":0,"
+                 "\"exclusiveMaximum\":0.0e0}",
+                 "no number");
   schema_refused("{\"$ref\":\"#/$defs/missing\"}", "does not resolve");
   schema_refused("{\"$ref\":\"http://example.com/s.json\"}",
                  "does not resolve");
@@ -442,4 +491,5 @@ static void test_masks_smollm2(void) {
 TN_TEST_MAIN(TN_TEST(test_gbnf_basics), TN_TEST(test_gbnf_refusals),
              TN_TEST(test_json_object), TN_TEST(test_schema),
              TN_TEST(test_schema_refusals), TN_TEST(test_regex_and_choices),
+             TN_TEST(test_number_bounds),
              TN_TEST(test_masks_smollm2))

@@ -217,3 +217,23 @@ def test_openai_client_and_langchain(server):
         out = llm.with_structured_output(City, method=method).invoke(
             "Name a big city.")
         assert isinstance(out, City)
+
+
+def test_cli_constraints(run_tern, tmp_path):
+    from conftest import model_path
+    m = model_path("smollm2-135m")
+    r = run_tern("run", "-m", m, "--temp", "0", "-p", "Is the sky blue?",
+                 "--choice", "yes", "--choice", "no")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() in ("yes", "no")
+    sp = tmp_path / "s.json"
+    sp.write_text(json.dumps(SCHEMAS["person"]))
+    r = run_tern("run", "-m", m, "--temp", "0.7", "--seed", "3", "-n", "300",
+                 "-p", "A person:", "--json-schema", str(sp))
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), SCHEMAS["person"])
+    r = run_tern("run", "-m", m, "-p", "x", "--regex", "(ab")
+    assert r.returncode == 1
+    assert b"--regex" in r.stderr and b"unclosed" in r.stderr
+    r = run_tern("run", "-m", m, "-p", "x", "--json", "--choice", "a")
+    assert r.returncode == 1 and b"give one" in r.stderr

@@ -122,6 +122,7 @@ struct tn_model;
 struct tn_tokenizer;
 
 #define TN_GEN_N_MAX 16   /* samples per request */
+#define TN_GEN_OPTIONS_MAX 256 /* options whose probabilities are followed */
 #define TN_GEN_STOPS_MAX 16
 
 enum tn_finish {
@@ -147,6 +148,19 @@ struct tn_gen_params {
                                   true; false: plain decoding) */
   struct tn_grammar *grammar;  /* the output must follow it (NULL: free);
                                   the request keeps a reference */
+  /* A choice list (grammar must be tn_grammar_from_choices of it; copied
+   * at submit): the engine estimates each option's probability (filled
+   * into tn_choice.option_probs) and, with option_min_prob > 0, ends as
+   * soon as one option's passes it, appending the rest of that option.
+   * An option's probability is the mass of the tokens that lead to it
+   * alone, times the probability of the text decoded before them, each
+   * under the model's distribution restricted to the grammar (temperature
+   * 1): exact when every option has one tokenization, a lower bound
+   * otherwise. Such a request does not draft. */
+  const char *const *options;
+  const size_t *option_lens;
+  int32_t n_options;
+  float option_min_prob;
 };
 void tn_gen_params_default(struct tn_gen_params *p);
 
@@ -166,6 +180,7 @@ struct tn_choice {
   int32_t n_gen;               /* tokens generated (usage) */
   int32_t n_drafted;           /* speculative tokens proposed */
   int32_t n_accepted;          /* of those, accepted by the model */
+  float *option_probs;         /* [params.n_options], when it had them */
   enum tn_finish finish;
 };
 

@@ -89,6 +89,9 @@ void tn_engine_config_default(struct tn_engine_config *c) {
  * (the logits buffer is sized for them). */
 #define GRAMMAR_DRAFT_MAX 8
 #define GRAMMAR_DRAFT_ROWS 32
+/* Allowed tokens an option estimate follows in one step (a choice list
+ * allows the prefixes of its options: far fewer). */
+#define OPTION_TOKENS_MAX 4096
 
 /* ---- requests and sequences */
 
@@ -103,6 +106,8 @@ struct tn_req_priv {
   struct tn_gen_params params;
   struct tn_logit_bias *bias;
   char **stops;
+  char **options;             /* params.options, owned */
+  size_t *option_lens;
   int32_t *prompt;
   int32_t n_prompt;
   int32_t n_live;             /* sequences not finished */
@@ -143,6 +148,12 @@ struct seq {
   struct tn_draft_seq draft;  /* its place in the draft model's cache */
   struct tn_grammar_matcher *gm; /* when its request has a grammar */
   char error[200];            /* why it finished with an error */
+  /* a choice list: the text so far, its log-probability, and each
+   * option's estimated probability (tn_gen_params.options) */
+  char *otext;
+  size_t n_otext, cap_otext;
+  double path_logp;
+  float *opt_est;
   struct seq *next;
 };
 
@@ -205,6 +216,8 @@ struct tn_engine {
   uint64_t *gmask;            /* one mask, n_vocab bits */
   uint64_t n_grammar_masks, n_grammar_forced;
   double grammar_s;
+  int32_t *opt_ids;           /* option estimates: allowed tokens, */
+  float *opt_probs;           /* their probabilities */
   uint64_t n_spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   char *text_buf;
   size_t text_cap;
@@ -249,7 +262,12 @@ static void req_free(struct tn_req *r) {
   for (int32_t i = 0; i < r->n_choices; i++) {
     free(r->choices[i].text);
     free(r->choices[i].toks);
+    free(r->choices[i].option_probs);
   }
+  for (int32_t i = 0; p->options && i < p->params.n_options; i++)
+    free(p->options[i]);
+  free(p->options);
+  free(p->option_lens);
   free(r->choices);
   for (int32_t i = 0; i < p->params.n_stops; i++) free(p->stops[i]);
   free(p->stops);
@@ -511,7 +529,9 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
     if (!e->gvocab &&
         (tn_grammar_vocab_new(e->tok, GRAMMAR_CACHE_BYTES, &e->gvocab,
                               &err) != TN_OK ||
-         !(e->gmask = calloc(((size_t)e->n_vocab + 63) / 64, 8)))) {
+         !(e->gmask = calloc(((size_t)e->n_vocab + 63) / 64, 8)) ||
+         !(e->opt_ids = malloc(OPTION_TOKENS_MAX * sizeof(int32_t))) ||
+         !(e->opt_probs = malloc(OPTION_TOKENS_MAX * sizeof(float))))) {
       tn_grammar_vocab_free(e->gvocab);
       e->gvocab = NULL;
       tn_log_error("engine %s: grammar vocabulary: %s", e->name, err.msg);
@@ -524,6 +544,14 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
       return NULL;
     }
   }
+  if (p->params.n_options > 0 && s->gm &&
+      !(s->opt_est = calloc((size_t)p->params.n_options, sizeof(float)))) {
+    tn_grammar_matcher_free(s->gm);
+    tn_sampler_free(s->sampler);
+    free(s->tokens);
+    free(s);
+    return NULL;
+  }
   atomic_fetch_add(&p->refs, 1);
   return s;
 }
@@ -533,6 +561,8 @@ static void seq_free(struct tn_engine *e, struct seq *s) {
   tn_draft_seq_drop(e->drafter, &s->draft);
   tn_sampler_free(s->sampler);
   tn_grammar_matcher_free(s->gm);
+  free(s->otext);
+  free(s->opt_est);
   free(s->tokens);
   free(s->held);
   req_unref(s->req);
@@ -575,6 +605,9 @@ static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
   }
   s->n_held = 0;
   c->finish = f;
+  if (s->opt_est && c->option_probs)
+    memcpy(c->option_probs, s->opt_est,
+           (size_t)p->params.n_options * sizeof(float));
   /* A failed or cancelled choice 0 takes the choices it never spawned
    * with it, or the request would never be done. */
   if (f == TN_FINISH_ERROR || f == TN_FINISH_CANCELLED)
@@ -919,6 +952,16 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
   metric_add(e->mm.gen_total, 1);
 
   if (tn_tokenizer_is_eog(e->tok, out->id)) return TN_FINISH_STOP;
+  if (s->opt_est) {
+    char piece[256];
+    size_t pn = tn_tokenizer_piece(e->tok, out->id, piece, sizeof piece,
+                                   false);
+    if (pn <= sizeof piece &&
+        bytes_reserve(&s->otext, &s->cap_otext, s->n_otext + pn + 1)) {
+      memcpy(s->otext + s->n_otext, piece, pn);
+      s->n_otext += pn;
+    }
+  }
   size_t n = tn_detok_push(&s->detok, out->id, e->text_buf, e->text_cap);
   if (seq_emit_text(e, s, e->text_buf, n, !early)) return TN_FINISH_STOP;
   if (s->n_gen >= gp->max_tokens) return TN_FINISH_LENGTH;
@@ -975,14 +1018,110 @@ static enum tn_finish mask_finish(enum mask_result m) {
   return m == MASK_END ? TN_FINISH_STOP : TN_FINISH_ERROR;
 }
 
+/* Appends text's tokens to s without forward passes (logprob 0) and
+ * ends it: the rest of a decided option. */
+static enum tn_finish seq_take_text(struct tn_engine *e, struct seq *s,
+                                    const char *text, size_t n, double now) {
+  int32_t *ids = NULL;
+  size_t n_ids = 0;
+  struct tn_error err;
+  if (n && tn_tokenizer_encode(e->tok, text, n, false, false, &ids, &n_ids,
+                               &err) != TN_OK)
+    return TN_FINISH_NONE;
+  enum tn_finish f = TN_FINISH_NONE;
+  for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
+    struct tn_sample_out out = {.id = ids[i]};
+    f = seq_take(e, s, &out, now);
+    e->n_grammar_forced++;
+    metric_add(e->mm.grammar_forced, 1);
+  }
+  free(ids);
+  return f == TN_FINISH_NONE ? TN_FINISH_STOP : f;
+}
+
+/* Option probabilities (tn_gen_params.options) from this step's masked
+ * logits: each allowed token's probability goes to the option it alone
+ * leads to. Returns the option whose probability passed option_min_prob
+ * (-1: none). *p_of receives the probability of each allowed token, for
+ * the path's probability once one is sampled (ids[], probs[], *n). */
+static int32_t seq_option_step(struct tn_engine *e, struct seq *s,
+                               const float *logits, int32_t *ids,
+                               float *probs, int32_t *n_out, int32_t cap) {
+  const struct tn_gen_params *gp = &s->req->priv->params;
+  int32_t words = (e->n_vocab + 63) / 64, n = 0;
+  float mx = -INFINITY;
+  for (int32_t w = 0; w < words; w++)
+    for (uint64_t k = e->gmask[w]; k; k &= k - 1) {
+      int32_t id = w * 64 + __builtin_ctzll(k);
+      if (id < e->n_vocab && logits[id] > mx) mx = logits[id];
+    }
+  double sum = 0.0;
+  for (int32_t w = 0; w < words; w++)
+    for (uint64_t k = e->gmask[w]; k; k &= k - 1) {
+      int32_t id = w * 64 + __builtin_ctzll(k);
+      if (id >= e->n_vocab || !(logits[id] > -INFINITY)) continue;
+      double p = exp((double)(logits[id] - mx));
+      sum += p;
+      if (n < cap) ids[n] = id, probs[n++] = (float)p;
+    }
+  *n_out = n;
+  if (!(sum > 0.0) || n == cap) return -1; /* too many to follow */
+  double dec[TN_GEN_OPTIONS_MAX] = {0};
+  char piece[256];
+  for (int32_t i = 0; i < n; i++) {
+    probs[i] = (float)(probs[i] / sum);
+    size_t pn = 0;
+    bool eog = tn_tokenizer_is_eog(e->tok, ids[i]);
+    if (!eog) pn = tn_tokenizer_piece(e->tok, ids[i], piece, sizeof piece,
+                                      false);
+    if (pn > sizeof piece) continue;
+    int32_t hit = -1, hits = 0;
+    for (int32_t o = 0; o < gp->n_options && hits < 2; o++) {
+      size_t ol = gp->option_lens[o], tl = s->n_otext + pn;
+      bool ok = eog ? ol == s->n_otext
+                    : ol >= tl && memcmp(gp->options[o] + s->n_otext, piece,
+                                         pn) == 0;
+      if (ok && memcmp(gp->options[o], s->otext ? s->otext : "",
+                       s->n_otext) == 0)
+        hit = o, hits++;
+    }
+    if (hits == 1) dec[hit] += probs[i];
+  }
+  double path = exp(s->path_logp);
+  int32_t best = -1;
+  for (int32_t o = 0; o < gp->n_options; o++) {
+    float p = (float)(path * dec[o]);
+    if (p > s->opt_est[o]) s->opt_est[o] = p;
+    if (gp->option_min_prob > 0.0f && p >= gp->option_min_prob &&
+        (best < 0 || p > s->opt_est[best]))
+      best = o;
+  }
+  return best;
+}
+
 /* Samples the next token of s from its logits row; returns the finish
  * reason (NONE to go on). */
 static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
                                  float *logits, double now) {
   enum mask_result m = seq_mask(e, s, logits);
   if (m != MASK_OK) return mask_finish(m);
+  int32_t n_ids = 0;
+  if (s->opt_est) {
+    int32_t o = seq_option_step(e, s, logits, e->opt_ids, e->opt_probs,
+                                &n_ids, OPTION_TOKENS_MAX);
+    if (o >= 0) {
+      const struct tn_gen_params *gp = &s->req->priv->params;
+      return seq_take_text(e, s, gp->options[o] + s->n_otext,
+                           gp->option_lens[o] - s->n_otext, now);
+    }
+  }
   struct tn_sample_out out;
   tn_sampler_sample(s->sampler, logits, &out);
+  for (int32_t i = 0; i < n_ids; i++)
+    if (e->opt_ids[i] == out.id) {
+      s->path_logp += log((double)TN_MAX(e->opt_probs[i], 1e-30f));
+      break;
+    }
   return seq_take_token(e, s, &out, now);
 }
 
@@ -1043,7 +1182,7 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
  * token: up to max_tokens, within its max_tokens and the context. */
 static int32_t seq_draft_room(const struct tn_engine *e, const struct seq *s) {
   const struct tn_gen_params *gp = &s->req->priv->params;
-  if (!gp->speculative) return 0;
+  if (!gp->speculative || s->opt_est) return 0;
   int32_t k = e->cfg.spec.method != TN_SPEC_OFF ? e->cfg.spec.max_tokens
                                                 : GRAMMAR_DRAFT_MAX;
   k = TN_MIN(k, gp->max_tokens - s->n_gen - 1);
@@ -1833,6 +1972,8 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->dreqs);
   tn_grammar_vocab_free(e->gvocab);
   free(e->gmask);
+  free(e->opt_ids);
+  free(e->opt_probs);
   tn_drafter_free(e->drafter);
   tn_ctx_free(e->ctx);
   tn_kv_pool_free(e->kv);
@@ -1893,6 +2034,13 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
                         TN_GEN_STOPS_MAX);
   enum tn_status st = tn_sampling_check(&params->sampling, e->n_vocab, err);
   if (st) return st;
+  if (params->n_options < 0 || params->n_options > TN_GEN_OPTIONS_MAX ||
+      (params->n_options > 0 && !params->grammar) ||
+      !(params->option_min_prob >= 0.0f && params->option_min_prob <= 1.0f))
+    return tn_error_set(err, TN_EINVAL,
+                        "options: at most %d, with their grammar, and a "
+                        "minimum probability in [0, 1]",
+                        TN_GEN_OPTIONS_MAX);
   if (params->grammar) { /* its start must expand within the bounds */
     struct tn_grammar_matcher *m = NULL;
     st = tn_grammar_matcher_new(params->grammar, NULL, &m, err);
@@ -1938,9 +2086,29 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
       ok = (p->stops[i] = strdup(params->stops[i])) != NULL;
   }
   p->params.stops = (const char *const *)p->stops;
+  if (ok && params->n_options > 0) {
+    p->options = calloc((size_t)params->n_options, sizeof(char *));
+    p->option_lens = calloc((size_t)params->n_options, sizeof(size_t));
+    ok = p->options && p->option_lens;
+    for (int32_t i = 0; ok && i < params->n_options; i++) {
+      size_t n = params->option_lens[i];
+      ok = (p->options[i] = malloc(n + 1)) != NULL;
+      if (ok) {
+        memcpy(p->options[i], params->options[i], n);
+        p->options[i][n] = 0;
+        p->option_lens[i] = n;
+      }
+    }
+    for (int32_t i = 0; ok && i < params->n; i++)
+      ok = (r->choices[i].option_probs =
+                calloc((size_t)params->n_options, sizeof(float))) != NULL;
+  }
+  p->params.options = (const char *const *)p->options;
+  p->params.option_lens = p->option_lens;
+  if (!p->options) p->params.n_options = 0;
   if (!ok) {
     p->params.n_stops = p->stops ? params->n_stops : 0;
-    r->n_choices = 0;
+    r->n_choices = r->choices ? params->n : 0;
     req_free(r);
     return tn_error_set(err, TN_ENOMEM, "out of memory");
   }

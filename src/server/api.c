@@ -684,8 +684,10 @@ static int string_grammar(const json_t *v, const char *param, bool regex,
 
 #define API_CHOICES_MAX 10000
 
+/* The list is also kept in q (option probabilities, early exit). */
 static int choice_grammar(const json_t *v, const char *param,
-                          struct tn_grammar **g, struct tn_api_error *err) {
+                          struct tn_grammar **g, struct tn_api_request *q,
+                          struct tn_api_error *err) {
   size_t n = json_is_array(v) ? json_array_size(v) : 0;
   if (n == 0 || n > API_CHOICES_MAX)
     return bad(err, param,
@@ -710,6 +712,16 @@ static int choice_grammar(const json_t *v, const char *param,
   struct tn_error e = {0};
   if (!rc && tn_grammar_from_choices(c, lens, n, g, &e) != TN_OK)
     rc = compile_error(err, param, &e);
+  if (!rc && n <= TN_GEN_OPTIONS_MAX) {
+    q->options = calloc(n, sizeof(char *));
+    q->option_lens = calloc(n, sizeof(size_t));
+    if (!q->options || !q->option_lens) rc = oom(err);
+    for (size_t i = 0; !rc && i < n; i++) {
+      if (!(q->options[i] = dup_bytes(c[i], lens[i]))) rc = oom(err);
+      q->option_lens[i] = lens[i];
+      q->n_options = (int32_t)i + 1;
+    }
+  }
   free(c);
   free(lens);
   return rc;
@@ -719,7 +731,8 @@ static int choice_grammar(const json_t *v, const char *param,
  * "guided_"): exactly one of json, regex, choice, grammar, json_object. */
 static int vllm_constraint(const json_t *o, const char *prefix,
                            const char *parent, struct tn_grammar **g,
-                           const char **which, struct tn_api_error *err) {
+                           struct tn_api_request *q, const char **which,
+                           struct tn_api_error *err) {
   static const char *const kinds[] = {"json", "regex", "choice", "grammar",
                                       "json_object"};
   char name[64], param[96];
@@ -736,7 +749,7 @@ static int vllm_constraint(const json_t *o, const char *prefix,
     *which = kinds[i];
     if (i == 0) rc = schema_grammar(v, param, g, err);
     else if (i == 1) rc = string_grammar(v, param, true, g, err);
-    else if (i == 2) rc = choice_grammar(v, param, g, err);
+    else if (i == 2) rc = choice_grammar(v, param, g, q, err);
     else if (i == 3) rc = string_grammar(v, param, false, g, err);
     else if (!json_is_true(v))
       rc = bad(err, param, "'%s' must be a boolean, got %s", param, show(v).s);
@@ -807,14 +820,14 @@ static int parse_constraint(const json_t *o, struct tn_api_request *q,
         rc = unsupported_field(err, "structured_outputs",
                                "'structured_outputs.%s' is not supported",
                                flags[i]);
-    if (!rc) rc = vllm_constraint(v, "", "structured_outputs", &g, &which,
-                                  err);
+    if (!rc)
+      rc = vllm_constraint(v, "", "structured_outputs", &g, q, &which, err);
     if (!rc && !which)
       rc = bad(err, "structured_outputs",
                "'structured_outputs' needs one of json, regex, choice, "
                "grammar, json_object");
   }
-  if (!rc) rc = vllm_constraint(o, "guided_", "", &g, &which, err);
+  if (!rc) rc = vllm_constraint(o, "guided_", "", &g, q, &which, err);
   const char *llama[] = {"grammar", "json_schema"};
   for (size_t i = 0; !rc && i < 2; i++) {
     if (!(v = field(o, llama[i]))) continue;
@@ -833,6 +846,28 @@ static int parse_constraint(const json_t *o, struct tn_api_request *q,
   }
   q->grammar = g;
   q->gen.grammar = g;
+  /* extension: "early_exit": {"min_prob": p} for a choice list */
+  if ((v = field(o, "early_exit"))) {
+    json_t *mp = json_is_object(v) ? field(v, "min_prob") : NULL;
+    double d = mp && json_is_number(mp) ? json_number_value(mp) : -1.0;
+    if (!(d > 0.0 && d <= 1.0))
+      return bad(err, "early_exit",
+                 "'early_exit' must be {\"min_prob\": p} with p in (0, 1], "
+                 "got %s",
+                 show(v).s);
+    if (q->n_options == 0)
+      return bad(err, "early_exit",
+                 "'early_exit' needs a choice list (structured_outputs.choice "
+                 "or guided_choice) of at most %d options",
+                 TN_GEN_OPTIONS_MAX);
+    q->gen.option_min_prob = (float)d;
+  }
+  /* option probabilities when asked for (logprobs) or early exit is on */
+  if (q->n_options > 0 && (q->gen.logprobs || q->gen.option_min_prob > 0)) {
+    q->gen.options = (const char *const *)q->options;
+    q->gen.option_lens = q->option_lens;
+    q->gen.n_options = q->n_options;
+  }
   return 0;
 }
 
@@ -1092,6 +1127,9 @@ void tn_api_request_free(struct tn_api_request *q) {
   free(q->stops);
   free(q->user);
   tn_grammar_release(q->grammar);
+  for (int32_t i = 0; i < q->n_options; i++) free(q->options[i]);
+  free(q->options);
+  free(q->option_lens);
   memset(q, 0, sizeof(*q));
 }
 
@@ -1307,6 +1345,20 @@ static bool has_echo(const struct tn_api_request *q,
          meta->echo_len && meta->echo_text[i];
 }
 
+/* Extension: ,"option_probs":{"option":p,...} for a choice list whose
+ * probabilities were followed (tn_gen_params.options). */
+static void put_option_probs(struct tn_buf *b, const struct tn_api_request *q,
+                             const struct tn_choice *c) {
+  if (!c || !c->option_probs || q->gen.n_options == 0) return;
+  buf_puts(b, ",\"option_probs\":{");
+  for (int32_t i = 0; i < q->gen.n_options; i++) {
+    if (i) buf_putc(b, ',');
+    put_str(b, q->options[i], q->option_lens[i]);
+    tn_buf_printf(b, ":%.6g", (double)c->option_probs[i]);
+  }
+  buf_putc(b, '}');
+}
+
 char *tn_api_render_response(const struct tn_api_request *q,
                              const struct tn_api_meta *meta,
                              struct tn_req *const *reqs, size_t n_reqs,
@@ -1344,6 +1396,7 @@ char *tn_api_render_response(const struct tn_api_request *q,
                             &offset);
         else buf_puts(&b, "null");
       }
+      put_option_probs(&b, q, c);
       buf_puts(&b, ",\"finish_reason\":");
       put_finish(&b, c->finish);
       buf_putc(&b, '}');
@@ -1413,6 +1466,7 @@ static void put_chunk(struct tn_buf *b, const struct tn_api_request *q,
     if (a < e) put_cmpl_logprobs(b, meta->tok, c, a, e, offset);
     else buf_puts(b, "null");
   }
+  if (finish != TN_FINISH_NONE) put_option_probs(b, q, c);
   buf_puts(b, ",\"finish_reason\":");
   if (finish == TN_FINISH_NONE) buf_puts(b, "null");
   else put_finish(b, finish);

@@ -55,6 +55,10 @@ struct tn_api_request {
   bool has_seed;              /* seed given (else the server picks one) */
   struct tn_grammar *grammar; /* response_format / structured_outputs /
                                  guided_* / grammar: gen.grammar, owned */
+  char **options;             /* a choice list (gen.options when its
+                                 probabilities are followed), owned */
+  size_t *option_lens;
+  int32_t n_options;
 };
 
 struct tn_api_error {

@@ -237,3 +237,39 @@ def test_cli_constraints(run_tern, tmp_path):
     assert b"--regex" in r.stderr and b"unclosed" in r.stderr
     r = run_tern("run", "-m", m, "-p", "x", "--json", "--choice", "a")
     assert r.returncode == 1 and b"give one" in r.stderr
+
+
+def test_option_probabilities_and_min_prob(server):
+    """With logprobs, a choice answer reports each option's probability
+    (options told apart by their first token: they sum to 1); early_exit
+    with a minimum probability ends on the first option that passes it."""
+    labels = ["red", "green", "blue"]
+    q = "Which color is the sky? Answer red, green or blue."
+    out = chat(server, q, structured_outputs={"choice": labels}, logprobs=True)
+    probs = out["choices"][0]["option_probs"]
+    assert set(probs) == set(labels)
+    assert abs(sum(probs.values()) - 1.0) < 1e-3, probs
+    out = chat(server, q, guided_choice=labels,
+               early_exit={"min_prob": 1e-6})
+    ch = out["choices"][0]
+    best = max(ch["option_probs"], key=ch["option_probs"].get)
+    assert ch["message"]["content"] == best
+    assert ch["finish_reason"] == "stop"
+    # streamed: the last chunk carries them
+    body = {"model": MODEL, "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": q}],
+            "structured_outputs": {"choice": labels}, "logprobs": True}
+    last = None
+    with requests.post(server.base + "/v1/chat/completions", json=body,
+                       stream=True, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                d = json.loads(line[6:])
+                if d["choices"] and d["choices"][0]["finish_reason"]:
+                    last = d["choices"][0]
+    assert last and set(last["option_probs"]) == set(labels)
+    # early_exit needs a choice list
+    r = requests.post(server.base + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "early_exit": {"min_prob": 0.5}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit"

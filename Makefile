@@ -80,8 +80,12 @@ test-asan:
 	TERN_BIN=$(abspath $(ASAN_BUILD)/tern) TERN_SLOW=1 $(PY) -m pytest -q tests/e2e
 
 # ThreadSanitizer over what runs threads: the compute pool, metrics, the
-# scheduler (test_sched) and the server, CLI chat and chaos e2e suites.
-TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py
+# scheduler (test_sched) and the server, CLI chat and chaos e2e suites,
+# and constrained requests batched with free ones (grammars compile on
+# HTTP threads, masks run on the engine's).
+TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py \
+	tests/e2e/test_structured.py::test_batch_invariance_mixed \
+	tests/e2e/test_structured.py::test_early_exit_same_answer
 test-tsan:
 	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv)$$'

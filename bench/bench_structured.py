@@ -251,7 +251,8 @@ def part2(srv, peer, n_req=32, users=16):
 
 def part3(srv, items):
     """Each mode over all items; forced (not decoded) tokens from /metrics."""
-    rows = {"choice": [], "choice, no early exit": [], "free text": []}
+    rows = {"choice": [], "choice, no early exit": [],
+            "choice, min_prob 0.9": [], "free text": []}
     answers = {k: [] for k in rows}
     forced = {}
     for mode in rows:
@@ -264,6 +265,8 @@ def part3(srv, items):
                 extra["structured_outputs"] = {"choice": it["labels"]}
             if mode == "choice, no early exit":
                 extra["logprobs"] = True
+            if mode == "choice, min_prob 0.9":
+                extra["early_exit"] = {"min_prob": 0.9}
             out = chat(srv, q, **extra)
             rows[mode].append(out)
             answers[mode].append(out["text"].strip().strip(".;").lower())
@@ -384,6 +387,10 @@ def main():
               f"{labels_ok}/{len(items)} | {acc}/{len(items)} |")
     same = sum(x == y for x, y in zip(answers["choice"],
                                       answers["choice, no early exit"]))
+    same_p = sum(x == y for x, y in zip(answers["choice, min_prob 0.9"],
+                                        answers["choice, no early exit"]))
+    print(f"\nmin_prob 0.9 vs decoding to the end: same answer on "
+          f"{same_p}/{len(items)}")
     print(f"\nearly exit vs none: same answer on {same}/{len(items)}; "
           f"{int(forced['choice'])} tokens forced (appended without a "
           "forward pass; usage counts them, decoded tokens above do not)")

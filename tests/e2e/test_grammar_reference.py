@@ -179,6 +179,10 @@ def ll_allowed(m, n_vocab):
 
 @pytest.mark.parametrize("idx", range(len(SCHEMAS)))
 def test_masks_equal_llguidance(vocab, tmp_path, idx):
+    if slow_mode() and idx % 6:
+        # under the sanitizers a sixth of the corpus: this checks equality
+        # with the reference, which the release run covers in full
+        pytest.skip("sanitizer run: every sixth schema")
     model, lt, v, special, toks = vocab
     n_vocab = v["n_vocab"]
     schema = SCHEMAS[idx]

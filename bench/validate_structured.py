@@ -58,6 +58,8 @@ def main():
                     "name": f"s{i % len(SCHEMAS)}", "schema": schema}}}
         d = requests.post(srv.base + "/v1/chat/completions", json=body,
                           timeout=600).json()
+        if "choices" not in d:
+            return "error", (i, d.get("error", {}).get("message", str(d)))
         c = d["choices"][0]
         if c["finish_reason"] != "stop":
             return "cut", None
@@ -68,7 +70,7 @@ def main():
             return "invalid", (i, str(e)[:200], c["message"]["content"][:200])
 
     t0 = time.time()
-    counts = {"valid": 0, "invalid": 0, "cut": 0}
+    counts = {"valid": 0, "invalid": 0, "cut": 0, "error": 0}
     bad = []
     with cf.ThreadPoolExecutor(a.concurrency) as ex:
         for kind, info in ex.map(one, range(a.n)):
@@ -80,10 +82,10 @@ def main():
           f"temperature 1, max_tokens {a.max_tokens}) in "
           f"{time.time() - t0:.0f} s: {counts['valid']} finished and valid, "
           f"{counts['invalid']} finished and invalid, {counts['cut']} cut by "
-          "max_tokens")
+          f"max_tokens, {counts['error']} errors")
     for b in bad[:10]:
-        print("  invalid:", b)
-    sys.exit(1 if counts["invalid"] else 0)
+        print("  failed:", b)
+    sys.exit(1 if counts["invalid"] or counts["error"] else 0)
 
 
 if __name__ == "__main__":

@@ -969,6 +969,36 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
   return TN_FINISH_NONE;
 }
 
+/* The tokens of text whose pieces spell text back exactly, or NULL: text
+ * the grammar forces can start or end inside a UTF-8 character, which a
+ * tokenizer may not encode byte for byte (it may write U+FFFD). */
+static int32_t *encode_exact(const struct tn_engine *e, const char *text,
+                             size_t n, size_t *n_ids) {
+  int32_t *ids = NULL;
+  struct tn_error err;
+  *n_ids = 0;
+  if (n == 0 || tn_tokenizer_encode(e->tok, text, n, false, false, &ids,
+                                    n_ids, &err) != TN_OK)
+    return NULL;
+  size_t at = 0;
+  char piece[256];
+  for (size_t i = 0; i < *n_ids; i++) {
+    size_t pn = tn_tokenizer_piece(e->tok, ids[i], piece, sizeof piece, false);
+    if (pn > sizeof piece || at + pn > n || memcmp(text + at, piece, pn)) {
+      free(ids);
+      *n_ids = 0;
+      return NULL;
+    }
+    at += pn;
+  }
+  if (at != n) {
+    free(ids);
+    *n_ids = 0;
+    return NULL;
+  }
+  return ids;
+}
+
 /* Early exit: once the grammar leaves one way to finish, the rest is
  * appended without forward passes (tokens the tokenizer gives for the
  * forced text, logprob 0) and the sequence ends; a grammar that allows
@@ -984,12 +1014,9 @@ static enum tn_finish seq_grammar_exit(struct tn_engine *e, struct seq *s,
   bool completes = false;
   size_t n = tn_grammar_matcher_forced(s->gm, buf, sizeof buf, &completes);
   if (!completes || n == 0) return TN_FINISH_NONE;
-  int32_t *ids = NULL;
   size_t n_ids = 0;
-  struct tn_error err;
-  if (tn_tokenizer_encode(e->tok, buf, n, false, false, &ids, &n_ids, &err) !=
-      TN_OK)
-    return TN_FINISH_NONE;
+  int32_t *ids = encode_exact(e, buf, n, &n_ids);
+  if (!ids) return TN_FINISH_NONE;
   enum tn_finish f = TN_FINISH_NONE;
   if (s->n_gen + (int32_t)n_ids <= gp->max_tokens &&
       s->n_tokens + (int32_t)n_ids <= e->n_ctx) {
@@ -1018,16 +1045,10 @@ static enum tn_finish mask_finish(enum mask_result m) {
   return m == MASK_END ? TN_FINISH_STOP : TN_FINISH_ERROR;
 }
 
-/* Appends text's tokens to s without forward passes (logprob 0) and
- * ends it: the rest of a decided option. */
+/* Appends the tokens ids[0..n_ids) to s without forward passes (logprob
+ * 0) and ends it: the rest of a decided option. Takes ids. */
 static enum tn_finish seq_take_text(struct tn_engine *e, struct seq *s,
-                                    const char *text, size_t n, double now) {
-  int32_t *ids = NULL;
-  size_t n_ids = 0;
-  struct tn_error err;
-  if (n && tn_tokenizer_encode(e->tok, text, n, false, false, &ids, &n_ids,
-                               &err) != TN_OK)
-    return TN_FINISH_NONE;
+                                    int32_t *ids, size_t n_ids, double now) {
   enum tn_finish f = TN_FINISH_NONE;
   for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
     struct tn_sample_out out = {.id = ids[i]};
@@ -1109,11 +1130,16 @@ static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
   if (s->opt_est) {
     int32_t o = seq_option_step(e, s, logits, e->opt_ids, e->opt_probs,
                                 &n_ids, OPTION_TOKENS_MAX);
-    if (o >= 0) {
-      const struct tn_gen_params *gp = &s->req->priv->params;
-      return seq_take_text(e, s, gp->options[o] + s->n_otext,
-                           gp->option_lens[o] - s->n_otext, now);
-    }
+    const struct tn_gen_params *gp = &s->req->priv->params;
+    size_t rest = o >= 0 ? gp->option_lens[o] - s->n_otext : 0;
+    size_t n_rest = 0;
+    int32_t *ids = rest ? encode_exact(e, gp->options[o] + s->n_otext, rest,
+                                       &n_rest)
+                        : NULL;
+    /* decided: its rest without passes (when it spells back exactly) */
+    if (o >= 0 && (rest == 0 || ids))
+      return seq_take_text(e, s, ids, n_rest, now);
+    free(ids);
   }
   struct tn_sample_out out;
   tn_sampler_sample(s->sampler, logits, &out);
@@ -1200,12 +1226,9 @@ static int32_t seq_propose_forced(struct tn_engine *e, struct seq *s,
   bool completes;
   size_t n = tn_grammar_matcher_forced(s->gm, buf, sizeof buf, &completes);
   if (n == 0) return 0;
-  int32_t *ids = NULL;
   size_t n_ids = 0;
-  struct tn_error err;
-  if (tn_tokenizer_encode(e->tok, buf, n, false, false, &ids, &n_ids, &err) !=
-      TN_OK)
-    return 0;
+  int32_t *ids = encode_exact(e, buf, n, &n_ids);
+  if (!ids) return 0;
   /* the last token may merge with what follows the forced text (`"`
    * then `:` is one token `":`), so it is left to the model */
   if (!completes && n_ids > 0) n_ids--;

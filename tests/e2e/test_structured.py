@@ -273,3 +273,20 @@ def test_option_probabilities_and_min_prob(server):
         "model": MODEL, "messages": [{"role": "user", "content": "x"}],
         "early_exit": {"min_prob": 0.5}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit"
+
+
+def test_forced_text_inside_a_character(server):
+    """Options that share the first bytes of a character: the forced rest
+    can start or end inside a UTF-8 character, which is filled or drafted
+    only when the tokenizer spells it back byte for byte (seed 259 once
+    ended in 'token does not continue the output')."""
+    schema = {"enum": ["日本", "日本語", "中文", "español", "a\nb"]}
+    for seed in (259, 1, 2, 3):
+        out = chat(server, "Answer with JSON that fits this schema: "
+                   + json.dumps(schema), temperature=1.0, seed=seed,
+                   max_tokens=64, response_format={
+                       "type": "json_schema",
+                       "json_schema": {"name": "s", "schema": schema}})
+        ch = out["choices"][0]
+        assert ch["finish_reason"] == "stop", ch
+        jsonschema.validate(json.loads(ch["message"]["content"]), schema)

@@ -357,18 +357,17 @@ def main():
             print(f"\ntern masks: {int(masks)} in {mask_s * 1e3:.1f} ms "
                   f"({mask_s / masks * 1e3:.3f} ms each, {hits / masks:.0%} from "
                   "the mask cache, first request included)")
-    if not t2:
-        return
-    print("\n## 16 users, 32 requests of up to 128 tokens (free: the same "
-          "lengths)\n")
-    print("| server | free tok/s | schema tok/s | schema/free | mask time "
-          "share |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, res in (("tern", t2), ("llama-server", peer2)):
-        if res:
-            share = (f"{res['mask_share']:.1%}" if name == "tern" else "-")
-            print(f"| {name} | {res['free']:.1f} | {res['schema']:.1f} | "
-                  f"{res['schema'] / res['free']:.3f} | {share} |")
+    if t2:
+        print("\n## 16 users, 32 requests of up to 128 tokens (free: the same "
+              "lengths)\n")
+        print("| server | free tok/s | schema tok/s | schema/free | mask time "
+              "share |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, res in (("tern", t2), ("llama-server", peer2)):
+            if res:
+                share = (f"{res['mask_share']:.1%}" if name == "tern" else "-")
+                print(f"| {name} | {res['free']:.1f} | {res['schema']:.1f} | "
+                      f"{res['schema'] / res['free']:.3f} | {share} |")
     if not rows:
         return
     print(f"\n## classification, {len(items)} prompts, 2-10 labels (tern)\n")

@@ -999,6 +999,22 @@ static int32_t *encode_exact(const struct tn_engine *e, const char *text,
   return ids;
 }
 
+/* Appends the tokens ids[0..n_ids) to s without forward passes (logprob
+ * 0) and ends it: the rest a grammar forces, or of a decided option.
+ * Takes ids. */
+static enum tn_finish seq_take_text(struct tn_engine *e, struct seq *s,
+                                    int32_t *ids, size_t n_ids, double now) {
+  enum tn_finish f = TN_FINISH_NONE;
+  for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
+    struct tn_sample_out out = {.id = ids[i]};
+    f = seq_take(e, s, &out, now);
+    e->n_grammar_forced++;
+    metric_add(e->mm.grammar_forced, 1);
+  }
+  free(ids);
+  return f == TN_FINISH_NONE ? TN_FINISH_STOP : f;
+}
+
 /* Early exit: once the grammar leaves one way to finish, the rest is
  * appended without forward passes (tokens the tokenizer gives for the
  * forced text, logprob 0) and the sequence ends; a grammar that allows
@@ -1017,19 +1033,12 @@ static enum tn_finish seq_grammar_exit(struct tn_engine *e, struct seq *s,
   size_t n_ids = 0;
   int32_t *ids = encode_exact(e, buf, n, &n_ids);
   if (!ids) return TN_FINISH_NONE;
-  enum tn_finish f = TN_FINISH_NONE;
-  if (s->n_gen + (int32_t)n_ids <= gp->max_tokens &&
-      s->n_tokens + (int32_t)n_ids <= e->n_ctx) {
-    for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
-      struct tn_sample_out out = {.id = ids[i]};
-      f = seq_take(e, s, &out, now);
-      e->n_grammar_forced++;
-      metric_add(e->mm.grammar_forced, 1);
-    }
-    if (f == TN_FINISH_NONE) f = TN_FINISH_STOP;
+  if (s->n_gen + (int32_t)n_ids > gp->max_tokens ||
+      s->n_tokens + (int32_t)n_ids > e->n_ctx) {
+    free(ids);
+    return TN_FINISH_NONE;
   }
-  free(ids);
-  return f;
+  return seq_take_text(e, s, ids, n_ids, now);
 }
 
 /* seq_take, then the grammar's early exit. */
@@ -1043,21 +1052,6 @@ static enum tn_finish seq_take_token(struct tn_engine *e, struct seq *s,
 
 static enum tn_finish mask_finish(enum mask_result m) {
   return m == MASK_END ? TN_FINISH_STOP : TN_FINISH_ERROR;
-}
-
-/* Appends the tokens ids[0..n_ids) to s without forward passes (logprob
- * 0) and ends it: the rest of a decided option. Takes ids. */
-static enum tn_finish seq_take_text(struct tn_engine *e, struct seq *s,
-                                    int32_t *ids, size_t n_ids, double now) {
-  enum tn_finish f = TN_FINISH_NONE;
-  for (size_t i = 0; i < n_ids && f == TN_FINISH_NONE; i++) {
-    struct tn_sample_out out = {.id = ids[i]};
-    f = seq_take(e, s, &out, now);
-    e->n_grammar_forced++;
-    metric_add(e->mm.grammar_forced, 1);
-  }
-  free(ids);
-  return f == TN_FINISH_NONE ? TN_FINISH_STOP : f;
 }
 
 /* Option probabilities (tn_gen_params.options) from this step's masked

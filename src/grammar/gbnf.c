@@ -321,13 +321,6 @@ static bool at_rule_start(const struct parser *p) {
   return p->end - c >= 3 && memcmp(c, "::=", 3) == 0;
 }
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
 /* One character of a literal or class at p->s: a code point, or with
  * *is_byte a raw byte (\xHH). Returns false at a malformed one. */
 static bool read_char(struct parser *p, uint32_t *cp, bool *is_byte) {
@@ -353,25 +346,8 @@ static bool read_char(struct parser *p, uint32_t *cp, bool *is_byte) {
   char c = p->s[1];
   p->s += 2;
   int digits = 0;
+  if (simple_escape(c, cp)) return true;
   switch (c) {
-    case 'n':
-      *cp = '\n';
-      return true;
-    case 'r':
-      *cp = '\r';
-      return true;
-    case 't':
-      *cp = '\t';
-      return true;
-    case 'f':
-      *cp = '\f';
-      return true;
-    case 'v':
-      *cp = '\v';
-      return true;
-    case '0':
-      *cp = 0;
-      return true;
     case '\\':
     case '"':
     case '\'':
@@ -398,7 +374,7 @@ static bool read_char(struct parser *p, uint32_t *cp, bool *is_byte) {
   }
   uint32_t v = 0;
   for (int i = 0; i < digits; i++) {
-    int h = p->s < p->end ? hexval(*p->s) : -1;
+    int h = p->s < p->end ? hex_digit(*p->s) : -1;
     if (h < 0) {
       fail_at(p, at, "escape needs %d hex digits", digits);
       return false;

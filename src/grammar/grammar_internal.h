@@ -52,6 +52,26 @@ enum tn_status tn_regex_gbnf(const char *re, size_t len, const char *prefix,
                              bool json, struct tn_buf *out,
                              struct tn_error *err);
 
+/* A hex digit's value, -1 if c is none. */
+static inline int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/* The one-letter escapes GBNF and regexes share (\n \r \t \f \v \0):
+ * true and *cp set, or false. */
+static inline bool simple_escape(char c, uint32_t *cp) {
+  static const char from[] = "nrtfv0", to[] = "\n\r\t\f\v";
+  for (int i = 0; i < 6; i++)
+    if (from[i] == c) {
+      *cp = i < 5 ? (uint32_t)(unsigned char)to[i] : 0;
+      return true;
+    }
+  return false;
+}
+
 /* tn_utf8_decode on chars */
 static inline size_t utf8_decode(const char *s, size_t n, uint32_t *cp) {
   return tn_utf8_decode((const uint8_t *)s, n, cp);

@@ -50,13 +50,6 @@ __attribute__((format(printf, 3, 4))) static void rfail(struct rx *r,
                (int)(at - r->start));
 }
 
-static int hexv(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
 /* ---- classes as range lists */
 
 #define MAX_RANGES 256
@@ -276,6 +269,7 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
     return false;
   }
   char c = *r->s++;
+  if (simple_escape(c, cp)) return true;
   switch (c) {
     case 'd':
     case 'w':
@@ -289,24 +283,6 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
       cls_perl(cls, c);
       cls_negate(cls);
       *is_cls = true;
-      return true;
-    case 'n':
-      *cp = '\n';
-      return true;
-    case 'r':
-      *cp = '\r';
-      return true;
-    case 't':
-      *cp = '\t';
-      return true;
-    case 'f':
-      *cp = '\f';
-      return true;
-    case 'v':
-      *cp = '\v';
-      return true;
-    case '0':
-      *cp = 0;
       return true;
     case 'b':
       if (in_class) {
@@ -325,8 +301,8 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
       if (c == 'u' && r->s < r->end && *r->s == '{') {
         r->s++;
         int n = 0;
-        while (r->s < r->end && hexv(*r->s) >= 0 && n < 8)
-          v = v * 16 + (uint32_t)hexv(*r->s++), n++;
+        while (r->s < r->end && hex_digit(*r->s) >= 0 && n < 8)
+          v = v * 16 + (uint32_t)hex_digit(*r->s++), n++;
         if (n == 0 || r->s >= r->end || *r->s != '}') {
           rfail(r, at, "bad \\u{...} escape");
           return false;
@@ -334,11 +310,11 @@ static bool read_escape(struct rx *r, bool in_class, uint32_t *cp,
         r->s++;
       } else {
         for (int i = 0; i < digits; i++) {
-          if (r->s >= r->end || hexv(*r->s) < 0) {
+          if (r->s >= r->end || hex_digit(*r->s) < 0) {
             rfail(r, at, "\\%c needs %d hex digits", c, digits);
             return false;
           }
-          v = v * 16 + (uint32_t)hexv(*r->s++);
+          v = v * 16 + (uint32_t)hex_digit(*r->s++);
         }
       }
       if (v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff)) {

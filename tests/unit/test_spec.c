@@ -646,6 +646,26 @@ static void test_grammar_identity(void) {
   tn_grammar_release(g);
 }
 
+/* run_alone, also giving the engine's stats at the end. */
+static bool run_alone_stats(const int32_t *prompt, int32_t n,
+                            const struct tn_gen_params *p, struct out *out,
+                            struct tn_engine_stats *st) {
+  struct rec rc;
+  rec_init(&rc);
+  struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
+  struct tn_engine *e = eng_open(&rc, &o);
+  struct tn_req *r = e ? submit(e, &rc, prompt, n, p) : NULL;
+  bool ok = r && wait_done(&rc, &r, 1);
+  if (ok) {
+    collect(r, 0, out);
+    tn_engine_stats(e, st);
+  }
+  if (r) tn_req_release(r);
+  tn_engine_close(e);
+  rec_deinit(&rc);
+  return ok;
+}
+
 /* Early exit: once one choice is left its rest is appended without
  * forward passes; the text equals token-by-token decoding's (logprobs on
  * turns the fill off), and the engine counts the forced tokens. */
@@ -663,18 +683,8 @@ static void test_grammar_early_exit(void) {
     struct out slow, fast;
     ASSERT(run_alone(prompt, 12, &p, &slow));
     p.logprobs = false;
-    struct rec rc;
-    rec_init(&rc);
-    struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
-    struct tn_engine *e = eng_open(&rc, &o);
-    struct tn_req *r = e ? submit(e, &rc, prompt, 12, &p) : NULL;
-    ASSERT(r && wait_done(&rc, &r, 1));
-    collect(r, 0, &fast);
     struct tn_engine_stats st;
-    tn_engine_stats(e, &st);
-    tn_req_release(r);
-    tn_engine_close(e);
-    rec_deinit(&rc);
+    ASSERT(run_alone_stats(prompt, 12, &p, &fast, &st));
     ASSERT_EQ(slow.finish, TN_FINISH_STOP);
     ASSERT_EQ(fast.finish, TN_FINISH_STOP);
     ASSERT_EQ(fast.len, slow.len);
@@ -701,18 +711,8 @@ static void test_grammar_forced_drafts(void) {
     struct out plain, drafted;
     ASSERT(run_alone(prompt, 12, &p, &plain));
     p.speculative = true;
-    struct rec rc;
-    rec_init(&rc);
-    struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
-    struct tn_engine *e = eng_open(&rc, &o);
-    struct tn_req *r = e ? submit(e, &rc, prompt, 12, &p) : NULL;
-    ASSERT(r && wait_done(&rc, &r, 1));
-    collect(r, 0, &drafted);
     struct tn_engine_stats st;
-    tn_engine_stats(e, &st);
-    tn_req_release(r);
-    tn_engine_close(e);
-    rec_deinit(&rc);
+    ASSERT(run_alone_stats(prompt, 12, &p, &drafted, &st));
     ASSERT(out_same("forced drafts", &drafted, &plain));
     ASSERT_GT(st.spec_accepted, 0);
     ASSERT_LT(st.steps, (uint64_t)plain.n_gen);

@@ -646,26 +646,6 @@ static void test_grammar_identity(void) {
   tn_grammar_release(g);
 }
 
-/* run_alone, also giving the engine's stats at the end. */
-static bool run_alone_stats(const int32_t *prompt, int32_t n,
-                            const struct tn_gen_params *p, struct out *out,
-                            struct tn_engine_stats *st) {
-  struct rec rc;
-  rec_init(&rc);
-  struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
-  struct tn_engine *e = eng_open(&rc, &o);
-  struct tn_req *r = e ? submit(e, &rc, prompt, n, p) : NULL;
-  bool ok = r && wait_done(&rc, &r, 1);
-  if (ok) {
-    collect(r, 0, out);
-    tn_engine_stats(e, st);
-  }
-  if (r) tn_req_release(r);
-  tn_engine_close(e);
-  rec_deinit(&rc);
-  return ok;
-}
-
 /* Early exit: once one choice is left its rest is appended without
  * forward passes; the text equals token-by-token decoding's (logprobs on
  * turns the fill off), and the engine counts the forced tokens. */

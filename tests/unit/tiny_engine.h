@@ -533,21 +533,30 @@ static bool out_same(const char *what, const struct out *got,
 }
 
 /* The request run alone on a fresh engine with default settings (no
- * prefix cache, nothing else in flight); all its choices. */
-static bool run_alone(const int32_t *prompt, int32_t n,
-                      const struct tn_gen_params *p, struct out *outs) {
+ * prefix cache, nothing else in flight); all its choices, and the
+ * engine's stats at the end when st is not NULL. */
+static bool run_alone_stats(const int32_t *prompt, int32_t n,
+                            const struct tn_gen_params *p, struct out *outs,
+                            struct tn_engine_stats *st) {
   struct rec rc;
   rec_init(&rc);
   struct eng_opts o = {.no_prefix = true, .max_seqs = 16};
   struct tn_engine *e = eng_open(&rc, &o);
   struct tn_req *r = e ? submit(e, &rc, prompt, n, p) : NULL;
   bool ok = r && wait_done(&rc, &r, 1);
-  if (ok)
+  if (ok) {
     for (int32_t c = 0; c < p->n; c++) collect(r, c, &outs[c]);
+    if (st) tn_engine_stats(e, st);
+  }
   if (r) tn_req_release(r);
   tn_engine_close(e);
   rec_deinit(&rc);
   return ok;
+}
+
+static bool run_alone(const int32_t *prompt, int32_t n,
+                      const struct tn_gen_params *p, struct out *outs) {
+  return run_alone_stats(prompt, n, p, outs, NULL);
 }
 
 static void make_prompt(uint64_t seed, int32_t *out, int32_t n) {

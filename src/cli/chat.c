@@ -55,7 +55,8 @@ static bool history_push(struct history *h, const char *role,
   if (!c) return false;
   memcpy(c, text, len);
   c[len] = '\0';
-  h->msgs[h->n++] = (struct tn_chat_msg){role, c, len};
+  h->msgs[h->n++] =
+      (struct tn_chat_msg){.role = role, .content = c, .content_len = len};
   return true;
 }
 
@@ -78,7 +79,9 @@ static int encode(struct tn_engine *e, const struct history *h, size_t last,
   if (!all) return tn_error_set(err, TN_ENOMEM, "out of memory");
   size_t k = 0;
   if (h->system)
-    all[k++] = (struct tn_chat_msg){"system", h->system, strlen(h->system)};
+    all[k++] = (struct tn_chat_msg){.role = "system",
+                                    .content = h->system,
+                                    .content_len = strlen(h->system)};
   memcpy(all + k, h->msgs + (h->n - last), last * sizeof(*all));
   enum tn_status st = tn_engine_encode_chat(e, all, n, ids, n_ids, err);
   free(all);

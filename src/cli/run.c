@@ -63,8 +63,10 @@ int tn_cli_run(int argc, char **argv) {
   if (chat) {
     struct tn_chat_msg msgs[2];
     size_t n = 0;
-    if (system) msgs[n++] = (struct tn_chat_msg){"system", system, strlen(system)};
-    msgs[n++] = (struct tn_chat_msg){"user", text, text_len};
+    if (system) msgs[n++] = (struct tn_chat_msg){
+          .role = "system", .content = system, .content_len = strlen(system)};
+    msgs[n++] = (struct tn_chat_msg){
+        .role = "user", .content = text, .content_len = text_len};
     st = tn_engine_encode_chat(e, msgs, n, &ids, &n_ids, &err);
   } else {
     st = tn_engine_encode_text(e, text, text_len, &ids, &n_ids, &err);

@@ -88,30 +88,57 @@ size_t tn_detok_flush(struct tn_detok *d, char *out, size_t cap);
 
 /* ---- chat formatting
  *
- * Produces exactly what the model's tokenizer.chat_template would render
- * for the conversation (roles system/user/assistant), recognising the
- * template families our models ship (ChatML, Gemma, Llama 3, ...). */
+ * Runs the model's own tokenizer.chat_template (Jinja, src/jinja/) on the
+ * conversation, so the prompt is what the model was trained on, byte for
+ * byte as Hugging Face's apply_chat_template renders it. */
 struct tn_chat_msg {
   const char *role;
-  const char *content;
+  const char *content; /* NULL: no content (None in the template) */
   size_t content_len;
+  /* optional, zero when unused: */
+  const char *tool_calls_json; /* assistant: OpenAI "tool_calls" array */
+  size_t tool_calls_len;
+  const char *tool_call_id; /* role "tool": the call this answers */
+  const char *name;         /* role "tool": the function's name */
+};
+
+struct tn_chat_opts {
+  bool add_generation_prompt;
+  const char *tools_json; /* OpenAI "tools" array as JSON, or NULL */
+  size_t tools_len;
+  const char *kwargs_json; /* "chat_template_kwargs" object, or NULL */
+  size_t kwargs_len;
 };
 
 /* On success *out is malloc'd (caller frees with free()), *out_len bytes
  * long (contents may hold NULs) and NUL-terminated after them, also when
- * empty; on failure *out is NULL and *out_len 0. */
+ * empty; on failure *out is NULL and *out_len 0. Errors: TN_EUNSUPPORTED
+ * when the model has no usable template; TN_EINVAL when the template
+ * refuses the conversation (its raise_exception text) or fails; TN_ERANGE
+ * for a sandbox limit. */
+enum tn_status tn_chat_render(const struct tn_tokenizer *tok,
+                              const struct tn_chat_msg *msgs, size_t n_msgs,
+                              const struct tn_chat_opts *opts, char **out,
+                              size_t *out_len, struct tn_error *err);
+/* tn_chat_render with only add_generation_prompt. */
 enum tn_status tn_chat_format(const struct tn_tokenizer *tok,
                               const struct tn_chat_msg *msgs, size_t n_msgs,
                               bool add_generation_prompt, char **out,
                               size_t *out_len, struct tn_error *err);
-/* The name of the template family in use ("chatml", "gemma", "llama3"),
- * or "none" (no template in the GGUF, or one not recognised). */
+/* What the template is: "chatml", "gemma", "llama3" (recognised by their
+ * markers), "jinja" (any other), or "none" (no usable template). */
 const char *tn_chat_template_name(const struct tn_tokenizer *tok);
 /* Whether tn_chat_format can format for this model. */
 bool tn_chat_available(const struct tn_tokenizer *tok);
-/* Uses the named family ("chatml", "gemma", "llama3") instead of what the
- * GGUF says; the vocabulary must have the family's special tokens. */
+/* Whether the template reads the tools variable (it has a tools section). */
+bool tn_chat_uses_tools(const struct tn_tokenizer *tok);
+/* Uses another template instead of the GGUF's: a built-in one by name
+ * ("chatml", "gemma", "llama3"; the vocabulary must have its special
+ * tokens) or a Jinja file's path. */
 enum tn_status tn_chat_set_template(struct tn_tokenizer *tok,
                                     const char *name, struct tn_error *err);
+/* Fixes strftime_now's clock (Unix seconds, UTC; 0: the real clock), for
+ * reproducible renders. */
+void tn_chat_set_clock(struct tn_tokenizer *tok, int64_t now);
 
 #endif /* TN_TOKENIZER_H */

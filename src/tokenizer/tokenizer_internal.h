@@ -13,6 +13,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include "jinja/jinja.h"
 #include "tokenizer/tokenizer.h"
 
 /* Token attributes (llama.cpp's llama_token_attr bits, so behaviour that
@@ -49,6 +50,7 @@ enum tn_chat_family {
   TN_CHAT_FAMILY_CHATML,      /* <|im_start|>role\n...<|im_end|>\n */
   TN_CHAT_FAMILY_GEMMA,       /* <start_of_turn>user\n...<end_of_turn>\n */
   TN_CHAT_FAMILY_LLAMA3,      /* <|start_header_id|>role<|end_header_id|>\n\n */
+  TN_CHAT_FAMILY_JINJA,       /* any other template */
   TN_CHAT_FAMILY_COUNT
 };
 
@@ -114,12 +116,13 @@ struct tn_tokenizer {
   uint32_t *special_lens; /* descending */
   size_t n_special_lens;
 
-  /* chat */
-  enum tn_chat_family chat_family;
-  char *chat_default_system; /* chatml default system prompt, or NULL */
-  bool chat_llama3_dated;     /* llama 3.1 style system header */
-  bool chat_absent;           /* no tokenizer.chat_template at all */
-  char chat_date[32];
+  /* chat (chat.c) */
+  enum tn_chat_family chat_family; /* what the template looks like, for
+                                      display: chatml, gemma, llama3, jinja */
+  struct tn_jinja *chat_tmpl;      /* compiled template, or NULL */
+  bool chat_absent;                /* no tokenizer.chat_template at all */
+  char *chat_error;                /* why the GGUF's template did not compile */
+  int64_t chat_now;                /* strftime_now's clock; 0: the real one */
 };
 
 static inline const char *tn_tok_text(const struct tn_tokenizer *tok,

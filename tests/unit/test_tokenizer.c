@@ -251,7 +251,7 @@ static int check_chat_cases(const struct tn_tokenizer *tok, json_t *cases,
     json_t *cs = json_array_get(cases, c);
     json_t *msgs = json_object_get(cs, "messages");
     size_t n = json_array_size(msgs);
-    struct tn_chat_msg m[16];
+    struct tn_chat_msg m[16] = {0};
     if (n > 16) return 1;
     for (size_t i = 0; i < n; i++) {
       json_t *o = json_array_get(msgs, i);
@@ -293,7 +293,7 @@ static int check_chat_file(const char *model_file, const char *fixture,
   if (!tok) return 0;
   int bad = 0;
   if (override) {
-    struct tn_chat_msg m = {"user", "hi", 2};
+    struct tn_chat_msg m = {.role = "user", .content = "hi", .content_len = 2};
     char *out = NULL;
     size_t out_len = 0;
     struct tn_error err = {0};

@@ -597,7 +597,7 @@ static void eval_args(struct jstate *s, struct jframe *f,
   a->n_kw = n->n_kw;
   a->n_pos = total - n->n_kw;
   a->pos = v;
-  a->kwv = v + a->n_pos;
+  a->kwv = v ? v + a->n_pos : NULL;
   a->kwn = n->names;
 }
 
@@ -1177,11 +1177,20 @@ static struct jv call_global(struct jstate *s, struct jstr m, struct args *a) {
   }
   if (jeq(m, "namespace") || jeq(m, "dict")) {
     struct jv d = jv_dict_new(s, a->n_kw);
-    if (a->n_pos) {
-      if (a->n_pos > 1 || (a->pos[0].k != JK_DICT && a->pos[0].k != JK_NS))
-        FAIL(s, "%.*s() takes keyword arguments or one dict", (int)m.n, m.p);
+    if (a->n_pos > 1)
+      FAIL(s, "%.*s() takes keyword arguments and at most one mapping or "
+           "list of pairs", (int)m.n, m.p);
+    if (a->n_pos && (a->pos[0].k == JK_DICT || a->pos[0].k == JK_NS)) {
       for (size_t i = 0; i < a->pos[0].u.d->n; i++)
         jv_dict_set(s, &d, a->pos[0].u.d->k[i], a->pos[0].u.d->v[i]);
+    } else if (a->n_pos) {
+      struct jlist *l = iter_items(s, a->pos[0]);
+      for (size_t i = 0; i < l->n; i++) {
+        struct jlist *kv = iter_items(s, l->v[i]);
+        if (kv->n != 2)
+          FAIL(s, "%.*s(): item %zu is not a pair", (int)m.n, m.p, i);
+        jv_dict_set(s, &d, kv->v[0], kv->v[1]);
+      }
     }
     for (size_t i = 0; i < a->n_kw; i++)
       jv_dict_set(s, &d, jv_str(a->kwn[i].p, a->kwn[i].n), a->kwv[i]);
@@ -1302,7 +1311,10 @@ static struct jv to_json(struct jstate *s, struct jv v, struct args *a) {
   }
   if (v.k == JK_UNDEF) FAIL(s, "tojson: Object of type Undefined is not JSON serializable");
   struct sbuf *b = tmpbuf(s);
+  struct jv *ea = arg(a, 99, "ensure_ascii");
+  s->json_ascii = ea && jv_truthy(*ea);
   jv_put_json(s, b, v, indent, item, key, sk && jv_truthy(*sk), 0);
+  s->json_ascii = false;
   return tmpdone(s, b);
 }
 
@@ -1550,6 +1562,7 @@ static struct jv run_filter(struct jstate *s, struct jframe *f,
     double x = fnum(v), sc = pow(10, (double)p);
     if (me && str_is(*me, "floor")) return jv_float(floor(x * sc) / sc);
     if (me && str_is(*me, "ceil")) return jv_float(ceil(x * sc) / sc);
+    if (v.k == JK_INT || v.k == JK_BOOL) return jv_int(inum(v)); /* Python */
     return jv_float(nearbyint(x * sc) / sc);
   }
   if (IS("items")) {
@@ -1834,6 +1847,11 @@ static struct jv call_macro(struct jstate *s, const struct jmacro *m,
     FAIL(s, "macro '%.*s' takes not more than %zu argument(s)", (int)n->name.n,
          n->name.p, n->n_names);
   struct jframe fr = {.parent = m->closure};
+  if (s->caller) { /* {% call %}: the block is caller() inside */
+    frame_set(s, &fr, (struct jstr){"caller", 6},
+              (struct jv){.k = JK_MACRO, .u.m = s->caller});
+    s->caller = NULL;
+  }
   for (size_t i = 0; i < n->n_names; i++) {
     struct jv v;
     bool have = false;
@@ -2097,6 +2115,9 @@ static int exec(struct jstate *s, struct jframe *f, const struct jnode *n) {
     struct jv v = eval(s, f, n->kids[0]);
     s->line = n->line;
     if (n->attr.p) {
+      if (n->attr.p[0] == '_')
+        FAIL(s, "access to attribute '%.*s' of 'Namespace' object is unsafe",
+             (int)n->attr.n, n->attr.p);
       struct jv *ns = frame_find(f, n->name);
       if (!ns || ns->k != JK_NS)
         FAIL(s, "cannot assign attribute on non-namespace object");
@@ -2132,6 +2153,20 @@ static int exec(struct jstate *s, struct jframe *f, const struct jnode *n) {
     m->node = n;
     m->closure = f;
     frame_set(s, f, n->name, (struct jv){.k = JK_MACRO, .u.m = m});
+    return FLOW_NEXT;
+  }
+  case N_CALLBLOCK: {
+    const struct jnode *call = n->kids[0];
+    struct jv fn = eval(s, f, call->kids[0]);
+    struct args a;
+    eval_args(s, f, call, 1, &a);
+    if (fn.k != JK_MACRO) FAIL(s, "a call block must call a macro");
+    struct jmacro *m = jalloc(s, sizeof(*m));
+    m->node = n->kids[1];
+    m->closure = f;
+    s->caller = m;
+    s->line = n->line;
+    jv_put_str(s, s->out, call_macro(s, fn.u.m, &a));
     return FLOW_NEXT;
   }
   case N_BREAK: return FLOW_BREAK;

@@ -129,6 +129,8 @@ enum jn {
   N_BREAK,
   N_CONTINUE,
   N_FILTERBLOCK, /* kids[0]: body; kids[1]: N_FILTER whose kids[0] is NULL */
+  N_CALLBLOCK,   /* {% call f(...) %}: kids[0] the N_CALL, kids[1] an
+                    N_MACRO "caller" whose body is the block */
   N_COUNT
 };
 
@@ -210,6 +212,8 @@ struct jstate {
   uint64_t steps;
   unsigned depth;
   int line; /* the line being evaluated, for messages */
+  bool json_ascii; /* tojson(ensure_ascii=true) in progress */
+  struct jmacro *caller; /* {% call %}: the body, for the macro called */
 };
 
 /* Fails the render: longjmps out. */

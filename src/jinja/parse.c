@@ -1265,6 +1265,26 @@ static struct jnode *parse_statement(struct parser *ps) {
     n = parse_body(ps, ends, 1, &w);
     ps->at++;
     end_block(ps);
+  } else if (is_name(t, "call")) {
+    if (is_op(cur(ps), "("))
+      pfail(ps, line, "call blocks with caller arguments are not supported");
+    n = node(ps, N_CALLBLOCK, line);
+    n->kids = palloc(ps, 2 * sizeof(*n->kids));
+    n->n_kids = 2;
+    n->kids[0] = parse_expr(ps);
+    if (n->kids[0]->kind != N_CALL)
+      pfail(ps, line, "a call block needs a call expression");
+    end_block(ps);
+    static const char *const ends[] = {"endcall"};
+    size_t w;
+    struct jnode *m = node(ps, N_MACRO, line);
+    m->name = (struct jstr){"caller", 6};
+    m->kids = palloc(ps, sizeof(*m->kids));
+    m->n_kids = 1;
+    m->kids[0] = parse_body(ps, ends, 1, &w);
+    n->kids[1] = m;
+    ps->at++;
+    end_block(ps);
   } else if (is_name(t, "filter")) {
     n = node(ps, N_FILTERBLOCK, line);
     n->kids = palloc(ps, 2 * sizeof(*n->kids));
@@ -1330,7 +1350,8 @@ static struct jnode *parse_body(struct parser *ps, const char *const *ends,
           (is_name(name, "endif") || is_name(name, "endfor") ||
            is_name(name, "endmacro") || is_name(name, "endset") ||
            is_name(name, "else") || is_name(name, "elif") ||
-           is_name(name, "endfilter") || is_name(name, "endgeneration")))
+           is_name(name, "endfilter") || is_name(name, "endgeneration") ||
+           is_name(name, "endcall")))
         pfail(ps, name->line, "unexpected '%.*s'", (int)name->n, name->p);
       ps->at++;
       kids_push(ps, &k, parse_statement(ps));

@@ -536,6 +536,24 @@ static void json_str(struct jstate *s, struct sbuf *b, const char *p,
         esc = t;
       }
     }
+    if (!esc && c >= 0x80 && s->json_ascii) {
+      /* ensure_ascii: \uXXXX, surrogate pairs above the BMP */
+      size_t l;
+      uint32_t u = u8_decode(p, n, i, &l);
+      char w[16];
+      if (u >= 0x10000) {
+        u -= 0x10000;
+        snprintf(w, sizeof(w), "\\u%04x\\u%04x", 0xD800 + (u >> 10),
+                 0xDC00 + (u & 0x3FF));
+      } else {
+        snprintf(w, sizeof(w), "\\u%04x", u);
+      }
+      sb_put(s, b, p + run, i - run);
+      sb_puts(s, b, w);
+      i += l - 1;
+      run = i + 1;
+      continue;
+    }
     if (esc) {
       sb_put(s, b, p + run, i - run);
       sb_puts(s, b, esc);

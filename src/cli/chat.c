@@ -83,7 +83,7 @@ static int encode(struct tn_engine *e, const struct history *h, size_t last,
                                     .content = h->system,
                                     .content_len = strlen(h->system)};
   memcpy(all + k, h->msgs + (h->n - last), last * sizeof(*all));
-  enum tn_status st = tn_engine_encode_chat(e, all, n, ids, n_ids, err);
+  enum tn_status st = tn_engine_encode_chat(e, all, n, NULL, ids, n_ids, err);
   free(all);
   return st;
 }

@@ -67,7 +67,7 @@ int tn_cli_run(int argc, char **argv) {
           .role = "system", .content = system, .content_len = strlen(system)};
     msgs[n++] = (struct tn_chat_msg){
         .role = "user", .content = text, .content_len = text_len};
-    st = tn_engine_encode_chat(e, msgs, n, &ids, &n_ids, &err);
+    st = tn_engine_encode_chat(e, msgs, n, NULL, &ids, &n_ids, &err);
   } else {
     st = tn_engine_encode_text(e, text, text_len, &ids, &n_ids, &err);
   }

@@ -330,10 +330,14 @@ void tn_engine_info(const struct tn_engine *e, struct tn_engine_info *out);
  * failures (bad template, roles, bytes) as TN_EINVAL or TN_EUNSUPPORTED
  * with a message. *ids is malloc'd. */
 struct tn_chat_msg;
+struct tn_chat_opts;
+/* opts NULL: a generation prompt, no tools. */
 enum tn_status tn_engine_encode_chat(const struct tn_engine *e,
                                      const struct tn_chat_msg *msgs,
-                                     size_t n_msgs, int32_t **ids,
-                                     size_t *n_ids, struct tn_error *err);
+                                     size_t n_msgs,
+                                     const struct tn_chat_opts *opts,
+                                     int32_t **ids, size_t *n_ids,
+                                     struct tn_error *err);
 enum tn_status tn_engine_encode_text(const struct tn_engine *e,
                                      const char *text, size_t len,
                                      int32_t **ids, size_t *n_ids,

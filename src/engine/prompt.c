@@ -40,18 +40,23 @@ enum tn_status tn_engine_encode_text(const struct tn_engine *e,
 
 enum tn_status tn_engine_encode_chat(const struct tn_engine *e,
                                      const struct tn_chat_msg *msgs,
-                                     size_t n_msgs, int32_t **ids,
-                                     size_t *n_ids, struct tn_error *err) {
+                                     size_t n_msgs,
+                                     const struct tn_chat_opts *opts,
+                                     int32_t **ids, size_t *n_ids,
+                                     struct tn_error *err) {
   *ids = NULL;
   *n_ids = 0;
-  size_t total = 0;
-  for (size_t k = 0; k < n_msgs; k++) total += msgs[k].content_len;
+  struct tn_chat_opts dflt = {.add_generation_prompt = true};
+  if (!opts) opts = &dflt;
+  size_t total = opts->tools_len;
+  for (size_t k = 0; k < n_msgs; k++)
+    total += msgs[k].content_len + msgs[k].tool_calls_len;
   enum tn_status st = too_long(e, total, err);
   if (st) return st;
   char *text = NULL;
   size_t len = 0;
   const struct tn_tokenizer *tok = tn_engine_tokenizer(e);
-  if ((st = tn_chat_format(tok, msgs, n_msgs, true, &text, &len, err)))
+  if ((st = tn_chat_render(tok, msgs, n_msgs, opts, &text, &len, err)))
     return st;
   st = tn_tokenizer_encode(tok, text, len, true, true, ids, n_ids, err);
   free(text);

@@ -381,6 +381,62 @@ static int parse_content(const json_t *m, size_t i, bool assistant,
   return 0;
 }
 
+/* An assistant turn's tool_calls; a tool turn's tool_call_id and name. */
+static int parse_message_tools(const json_t *m, size_t i, bool assistant,
+                               struct tn_chat_msg *out,
+                               struct tn_api_error *err) {
+  char param[80];
+  json_t *v;
+  bool tool = !strcmp(out->role, "tool");
+  if ((v = field(m, "tool_calls"))) {
+    snprintf(param, sizeof(param), "messages[%zu].tool_calls", i);
+    if (!assistant)
+      return bad(err, param, "'%s' is only allowed on assistant messages",
+                 param);
+    if (!json_is_array(v))
+      return bad(err, param, "'%s' must be an array, got %s", param,
+                 show(v).s);
+    size_t k;
+    json_t *tc;
+    json_array_foreach(v, k, tc) {
+      snprintf(param, sizeof(param), "messages[%zu].tool_calls[%zu]", i, k);
+      json_t *fn = json_is_object(tc) ? json_object_get(tc, "function") : NULL;
+      json_t *name = json_is_object(fn) ? json_object_get(fn, "name") : NULL;
+      json_t *args = json_is_object(fn) ? json_object_get(fn, "arguments") : NULL;
+      if (!json_is_string(name))
+        return bad(err, param,
+                   "'%s' must be an object with function.name (a string)",
+                   param);
+      if (args && !json_is_string(args) && !json_is_object(args))
+        return bad(err, param,
+                   "'%s.function.arguments' must be a string (JSON) or an "
+                   "object, got %s",
+                   param, show(args).s);
+    }
+    if (json_array_size(v)) {
+      out->tool_calls_json = json_dumps(v, JSON_COMPACT);
+      if (!out->tool_calls_json) return oom(err);
+      out->tool_calls_len = strlen(out->tool_calls_json);
+    }
+  }
+  const char *keys[2] = {"tool_call_id", "name"};
+  for (int k = 0; k < 2; k++) {
+    if (!(v = field(m, keys[k]))) continue;
+    snprintf(param, sizeof(param), "messages[%zu].%s", i, keys[k]);
+    if (!json_is_string(v) ||
+        strlen(json_string_value(v)) != json_string_length(v))
+      return bad(err, param, "'%s' must be a string, got %s", param,
+                 show(v).s);
+    if (k == 0 && !tool) continue; /* clients echo ids on other turns */
+    if (k == 1 && !tool) continue; /* a participant name: not used */
+    char *d = dup_bytes(json_string_value(v), json_string_length(v));
+    if (!d) return oom(err);
+    if (k == 0) out->tool_call_id = d;
+    else out->name = d;
+  }
+  return 0;
+}
+
 static int parse_messages(const json_t *o, struct tn_api_request *q,
                           struct tn_api_error *err) {
   json_t *a = field(o, "messages");
@@ -414,21 +470,31 @@ static int parse_messages(const json_t *o, struct tn_api_request *q,
       if (!strcmp(r, "system") || !strcmp(r, "developer")) canon = "system";
       else if (!strcmp(r, "user")) canon = "user";
       else if (!strcmp(r, "assistant")) canon = "assistant";
-      else if (!strcmp(r, "tool") || !strcmp(r, "function"))
+      else if (!strcmp(r, "tool")) canon = "tool";
+      else if (!strcmp(r, "function"))
         return bad(err, param,
-                   "'%s' %s is not supported (no tool calling); use system, "
-                   "developer, user or assistant",
-                   param, show(role).s);
+                   "'%s' \"function\" (the legacy function-calling role) is "
+                   "not supported; send the result as role \"tool\" with "
+                   "its tool_call_id",
+                   param);
     }
     if (!canon)
       return bad(err, param,
                  "'%s' must be one of system, developer, user, assistant, "
-                 "got %s",
+                 "tool, got %s",
                  param, show(role).s);
     q->msgs[i].role = dup_bytes(canon, strlen(canon));
     q->n_msgs = i + 1; /* freed from here on */
     if (!q->msgs[i].role) return oom(err);
-    int rc = parse_content(m, i, canon[0] == 'a', &q->msgs[i], err);
+    bool assistant = canon[0] == 'a';
+    int rc = parse_message_tools(m, i, assistant, &q->msgs[i], err);
+    if (rc) return rc;
+    json_t *ct = field(m, "content");
+    if (assistant && q->msgs[i].tool_calls_json && !ct) {
+      q->msgs[i].content = NULL; /* None in the template */
+      continue;
+    }
+    rc = parse_content(m, i, assistant, &q->msgs[i], err);
     if (rc) return rc;
   }
   return 0;
@@ -881,17 +947,15 @@ static int unsupported(enum tn_api_kind kind, const json_t *o,
                        const struct tn_api_request *q,
                        struct tn_api_error *err) {
   json_t *v;
-  if ((v = field(o, "tools")) && !(json_is_array(v) && json_array_size(v) == 0))
-    return unsupported_field(err, "tools",
-                             "'tools' (tool calling) is not supported by "
-                             "this server yet");
-  if ((v = field(o, "tool_choice")) &&
-      !(json_is_string(v) && (!strcmp(json_string_value(v), "none") ||
-                              !strcmp(json_string_value(v), "auto"))))
-    return unsupported_field(err, "tool_choice",
-                             "'tool_choice' %s is not supported by this "
-                             "server yet (no tool calling)",
-                             show(v).s);
+  if (kind == TN_API_COMPLETIONS)
+    for (int k = 0; k < 3; k++) {
+      static const char *const chat_only[] = {"tools", "tool_choice",
+                                              "parallel_tool_calls"};
+      if (field(o, chat_only[k]))
+        return unsupported_field(err, chat_only[k],
+                                 "'%s' is only for /v1/chat/completions",
+                                 chat_only[k]);
+    }
   static const char *const never[] = {
       "functions", "function_call",               /* OpenAI, legacy */
       "guided_whitespace_pattern",                 /* vLLM */
@@ -932,6 +996,163 @@ static int unsupported(enum tn_api_kind kind, const json_t *o,
                                  "not supported by this server",
                                  bo, q->gen.n);
     }
+  }
+  return 0;
+}
+
+/* ---- tools */
+
+static bool tool_name_ok(const char *s, size_t n) {
+  if (n == 0 || n > 64) return false;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '_' || c == '-'))
+      return false;
+  }
+  return true;
+}
+
+static int parse_tools(const json_t *o, struct tn_api_request *q,
+                       struct tn_api_error *err) {
+  json_t *tools = field(o, "tools");
+  json_t *choice = field(o, "tool_choice");
+  int rc;
+  q->parallel_tool_calls = true;
+  if ((rc = get_bool(o, "parallel_tool_calls", &q->parallel_tool_calls, NULL,
+                     err)))
+    return rc;
+  if (tools && !json_is_array(tools))
+    return bad(err, "tools", "'tools' must be an array, got %s",
+               show(tools).s);
+  size_t n = tools ? json_array_size(tools) : 0;
+  if (n > 512)
+    return bad(err, "tools", "'tools' has %zu functions; at most 512", n);
+  if (n) {
+    q->tool_names = calloc(n, sizeof(*q->tool_names));
+    if (!q->tool_names) return oom(err);
+  }
+  for (size_t i = 0; i < n; i++) {
+    json_t *t = json_array_get(tools, i);
+    char p[64];
+    snprintf(p, sizeof(p), "tools[%zu]", i);
+    if (!json_is_object(t))
+      return bad(err, p, "'%s' must be an object, got %s", p, show(t).s);
+    json_t *type = json_object_get(t, "type");
+    if (!json_is_string(type) || strcmp(json_string_value(type), "function"))
+      return bad(err, p, "'%s.type' must be \"function\", got %s", p,
+                 type ? show(type).s : "nothing");
+    json_t *fn = json_object_get(t, "function");
+    if (!json_is_object(fn))
+      return bad(err, p, "'%s.function' must be an object, got %s", p,
+                 fn ? show(fn).s : "nothing");
+    json_t *name = json_object_get(fn, "name");
+    if (!json_is_string(name) ||
+        !tool_name_ok(json_string_value(name), json_string_length(name)))
+      return bad(err, p,
+                 "'%s.function.name' must be 1 to 64 letters, digits, '_' or "
+                 "'-', got %s",
+                 p, name ? show(name).s : "nothing");
+    for (size_t k = 0; k < i; k++)
+      if (!strcmp(q->tool_names[k], json_string_value(name)))
+        return bad(err, p, "'%s.function.name' %s is declared twice", p,
+                   show(name).s);
+    json_t *d = json_object_get(fn, "description");
+    if (d && !json_is_string(d) && !json_is_null(d))
+      return bad(err, p, "'%s.function.description' must be a string", p);
+    json_t *params = json_object_get(fn, "parameters");
+    if (params && !json_is_object(params))
+      return bad(err, p, "'%s.function.parameters' must be a JSON schema "
+                 "object, got %s", p, show(params).s);
+    if (params) {
+      /* the same compiler forced calls decode under: what it refuses is
+       * named now, whatever tool_choice says */
+      char *text = json_dumps(params, JSON_COMPACT);
+      if (!text) return oom(err);
+      struct tn_grammar *g = NULL;
+      struct tn_error e = {0};
+      enum tn_status st = tn_grammar_from_json_schema(text, strlen(text), &g,
+                                                      &e);
+      free(text);
+      tn_grammar_release(g);
+      if (st) {
+        char pp[128];
+        snprintf(pp, sizeof(pp), "%s.function.parameters", p);
+        return bad(err, pp, "'%s': %s", pp, e.msg);
+      }
+    }
+    q->tool_names[i] = dup_bytes(json_string_value(name),
+                                 json_string_length(name));
+    if (!q->tool_names[i]) return oom(err);
+    q->n_tools = i + 1;
+  }
+  /* tool_choice */
+  q->tool_choice = n ? TN_API_TOOLS_AUTO : TN_API_TOOLS_NONE;
+  if (choice) {
+    const char *cs = json_is_string(choice) ? json_string_value(choice) : NULL;
+    if (cs && !strcmp(cs, "none")) {
+      q->tool_choice = TN_API_TOOLS_NONE;
+    } else if (cs && !strcmp(cs, "auto")) {
+      /* auto without tools: nothing to call */
+    } else if (cs && !strcmp(cs, "required")) {
+      if (!n)
+        return bad(err, "tool_choice",
+                   "'tool_choice' \"required\" needs a non-empty 'tools'");
+      q->tool_choice = TN_API_TOOLS_REQUIRED;
+    } else if (json_is_object(choice)) {
+      json_t *fn = json_object_get(choice, "function");
+      json_t *name = json_is_object(fn) ? json_object_get(fn, "name") : NULL;
+      if (!json_is_string(name))
+        return bad(err, "tool_choice",
+                   "'tool_choice' must be \"none\", \"auto\", "
+                   "\"required\" or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}, got %s",
+                   show(choice).s);
+      size_t k = 0;
+      while (k < q->n_tools && strcmp(q->tool_names[k], json_string_value(name)))
+        k++;
+      if (k == q->n_tools)
+        return bad(err, "tool_choice",
+                   "'tool_choice' names function %s, which is not in 'tools'",
+                   show(name).s);
+      q->tool_choice = TN_API_TOOLS_NAMED;
+      q->tool_named = k;
+    } else {
+      return bad(err, "tool_choice",
+                 "'tool_choice' must be \"none\", \"auto\", \"required\" "
+                 "or a named function, got %s",
+                 show(choice).s);
+    }
+  }
+  if (n && q->tool_choice != TN_API_TOOLS_NONE) {
+    q->tools_json = json_dumps(tools, JSON_COMPACT);
+    if (!q->tools_json) return oom(err);
+    q->tools_len = strlen(q->tools_json);
+  }
+  if (q->tool_choice == TN_API_TOOLS_REQUIRED ||
+      q->tool_choice == TN_API_TOOLS_NAMED) {
+    if (q->grammar)
+      return bad(err, "tool_choice",
+                 "a forced 'tool_choice' cannot be combined with "
+                 "response_format or another output constraint");
+    rc = tn_tools_grammar(
+        q->tools_json, q->tools_len,
+        q->tool_choice == TN_API_TOOLS_NAMED ? q->tool_names[q->tool_named]
+                                             : NULL,
+        q->parallel_tool_calls, &q->grammar, err);
+    if (rc) return rc;
+    q->gen.grammar = q->grammar;
+  }
+  /* chat_template_kwargs (vLLM): extra template variables */
+  json_t *kw = field(o, "chat_template_kwargs");
+  if (kw) {
+    if (!json_is_object(kw))
+      return bad(err, "chat_template_kwargs",
+                 "'chat_template_kwargs' must be an object, got %s",
+                 show(kw).s);
+    q->template_kwargs = json_dumps(kw, JSON_COMPACT);
+    if (!q->template_kwargs) return oom(err);
+    q->template_kwargs_len = strlen(q->template_kwargs);
   }
   return 0;
 }
@@ -1072,7 +1293,8 @@ static int parse_fields(enum tn_api_kind kind, const json_t *o,
   if ((rc = parse_stop(o, q, err))) return rc;
   if ((rc = parse_bias(o, q, err))) return rc;
   if ((rc = unsupported(kind, o, q, err))) return rc;
-  return parse_constraint(o, q, err);
+  if ((rc = parse_constraint(o, q, err))) return rc;
+  return kind == TN_API_CHAT ? parse_tools(o, q, err) : 0;
 }
 
 int tn_api_parse(enum tn_api_kind kind, const char *body, size_t len,
@@ -1114,7 +1336,14 @@ void tn_api_request_free(struct tn_api_request *q) {
   for (size_t i = 0; i < q->n_msgs; i++) {
     free((char *)q->msgs[i].role);
     free((char *)q->msgs[i].content);
+    free((char *)q->msgs[i].tool_calls_json);
+    free((char *)q->msgs[i].tool_call_id);
+    free((char *)q->msgs[i].name);
   }
+  free(q->tools_json);
+  for (size_t i = 0; i < q->n_tools; i++) free(q->tool_names[i]);
+  free(q->tool_names);
+  free(q->template_kwargs);
   free(q->msgs);
   for (size_t i = 0; i < q->n_prompts; i++) {
     free(q->prompts[i].text);
@@ -1359,6 +1588,28 @@ static void put_option_probs(struct tn_buf *b, const struct tn_api_request *q,
   buf_putc(b, '}');
 }
 
+/* One OpenAI tool call: {"id","type","function":{"name","arguments"}}
+ * (streaming: with its "index" first). The id is derived from the
+ * response id, the choice and the call, so it is unique per response and
+ * the same in both forms. */
+static void put_tool_call(struct tn_buf *b, const struct tn_api_meta *meta,
+                          int64_t choice, size_t k,
+                          const struct tn_tool_call *call, bool stream) {
+  uint64_t h = 1469598103934665603ull;
+  const char *id = meta->id ? meta->id : "";
+  for (const char *p = id; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
+  h = (h ^ (uint64_t)choice) * 1099511628211ull;
+  h = (h ^ (uint64_t)k) * 1099511628211ull;
+  buf_putc(b, '{');
+  if (stream) tn_buf_printf(b, "\"index\":%zu,", k);
+  tn_buf_printf(b, "\"id\":\"call_%016" PRIx64 "\",\"type\":\"function\","
+                "\"function\":{\"name\":", h);
+  put_cstr(b, call->name);
+  buf_puts(b, ",\"arguments\":");
+  put_cstr(b, call->arguments);
+  buf_puts(b, "}}");
+}
+
 char *tn_api_render_response(const struct tn_api_request *q,
                              const struct tn_api_meta *meta,
                              struct tn_req *const *reqs, size_t n_reqs,
@@ -1376,9 +1627,24 @@ char *tn_api_render_response(const struct tn_api_request *q,
       first = false;
       tn_buf_printf(&b, "{\"index\":%" PRId64 ",", choice_index(q, i, j));
       bool lp = q->gen.logprobs && c->toks;
+      struct tn_tool_calls tc = {0};
+      bool calls = chat && q->tool_choice != TN_API_TOOLS_NONE && c->text &&
+                   tn_tools_parse(c->text, c->len, q->tool_names, q->n_tools,
+                                  &tc);
       if (chat) {
         buf_puts(&b, "\"message\":{\"role\":\"assistant\",\"content\":");
-        put_str(&b, c->text ? c->text : "", c->text ? c->len : 0);
+        if (calls && tc.content_len == 0) buf_puts(&b, "null");
+        else if (calls) put_str(&b, c->text, tc.content_len);
+        else put_str(&b, c->text ? c->text : "", c->text ? c->len : 0);
+        if (calls) {
+          buf_puts(&b, ",\"tool_calls\":[");
+          for (size_t k = 0; k < tc.n_calls; k++) {
+            if (k) buf_putc(&b, ',');
+            put_tool_call(&b, meta, choice_index(q, i, j), k, &tc.calls[k],
+                          false);
+          }
+          buf_putc(&b, ']');
+        }
         buf_puts(&b, ",\"refusal\":null},\"logprobs\":");
         if (lp) put_chat_logprobs(&b, meta->tok, c, 0, c->n_toks);
         else buf_puts(&b, "null");
@@ -1398,8 +1664,10 @@ char *tn_api_render_response(const struct tn_api_request *q,
       }
       put_option_probs(&b, q, c);
       buf_puts(&b, ",\"finish_reason\":");
-      put_finish(&b, c->finish);
+      if (calls) buf_puts(&b, "\"tool_calls\"");
+      else put_finish(&b, c->finish);
       buf_putc(&b, '}');
+      tn_tool_calls_free(&tc);
     }
   }
   buf_puts(&b, "],\"usage\":");
@@ -1514,14 +1782,51 @@ bool tn_api_render_stream(const struct tn_api_request *q,
       if (s->finish_sent) continue;
       int32_t n_toks = q->gen.logprobs && c->toks ? c->n_toks : 0;
       if (s->toks_sent > n_toks) s->toks_sent = n_toks;
-      if (c->text && c->len > s->text_sent) {
+      bool finished = c->finish != TN_FINISH_NONE || r->done;
+      bool tools = chat && q->tool_choice != TN_API_TOOLS_NONE;
+      /* with tools, text that may be a call waits for the end */
+      size_t avail = c->text ? c->len : 0;
+      struct tn_tool_calls tc = {0};
+      bool calls = false;
+      if (tools && c->text) {
+        if (!finished)
+          avail = tn_tools_stream_safe(c->text, c->len);
+        else if ((calls = tn_tools_parse(c->text, c->len, q->tool_names,
+                                         q->n_tools, &tc)))
+          avail = tc.content_len > s->text_sent ? tc.content_len
+                                                : s->text_sent;
+      }
+      if (c->text && avail > s->text_sent) {
         put_chunk(out, q, meta, idx, false, c->text + s->text_sent,
-                  c->len - s->text_sent, c, s->toks_sent, n_toks,
+                  avail - s->text_sent, c, s->toks_sent, n_toks,
                   &s->offset_sent, TN_FINISH_NONE);
-        s->text_sent = c->len;
+        s->text_sent = avail;
         s->toks_sent = n_toks;
       }
-      bool finished = c->finish != TN_FINISH_NONE || r->done;
+      if (calls) {
+        /* each call whole in one delta (OpenAI may split arguments over
+         * several; clients concatenate them) */
+        for (size_t m = 0; m < tc.n_calls; m++) {
+          chunk_begin(out, q, meta);
+          tn_buf_printf(out, "{\"index\":%" PRId64 ",\"delta\":{"
+                        "\"tool_calls\":[", idx);
+          put_tool_call(out, meta, idx, m, &tc.calls[m], true);
+          buf_puts(out, "]},\"logprobs\":null,\"finish_reason\":null}");
+          chunk_end(out, q);
+        }
+        tn_tool_calls_free(&tc);
+        chunk_begin(out, q, meta);
+        tn_buf_printf(out, "{\"index\":%" PRId64 ",\"delta\":{},"
+                      "\"logprobs\":", idx);
+        if (s->toks_sent < n_toks) put_chat_logprobs(out, meta->tok, c,
+                                                     s->toks_sent, n_toks);
+        else buf_puts(out, "null");
+        buf_puts(out, ",\"finish_reason\":\"tool_calls\"}");
+        chunk_end(out, q);
+        s->toks_sent = n_toks;
+        s->finish_sent = true;
+        continue;
+      }
       if (finished) {
         /* logprobs of tokens whose text never showed (held back by a stop
          * string, or special) ride on the final chunk */

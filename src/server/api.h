@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "engine/engine.h"
+#include "grammar/grammar.h"
 #include "tokenizer/tokenizer.h"
 
 
@@ -59,6 +60,22 @@ struct tn_api_request {
                                  probabilities are followed), owned */
   size_t *option_lens;
   int32_t n_options;
+  /* chat: tools (tools.c). tools_json is the "tools" array as JSON for
+   * the template; tool_names the functions' names, in order */
+  char *tools_json;
+  size_t tools_len;
+  char **tool_names;
+  size_t n_tools;
+  enum tn_api_tool_choice {
+    TN_API_TOOLS_NONE,     /* no tools, or tool_choice "none" */
+    TN_API_TOOLS_AUTO,     /* the model may call one */
+    TN_API_TOOLS_REQUIRED, /* it must call at least one */
+    TN_API_TOOLS_NAMED,    /* it must call tool_named */
+  } tool_choice;
+  size_t tool_named;
+  bool parallel_tool_calls;   /* default true */
+  char *template_kwargs;      /* chat_template_kwargs as JSON, or NULL */
+  size_t template_kwargs_len;
 };
 
 struct tn_api_error {
@@ -133,5 +150,38 @@ bool tn_api_render_stream(const struct tn_api_request *q,
                           const struct tn_api_meta *meta,
                           struct tn_req *const *reqs, size_t n_reqs,
                           struct tn_api_stream *st, struct tn_buf *out);
+
+/* ---- tools (tools.c): calls in the <tool_call> JSON convention */
+
+struct tn_tool_call {
+  char *name;
+  char *arguments; /* compact JSON text */
+};
+
+struct tn_tool_calls {
+  size_t content_len; /* the text before the first call (the content) */
+  struct tn_tool_call *calls;
+  size_t n_calls;
+};
+
+/* Finds the calls in a model's text: <tool_call>{"name": ..., "arguments":
+ * {...}}</tool_call> blocks (the last may lack its closing tag), or a whole
+ * text that is one such object (bare or in a ```json fence). False when
+ * there is none, a block does not parse, or it names a function not in
+ * names[n_names]: then the whole text is content. */
+bool tn_tools_parse(const char *text, size_t len, char *const *names,
+                    size_t n_names, struct tn_tool_calls *out);
+void tn_tool_calls_free(struct tn_tool_calls *tc);
+/* How much of a partial text may stream as content: up to the first
+ * "<tool_call>", short of a tail that could begin one, and nothing of a
+ * text that opens like a bare call ('{' or a fence). */
+size_t tn_tools_stream_safe(const char *text, size_t len);
+/* The grammar a forced tool_choice decodes under: one call (or, with
+ * parallel calls, one or more) to the named tool or any of them, each
+ * call's arguments valid against the function's parameters. tools is the
+ * request's "tools" array (checked by the parser). 0 or 400. */
+int tn_tools_grammar(const char *tools_json, size_t tools_len,
+                     const char *only, bool parallel,
+                     struct tn_grammar **out, struct tn_api_error *err);
 
 #endif /* TN_SERVER_API_H */

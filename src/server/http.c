@@ -388,8 +388,24 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
   *ids = NULL;
   *n_ids = 0;
   if (c->q.kind == TN_API_CHAT) {
-    if ((st = tn_engine_encode_chat(c->engine, c->q.msgs, c->q.n_msgs, ids,
-                                    n_ids, &err)))
+    struct tn_chat_opts o = {.add_generation_prompt = true,
+                             .kwargs_json = c->q.template_kwargs,
+                             .kwargs_len = c->q.template_kwargs_len};
+    if (c->q.tool_choice != TN_API_TOOLS_NONE) {
+      if (tn_chat_tools_format(tok) == TN_CHAT_TOOLS_OTHER)
+        return tn_api_error_set(
+            aerr, 400, "invalid_request_error", "tools", "unsupported_value",
+            "model '%s': its chat template writes tool calls in a format "
+            "tern does not parse yet (it understands the <tool_call> JSON "
+            "convention of Qwen and Hermes templates, and writes it into "
+            "templates without a tools section); serve it with "
+            "--chat-template FILE to use another template",
+            c->model->name);
+      o.tools_json = c->q.tools_json;
+      o.tools_len = c->q.tools_len;
+    }
+    if ((st = tn_engine_encode_chat(c->engine, c->q.msgs, c->q.n_msgs, &o,
+                                    ids, n_ids, &err)))
       return prompt_error(c, st, "messages", &err, aerr);
     return 0;
   }

@@ -13,6 +13,16 @@
  * dict (tool_call.arguments | tojson, .items()), so a string that parses
  * to a JSON object is passed as that object.
  *
+ * Tools: a template with a tools section in the <tool_call> convention
+ * gets tools, tool calls and tool turns as they are. A template without
+ * one (SmolLM2's, Gemma's) gets the same convention written in by us: the
+ * function signatures and the call format appended to the system turn
+ * (one is added when there is none), an assistant's calls written out as
+ * <tool_call> blocks after its text, and tool turns as user turns holding
+ * <tool_response> blocks (consecutive ones merged, so templates that want
+ * user and assistant to alternate still render). The server parses the
+ * model's <tool_call> blocks back into OpenAI tool_calls.
+ *
  * BOS: templates begin with {{ bos_token }}; when the tokenizer adds BOS
  * itself (add_bos_token) a leading BOS text is cut from the rendering, so
  * encode(text, add_special=true) yields exactly one BOS (llama.cpp's
@@ -100,6 +110,7 @@ void tn_chat_detect(struct tn_tokenizer *tok, const struct tn_gguf *g) {
     return;
   }
   tok->chat_family = family_of(t, n);
+  tok->chat_tool_call_tags = memmem(t, n, "<tool_call>", 11) != NULL;
 }
 
 static enum tn_status use_source(struct tn_tokenizer *tok, const char *src,
@@ -110,6 +121,7 @@ static enum tn_status use_source(struct tn_tokenizer *tok, const char *src,
   tn_jinja_free(tok->chat_tmpl);
   tok->chat_tmpl = t;
   tok->chat_family = family_of(src, n);
+  tok->chat_tool_call_tags = memmem(src, n, "<tool_call>", 11) != NULL;
   free(tok->chat_error);
   tok->chat_error = NULL;
   return TN_OK;
@@ -169,8 +181,10 @@ bool tn_chat_available(const struct tn_tokenizer *tok) {
   return tok->chat_tmpl != NULL;
 }
 
-bool tn_chat_uses_tools(const struct tn_tokenizer *tok) {
-  return tok->chat_tmpl && tn_jinja_uses(tok->chat_tmpl, "tools");
+enum tn_chat_tools tn_chat_tools_format(const struct tn_tokenizer *tok) {
+  if (!tok->chat_tmpl || !tn_jinja_uses(tok->chat_tmpl, "tools"))
+    return TN_CHAT_TOOLS_INJECTED;
+  return tok->chat_tool_call_tags ? TN_CHAT_TOOLS_NATIVE : TN_CHAT_TOOLS_OTHER;
 }
 
 void tn_chat_deinit(struct tn_tokenizer *tok) {
@@ -227,6 +241,173 @@ static enum tn_status json_var(struct tn_jinja_ctx *c, const char *what,
   return TN_OK;
 }
 
+/* ---- tools written in for templates without a tools section */
+
+struct sb {
+  char *p;
+  size_t n, cap;
+  bool oom;
+};
+
+static void sb_add(struct sb *b, const char *s, size_t n) {
+  if (b->oom) return;
+  if (b->n + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->n + n + 1) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) {
+      b->oom = true;
+      return;
+    }
+    b->p = p;
+    b->cap = cap;
+  }
+  if (n) memcpy(b->p + b->n, s, n);
+  b->n += n;
+  b->p[b->n] = '\0';
+}
+static void sb_cat(struct sb *b, const char *s) { sb_add(b, s, strlen(s)); }
+
+/* Writes each element of a JSON array on its own line (the array's text
+ * as the client sent it, re-serialised by the template engine's tojson
+ * would also do; we keep the client's bytes). */
+static bool tools_text(struct sb *b, const char *json, size_t n) {
+  struct tn_jinja_ctx *c = tn_jinja_ctx_new(64u << 20);
+  if (!c) return false;
+  static const char tmpl[] =
+      "{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}";
+  struct tn_jinja *t = NULL;
+  struct tn_jinja_val *v = NULL;
+  char *out = NULL;
+  size_t out_n = 0;
+  bool ok = tn_jinja_compile(tmpl, sizeof(tmpl) - 1, &t, NULL) == TN_OK &&
+            tn_jinja_json(c, json, n, &v, NULL) == TN_OK;
+  if (ok) {
+    tn_jinja_set(c, "tools", v);
+    ok = tn_jinja_render(t, c, NULL, &out, &out_n, NULL) == TN_OK;
+  }
+  if (ok) sb_add(b, out, out_n);
+  free(out);
+  tn_jinja_free(t);
+  tn_jinja_ctx_free(c);
+  return ok;
+}
+
+static const char k_tools_head[] =
+    "# Tools\n\n"
+    "You can call functions to help answer the user. Their signatures, one "
+    "JSON object per line, are inside <tools></tools>:\n<tools>";
+static const char k_tools_tail[] =
+    "\n</tools>\n\n"
+    "To call a function, answer with a JSON object holding its name and "
+    "arguments inside <tool_call></tool_call> tags, one block per call:\n"
+    "<tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call>";
+
+/* Each call of an OpenAI tool_calls array as a <tool_call> block. */
+static bool calls_text(struct sb *b, const char *json, size_t n) {
+  struct tn_jinja_ctx *c = tn_jinja_ctx_new(64u << 20);
+  if (!c) return false;
+  static const char tmpl[] =
+      "{%- for tc in calls %}"
+      "{%- set f = tc.function if tc.function is defined else tc %}"
+      "{%- set a = f.arguments %}"
+      "\n<tool_call>\n{\"name\": {{ f.name | tojson }}, \"arguments\": "
+      "{{ a if a is string else a | tojson }}}\n</tool_call>"
+      "{%- endfor %}";
+  struct tn_jinja *t = NULL;
+  struct tn_jinja_val *v = NULL;
+  char *out = NULL;
+  size_t out_n = 0;
+  bool ok = tn_jinja_compile(tmpl, sizeof(tmpl) - 1, &t, NULL) == TN_OK &&
+            tn_jinja_json(c, json, n, &v, NULL) == TN_OK;
+  if (ok) {
+    tn_jinja_set(c, "calls", v);
+    ok = tn_jinja_render(t, c, NULL, &out, &out_n, NULL) == TN_OK;
+  }
+  if (ok) sb_add(b, out, out_n);
+  free(out);
+  tn_jinja_free(t);
+  tn_jinja_ctx_free(c);
+  return ok;
+}
+
+static bool role_is(const struct tn_chat_msg *m, const char *r) {
+  return strcmp(m->role, r) == 0;
+}
+
+/* The conversation with tools written in (see the top of the file):
+ * *out_msgs and every content in it are malloc'd (free_injected). */
+static enum tn_status inject_tools(const struct tn_chat_msg *msgs,
+                                   size_t n_msgs,
+                                   const struct tn_chat_opts *opts,
+                                   struct tn_chat_msg **out_msgs,
+                                   size_t *out_n, struct tn_error *err) {
+  struct tn_chat_msg *m = calloc(n_msgs + 1, sizeof(*m));
+  if (!m) return tn_error_set(err, TN_ENOMEM, "chat: out of memory");
+  size_t k = 0, i = 0;
+  bool ok = true;
+  if (opts->tools_json) {
+    struct sb b = {0};
+    bool sys = n_msgs > 0 && role_is(&msgs[0], "system");
+    if (sys) {
+      sb_add(&b, msgs[0].content ? msgs[0].content : "", msgs[0].content_len);
+      sb_cat(&b, "\n\n");
+      i = 1;
+    }
+    sb_cat(&b, k_tools_head);
+    ok = tools_text(&b, opts->tools_json, opts->tools_len);
+    sb_cat(&b, k_tools_tail);
+    ok = ok && !b.oom;
+    m[k++] = (struct tn_chat_msg){.role = "system", .content = b.p,
+                                  .content_len = b.n};
+  }
+  for (; ok && i < n_msgs; i++) {
+    const struct tn_chat_msg *x = &msgs[i];
+    struct sb b = {0};
+    const char *role = x->role;
+    if (role_is(x, "tool")) {
+      role = "user";
+      for (; i < n_msgs && role_is(&msgs[i], "tool"); i++) {
+        if (b.n) sb_cat(&b, "\n");
+        sb_cat(&b, "<tool_response>\n");
+        sb_add(&b, msgs[i].content ? msgs[i].content : "",
+               msgs[i].content_len);
+        sb_cat(&b, "\n</tool_response>");
+      }
+      i--;
+    } else {
+      sb_add(&b, x->content ? x->content : "", x->content_len);
+      if (x->tool_calls_json) {
+        size_t before = b.n;
+        ok = calls_text(&b, x->tool_calls_json, x->tool_calls_len);
+        if (ok && before == 0 && b.n > 0) { /* no text: no leading newline */
+          memmove(b.p, b.p + 1, b.n);
+          b.n--;
+        }
+      }
+      if (!b.p) sb_add(&b, "", 0);
+    }
+    ok = ok && !b.oom;
+    m[k++] = (struct tn_chat_msg){.role = role, .content = b.p,
+                                  .content_len = b.n};
+  }
+  *out_msgs = m;
+  *out_n = k;
+  if (!ok)
+    return tn_error_set(err, TN_EINVAL,
+                        "chat: tools or tool_calls could not be written into "
+                        "the prompt (invalid JSON or out of memory)");
+  return TN_OK;
+}
+
+static void free_injected(struct tn_chat_msg *m, size_t n) {
+  if (!m) return;
+  for (size_t i = 0; i < n; i++) free((char *)m[i].content);
+  free(m);
+}
+
 enum tn_status tn_chat_render(const struct tn_tokenizer *tok,
                               const struct tn_chat_msg *msgs, size_t n_msgs,
                               const struct tn_chat_opts *opts, char **out,
@@ -250,11 +431,33 @@ enum tn_status tn_chat_render(const struct tn_tokenizer *tok,
     if (!msgs[i].role || (!msgs[i].content && msgs[i].content_len))
       return tn_error_set(err, TN_EINVAL, "chat: message %zu has no role", i);
 
+  struct tn_chat_msg *inj = NULL;
+  size_t n_inj = 0;
+  struct tn_chat_opts o = *opts;
+  if (tn_chat_tools_format(tok) == TN_CHAT_TOOLS_INJECTED) {
+    bool any = o.tools_json != NULL;
+    for (size_t i = 0; i < n_msgs && !any; i++)
+      any = msgs[i].tool_calls_json || role_is(&msgs[i], "tool");
+    if (any) {
+      enum tn_status st = inject_tools(msgs, n_msgs, &o, &inj, &n_inj, err);
+      if (st) {
+        free_injected(inj, n_inj);
+        return st;
+      }
+      msgs = inj;
+      n_msgs = n_inj;
+      o.tools_json = NULL;
+    }
+  }
+  opts = &o;
   struct tn_jinja_limits lim;
   tn_jinja_limits_default(&lim);
   lim.now = tok->chat_now;
   struct tn_jinja_ctx *c = tn_jinja_ctx_new(lim.max_memory);
-  if (!c) return tn_error_set(err, TN_ENOMEM, "chat: out of memory");
+  if (!c) {
+    free_injected(inj, n_inj);
+    return tn_error_set(err, TN_ENOMEM, "chat: out of memory");
+  }
   enum tn_status st = TN_OK;
   struct tn_jinja_val *v;
   if (opts->kwargs_json) {
@@ -314,6 +517,7 @@ enum tn_status tn_chat_render(const struct tn_tokenizer *tok,
   *out_len = len;
 done:
   tn_jinja_ctx_free(c);
+  free_injected(inj, n_inj);
   return st;
 }
 

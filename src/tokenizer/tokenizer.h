@@ -130,8 +130,21 @@ enum tn_status tn_chat_format(const struct tn_tokenizer *tok,
 const char *tn_chat_template_name(const struct tn_tokenizer *tok);
 /* Whether tn_chat_format can format for this model. */
 bool tn_chat_available(const struct tn_tokenizer *tok);
-/* Whether the template reads the tools variable (it has a tools section). */
-bool tn_chat_uses_tools(const struct tn_tokenizer *tok);
+/* How tool calls look for this model.
+ *  - NATIVE: the template has a tools section in the <tool_call> JSON
+ *    convention (Qwen 2.5/3, Hermes, SmolLM3): tools go to the template.
+ *  - INJECTED: the template knows nothing of tools: tern writes the same
+ *    convention into the system turn, and tool turns into <tool_call> and
+ *    <tool_response> text, before the template runs.
+ *  - OTHER: a tools section in another format (Llama 3.1 JSON, Mistral,
+ *    DeepSeek markers): not parsed yet. */
+enum tn_chat_tools {
+  TN_CHAT_TOOLS_NATIVE,
+  TN_CHAT_TOOLS_INJECTED,
+  TN_CHAT_TOOLS_OTHER,
+  TN_CHAT_TOOLS_COUNT
+};
+enum tn_chat_tools tn_chat_tools_format(const struct tn_tokenizer *tok);
 /* Uses another template instead of the GGUF's: a built-in one by name
  * ("chatml", "gemma", "llama3"; the vocabulary must have its special
  * tokens) or a Jinja file's path. */

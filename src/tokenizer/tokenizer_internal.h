@@ -121,6 +121,7 @@ struct tn_tokenizer {
                                       display: chatml, gemma, llama3, jinja */
   struct tn_jinja *chat_tmpl;      /* compiled template, or NULL */
   bool chat_absent;                /* no tokenizer.chat_template at all */
+  bool chat_tool_call_tags;        /* the template writes <tool_call> */
   char *chat_error;                /* why the GGUF's template did not compile */
   int64_t chat_now;                /* strftime_now's clock; 0: the real one */
 };

@@ -245,9 +245,13 @@ CASES = [
     ("unknown_role", CH,
      {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 4},
      400, "messages[0].role", ["'messages[0].role'", '"wizard"']),
-    ("tool_role", CH,
-     {"messages": [{"role": "tool", "content": "hi"}], "max_tokens": 4},
-     400, "messages[0].role", ['"tool"', "not supported"]),
+    ("function_role", CH,
+     {"messages": [{"role": "function", "content": "hi"}], "max_tokens": 4},
+     400, "messages[0].role", ['"function"', "not supported"]),
+    ("tool_calls_on_user", CH,
+     {"messages": [{"role": "user", "content": "hi", "tool_calls": []}],
+      "max_tokens": 4},
+     400, "messages[0].tool_calls", ["only allowed on assistant"]),
     ("role_number", CH, {"messages": [{"role": 3, "content": "hi"}]}, 400,
      "messages[0].role", ["'messages[0].role'", "3"]),
     ("missing_user_content", CH,
@@ -370,11 +374,23 @@ CASES = [
      400, "response_format", ["yaml", "not supported"]),
     ("response_format_no_type", CH, hello(response_format={}), 400,
      "response_format", ["'type'"]),
-    ("tools", CH, hello(tools=[{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object"}}}]),
-     400, "tools", ["'tools'"]),
+    ("tools_not_array", CH, hello(tools={"type": "function"}), 400,
+     "tools", ["'tools' must be an array"]),
+    ("tools_bad_type", CH, hello(tools=[{"type": "retrieval"}]), 400,
+     "tools[0]", ['"function"', "retrieval"]),
+    ("tools_bad_name", CH, hello(tools=[{"type": "function", "function": {
+        "name": "no spaces"}}]), 400, "tools[0]", ["1 to 64", "no spaces"]),
+    ("tools_unsupported_keyword", CH, hello(tools=[{"type": "function",
+        "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"not": {}}}}}}]), 400,
+     "tools[0].function.parameters", ["'not'", "not supported"]),
+    ("tool_choice_unknown", CH, hello(tools=[{"type": "function", "function":
+        {"name": "f"}}], tool_choice={"type": "function", "function":
+        {"name": "g"}}), 400, "tool_choice", ['"g"', "not in 'tools'"]),
     ("tool_choice_required", CH, hello(tool_choice="required"), 400,
      "tool_choice", ["required"]),
+    ("tools_on_completions", CM, prompt(tools=[]), 400, "tools",
+     ["/v1/chat/completions"]),
     ("functions", CH, hello(functions=[{"name": "f"}]), 400, "functions",
      ["'functions'"]),
     ("structural_tag", CM,
@@ -436,7 +452,7 @@ CASES = [
     ("best_of_bad", CM, prompt(best_of=0), 400, "best_of", [">= 1"]),
 ]
 
-UNSUPPORTED = {"response_format_type", "tools", "tool_choice_required",
+UNSUPPORTED = {"response_format_type", "tools_on_completions",
                "functions", "structural_tag", "modalities_audio", "suffix",
                "best_of_above_n"}
 

@@ -57,8 +57,8 @@ static const struct bad_case bad_cases[] = {
     {CH, "{\"messages\":[{\"role\":\"wizard\",\"content\":\"x\"}]}", 0,
      "messages[0].role", "got \"wizard\""},
     {CH, "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"tool\","
-         "\"content\":\"x\"}]}",
-     0, "messages[1].role", "\"tool\" is not supported"},
+         "\"content\":5}]}",
+     0, "messages[1].content", "must be a string"},
     {CH, "{\"messages\":[{\"role\":\"function\",\"content\":\"x\"}]}", 0,
      "messages[0].role", "not supported"},
     {CH, "{\"messages\":[{\"role\":5,\"content\":\"x\"}]}", 0,
@@ -1077,10 +1077,129 @@ static void test_stream_completions(void) {
   tn_tokenizer_free(f.tok);
 }
 
+/* ---- tools (tools.c) */
+
+static void test_tools_parse(void) {
+  char *names[] = {"get_weather", "add"};
+  struct tn_tool_calls tc;
+  /* two tagged calls after some text; arguments re-serialised compactly */
+  const char *t1 = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", "
+                   "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n"
+                   "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, "
+                   "\"b\": [2, 3]}}\n</tool_call>";
+  ASSERT(tn_tools_parse(t1, strlen(t1), names, 2, &tc));
+  ASSERT_EQ(tc.n_calls, 2);
+  ASSERT_EQ(tc.content_len, strlen("Let me check."));
+  ASSERT_STR_EQ(tc.calls[0].name, "get_weather");
+  ASSERT_STR_EQ(tc.calls[0].arguments, "{\"city\":\"Paris\"}");
+  ASSERT_STR_EQ(tc.calls[1].arguments, "{\"a\":1,\"b\":[2,3]}");
+  tn_tool_calls_free(&tc);
+  /* the last block may lack its closing tag; arguments as a JSON string */
+  const char *t2 = "<tool_call>{\"name\":\"add\",\"arguments\":\"{\\\"a\\\":1}\"}";
+  ASSERT(tn_tools_parse(t2, strlen(t2), names, 2, &tc));
+  ASSERT_EQ(tc.n_calls, 1);
+  ASSERT_EQ(tc.content_len, 0);
+  ASSERT_STR_EQ(tc.calls[0].arguments, "{\"a\":1}");
+  tn_tool_calls_free(&tc);
+  /* a bare object, in a fence */
+  const char *t3 = "```json\n{\"name\": \"add\", \"arguments\": {}}\n```";
+  ASSERT(tn_tools_parse(t3, strlen(t3), names, 2, &tc));
+  ASSERT_EQ(tc.n_calls, 1);
+  tn_tool_calls_free(&tc);
+  /* not calls: plain text, an unknown function, broken JSON, text after a
+   * call, arguments that are not an object */
+  const char *no[] = {
+      "The weather is fine.",
+      "<tool_call>{\"name\": \"rm_rf\", \"arguments\": {}}</tool_call>",
+      "<tool_call>{\"name\": \"add\", \"arguments\": {</tool_call>",
+      "<tool_call>{\"name\":\"add\",\"arguments\":{}}</tool_call> and more",
+      "<tool_call>{\"name\":\"add\",\"arguments\":[1]}</tool_call>",
+      "{\"name\": \"add\"}",
+      "",
+  };
+  for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
+    if (tn_tools_parse(no[i], strlen(no[i]), names, 2, &tc)) {
+      fprintf(stderr, "parsed as calls: %s\n", no[i]);
+      ASSERT(0);
+    }
+    ASSERT_EQ(tc.n_calls, 0);
+  }
+}
+
+static void test_tools_stream_safe(void) {
+  static const struct {
+    const char *text;
+    size_t safe;
+  } cases[] = {
+      {"Hello there", 11},        {"Hello <tool", 6},
+      {"Hello <", 6},             {"Hi <tool_call>{\"name\"", 3},
+      {"Hi <tool_call", 3},       {"Hi <tool_cal>", 13},
+      {"{\"name\":", 0},          {"  ```json", 0},
+      {"", 0},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+    ASSERT_EQ(tn_tools_stream_safe(cases[i].text, strlen(cases[i].text)),
+              cases[i].safe);
+}
+
+static void test_tools_grammar(void) {
+  const char *tools =
+      "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+      "\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{"
+      "\"type\":\"string\"},\"days\":{\"type\":\"integer\",\"minimum\":1,"
+      "\"maximum\":7}},\"required\":[\"city\",\"days\"]}}},"
+      "{\"type\":\"function\",\"function\":{\"name\":\"ping\"}}]";
+  struct tn_api_error err = {0};
+  struct tn_grammar *g = NULL;
+  ASSERT_EQ(tn_tools_grammar(tools, strlen(tools), NULL, true, &g, &err), 0);
+  static const struct {
+    const char *text;
+    bool ok;
+  } cases[] = {
+      {"<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+       "\"Oslo\", \"days\": 3}}\n</tool_call>", true},
+      {"<tool_call>\n{\"name\": \"ping\", \"arguments\": {}}\n</tool_call>\n"
+       "<tool_call>\n{\"name\": \"ping\", \"arguments\": {}}\n</tool_call>", true},
+      /* days out of range, a missing required key, an unknown function */
+      {"<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+       "\"Oslo\", \"days\": 9}}\n</tool_call>", false},
+      {"<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+       "\"Oslo\"}}\n</tool_call>", false},
+      {"<tool_call>\n{\"name\": \"pong\", \"arguments\": {}}\n</tool_call>",
+       false},
+      {"Sure! <tool_call>", false},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    struct tn_grammar_matcher *m = NULL;
+    struct tn_error e = {0};
+    ASSERT_EQ(tn_grammar_matcher_new(g, NULL, &m, &e), TN_OK);
+    bool ok = tn_grammar_matcher_accept_bytes(m, cases[i].text,
+                                              strlen(cases[i].text)) &&
+              tn_grammar_matcher_can_end(m);
+    if (ok != cases[i].ok) fprintf(stderr, "grammar case %zu\n", i);
+    ASSERT_EQ(ok, cases[i].ok);
+    tn_grammar_matcher_free(m);
+  }
+  tn_grammar_release(g);
+  /* one named function only, one call */
+  ASSERT_EQ(tn_tools_grammar(tools, strlen(tools), "ping", false, &g, &err),
+            0);
+  struct tn_grammar_matcher *m = NULL;
+  struct tn_error e = {0};
+  ASSERT_EQ(tn_grammar_matcher_new(g, NULL, &m, &e), TN_OK);
+  const char *two = "<tool_call>\n{\"name\": \"ping\", \"arguments\": {}}\n"
+                    "</tool_call>\n<tool_call>";
+  ASSERT(!tn_grammar_matcher_accept_bytes(m, two, strlen(two)));
+  tn_grammar_matcher_free(m);
+  tn_grammar_release(g);
+}
+
 TN_TEST_MAIN(TN_TEST(test_parse_bad), TN_TEST(test_parse_caps),
              TN_TEST(test_parse_mutations),
              TN_TEST(test_parse_chat_full), TN_TEST(test_parse_chat_defaults),
              TN_TEST(test_parse_nul_content), TN_TEST(test_parse_prompts),
              TN_TEST(test_error_json), TN_TEST(test_buf),
              TN_TEST(test_render_chat), TN_TEST(test_render_completions),
-             TN_TEST(test_stream_chat), TN_TEST(test_stream_completions))
+             TN_TEST(test_stream_chat), TN_TEST(test_stream_completions),
+             TN_TEST(test_tools_parse), TN_TEST(test_tools_stream_safe),
+             TN_TEST(test_tools_grammar))

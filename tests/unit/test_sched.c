@@ -60,7 +60,7 @@ static void test_model(void) {
   ASSERT_EQ(ids[1], 258); /* "Ġa" */
   free(ids);
   struct tn_chat_msg msg = {.role = "user", .content = "hi", .content_len = 2};
-  ASSERT_EQ(tn_engine_encode_chat(e, &msg, 1, &ids, &n, &err), TN_OK);
+  ASSERT_EQ(tn_engine_encode_chat(e, &msg, 1, NULL, &ids, &n, &err), TN_OK);
   ASSERT_GT(n, 4);
   ASSERT_EQ(ids[0], TOK_IM_START);
   int n_end = 0;

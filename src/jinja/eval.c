@@ -410,7 +410,7 @@ static struct jv binop(struct jstate *s, uint8_t op, struct jv a, struct jv b) {
   if (b.k == JK_UNDEF) undef_fail(s, b);
   if (numeric(a) && numeric(b)) {
     bool fl = a.k == JK_FLOAT || b.k == JK_FLOAT;
-    int64_t x = inum(a), y = inum(b), r;
+    int64_t x = fl ? 0 : inum(a), y = fl ? 0 : inum(b), r;
     double fx = fnum(a), fy = fnum(b);
     switch (op) {
     case OP_ADD:

@@ -51,8 +51,10 @@ const struct tn_opt tn_cli_model_opts[] = {
     {"spec-policy", 0, TN_OPT_STR, &tn_cli_gen.spec_policy, 0, 0, "cost|all",
      "which drafts to verify: those the cost model expects to pay, or all",
      "cost", NULL, 0},
-    {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0, "NAME",
-     "chat format instead of the model's own: chatml, gemma, llama3",
+    {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0,
+     "NAME|FILE",
+     "chat template instead of the model's own: chatml, gemma, llama3, or "
+     "a Jinja file",
      "the model's", NULL, 0},
     {"verbose", 'v', TN_OPT_FLAG, &tn_cli_gen.verbose, 0, 0, NULL,
      "debug logging; print the seed and timings", NULL, NULL, 0},
@@ -236,7 +238,7 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
     *out = NULL;
     return tn_cli_fail(
         "%s has no chat template%s: it continues text rather than answering "
-        "(%s), or choose a format with --chat-template chatml|gemma|llama3",
+        "(%s), or choose one with --chat-template chatml|gemma|llama3|FILE",
         g->model, tn_cli_model_is_base(path) ? " (it is a base model)" : "",
         strcmp(cmd, "chat") == 0 ? "give it text with tern run"
                                  : "run it without --chat");

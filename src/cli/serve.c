@@ -61,8 +61,9 @@ int tn_cli_serve(int argc, char **argv) {
        0},
       {"config", 0, TN_OPT_STR, &config, 0, 0, "FILE",
        "YAML file: several models with aliases (README)", NULL, NULL, 0},
-      {"chat-template", 0, TN_OPT_STR, &chat_template, 0, 0, "NAME",
-       "chat format instead of the model's own: chatml, gemma, llama3",
+      {"chat-template", 0, TN_OPT_STR, &chat_template, 0, 0, "NAME|FILE",
+       "chat template instead of the model's own: chatml, gemma, llama3, "
+       "or a Jinja file",
        "the model's", NULL, 0},
       {0},
   };

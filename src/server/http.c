@@ -374,7 +374,7 @@ static int prompt_error(struct conn *c, enum tn_status st, const char *param,
                             "chat_template_missing",
                             "model '%s': %s; send a plain prompt to "
                             "/v1/completions, or serve it with "
-                            "--chat-template chatml|gemma|llama3",
+                            "--chat-template chatml|gemma|llama3|FILE.jinja",
                             c->model->name, err->msg);
   return tn_api_error_set(aerr, 400, "invalid_request_error", param, NULL,
                           "%s", err->msg);

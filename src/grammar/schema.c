@@ -379,39 +379,178 @@ static bool gen_integer(struct sctx *c, json_t *s, const char *path,
 }
 
 #define FRAC_ANY "( \".\" [0-9]{1,16} )?"
-#define FRAC_ZERO "( \".\" \"0\"{1,16} )?"
-#define FRAC_NONZERO "\".\" \"0\"{0,15} [1-9] [0-9]{0,15}"
 
-/* Numbers y >= 0 written without a sign, with L <= y (L < y when l_excl)
- * and, when has_h, y <= H (y < H when h_excl): an integer part i and a
- * fraction f, y = i.f. Appends alternatives to e (" | " between them);
- * returns how many. */
-static int nonneg_number(struct tn_buf *e, int64_t L, bool l_excl, bool has_h,
-                         int64_t H, bool h_excl) {
+/* A bound's absolute value as written in decimal (the shortest text that
+ * reads back as the double): integer part and fraction digits, without
+ * trailing zeros. */
+struct dec {
+  uint64_t i;
+  char f[24];
+  size_t nf;
+};
+
+static bool to_dec(double d, struct dec *out) {
+  char e[48];
+  int prec;
+  d = fabs(d);
+  for (prec = 1; prec <= 17; prec++) {
+    snprintf(e, sizeof e, "%.*e", prec - 1, d);
+    if (strtod(e, NULL) == d) break;
+  }
+  char digits[24];
+  size_t nd = 0;
+  const char *q = e;
+  for (; *q && *q != 'e'; q++)
+    if (*q >= '0' && *q <= '9' && nd < sizeof digits) digits[nd++] = *q;
+  int x = atoi(q + 1); /* value = d0.d1d2... * 10^x */
+  memset(out, 0, sizeof *out);
+  if (x > 15) return false;
+  for (int k = 0; k <= x; k++)
+    out->i = out->i * 10 + (uint64_t)((size_t)k < nd ? digits[k] - '0' : 0);
+  for (int k = x + 1; k < 0; k++) { /* leading fraction zeros */
+    if (out->nf >= 15) return false;
+    out->f[out->nf++] = '0';
+  }
+  for (size_t k = (size_t)(x + 1 > 0 ? x + 1 : 0); k < nd; k++) {
+    if (out->nf >= 15) return false;
+    out->f[out->nf++] = digits[k];
+  }
+  while (out->nf && out->f[out->nf - 1] == '0') out->nf--;
+  return true;
+}
+
+/* A bound on fraction digits: compared as digit strings padded with
+ * zeros, which is how fractions compare. */
+struct fbound {
+  const char *d;
+  size_t n;
+  bool excl;
+};
+
+/* Fraction digit strings s (s empty: no fraction, i.e. zero) with lo <= s
+ * <= hi from digit i on, lo / hi NULL where no longer tight. Appends the
+ * non-empty strings' alternatives to e; *empty_ok says whether the empty
+ * one is allowed, *nonempty whether anything was appended. */
+static void frac_alts(struct tn_buf *e, const struct fbound *lo,
+                      const struct fbound *hi, size_t i, bool *empty_ok,
+                      bool *nonempty) {
+  bool lo_end = lo && i >= lo->n, hi_end = hi && i >= hi->n;
+  /* no trailing zeros in bounds: a bound not yet at its end has a
+   * non-zero digit left, so zeros are below it */
+  *empty_ok = (!lo || (lo_end && !lo->excl)) && (!hi || !hi_end || !hi->excl);
+  *nonempty = true;
+  if (!lo && !hi) {
+    tn_buf_printf(e, "[0-9]{1,16}");
+    return;
+  }
+  if (lo_end && hi_end) { /* both zero from here: only zeros, if allowed */
+    if (!lo->excl && !hi->excl) tn_buf_printf(e, "\"0\"{1,16}");
+    else *nonempty = false;
+    return;
+  }
+  if (lo_end && !hi) { /* s >= 0 (s > 0) */
+    tn_buf_printf(e, lo->excl ? "\"0\"{0,15} [1-9] [0-9]{0,15}"
+                              : "[0-9]{1,16}");
+    return;
+  }
+  if (hi_end && !lo) { /* s <= 0: zeros (s < 0: nothing) */
+    if (!hi->excl) tn_buf_printf(e, "\"0\"{1,16}");
+    else *nonempty = false;
+    return;
+  }
+  char a = lo ? (i < lo->n ? lo->d[i] : '0') : '0';
+  char b = hi ? (i < hi->n ? hi->d[i] : '0') : '9';
   int n = 0;
-  int64_t A = l_excl ? L + 1 : L;      /* i from here: any fraction */
-  int64_t B = has_h ? H - 1 : -1;      /* to here (-1: unbounded) */
-  if (!has_h || A <= B) {
-    tn_buf_append(e, "( ", 2);
-    nonneg_range(e, (uint64_t)A, B);
-    tn_buf_printf(e, " %s )", FRAC_ANY);
+  if (a <= b) {
+    /* the digit that keeps each bound tight, then the free ones between */
+    for (int side = 0; side < 3; side++) {
+      const struct fbound *l2 = NULL, *h2 = NULL;
+      char c0, c1;
+      if (side == 0) { /* c == a: lo stays tight (and hi if a == b) */
+        if (!lo) continue;
+        c0 = c1 = a;
+        l2 = lo;
+        if (hi && a == b) h2 = hi;
+      } else if (side == 1) { /* strictly between: anything after */
+        c0 = lo ? (char)(a + 1) : a;
+        c1 = hi ? (char)(b - 1) : b;
+        if (c0 > c1) continue;
+        tn_buf_printf(e, "%s[%c-%c] [0-9]{0,15}", n++ ? " | " : "", c0, c1);
+        continue;
+      } else { /* c == b: hi stays tight */
+        if (!hi || (lo && a == b)) continue;
+        c0 = c1 = b;
+        h2 = hi;
+      }
+      struct tn_buf sub = {0};
+      bool eo, ne;
+      frac_alts(&sub, l2, h2, i + 1, &eo, &ne);
+      if (eo || ne) {
+        tn_buf_printf(e, "%s\"%c\"", n++ ? " | " : "", c0);
+        /* X{1,16} optional is X{0,16} (simpler, and what other GBNF
+         * readers, llguidance's converter among them, take) */
+        size_t sl = ne ? strlen(sub.data) : 0;
+        if (ne && eo && sl > 6 && !strchr(sub.data, ' ') &&
+            !strcmp(sub.data + sl - 6, "{1,16}"))
+          tn_buf_printf(e, " %.*s{0,16}", (int)(sl - 6), sub.data);
+        else if (ne)
+          tn_buf_printf(e, eo ? " ( %s )?" : " ( %s )", sub.data);
+      }
+      tn_buf_free(&sub);
+      (void)c1;
+    }
+  }
+  *nonempty = n > 0;
+}
+
+/* One alternative: the integer part written out, then a fraction between
+ * the bounds (NULL: free on that side); nothing when none fits. */
+static int int_and_frac(struct tn_buf *e, int n, uint64_t i,
+                        const struct fbound *lo, const struct fbound *hi) {
+  struct tn_buf f = {0};
+  bool eo, ne;
+  frac_alts(&f, lo, hi, 0, &eo, &ne);
+  if (eo || ne) {
+    tn_buf_printf(e, "%s( \"%llu\"", n ? " | " : "", (unsigned long long)i);
+    if (ne) tn_buf_printf(e, eo ? " ( \".\" ( %s ) )?" : " \".\" ( %s )",
+                          f.data);
+    tn_buf_append(e, " )", 2);
     n++;
   }
-  /* i = L with a fraction above zero, below the upper bound */
-  if (l_excl && (!has_h || L <= B)) {
-    tn_buf_printf(e, "%s( \"%lld\" %s )", n++ ? " | " : "", (long long)L,
-                  FRAC_NONZERO);
+  tn_buf_free(&f);
+  return n;
+}
+
+/* Numbers y >= 0 written without a sign, with L <= y (L < y when l_excl)
+ * and, when H, y <= H (y < H when h_excl): an integer part and a
+ * fraction. Appends alternatives to e (" | " between them); returns how
+ * many. */
+static int nonneg_number(struct tn_buf *e, const struct dec *L, bool l_excl,
+                         const struct dec *H, bool h_excl) {
+  int n = 0;
+  struct fbound lo = {L->f, L->nf, l_excl};
+  if (H && H->i < L->i) return 0;
+  if (H && H->i == L->i) {
+    struct fbound hi = {H->f, H->nf, h_excl};
+    return int_and_frac(e, 0, L->i, &lo, &hi);
   }
-  /* y = H exactly */
-  if (has_h && !h_excl && H >= A) {
-    tn_buf_printf(e, "%s( \"%lld\" %s )", n++ ? " | " : "", (long long)H,
-                  FRAC_ZERO);
+  n = int_and_frac(e, n, L->i, &lo, NULL);
+  uint64_t A = L->i + 1;
+  if (!H || A + 1 <= H->i) { /* whole integers strictly between */
+    tn_buf_printf(e, "%s( ", n++ ? " | " : "");
+    nonneg_range(e, A, H ? (int64_t)(H->i - 1) : -1);
+    tn_buf_printf(e, " %s )", FRAC_ANY);
+  }
+  if (H) {
+    struct fbound hi = {H->f, H->nf, h_excl};
+    n = int_and_frac(e, n, H->i, NULL, &hi);
   }
   return n;
 }
 
-/* Numbers with bounds: integer-valued bounds only (the usual 0, 1, 100);
- * no exponent, so the digits tell the value. */
+/* Numbers with bounds, written without an exponent so the digits tell the
+ * value; bounds as their shortest decimal text (0.1 is 0.1), up to 1e15
+ * with at most 15 fraction digits. */
 static bool gen_number(struct sctx *c, json_t *s, const char *path,
                        char out[64]) {
   const char *kw[4] = {"minimum", "exclusiveMinimum", "maximum",
@@ -425,10 +564,11 @@ static bool gen_number(struct sctx *c, json_t *s, const char *path,
       return sfail(c, path, "'%s' as a boolean (draft 4) is not supported",
                    kw[i]);
     if (!num_of(v, &d)) return sfail(c, path, "'%s' must be a number", kw[i]);
-    if (d != floor(d) || fabs(d) > 1e15)
+    struct dec t;
+    if (fabs(d) > 1e15 || !to_dec(d, &t))
       return sfail(c, path,
-                   "'%s' %g on a number: only whole-number bounds up to "
-                   "1e15 are supported",
+                   "'%s' %.17g on a number: bounds up to 1e15 with at most "
+                   "15 fraction digits are supported",
                    kw[i], d);
     bool excl = i == 1 || i == 3;
     if (i < 2) {
@@ -444,17 +584,19 @@ static bool gen_number(struct sctx *c, json_t *s, const char *path,
     snprintf(out, 64, "number");
     return true;
   }
+  struct dec zero = {0}, dlo = {0}, dhi = {0};
+  if (has_lo) to_dec(lo, &dlo);
+  if (has_hi) to_dec(hi, &dhi);
   struct tn_buf e = {0};
   int n = 0;
   tn_buf_append(&e, "( ", 2);
-  /* negative values: "-" y with y in (max(0, -hi) .. -lo) */
+  /* negative values: "-" y with max(0, -hi) <= y <= -lo */
   if (!has_lo || lo < 0) {
     bool l_excl = false;
-    int64_t L = 0;
-    if (has_hi && hi <= 0) L = (int64_t)-hi, l_excl = hi_x;
+    const struct dec *L = &zero;
+    if (has_hi && hi <= 0) L = &dhi, l_excl = hi_x;
     struct tn_buf neg = {0};
-    int k = nonneg_number(&neg, L, l_excl, has_lo, has_lo ? (int64_t)-lo : 0,
-                          lo_x);
+    int k = nonneg_number(&neg, L, l_excl, has_lo ? &dlo : NULL, lo_x);
     if (k) {
       tn_buf_printf(&e, "\"-\" ( %s )", neg.data);
       n++;
@@ -463,11 +605,10 @@ static bool gen_number(struct sctx *c, json_t *s, const char *path,
   }
   /* values >= 0 */
   if (!has_hi || hi > 0 || (hi == 0 && !hi_x)) {
-    int64_t L = has_lo && lo > 0 ? (int64_t)lo : 0;
+    const struct dec *L = has_lo && lo > 0 ? &dlo : &zero;
     bool l_excl = has_lo && lo >= 0 && lo_x;
     struct tn_buf pos = {0};
-    int k = nonneg_number(&pos, L, l_excl, has_hi, has_hi ? (int64_t)hi : 0,
-                          hi_x);
+    int k = nonneg_number(&pos, L, l_excl, has_hi ? &dhi : NULL, hi_x);
     if (k) {
       tn_buf_printf(&e, "%s( %s )", n ? " | " : "", pos.data);
       n++;

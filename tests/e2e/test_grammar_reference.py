@@ -44,6 +44,10 @@ def _corpus():
         {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000},
         {"type": "integer", "maximum": -7},
         {"type": "number", "minimum": 0, "maximum": 1},
+        {"type": "number", "minimum": -2.5, "exclusiveMaximum": 0.75},
+        {"type": "object", "properties": {"p": {
+            "type": "number", "exclusiveMinimum": 0.1, "maximum": 0.35}},
+         "required": ["p"]},
         {"type": "object", "properties": {"score": {
             "type": "number", "exclusiveMinimum": -5, "maximum": 5}},
          "required": ["score"]},

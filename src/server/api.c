@@ -1143,6 +1143,24 @@ static int parse_tools(const json_t *o, struct tn_api_request *q,
     if (rc) return rc;
     q->gen.grammar = q->grammar;
   }
+  /* documents (vLLM, transformers): for templates with a RAG section */
+  json_t *docs = field(o, "documents");
+  if (docs) {
+    if (!json_is_array(docs))
+      return bad(err, "documents", "'documents' must be an array, got %s",
+                 show(docs).s);
+    for (size_t i = 0; i < json_array_size(docs); i++)
+      if (!json_is_object(json_array_get(docs, i)))
+        return bad(err, "documents",
+                   "'documents[%zu]' must be an object (e.g. {\"title\": "
+                   "..., \"text\": ...}), got %s",
+                   i, show(json_array_get(docs, i)).s);
+    if (json_array_size(docs)) {
+      q->documents = json_dumps(docs, JSON_COMPACT);
+      if (!q->documents) return oom(err);
+      q->documents_len = strlen(q->documents);
+    }
+  }
   /* chat_template_kwargs (vLLM): extra template variables */
   json_t *kw = field(o, "chat_template_kwargs");
   if (kw) {
@@ -1344,6 +1362,7 @@ void tn_api_request_free(struct tn_api_request *q) {
   for (size_t i = 0; i < q->n_tools; i++) free(q->tool_names[i]);
   free(q->tool_names);
   free(q->template_kwargs);
+  free(q->documents);
   free(q->msgs);
   for (size_t i = 0; i < q->n_prompts; i++) {
     free(q->prompts[i].text);

@@ -76,6 +76,8 @@ struct tn_api_request {
   bool parallel_tool_calls;   /* default true */
   char *template_kwargs;      /* chat_template_kwargs as JSON, or NULL */
   size_t template_kwargs_len;
+  char *documents;            /* "documents" (RAG templates) as JSON */
+  size_t documents_len;
 };
 
 struct tn_api_error {

@@ -390,7 +390,16 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
   if (c->q.kind == TN_API_CHAT) {
     struct tn_chat_opts o = {.add_generation_prompt = true,
                              .kwargs_json = c->q.template_kwargs,
-                             .kwargs_len = c->q.template_kwargs_len};
+                             .kwargs_len = c->q.template_kwargs_len,
+                             .documents_json = c->q.documents,
+                             .documents_len = c->q.documents_len};
+    if (c->q.documents && tn_chat_available(tok) &&
+        !tn_chat_uses_var(tok, "documents"))
+      return tn_api_error_set(
+          aerr, 400, "invalid_request_error", "documents", "unsupported_value",
+          "model '%s': its chat template has no documents section, so "
+          "'documents' would be dropped; put them in a message instead",
+          c->model->name);
     if (c->q.tool_choice != TN_API_TOOLS_NONE) {
       if (tn_chat_tools_format(tok) == TN_CHAT_TOOLS_OTHER)
         return tn_api_error_set(

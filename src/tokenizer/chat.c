@@ -187,6 +187,10 @@ enum tn_chat_tools tn_chat_tools_format(const struct tn_tokenizer *tok) {
   return tok->chat_tool_call_tags ? TN_CHAT_TOOLS_NATIVE : TN_CHAT_TOOLS_OTHER;
 }
 
+bool tn_chat_uses_var(const struct tn_tokenizer *tok, const char *name) {
+  return tok->chat_tmpl && tn_jinja_uses(tok->chat_tmpl, name);
+}
+
 void tn_chat_deinit(struct tn_tokenizer *tok) {
   tn_jinja_free(tok->chat_tmpl);
   tok->chat_tmpl = NULL;
@@ -495,6 +499,12 @@ enum tn_status tn_chat_render(const struct tn_tokenizer *tok,
                        err)))
       goto done;
     tn_jinja_set(c, "tools", v);
+  }
+  if (opts->documents_json) {
+    if ((st = json_var(c, "documents", opts->documents_json,
+                       opts->documents_len, &v, err)))
+      goto done;
+    tn_jinja_set(c, "documents", v);
   }
   tn_jinja_set(c, "add_generation_prompt",
                tn_jinja_bool(c, opts->add_generation_prompt));

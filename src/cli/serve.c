@@ -52,7 +52,10 @@ int tn_cli_serve(int argc, char **argv) {
   long spec_k = 8;
   int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body;
   bool port_given = false, host_given = false, threads_given = false;
-  bool no_prefix = false, verbose = false;
+  bool no_prefix = false, verbose = false, log_content = false;
+  const char *log_db = NULL;
+  double log_days = 30;
+  long log_rows = 10000000;
   const struct tn_opt model_opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
        "model: a short name (tern models) or a .gguf file", NULL, NULL, 0},
@@ -81,6 +84,19 @@ int tn_cli_serve(int argc, char **argv) {
        "waiting requests per model before 429", NULL, NULL, 0},
       {"drain-timeout", 0, TN_OPT_INT, &drain_s, 0, 86400, "S",
        "seconds running requests get on SIGTERM", NULL, NULL, 0},
+      {0},
+  };
+  const struct tn_opt log_opts[] = {
+      {"log-db", 0, TN_OPT_STR, &log_db, 0, 0, "PATH",
+       "request log: one SQLite row per API request (tern logs reads it)",
+       "off", NULL, 0},
+      {"log-content", 0, TN_OPT_FLAG, &log_content, 0, 0, NULL,
+       "also store each request body and its first answer in the log", NULL,
+       NULL, 0},
+      {"log-max-age", 0, TN_OPT_FLOAT, &log_days, 0, 36500, "DAYS",
+       "delete log rows older than this (0: keep)", NULL, NULL, 0},
+      {"log-max-rows", 0, TN_OPT_INT, &log_rows, 0, (long)1e12, "N",
+       "keep at most N rows, the newest (0: no limit)", NULL, NULL, 0},
       {0},
   };
   const struct tn_opt engine_opts[] = {
@@ -129,6 +145,7 @@ int tn_cli_serve(int argc, char **argv) {
   const struct tn_opt_group groups[] = {
       {"model", model_opts},
       {"http", http_opts},
+      {"request log", log_opts},
       {"engine", engine_opts},
       {NULL, NULL},
   };
@@ -149,6 +166,8 @@ int tn_cli_serve(int argc, char **argv) {
   if (model && config)
     return tn_cli_fail("serve: give -m MODEL or --config FILE, not both");
   if (max_body <= 0) return tn_cli_fail("--max-body: must be above 0");
+  if (log_content && !log_db)
+    return tn_cli_fail("--log-content: give the log with --log-db PATH");
   scfg.max_body = (size_t)max_body;
   ecfg.n_ctx = (int32_t)n_ctx;
   ecfg.max_seqs = (int32_t)max_seqs;
@@ -187,10 +206,22 @@ int tn_cli_serve(int argc, char **argv) {
   struct tn_engine **engines = calloc((size_t)n_models, sizeof(*engines));
   struct tn_server_model *sm = calloc((size_t)n_models, sizeof(*sm));
   struct tn_server *srv = NULL;
+  struct tn_reqlog *reqlog = NULL;
   int rc = 1;
   if (!metrics || !engines || !sm) {
     tn_cli_fail("out of memory");
     goto done;
+  }
+  if (log_db) {
+    struct tn_reqlog_config lc = {.path = log_db,
+                                  .content = log_content,
+                                  .max_age_s = log_days * 86400.0,
+                                  .max_rows = log_rows};
+    if (tn_reqlog_open(&lc, metrics, &reqlog, &err)) {
+      tn_cli_fail("%s", err.msg);
+      goto done;
+    }
+    scfg.reqlog = reqlog;
   }
   /* Names first: the server answers (503 "loading") while models load. */
   char single_name[128];
@@ -326,6 +357,7 @@ int tn_cli_serve(int argc, char **argv) {
   rc = 0;
 done:
   tn_server_stop(srv);
+  tn_reqlog_close(reqlog); /* writes what is queued */
   for (int i = 0; i < n_models; i++) tn_engine_close(engines ? engines[i] : NULL);
   free(engines);
   free(sm);

@@ -196,6 +196,9 @@ struct tn_req {
   bool done;                   /* every choice finished */
   char error[256];             /* when a choice finished with ERROR */
   double t_submit, t_first, t_done; /* tn_time_now() seconds */
+  double t_start;              /* first scheduled (queue time: - t_submit) */
+  double itl_sum, itl_max;     /* gaps between tokens of one choice */
+  int64_t itl_n;
   struct tn_req_priv *priv;    /* engine's own */
 };
 

@@ -945,6 +945,12 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
   }
   bool first = r->t_first == 0;
   if (first) r->t_first = now;
+  if (!first && s->t_last > 0) {
+    double gap = now - s->t_last;
+    r->itl_sum += gap;
+    r->itl_n++;
+    if (gap > r->itl_max) r->itl_max = gap;
+  }
   tn_req_unlock(r);
   if (first) metric_observe(e->mm.ttft, now - r->t_submit);
   else if (s->t_last > 0) metric_observe(e->mm.itl, now - s->t_last);
@@ -1591,7 +1597,11 @@ static bool engine_step(struct tn_engine *e) {
     struct tn_req_priv *p = s->req->priv;
     if (p->queued) {
       p->queued = false;
-      metric_observe(e->mm.queue, tn_time_s() - s->req->t_submit);
+      double t = tn_time_s();
+      tn_req_lock(s->req);
+      s->req->t_start = t;
+      tn_req_unlock(s->req);
+      metric_observe(e->mm.queue, t - s->req->t_submit);
       pthread_mutex_lock(&e->mu);
       e->n_waiting_total--;
       pthread_mutex_unlock(&e->mu);

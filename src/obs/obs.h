@@ -13,7 +13,9 @@
 #ifndef TN_OBS_H
 #define TN_OBS_H
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "base/base.h"
 
@@ -64,5 +66,51 @@ double tn_metric_value(const struct tn_metric *m);
  * Returns a malloc'd NUL-terminated string (length in *len), NULL when out
  * of memory. */
 char *tn_metrics_render(struct tn_metrics *reg, size_t *len);
+
+/* ---- request log (reqlog.c): one SQLite row per API request
+ *
+ * Rows are queued by the HTTP threads (copied, never blocking: a full
+ * queue drops the row and counts it) and written by one writer thread in
+ * batched transactions to a WAL database; retention by age and row count
+ * runs on the writer. The table is documented in docs/MONITORING.md. */
+struct tn_reqlog;
+
+struct tn_reqlog_config {
+  const char *path;
+  bool content;       /* store prompt and output text */
+  double max_age_s;   /* delete rows older than this (0: keep) */
+  int64_t max_rows;   /* keep at most this many (0: no limit) */
+  size_t queue_max;   /* rows waiting for the writer (0: 4096) */
+};
+
+struct tn_reqlog_row {
+  int64_t ts_ms;           /* arrival, Unix milliseconds */
+  const char *request_id;  /* strings may be NULL: stored as NULL */
+  const char *tenant;
+  const char *endpoint;
+  const char *model;
+  int status;              /* HTTP status sent (0: none, client gone) */
+  const char *finish;      /* finish reason of the first choice */
+  const char *error;
+  int64_t prompt_tokens, cached_tokens, completion_tokens;
+  double queue_s, ttft_s, itl_mean_s, itl_max_s, e2e_s; /* < 0: unknown */
+  const char *prompt;      /* with content on */
+  size_t prompt_len;
+  const char *output;
+  size_t output_len;
+};
+
+/* Opens (creating) the database; metrics (may be NULL) get
+ * tern_request_log_rows_total and tern_request_log_dropped_total. */
+enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
+                              struct tn_metrics *metrics,
+                              struct tn_reqlog **out, struct tn_error *err);
+/* Writes what is queued, stops the writer, closes. NULL ok. */
+void tn_reqlog_close(struct tn_reqlog *l);
+/* Queues a copy of r; never blocks. */
+void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r);
+/* Waits until every row queued so far is written (tests, shutdown). */
+void tn_reqlog_flush(struct tn_reqlog *l);
+bool tn_reqlog_content(const struct tn_reqlog *l);
 
 #endif /* TN_OBS_H */

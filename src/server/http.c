@@ -89,6 +89,13 @@ struct conn {
   char id[48];
   long created;
 
+  /* the request log's row (tn_server_config.reqlog) */
+  char log_endpoint[40];      /* "" when this request is not logged */
+  unsigned status;            /* HTTP status sent */
+  char err_msg[256];          /* the error sent, if any */
+  int64_t t_arrive_ms;        /* wall clock */
+  double t_arrive;            /* tn_time_s() */
+
   struct conn *live_prev, *live_next;
   bool in_live;
 };
@@ -116,6 +123,10 @@ static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
   const union MHD_ConnectionInfo *ci =
       MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
   if (ci) c->fd = ci->connect_fd;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  c->t_arrive_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  c->t_arrive = tn_time_s();
   return c;
 }
 
@@ -153,16 +164,86 @@ static void conn_unref(struct conn *c) {
   free(c);
 }
 
+/* One request log row for an API request: what was asked, who answered,
+ * the usage and the timings of its engine requests (summed over prompts
+ * and choices; the first choice's finish reason and text). */
+static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
+  struct tn_reqlog *lg = c->srv->cfg.reqlog;
+  if (!lg || !c->log_endpoint[0]) return;
+  struct tn_reqlog_row r = {
+      .ts_ms = c->t_arrive_ms,
+      .request_id = c->id[0] ? c->id : NULL,
+      .endpoint = c->log_endpoint,
+      .model = c->model ? c->model->name : c->have_q ? c->q.model : NULL,
+      .status = (int)c->status,
+      .error = c->err_msg[0] ? c->err_msg : NULL,
+      .prompt_tokens = -1,
+      .cached_tokens = -1,
+      .completion_tokens = -1,
+      .queue_s = -1,
+      .ttft_s = -1,
+      .itl_mean_s = -1,
+      .itl_max_s = -1,
+      .e2e_s = tn_time_s() - c->t_arrive,
+  };
+  if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r.error)
+    r.error = "the client closed the connection";
+  if (tn_reqlog_content(lg) && c->body) {
+    r.prompt = c->body; /* the request as received */
+    r.prompt_len = c->len;
+  }
+  char *out = NULL;
+  if (c->n_reqs) {
+    r.prompt_tokens = r.cached_tokens = r.completion_tokens = 0;
+    double itl_sum = 0;
+    int64_t itl_n = 0;
+    for (size_t i = 0; i < c->n_reqs; i++) {
+      struct tn_req *q = c->reqs[i];
+      tn_req_lock(q);
+      r.prompt_tokens += q->n_prompt;
+      r.cached_tokens += q->n_cached;
+      for (int32_t j = 0; j < q->n_choices; j++)
+        r.completion_tokens += q->choices[j].n_gen;
+      if (i == 0) {
+        if (q->t_start > 0) r.queue_s = q->t_start - q->t_submit;
+        if (q->n_choices > 0) {
+          r.finish = q->done ? tn_finish_str(q->choices[0].finish)
+                             : "cancelled";
+          if (tn_reqlog_content(lg) && q->choices[0].text) {
+            out = malloc(q->choices[0].len + 1);
+            if (out) {
+              memcpy(out, q->choices[0].text, q->choices[0].len);
+              r.output = out;
+              r.output_len = q->choices[0].len;
+            }
+          }
+        }
+        if (!r.error && q->error[0]) r.error = NULL; /* copied below */
+      }
+      if (q->t_first > 0 && (r.ttft_s < 0 || q->t_first - q->t_submit < r.ttft_s))
+        r.ttft_s = q->t_first - q->t_submit;
+      itl_sum += q->itl_sum;
+      itl_n += q->itl_n;
+      if (q->itl_max > r.itl_max_s) r.itl_max_s = q->itl_max;
+      tn_req_unlock(q);
+    }
+    if (itl_n > 0) r.itl_mean_s = itl_sum / (double)itl_n;
+    if (!r.error && c->reqs[0]->error[0]) r.error = c->reqs[0]->error;
+  }
+  tn_reqlog_add(lg, &r);
+  free(out);
+}
+
 /* MHD is done with the connection's request (sent, failed or closed). */
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
   struct conn *c = *con_cls;
   (void)cls;
   (void)mc;
-  (void)toe;
   if (!c) return;
   *con_cls = NULL;
   live_remove(c);
+  log_request(c, toe);
   /* After release no notify runs for these requests (it runs under the
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
@@ -210,6 +291,7 @@ static void conn_clear_wake(struct conn *c) {
 
 static void count_status(struct conn *c, unsigned status) {
   struct tn_server *s = c->srv;
+  c->status = status;
   if (!s->http_requests) return;
   char code[8];
   snprintf(code, sizeof(code), "%u", status);
@@ -254,6 +336,7 @@ static enum MHD_Result send_error(struct conn *c,
   char *b = tn_api_error_json(err, &len);
   if (!b) return MHD_NO;
   int ra = err->http_status == 429 ? 1 : err->http_status == 503 ? 5 : 0;
+  snprintf(c->err_msg, sizeof(c->err_msg), "%.255s", err->message);
   tn_log_debug("http: %d %s", err->http_status, err->message);
   return send_body(c, (unsigned)err->http_status, "application/json", b, len,
                    ra);
@@ -792,6 +875,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     return route_metrics(c);
   }
   bool v1 = !strncmp(url, "/v1/", 4);
+  if (v1 && strcmp(url, "/v1/models") != 0)
+    snprintf(c->log_endpoint, sizeof(c->log_endpoint), "%s", url);
   if (v1 && !auth_ok(s, mc)) {
     c->route = "auth";
     return send_error_msg(c, 401, "invalid_request_error", NULL,

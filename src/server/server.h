@@ -18,6 +18,7 @@
 
 struct tn_engine;
 struct tn_metrics;
+struct tn_reqlog;
 
 struct tn_server_model {
   const char *name;           /* what clients send as "model" */
@@ -33,6 +34,7 @@ struct tn_server_config {
   size_t max_body;            /* bytes; larger bodies get 413 */
   int http_threads;
   int conn_timeout_s;         /* idle connection timeout */
+  struct tn_reqlog *reqlog;   /* borrowed; NULL: no request log */
 };
 void tn_server_config_default(struct tn_server_config *c);
 

@@ -6,6 +6,7 @@
  * its parser.
  */
 #include <pthread.h>
+#include <sqlite3.h>
 #include <unistd.h>
 
 #include "obs/obs.h"
@@ -551,8 +552,92 @@ static void test_prometheus_parser(void) {
   ASSERT_EQ(st, 0);
 }
 
+/* ---- request log */
+
+static int64_t count_rows(const char *path, const char *where) {
+  sqlite3 *h = NULL;
+  int64_t n = -1;
+  char sql[256];
+  snprintf(sql, sizeof sql, "SELECT COUNT(*) FROM requests %s", where);
+  if (sqlite3_open_v2(path, &h, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+      n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(h);
+  return n;
+}
+
+static void test_reqlog(void) {
+  char dir[] = "/tmp/tern-reqlog-XXXXXX";
+  ASSERT(mkdtemp(dir) != NULL);
+  char path[128];
+  snprintf(path, sizeof path, "%s/log.db", dir);
+  struct tn_metrics *m = tn_metrics_new();
+  struct tn_reqlog_config cfg = {.path = path, .content = true};
+  struct tn_reqlog *l = NULL;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_reqlog_open(&cfg, m, &l, &err), TN_OK);
+  /* strings with quotes, NULs cut at their length, missing values */
+  const char prompt[] = "{\"q\": \"it's\"}";
+  for (int i = 0; i < 100; i++) {
+    struct tn_reqlog_row r = {
+        .ts_ms = 1000 + i, .request_id = "chatcmpl-x", .endpoint = "/v1/x",
+        .model = i % 2 ? "a" : "b'); DROP TABLE requests; --",
+        .status = i % 10 ? 200 : 500, .finish = "stop",
+        .error = i % 10 ? NULL : "boom", .prompt_tokens = i,
+        .cached_tokens = 0, .completion_tokens = 2 * i, .queue_s = 0.001,
+        .ttft_s = 0.01, .itl_mean_s = -1, .itl_max_s = -1, .e2e_s = 0.5,
+        .prompt = prompt, .prompt_len = sizeof prompt - 1,
+        .output = "out", .output_len = 3};
+    tn_reqlog_add(l, &r);
+  }
+  tn_reqlog_flush(l);
+  ASSERT_EQ(count_rows(path, ""), 100);
+  ASSERT_EQ(count_rows(path, "WHERE status = 500 AND error = 'boom'"), 10);
+  ASSERT_EQ(count_rows(path, "WHERE model = 'a' AND completion_tokens % 2 = 0"),
+            50);
+  ASSERT_EQ(count_rows(path, "WHERE itl_mean_ms IS NULL AND ttft_ms = 10.0"),
+            100);
+  ASSERT_EQ(count_rows(path, "WHERE prompt = '{\"q\": \"it''s\"}'"), 100);
+  tn_reqlog_close(l);
+  /* reopened with a row cap: the oldest go at once */
+  cfg.max_rows = 30;
+  cfg.content = false;
+  ASSERT_EQ(tn_reqlog_open(&cfg, NULL, &l, &err), TN_OK);
+  ASSERT_EQ(count_rows(path, ""), 30);
+  ASSERT_EQ(count_rows(path, "WHERE ts >= 1070"), 30);
+  /* without content: no text stored */
+  struct tn_reqlog_row r = {.ts_ms = 5000, .prompt = "secret",
+                            .prompt_len = 6, .prompt_tokens = -1,
+                            .cached_tokens = -1, .completion_tokens = -1,
+                            .queue_s = -1, .ttft_s = -1, .itl_mean_s = -1,
+                            .itl_max_s = -1, .e2e_s = -1};
+  tn_reqlog_add(l, &r);
+  tn_reqlog_flush(l);
+  ASSERT_EQ(count_rows(path, "WHERE ts = 5000 AND prompt IS NULL AND "
+                             "prompt_tokens IS NULL"), 1);
+  tn_reqlog_close(l);
+  /* a path that cannot be a database: a clear error */
+  cfg.path = dir;
+  ASSERT_NE(tn_reqlog_open(&cfg, NULL, &l, &err), TN_OK);
+  ASSERT(l == NULL);
+  ASSERT_SUBSTR(err.msg, "--log-db");
+  /* metrics counted the first 100 rows */
+  size_t len = 0;
+  char *text = tn_metrics_render(m, &len);
+  ASSERT_SUBSTR(text, "tern_request_log_rows_total 100");
+  free(text);
+  tn_metrics_free(m);
+  char cmd[160];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ASSERT_EQ(system(cmd), 0);
+}
+
 TN_TEST_MAIN(TN_TEST(test_names), TN_TEST(test_reregister),
              TN_TEST(test_series), TN_TEST(test_values),
              TN_TEST(test_cumulative), TN_TEST(test_escaping),
              TN_TEST(test_render_shape), TN_TEST(test_concurrent),
-             TN_TEST(test_prometheus_parser))
+             TN_TEST(test_prometheus_parser), TN_TEST(test_reqlog))

@@ -1,0 +1,349 @@
+/*
+ * reqlog.c: the request log, one SQLite row per API request.
+ *
+ * HTTP threads must never wait on the disk, so tn_reqlog_add copies the
+ * row into one malloc'd block and appends it to a bounded queue under a
+ * mutex (a few hundred nanoseconds); when the queue is full the row is
+ * dropped and counted. One writer thread takes everything queued, writes
+ * it in one transaction with a prepared INSERT, and sleeps until more
+ * arrives or a second passes. The database runs in WAL mode with
+ * synchronous=NORMAL: a crash (even SIGKILL) loses at most the rows not
+ * yet committed and never corrupts the file. A write that fails (full
+ * disk, read-only file) counts the batch as dropped; serving goes on.
+ *
+ * Retention runs on the writer every 1000 rows and every minute: rows
+ * older than max_age and, beyond max_rows, the oldest.
+ *
+ * Lock: l->mu guards the queue, the counters the flush waits on, and
+ * l->stop. The writer holds no lock while it talks to SQLite.
+ */
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "obs/obs.h"
+
+static const char k_schema[] =
+    "CREATE TABLE IF NOT EXISTS requests ("
+    " ts INTEGER NOT NULL,"        /* arrival, Unix ms */
+    " request_id TEXT,"
+    " tenant TEXT,"
+    " endpoint TEXT,"
+    " model TEXT,"
+    " status INTEGER,"
+    " finish_reason TEXT,"
+    " error TEXT,"
+    " prompt_tokens INTEGER,"
+    " cached_tokens INTEGER,"
+    " completion_tokens INTEGER,"
+    " queue_ms REAL,"
+    " ttft_ms REAL,"
+    " itl_mean_ms REAL,"
+    " itl_max_ms REAL,"
+    " e2e_ms REAL,"
+    " prompt TEXT,"
+    " output TEXT);"
+    "CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);"
+    "CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(model, ts);";
+
+static const char k_insert[] =
+    "INSERT INTO requests (ts, request_id, tenant, endpoint, model, status,"
+    " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
+    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+
+/* A queued row: the struct, its strings copied after it. */
+struct qrow {
+  struct qrow *next;
+  struct tn_reqlog_row r;
+};
+
+struct tn_reqlog {
+  struct tn_reqlog_config cfg;
+  sqlite3 *db;
+  sqlite3_stmt *ins;
+  pthread_t writer;
+  bool started;
+
+  pthread_mutex_t mu;
+  pthread_cond_t more, written;
+  struct qrow *head, *tail;
+  size_t n_queued;
+  uint64_t n_added, n_done; /* rows queued / written or dropped */
+  bool stop;
+
+  struct tn_metric *rows, *dropped;
+  int64_t since_retention;
+  double last_retention;
+};
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+bool tn_reqlog_content(const struct tn_reqlog *l) {
+  return l && l->cfg.content;
+}
+
+/* ---- queueing */
+
+static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
+
+static char *put(char **at, const char *s, size_t n, bool nul) {
+  if (!s) return NULL;
+  char *d = *at;
+  memcpy(d, s, n);
+  if (nul) d[n] = '\0';
+  *at += n + (nul ? 1 : 0);
+  return d;
+}
+
+void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
+  if (!l) return;
+  bool content = l->cfg.content;
+  size_t pn = content && r->prompt ? r->prompt_len : 0;
+  size_t on = content && r->output ? r->output_len : 0;
+  size_t size = sizeof(struct qrow) + slen(r->request_id) + slen(r->tenant) +
+                slen(r->endpoint) + slen(r->model) + slen(r->finish) +
+                slen(r->error) + pn + 1 + on + 1;
+  struct qrow *q = malloc(size);
+  if (!q) {
+    if (l->dropped) tn_metric_add(l->dropped, 1);
+    return;
+  }
+  q->next = NULL;
+  q->r = *r;
+  char *at = (char *)(q + 1);
+  q->r.request_id = put(&at, r->request_id, slen(r->request_id) - !!r->request_id, true);
+  q->r.tenant = put(&at, r->tenant, slen(r->tenant) - !!r->tenant, true);
+  q->r.endpoint = put(&at, r->endpoint, slen(r->endpoint) - !!r->endpoint, true);
+  q->r.model = put(&at, r->model, slen(r->model) - !!r->model, true);
+  q->r.finish = put(&at, r->finish, slen(r->finish) - !!r->finish, true);
+  q->r.error = put(&at, r->error, slen(r->error) - !!r->error, true);
+  q->r.prompt = content && r->prompt ? put(&at, r->prompt, pn, true) : NULL;
+  q->r.prompt_len = pn;
+  q->r.output = content && r->output ? put(&at, r->output, on, true) : NULL;
+  q->r.output_len = on;
+  pthread_mutex_lock(&l->mu);
+  l->n_added++;
+  if (l->stop || l->n_queued >= l->cfg.queue_max) {
+    l->n_done++;
+    pthread_mutex_unlock(&l->mu);
+    free(q);
+    if (l->dropped) tn_metric_add(l->dropped, 1);
+    return;
+  }
+  if (l->tail) l->tail->next = q;
+  else l->head = q;
+  l->tail = q;
+  l->n_queued++;
+  pthread_cond_signal(&l->more);
+  pthread_mutex_unlock(&l->mu);
+}
+
+void tn_reqlog_flush(struct tn_reqlog *l) {
+  if (!l) return;
+  pthread_mutex_lock(&l->mu);
+  uint64_t target = l->n_added;
+  pthread_cond_signal(&l->more);
+  while (l->n_done < target) pthread_cond_wait(&l->written, &l->mu);
+  pthread_mutex_unlock(&l->mu);
+}
+
+/* ---- the writer */
+
+static void bind_text(sqlite3_stmt *st, int i, const char *s, size_t n) {
+  if (s) sqlite3_bind_text(st, i, s, (int)n, SQLITE_STATIC);
+  else sqlite3_bind_null(st, i);
+}
+static void bind_ms(sqlite3_stmt *st, int i, double s) {
+  if (s >= 0) sqlite3_bind_double(st, i, s * 1000.0);
+  else sqlite3_bind_null(st, i);
+}
+
+static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
+  sqlite3_stmt *st = l->ins;
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  sqlite3_bind_int64(st, 1, r->ts_ms);
+  bind_text(st, 2, r->request_id, r->request_id ? strlen(r->request_id) : 0);
+  bind_text(st, 3, r->tenant, r->tenant ? strlen(r->tenant) : 0);
+  bind_text(st, 4, r->endpoint, r->endpoint ? strlen(r->endpoint) : 0);
+  bind_text(st, 5, r->model, r->model ? strlen(r->model) : 0);
+  if (r->status) sqlite3_bind_int(st, 6, r->status);
+  bind_text(st, 7, r->finish, r->finish ? strlen(r->finish) : 0);
+  bind_text(st, 8, r->error, r->error ? strlen(r->error) : 0);
+  if (r->prompt_tokens >= 0) sqlite3_bind_int64(st, 9, r->prompt_tokens);
+  if (r->cached_tokens >= 0) sqlite3_bind_int64(st, 10, r->cached_tokens);
+  if (r->completion_tokens >= 0)
+    sqlite3_bind_int64(st, 11, r->completion_tokens);
+  bind_ms(st, 12, r->queue_s);
+  bind_ms(st, 13, r->ttft_s);
+  bind_ms(st, 14, r->itl_mean_s);
+  bind_ms(st, 15, r->itl_max_s);
+  bind_ms(st, 16, r->e2e_s);
+  bind_text(st, 17, r->prompt, r->prompt_len);
+  bind_text(st, 18, r->output, r->output_len);
+  return sqlite3_step(st) == SQLITE_DONE;
+}
+
+static void retention(struct tn_reqlog *l) {
+  char sql[160];
+  if (l->cfg.max_age_s > 0) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t cut = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 -
+                  (int64_t)(l->cfg.max_age_s * 1000.0);
+    snprintf(sql, sizeof sql, "DELETE FROM requests WHERE ts < %lld",
+             (long long)cut);
+    sqlite3_exec(l->db, sql, NULL, NULL, NULL);
+  }
+  if (l->cfg.max_rows > 0) {
+    snprintf(sql, sizeof sql,
+             "DELETE FROM requests WHERE rowid <= "
+             "(SELECT MAX(rowid) FROM requests) - %lld",
+             (long long)l->cfg.max_rows);
+    sqlite3_exec(l->db, sql, NULL, NULL, NULL);
+  }
+  l->since_retention = 0;
+  l->last_retention = now_s();
+}
+
+static void *writer_main(void *arg) {
+  struct tn_reqlog *l = arg;
+  pthread_mutex_lock(&l->mu);
+  for (;;) {
+    while (!l->head && !l->stop) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_sec += 1;
+      pthread_cond_timedwait(&l->more, &l->mu, &ts);
+      if (!l->head && now_s() - l->last_retention > 60) break;
+    }
+    struct qrow *batch = l->head;
+    size_t n = l->n_queued;
+    l->head = l->tail = NULL;
+    l->n_queued = 0;
+    bool stop = l->stop;
+    pthread_mutex_unlock(&l->mu);
+
+    size_t ok = 0;
+    if (batch) {
+      bool tx = sqlite3_exec(l->db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+      for (struct qrow *q = batch; q; q = q->next) ok += write_row(l, &q->r);
+      if (tx && sqlite3_exec(l->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        sqlite3_exec(l->db, "ROLLBACK", NULL, NULL, NULL);
+        ok = 0;
+      }
+      while (batch) {
+        struct qrow *nx = batch->next;
+        free(batch);
+        batch = nx;
+      }
+      if (l->rows) tn_metric_add(l->rows, (double)ok);
+      if (l->dropped && ok < n) tn_metric_add(l->dropped, (double)(n - ok));
+      l->since_retention += (int64_t)n;
+    }
+    if (l->since_retention >= 1000 || now_s() - l->last_retention > 60)
+      retention(l);
+
+    pthread_mutex_lock(&l->mu);
+    l->n_done += n;
+    pthread_cond_broadcast(&l->written);
+    if (stop && !l->head) break;
+  }
+  pthread_mutex_unlock(&l->mu);
+  return NULL;
+}
+
+/* ---- open / close */
+
+enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
+                              struct tn_metrics *metrics,
+                              struct tn_reqlog **out, struct tn_error *err) {
+  *out = NULL;
+  struct tn_reqlog *l = calloc(1, sizeof(*l));
+  if (!l) return tn_error_set(err, TN_ENOMEM, "request log: out of memory");
+  l->cfg = *cfg;
+  if (!l->cfg.queue_max) l->cfg.queue_max = 4096;
+  pthread_mutex_init(&l->mu, NULL);
+  pthread_cond_init(&l->more, NULL);
+  pthread_cond_init(&l->written, NULL);
+  enum tn_status st = TN_OK;
+  int rc = sqlite3_open_v2(cfg->path, &l->db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                               SQLITE_OPEN_NOMUTEX,
+                           NULL);
+  if (rc != SQLITE_OK) {
+    st = tn_error_set(err, TN_EIO, "--log-db %s: %s", cfg->path,
+                      l->db ? sqlite3_errmsg(l->db) : sqlite3_errstr(rc));
+    goto fail;
+  }
+  sqlite3_busy_timeout(l->db, 2000);
+  char *msg = NULL;
+  if (sqlite3_exec(l->db,
+                   "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                   NULL, NULL, &msg) != SQLITE_OK ||
+      sqlite3_exec(l->db, k_schema, NULL, NULL, &msg) != SQLITE_OK) {
+    st = tn_error_set(err, TN_EIO, "--log-db %s: %s", cfg->path,
+                      msg ? msg : sqlite3_errmsg(l->db));
+    sqlite3_free(msg);
+    goto fail;
+  }
+  if (sqlite3_prepare_v2(l->db, k_insert, -1, &l->ins, NULL) != SQLITE_OK) {
+    st = tn_error_set(err, TN_EIO, "--log-db %s: %s (an older table?)",
+                      cfg->path, sqlite3_errmsg(l->db));
+    goto fail;
+  }
+  if (metrics) {
+    struct tn_metric_family *f = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_request_log_rows_total",
+        "Rows written to the request log.", NULL, 0, NULL, 0);
+    l->rows = f ? tn_metric_series(f, NULL) : NULL;
+    f = tn_metrics_family(metrics, TN_METRIC_COUNTER,
+                          "tern_request_log_dropped_total",
+                          "Request log rows dropped (queue full or a failed "
+                          "write).",
+                          NULL, 0, NULL, 0);
+    l->dropped = f ? tn_metric_series(f, NULL) : NULL;
+  }
+  l->last_retention = now_s();
+  retention(l);
+  if (pthread_create(&l->writer, NULL, writer_main, l) != 0) {
+    st = tn_error_set(err, TN_EIO, "request log: cannot start its writer");
+    goto fail;
+  }
+  l->started = true;
+  *out = l;
+  return TN_OK;
+fail:
+  tn_reqlog_close(l);
+  return st;
+}
+
+void tn_reqlog_close(struct tn_reqlog *l) {
+  if (!l) return;
+  if (l->started) {
+    pthread_mutex_lock(&l->mu);
+    l->stop = true;
+    pthread_cond_signal(&l->more);
+    pthread_mutex_unlock(&l->mu);
+    pthread_join(l->writer, NULL);
+  }
+  while (l->head) {
+    struct qrow *nx = l->head->next;
+    free(l->head);
+    l->head = nx;
+  }
+  sqlite3_finalize(l->ins);
+  sqlite3_close(l->db);
+  pthread_cond_destroy(&l->more);
+  pthread_cond_destroy(&l->written);
+  pthread_mutex_destroy(&l->mu);
+  free(l);
+}

@@ -3,8 +3,10 @@
  * for the comparison with jinja2 in tests/e2e/test_chat_templates.py (not
  * a test itself).
  *
- *   tern-render-template TEMPLATE_FILE [--now EPOCH] < context.json
+ *   tern-render-template TEMPLATE_FILE [--now EPOCH] [--repeat N] < context.json
  *
+ * --repeat N renders N more times and prints the mean time per render to
+ * stderr (the cost a chat request pays).
  * The JSON object's keys become the template's variables. Prints the
  * rendering and exits 0, or prints "tern-render-template: error: ..." and
  * exits 1.
@@ -46,8 +48,11 @@ int main(int argc, char **argv) {
   if (argc < 2) return fail("usage: tern-render-template FILE [--now EPOCH]");
   struct tn_jinja_limits lim;
   tn_jinja_limits_default(&lim);
-  for (int i = 2; i + 1 < argc; i += 2)
+  long repeat = 0;
+  for (int i = 2; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--now")) lim.now = strtoll(argv[i + 1], NULL, 10);
+    if (!strcmp(argv[i], "--repeat")) repeat = strtol(argv[i + 1], NULL, 10);
+  }
   struct tn_error err = {0};
   char *src = NULL;
   size_t n = 0;
@@ -79,6 +84,16 @@ int main(int argc, char **argv) {
   }
   fwrite(out, 1, out_n, stdout);
   free(out);
+  if (repeat > 0) {
+    double t0 = tn_time_s();
+    for (long k = 0; k < repeat; k++) {
+      char *o = NULL;
+      size_t on = 0;
+      if (tn_jinja_render(t, c, &lim, &o, &on, &err) == TN_OK) free(o);
+    }
+    fprintf(stderr, "%.1f us per render (%zu bytes)\n",
+            (tn_time_s() - t0) / (double)repeat * 1e6, out_n);
+  }
   tn_jinja_ctx_free(c);
   tn_jinja_free(t);
   return 0;

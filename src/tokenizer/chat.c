@@ -272,22 +272,20 @@ static void sb_add(struct sb *b, const char *s, size_t n) {
 }
 static void sb_cat(struct sb *b, const char *s) { sb_add(b, s, strlen(s)); }
 
-/* Writes each element of a JSON array on its own line (the array's text
- * as the client sent it, re-serialised by the template engine's tojson
- * would also do; we keep the client's bytes). */
-static bool tools_text(struct sb *b, const char *json, size_t n) {
+/* Renders a small built-in template over one JSON variable, appending
+ * the text to b. */
+static bool render_json(struct sb *b, const char *tmpl, size_t tmpl_len,
+                        const char *var, const char *json, size_t n) {
   struct tn_jinja_ctx *c = tn_jinja_ctx_new(64u << 20);
   if (!c) return false;
-  static const char tmpl[] =
-      "{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}";
   struct tn_jinja *t = NULL;
   struct tn_jinja_val *v = NULL;
   char *out = NULL;
   size_t out_n = 0;
-  bool ok = tn_jinja_compile(tmpl, sizeof(tmpl) - 1, &t, NULL) == TN_OK &&
+  bool ok = tn_jinja_compile(tmpl, tmpl_len, &t, NULL) == TN_OK &&
             tn_jinja_json(c, json, n, &v, NULL) == TN_OK;
   if (ok) {
-    tn_jinja_set(c, "tools", v);
+    tn_jinja_set(c, var, v);
     ok = tn_jinja_render(t, c, NULL, &out, &out_n, NULL) == TN_OK;
   }
   if (ok) sb_add(b, out, out_n);
@@ -295,6 +293,13 @@ static bool tools_text(struct sb *b, const char *json, size_t n) {
   tn_jinja_free(t);
   tn_jinja_ctx_free(c);
   return ok;
+}
+
+/* Each function of the tools array as JSON on its own line. */
+static bool tools_text(struct sb *b, const char *json, size_t n) {
+  static const char tmpl[] =
+      "{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}";
+  return render_json(b, tmpl, sizeof(tmpl) - 1, "tools", json, n);
 }
 
 static const char k_tools_head[] =
@@ -311,8 +316,6 @@ static const char k_tools_tail[] =
 
 /* Each call of an OpenAI tool_calls array as a <tool_call> block. */
 static bool calls_text(struct sb *b, const char *json, size_t n) {
-  struct tn_jinja_ctx *c = tn_jinja_ctx_new(64u << 20);
-  if (!c) return false;
   static const char tmpl[] =
       "{%- for tc in calls %}"
       "{%- set f = tc.function if tc.function is defined else tc %}"
@@ -320,21 +323,7 @@ static bool calls_text(struct sb *b, const char *json, size_t n) {
       "\n<tool_call>\n{\"name\": {{ f.name | tojson }}, \"arguments\": "
       "{{ a if a is string else a | tojson }}}\n</tool_call>"
       "{%- endfor %}";
-  struct tn_jinja *t = NULL;
-  struct tn_jinja_val *v = NULL;
-  char *out = NULL;
-  size_t out_n = 0;
-  bool ok = tn_jinja_compile(tmpl, sizeof(tmpl) - 1, &t, NULL) == TN_OK &&
-            tn_jinja_json(c, json, n, &v, NULL) == TN_OK;
-  if (ok) {
-    tn_jinja_set(c, "calls", v);
-    ok = tn_jinja_render(t, c, NULL, &out, &out_n, NULL) == TN_OK;
-  }
-  if (ok) sb_add(b, out, out_n);
-  free(out);
-  tn_jinja_free(t);
-  tn_jinja_ctx_free(c);
-  return ok;
+  return render_json(b, tmpl, sizeof(tmpl) - 1, "calls", json, n);
 }
 
 static bool role_is(const struct tn_chat_msg *m, const char *r) {

@@ -1897,8 +1897,28 @@ static struct jv call_macro(struct jstate *s, const struct jmacro *m,
 
 /* ---- expressions */
 
+/* Expression and statement nesting times macro depth: bounded so a
+ * hostile template cannot run the C stack out (macro depth 64 x nesting
+ * 200 would be 12,800 levels). */
+#define MAX_NESTING 1500
+
+static struct jv eval_node(struct jstate *s, struct jframe *f,
+                           const struct jnode *n);
+
 static struct jv eval(struct jstate *s, struct jframe *f,
                       const struct jnode *n) {
+  if (++s->nesting > MAX_NESTING)
+    jfail(s, TN_ERANGE,
+          "chat template: line %d: expressions and calls nested more than "
+          "%d deep",
+          n->line, MAX_NESTING);
+  struct jv v = eval_node(s, f, n);
+  s->nesting--;
+  return v;
+}
+
+static struct jv eval_node(struct jstate *s, struct jframe *f,
+                           const struct jnode *n) {
   step(s);
   s->line = n->line;
   switch (n->kind) {
@@ -2091,7 +2111,21 @@ static struct jv filter_chain(struct jstate *s, struct jframe *f,
   return v;
 }
 
+static int exec_node(struct jstate *s, struct jframe *f,
+                     const struct jnode *n);
+
 static int exec(struct jstate *s, struct jframe *f, const struct jnode *n) {
+  if (++s->nesting > MAX_NESTING)
+    jfail(s, TN_ERANGE,
+          "chat template: line %d: blocks and calls nested more than %d deep",
+          n->line, MAX_NESTING);
+  int r = exec_node(s, f, n);
+  s->nesting--;
+  return r;
+}
+
+static int exec_node(struct jstate *s, struct jframe *f,
+                     const struct jnode *n) {
   s->line = n->line;
   switch (n->kind) {
   case N_BODY:

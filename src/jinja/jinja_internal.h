@@ -210,7 +210,8 @@ struct jstate {
   struct sbuf bufs[64]; /* output buffers: [0] the render, the rest captures */
   unsigned n_bufs;
   uint64_t steps;
-  unsigned depth;
+  unsigned depth;     /* macro calls */
+  unsigned nesting;   /* eval/exec recursion: bounds the C stack */
   int line; /* the line being evaluated, for messages */
   bool json_ascii; /* tojson(ensure_ascii=true) in progress */
   struct jmacro *caller; /* {% call %}: the body, for the macro called */

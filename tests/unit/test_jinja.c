@@ -112,6 +112,18 @@ static void test_limits(void) {
   expect_error("{{ 'x' * 10**12 }}", NULL, TN_ERANGE, "limit");
   expect_error("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", NULL,
                TN_ERANGE, "nested more than 32");
+  /* deep nesting inside deep recursion: bounded before the C stack is */
+  {
+    char src2[4096];
+    size_t o = 0;
+    o += (size_t)snprintf(src2 + o, sizeof src2 - o,
+                          "{%% macro f(n) %%}{{ ");
+    for (int k = 0; k < 60; k++) src2[o++] = '[';
+    o += (size_t)snprintf(src2 + o, sizeof src2 - o, "f(n + 1)");
+    for (int k = 0; k < 60; k++) src2[o++] = ']';
+    snprintf(src2 + o, sizeof src2 - o, " }}{%% endmacro %%}{{ f(0) }}");
+    expect_error(src2, NULL, TN_ERANGE, "nested more than");
+  }
   /* 100000 nested parentheses: refused by the parser's depth bound */
   size_t depth = 100000;
   char *src = malloc(2 * depth + 8);

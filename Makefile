@@ -17,7 +17,7 @@ ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODELS ?= smollm2-135m gemma3-270m
+MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 JOBS ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

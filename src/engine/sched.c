@@ -1475,10 +1475,9 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.grammar_seconds = e->grammar_s;
   memcpy(e->stats.spec_accepted_pos, e->n_spec_accepted_pos,
          sizeof(e->stats.spec_accepted_pos));
-  int32_t waiting = e->n_waiting_total;
+  metric_set(e->mm.waiting, e->n_waiting_total);
   pthread_mutex_unlock(&e->mu);
   metric_set(e->mm.running, running);
-  metric_set(e->mm.waiting, waiting);
   metric_set(e->mm.kv_used, used);
   metric_set(e->mm.kv_free, n_blocks - used);
 }
@@ -2165,6 +2164,11 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
   else e->inbox_head = r;
   e->inbox_tail = r;
   e->n_waiting_total++;
+  /* the gauge counts it now, not at the engine's next step (a scrape
+   * right after a submit must not read a stale, emptier queue); set under
+   * e->mu, as the engine sets it, so the last value written is the last
+   * count */
+  metric_set(e->mm.waiting, e->n_waiting_total);
   pthread_cond_signal(&e->cv);
   pthread_mutex_unlock(&e->mu);
   *out = r;

@@ -929,7 +929,6 @@ static struct jv str_format(struct jstate *s, struct jv v, struct args *a) {
       if (!kv) FAIL(s, "str.format: no argument '%.*s'", (int)nl, field);
       val = *kv;
     }
-    sb_put(s, b, "", 0);
     if (nl < fl) FAIL(s, "str.format: attribute fields are not supported");
     jv_put_str(s, b, val);
     i = (size_t)(e - p);

@@ -427,8 +427,8 @@ static int parse_message_tools(const json_t *m, size_t i, bool assistant,
         strlen(json_string_value(v)) != json_string_length(v))
       return bad(err, param, "'%s' must be a string, got %s", param,
                  show(v).s);
-    if (k == 0 && !tool) continue; /* clients echo ids on other turns */
-    if (k == 1 && !tool) continue; /* a participant name: not used */
+    /* on other turns: ids clients echo, participant names; not used */
+    if (!tool) continue;
     char *d = dup_bytes(json_string_value(v), json_string_length(v));
     if (!d) return oom(err);
     if (k == 0) out->tool_call_id = d;

@@ -218,7 +218,6 @@ static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
             }
           }
         }
-        if (!r.error && q->error[0]) r.error = NULL; /* copied below */
       }
       if (q->t_first > 0 && (r.ttft_s < 0 || q->t_first - q->t_submit < r.ttft_s))
         r.ttft_s = q->t_first - q->t_submit;

@@ -93,7 +93,7 @@ def test_run_ignore_eos_masks_eos_like_api(run_tern, server):
 # ---- prompts from files and stdin
 
 def test_prompt_from_file_and_stdin(run_tern, tmp_path):
-    text = "The history of the river is long. " * 40
+    text = "The history of the river is long. " * (10 if slow_mode() else 40)
     f = tmp_path / "prompt.txt"
     f.write_text(text)
     a = run_tern(*run_args("-f", str(f), "-n", "8", "--temp", "0"))
@@ -109,7 +109,8 @@ def test_long_prompt_from_stdin(run_tern):
     # thousands of tokens through stdin, up to the context
     n = 300 if slow_mode() else 1500
     words = " ".join(f"w{i}" for i in range(n))
-    r = run_tern(*run_args("-p", "-", "-c", "8192", "-n", "4", "--temp", "0"),
+    ctx = "1024" if slow_mode() else "8192"
+    r = run_tern(*run_args("-p", "-", "-c", ctx, "-n", "4", "--temp", "0"),
                  stdin=words.encode())
     assert r.returncode == 0, r.stderr
     m = re.search(rb"prompt (\d+) tokens", r.stderr)

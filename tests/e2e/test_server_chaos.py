@@ -132,7 +132,7 @@ def test_storm_leaves_no_trace(start_server):
                        "512", "--step-tokens", "64")
     ctx = 176
     rng = random.Random(1234)
-    n_req = 24 if slow_mode() else 48
+    n_req = 16 if slow_mode() else 48
     reqs = [make_request(rng, i, ctx) for i in range(n_req)]
     with cf.ThreadPoolExecutor(8) as ex:
         results = list(ex.map(lambda r: run_one(srv, r), reqs))

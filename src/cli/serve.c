@@ -55,6 +55,7 @@ int tn_cli_serve(int argc, char **argv) {
   bool no_prefix = false, verbose = false, log_content = false;
   const char *log_db = NULL;
   double log_days = 30;
+  float price_prompt = -1, price_cached = -1, price_completion = -1;
   long log_rows = 10000000;
   const struct tn_opt model_opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
@@ -97,6 +98,15 @@ int tn_cli_serve(int argc, char **argv) {
        "delete log rows older than this (0: keep)", NULL, NULL, 0},
       {"log-max-rows", 0, TN_OPT_INT, &log_rows, 0, (long)1e12, "N",
        "keep at most N rows, the newest (0: no limit)", NULL, NULL, 0},
+      {"price-prompt", 0, TN_OPT_FLOAT, &price_prompt, 0, 1e6, "USD",
+       "per million prompt tokens: the cost in the log and dashboard "
+       "(--config: price_prompt per model)",
+       "none", NULL, 0},
+      {"price-cached", 0, TN_OPT_FLOAT, &price_cached, 0, 1e6, "USD",
+       "per million prompt tokens served from the prefix cache",
+       "--price-prompt", NULL, 0},
+      {"price-completion", 0, TN_OPT_FLOAT, &price_completion, 0, 1e6, "USD",
+       "per million generated tokens", "none", NULL, 0},
       {0},
   };
   const struct tn_opt engine_opts[] = {
@@ -229,9 +239,17 @@ int tn_cli_serve(int argc, char **argv) {
                             sizeof(single_name));
   for (int i = 0; i < n_models; i++) {
     sm[i].name = config ? file.models[i].name : name ? name : single_name;
+    sm[i].price_prompt = price_prompt;
+    sm[i].price_cached = price_cached;
+    sm[i].price_completion = price_completion;
     if (config) {
-      sm[i].aliases = (const char *const *)file.models[i].aliases;
-      sm[i].n_aliases = file.models[i].n_aliases;
+      const struct tn_serve_model_cfg *mc = &file.models[i];
+      sm[i].aliases = (const char *const *)mc->aliases;
+      sm[i].n_aliases = mc->n_aliases;
+      if (mc->price_prompt >= 0) sm[i].price_prompt = mc->price_prompt;
+      if (mc->price_cached >= 0) sm[i].price_cached = mc->price_cached;
+      if (mc->price_completion >= 0)
+        sm[i].price_completion = mc->price_completion;
     }
   }
 

@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "base/base.h"
+#include "obs/obs.h"
 
 #define TN_LOGPROBS_MAX 20
 
@@ -199,6 +200,7 @@ struct tn_req {
   double t_start;              /* first scheduled (queue time: - t_submit) */
   double itl_sum, itl_max;     /* gaps between tokens of one choice */
   int64_t itl_n;
+  uint32_t itl_hist[TN_LAT_BUCKETS]; /* the gaps by tn_lat_bucket() */
   struct tn_req_priv *priv;    /* engine's own */
 };
 

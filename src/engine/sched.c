@@ -949,6 +949,7 @@ static enum tn_finish seq_take(struct tn_engine *e, struct seq *s,
     double gap = now - s->t_last;
     r->itl_sum += gap;
     r->itl_n++;
+    r->itl_hist[tn_lat_bucket(gap)]++;
     if (gap > r->itl_max) r->itl_max = gap;
   }
   tn_req_unlock(r);

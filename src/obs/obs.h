@@ -86,7 +86,7 @@ struct tn_reqlog_config {
 struct tn_reqlog_row {
   int64_t ts_ms;           /* arrival, Unix milliseconds */
   const char *request_id;  /* strings may be NULL: stored as NULL */
-  const char *tenant;
+  const char *tenant;      /* the API key's tenant name */
   const char *endpoint;
   const char *model;
   int status;              /* HTTP status sent (0: none, client gone) */
@@ -94,6 +94,7 @@ struct tn_reqlog_row {
   const char *error;
   int64_t prompt_tokens, cached_tokens, completion_tokens;
   double queue_s, ttft_s, itl_mean_s, itl_max_s, e2e_s; /* < 0: unknown */
+  double cost;             /* USD from the model's prices (< 0: none) */
   const char *prompt;      /* with content on */
   size_t prompt_len;
   const char *output;
@@ -112,5 +113,69 @@ void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r);
 /* Waits until every row queued so far is written (tests, shutdown). */
 void tn_reqlog_flush(struct tn_reqlog *l);
 bool tn_reqlog_content(const struct tn_reqlog *l);
+const char *tn_reqlog_path(const struct tn_reqlog *l);
+
+/* Reading the log back (tern logs, the dashboard's request table). Every
+ * filter is a bound parameter of one fixed query: no SQL is ever built
+ * from the caller's text. */
+struct json_t;
+struct tn_reqlog_filter {
+  int64_t since_ms, until_ms;    /* arrival bounds, Unix ms (0: open) */
+  const char *model, *endpoint, *tenant, *request_id; /* NULL: any */
+  int status_lo, status_hi;      /* tn_reqlog_filter_init: 0..999 */
+  bool errors;                   /* only 4xx, 5xx, failed or cut off */
+  int64_t before_ts, before_id;  /* paging: rows older than (ts, id);
+                                    before_ts 0: from the newest */
+  int64_t limit;                 /* newest N (<= 0: all) */
+  bool content;                  /* with the prompt and output columns */
+};
+void tn_reqlog_filter_init(struct tn_reqlog_filter *f);
+/* "200", "4xx", "error" into f's status fields; false when s is none. */
+bool tn_reqlog_parse_status(const char *s, struct tn_reqlog_filter *f);
+/* Runs f on a read-only connection to the database at path and calls
+ * row(user, obj) for each match, newest first; obj (borrowed) holds every
+ * column by name plus "id" (the rowid, for paging). row returns false to
+ * stop. TN_EIO (err names the database) when it cannot be read. */
+enum tn_status tn_reqlog_read(const char *path,
+                              const struct tn_reqlog_filter *f,
+                              bool (*row)(void *user, struct json_t *obj),
+                              void *user, struct tn_error *err);
+
+/* "90s", "15m", "2h", "7d" or bare seconds -> seconds; false if not. */
+bool tn_parse_duration(const char *s, double *out);
+
+/* ---- live statistics (stats.c): the dashboard's time series
+ *
+ * Every finished API request (its request log row, logged or not) lands
+ * in the current slot of two rings kept per (model, tenant): one slot a
+ * second for the last 15 minutes, one a minute for the last 24 hours. A
+ * slot counts requests, errors by type and tokens, sums cost, and keeps
+ * log-spaced histograms of time to first token, inter-token gaps (every
+ * gap, from the request's own histogram) and end-to-end time, so
+ * quantiles can be merged across slots and groups. Engine gauges (running,
+ * waiting, KV use) are sampled into per-model rings. Memory is bounded:
+ * at most TN_STATS_KEYS_MAX keys (later tenants fold into "(other)"), a
+ * slot's histograms allocated when it is first used. */
+#define TN_LAT_BUCKETS 80   /* ratio 2^(1/3) from 0.1 ms: 0.1 ms .. 1.9 h */
+#define TN_STATS_KEYS_MAX 256
+
+/* The histogram bucket of a latency in seconds (0: below 0.1 ms). */
+int tn_lat_bucket(double seconds);
+
+struct tn_stats;
+struct tn_stats *tn_stats_new(void);
+void tn_stats_free(struct tn_stats *s);
+/* Records a finished request at Unix time now_s; itl_hist (may be NULL)
+ * holds the request's inter-token gaps by tn_lat_bucket. */
+void tn_stats_add(struct tn_stats *s, double now_s,
+                  const struct tn_reqlog_row *r, const uint32_t *itl_hist);
+/* One sample of a model's engine gauges (kv_used: fraction 0..1). */
+void tn_stats_gauges(struct tn_stats *s, double now_s, const char *model,
+                     double running, double waiting, double kv_used);
+/* The dashboard API's series as JSON (docs/MONITORING.md): window_s in
+ * 60..86400 ending at now_s, grouped by "model", "tenant" or "none".
+ * Returns malloc'd text, NULL when out of memory. */
+char *tn_stats_json(struct tn_stats *s, double now_s, double window_s,
+                    const char *by, size_t *len);
 
 #endif /* TN_OBS_H */

@@ -17,6 +17,7 @@
  * Lock: l->mu guards the queue, the counters the flush waits on, and
  * l->stop. The writer holds no lock while it talks to SQLite.
  */
+#include <jansson.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -44,16 +45,22 @@ static const char k_schema[] =
     " itl_mean_ms REAL,"
     " itl_max_ms REAL,"
     " e2e_ms REAL,"
+    " cost REAL,"                  /* USD */
     " prompt TEXT,"
     " output TEXT);"
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);"
-    "CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(model, ts);";
+    "CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(model, ts);"
+    "CREATE INDEX IF NOT EXISTS requests_id ON requests(request_id);";
+
+/* Columns added after the first release of the table: an older database
+ * gains them when opened. */
+static const char *const k_added[][2] = {{"cost", "REAL"}};
 
 static const char k_insert[] =
     "INSERT INTO requests (ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
-    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output,"
+    " cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
 
 /* A queued row: the struct, its strings copied after it. */
 struct qrow {
@@ -88,6 +95,10 @@ static double now_s(void) {
 
 bool tn_reqlog_content(const struct tn_reqlog *l) {
   return l && l->cfg.content;
+}
+
+const char *tn_reqlog_path(const struct tn_reqlog *l) {
+  return l ? l->cfg.path : NULL;
 }
 
 /* ---- queueing */
@@ -189,6 +200,7 @@ static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   bind_ms(st, 16, r->e2e_s);
   bind_text(st, 17, r->prompt, r->prompt_len);
   bind_text(st, 18, r->output, r->output_len);
+  if (r->cost >= 0) sqlite3_bind_double(st, 19, r->cost);
   return sqlite3_step(st) == SQLITE_DONE;
 }
 
@@ -263,6 +275,18 @@ static void *writer_main(void *arg) {
 
 /* ---- open / close */
 
+static bool has_column(sqlite3 *db, const char *name) {
+  sqlite3_stmt *st = NULL;
+  bool found = false;
+  if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info('requests')"
+                             " WHERE name = ?1", -1, &st, NULL) == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    found = sqlite3_step(st) == SQLITE_ROW;
+  }
+  sqlite3_finalize(st);
+  return found;
+}
+
 enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
                               struct tn_metrics *metrics,
                               struct tn_reqlog **out, struct tn_error *err) {
@@ -294,6 +318,13 @@ enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
                       msg ? msg : sqlite3_errmsg(l->db));
     sqlite3_free(msg);
     goto fail;
+  }
+  for (size_t i = 0; i < TN_ARRAY_LEN(k_added); i++) {
+    if (has_column(l->db, k_added[i][0])) continue;
+    char sql[128];
+    snprintf(sql, sizeof sql, "ALTER TABLE requests ADD COLUMN %s %s",
+             k_added[i][0], k_added[i][1]);
+    sqlite3_exec(l->db, sql, NULL, NULL, NULL);
   }
   if (sqlite3_prepare_v2(l->db, k_insert, -1, &l->ins, NULL) != SQLITE_OK) {
     st = tn_error_set(err, TN_EIO, "--log-db %s: %s (an older table?)",
@@ -346,4 +377,138 @@ void tn_reqlog_close(struct tn_reqlog *l) {
   pthread_cond_destroy(&l->written);
   pthread_mutex_destroy(&l->mu);
   free(l);
+}
+
+/* ---- reading it back */
+
+static const char k_query[] =
+    "SELECT rowid, ts, request_id, tenant, endpoint, model, status,"
+    " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
+    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, cost,"
+    " CASE WHEN ?12 THEN prompt END, CASE WHEN ?12 THEN output END"
+    " FROM requests WHERE ts >= ?1 AND (?2 = 0 OR ts < ?2)"
+    " AND (?3 IS NULL OR model = ?3)"
+    " AND (?4 IS NULL OR endpoint = ?4)"
+    " AND (?5 IS NULL OR tenant = ?5)"
+    " AND (?6 IS NULL OR request_id = ?6)"
+    " AND (status BETWEEN ?7 AND ?8 OR (?7 = 0 AND status IS NULL))"
+    " AND (?9 = 0 OR status IS NULL OR status >= 400 OR error IS NOT NULL)"
+    " AND (?10 = 0 OR ts < ?10 OR (ts = ?10 AND rowid < ?11))"
+    " ORDER BY ts DESC, rowid DESC LIMIT ?13";
+
+static const char *const k_cols[] = {
+    "id",           "ts",            "request_id",        "tenant",
+    "endpoint",     "model",         "status",            "finish_reason",
+    "error",        "prompt_tokens", "cached_tokens",     "completion_tokens",
+    "queue_ms",     "ttft_ms",       "itl_mean_ms",       "itl_max_ms",
+    "e2e_ms",       "cost",          "prompt",            "output"};
+
+void tn_reqlog_filter_init(struct tn_reqlog_filter *f) {
+  memset(f, 0, sizeof(*f));
+  f->status_hi = 999;
+  f->limit = 50;
+}
+
+bool tn_reqlog_parse_status(const char *s, struct tn_reqlog_filter *f) {
+  f->errors = false;
+  if (!strcmp(s, "error")) {
+    f->status_lo = 0, f->status_hi = 999, f->errors = true;
+    return true;
+  }
+  if (strlen(s) == 3 && s[0] >= '1' && s[0] <= '5' && s[1] == 'x' &&
+      s[2] == 'x') {
+    f->status_lo = (s[0] - '0') * 100, f->status_hi = f->status_lo + 99;
+    return true;
+  }
+  char *end;
+  long v = strtol(s, &end, 10);
+  if (end == s || *end || v < 100 || v > 599) return false;
+  f->status_lo = f->status_hi = (int)v;
+  return true;
+}
+
+bool tn_parse_duration(const char *s, double *out) {
+  char *end;
+  double v = strtod(s, &end);
+  if (end == s || !(v >= 0) || v > 1e12) return false;
+  double mul = 1;
+  if (*end == 's') mul = 1, end++;
+  else if (*end == 'm') mul = 60, end++;
+  else if (*end == 'h') mul = 3600, end++;
+  else if (*end == 'd') mul = 86400, end++;
+  if (*end) return false;
+  *out = v * mul;
+  return true;
+}
+
+static void bind_opt(sqlite3_stmt *st, int i, const char *s) {
+  if (s) sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC);
+  else sqlite3_bind_null(st, i);
+}
+
+enum tn_status tn_reqlog_read(const char *path,
+                              const struct tn_reqlog_filter *f,
+                              bool (*row)(void *user, json_t *obj),
+                              void *user, struct tn_error *err) {
+  sqlite3 *h = NULL;
+  enum tn_status ret = TN_OK;
+  if (sqlite3_open_v2(path, &h, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                      NULL) != SQLITE_OK) {
+    ret = tn_error_set(err, TN_EIO, "%s: %s", path,
+                       h ? sqlite3_errmsg(h) : "cannot open");
+    sqlite3_close(h);
+    return ret;
+  }
+  sqlite3_busy_timeout(h, 2000);
+  sqlite3_stmt *st = NULL;
+  if (sqlite3_prepare_v2(h, k_query, -1, &st, NULL) != SQLITE_OK) {
+    ret = tn_error_set(err, TN_EIO, "%s: %s (not a tern request log?)", path,
+                       sqlite3_errmsg(h));
+    sqlite3_close(h);
+    return ret;
+  }
+  sqlite3_bind_int64(st, 1, f->since_ms);
+  sqlite3_bind_int64(st, 2, f->until_ms);
+  bind_opt(st, 3, f->model);
+  bind_opt(st, 4, f->endpoint);
+  bind_opt(st, 5, f->tenant);
+  bind_opt(st, 6, f->request_id);
+  sqlite3_bind_int(st, 7, f->status_lo);
+  sqlite3_bind_int(st, 8, f->status_hi);
+  sqlite3_bind_int(st, 9, f->errors);
+  sqlite3_bind_int64(st, 10, f->before_ts);
+  sqlite3_bind_int64(st, 11, f->before_id);
+  sqlite3_bind_int(st, 12, f->content);
+  sqlite3_bind_int64(st, 13, f->limit > 0 ? f->limit : -1);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    json_t *o = json_object();
+    if (!o) {
+      ret = tn_error_set(err, TN_ENOMEM, "out of memory");
+      break;
+    }
+    for (int i = 0; i < (int)TN_ARRAY_LEN(k_cols); i++) {
+      if (i >= 18 && !f->content) break;
+      json_t *v;
+      switch (sqlite3_column_type(st, i)) {
+      case SQLITE_INTEGER: v = json_integer(sqlite3_column_int64(st, i)); break;
+      case SQLITE_FLOAT: v = json_real(sqlite3_column_double(st, i)); break;
+      case SQLITE_TEXT:
+        /* invalid UTF-8 (a cut-off multi-byte answer) becomes null */
+        v = json_stringn((const char *)sqlite3_column_text(st, i),
+                         (size_t)sqlite3_column_bytes(st, i));
+        break;
+      default: v = json_null(); break;
+      }
+      json_object_set_new(o, k_cols[i], v ? v : json_null());
+    }
+    bool go = row(user, o);
+    json_decref(o);
+    if (!go) break;
+  }
+  if (ret == TN_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
+    ret = tn_error_set(err, TN_EIO, "%s: %s", path, sqlite3_errmsg(h));
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return ret;
 }

@@ -24,6 +24,21 @@
 
 /* ---- sizes */
 
+bool tn_parse_price(const char *s, double *out) {
+  const char *p = s;
+  bool digits = false, dot = false;
+  for (; *p; p++) {
+    if (*p >= '0' && *p <= '9') digits = true;
+    else if (*p == '.' && !dot) dot = true;
+    else return false;
+  }
+  if (!digits) return false;
+  double v = strtod(s, NULL);
+  if (!(v >= 0 && v <= 1e6)) return false;
+  *out = v;
+  return true;
+}
+
 enum tn_status tn_parse_size(const char *s, int64_t *out,
                              struct tn_error *err) {
   static const struct {
@@ -277,6 +292,21 @@ static enum tn_status take_size(struct loader *ld, const char *key,
   return TN_OK;
 }
 
+/* A price in USD per million tokens: a plain decimal number >= 0. */
+static enum tn_status take_price(struct loader *ld, const char *key,
+                                 double *dst) {
+  enum tn_status st = expect_scalar(ld, key);
+  if (st) return st;
+  const char *s = scalar_text(ld);
+  double v;
+  if (!tn_parse_price(s, &v))
+    return fail(ld, TN_EINVAL, ev_line(ld), key,
+                "'%.64s' is not a price (USD per million tokens, e.g. 0.15)",
+                s);
+  *dst = v;
+  return TN_OK;
+}
+
 /* The next event is a mapping key (a scalar) or the mapping's end. Sets
  * *done at the end; otherwise leaves the key's text in the current event.
  * seen/names/n_names catch unknown and repeated keys. */
@@ -349,10 +379,12 @@ static enum tn_status parse_aliases(struct loader *ld, const char *where,
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
-       MK_DRAFT_MODEL, MK_COUNT };
+       MK_DRAFT_MODEL, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
+       MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
-    "chat_template", "spec", "spec_max_tokens", "draft_model"};
+    "chat_template", "spec", "spec_max_tokens", "draft_model",
+    "price_prompt", "price_cached", "price_completion"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -386,6 +418,11 @@ static enum tn_status parse_model(struct loader *ld, int idx,
         break;
       case MK_DRAFT_MODEL:
         st = take_string(ld, key, 4096, &m->draft_model, true);
+        break;
+      case MK_PRICE_PROMPT: st = take_price(ld, key, &m->price_prompt); break;
+      case MK_PRICE_CACHED: st = take_price(ld, key, &m->price_cached); break;
+      case MK_PRICE_COMPLETION:
+        st = take_price(ld, key, &m->price_completion);
         break;
     }
     if (st) return st;
@@ -423,6 +460,7 @@ static enum tn_status parse_models(struct loader *ld) {
                   ev_kind(&ld->ev));
     /* counted first, so a partial model is freed with the rest */
     struct tn_serve_model_cfg *m = &cfg->models[cfg->n_models++];
+    m->price_prompt = m->price_cached = m->price_completion = -1;
     st = parse_model(ld, cfg->n_models - 1, m);
     if (st) return st;
   }

@@ -27,6 +27,10 @@
  *       spec_max_tokens: 8 # optional, 1..16: drafted tokens per step
  *       draft_model: qwen2.5-coder-0.5b  # spec: draft's smaller model
  *                          # (same vocabulary; implies spec: draft)
+ *       price_prompt: 0.15 # optional: USD per million prompt tokens, for
+ *       price_cached: 0.075 #  the cost in the request log and dashboard
+ *       price_completion: 0.6 # (cached: prompt tokens served from the
+ *                          # prefix cache; default price_prompt)
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -45,6 +49,7 @@
 #ifndef TN_SERVER_CONFIG_H
 #define TN_SERVER_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -69,6 +74,9 @@ struct tn_serve_model_cfg {
   char *spec;          /* speculation method, or NULL */
   int32_t spec_max_tokens;
   char *draft_model;   /* spec: draft's model, as written, or NULL */
+  /* USD per million tokens (< 0: not set); cached prompt tokens cost
+   * price_cached, or price_prompt when that is not set */
+  double price_prompt, price_cached, price_completion;
 };
 
 /* host and api_key are NULL and port 0 when not set. */
@@ -108,5 +116,8 @@ int tn_serve_config_find(const struct tn_serve_config *cfg, const char *name);
  * INT64_MAX with TN_EINVAL and a message quoting s. */
 enum tn_status tn_parse_size(const char *s, int64_t *out,
                              struct tn_error *err);
+
+/* Parses a price: digits with at most one '.', 0..1e6; false otherwise. */
+bool tn_parse_price(const char *s, double *out);
 
 #endif /* TN_SERVER_CONFIG_H */

@@ -32,6 +32,7 @@
 #include "engine/engine.h"
 #include "obs/obs.h"
 #include "server/api.h"
+#include "server/dashboard.h"
 #include "server/server.h"
 #include "tokenizer/tokenizer.h"
 
@@ -45,6 +46,7 @@ struct tn_server {
   int n_models;
   struct tn_metrics *metrics;
   struct tn_metric_family *http_requests;
+  struct tn_stats *stats;     /* the dashboard's series */
   struct MHD_Daemon *mhd;
   int port;
   atomic_bool draining;
@@ -93,6 +95,7 @@ struct conn {
   char log_endpoint[40];      /* "" when this request is not logged */
   unsigned status;            /* HTTP status sent */
   char err_msg[256];          /* the error sent, if any */
+  bool basic_auth;            /* a 401 asks for Basic auth (browsers) */
   int64_t t_arrive_ms;        /* wall clock */
   double t_arrive;            /* tn_time_s() */
 
@@ -164,12 +167,32 @@ static void conn_unref(struct conn *c) {
   free(c);
 }
 
-/* One request log row for an API request: what was asked, who answered,
- * the usage and the timings of its engine requests (summed over prompts
- * and choices; the first choice's finish reason and text). */
-static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
+static double wall_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double request_cost(const struct tn_server_model *m,
+                           const struct tn_reqlog_row *r) {
+  if (!m || (m->price_prompt < 0 && m->price_completion < 0)) return -1;
+  double pp = TN_MAX(m->price_prompt, 0.0);
+  double pc = m->price_cached >= 0 ? m->price_cached : pp;
+  double po = TN_MAX(m->price_completion, 0.0);
+  int64_t cached = TN_MAX(r->cached_tokens, 0);
+  int64_t fresh = TN_MAX(r->prompt_tokens, 0) - cached;
+  return ((double)fresh * pp + (double)cached * pc +
+          (double)TN_MAX(r->completion_tokens, 0) * po) / 1e6;
+}
+
+/* An API request is over: one row for the dashboard's series and, when
+ * on, the request log. What was asked, who answered, the usage and the
+ * timings of its engine requests (summed over prompts and choices; the
+ * first choice's finish reason and text). */
+static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
   struct tn_reqlog *lg = c->srv->cfg.reqlog;
-  if (!lg || !c->log_endpoint[0]) return;
+  if (!c->log_endpoint[0]) return;
+  bool content = tn_reqlog_content(lg);
   struct tn_reqlog_row r = {
       .ts_ms = c->t_arrive_ms,
       .request_id = c->id[0] ? c->id : NULL,
@@ -185,14 +208,16 @@ static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
       .itl_mean_s = -1,
       .itl_max_s = -1,
       .e2e_s = tn_time_s() - c->t_arrive,
+      .cost = -1,
   };
   if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r.error)
     r.error = "the client closed the connection";
-  if (tn_reqlog_content(lg) && c->body) {
+  if (content && c->body) {
     r.prompt = c->body; /* the request as received */
     r.prompt_len = c->len;
   }
   char *out = NULL;
+  uint32_t itl[TN_LAT_BUCKETS] = {0};
   if (c->n_reqs) {
     r.prompt_tokens = r.cached_tokens = r.completion_tokens = 0;
     double itl_sum = 0;
@@ -209,7 +234,7 @@ static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
         if (q->n_choices > 0) {
           r.finish = q->done ? tn_finish_str(q->choices[0].finish)
                              : "cancelled";
-          if (tn_reqlog_content(lg) && q->choices[0].text) {
+          if (content && q->choices[0].text) {
             out = malloc(q->choices[0].len + 1);
             if (out) {
               memcpy(out, q->choices[0].text, q->choices[0].len);
@@ -224,11 +249,14 @@ static void log_request(struct conn *c, enum MHD_RequestTerminationCode toe) {
       itl_sum += q->itl_sum;
       itl_n += q->itl_n;
       if (q->itl_max > r.itl_max_s) r.itl_max_s = q->itl_max;
+      for (int b = 0; b < TN_LAT_BUCKETS; b++) itl[b] += q->itl_hist[b];
       tn_req_unlock(q);
     }
     if (itl_n > 0) r.itl_mean_s = itl_sum / (double)itl_n;
     if (!r.error && c->reqs[0]->error[0]) r.error = c->reqs[0]->error;
+    r.cost = request_cost(c->model, &r);
   }
+  tn_stats_add(c->srv->stats, wall_s(), &r, c->n_reqs ? itl : NULL);
   tn_reqlog_add(lg, &r);
   free(out);
 }
@@ -242,7 +270,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
   if (!c) return;
   *con_cls = NULL;
   live_remove(c);
-  log_request(c, toe);
+  record_request(c, toe);
   /* After release no notify runs for these requests (it runs under the
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
@@ -315,7 +343,22 @@ static enum MHD_Result send_body(struct conn *c, unsigned status,
     MHD_add_response_header(r, "Retry-After", ra);
   }
   if (status == 401)
-    MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    MHD_add_response_header(r, "WWW-Authenticate",
+                            c->basic_auth ? "Basic realm=\"tern\", "
+                                            "charset=\"UTF-8\""
+                                          : "Bearer");
+  /* the page and its API: never cached, never framed, no outside loads */
+  if (c->route && (!strcmp(c->route, "/dashboard") ||
+                   !strcmp(c->route, "/api"))) {
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "X-Frame-Options", "DENY");
+    MHD_add_response_header(
+        r, "Content-Security-Policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src "
+        "'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'");
+  }
   enum MHD_Result ret = MHD_queue_response(c->mhd, status, r);
   MHD_destroy_response(r);
   count_status(c, status);
@@ -791,19 +834,89 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   return ret;
 }
 
-/* ---- the access handler */
+/* ---- auth */
 
-static bool auth_ok(struct tn_server *s, struct MHD_Connection *mc) {
-  if (!s->cfg.api_key || !*s->cfg.api_key) return true;
-  const char *h =
-      MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
-  if (!h || strncmp(h, "Bearer ", 7) != 0) return false;
-  const char *k = h + 7, *want = s->cfg.api_key;
+/* k equals the key, in time that does not depend on where they differ */
+static bool key_equal(const char *k, const char *want) {
   size_t nk = strlen(k), nw = strlen(want);
   unsigned char diff = nk != nw;
   for (size_t i = 0; i < nw; i++) diff |= (unsigned char)(want[i] ^ k[i < nk ? i : 0]);
   return diff == 0;
 }
+
+/* 'Authorization: Bearer KEY'; with basic, also HTTP Basic auth whose
+ * password is the key (any user name): what a browser sends. */
+static bool auth_ok(struct tn_server *s, struct MHD_Connection *mc,
+                    bool basic) {
+  if (!s->cfg.api_key || !*s->cfg.api_key) return true;
+  const char *h =
+      MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+  if (h && !strncmp(h, "Bearer ", 7)) return key_equal(h + 7, s->cfg.api_key);
+  if (!basic || !h || strncmp(h, "Basic ", 6) != 0) return false;
+  char *pass = NULL;
+  char *user = MHD_basic_auth_get_username_password(mc, &pass);
+  bool ok = pass && key_equal(pass, s->cfg.api_key);
+  MHD_free(user);
+  MHD_free(pass);
+  return ok;
+}
+
+/* ---- the dashboard */
+
+struct args {
+  struct tn_dash_arg v[TN_DASH_ARGS_MAX];
+  int n; /* counts past the array: too many */
+};
+
+static enum MHD_Result collect_arg(void *cls, enum MHD_ValueKind kind,
+                                   const char *key, const char *value) {
+  struct args *a = cls;
+  (void)kind;
+  if (a->n < TN_DASH_ARGS_MAX) a->v[a->n] = (struct tn_dash_arg){key, value};
+  a->n++;
+  return MHD_YES;
+}
+
+static enum MHD_Result route_dashboard(struct conn *c, const char *url,
+                                       bool get) {
+  struct tn_server *s = c->srv;
+  bool page = !strcmp(url, "/dashboard");
+  c->route = page ? "/dashboard" : "/api";
+  c->basic_auth = true;
+  if (!auth_ok(s, c->mhd, true))
+    return send_error_msg(c, 401, "invalid_request_error", NULL,
+                          "invalid_api_key",
+                          "Incorrect or missing API key: send "
+                          "'Authorization: Bearer <key>', or the key as the "
+                          "password of HTTP Basic auth");
+  if (!get)
+    return send_error_msg(c, 405, "invalid_request_error", NULL,
+                          "method_not_allowed",
+                          "this route does not accept that HTTP method");
+  if (page) {
+    char *b = malloc(tn_dashboard_html_len);
+    if (!b) return MHD_NO;
+    memcpy(b, tn_dashboard_html, tn_dashboard_html_len);
+    return send_body(c, 200, "text/html; charset=utf-8", b,
+                     tn_dashboard_html_len, 0);
+  }
+  struct args a = {0};
+  MHD_get_connection_values(c->mhd, MHD_GET_ARGUMENT_KIND, collect_arg, &a);
+  struct tn_dash_ctx ctx = {
+      .stats = s->stats,
+      .log_path = tn_reqlog_path(s->cfg.reqlog),
+      .now_s = wall_s(),
+      .args = a.v,
+      .n_args = a.n,
+  };
+  struct tn_api_error err;
+  size_t len = 0;
+  char *body = tn_dash_api(&ctx, url, &len, &err);
+  if (!body) return send_error(c, &err);
+  return send_body(c, 200, "application/json", body, len, 0);
+}
+
+/* ---- the access handler */
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
                                   const char *url, const char *method,
@@ -876,7 +989,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
   bool v1 = !strncmp(url, "/v1/", 4);
   if (v1 && strcmp(url, "/v1/models") != 0)
     snprintf(c->log_endpoint, sizeof(c->log_endpoint), "%s", url);
-  if (v1 && !auth_ok(s, mc)) {
+  if (!strcmp(url, "/dashboard") || !strncmp(url, "/api/", 5))
+    return route_dashboard(c, url, get);
+  if (v1 && !auth_ok(s, mc, false)) {
     c->route = "auth";
     return send_error_msg(c, 401, "invalid_request_error", NULL,
                           "invalid_api_key",
@@ -915,11 +1030,29 @@ bad_method:
 
 /* ---- the reaper: cancel requests whose client hung up */
 
+/* The dashboard's gauges: each loaded model's engine, once a second. */
+static void sample_gauges(struct tn_server *s) {
+  double now = wall_s();
+  for (int i = 0; i < s->n_models; i++) {
+    struct tn_engine *e = atomic_load(&s->engines[i]);
+    if (!e) continue;
+    struct tn_engine_stats st;
+    tn_engine_stats(e, &st);
+    double kv = st.kv_blocks_total > 0
+                    ? (double)st.kv_blocks_used / st.kv_blocks_total
+                    : 0;
+    tn_stats_gauges(s->stats, now, s->models[i].name, st.running, st.waiting,
+                    kv);
+  }
+}
+
 static void *reaper_main(void *arg) {
   struct tn_server *s = arg;
+  int ticks = 0;
   while (!atomic_load(&s->stop)) {
     struct timespec ts = {0, 100 * 1000 * 1000};
     nanosleep(&ts, NULL);
+    if (++ticks % 10 == 0) sample_gauges(s);
     pthread_mutex_lock(&s->mu);
     for (struct conn *c = s->live; c; c = c->live_next) {
       if (c->fd < 0) continue;
@@ -974,6 +1107,13 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   for (int i = 0; i < n_models; i++)
     atomic_init(&s->engines[i], models[i].engine);
   pthread_mutex_init(&s->mu, NULL);
+  s->stats = tn_stats_new();
+  if (!s->stats) {
+    free(s->engines);
+    free(s->models);
+    free(s);
+    return tn_error_set(err, TN_ENOMEM, "out of memory");
+  }
   if (metrics) {
     static const char *const labels[] = {"route", "status"};
     s->http_requests = tn_metrics_family(
@@ -1062,6 +1202,7 @@ void tn_server_stop(struct tn_server *s) {
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
   pthread_mutex_destroy(&s->mu);
+  tn_stats_free(s->stats);
   free(s->engines);
   free(s->models);
   free(s);

@@ -3,7 +3,9 @@
  *
  * Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
  * GET /health (alive), GET /ready (models loaded, not draining), GET
- * /metrics (Prometheus). The HTTP threads parse, tokenize and submit to
+ * /metrics (Prometheus), GET /dashboard and its JSON API under /api/
+ * (dashboard.h; the API key also as HTTP Basic auth's password, so a
+ * browser can open it). The HTTP threads parse, tokenize and submit to
  * the model's engine, then suspend the connection; the engine's notify
  * resumes it when there is output. They never wait on inference.
  */
@@ -25,6 +27,10 @@ struct tn_server_model {
   struct tn_engine *engine;   /* borrowed; NULL while loading (503) */
   const char *const *aliases; /* other names clients may send */
   int n_aliases;
+  /* USD per million tokens for the cost the log and dashboard show (< 0:
+   * not priced; cached prompt tokens at price_cached, or price_prompt
+   * when that is < 0) */
+  double price_prompt, price_cached, price_completion;
 };
 
 struct tn_server_config {

@@ -59,7 +59,8 @@ static const char k_full[] =
     "    spec: ngram\n"
     "    spec_max_tokens: 4\n"
     "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB,\n"
-    "     spec: draft, draft_model: qwen-small.gguf}\n";
+    "     spec: draft, draft_model: qwen-small.gguf, price_prompt: 0.15,\n"
+    "     price_completion: 2, price_cached: .075}\n";
 
 static void test_good_full(void) {
   struct tn_serve_config cfg;
@@ -104,6 +105,10 @@ static void test_good_full(void) {
   ASSERT_EQ(m->n_aliases, 0);
   ASSERT_EQ(m->ctx, 1 << 24);
   ASSERT_EQ(m->kv_mem, 2000000000ll);
+  ASSERT(m->price_prompt == 0.15 && m->price_completion == 2 &&
+         m->price_cached == 0.075);
+  ASSERT(cfg.models[0].price_prompt < 0 && cfg.models[0].price_cached < 0 &&
+         cfg.models[0].price_completion < 0);
 
   ASSERT_EQ(tn_serve_config_find(&cfg, "smollm2"), 0);
   ASSERT_EQ(tn_serve_config_find(&cfg, "default"), 0);
@@ -214,8 +219,16 @@ static const struct bad_case k_bad[] = {
     {"models:\n  - name: a\n", TN_EINVAL, ":2: models[0]: missing key 'path' (model 'a')"},
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
-     "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens or "
-     "draft_model)"},
+     "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
+     "draft_model, price_prompt, price_cached or price_completion)"},
+    {MODEL_OK "    price_prompt: -1\n", TN_EINVAL,
+     ":4: models[0].price_prompt: '-1' is not a price"},
+    {MODEL_OK "    price_completion: 1e3\n", TN_EINVAL,
+     "models[0].price_completion: '1e3' is not a price"},
+    {MODEL_OK "    price_cached: .\n", TN_EINVAL,
+     "models[0].price_cached: '.' is not a price"},
+    {MODEL_OK "    price_prompt: 2000000\n", TN_EINVAL,
+     "models[0].price_prompt: '2000000' is not a price"},
     {MODEL_OK "    name: b\n", TN_EINVAL, ":4: models[0]: duplicate key 'name'"},
     {"models:\n  - name: [a]\n    path: p\n", TN_EINVAL,
      ":2: models[0].name: expected a value, got a list"},

@@ -3,8 +3,12 @@
  * counter/gauge/histogram values, cumulative buckets, escaping, exact sums
  * under concurrent updates, and the exact text a scrape returns. When the
  * project's venv has prometheus_client, the rendered text also goes through
- * its parser.
+ * its parser. Then the request log (writes, retention, reading back with
+ * filters and paging) and the dashboard's live statistics (quantiles
+ * against known distributions, ring slots reused, the key cap).
  */
+#include <jansson.h>
+#include <math.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <unistd.h>
@@ -636,8 +640,273 @@ static void test_reqlog(void) {
   ASSERT_EQ(system(cmd), 0);
 }
 
+
+static bool count_cb(void *user, json_t *o) {
+  (void)o;
+  (*(int *)user)++;
+  return true;
+}
+
+struct last_row {
+  int64_t ts, id;
+  int n;
+};
+
+static bool last_cb(void *user, json_t *o) {
+  struct last_row *l = user;
+  l->ts = json_integer_value(json_object_get(o, "ts"));
+  l->id = json_integer_value(json_object_get(o, "id"));
+  l->n++;
+  return true;
+}
+
+/* tn_reqlog_read: filters are bound values, paging walks every row once */
+static void test_reqlog_read(void) {
+  char dir[] = "/tmp/tern-reqlog-XXXXXX";
+  ASSERT(mkdtemp(dir) != NULL);
+  char path[128];
+  snprintf(path, sizeof path, "%s/log.db", dir);
+  struct tn_reqlog_config cfg = {.path = path, .content = true};
+  struct tn_reqlog *l = NULL;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_reqlog_open(&cfg, NULL, &l, &err), TN_OK);
+  for (int i = 0; i < 120; i++) {
+    char id[32];
+    snprintf(id, sizeof id, "req-%d", i);
+    struct tn_reqlog_row r = {
+        .ts_ms = 1000 + i / 3, /* ties: paging must order by id too */
+        .request_id = id, .endpoint = "/v1/x",
+        .model = i % 2 ? "a" : "b' OR 1=1 --", .status = i % 4 ? 200 : 404,
+        .prompt_tokens = -1, .cached_tokens = -1, .completion_tokens = i,
+        .queue_s = -1, .ttft_s = -1, .itl_mean_s = -1, .itl_max_s = -1,
+        .e2e_s = -1, .cost = i % 2 ? 0.5 : -1, .prompt = "p",
+        .prompt_len = 1};
+    tn_reqlog_add(l, &r);
+  }
+  tn_reqlog_flush(l);
+  ASSERT_STR_EQ(tn_reqlog_path(l), path);
+  struct tn_reqlog_filter f;
+  tn_reqlog_filter_init(&f);
+  f.limit = 0;
+  int n = 0;
+  ASSERT_EQ(tn_reqlog_read(path, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_EQ(n, 120);
+  f.model = "b' OR 1=1 --";
+  n = 0;
+  ASSERT_EQ(tn_reqlog_read(path, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_EQ(n, 60);
+  f.model = "%";
+  n = 0;
+  ASSERT_EQ(tn_reqlog_read(path, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_EQ(n, 0);
+  f.model = NULL;
+  ASSERT(tn_reqlog_parse_status("4xx", &f));
+  n = 0;
+  ASSERT_EQ(tn_reqlog_read(path, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_EQ(n, 30);
+  ASSERT(!tn_reqlog_parse_status("4x", &f));
+  ASSERT(!tn_reqlog_parse_status("600", &f));
+  ASSERT(tn_reqlog_parse_status("error", &f));
+  ASSERT(f.errors);
+  tn_reqlog_filter_init(&f);
+  f.request_id = "req-7";
+  f.limit = 0;
+  n = 0;
+  ASSERT_EQ(tn_reqlog_read(path, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_EQ(n, 1);
+  /* pages of 7 over rows with equal timestamps: 120 rows, each once */
+  tn_reqlog_filter_init(&f);
+  f.limit = 7;
+  int total = 0, pages = 0;
+  for (;;) {
+    struct last_row lr = {0};
+    ASSERT_EQ(tn_reqlog_read(path, &f, last_cb, &lr, &err), TN_OK);
+    total += lr.n;
+    pages++;
+    if (lr.n < 7) break;
+    f.before_ts = lr.ts;
+    f.before_id = lr.id;
+  }
+  ASSERT_EQ(total, 120);
+  ASSERT_EQ(pages, 18);
+  tn_reqlog_close(l);
+  /* a missing database: an error naming it */
+  char missing[160];
+  snprintf(missing, sizeof missing, "%s/none.db", dir);
+  ASSERT_NE(tn_reqlog_read(missing, &f, count_cb, &n, &err), TN_OK);
+  ASSERT_SUBSTR(err.msg, "none.db");
+  double d;
+  ASSERT(tn_parse_duration("15m", &d) && d == 900);
+  ASSERT(tn_parse_duration("2h", &d) && d == 7200);
+  ASSERT(!tn_parse_duration("-1h", &d));
+  ASSERT(!tn_parse_duration("1y", &d));
+  ASSERT(!tn_parse_duration("", &d));
+  char cmd[160];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ASSERT_EQ(system(cmd), 0);
+}
+
+static json_t *stats_at(struct tn_stats *s, double now, double window,
+                        const char *by) {
+  size_t len = 0;
+  char *text = tn_stats_json(s, now, window, by, &len);
+  json_error_t je;
+  json_t *o = text && len == strlen(text) ? json_loads(text, 0, &je) : NULL;
+  free(text);
+  if (!o) {
+    fprintf(stderr, "tn_stats_json: no valid JSON\n");
+    abort();
+  }
+  return o;
+}
+
+static double total(json_t *o, const char *what) {
+  json_t *v = json_object_get(json_object_get(json_object_get(o, "all"),
+                                              "totals"),
+                              what);
+  return json_is_integer(v) ? (double)json_integer_value(v)
+                            : json_real_value(v);
+}
+
+static struct tn_reqlog_row stats_row(const char *model, const char *tenant,
+                                      int status, double ttft) {
+  struct tn_reqlog_row r = {
+      .model = model, .tenant = tenant, .status = status,
+      .prompt_tokens = 10, .cached_tokens = 4, .completion_tokens = 5,
+      .queue_s = -1, .ttft_s = ttft, .itl_mean_s = -1, .itl_max_s = -1,
+      .e2e_s = ttft >= 0 ? 2 * ttft : -1, .cost = 0.001};
+  return r;
+}
+
+static void test_stats(void) {
+  /* buckets: monotonic, ratio 2^(1/3) */
+  ASSERT_EQ(tn_lat_bucket(0), 0);
+  ASSERT_EQ(tn_lat_bucket(NAN), 0);
+  ASSERT_EQ(tn_lat_bucket(1e-4), 1);
+  ASSERT_EQ(tn_lat_bucket(1e9), TN_LAT_BUCKETS - 1);
+  for (double v = 1e-4; v < 1000; v *= 1.01)
+    ASSERT(tn_lat_bucket(v) <= tn_lat_bucket(v * 1.01));
+  ASSERT_EQ(tn_lat_bucket(0.8e-3), 10); /* 0.1 ms * 2^3 = 0.8 ms */
+
+  struct tn_stats *s = tn_stats_new();
+  ASSERT(s != NULL);
+  const double t0 = 1.8e9;
+  /* 1000 requests, TTFT uniform over 10..1000 ms, within one minute */
+  for (int i = 0; i < 1000; i++) {
+    struct tn_reqlog_row r = stats_row("m", NULL, 200, 0.010 + 0.99 * i / 999.0);
+    tn_stats_add(s, t0 + (i % 50), &r, NULL);
+  }
+  json_t *o = stats_at(s, t0 + 60, 900, "model");
+  ASSERT_EQ(total(o, "requests"), 1000);
+  ASSERT_EQ(total(o, "prompt_tokens"), 10000);
+  ASSERT_EQ(total(o, "cached_tokens"), 4000);
+  ASSERT_EQ(total(o, "completion_tokens"), 5000);
+  ASSERT(fabs(total(o, "cost") - 1.0) < 1e-9);
+  ASSERT(fabs(total(o, "prefix_hit_rate") - 0.4) < 1e-9);
+  double p50 = json_real_value(json_object_get(
+      json_object_get(json_object_get(json_object_get(o, "all"), "totals"),
+                      "ttft_ms"),
+      "p50"));
+  double p99 = json_real_value(json_object_get(
+      json_object_get(json_object_get(json_object_get(o, "all"), "totals"),
+                      "ttft_ms"),
+      "p99"));
+  ASSERT(fabs(p50 - 505) / 505 < 0.15);
+  ASSERT(fabs(p99 - 990) / 990 < 0.15);
+  /* 900 one-second slots: 300 points of 3 s; the rates add up */
+  ASSERT_EQ(json_integer_value(json_object_get(o, "points")), 300);
+  ASSERT_EQ(json_integer_value(json_object_get(o, "step_s")), 3);
+  json_t *rps = json_object_get(json_object_get(o, "all"), "requests_per_s");
+  double sum = 0;
+  for (size_t i = 0; i < json_array_size(rps); i++)
+    sum += json_real_value(json_array_get(rps, i)) * 3;
+  ASSERT(fabs(sum - 1000) < 0.01); /* 6 significant digits */
+  json_decref(o);
+  /* 1000 s later the second ring has nothing, the minute ring all of it */
+  o = stats_at(s, t0 + 1000, 900, "model");
+  ASSERT_EQ(total(o, "requests"), 0);
+  ASSERT(json_is_null(json_object_get(
+      json_object_get(json_object_get(json_object_get(o, "all"), "totals"),
+                      "ttft_ms"),
+      "p50")));
+  json_decref(o);
+  o = stats_at(s, t0 + 1000, 3600, "none");
+  ASSERT_EQ(total(o, "requests"), 1000);
+  ASSERT_EQ(json_integer_value(json_object_get(o, "step_s")), 60);
+  json_decref(o);
+  /* a second-ring slot reused 900 s later holds only the new request */
+  struct tn_reqlog_row late = stats_row("m", NULL, 200, 0.5);
+  tn_stats_add(s, t0 + 925, &late, NULL); /* t0 + 25's slot: 20 there */
+  o = stats_at(s, t0 + 926, 60, "model");
+  ASSERT_EQ(total(o, "requests"), 1);
+  json_decref(o);
+  /* 24 hours later: gone from both rings */
+  o = stats_at(s, t0 + 2 * 86400, 86400, "model");
+  ASSERT_EQ(total(o, "requests"), 0);
+  json_decref(o);
+  tn_stats_free(s);
+
+  /* errors by type; groups by tenant; at most TN_STATS_KEYS_MAX keys */
+  s = tn_stats_new();
+  static const int codes[] = {200, 400, 401, 404, 429, 500, 503, 0};
+  for (int i = 0; i < 8; i++) {
+    struct tn_reqlog_row r = stats_row("m", "t", codes[i], -1);
+    tn_stats_add(s, t0, &r, NULL);
+  }
+  struct tn_reqlog_row cut = stats_row("m", "t", 200, 0.1);
+  cut.finish = "cancelled";
+  tn_stats_add(s, t0, &cut, NULL);
+  for (int i = 0; i < 300; i++) {
+    char tenant[16];
+    snprintf(tenant, sizeof tenant, "t%d", i);
+    struct tn_reqlog_row r = stats_row("m", tenant, 200, 0.1);
+    uint32_t itl[TN_LAT_BUCKETS] = {0};
+    itl[tn_lat_bucket(0.02)] = 10;
+    tn_stats_add(s, t0, &r, itl);
+  }
+  o = stats_at(s, t0 + 1, 300, "tenant");
+  ASSERT_EQ(total(o, "requests"), 309);
+  ASSERT_EQ(total(o, "errors"), 8);
+  json_t *eb = json_object_get(
+      json_object_get(json_object_get(o, "all"), "totals"), "errors_by_type");
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "invalid_request")), 1);
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "auth")), 1);
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "not_found")), 1);
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "overloaded")), 2);
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "server")), 1);
+  ASSERT_EQ(json_integer_value(json_object_get(eb, "cancelled")), 2);
+  json_t *groups = json_object_get(o, "groups");
+  ASSERT_EQ(json_array_size(groups), TN_STATS_KEYS_MAX);
+  json_t *other = json_array_get(groups, TN_STATS_KEYS_MAX - 1);
+  ASSERT_STR_EQ(json_string_value(json_object_get(other, "key")), "(other)");
+  /* every ITL gap counted: 3000 gaps of 20 ms */
+  double itl50 = json_real_value(json_object_get(
+      json_object_get(json_object_get(json_object_get(o, "all"), "totals"),
+                      "itl_ms"),
+      "p50"));
+  ASSERT(itl50 > 20 / 1.26 && itl50 < 20 * 1.26);
+  json_decref(o);
+  o = stats_at(s, t0 + 1, 300, "model");
+  ASSERT_EQ(json_array_size(json_object_get(o, "groups")), 1);
+  json_decref(o);
+  /* gauges: the mean over a point */
+  tn_stats_gauges(s, t0, "m", 2, 4, 0.5);
+  tn_stats_gauges(s, t0 + 0.5, "m", 4, 0, 0.25);
+  o = stats_at(s, t0 + 1, 60, "none");
+  json_t *g = json_array_get(json_object_get(o, "gauges"), 0);
+  json_t *run = json_object_get(g, "running");
+  ASSERT_EQ(json_array_size(run), 60);
+  ASSERT(fabs(json_real_value(json_array_get(run, 59)) - 3) < 1e-6);
+  ASSERT(fabs(json_real_value(json_array_get(json_object_get(g, "kv_used"),
+                                             59)) - 0.375) < 1e-6);
+  ASSERT(json_is_null(json_array_get(run, 0)));
+  json_decref(o);
+  tn_stats_free(s);
+}
+
 TN_TEST_MAIN(TN_TEST(test_names), TN_TEST(test_reregister),
              TN_TEST(test_series), TN_TEST(test_values),
              TN_TEST(test_cumulative), TN_TEST(test_escaping),
              TN_TEST(test_render_shape), TN_TEST(test_concurrent),
-             TN_TEST(test_prometheus_parser), TN_TEST(test_reqlog))
+             TN_TEST(test_prometheus_parser), TN_TEST(test_reqlog),
+             TN_TEST(test_reqlog_read), TN_TEST(test_stats))

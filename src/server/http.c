@@ -19,6 +19,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <microhttpd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -56,6 +57,8 @@ struct tn_server {
   struct conn *live;
   pthread_t reaper;
   bool reaper_started;
+  pthread_t backfill;         /* the dashboard's last 24 h from the log */
+  bool backfill_started;
   atomic_bool stop;
   atomic_bool stopping;       /* no connection may suspend any more */
 };
@@ -1069,6 +1072,64 @@ static void *reaper_main(void *arg) {
   return NULL;
 }
 
+/* ---- the dashboard's history: after a restart, the log's last 24 hours
+ * fill the statistics (ITL as each request's mean gap: the log keeps no
+ * gap histogram), on a thread of their own so serving starts at once. */
+
+static double num_col(json_t *o, const char *k) {
+  json_t *v = json_object_get(o, k);
+  return json_is_number(v) ? json_number_value(v) : -1;
+}
+
+static bool backfill_row(void *user, json_t *o) {
+  struct tn_server *s = user;
+  if (atomic_load(&s->stop)) return false;
+  struct tn_reqlog_row r = {
+      .model = json_string_value(json_object_get(o, "model")),
+      .tenant = json_string_value(json_object_get(o, "tenant")),
+      .status = (int)TN_MAX(num_col(o, "status"), 0),
+      .finish = json_string_value(json_object_get(o, "finish_reason")),
+      .error = json_string_value(json_object_get(o, "error")),
+      .prompt_tokens = (int64_t)num_col(o, "prompt_tokens"),
+      .cached_tokens = (int64_t)num_col(o, "cached_tokens"),
+      .completion_tokens = (int64_t)num_col(o, "completion_tokens"),
+      .ttft_s = num_col(o, "ttft_ms") / 1000.0,
+      .e2e_s = num_col(o, "e2e_ms") / 1000.0,
+      .cost = num_col(o, "cost"),
+  };
+  double ts = num_col(o, "ts") / 1000.0;
+  double end = ts + TN_MAX(r.e2e_s, 0.0);
+  uint32_t itl[TN_LAT_BUCKETS] = {0};
+  double gap = num_col(o, "itl_mean_ms") / 1000.0;
+  bool have_itl = gap >= 0 && r.completion_tokens > 1;
+  if (have_itl)
+    itl[tn_lat_bucket(gap)] = (uint32_t)TN_MIN(r.completion_tokens - 1,
+                                               (int64_t)UINT32_MAX);
+  if (ts > 0) tn_stats_add(s->stats, end, &r, have_itl ? itl : NULL);
+  return true;
+}
+
+static void *backfill_main(void *arg) {
+  struct tn_server *s = arg;
+  struct tn_reqlog_filter f;
+  tn_reqlog_filter_init(&f);
+  f.limit = 0;
+  /* rows that arrived up to now: later ones are counted live */
+  double now = wall_s();
+  f.since_ms = (int64_t)((now - 86400.0) * 1000.0);
+  f.until_ms = (int64_t)(now * 1000.0);
+  struct tn_error err = {0};
+  double t0 = tn_time_s();
+  if (tn_reqlog_read(tn_reqlog_path(s->cfg.reqlog), &f, backfill_row, s,
+                     &err) != TN_OK)
+    tn_log_warn("dashboard: cannot read the request log's history: %s",
+                err.msg);
+  else
+    tn_log_debug("dashboard: the log's last 24 h read in %.2f s",
+                  tn_time_s() - t0);
+  return NULL;
+}
+
 /* ---- lifecycle */
 
 static void log_mhd(void *cls, const char *fmt, va_list ap) {
@@ -1153,6 +1214,8 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   s->port = di ? di->port : cfg->port;
   if (tn_thread_create(&s->reaper, reaper_main, s) == 0)
     s->reaper_started = true;
+  if (cfg->reqlog && tn_thread_create(&s->backfill, backfill_main, s) == 0)
+    s->backfill_started = true;
   *out = s;
   return TN_OK;
 }
@@ -1200,6 +1263,7 @@ void tn_server_stop(struct tn_server *s) {
   if (s->mhd) resume_all(s);
   atomic_store(&s->stop, true);
   if (s->reaper_started) pthread_join(s->reaper, NULL);
+  if (s->backfill_started) pthread_join(s->backfill, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
   pthread_mutex_destroy(&s->mu);
   tn_stats_free(s->stats);

@@ -354,3 +354,35 @@ def test_dashboard_in_chromium(start_server, tmp_path, tern_bin):
     d = json.loads(requests.get(srv.base + "/api/stats?window=5m",
                                 headers=AUTH, timeout=30).text)
     assert evil in [g["key"] for g in d["groups"]]
+
+
+def test_history_survives_a_restart(start_server, tmp_path):
+    """The charts of a restarted server start from the log's last 24 h."""
+    db = str(tmp_path / "log.db")
+    args = ["-m", model_path("smollm2-135m"), "-t", "2", "--log-db", db,
+            "--price-prompt", "1", "--price-completion", "3"]
+    srv = start_server(*args)
+    usage = []
+    for i in range(3):
+        r = requests.post(srv.base + "/v1/completions",
+                          json={"prompt": f"{i} a", "max_tokens": 4,
+                                "ignore_eos": True}, timeout=60)
+        usage.append(r.json()["usage"])
+    requests.post(srv.base + "/v1/completions", json={"prompt": ""},
+                  timeout=60)
+    assert srv.stop() == 0
+    srv = start_server(*args)
+
+    def totals():
+        t = requests.get(srv.base + "/api/stats?window=1h",
+                         timeout=30).json()["all"]["totals"]
+        return t if t["requests"] >= 4 else None
+    t = wait_for(totals)
+    assert t, requests.get(srv.base + "/api/stats?window=1h", timeout=30).text
+    assert t["requests"] == 4 and t["errors"] == 1
+    assert t["completion_tokens"] == sum(u["completion_tokens"] for u in usage)
+    assert t["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
+    assert t["cost"] == pytest.approx(
+        sum(u["prompt_tokens"] * 1 + u["completion_tokens"] * 3
+            for u in usage) / 1e6)
+    assert t["itl_ms"]["p50"] is not None and t["ttft_ms"]["p50"] is not None

@@ -56,6 +56,7 @@ int tn_cli_serve(int argc, char **argv) {
   const char *log_db = NULL;
   double log_days = 30;
   float price_prompt = -1, price_cached = -1, price_completion = -1;
+  struct tn_cli_list redact = {0};
   long log_rows = 10000000;
   const struct tn_opt model_opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
@@ -94,6 +95,11 @@ int tn_cli_serve(int argc, char **argv) {
       {"log-content", 0, TN_OPT_FLAG, &log_content, 0, 0, NULL,
        "also store each request body and its first answer in the log", NULL,
        NULL, 0},
+      {"log-redact", 0, TN_OPT_LIST, &redact, 0, 16, "PATTERN",
+       "with --log-content, replace matches in the stored text with "
+       "[REDACTED]: email, phone, card, ipv4, secret, or a PCRE2 pattern "
+       "(repeatable)",
+       NULL, NULL, 0},
       {"log-max-age", 0, TN_OPT_FLOAT, &log_days, 0, 36500, "DAYS",
        "delete log rows older than this (0: keep)", NULL, NULL, 0},
       {"log-max-rows", 0, TN_OPT_INT, &log_rows, 0, (long)1e12, "N",
@@ -178,6 +184,9 @@ int tn_cli_serve(int argc, char **argv) {
   if (max_body <= 0) return tn_cli_fail("--max-body: must be above 0");
   if (log_content && !log_db)
     return tn_cli_fail("--log-content: give the log with --log-db PATH");
+  if (redact.n && !log_content)
+    return tn_cli_fail("--log-redact: only stored text is redacted: add "
+                       "--log-content");
   scfg.max_body = (size_t)max_body;
   ecfg.n_ctx = (int32_t)n_ctx;
   ecfg.max_seqs = (int32_t)max_seqs;
@@ -226,7 +235,9 @@ int tn_cli_serve(int argc, char **argv) {
     struct tn_reqlog_config lc = {.path = log_db,
                                   .content = log_content,
                                   .max_age_s = log_days * 86400.0,
-                                  .max_rows = log_rows};
+                                  .max_rows = log_rows,
+                                  .redact = redact.v,
+                                  .n_redact = redact.n};
     if (tn_reqlog_open(&lc, metrics, &reqlog, &err)) {
       tn_cli_fail("%s", err.msg);
       goto done;

@@ -81,6 +81,11 @@ struct tn_reqlog_config {
   double max_age_s;   /* delete rows older than this (0: keep) */
   int64_t max_rows;   /* keep at most this many (0: no limit) */
   size_t queue_max;   /* rows waiting for the writer (0: 4096) */
+  /* Redaction of the stored text (content on): each entry a preset
+   * (email, phone, card, ipv4, secret) or a PCRE2 pattern; every match in
+   * the prompt and output becomes "[REDACTED]" before it is written. */
+  const char *const *redact;
+  int n_redact;
 };
 
 struct tn_reqlog_row {

@@ -14,10 +14,16 @@
  * Retention runs on the writer every 1000 rows and every minute: rows
  * older than max_age and, beyond max_rows, the oldest.
  *
+ * Redaction (--log-redact) runs on the writer too, so the serving threads
+ * never pay for it: each pattern replaces its matches in the prompt and
+ * output with "[REDACTED]" before the row is bound.
+ *
  * Lock: l->mu guards the queue, the counters the flush waits on, and
  * l->stop. The writer holds no lock while it talks to SQLite.
  */
+#define PCRE2_CODE_UNIT_WIDTH 8
 #include <jansson.h>
+#include <pcre2.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -68,8 +74,13 @@ struct qrow {
   struct tn_reqlog_row r;
 };
 
+#define REDACT_MAX 16
+
 struct tn_reqlog {
   struct tn_reqlog_config cfg;
+  pcre2_code *redact[REDACT_MAX];
+  int n_redact;
+  pcre2_match_data *md;
   sqlite3 *db;
   sqlite3_stmt *ins;
   pthread_t writer;
@@ -177,6 +188,55 @@ static void bind_ms(sqlite3_stmt *st, int i, double s) {
   else sqlite3_bind_null(st, i);
 }
 
+/* Presets: what operators most often must keep out of logs. */
+static const char *const k_presets[][2] = {
+    {"email", "[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}"},
+    {"phone", "\\+?\\d[\\d ()-]{7,}\\d"},
+    {"card", "\\b(?:\\d[ -]?){12,18}\\d\\b"},
+    {"ipv4", "\\b(?:\\d{1,3}\\.){3}\\d{1,3}\\b"},
+    {"secret", "\\b(?:sk|pk|rk|ghp|gho|xox[bp])[-_][A-Za-z0-9_-]{16,}"},
+};
+
+/* text[len] with every pattern's matches replaced: a malloc'd copy in
+ * *out (NULL: unchanged, or out of memory, and then the text is dropped
+ * rather than stored unredacted: *drop). */
+static char *redact(struct tn_reqlog *l, const char *text, size_t len,
+                    size_t *out_len, bool *drop) {
+  *drop = false;
+  if (!l->n_redact || !text) return NULL;
+  static const PCRE2_SPTR rep = (PCRE2_SPTR) "[REDACTED]";
+  char *cur = NULL;
+  size_t cur_len = len;
+  for (int i = 0; i < l->n_redact; i++) {
+    const char *src = cur ? cur : text;
+    size_t cap = cur_len + 64;
+    for (int tries = 0; tries < 4; tries++) {
+      char *dst = malloc(cap + 1);
+      if (!dst) break;
+      PCRE2_SIZE n = cap + 1;
+      int rc = pcre2_substitute(
+          l->redact[i], (PCRE2_SPTR)src, cur_len, 0,
+          PCRE2_SUBSTITUTE_GLOBAL | PCRE2_SUBSTITUTE_OVERFLOW_LENGTH, l->md,
+          NULL, rep, PCRE2_ZERO_TERMINATED, (PCRE2_UCHAR *)dst, &n);
+      if (rc >= 0) {
+        free(cur);
+        cur = dst;
+        cur_len = n;
+        goto next;
+      }
+      free(dst);
+      if (rc != PCRE2_ERROR_NOMEMORY) break; /* bad UTF-8, match limit */
+      cap = n;
+    }
+    free(cur);
+    *drop = true;
+    return NULL;
+  next:;
+  }
+  *out_len = cur_len;
+  return cur;
+}
+
 static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   sqlite3_stmt *st = l->ins;
   sqlite3_reset(st);
@@ -198,8 +258,16 @@ static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   bind_ms(st, 14, r->itl_mean_s);
   bind_ms(st, 15, r->itl_max_s);
   bind_ms(st, 16, r->e2e_s);
-  bind_text(st, 17, r->prompt, r->prompt_len);
-  bind_text(st, 18, r->output, r->output_len);
+  size_t pn = 0, on = 0;
+  bool pdrop, odrop;
+  char *p = redact(l, r->prompt, r->prompt_len, &pn, &pdrop);
+  char *o = redact(l, r->output, r->output_len, &on, &odrop);
+  if (pdrop) sqlite3_bind_text(st, 17, "[REDACTED]", -1, SQLITE_STATIC);
+  else if (p) sqlite3_bind_text(st, 17, p, (int)pn, free);
+  else bind_text(st, 17, r->prompt, r->prompt_len);
+  if (odrop) sqlite3_bind_text(st, 18, "[REDACTED]", -1, SQLITE_STATIC);
+  else if (o) sqlite3_bind_text(st, 18, o, (int)on, free);
+  else bind_text(st, 18, r->output, r->output_len);
   if (r->cost >= 0) sqlite3_bind_double(st, 19, r->cost);
   return sqlite3_step(st) == SQLITE_DONE;
 }
@@ -295,6 +363,39 @@ enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
   if (!l) return tn_error_set(err, TN_ENOMEM, "request log: out of memory");
   l->cfg = *cfg;
   if (!l->cfg.queue_max) l->cfg.queue_max = 4096;
+  l->cfg.redact = NULL; /* borrowed only while opening */
+  if (cfg->n_redact > REDACT_MAX) {
+    free(l);
+    return tn_error_set(err, TN_EINVAL, "--log-redact: at most %d patterns",
+                        REDACT_MAX);
+  }
+  for (int i = 0; i < cfg->n_redact; i++) {
+    const char *pat = cfg->redact[i];
+    for (size_t k = 0; k < TN_ARRAY_LEN(k_presets); k++)
+      if (!strcmp(pat, k_presets[k][0])) pat = k_presets[k][1];
+    int ec;
+    PCRE2_SIZE off;
+    l->redact[i] = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED,
+                                 PCRE2_UTF | PCRE2_MATCH_INVALID_UTF, &ec,
+                                 &off, NULL);
+    if (!l->redact[i]) {
+      PCRE2_UCHAR msg[160];
+      pcre2_get_error_message(ec, msg, sizeof msg);
+      for (int j = 0; j < i; j++) pcre2_code_free(l->redact[j]);
+      free(l);
+      return tn_error_set(err, TN_EINVAL,
+                          "--log-redact '%.80s': %s at offset %zu "
+                          "(a PCRE2 pattern, or email, phone, card, ipv4, "
+                          "secret)",
+                          cfg->redact[i], (const char *)msg, (size_t)off);
+    }
+    l->n_redact++;
+  }
+  if (l->n_redact && !(l->md = pcre2_match_data_create(8, NULL))) {
+    for (int j = 0; j < l->n_redact; j++) pcre2_code_free(l->redact[j]);
+    free(l);
+    return tn_error_set(err, TN_ENOMEM, "request log: out of memory");
+  }
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->more, NULL);
   pthread_cond_init(&l->written, NULL);
@@ -373,6 +474,8 @@ void tn_reqlog_close(struct tn_reqlog *l) {
   }
   sqlite3_finalize(l->ins);
   sqlite3_close(l->db);
+  for (int i = 0; i < l->n_redact; i++) pcre2_code_free(l->redact[i]);
+  pcre2_match_data_free(l->md);
   pthread_cond_destroy(&l->more);
   pthread_cond_destroy(&l->written);
   pthread_mutex_destroy(&l->mu);

@@ -187,3 +187,26 @@ def test_sigkill_keeps_the_database_sound(tmp_path, tern_bin):
     n = con.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
     con.close()
     assert 0 < n <= sent[0] + 4, (n, sent[0])
+
+
+def test_redaction(start_server, tmp_path, run_tern):
+    db = str(tmp_path / "log.db")
+    r = run_tern("serve", "-m", model_path("smollm2-135m"), "--log-db", db,
+                 "--log-redact", "email", timeout=60)
+    assert r.returncode == 1 and b"--log-content" in r.stderr
+    r = run_tern("serve", "-m", model_path("smollm2-135m"), "--log-db", db,
+                 "--log-content", "--log-redact", "a(b", timeout=60)
+    assert r.returncode == 1 and b"--log-redact 'a(b'" in r.stderr, r.stderr
+    srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
+                       "--log-db", db, "--log-content", "--log-redact",
+                       "email", "--log-redact", "order-[0-9]+")
+    r = chat(srv.base, {"messages": [{"role": "user", "content":
+                        "I am ann@corp.example, order-99812 is late"}],
+                        "max_tokens": 3})
+    assert r.status_code == 200
+    got = wait_rows(db, 1)
+    assert len(got) == 1
+    assert "ann@" not in got[0]["prompt"] and "99812" not in got[0]["prompt"]
+    assert "I am [REDACTED], [REDACTED] is late" in got[0]["prompt"]
+    # the answer itself is untouched: redaction is for what is stored
+    assert r.json()["usage"]["completion_tokens"] == got[0]["completion_tokens"]

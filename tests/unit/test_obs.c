@@ -641,6 +641,66 @@ static void test_reqlog(void) {
 }
 
 
+static char *stored_text(const char *path, const char *col) {
+  sqlite3 *h = NULL;
+  char *out = NULL;
+  if (sqlite3_open(path, &h) == SQLITE_OK) {
+    char sql[96];
+    snprintf(sql, sizeof sql, "SELECT %s FROM requests LIMIT 1", col);
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, sql, -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
+      out = strdup((const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(h);
+  return out;
+}
+
+/* --log-redact: presets and patterns, on the writer, before storing */
+static void test_reqlog_redact(void) {
+  char dir[] = "/tmp/tern-reqlog-XXXXXX";
+  ASSERT(mkdtemp(dir) != NULL);
+  char path[128];
+  snprintf(path, sizeof path, "%s/log.db", dir);
+  const char *const pats[] = {"email", "secret", "card", "id-[0-9]{3}"};
+  struct tn_reqlog_config cfg = {.path = path, .content = true,
+                                 .redact = pats, .n_redact = 4};
+  struct tn_reqlog *l = NULL;
+  struct tn_error err = {0};
+  ASSERT_EQ(tn_reqlog_open(&cfg, NULL, &l, &err), TN_OK);
+  const char prompt[] =
+      "mail bob.smith@example.co.uk, key sk-proj_abcdefghijklmnop1234, "
+      "card 4111 1111 1111 1111, id-123 and id-12";
+  const char output[] = "ok \xff\xfe bob@x.io"; /* invalid UTF-8 too */
+  struct tn_reqlog_row r = {
+      .ts_ms = 1, .prompt = prompt, .prompt_len = sizeof prompt - 1,
+      .output = output, .output_len = sizeof output - 1,
+      .prompt_tokens = -1, .cached_tokens = -1, .completion_tokens = -1,
+      .queue_s = -1, .ttft_s = -1, .itl_mean_s = -1, .itl_max_s = -1,
+      .e2e_s = -1, .cost = -1};
+  tn_reqlog_add(l, &r);
+  tn_reqlog_flush(l);
+  tn_reqlog_close(l);
+  char *p = stored_text(path, "prompt"), *o = stored_text(path, "output");
+  ASSERT(p != NULL && o != NULL);
+  ASSERT_STR_EQ(p, "mail [REDACTED], key [REDACTED], card [REDACTED], "
+                   "[REDACTED] and id-12");
+  ASSERT_SUBSTR(o, "[REDACTED]");
+  ASSERT(strstr(o, "bob@") == NULL);
+  free(p);
+  free(o);
+  /* a pattern that does not compile: an error naming it */
+  const char *const bad[] = {"email", "(unclosed"};
+  cfg.redact = bad;
+  cfg.n_redact = 2;
+  ASSERT_NE(tn_reqlog_open(&cfg, NULL, &l, &err), TN_OK);
+  ASSERT_SUBSTR(err.msg, "--log-redact '(unclosed'");
+  char cmd[160];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ASSERT_EQ(system(cmd), 0);
+}
+
 static bool count_cb(void *user, json_t *o) {
   (void)o;
   (*(int *)user)++;
@@ -909,4 +969,5 @@ TN_TEST_MAIN(TN_TEST(test_names), TN_TEST(test_reregister),
              TN_TEST(test_cumulative), TN_TEST(test_escaping),
              TN_TEST(test_render_shape), TN_TEST(test_concurrent),
              TN_TEST(test_prometheus_parser), TN_TEST(test_reqlog),
-             TN_TEST(test_reqlog_read), TN_TEST(test_stats))
+             TN_TEST(test_reqlog_read), TN_TEST(test_reqlog_redact),
+             TN_TEST(test_stats))

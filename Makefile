@@ -84,11 +84,13 @@ test-asan:
 # constrained requests batched with free ones (grammars compile on
 # HTTP threads, masks run on the engine's), and the request log (HTTP
 # threads queue rows, its writer thread commits them), and the dashboard's
-# statistics (HTTP threads add, the reaper samples gauges, the API reads).
+# statistics (HTTP threads add, the reaper samples gauges, the API reads),
+# and the trace exporter (HTTP threads queue spans, its thread posts them).
 TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py \
 	tests/e2e/test_structured.py::test_batch_invariance_mixed \
 	tests/e2e/test_structured.py::test_early_exit_same_answer \
-	tests/e2e/test_reqlog.py tests/e2e/test_dashboard.py::test_stats_equal_the_answers
+	tests/e2e/test_reqlog.py tests/e2e/test_dashboard.py::test_stats_equal_the_answers \
+	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing
 test-tsan:
 	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv)$$'

@@ -56,7 +56,9 @@ int tn_cli_serve(int argc, char **argv) {
   const char *log_db = NULL;
   double log_days = 30;
   float price_prompt = -1, price_cached = -1, price_completion = -1;
-  struct tn_cli_list redact = {0};
+  struct tn_cli_list redact = {0}, otlp_headers = {0};
+  const char *otlp = NULL, *otlp_service = "tern";
+  float otlp_sample = 1;
   long log_rows = 10000000;
   const struct tn_opt model_opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
@@ -104,6 +106,19 @@ int tn_cli_serve(int argc, char **argv) {
        "delete log rows older than this (0: keep)", NULL, NULL, 0},
       {"log-max-rows", 0, TN_OPT_INT, &log_rows, 0, (long)1e12, "N",
        "keep at most N rows, the newest (0: no limit)", NULL, NULL, 0},
+      {"otlp-endpoint", 0, TN_OPT_STR, &otlp, 0, 0, "URL",
+       "export one trace per request over OTLP/HTTP (JSON) to URL, e.g. "
+       "http://localhost:4318/v1/traces; a client's traceparent is honoured",
+       "off", NULL, 0},
+      {"otlp-header", 0, TN_OPT_LIST, &otlp_headers, 0, 16, "'NAME: VALUE'",
+       "a header for every export, e.g. 'x-mlflow-experiment-id: 0' "
+       "(repeatable)",
+       NULL, NULL, 0},
+      {"otlp-service", 0, TN_OPT_STR, &otlp_service, 0, 0, "NAME",
+       "the traces' service.name", NULL, NULL, 0},
+      {"otlp-sample", 0, TN_OPT_FLOAT, &otlp_sample, 0, 1, "SHARE",
+       "share of requests traced when the client sent no traceparent", NULL,
+       NULL, 0},
       {"price-prompt", 0, TN_OPT_FLOAT, &price_prompt, 0, 1e6, "USD",
        "per million prompt tokens: the cost in the log and dashboard "
        "(--config: price_prompt per model)",
@@ -226,6 +241,7 @@ int tn_cli_serve(int argc, char **argv) {
   struct tn_server_model *sm = calloc((size_t)n_models, sizeof(*sm));
   struct tn_server *srv = NULL;
   struct tn_reqlog *reqlog = NULL;
+  struct tn_tracer *tracer = NULL;
   int rc = 1;
   if (!metrics || !engines || !sm) {
     tn_cli_fail("out of memory");
@@ -243,6 +259,21 @@ int tn_cli_serve(int argc, char **argv) {
       goto done;
     }
     scfg.reqlog = reqlog;
+  }
+  if (otlp) {
+    struct tn_tracer_config tc = {.endpoint = otlp,
+                                  .headers = otlp_headers.v,
+                                  .n_headers = otlp_headers.n,
+                                  .service = otlp_service,
+                                  .sample = otlp_sample};
+    if (tn_tracer_open(&tc, metrics, &tracer, &err)) {
+      tn_cli_fail("%s", err.msg);
+      goto done;
+    }
+    scfg.tracer = tracer;
+  } else if (otlp_headers.n) {
+    tn_cli_fail("--otlp-header: give the endpoint with --otlp-endpoint URL");
+    goto done;
   }
   /* Names first: the server answers (503 "loading") while models load. */
   char single_name[128];
@@ -387,6 +418,7 @@ int tn_cli_serve(int argc, char **argv) {
 done:
   tn_server_stop(srv);
   tn_reqlog_close(reqlog); /* writes what is queued */
+  tn_tracer_close(tracer);  /* sends what is queued */
   for (int i = 0; i < n_models; i++) tn_engine_close(engines ? engines[i] : NULL);
   free(engines);
   free(sm);

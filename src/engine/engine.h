@@ -189,6 +189,8 @@ typedef void (*tn_req_notify_fn)(void *user);
 
 /* A request, shared by the submitter and the engine (reference counted).
  * Fields below are written by the engine and read under tn_req_lock(). */
+#define TN_REQ_CHUNKS_MAX 32
+
 struct tn_req {
   int32_t n_prompt;            /* prompt tokens */
   int32_t n_cached;            /* of those, served from the prefix cache */
@@ -201,6 +203,13 @@ struct tn_req {
   double itl_sum, itl_max;     /* gaps between tokens of one choice */
   int64_t itl_n;
   uint32_t itl_hist[TN_LAT_BUCKETS]; /* the gaps by tn_lat_bucket() */
+  /* the prompt's chunks as they ran (first choice; traces): past
+   * TN_REQ_CHUNKS_MAX the last entry grows to cover the rest */
+  struct tn_req_chunk {
+    double t0, t1;             /* the step's forward pass */
+    int32_t n_tokens;
+  } chunks[TN_REQ_CHUNKS_MAX];
+  int32_t n_chunks;
   struct tn_req_priv *priv;    /* engine's own */
 };
 

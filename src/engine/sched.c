@@ -474,6 +474,18 @@ static void metrics_init(struct tn_engine *e) {
   }
 }
 
+/* A prompt chunk of the request's first choice ran in [t0, t1]. */
+static void req_chunk(struct tn_req *r, double t0, double t1, int32_t n) {
+  tn_req_lock(r);
+  if (r->n_chunks < TN_REQ_CHUNKS_MAX) {
+    r->chunks[r->n_chunks++] = (struct tn_req_chunk){t0, t1, n};
+  } else {
+    r->chunks[TN_REQ_CHUNKS_MAX - 1].t1 = t1;
+    r->chunks[TN_REQ_CHUNKS_MAX - 1].n_tokens += n;
+  }
+  tn_req_unlock(r);
+}
+
 static void metric_observe(struct tn_metric *m, double v) {
   if (m) tn_metric_observe(m, v);
 }
@@ -1655,6 +1667,8 @@ static bool engine_step(struct tn_engine *e) {
     int32_t k = s->n_draft, n_done = s->n_done, chunk = s->chunk;
     s->n_draft = 0;
     s->chunk = 0;
+    if (s->n_gen == 0 && s->choice == 0 && chunk > 0)
+      req_chunk(s->req, t_fwd, now, chunk);
     if (!s->wants_logits) {
       s->n_done = n_done + chunk;
       s->kv.n_tokens = s->n_done;

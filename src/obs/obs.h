@@ -149,6 +149,73 @@ enum tn_status tn_reqlog_read(const char *path,
 /* "90s", "15m", "2h", "7d" or bare seconds -> seconds; false if not. */
 bool tn_parse_duration(const char *s, double *out);
 
+/* ---- traces (trace.c): one OpenTelemetry trace per request, exported
+ * over OTLP/HTTP (JSON encoding) by a thread of its own
+ *
+ * A request's context comes from the client's W3C traceparent header
+ * (its trace id, its span as the parent, its sampled flag) or is new.
+ * Spans are handed over whole when the request is over: the exporter
+ * batches them (at most a second or 256 traces) into one POST; a full
+ * queue or a failed POST drops them and counts them, never delaying a
+ * request. */
+struct tn_trace_ctx {
+  uint8_t trace_id[16];
+  uint8_t parent[8];     /* the client's span (has_parent) */
+  bool has_parent;
+  bool sampled;
+};
+/* "00-<32 hex>-<16 hex>-<2 hex>" (W3C Trace Context, version 00; later
+ * versions parsed by the same prefix). False for anything else, all-zero
+ * ids included. */
+bool tn_traceparent_parse(const char *h, struct tn_trace_ctx *out);
+/* A fresh context: random trace id, no parent; sampled with probability
+ * ratio. */
+void tn_trace_ctx_new(struct tn_trace_ctx *out, double ratio);
+
+enum tn_span_kind { TN_SPAN_INTERNAL = 1, TN_SPAN_SERVER = 2 };
+
+struct tn_span_attr {
+  const char *key;
+  const char *s;   /* a string value, or NULL: */
+  int64_t i;       /* an integer (is_int), or */
+  double d;        /* a double */
+  bool is_int;
+};
+
+struct tn_span {
+  const char *name;
+  enum tn_span_kind kind;
+  int parent;                  /* index of the parent span; -1: the root
+                                  (whose parent is the context's) */
+  double t0, t1;               /* Unix seconds */
+  const char *error;           /* status ERROR with this message, or NULL */
+  const struct tn_span_attr *attrs;
+  int n_attrs;
+};
+
+struct tn_tracer_config {
+  const char *endpoint;        /* http(s)://host:port/v1/traces */
+  const char *const *headers;  /* "Name: value" each, sent with every POST */
+  int n_headers;
+  const char *service;         /* resource service.name ("tern") */
+  double sample;               /* share of requests without a parent */
+  size_t queue_max;            /* traces waiting (0: 1024) */
+};
+struct tn_tracer;
+/* Checks the endpoint's scheme; metrics (may be NULL) get
+ * tern_otlp_spans_exported_total and tern_otlp_spans_dropped_total. */
+enum tn_status tn_tracer_open(const struct tn_tracer_config *cfg,
+                              struct tn_metrics *metrics,
+                              struct tn_tracer **out, struct tn_error *err);
+/* Sends what is queued (one last try), stops. NULL ok. */
+void tn_tracer_close(struct tn_tracer *t);
+double tn_tracer_sample(const struct tn_tracer *t);
+/* Queues one trace: spans[0] must be the root. Copies what it needs. */
+void tn_tracer_add(struct tn_tracer *t, const struct tn_trace_ctx *ctx,
+                   const struct tn_span *spans, int n_spans);
+/* Waits until everything queued so far was sent or dropped (tests). */
+void tn_tracer_flush(struct tn_tracer *t);
+
 /* ---- live statistics (stats.c): the dashboard's time series
  *
  * Every finished API request (its request log row, logged or not) lands

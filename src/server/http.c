@@ -99,6 +99,7 @@ struct conn {
   unsigned status;            /* HTTP status sent */
   char err_msg[256];          /* the error sent, if any */
   bool basic_auth;            /* a 401 asks for Basic auth (browsers) */
+  struct tn_trace_ctx trace;  /* with a tracer: this request's context */
   int64_t t_arrive_ms;        /* wall clock */
   double t_arrive;            /* tn_time_s() */
 
@@ -188,6 +189,90 @@ static double request_cost(const struct tn_server_model *m,
           (double)TN_MAX(r->completion_tokens, 0) * po) / 1e6;
 }
 
+/* The request's trace: the HTTP request as the root span (its parent the
+ * client's traceparent, if any), and under it the phases, clocked by the
+ * engine: receive (parse, template, tokenize, up to the submit), queue,
+ * each prompt chunk's forward pass, decode (first to last token) and
+ * response (last token to the connection's end). Several prompts or
+ * choices: the first one's phases. */
+static void trace_request(struct conn *c, const struct tn_reqlog_row *r,
+                          double now_wall) {
+  double off = now_wall - tn_time_s(); /* monotonic -> Unix */
+  enum { MAX_SPANS = 8 + TN_REQ_CHUNKS_MAX };
+  struct tn_span sp[MAX_SPANS];
+  int n = 0;
+  char root[64];
+  snprintf(root, sizeof root, "%s %s", c->have_q || c->n_reqs ? "POST" : "HTTP",
+           c->log_endpoint);
+  struct tn_span_attr ra[12];
+  int na = 0;
+  ra[na++] = (struct tn_span_attr){.key = "http.request.method", .s = "POST"};
+  ra[na++] = (struct tn_span_attr){.key = "url.path", .s = c->log_endpoint};
+  ra[na++] = (struct tn_span_attr){.key = "http.response.status_code",
+                                   .i = r->status, .is_int = true};
+  if (r->model)
+    ra[na++] = (struct tn_span_attr){.key = "gen_ai.request.model",
+                                     .s = r->model};
+  if (r->request_id)
+    ra[na++] = (struct tn_span_attr){.key = "gen_ai.response.id",
+                                     .s = r->request_id};
+  if (r->prompt_tokens >= 0) {
+    ra[na++] = (struct tn_span_attr){.key = "gen_ai.usage.input_tokens",
+                                     .i = r->prompt_tokens, .is_int = true};
+    ra[na++] = (struct tn_span_attr){.key = "gen_ai.usage.output_tokens",
+                                     .i = r->completion_tokens,
+                                     .is_int = true};
+    ra[na++] = (struct tn_span_attr){.key = "tern.cached_tokens",
+                                     .i = r->cached_tokens, .is_int = true};
+  }
+  if (r->finish)
+    ra[na++] = (struct tn_span_attr){.key = "gen_ai.response.finish_reasons",
+                                     .s = r->finish};
+  if (r->cost >= 0)
+    ra[na++] = (struct tn_span_attr){.key = "tern.cost_usd", .d = r->cost};
+  ra[na++] = (struct tn_span_attr){.key = "gen_ai.system", .s = "tern"};
+  double t_end = c->t_arrive + r->e2e_s;
+  sp[n++] = (struct tn_span){.name = root, .kind = TN_SPAN_SERVER,
+                             .parent = -1, .t0 = c->t_arrive + off,
+                             .t1 = t_end + off, .error = r->error,
+                             .attrs = ra, .n_attrs = na};
+  struct tn_span_attr ca[TN_REQ_CHUNKS_MAX];
+  if (c->n_reqs) {
+    struct tn_req *q = c->reqs[0];
+    tn_req_lock(q);
+    double sub = q->t_submit, start = q->t_start, first = q->t_first;
+    double done = q->t_done > 0 ? q->t_done : 0;
+    sp[n++] = (struct tn_span){.name = "receive", .kind = TN_SPAN_INTERNAL,
+                               .parent = 0, .t0 = c->t_arrive + off,
+                               .t1 = sub + off};
+    if (start > 0)
+      sp[n++] = (struct tn_span){.name = "queue", .kind = TN_SPAN_INTERNAL,
+                                 .parent = 0, .t0 = sub + off,
+                                 .t1 = start + off};
+    for (int32_t i = 0; i < q->n_chunks; i++) {
+      ca[i] = (struct tn_span_attr){.key = "tern.prompt_tokens",
+                                    .i = q->chunks[i].n_tokens,
+                                    .is_int = true};
+      sp[n++] = (struct tn_span){.name = "prefill chunk",
+                                 .kind = TN_SPAN_INTERNAL, .parent = 0,
+                                 .t0 = q->chunks[i].t0 + off,
+                                 .t1 = q->chunks[i].t1 + off,
+                                 .attrs = &ca[i], .n_attrs = 1};
+    }
+    double last = done > 0 ? done : t_end;
+    if (first > 0)
+      sp[n++] = (struct tn_span){.name = "decode", .kind = TN_SPAN_INTERNAL,
+                                 .parent = 0, .t0 = first + off,
+                                 .t1 = last + off};
+    sp[n++] = (struct tn_span){.name = "response", .kind = TN_SPAN_INTERNAL,
+                               .parent = 0,
+                               .t0 = (first > 0 ? last : sub) + off,
+                               .t1 = t_end + off};
+    tn_req_unlock(q);
+  }
+  tn_tracer_add(c->srv->cfg.tracer, &c->trace, sp, n);
+}
+
 /* An API request is over: one row for the dashboard's series and, when
  * on, the request log. What was asked, who answered, the usage and the
  * timings of its engine requests (summed over prompts and choices; the
@@ -259,8 +344,11 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
     if (!r.error && c->reqs[0]->error[0]) r.error = c->reqs[0]->error;
     r.cost = request_cost(c->model, &r);
   }
-  tn_stats_add(c->srv->stats, wall_s(), &r, c->n_reqs ? itl : NULL);
+  double now_wall = wall_s();
+  tn_stats_add(c->srv->stats, now_wall, &r, c->n_reqs ? itl : NULL);
   tn_reqlog_add(lg, &r);
+  if (c->srv->cfg.tracer && c->trace.sampled)
+    trace_request(c, &r, now_wall);
   free(out);
 }
 
@@ -990,8 +1078,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     return route_metrics(c);
   }
   bool v1 = !strncmp(url, "/v1/", 4);
-  if (v1 && strcmp(url, "/v1/models") != 0)
+  if (v1 && strcmp(url, "/v1/models") != 0) {
     snprintf(c->log_endpoint, sizeof(c->log_endpoint), "%s", url);
+    if (s->cfg.tracer &&
+        !tn_traceparent_parse(
+            MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "traceparent"),
+            &c->trace))
+      tn_trace_ctx_new(&c->trace, tn_tracer_sample(s->cfg.tracer));
+  }
   if (!strcmp(url, "/dashboard") || !strncmp(url, "/api/", 5))
     return route_dashboard(c, url, get);
   if (v1 && !auth_ok(s, mc, false)) {

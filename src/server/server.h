@@ -21,6 +21,7 @@
 struct tn_engine;
 struct tn_metrics;
 struct tn_reqlog;
+struct tn_tracer;
 
 struct tn_server_model {
   const char *name;           /* what clients send as "model" */
@@ -41,6 +42,7 @@ struct tn_server_config {
   int http_threads;
   int conn_timeout_s;         /* idle connection timeout */
   struct tn_reqlog *reqlog;   /* borrowed; NULL: no request log */
+  struct tn_tracer *tracer;   /* borrowed; NULL: no traces */
 };
 void tn_server_config_default(struct tn_server_config *c);
 

@@ -701,6 +701,51 @@ static void test_reqlog_redact(void) {
   ASSERT_EQ(system(cmd), 0);
 }
 
+/* W3C traceparent: what is honoured and what is not */
+static void test_traceparent(void) {
+  struct tn_trace_ctx c;
+  ASSERT(tn_traceparent_parse(
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", &c));
+  ASSERT(c.has_parent && c.sampled);
+  ASSERT_EQ(c.trace_id[0], 0x4b);
+  ASSERT_EQ(c.trace_id[15], 0x36);
+  ASSERT_EQ(c.parent[7], 0xb7);
+  ASSERT(tn_traceparent_parse(
+      " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ", &c));
+  ASSERT(!c.sampled);
+  /* a later version may carry more fields after a dash */
+  ASSERT(tn_traceparent_parse(
+      "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ext", &c));
+  static const char *const bad[] = {
+      NULL, "", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+      "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+      "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+      "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+      "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+      "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01"};
+  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
+    ASSERT(!tn_traceparent_parse(bad[i], &c));
+    ASSERT(!c.has_parent);
+  }
+  /* fresh contexts: random, sampled by ratio */
+  struct tn_trace_ctx a, b;
+  tn_trace_ctx_new(&a, 1);
+  tn_trace_ctx_new(&b, 1);
+  ASSERT(a.sampled && !a.has_parent);
+  ASSERT(memcmp(a.trace_id, b.trace_id, 16) != 0);
+  int n = 0;
+  for (int i = 0; i < 2000; i++) {
+    tn_trace_ctx_new(&a, 0.25);
+    n += a.sampled;
+  }
+  ASSERT(n > 350 && n < 650);
+  tn_trace_ctx_new(&a, 0);
+  ASSERT(!a.sampled);
+}
+
 static bool count_cb(void *user, json_t *o) {
   (void)o;
   (*(int *)user)++;
@@ -970,4 +1015,4 @@ TN_TEST_MAIN(TN_TEST(test_names), TN_TEST(test_reregister),
              TN_TEST(test_render_shape), TN_TEST(test_concurrent),
              TN_TEST(test_prometheus_parser), TN_TEST(test_reqlog),
              TN_TEST(test_reqlog_read), TN_TEST(test_reqlog_redact),
-             TN_TEST(test_stats))
+             TN_TEST(test_stats), TN_TEST(test_traceparent))

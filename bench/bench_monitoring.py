@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Monitoring overhead and dashboard API speed (issue 13).
 
-1. Request log overhead: the same `tern serve` (same model, threads,
-   prompts) driven by C closed-loop streaming users, once without the log
-   and once with `--log-db --log-content` (every row written with its
-   text), alternating A/B rounds so drift hits both alike. Reports output
-   tokens/s and TTFT p99 of each and the ratio (goal: under 2% lost). The
-   dashboard's in-memory statistics are always on, so both arms carry them.
+1. Request log and tracing overhead: the same `tern serve` (same model,
+   threads, prompts) driven by C closed-loop streaming users, without the
+   log, with `--log-db --log-content` (every row written with its text),
+   and with that plus `--otlp-endpoint` (every request traced, to an OTLP
+   sink in this process that reads and drops what it gets), rotating the
+   arms' order each round so drift hits all alike. Reports output tokens/s
+   and TTFT p99 of each and the ratios (goal: under 2% lost). The
+   dashboard's in-memory statistics are always on, so every arm has them.
 
 2. Dashboard API with a big log: a database of --rows rows (made with
    Python's sqlite3 in tern's schema, timestamps over the last 24 hours,
@@ -23,6 +25,7 @@
 import argparse
 import datetime
 import http.client
+import http.server
 import json
 import os
 import pathlib
@@ -30,6 +33,7 @@ import random
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -53,20 +57,52 @@ def start_tern(args, model_path, extra, logdir, name):
     return srv
 
 
+class OtlpSink:
+    """Accepts OTLP/HTTP posts and drops them (counts spans' batches)."""
+
+    def __init__(self):
+        outer = self
+        self.posts = 0
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = (f"http://127.0.0.1:{self.httpd.server_address[1]}"
+                    "/v1/traces")
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+ARMS = ["no log", "log + content", "log + content + traces"]
+
+
 def overhead(args, model_path, tmp):
     counter = bs.TokenCounter(args.tern, model_path)
     body = bs.fit_text(counter, 7, args.prompt_tokens)
-    arms = {"no log": [], "log + content": []}
+    sink = OtlpSink()
+    arms = {a: [] for a in ARMS}
     for rnd in range(args.rounds):
-        order = list(arms) if rnd % 2 == 0 else list(arms)[::-1]
+        k = rnd % len(ARMS)
+        order = ARMS[k:] + ARMS[:k]
         for arm in order:
             extra = []
             if arm != "no log":
-                db = os.path.join(tmp, f"ovh-{rnd}.db")
+                db = os.path.join(tmp, f"ovh-{rnd}-{len(arm)}.db")
                 extra = ["--log-db", db, "--log-content"]
+            if arm.endswith("traces"):
+                extra += ["--otlp-endpoint", sink.url]
             srv = start_tern(args, model_path, extra, tmp, arm)
             try:
-                base = rnd * 100000 + (0 if arm == "no log" else 50000)
+                base = rnd * 100000 + ARMS.index(arm) * 10000
                 prompts = [bs.request_prompt(body, base + i)
                            for i in range(args.requests)]
                 # warm-up (page faults, first allocations)
@@ -83,12 +119,14 @@ def overhead(args, model_path, tmp):
                     f"TTFT p99 {s['ttft_p99_s'] * 1000:.0f} ms")
             finally:
                 srv.stop()
+    log(f"OTLP sink got {sink.posts} posts")
     out = {}
     for arm, runs in arms.items():
         out[arm] = {
             "output_tok_s": sum(r["output_tok_s"] for r in runs) / len(runs),
             "ttft_p99_ms": 1000 * sum(r["ttft_p99_s"] for r in runs) / len(runs),
             "itl_p99_ms": 1000 * sum(r["itl_p99_s"] for r in runs) / len(runs),
+            "rounds": [round(r["output_tok_s"], 1) for r in runs],
         }
     return out
 
@@ -195,23 +233,23 @@ def main():
         api = api_speed(args, model_path, tmp)
     lines = []
     if ovh:
-        a, b = ovh["no log"], ovh["log + content"]
+        a = ovh["no log"]
         lines += [
-            f"Request log overhead: {args.model}, {args.threads} threads, "
-            f"{args.concurrency} streaming users, {args.requests} requests "
-            f"of {args.prompt_tokens} prompt / {args.output_tokens} output "
-            f"tokens, {args.rounds} alternating rounds (means).",
+            f"Request log and tracing overhead: {args.model}, {args.threads} "
+            f"threads, {args.concurrency} streaming users, {args.requests} "
+            f"requests of {args.prompt_tokens} prompt / {args.output_tokens} "
+            f"output tokens, {args.rounds} rounds in rotating order (means; "
+            f"each round's tok/s in brackets).",
             "",
-            "| | output tok/s | TTFT p99 ms | ITL p99 ms |",
-            "| --- | --- | --- | --- |",
-            f"| tern, no log | {a['output_tok_s']:.1f} | "
-            f"{a['ttft_p99_ms']:.0f} | {a['itl_p99_ms']:.1f} |",
-            f"| tern, --log-db --log-content | {b['output_tok_s']:.1f} | "
-            f"{b['ttft_p99_ms']:.0f} | {b['itl_p99_ms']:.1f} |",
-            f"| log / no log | {b['output_tok_s'] / a['output_tok_s']:.3f} | "
-            f"{b['ttft_p99_ms'] / a['ttft_p99_ms']:.3f} | "
-            f"{b['itl_p99_ms'] / a['itl_p99_ms']:.3f} |",
-            ""]
+            "| tern | output tok/s | TTFT p99 ms | ITL p99 ms | tok/s vs no log |",
+            "| --- | --- | --- | --- | --- |"]
+        for arm in ARMS:
+            b = ovh[arm]
+            lines.append(
+                f"| {arm} | {b['output_tok_s']:.1f} {b['rounds']} | "
+                f"{b['ttft_p99_ms']:.0f} | {b['itl_p99_ms']:.1f} | "
+                f"{b['output_tok_s'] / a['output_tok_s']:.3f} |")
+        lines.append("")
     lines += [f"Dashboard API over a request log of {args.rows:,} rows "
               f"({args.calls} calls per view, one client):", "",
               "| view | p50 ms | p99 ms |", "| --- | --- | --- |"]

@@ -109,7 +109,7 @@ def test_long_prompt_from_stdin(run_tern):
     # thousands of tokens through stdin, up to the context
     n = 300 if slow_mode() else 1500
     words = " ".join(f"w{i}" for i in range(n))
-    ctx = "1024" if slow_mode() else "8192"
+    ctx = "2048" if slow_mode() else "8192"
     r = run_tern(*run_args("-p", "-", "-c", ctx, "-n", "4", "--temp", "0"),
                  stdin=words.encode())
     assert r.returncode == 0, r.stderr

@@ -267,6 +267,8 @@ def test_real_judge_validation_and_pairwise(run_tern, tmp_path):
     print("judge agreement", ag, "pairwise", pw)
 
 
+@pytest.mark.skipif(slow_mode(), reason="MLflow adds no memory checks; "
+                    "the release run has it")
 def test_mlflow_run(run_tern, tmp_path, mlflow_server):
     import mlflow
     data = tmp_path / "d.jsonl"

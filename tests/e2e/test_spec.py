@@ -80,6 +80,8 @@ def test_greedy_completions_identical(server, spec_server, prompt):
         "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
 
 
+@pytest.mark.skipif(slow_mode(), reason="the completions forms cover "
+                    "the path under ASan")
 def test_greedy_chat_identical_and_drafts_happen(server, spec_server):
     drafted = 0
     for p in PROMPTS[:3]:
@@ -159,6 +161,7 @@ def test_cli_run_identical(run_tern):
     assert b"drafted" in on.stderr and b"drafted" not in off.stderr
 
 
+@pytest.mark.skipif(slow_mode(), reason="numbers: the release run's job")
 def test_cost_policy_identical_too(server, tern_bin, tmp_path):
     """The default policy (the cost model picks the drafts) changes which
     drafts ride, never the answer."""

@@ -105,6 +105,22 @@ static bool append_row(void *user, json_t *obj) {
   return json_array_append(user, obj) == 0;
 }
 
+/* The rows f selects, newest first; NULL with err filled (500). */
+static json_t *read_rows(const struct tn_dash_ctx *ctx,
+                         const struct tn_reqlog_filter *f,
+                         struct tn_api_error *err) {
+  json_t *rows = json_array();
+  struct tn_error e = {0};
+  if (!rows || tn_reqlog_read(ctx->log_path, f, append_row, rows, &e)) {
+    json_decref(rows);
+    tn_api_error_set(err, 500, "server_error", NULL, "request_log_unreadable",
+                     "the request log cannot be read: %s",
+                     rows ? e.msg : "out of memory");
+    return NULL;
+  }
+  return rows;
+}
+
 /* "TS-ID" (a row's ts and id, the list's "next") */
 static bool parse_cursor(const char *s, int64_t *ts, int64_t *id) {
   char *end;
@@ -167,15 +183,8 @@ static char *api_requests(const struct tn_dash_ctx *ctx, size_t *len,
   f.endpoint = arg(ctx, "endpoint");
   f.tenant = arg(ctx, "tenant");
   f.request_id = arg(ctx, "request_id");
-  json_t *rows = json_array();
-  struct tn_error e = {0};
-  if (!rows || tn_reqlog_read(ctx->log_path, &f, append_row, rows, &e)) {
-    json_decref(rows);
-    tn_api_error_set(err, 500, "server_error", NULL, "request_log_unreadable",
-                     "the request log cannot be read: %s",
-                     rows ? e.msg : "out of memory");
-    return NULL;
-  }
+  json_t *rows = read_rows(ctx, &f, err);
+  if (!rows) return NULL;
   json_t *o = json_object();
   json_object_set_new(o, "object", json_string("list"));
   size_t n = json_array_size(rows);
@@ -207,15 +216,8 @@ static char *api_request(const struct tn_dash_ctx *ctx, const char *id,
   f.request_id = id;
   f.limit = 1;
   f.content = true;
-  json_t *rows = json_array();
-  struct tn_error e = {0};
-  if (!rows || tn_reqlog_read(ctx->log_path, &f, append_row, rows, &e)) {
-    json_decref(rows);
-    tn_api_error_set(err, 500, "server_error", NULL, "request_log_unreadable",
-                     "the request log cannot be read: %s",
-                     rows ? e.msg : "out of memory");
-    return NULL;
-  }
+  json_t *rows = read_rows(ctx, &f, err);
+  if (!rows) return NULL;
   if (json_array_size(rows) == 0) {
     json_decref(rows);
     tn_api_error_set(err, 404, "invalid_request_error", "request_id",

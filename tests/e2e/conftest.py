@@ -131,7 +131,7 @@ def server(tern_bin, tmp_path_factory):
 
 # ---- a real MLflow tracking server (traces, tern eval --mlflow)
 
-def _free_port():
+def free_port():
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -143,7 +143,7 @@ def _free_port():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(d / "mlflow.log", "wb")
     p = subprocess.Popen(

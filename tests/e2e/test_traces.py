@@ -14,21 +14,12 @@ What is checked:
 - an endpoint that is down costs the requests nothing: they are answered,
   and the spans are counted as dropped.
 """
-import socket
 import time
 
 import pytest
 import requests
 
-from conftest import model_path, slow_mode
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from conftest import free_port, model_path, slow_mode
 
 
 def get_trace(trace_hex, timeout=20):

@@ -157,6 +157,42 @@ static size_t on_body(char *d, size_t size, size_t n, void *user) {
   return add;
 }
 
+/* One HTTP exchange: method to url with headers hd and body[len] (none
+ * when body is NULL); the answer's body goes to *resp, its status to
+ * *code. False, with err naming what, when no answer came at all. */
+static bool http_call(const char *what, const char *method, const char *url,
+                      struct curl_slist *hd, const char *body, size_t len,
+                      long timeout_s, struct membuf *resp, long *code,
+                      char *err, size_t cap) {
+  *code = 0;
+  CURL *h = curl_easy_init();
+  if (!h) {
+    snprintf(err, cap, "out of memory");
+    return false;
+  }
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hd);
+  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+  if (body) {
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)len);
+  }
+  curl_easy_setopt(h, CURLOPT_TIMEOUT, timeout_s);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, resp);
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+  CURLcode rc = curl_easy_perform(h);
+  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, code);
+  curl_easy_cleanup(h);
+  if (rc != CURLE_OK) {
+    snprintf(err, cap, "%.200s: %s", what, curl_easy_strerror(rc));
+    return false;
+  }
+  return true;
+}
+
 struct answer {
   char *text;                 /* malloc'd */
   int64_t prompt_tokens, completion_tokens;
@@ -185,7 +221,6 @@ static bool ask(struct eval *ev, const struct target *t, json_t *messages,
   }
   char url[600];
   snprintf(url, sizeof(url), "%s/chat/completions", t->base);
-  CURL *h = curl_easy_init();
   struct curl_slist *hd = curl_slist_append(NULL,
                                             "Content-Type: application/json");
   char auth[4200];
@@ -195,28 +230,16 @@ static bool ask(struct eval *ev, const struct target *t, json_t *messages,
   }
   struct membuf b = {0};
   bool ok = false;
-  if (!h || !hd) {
+  long code;
+  if (!hd) {
     snprintf(err, cap, "out of memory");
     goto out;
   }
-  curl_easy_setopt(h, CURLOPT_URL, url);
-  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hd);
-  curl_easy_setopt(h, CURLOPT_POSTFIELDS, text);
-  curl_easy_setopt(h, CURLOPT_TIMEOUT, ev->timeout_s);
-  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
-  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
-  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
   double t0 = tn_time_s();
-  CURLcode rc = curl_easy_perform(h);
+  bool answered = http_call(t->spec, "POST", url, hd, text, strlen(text),
+                            ev->timeout_s, &b, &code, err, cap);
   out->latency_s = tn_time_s() - t0;
-  long code = 0;
-  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-  if (rc != CURLE_OK) {
-    snprintf(err, cap, "%s: %s", t->spec, curl_easy_strerror(rc));
-    goto out;
-  }
+  if (!answered) goto out;
   json_error_t je;
   json_t *r = b.p ? json_loads(b.p, 0, &je) : NULL;
   if (code != 200) {
@@ -247,18 +270,12 @@ static bool ask(struct eval *ev, const struct target *t, json_t *messages,
   if (!ok) snprintf(err, cap, "out of memory");
 out:
   curl_slist_free_all(hd);
-  curl_easy_cleanup(h);
   free(b.p);
   free(text);
   return ok;
 }
 
 /* ---- items */
-
-struct check_result {
-  const char *name;
-  bool pass;
-};
 
 struct item {
   int line;                  /* 1-based in the data file */
@@ -423,7 +440,8 @@ static json_t *answer_json(const char *text) {
   trim(&s, &n);
   if (n >= 6 && !strncmp(s, "```", 3)) {
     const char *nl = memchr(s, '\n', n);
-    const char *end = n >= 3 && !strncmp(s + n - 3, "```", 3) ? s + n - 3 : NULL;
+    const char *end =
+        n >= 3 && !strncmp(s + n - 3, "```", 3) ? s + n - 3 : NULL;
     if (nl && end && end > nl) {
       s = nl + 1;
       n = (size_t)(end - s);
@@ -496,8 +514,9 @@ static void run_checks(struct item *it) {
   if (num) {
     double want = json_number_value(num), got;
     double tol = json_number_value(json_object_get(o, "tolerance"));
-    bool pass = first_number(out, &got) &&
-                fabs(got - want) <= (tol > 0 ? tol : 1e-9 * fmax(1, fabs(want)));
+    bool pass =
+        first_number(out, &got) &&
+        fabs(got - want) <= (tol > 0 ? tol : 1e-9 * fmax(1, fabs(want)));
     add_check(it, "number", pass);
   }
   json_t *sch = json_object_get(o, "json_schema");
@@ -620,7 +639,8 @@ static void judge_score(struct eval *ev, struct item *it) {
   struct answer a;
   char err[400];
   if (b.oom || !ask_judge(ev, b.data, schema, &a, err, sizeof(err))) {
-    snprintf(it->err, sizeof(it->err), "judge: %s", b.oom ? "out of memory" : err);
+    snprintf(it->err, sizeof(it->err), "judge: %s",
+             b.oom ? "out of memory" : err);
   } else {
     it->judge_raw = a.text;
     it->score = parse_score(a.text, ev->scale);
@@ -725,7 +745,8 @@ static void store_item(struct eval *ev, const struct item *it) {
       sqlite3_bind_int(st, 13, it->n_checks);
     }
     if (it->score) sqlite3_bind_int(st, 14, it->score);
-    if (it->judge_raw) sqlite3_bind_text(st, 15, it->judge_raw, -1, SQLITE_STATIC);
+    if (it->judge_raw)
+      sqlite3_bind_text(st, 15, it->judge_raw, -1, SQLITE_STATIC);
     if (it->winner[0]) {
       sqlite3_bind_text(st, 16, it->winner, -1, SQLITE_STATIC);
       sqlite3_bind_int(st, 17, it->orders_agree);
@@ -928,7 +949,8 @@ static json_t *summarize(struct eval *ev, double wall) {
   if (n_score) {
     double mean = sum / n_score;
     double var = n_score > 1 ? (sum2 - sum * mean) / (n_score - 1) : 0;
-    double h = n_score > 1 ? t95(n_score - 1) * sqrt(fmax(var, 0) / n_score) : 0;
+    double h =
+        n_score > 1 ? t95(n_score - 1) * sqrt(fmax(var, 0) / n_score) : 0;
     json_object_set_new(s, "judge_score",
                         json_pack("{s:i,s:f,s:f,s:[f,f],s:i}", "n", n_score,
                                   "mean", mean, "sd", sqrt(fmax(var, 0)),
@@ -971,64 +993,61 @@ static json_t *summarize(struct eval *ev, double wall) {
   return s;
 }
 
+/* Numbers of the summary object: a field, an interval's end (95% CI,
+ * scaled), an integer field. */
+static double num(json_t *o, const char *k) {
+  return json_number_value(json_object_get(o, k));
+}
+static double ci(json_t *o, int end, double scale) {
+  return scale *
+         json_number_value(json_array_get(json_object_get(o, "ci95"), end));
+}
+static long long cnt(json_t *o, const char *k) {
+  return (long long)json_integer_value(json_object_get(o, k));
+}
+
 static void print_summary(FILE *f, struct eval *ev, json_t *s) {
-  fprintf(f, "tern eval: run %lld, %lld items (%lld failed, %lld bad "
-             "lines), %.1f s\n",
-          (long long)ev->run_id,
-          (long long)json_integer_value(json_object_get(s, "run_items")),
-          (long long)json_integer_value(json_object_get(s, "failed")),
-          (long long)json_integer_value(json_object_get(s, "bad_lines")),
-          json_real_value(json_object_get(s, "wall_s")));
+  fprintf(f,
+          "tern eval: run %lld, %lld items (%lld failed, %lld bad "
+          "lines), %.1f s\n",
+          (long long)ev->run_id, cnt(s, "run_items"), cnt(s, "failed"),
+          cnt(s, "bad_lines"), num(s, "wall_s"));
   json_t *x;
   if ((x = json_object_get(s, "checks")))
-    fprintf(f, "  checks          %lld/%lld passed  %.1f%%  95%% CI [%.1f, "
-               "%.1f]\n",
-            (long long)json_integer_value(json_object_get(x, "passed")),
-            (long long)json_integer_value(json_object_get(x, "total")),
-            100 * json_real_value(json_object_get(x, "rate")),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 0)),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 1)));
+    fprintf(f,
+            "  checks          %lld/%lld passed  %.1f%%  95%% CI [%.1f, "
+            "%.1f]\n",
+            cnt(x, "passed"), cnt(x, "total"), 100 * num(x, "rate"),
+            ci(x, 0, 100), ci(x, 1, 100));
   if ((x = json_object_get(s, "judge_score")))
-    fprintf(f, "  judge score     %.2f of %lld  95%% CI [%.2f, %.2f]  (n "
-               "%lld, sd %.2f)\n",
-            json_real_value(json_object_get(x, "mean")),
-            (long long)json_integer_value(json_object_get(x, "scale")),
-            json_real_value(json_array_get(json_object_get(x, "ci95"), 0)),
-            json_real_value(json_array_get(json_object_get(x, "ci95"), 1)),
-            (long long)json_integer_value(json_object_get(x, "n")),
-            json_real_value(json_object_get(x, "sd")));
+    fprintf(f,
+            "  judge score     %.2f of %lld  95%% CI [%.2f, %.2f]  (n "
+            "%lld, sd %.2f)\n",
+            num(x, "mean"), cnt(x, "scale"), ci(x, 0, 1), ci(x, 1, 1),
+            cnt(x, "n"), num(x, "sd"));
   if ((x = json_object_get(s, "judge_agreement")))
-    fprintf(f, "  judge agreement %.1f%% exact  95%% CI [%.1f, %.1f], %.1f%% "
-               "within 1  (n %lld known verdicts)\n",
-            100 * json_real_value(json_object_get(x, "exact")),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 0)),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 1)),
-            100 * json_real_value(json_object_get(x, "within_1")),
-            (long long)json_integer_value(json_object_get(x, "n")));
+    fprintf(f,
+            "  judge agreement %.1f%% exact  95%% CI [%.1f, %.1f], %.1f%% "
+            "within 1  (n %lld known verdicts)\n",
+            100 * num(x, "exact"), ci(x, 0, 100), ci(x, 1, 100),
+            100 * num(x, "within_1"), cnt(x, "n"));
   if ((x = json_object_get(s, "pairwise")))
-    fprintf(f, "  pairwise        win %lld  tie %lld  loss %lld  win rate "
-               "%.1f%%  95%% CI [%.1f, %.1f]  (orders agree %.0f%%)\n",
-            (long long)json_integer_value(json_object_get(x, "win")),
-            (long long)json_integer_value(json_object_get(x, "tie")),
-            (long long)json_integer_value(json_object_get(x, "loss")),
-            100 * json_real_value(json_object_get(x, "win_rate")),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 0)),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 1)),
-            100 * json_real_value(json_object_get(x, "orders_agree")));
+    fprintf(f,
+            "  pairwise        win %lld  tie %lld  loss %lld  win rate "
+            "%.1f%%  95%% CI [%.1f, %.1f]  (orders agree %.0f%%)\n",
+            cnt(x, "win"), cnt(x, "tie"), cnt(x, "loss"),
+            100 * num(x, "win_rate"), ci(x, 0, 100), ci(x, 1, 100),
+            100 * num(x, "orders_agree"));
   if ((x = json_object_get(s, "pairwise_agreement")))
-    fprintf(f, "  pairwise agreement %.1f%%  95%% CI [%.1f, %.1f]  (n %lld "
-               "known verdicts)\n",
-            100 * json_real_value(json_object_get(x, "rate")),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 0)),
-            100 * json_real_value(json_array_get(json_object_get(x, "ci95"), 1)),
-            (long long)json_integer_value(json_object_get(x, "n")));
+    fprintf(f,
+            "  pairwise agreement %.1f%%  95%% CI [%.1f, %.1f]  (n %lld "
+            "known verdicts)\n",
+            100 * num(x, "rate"), ci(x, 0, 100), ci(x, 1, 100), cnt(x, "n"));
   if ((x = json_object_get(s, "latency_s")))
-    fprintf(f, "  latency         p50 %.2f s  p95 %.2f s\n",
-            json_real_value(json_object_get(x, "p50")),
-            json_real_value(json_object_get(x, "p95")));
-  fprintf(f, "  tokens          %lld in, %lld out\n",
-          (long long)json_integer_value(json_object_get(s, "prompt_tokens")),
-          (long long)json_integer_value(json_object_get(s, "completion_tokens")));
+    fprintf(f, "  latency         p50 %.2f s  p95 %.2f s\n", num(x, "p50"),
+            num(x, "p95"));
+  fprintf(f, "  tokens          %lld in, %lld out\n", cnt(s, "prompt_tokens"),
+          cnt(s, "completion_tokens"));
 }
 
 /* ---- MLflow (its REST API) */
@@ -1038,43 +1057,29 @@ static json_t *mlflow_call(const char *base, const char *method,
                            size_t data_len, char *err, size_t cap) {
   char url[1024];
   snprintf(url, sizeof(url), "%s%s", base, path);
-  CURL *h = curl_easy_init();
   struct curl_slist *hd = curl_slist_append(
       NULL, data ? "Content-Type: application/octet-stream"
                  : "Content-Type: application/json");
   struct membuf b = {0};
   char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+  const char *send = data ? data : text;
+  size_t len = data ? data_len : text ? strlen(text) : 0;
   json_t *out = NULL;
-  if (!h || !hd) goto done;
-  curl_easy_setopt(h, CURLOPT_URL, url);
-  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hd);
-  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-  if (text) curl_easy_setopt(h, CURLOPT_POSTFIELDS, text);
-  if (data) {
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, data);
-    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)data_len);
+  long code;
+  if (hd && http_call(base, method, url, hd, send, len, 60, &b, &code, err,
+                      cap)) {
+    if (code != 200) {
+      snprintf(err, cap, "%.200s: HTTP %ld %.200s", path, code,
+               b.p ? b.p : "");
+    } else {
+      json_error_t je;
+      out = b.p ? json_loads(b.p, 0, &je) : NULL;
+      if (!out) out = json_object();
+    }
   }
-  curl_easy_setopt(h, CURLOPT_TIMEOUT, 60L);
-  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
-  CURLcode rc = curl_easy_perform(h);
-  long code = 0;
-  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-  if (rc != CURLE_OK) {
-    snprintf(err, cap, "%.200s: %s", base, curl_easy_strerror(rc));
-  } else if (code != 200) {
-    snprintf(err, cap, "%.200s: HTTP %ld %.200s", path, code, b.p ? b.p : "");
-  } else {
-    json_error_t je;
-    out = b.p ? json_loads(b.p, 0, &je) : json_object();
-    if (!out) out = json_object();
-  }
-done:
   free(text);
   free(b.p);
   curl_slist_free_all(hd);
-  curl_easy_cleanup(h);
   return out;
 }
 
@@ -1132,13 +1137,15 @@ static int to_mlflow(struct eval *ev, const char *base, const char *exp_name,
   json_t *v;
   json_object_foreach(pj, k, v) {
     char val[500];
-    if (json_is_string(v)) snprintf(val, sizeof(val), "%s", json_string_value(v));
+    if (json_is_string(v))
+      snprintf(val, sizeof(val), "%s", json_string_value(v));
     else {
       char *d = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
       snprintf(val, sizeof(val), "%s", d ? d : "");
       free(d);
     }
-    json_array_append_new(params, json_pack("{s:s,s:s}", "key", k, "value", val));
+    json_array_append_new(params,
+                          json_pack("{s:s,s:s}", "key", k, "value", val));
   }
   json_decref(pj);
   struct {
@@ -1191,7 +1198,8 @@ static int to_mlflow(struct eval *ev, const char *base, const char *exp_name,
       free(line);
       json_decref(o);
     }
-    snprintf(path, sizeof(path), "/api/2.0/mlflow-artifacts/artifacts/%s/items.jsonl",
+    snprintf(path, sizeof(path),
+             "/api/2.0/mlflow-artifacts/artifacts/%s/items.jsonl",
              art + 18 + (art[18] == '/'));
     x = mlflow_call(base, "PUT", path, NULL, b.data ? b.data : "", b.len, err,
                     sizeof(err));
@@ -1240,6 +1248,15 @@ static int load_items(struct eval *ev, const char *path) {
     it->line = ln;
     json_error_t je;
     it->obj = json_loadb(s, len, 0, &je);
+    /* the item's name, even when its shape is refused below */
+    json_t *id = json_object_get(it->obj, "id");
+    if (json_is_string(id))
+      snprintf(it->id, sizeof(it->id), "%s", json_string_value(id));
+    else if (json_is_integer(id))
+      snprintf(it->id, sizeof(it->id), "%lld",
+               (long long)json_integer_value(id));
+    else
+      snprintf(it->id, sizeof(it->id), "line-%d", ln);
     if (!it->obj || !json_is_object(it->obj)) {
       snprintf(it->err, sizeof(it->err), "line %d: not a JSON object%s%.200s",
                ln, it->obj ? "" : ": ", it->obj ? "" : je.text);
@@ -1249,24 +1266,6 @@ static int load_items(struct eval *ev, const char *path) {
       json_decref(it->obj);
       it->obj = NULL;
     }
-    json_t *id = json_object_get(it->obj, "id");
-    if (!it->obj && s[0] == '{') {
-      /* refused for its shape: keep its id for the report */
-      json_t *o = json_loadb(s, len, 0, &je);
-      id = json_object_get(o, "id");
-      if (json_is_string(id))
-        snprintf(it->id, sizeof(it->id), "%s", json_string_value(id));
-      json_decref(o);
-      if (it->id[0]) continue;
-      id = NULL;
-    }
-    if (json_is_string(id))
-      snprintf(it->id, sizeof(it->id), "%s", json_string_value(id));
-    else if (json_is_integer(id))
-      snprintf(it->id, sizeof(it->id), "%lld",
-               (long long)json_integer_value(id));
-    else
-      snprintf(it->id, sizeof(it->id), "line-%d", ln);
   }
   free(line);
   if (f != stdin) fclose(f);
@@ -1389,8 +1388,8 @@ int tn_cli_eval(int argc, char **argv) {
   if (model && target_open(&ev, &ev.model, model, threads, ctx, seqs))
     goto done;
   if (judge) {
-    if (model && !strcmp(judge, model)) ev.judge = ev.model, ev.judge.srv = NULL,
-                                         ev.judge.engine = NULL;
+    if (model && !strcmp(judge, model))
+      ev.judge = ev.model, ev.judge.srv = NULL, ev.judge.engine = NULL;
     else if (target_open(&ev, &ev.judge, judge, threads, ctx, seqs))
       goto done;
     ev.have_judge = true;

@@ -545,8 +545,7 @@ bool tn_parse_duration(const char *s, double *out) {
 }
 
 static void bind_opt(sqlite3_stmt *st, int i, const char *s) {
-  if (s) sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC);
-  else sqlite3_bind_null(st, i);
+  bind_text(st, i, s, s ? strlen(s) : 0);
 }
 
 enum tn_status tn_reqlog_read(const char *path,

@@ -201,7 +201,8 @@ static void slot_add(struct slot *sl, int64_t epoch,
     if (!sl->hist) return;
   }
   /* only answered requests time a first token and an end */
-  if (r->ttft_s >= 0) sl->hist[H_TTFT * TN_LAT_BUCKETS + tn_lat_bucket(r->ttft_s)]++;
+  if (r->ttft_s >= 0)
+    sl->hist[H_TTFT * TN_LAT_BUCKETS + tn_lat_bucket(r->ttft_s)]++;
   if (r->e2e_s >= 0 && r->status == 200)
     sl->hist[H_E2E * TN_LAT_BUCKETS + tn_lat_bucket(r->e2e_s)]++;
   if (itl)
@@ -311,6 +312,10 @@ static void agg_merge(struct agg *a, const struct agg *b) {
   }
 }
 
+/* The quantiles every latency reports, and their names. */
+static const double k_qs[3] = {0.5, 0.95, 0.99};
+static const char *const k_q_names[3] = {"p50", "p95", "p99"};
+
 /* The q-quantile in milliseconds, or a negative number when empty. */
 static double quantile_ms(const uint64_t *hist, uint64_t n, double q) {
   if (!n) return -1;
@@ -337,11 +342,10 @@ static json_t *num_or_null(double v) {
 
 static json_t *quantiles(const struct agg *a, int h) {
   json_t *o = json_object();
-  static const double qs[] = {0.5, 0.95, 0.99};
-  static const char *const names[] = {"p50", "p95", "p99"};
   for (int i = 0; i < 3; i++)
-    json_object_set_new(o, names[i],
-                        num_or_null(quantile_ms(a->hist[h], a->hist_n[h], qs[i])));
+    json_object_set_new(
+        o, k_q_names[i],
+        num_or_null(quantile_ms(a->hist[h], a->hist_n[h], k_qs[i])));
   return o;
 }
 
@@ -401,12 +405,11 @@ static void series_point(struct series *sr, const struct agg *a,
                             ? json_real((double)a->cached_tokens /
                                         (double)a->prompt_tokens)
                             : json_null());
-  static const double qs[] = {0.5, 0.95, 0.99};
   for (int h = 0; h < H_N; h++)
     for (int i = 0; i < 3; i++)
       json_array_append_new(
           sr->q[h][i],
-          num_or_null(quantile_ms(a->hist[h], a->hist_n[h], qs[i])));
+          num_or_null(quantile_ms(a->hist[h], a->hist_n[h], k_qs[i])));
 }
 
 static json_t *series_json(struct series *sr) {
@@ -417,10 +420,10 @@ static json_t *series_json(struct series *sr) {
   json_object_set_new(o, "completion_tokens_per_s", sr->ctok);
   json_object_set_new(o, "cost_per_min", sr->cost);
   json_object_set_new(o, "prefix_hit_rate", sr->hit);
-  static const char *const names[] = {"p50", "p95", "p99"};
   for (int h = 0; h < H_N; h++) {
     json_t *q = json_object();
-    for (int i = 0; i < 3; i++) json_object_set_new(q, names[i], sr->q[h][i]);
+    for (int i = 0; i < 3; i++)
+      json_object_set_new(q, k_q_names[i], sr->q[h][i]);
     json_object_set_new(o, k_hist_names[h], q);
   }
   return o;
@@ -455,10 +458,12 @@ char *tn_stats_json(struct tn_stats *s, double now_s, double window_s,
   if (last_secs < 1) last_secs = 1;
 
   json_t *root = json_object();
-  json_object_set_new(root, "window_s", json_integer((json_int_t)(n_slots * step)));
+  json_object_set_new(root, "window_s",
+                      json_integer((json_int_t)(n_slots * step)));
   json_object_set_new(root, "step_s", json_integer((json_int_t)(per * step)));
   json_object_set_new(root, "start", json_integer((json_int_t)(first * step)));
-  json_object_set_new(root, "end", json_integer((json_int_t)(end_epoch * step)));
+  json_object_set_new(root, "end",
+                      json_integer((json_int_t)(end_epoch * step)));
   json_object_set_new(root, "points", json_integer((json_int_t)points));
   json_object_set_new(root, "by", json_string(byi == 0 ? "model"
                                               : byi == 1 ? "tenant"
@@ -555,8 +560,7 @@ oom:
   pthread_mutex_unlock(&s->mu);
   json_decref(root);
   json_decref(groups);
-  json_t *tmp = series_json(&all_sr);
-  json_decref(tmp);
+  json_decref(series_json(&all_sr)); /* frees its arrays */
   free(pt);
   free(tot);
   free(all);

@@ -25,8 +25,9 @@ static int bad_arg(struct tn_api_error *err, const char *name,
                           "invalid_value", "%s: %s", name, why);
 }
 
-/* Looks up name among ctx's arguments, refusing names not in allowed,
- * repeats and overlong values. *out NULL when absent. */
+/* Checks ctx's arguments: every name in allowed (NULL-terminated), none
+ * repeated, every value present and at most VALUE_MAX bytes. False with
+ * err filled (400 naming the argument) otherwise. */
 static bool check_args(const struct tn_dash_ctx *ctx,
                        const char *const *allowed, struct tn_api_error *err) {
   if (ctx->n_args > TN_DASH_ARGS_MAX) {
@@ -163,7 +164,8 @@ static char *api_requests(const struct tn_dash_ctx *ctx, size_t *len,
     }
     f.limit = n;
   }
-  if ((v = arg(ctx, "before")) && !parse_cursor(v, &f.before_ts, &f.before_id)) {
+  if ((v = arg(ctx, "before")) &&
+      !parse_cursor(v, &f.before_ts, &f.before_id)) {
     bad_arg(err, "before", "a cursor from a list's \"next\"");
     return NULL;
   }

@@ -98,7 +98,9 @@ struct conn {
   char log_endpoint[40];      /* "" when this request is not logged */
   unsigned status;            /* HTTP status sent */
   char err_msg[256];          /* the error sent, if any */
-  bool basic_auth;            /* a 401 asks for Basic auth (browsers) */
+  bool dashboard;             /* the page or its API: a 401 asks for Basic
+                                 auth (browsers), responses get the
+                                 page's security headers */
   struct tn_trace_ctx trace;  /* with a tracer: this request's context */
   int64_t t_arrive_ms;        /* wall clock */
   double t_arrive;            /* tn_time_s() */
@@ -435,12 +437,11 @@ static enum MHD_Result send_body(struct conn *c, unsigned status,
   }
   if (status == 401)
     MHD_add_response_header(r, "WWW-Authenticate",
-                            c->basic_auth ? "Basic realm=\"tern\", "
+                            c->dashboard ? "Basic realm=\"tern\", "
                                             "charset=\"UTF-8\""
                                           : "Bearer");
   /* the page and its API: never cached, never framed, no outside loads */
-  if (c->route && (!strcmp(c->route, "/dashboard") ||
-                   !strcmp(c->route, "/api"))) {
+  if (c->dashboard) {
     MHD_add_response_header(r, "Cache-Control", "no-store");
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(r, "X-Frame-Options", "DENY");
@@ -973,7 +974,7 @@ static enum MHD_Result route_dashboard(struct conn *c, const char *url,
   struct tn_server *s = c->srv;
   bool page = !strcmp(url, "/dashboard");
   c->route = page ? "/dashboard" : "/api";
-  c->basic_auth = true;
+  c->dashboard = true;
   if (!auth_ok(s, c->mhd, true))
     return send_error_msg(c, 401, "invalid_request_error", NULL,
                           "invalid_api_key",

@@ -1898,8 +1898,10 @@ static struct jv call_macro(struct jstate *s, const struct jmacro *m,
 
 /* Expression and statement nesting times macro depth: bounded so a
  * hostile template cannot run the C stack out (macro depth 64 x nesting
- * 200 would be 12,800 levels). */
-#define MAX_NESTING 1500
+ * 200 would be 12,800 levels). 512 keeps an ASan build (frames several
+ * times larger) well inside an 8 MiB stack; real templates nest a few
+ * dozen levels. */
+#define MAX_NESTING 512
 
 static struct jv eval_node(struct jstate *s, struct jframe *f,
                            const struct jnode *n);

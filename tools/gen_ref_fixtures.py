@@ -98,7 +98,7 @@ def load_bindings(ref):
 
 
 class Ref:
-    def __init__(self, L, model_path, params=CTX_PARAMS):
+    def __init__(self, L, model_path, params=CTX_PARAMS, lora=None):
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
@@ -121,6 +121,14 @@ class Ref:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("failed to create context")
+        if lora:  # a LoRA GGUF at scale 1 (llama.cpp's --lora)
+            self.adapter = L.llama_adapter_lora_init(self.model, lora.encode())
+            if not self.adapter:
+                raise RuntimeError(f"failed to load adapter {lora}")
+            arr = (L.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if L.llama_set_adapters_lora(self.ctx, arr, 1, scales) != 0:
+                raise RuntimeError("llama_set_adapters_lora failed")
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
@@ -295,7 +303,14 @@ def main():
     ap.add_argument("--only", default="logits,greedy,logits_ub1,greedy_ub1,ppl")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default=FIXTURES, help="output root (default tests/fixtures/ref)")
+    ap.add_argument("--lora", metavar="TAG=PATH",
+                    help="with a LoRA GGUF (path relative to the repository): "
+                         "writes lora_TAG_logits_ub1.json and lora_TAG_greedy_ub1.json")
     a = ap.parse_args()
+    lora_tag = lora_path = None
+    if a.lora:
+        lora_tag, lora_path = a.lora.split("=", 1)
+        a.only = "logits_ub1,greedy_ub1"
     what = set(a.only.split(","))
     L = load_bindings(a.ref)
     if not a.verbose:
@@ -319,15 +334,19 @@ def main():
             if not what & {"logits" + suffix, "greedy" + suffix}:
                 continue
             params = dict(CTX_PARAMS, n_ubatch=ubatch)
-            r = Ref(L, path, params)
+            r = Ref(L, path, params, os.path.join(ROOT, lora_path) if lora_path else None)
             meta_r = dict(meta, n_vocab=r.n_vocab, add_bos=r.add_bos, bos=r.bos,
                           eos=r.eos, params=params)
+            pre = ""
+            if lora_path:
+                meta_r["adapter"] = lora_path
+                pre = f"lora_{lora_tag}_"
             prompts = prompts_for(m["chat"])
             if "logits" + suffix in what:
-                dump(os.path.join(outdir, f"logits{suffix}.json"),
+                dump(os.path.join(outdir, f"{pre}logits{suffix}.json"),
                      dict(meta_r, topk=TOPK, prompts=logits_fixture(r, prompts)))
             if "greedy" + suffix in what:
-                dump(os.path.join(outdir, f"greedy{suffix}.json"),
+                dump(os.path.join(outdir, f"{pre}greedy{suffix}.json"),
                      dict(meta_r, n_gen=N_GEN, prompts=greedy_fixture(r, prompts)))
         if "ppl" in what:
             dump(os.path.join(outdir, "perplexity.json"),

@@ -28,7 +28,8 @@
   X(ERANGE, -7, "out of range")                           \
   X(EFULL, -8, "capacity exhausted")                      \
   X(ECANCELED, -9, "canceled")                            \
-  X(EINTERNAL, -10, "internal error")
+  X(EINTERNAL, -10, "internal error")                    \
+  X(EEXIST, -11, "already exists")
 
 enum tn_status {
 #define TN_STATUS_ENUM(name, val, str) TN_##name = (val),

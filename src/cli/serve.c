@@ -37,6 +37,41 @@ static void default_name(const char *arg, char *out, size_t cap) {
   out[n] = '\0';
 }
 
+/* The adapters --lora or the config gives a model, loaded before the
+ * model takes requests. */
+static int load_adapters(struct tn_engine *e, const char *model,
+                         const struct tn_serve_model_cfg *mc,
+                         const struct tn_cli_list *loras) {
+  struct tn_adapters *a = tn_engine_adapters(e);
+  struct tn_error err = {0};
+  int n = mc ? mc->n_adapters : loras->n;
+  for (int i = 0; i < n; i++) {
+    char name[TN_ADAPTER_NAME_MAX + 2];
+    const char *path;
+    float scale = 1.0f;
+    if (mc) {
+      snprintf(name, sizeof(name), "%s", mc->adapters[i].name);
+      path = mc->adapters[i].path;
+      scale = mc->adapters[i].scale;
+    } else {
+      const char *eq = strchr(loras->v[i], '=');
+      snprintf(name, sizeof(name), "%.*s",
+               (int)TN_MIN((size_t)(eq - loras->v[i]), sizeof(name) - 1),
+               loras->v[i]);
+      path = eq + 1;
+      if (!strcmp(name, model))
+        return tn_cli_fail("--lora %s: the adapter is named like its model",
+                           name);
+    }
+    double t0 = tn_time_s();
+    if (tn_adapters_load(a, name, path, scale, &err))
+      return tn_cli_fail("adapter '%s': %s", name, err.msg);
+    tn_log_info("adapter '%s' on '%s': %s in %.0f ms", name, model, path,
+                (tn_time_s() - t0) * 1e3);
+  }
+  return 0;
+}
+
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
   const char *chat_template = NULL, *spec = NULL, *spec_policy = NULL;
@@ -56,7 +91,7 @@ int tn_cli_serve(int argc, char **argv) {
   const char *log_db = NULL;
   double log_days = 30;
   float price_prompt = -1, price_cached = -1, price_completion = -1;
-  struct tn_cli_list redact = {0}, otlp_headers = {0};
+  struct tn_cli_list redact = {0}, otlp_headers = {0}, loras = {0};
   const char *otlp = NULL, *otlp_service = "tern";
   float otlp_sample = 1;
   long log_rows = 10000000;
@@ -72,6 +107,11 @@ int tn_cli_serve(int argc, char **argv) {
        "chat template instead of the model's own: chatml, gemma, llama3, "
        "or a Jinja file",
        "the model's", NULL, 0},
+      {"lora", 0, TN_OPT_LIST, &loras, 0, 256, "NAME=PATH",
+       "a LoRA adapter on the model (a PEFT directory or a LoRA GGUF), "
+       "chosen per request by \"model\": \"NAME\" (repeatable; --config: "
+       "adapters per model)",
+       NULL, NULL, 0},
       {0},
   };
   const struct tn_opt http_opts[] = {
@@ -220,6 +260,14 @@ int tn_cli_serve(int argc, char **argv) {
 
   struct tn_serve_config file = {0};
   struct tn_error err = {0};
+  if (config && loras.n)
+    return tn_cli_fail("--lora: with --config, list adapters under each "
+                       "model's 'adapters:'");
+  for (int i = 0; i < loras.n; i++) {
+    const char *eq = strchr(loras.v[i], '=');
+    if (!eq || eq == loras.v[i] || !eq[1])
+      return tn_cli_fail("--lora '%s': expected NAME=PATH", loras.v[i]);
+  }
   if (config) {
     if (tn_serve_config_load(config, &file, &err))
       return tn_cli_fail("%s: %s", config, err.msg);
@@ -343,6 +391,9 @@ int tn_cli_serve(int argc, char **argv) {
       tn_cli_fail("%s: %s", path, err.msg);
       goto done;
     }
+    if (load_adapters(engines[i], sm[i].name,
+                      config ? &file.models[i] : NULL, &loras))
+      goto done;
     tn_server_set_engine(srv, i, engines[i]);
     struct tn_engine_info info;
     tn_engine_info(engines[i], &info);

@@ -118,6 +118,7 @@ struct tn_stop_match tn_stop_scan(const char *text, size_t len,
  * fills under its lock and announces with the notify callback. */
 
 struct tn_grammar;
+struct tn_lora;
 struct tn_metrics;
 struct tn_model;
 struct tn_tokenizer;
@@ -147,6 +148,9 @@ struct tn_gen_params {
   int32_t n_stops;
   bool speculative;            /* use the engine's speculation (default
                                   true; false: plain decoding) */
+  struct tn_lora *lora;        /* LoRA adapter (tn_adapters_get; NULL: the
+                                  base); the request keeps a reference */
+  float lora_scale;            /* its scale (default 1) */
   struct tn_grammar *grammar;  /* the output must follow it (NULL: free);
                                   the request keeps a reference */
   /* A choice list (grammar must be tn_grammar_from_choices of it; copied
@@ -319,6 +323,8 @@ enum tn_status tn_engine_open(const char *path,
 void tn_engine_close(struct tn_engine *e);
 
 const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e);
+/* The engine's named adapters (below). */
+struct tn_adapters *tn_engine_adapters(struct tn_engine *e);
 const char *tn_engine_name(const struct tn_engine *e);
 int32_t tn_engine_n_ctx(const struct tn_engine *e);
 
@@ -400,5 +406,45 @@ struct tn_engine_stats {
   double grammar_seconds;
 };
 void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);
+
+/* ---- adapters (adapters.c)
+ *
+ * An engine's LoRA adapters by name, safe from any thread. Loading reads
+ * and checks the file against the engine's model (lora.h) outside the
+ * lock. Unloading takes the name away at once; requests already running
+ * on the adapter finish on it and the last one frees it. */
+
+#define TN_ADAPTER_NAME_MAX 63
+#define TN_ADAPTER_SCALE_MAX 16.0f
+
+struct tn_adapters;
+struct tn_adapter_info {
+  char name[TN_ADAPTER_NAME_MAX + 1];
+  char path[1024];
+  char format[16];   /* "gguf", "peft" */
+  int32_t max_rank, n_mats;
+  size_t bytes;      /* resident weights */
+  float scale;       /* default scale of its requests */
+  double load_s;     /* seconds the load took */
+};
+
+struct tn_adapters *tn_adapters_new(const struct tn_model *m);
+void tn_adapters_free(struct tn_adapters *a);
+/* Letters, digits, '-', '_', '.'; 1..TN_ADAPTER_NAME_MAX. */
+bool tn_adapter_name_ok(const char *name);
+/* TN_EEXIST when the name is taken; the loader's error otherwise. */
+enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
+                                const char *path, float scale,
+                                struct tn_error *err);
+/* TN_ENOENT when no such adapter is loaded. */
+enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
+                                  struct tn_error *err);
+/* The adapter with a reference for the caller (tn_lora_release), and its
+ * default scale; NULL when none has that name. */
+struct tn_lora *tn_adapters_get(struct tn_adapters *a, const char *name,
+                                float *scale);
+/* Copies up to cap entries in load order; returns how many there are. */
+int tn_adapters_list(struct tn_adapters *a, struct tn_adapter_info *out,
+                     int cap);
 
 #endif /* TN_ENGINE_H */

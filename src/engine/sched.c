@@ -43,6 +43,7 @@
 #include "engine/engine_internal.h"
 #include "grammar/grammar.h"
 #include "kv/kv.h"
+#include "model/lora.h"
 #include "model/model.h"
 #include "obs/obs.h"
 #include "tokenizer/tokenizer.h"
@@ -65,6 +66,7 @@ void tn_gen_params_default(struct tn_gen_params *p) {
   p->max_tokens = 16;
   p->n = 1;
   p->speculative = true;
+  p->lora_scale = 1.0f;
 }
 
 void tn_engine_config_default(struct tn_engine_config *c) {
@@ -175,6 +177,7 @@ struct tn_engine {
   char name[128];
   struct tn_model *model;
   struct tn_tokenizer *tok;
+  struct tn_adapters *adapters;
   struct tn_pool *pool;       /* compute threads (maybe shared) */
   struct tn_ctx *ctx;
   struct tn_kv_pool *kv;
@@ -205,6 +208,8 @@ struct tn_engine {
   uint64_t n_steps, n_preemptions, n_prefix_queries, n_prefix_hits;
   struct tn_batch batch;
   struct seq **batch_seqs;    /* per batch sequence index */
+  const struct tn_lora **batch_lora; /* per batch sequence: its adapter */
+  float *batch_lora_scale;
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   struct tn_spec_cost cost;   /* step time model for planning drafts */
   bool cost_ok;               /* calibrated (else prompts are not capped) */
@@ -274,6 +279,7 @@ static void req_free(struct tn_req *r) {
   free(p->bias);
   free(p->prompt);
   tn_grammar_release(p->params.grammar);
+  tn_lora_release(p->params.lora);
   pthread_mutex_destroy(&p->mu);
   free(p);
   free(r);
@@ -513,6 +519,13 @@ static void metrics_request_done(struct tn_engine *e, struct tn_req *r,
 
 /* ---- sequences */
 
+/* The prefix cache's first parent hash: KV computed under an adapter (and
+ * scale) is never reused under another, or under the base. */
+static uint64_t seq_salt(const struct seq *s) {
+  const struct tn_gen_params *p = &s->req->priv->params;
+  return tn_lora_salt(p->lora, p->lora_scale);
+}
+
 static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
                            int32_t choice) {
   struct tn_req_priv *p = r->priv;
@@ -520,6 +533,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   if (!s) return NULL;
   s->req = r;
   s->choice = choice;
+  s->chain = seq_salt(s);
   tn_kv_seq_init(&s->kv);
   tn_draft_seq_init(&s->draft);
   s->tokens = malloc((size_t)(p->n_prompt + 16) * sizeof(int32_t));
@@ -657,7 +671,7 @@ static void seq_index_blocks(struct tn_engine *e, struct seq *s) {
 /* Takes the cached blocks that match the start of s's tokens (at least one
  * token is left to compute: its logits are needed). */
 static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
-  s->chain = 0;
+  s->chain = seq_salt(s);
   s->n_blocks_hashed = 0;
   if (!e->cfg.prefix_cache || s->n_done != 0) return;
   int32_t max_blocks = (s->n_tokens - 1) / BLOCK_SIZE;
@@ -684,7 +698,7 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
   tn_draft_seq_drop(e->drafter, &s->draft);
   s->n_done = 0;
   s->n_blocks_hashed = 0;
-  s->chain = 0;
+  s->chain = seq_salt(s);
   s->chunk = 0;
   s->next = e->waiting;
   e->waiting = s;
@@ -719,6 +733,8 @@ static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
   int32_t si = b->n_seqs++;
   b->seqs[si] = &s->kv;
   e->batch_seqs[si] = s;
+  e->batch_lora[si] = s->req->priv->params.lora;
+  e->batch_lora_scale[si] = s->req->priv->params.lora_scale;
   for (int32_t i = 0; i < n; i++) {
     int32_t t = b->n_tokens++;
     b->token[t] = s->tokens[s->n_done + i];
@@ -1818,6 +1834,10 @@ enum tn_status tn_engine_open(const char *path,
   pthread_cond_init(&e->cv, NULL);
   enum tn_status st;
   if ((st = tn_model_load(path, &e->model, err))) goto fail;
+  if (!(e->adapters = tn_adapters_new(e->model))) {
+    st = tn_error_set(err, TN_ENOMEM, "out of memory");
+    goto fail;
+  }
   if ((st = tn_tokenizer_load(e->model->gguf, &e->tok, err))) goto fail;
   if (cfg->chat_template &&
       (st = tn_chat_set_template(e->tok, cfg->chat_template, err)))
@@ -1946,13 +1966,18 @@ enum tn_status tn_engine_open(const char *path,
   e->batch.seq = calloc((size_t)nt, sizeof(int32_t));
   e->batch.logits = calloc((size_t)nt, sizeof(bool));
   e->batch.seqs = calloc((size_t)ns, sizeof(*e->batch.seqs));
+  e->batch_lora = calloc((size_t)ns, sizeof(*e->batch_lora));
+  e->batch_lora_scale = calloc((size_t)ns, sizeof(float));
+  e->batch.lora = (const struct tn_lora *const *)e->batch_lora;
+  e->batch.lora_scale = e->batch_lora_scale;
   e->batch_seqs = calloc((size_t)ns, sizeof(*e->batch_seqs));
   e->trace = calloc((size_t)ns, sizeof(*e->trace));
   e->text_cap = tn_detok_cap(e->tok);
   e->text_buf = malloc(e->text_cap);
   e->eog = malloc((size_t)hp->n_vocab * sizeof(int32_t));
   if (!e->batch.token || !e->batch.pos || !e->batch.seq || !e->batch.logits ||
-      !e->batch.seqs || !e->batch_seqs || !e->trace || !e->text_buf ||
+      !e->batch.seqs || !e->batch_lora || !e->batch_lora_scale ||
+      !e->batch_seqs || !e->trace || !e->text_buf ||
       !e->eog) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
@@ -2006,6 +2031,8 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->batch.seq);
   free(e->batch.logits);
   free(e->batch.seqs);
+  free(e->batch_lora);
+  free(e->batch_lora_scale);
   free(e->batch_seqs);
   free(e->trace);
   free(e->text_buf);
@@ -2020,6 +2047,7 @@ void tn_engine_close(struct tn_engine *e) {
   tn_kv_pool_free(e->kv);
   tn_pool_free(e->own_pool);
   tn_tokenizer_free(e->tok);
+  tn_adapters_free(e->adapters);
   tn_model_free(e->model);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->mu);
@@ -2045,6 +2073,9 @@ const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e) {
   return e->tok;
 }
 const char *tn_engine_name(const struct tn_engine *e) { return e->name; }
+struct tn_adapters *tn_engine_adapters(struct tn_engine *e) {
+  return e->adapters;
+}
 int32_t tn_engine_n_ctx(const struct tn_engine *e) { return e->n_ctx; }
 
 enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
@@ -2082,6 +2113,19 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
                         "options: at most %d, with their grammar, and a "
                         "minimum probability in [0, 1]",
                         TN_GEN_OPTIONS_MAX);
+  if (params->lora) {
+    const struct tn_lora *l = params->lora;
+    const struct tn_hparams *hp = &e->model->hp;
+    if (l->arch != hp->arch || l->n_layer != hp->n_layer ||
+        l->n_embd != hp->n_embd || l->n_ff != hp->n_ff)
+      return tn_error_set(err, TN_EINVAL,
+                          "the adapter was loaded for another model");
+  }
+  if (!(params->lora_scale >= -TN_ADAPTER_SCALE_MAX &&
+        params->lora_scale <= TN_ADAPTER_SCALE_MAX))
+    return tn_error_set(err, TN_EINVAL, "adapter scale must be in [-%g, %g]",
+                        (double)TN_ADAPTER_SCALE_MAX,
+                        (double)TN_ADAPTER_SCALE_MAX);
   if (params->grammar) { /* its start must expand within the bounds */
     struct tn_grammar_matcher *m = NULL;
     st = tn_grammar_matcher_new(params->grammar, NULL, &m, err);
@@ -2104,6 +2148,7 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
   p->user = user;
   p->params = *params;
   if (p->params.grammar) tn_grammar_retain(p->params.grammar);
+  tn_lora_retain(p->params.lora);
   int32_t room = e->n_ctx - n_prompt;
   if (p->params.max_tokens <= 0 || p->params.max_tokens > room)
     p->params.max_tokens = room;

@@ -103,10 +103,15 @@ struct tn_batch {
   bool *logits;   /* [n_tokens]: wants logits */
   int32_t n_seqs;
   struct tn_kv_seq **seqs; /* borrowed block tables */
+  /* per sequence, or NULL when no sequence has one: its LoRA adapter
+   * (NULL: the base) and that adapter's scale (lora.h) */
+  const struct tn_lora *const *lora;
+  const float *lora_scale;
 };
 
 /* Forward-pass scratch and output, sized once for the largest batch. */
 struct tn_ctx;
+struct tn_lora;
 
 /* n_tokens_max: the largest batch; n_ctx: the longest sequence;
  * n_logits_max: most tokens asking for logits in one batch. */

@@ -1266,6 +1266,14 @@ static int parse_fields(enum tn_api_kind kind, const json_t *o,
     return rc;
   if ((rc = get_bool(o, "ignore_eos", &q->gen.ignore_eos, NULL, err)))
     return rc;
+  /* extension: "lora_scale" scales the adapter the model names */
+  if (field(o, "lora_scale")) {
+    if ((rc = get_num(o, "lora_scale", -TN_ADAPTER_SCALE_MAX, false,
+                      TN_ADAPTER_SCALE_MAX, "in [-16, 16]", &q->lora_scale,
+                      err)))
+      return rc;
+    q->has_lora_scale = true;
+  }
 
   /* sampling */
   struct tn_sampling *s = &q->gen.sampling;

@@ -54,6 +54,8 @@ struct tn_api_request {
   char **stops;
   char *user;
   bool has_seed;              /* seed given (else the server picks one) */
+  bool has_lora_scale;        /* "lora_scale" given (an adapter's scale) */
+  float lora_scale;
   struct tn_grammar *grammar; /* response_format / structured_outputs /
                                  guided_* / grammar: gen.grammar, owned */
   char **options;             /* a choice list (gen.options when its

@@ -235,6 +235,11 @@ static enum tn_status check_unique(struct loader *ld, const char *key) {
                   "'%s' is already the %s of %s", s,
                   b < 0 ? "name" : "alias", owner);
     }
+    for (int a = 0; a < o->n_adapters; a++)
+      if (o->adapters[a].name && !strcmp(s, o->adapters[a].name))
+        return fail(ld, TN_EINVAL, ev_line(ld), key,
+                    "'%s' is already an adapter of model '%s'", s,
+                    o->name ? o->name : "?");
   }
   return TN_OK;
 }
@@ -377,14 +382,80 @@ static enum tn_status parse_aliases(struct loader *ld, const char *where,
   }
 }
 
+/* adapters: a list of {name, path, scale}; names follow the adapter rule
+ * (tn_adapter_name_ok) and are unique among every name and alias. */
+static enum tn_status parse_adapters(struct loader *ld, const char *where,
+                                     struct tn_serve_model_cfg *m) {
+  static const char *const keys[3] = {"name", "path", "scale"};
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_SEQUENCE_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where,
+                "expected a list of {name, path, scale}, got %s",
+                ev_kind(&ld->ev));
+  for (;;) {
+    char at[160], key[200];
+    snprintf(at, sizeof at, "%s[%d]", where, m->n_adapters);
+    if ((st = next(ld, at))) return st;
+    if (ld->ev.type == YAML_SEQUENCE_END_EVENT) return TN_OK;
+    if (ld->ev.type != YAML_MAPPING_START_EVENT)
+      return fail(ld, TN_EINVAL, ev_line(ld), at,
+                  "expected a mapping {name, path, scale}, got %s",
+                  ev_kind(&ld->ev));
+    if (m->n_adapters == TN_SERVE_ADAPTERS_MAX)
+      return fail(ld, TN_EINVAL, ev_line(ld), where, "more than %d adapters",
+                  TN_SERVE_ADAPTERS_MAX);
+    if (!m->adapters &&
+        !(m->adapters = calloc(TN_SERVE_ADAPTERS_MAX, sizeof(*m->adapters))))
+      return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+    struct tn_serve_adapter_cfg *a = &m->adapters[m->n_adapters++];
+    a->scale = 1.0f;
+    int line = ev_line(ld);
+    unsigned seen = 0;
+    for (;;) {
+      int which = -1;
+      bool done;
+      if ((st = next_key(ld, at, keys, 3, &seen, &which, &done))) return st;
+      if (done) break;
+      TN_ASSERT(which >= 0 && which < 3);
+      snprintf(key, sizeof key, "%s.%s", at, keys[which]);
+      if (which == 0) {
+        if ((st = expect_scalar(ld, key)) || (st = check_unique(ld, key)))
+          return st;
+        if (!tn_adapter_name_ok(scalar_text(ld)))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s': an adapter name is 1..%d letters, digits, "
+                      "'-', '_' or '.'",
+                      scalar_text(ld), TN_ADAPTER_NAME_MAX);
+        st = take_string(ld, key, TN_ADAPTER_NAME_MAX, &a->name, false);
+      } else if (which == 1) {
+        st = take_string(ld, key, 4096, &a->path, true);
+      } else {
+        if ((st = expect_scalar(ld, key))) return st;
+        char *end;
+        const char *t = scalar_text(ld);
+        double v = strtod(t, &end);
+        if (end == t || *end || !(v >= -TN_ADAPTER_SCALE_MAX &&
+                                  v <= TN_ADAPTER_SCALE_MAX))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not a number in [-16, 16]", t);
+        a->scale = (float)v;
+      }
+      if (st) return st;
+    }
+    if (!a->name || !a->path)
+      return fail(ld, TN_EINVAL, line, at, "an adapter needs 'name' and 'path'");
+  }
+}
+
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
        MK_DRAFT_MODEL, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
-       MK_COUNT };
+       MK_ADAPTERS, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
     "chat_template", "spec", "spec_max_tokens", "draft_model",
-    "price_prompt", "price_cached", "price_completion"};
+    "price_prompt", "price_cached", "price_completion", "adapters"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -424,6 +495,7 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_PRICE_COMPLETION:
         st = take_price(ld, key, &m->price_completion);
         break;
+      case MK_ADAPTERS: st = parse_adapters(ld, key, m); break;
     }
     if (st) return st;
   }
@@ -569,6 +641,11 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(m->chat_template);
     free(m->spec);
     free(m->draft_model);
+    for (int a = 0; a < m->n_adapters; a++) {
+      free(m->adapters[a].name);
+      free(m->adapters[a].path);
+    }
+    free(m->adapters);
     for (int a = 0; a < m->n_aliases; a++) free(m->aliases[a]);
     free(m->aliases);
   }

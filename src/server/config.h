@@ -31,6 +31,10 @@
  *       price_cached: 0.075 #  the cost in the request log and dashboard
  *       price_completion: 0.6 # (cached: prompt tokens served from the
  *                          # prefix cache; default price_prompt)
+ *       adapters:          # optional LoRA adapters on this model, chosen
+ *         - name: pirate   # by clients as "model": "pirate" or
+ *           path: a/dir    # "smollm2:pirate"; a PEFT directory or a
+ *           scale: 1.0     # LoRA GGUF; scale optional, -16..16
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -58,6 +62,7 @@
 #define TN_SERVE_MODELS_MAX 64
 #define TN_SERVE_ALIASES_MAX 64
 #define TN_SERVE_NAME_MAX 128
+#define TN_SERVE_ADAPTERS_MAX 256
 
 /* One model. Numbers are 0 when the file leaves them out (the command-line
  * values apply then). Strings are malloc'd, owned by the config. */
@@ -77,6 +82,12 @@ struct tn_serve_model_cfg {
   /* USD per million tokens (< 0: not set); cached prompt tokens cost
    * price_cached, or price_prompt when that is not set */
   double price_prompt, price_cached, price_completion;
+  struct tn_serve_adapter_cfg {
+    char *name;
+    char *path;
+    float scale;  /* 1 when not set */
+  } *adapters;
+  int n_adapters;
 };
 
 /* host and api_key are NULL and port 0 when not set. */

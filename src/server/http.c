@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "engine/engine.h"
+#include "model/lora.h"
 #include "obs/obs.h"
 #include "server/api.h"
 #include "server/dashboard.h"
@@ -83,6 +84,9 @@ struct conn {
   bool have_q;
   struct tn_server_model *model;
   struct tn_engine *engine;   /* model's engine, once looked up */
+  struct tn_lora *lora;       /* the adapter "model" names (a reference),
+                                 or NULL: the base */
+  float lora_scale;
   struct tn_req *reqs[MAX_PROMPTS];
   size_t n_reqs;
   char *echo_text[MAX_PROMPTS];
@@ -167,6 +171,7 @@ static void conn_unref(struct conn *c) {
   free(c->body);
   for (size_t i = 0; i < MAX_PROMPTS; i++) free(c->echo_text[i]);
   if (c->have_q) tn_api_request_free(&c->q);
+  tn_lora_release(c->lora);
   tn_api_stream_free(&c->st);
   tn_buf_free(&c->out);
   pthread_mutex_destroy(&c->mu);
@@ -524,6 +529,23 @@ static enum MHD_Result route_models(struct conn *c) {
                     info.weight_bytes);
       first = false;
     }
+    /* its adapters, vLLM's way: the base as parent, the file as root */
+    struct tn_adapter_info ai[64];
+    int n = tn_adapters_list(tn_engine_adapters(e), ai, 64);
+    for (int k = 0; k < n && k < 64; k++) {
+      json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:i, s:I, s:f}}",
+                            "id", ai[k].name, "object", "model", "created",
+                            (json_int_t)now, "owned_by", "tern", "parent",
+                            m->name, "root", ai[k].path, "meta", "format",
+                            ai[k].format, "rank", ai[k].max_rank, "bytes",
+                            (json_int_t)ai[k].bytes, "scale",
+                            (double)ai[k].scale);
+      char *js = o ? json_dumps(o, JSON_COMPACT) : NULL;
+      if (js) tn_buf_printf(&b, "%s%s", first ? "" : ",", js);
+      first = first && !js;
+      free(js);
+      json_decref(o);
+    }
   }
   tn_buf_printf(&b, "]}");
   if (b.oom) {
@@ -545,14 +567,38 @@ static enum MHD_Result route_metrics(struct conn *c) {
 
 /* ---- completions */
 
-static struct tn_server_model *find_model(struct tn_server *s,
-                                          const char *name) {
-  if (!name) return &s->models[0];
+static struct tn_server_model *find_base(struct tn_server *s,
+                                         const char *name, size_t len) {
   for (int i = 0; i < s->n_models; i++) {
     struct tn_server_model *m = &s->models[i];
-    if (!strcmp(m->name, name)) return m;
+    if (strlen(m->name) == len && !strncmp(m->name, name, len)) return m;
     for (int a = 0; a < m->n_aliases; a++)
-      if (!strcmp(m->aliases[a], name)) return m;
+      if (strlen(m->aliases[a]) == len && !strncmp(m->aliases[a], name, len))
+        return m;
+  }
+  return NULL;
+}
+
+/* What "model" names: a model or alias (the base), "BASE:ADAPTER", or an
+ * adapter of any loaded model (vLLM's convention). *lora gets a reference
+ * on the adapter, NULL for a base. */
+static struct tn_server_model *find_model(struct tn_server *s,
+                                          const char *name,
+                                          struct tn_lora **lora,
+                                          float *scale) {
+  *lora = NULL;
+  if (!name) return &s->models[0];
+  struct tn_server_model *m = find_base(s, name, strlen(name));
+  if (m) return m;
+  const char *colon = strchr(name, ':');
+  for (int i = 0; i < s->n_models; i++) {
+    struct tn_server_model *mi = &s->models[i];
+    if (colon && mi != find_base(s, name, (size_t)(colon - name))) continue;
+    struct tn_engine *e = model_engine(s, mi);
+    if (!e) continue;
+    *lora = tn_adapters_get(tn_engine_adapters(e), colon ? colon + 1 : name,
+                            scale);
+    if (*lora) return mi;
   }
   return NULL;
 }
@@ -809,7 +855,7 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   if (tn_api_parse(kind, c->body ? c->body : "", c->len, &c->q, &aerr))
     return send_error(c, &aerr);
   c->have_q = true;
-  c->model = find_model(s, c->q.model);
+  c->model = find_model(s, c->q.model, &c->lora, &c->lora_scale);
   if (!c->model) {
     tn_api_error_set(&aerr, 404, "invalid_request_error", "model",
                      "model_not_found", "The model '%.100s' does not exist",
@@ -845,6 +891,15 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   const char *pparam = kind == TN_API_CHAT ? "messages" : "prompt";
   int32_t n_ctx = tn_engine_n_ctx(e);
   struct tn_gen_params gen = c->q.gen;
+  if (c->q.has_lora_scale && !c->lora) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "lora_scale", NULL,
+                     "'lora_scale' needs a model that names an adapter; "
+                     "'%.100s' is a base model",
+                     c->model->name);
+    return send_error(c, &aerr);
+  }
+  gen.lora = c->lora;
+  gen.lora_scale = c->q.has_lora_scale ? c->q.lora_scale : c->lora_scale;
   /* Without max_tokens, completions stop at 16 tokens (OpenAI's default);
    * chat runs to the end of the context. */
   gen.max_tokens = c->q.max_tokens > 0 ? c->q.max_tokens

@@ -31,6 +31,7 @@
 
 #include "kernels/kernels.h"
 #include "kv/kv.h"
+#include "model/lora.h"
 #include "model/model.h"
 #include "tn_test.h"
 
@@ -66,6 +67,7 @@ static bool quick(void) {
 }
 
 struct runner {
+  struct tn_lora *lora; /* the fixture's adapter, if it names one */
   struct tn_model *m;
   struct tn_pool *pool;
   struct tn_ctx *ctx;
@@ -92,6 +94,7 @@ static bool runner_open(struct runner *r, const char *path, int n_batch,
 }
 
 static void runner_close(struct runner *r) {
+  tn_lora_release(r->lora);
   tn_kv_pool_free(r->kv);
   tn_ctx_free(r->ctx);
   tn_pool_free(r->pool);
@@ -112,8 +115,11 @@ static bool eval(struct runner *r, struct tn_kv_seq *seq, const int32_t *ids,
     lg[i] = i == n - 1;
   }
   struct tn_kv_seq *seqs[1] = {seq};
+  const struct tn_lora *ls[1] = {r->lora};
+  float scale[1] = {1.0f};
   struct tn_batch b = {.n_tokens = n, .token = (int32_t *)ids, .pos = pos,
-                       .seq = sq, .logits = lg, .n_seqs = 1, .seqs = seqs};
+                       .seq = sq, .logits = lg, .n_seqs = 1, .seqs = seqs,
+                       .lora = r->lora ? ls : NULL, .lora_scale = scale};
   if (tn_model_forward(r->ctx, r->kv, &b, &err)) {
     fprintf(stderr, "forward: %s\n", err.msg);
     return false;
@@ -176,6 +182,19 @@ static int open_case(const struct model_case *mc, const char *what,
     json_decref(*fx);
     return -1;
   }
+  /* a fixture made with a LoRA adapter (gen_ref_fixtures.py --lora) */
+  const char *ad = json_string_value(json_object_get(*fx, "adapter"));
+  if (ad) {
+    char ap[512];
+    struct tn_error err = {0};
+    snprintf(ap, sizeof(ap), "%s/%s", TN_SOURCE_DIR, ad);
+    if (tn_lora_load(r->m, ap, &r->lora, &err)) {
+      fprintf(stderr, "adapter %s: %s\n", ap, err.msg);
+      json_decref(*fx);
+      runner_close(r);
+      return -1;
+    }
+  }
   tn_test_ran();
   return 1;
 }
@@ -192,7 +211,9 @@ static bool exact_level(void) {
 }
 
 static void check_logits(const struct model_case *mc, const char *fixture) {
-  const bool ub1 = strcmp(fixture, "logits_ub1") == 0 && exact_level();
+  const size_t fl = strlen(fixture);
+  const bool ub1 = fl >= 10 && !strcmp(fixture + fl - 10, "logits_ub1") &&
+                   exact_level();
   const double bound = ub1 ? LOGIT_BOUND_UB1 : LOGIT_BOUND;
   json_t *fx;
   struct runner r;
@@ -406,4 +427,14 @@ static void test_batching(void) {
     if (!models[i].large) check_batching(&models[i]);
 }
 
-TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching))
+/* A LoRA adapter (tests/fixtures/adapters, trained by
+ * tools/train_adapter.py) against llama.cpp's --lora with the same GGUF,
+ * by the one-token path's exact rules: tern rounds the adapter's inputs to
+ * its F16 width and sums its dots in ggml's order (lora.h). */
+static void test_lora_vs_llamacpp(void) {
+  check_logits(&models[0], "lora_pirate_logits_ub1");
+  check_greedy(&models[0], "lora_pirate_greedy_ub1", exact_level());
+}
+
+TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching),
+             TN_TEST(test_lora_vs_llamacpp))

@@ -1,0 +1,162 @@
+/*
+ * adapters.c: an engine's named LoRA adapters (engine.h, "adapters").
+ *
+ * A mutex guards the table; loading a file happens outside it (it can take
+ * a while), and the name is checked again before the adapter goes in.
+ * The table holds one reference on each adapter and every request using
+ * one holds another, so unloading takes the name away at once and the
+ * weights go with the last request that runs on them.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/engine.h"
+#include "model/lora.h"
+
+struct entry {
+  char name[TN_ADAPTER_NAME_MAX + 1];
+  char path[1024];
+  struct tn_lora *lora;
+  float scale;
+  double load_s;
+};
+
+struct tn_adapters {
+  const struct tn_model *model;
+  pthread_mutex_t mu;
+  struct entry *v;
+  int n, cap;
+};
+
+struct tn_adapters *tn_adapters_new(const struct tn_model *m) {
+  struct tn_adapters *a = calloc(1, sizeof(*a));
+  if (!a) return NULL;
+  a->model = m;
+  pthread_mutex_init(&a->mu, NULL);
+  return a;
+}
+
+void tn_adapters_free(struct tn_adapters *a) {
+  if (!a) return;
+  for (int i = 0; i < a->n; i++) tn_lora_release(a->v[i].lora);
+  free(a->v);
+  pthread_mutex_destroy(&a->mu);
+  free(a);
+}
+
+bool tn_adapter_name_ok(const char *name) {
+  size_t n = strlen(name);
+  if (n == 0 || n > TN_ADAPTER_NAME_MAX) return false;
+  for (size_t i = 0; i < n; i++) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+      return false;
+  }
+  return true;
+}
+
+static int find(const struct tn_adapters *a, const char *name) {
+  for (int i = 0; i < a->n; i++)
+    if (!strcmp(a->v[i].name, name)) return i;
+  return -1;
+}
+
+enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
+                                const char *path, float scale,
+                                struct tn_error *err) {
+  if (!tn_adapter_name_ok(name))
+    return tn_error_set(err, TN_EINVAL,
+                        "adapter name '%.80s': use 1..%d letters, digits, "
+                        "'-', '_' or '.'",
+                        name, TN_ADAPTER_NAME_MAX);
+  if (!(scale >= -TN_ADAPTER_SCALE_MAX && scale <= TN_ADAPTER_SCALE_MAX))
+    return tn_error_set(err, TN_EINVAL, "adapter '%s': scale must be in "
+                        "[-%g, %g]", name, (double)TN_ADAPTER_SCALE_MAX,
+                        (double)TN_ADAPTER_SCALE_MAX);
+  pthread_mutex_lock(&a->mu);
+  bool taken = find(a, name) >= 0;
+  pthread_mutex_unlock(&a->mu);
+  if (taken)
+    return tn_error_set(err, TN_EEXIST, "adapter '%s' is already loaded", name);
+  double t0 = tn_time_s();
+  struct tn_lora *l = NULL;
+  enum tn_status st = tn_lora_load(a->model, path, &l, err);
+  if (st) return st;
+  pthread_mutex_lock(&a->mu);
+  if (find(a, name) >= 0) {
+    st = tn_error_set(err, TN_EEXIST, "adapter '%s' is already loaded", name);
+  } else if (a->n == a->cap) {
+    int cap = a->cap ? a->cap * 2 : 8;
+    struct entry *v = realloc(a->v, (size_t)cap * sizeof(*v));
+    if (!v) st = tn_error_set(err, TN_ENOMEM, "out of memory");
+    else a->v = v, a->cap = cap;
+  }
+  if (!st) {
+    struct entry *e = &a->v[a->n++];
+    memset(e, 0, sizeof(*e));
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    snprintf(e->path, sizeof(e->path), "%s", path);
+    e->lora = l;
+    e->scale = scale;
+    e->load_s = tn_time_s() - t0;
+    l = NULL;
+  }
+  pthread_mutex_unlock(&a->mu);
+  tn_lora_release(l);
+  return st;
+}
+
+enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
+                                  struct tn_error *err) {
+  pthread_mutex_lock(&a->mu);
+  int i = find(a, name);
+  struct tn_lora *l = NULL;
+  if (i >= 0) {
+    l = a->v[i].lora;
+    memmove(&a->v[i], &a->v[i + 1], (size_t)(a->n - i - 1) * sizeof(*a->v));
+    a->n--;
+  }
+  pthread_mutex_unlock(&a->mu);
+  if (i < 0)
+    return tn_error_set(err, TN_ENOENT, "adapter '%.80s' is not loaded", name);
+  tn_lora_release(l);
+  return TN_OK;
+}
+
+struct tn_lora *tn_adapters_get(struct tn_adapters *a, const char *name,
+                                float *scale) {
+  pthread_mutex_lock(&a->mu);
+  int i = find(a, name);
+  struct tn_lora *l = NULL;
+  if (i >= 0) {
+    l = a->v[i].lora;
+    tn_lora_retain(l);
+    if (scale) *scale = a->v[i].scale;
+  }
+  pthread_mutex_unlock(&a->mu);
+  return l;
+}
+
+int tn_adapters_list(struct tn_adapters *a, struct tn_adapter_info *out,
+                     int cap) {
+  pthread_mutex_lock(&a->mu);
+  int n = a->n;
+  for (int i = 0; i < n && i < cap; i++) {
+    const struct entry *e = &a->v[i];
+    struct tn_adapter_info *o = &out[i];
+    memset(o, 0, sizeof(*o));
+    snprintf(o->name, sizeof(o->name), "%s", e->name);
+    snprintf(o->path, sizeof(o->path), "%s", e->path);
+    snprintf(o->format, sizeof(o->format), "%s", e->lora->format);
+    o->max_rank = e->lora->max_rank;
+    o->n_mats = e->lora->n_mats;
+    o->bytes = e->lora->bytes;
+    o->scale = e->scale;
+    o->load_s = e->load_s;
+  }
+  pthread_mutex_unlock(&a->mu);
+  return n;
+}

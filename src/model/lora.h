@@ -1,0 +1,93 @@
+/*
+ * lora.h: LoRA adapters on a frozen base model, applied per sequence.
+ *
+ * An adapter adds scale * B (A x) to the output of some of the base's
+ * linear layers (the attention's q, k, v, output projections and the
+ * FFN's gate, up, down). A is [rank][n_in], B is [n_out][rank], both kept
+ * in f32. The base's matrix products run once for the whole batch; each
+ * token whose sequence has an adapter then adds its low-rank term, in the
+ * same order of operations whatever else is in the batch (batch
+ * invariance), so sequences on different adapters and on the base share a
+ * step.
+ *
+ * Files (untrusted input: every shape, value and offset is checked):
+ *  - llama.cpp's LoRA GGUF (general.type = adapter, adapter.type = lora,
+ *    adapter.lora.alpha, tensors "<base tensor>.lora_a" / ".lora_b"), as
+ *    llama.cpp's convert_lora_to_gguf.py writes it; the scale of a pair is
+ *    alpha / rank (1 when alpha is 0 or absent), as llama.cpp applies it.
+ *  - PEFT's directory (adapter_config.json + adapter_model.safetensors):
+ *    module names mapped to the base's, llama's q/k rows permuted the way
+ *    the GGUF converter permutes the base, scale lora_alpha / r, or
+ *    lora_alpha / sqrt(r) with use_rslora.
+ * What is not supported is refused by name: DoRA, embedding or lm_head
+ * targets, modules_to_save, alpha_pattern, biases, norm tensors, aLoRA.
+ */
+#ifndef TN_LORA_H
+#define TN_LORA_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/base.h"
+#include "model/model.h"
+
+#define TN_LORA_RANK_MAX 256
+
+enum tn_lora_target {
+  TN_LORA_Q,
+  TN_LORA_K,
+  TN_LORA_V,
+  TN_LORA_O,
+  TN_LORA_GATE,
+  TN_LORA_UP,
+  TN_LORA_DOWN,
+  TN_LORA_N_TARGETS
+};
+
+/* One adapted matrix; rank 0: this layer's matrix is not adapted. */
+struct tn_lora_mat {
+  int32_t rank;
+  int64_t n_in, n_out;
+  float *a;    /* [rank][n_in] */
+  float *b;    /* [n_out][rank] */
+  float scale; /* alpha / rank (or its rsLoRA form) */
+  /* the file's storage type, whose width the products' inputs are rounded
+   * to, as ggml and PyTorch compute with F16 / BF16 weights: TN_TYPE_F32
+   * (no rounding), TN_TYPE_F16 or TN_TYPE_BF16 */
+  enum tn_type act_type;
+};
+
+struct tn_lora {
+  uint64_t id;          /* unique in the process: salts the prefix cache */
+  enum tn_arch arch;     /* the base it was checked against */
+  int32_t n_layer, n_embd, n_ff;
+  struct tn_lora_mat *mats; /* [n_layer][TN_LORA_N_TARGETS] */
+  int32_t max_rank;
+  int32_t n_mats;       /* adapted matrices */
+  size_t bytes;         /* resident f32 weights */
+  char format[16];      /* "gguf" or "peft" */
+  atomic_int refs;
+};
+
+/* Loads the adapter at path (a LoRA GGUF file, or a PEFT directory) for
+ * model m, checking it fits m (architecture, layer count, every shape);
+ * refs = 1. */
+enum tn_status tn_lora_load(const struct tn_model *m, const char *path,
+                            struct tn_lora **out, struct tn_error *err);
+void tn_lora_retain(struct tn_lora *l);
+/* Frees it with the last reference (NULL: nothing). */
+void tn_lora_release(struct tn_lora *l);
+
+/* y[n_out] += s * mat.scale * B (A x); x and A x rounded to act_type
+ * first. u: scratch of mat.rank floats, xr: of n_in. The same operations
+ * for a token whatever the batch (dots in fixed order). */
+void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
+                   float *y, float *u, float *xr);
+/* Scratch floats tn_lora_apply needs for model m: its widest input. */
+int64_t tn_lora_scratch(const struct tn_model *m);
+
+/* The chain-hash salt of KV computed under (l, scale): 0 for the base. */
+uint64_t tn_lora_salt(const struct tn_lora *l, float scale);
+
+#endif /* TN_LORA_H */

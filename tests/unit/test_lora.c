@@ -1,0 +1,690 @@
+/*
+ * test_lora.c: LoRA adapters on the tiny model (tiny_engine.h).
+ *
+ * - A LoRA GGUF (llama.cpp's layout) and the same adapter as a PEFT
+ *   directory (Hugging Face row order for q/k, safetensors written here)
+ *   load to the same weights, bit for bit.
+ * - The forward pass with an adapter equals a reference computed here:
+ *   the base's logits with the adapter merged into f32 copies of the
+ *   weights are within float rounding of the modular ones.
+ * - Batch invariance: requests on two adapters and the base, run together
+ *   (and with the prefix cache, and under preemption), give each the answer
+ *   it gets alone; an adapter changes the answer.
+ * - Bad files: each refused with a message naming the problem.
+ */
+#include <dirent.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "model/lora.h"
+#include "tiny_engine.h"
+
+#define RANK 4
+#define Q_DIM (N_HEAD * HEAD_DIM)
+#define KV_DIM (N_HEAD_KV * HEAD_DIM)
+
+static const char *const k_gguf_t[7] = {"attn_q", "attn_k", "attn_v",
+                                        "attn_output", "ffn_gate", "ffn_up",
+                                        "ffn_down"};
+static const char *const k_peft_t[7] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+    "mlp.down_proj"};
+
+static void target_shape(int t, int64_t *in, int64_t *out) {
+  static const int64_t ins[7] = {N_EMBD, N_EMBD, N_EMBD, Q_DIM,
+                                 N_EMBD, N_EMBD, N_FF};
+  static const int64_t outs[7] = {Q_DIM, KV_DIM, KV_DIM, N_EMBD,
+                                  N_FF,  N_FF,   N_EMBD};
+  *in = ins[t];
+  *out = outs[t];
+}
+
+/* One adapter's weights, GGUF order: a[il][t] is [RANK][in], b [out][RANK]. */
+struct adapter {
+  float *a[N_LAYER][7], *b[N_LAYER][7];
+  float alpha;
+};
+
+static void adapter_make(struct adapter *ad, uint64_t seed, float size) {
+  ad->alpha = 8.0f;
+  for (int il = 0; il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      int64_t in, out;
+      target_shape(t, &in, &out);
+      ad->a[il][t] = malloc((size_t)(RANK * in) * sizeof(float));
+      ad->b[il][t] = malloc((size_t)(RANK * out) * sizeof(float));
+      for (int64_t i = 0; i < RANK * in; i++)
+        ad->a[il][t][i] = sqrtf(3.0f / (float)in) * rng_sym(&seed);
+      for (int64_t i = 0; i < RANK * out; i++)
+        ad->b[il][t][i] = size * rng_sym(&seed);
+    }
+}
+
+static void adapter_free(struct adapter *ad) {
+  for (int il = 0; il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      free(ad->a[il][t]);
+      free(ad->b[il][t]);
+    }
+}
+
+/* Options for writing a deliberately broken file. */
+struct gguf_opts {
+  const char *arch, *type, *adapter_type;
+  bool drop_b;        /* blk.0.attn_q's lora_b missing */
+  bool bad_shape;     /* blk.0.ffn_up's A one column short */
+  bool nan;           /* a NaN in blk.1.attn_v's B */
+  bool extra_norm;    /* a norm tensor */
+  bool embd;          /* token_embd's pair */
+  int rank;           /* 0: RANK */
+};
+
+static bool write_gguf(struct adapter *ad, const struct gguf_opts *o,
+                       const char *path) {
+  struct tn_gguf_writer *w = tn_gguf_writer_new();
+  bool ok = w != NULL;
+  const char *arch = o->arch ? o->arch : "llama";
+  const char *type = o->type ? o->type : "adapter";
+  const char *at = o->adapter_type ? o->adapter_type : "lora";
+  ok = ok && !tn_gguf_writer_add_str(w, "general.architecture", arch, strlen(arch));
+  ok = ok && !tn_gguf_writer_add_str(w, "general.type", type, strlen(type));
+  ok = ok && !tn_gguf_writer_add_str(w, "adapter.type", at, strlen(at));
+  ok = ok && !tn_gguf_writer_add_f32(w, "adapter.lora.alpha", ad->alpha);
+  struct tn_error err = {0};
+  int rank = o->rank ? o->rank : RANK;
+  float *big = NULL, nan_saved = 0;
+  for (int il = 0; ok && il < N_LAYER; il++)
+    for (int t = 0; ok && t < 7; t++) {
+      int64_t in, out;
+      target_shape(t, &in, &out);
+      char name[96];
+      const float *a = ad->a[il][t], *b = ad->b[il][t];
+      if (rank != RANK) { /* zero padded */
+        free(big);
+        big = calloc((size_t)(rank * (in + out)), sizeof(float));
+        a = big;
+        b = big + rank * in;
+      }
+      int64_t ne_a[2] = {in - (o->bad_shape && il == 0 && t == 5), rank};
+      int64_t ne_b[2] = {rank, out};
+      if (o->nan && il == 1 && t == 2) {
+        nan_saved = ad->b[il][t][3];
+        ad->b[il][t][3] = NAN; /* (the writer reads it at write time) */
+      }
+      snprintf(name, sizeof(name), "blk.%d.%s.weight.lora_a", il, k_gguf_t[t]);
+      ok = !tn_gguf_writer_add_tensor(w, name, TN_TYPE_F32, 2, ne_a, a, &err);
+      snprintf(name, sizeof(name), "blk.%d.%s.weight.lora_b", il, k_gguf_t[t]);
+      if (ok && !(o->drop_b && il == 0 && t == 0))
+        ok = !tn_gguf_writer_add_tensor(w, name, TN_TYPE_F32, 2, ne_b, b, &err);
+    }
+  free(big);
+  if (ok && o->extra_norm) {
+    float v[N_EMBD] = {0};
+    int64_t ne[2] = {N_EMBD, 1};
+    ok = !tn_gguf_writer_add_tensor(w, "blk.0.attn_norm_norm.weight",
+                                    TN_TYPE_F32, 1, ne, v, &err);
+  }
+  if (ok && o->embd) {
+    float v[RANK * N_EMBD] = {0};
+    int64_t ne[2] = {N_EMBD, RANK};
+    ok = !tn_gguf_writer_add_tensor(w, "token_embd.weight.lora_a", TN_TYPE_F32,
+                                    2, ne, v, &err) &&
+         !tn_gguf_writer_add_tensor(w, "token_embd.weight.lora_b", TN_TYPE_F32,
+                                    2, ne, v, &err);
+  }
+  ok = ok && !tn_gguf_writer_write(w, path, &err);
+  if (o->nan) ad->b[1][2][3] = nan_saved;
+  tn_gguf_writer_free(w);
+  if (!ok) fprintf(stderr, "write_gguf: %s\n", err.msg);
+  return ok;
+}
+
+/* HF row order of a llama q/k projection: HF row h*hd + j*hd/2 + i holds
+ * GGUF row h*hd + 2i + j. */
+static void to_hf_rows(const float *gguf_b, float *hf_b, int64_t out,
+                       int n_head) {
+  int64_t hd = out / n_head;
+  for (int h = 0; h < n_head; h++)
+    for (int64_t i = 0; i < hd / 2; i++)
+      for (int j = 0; j < 2; j++)
+        memcpy(hf_b + (h * hd + j * (hd / 2) + i) * RANK,
+               gguf_b + (h * hd + 2 * i + j) * RANK, RANK * sizeof(float));
+}
+
+static bool write_file(const char *path, const void *data, size_t n) {
+  FILE *f = fopen(path, "wb");
+  if (!f) return false;
+  bool ok = fwrite(data, 1, n, f) == n;
+  return fclose(f) == 0 && ok;
+}
+
+/* A PEFT directory holding the same adapter; config_extra goes into
+ * adapter_config.json, lie makes the first tensor's offsets overrun. */
+static bool write_peft(const struct adapter *ad, const char *dir,
+                       const char *config_extra, bool lie) {
+  mkdir(dir, 0755);
+  char path[512], cfg[1024];
+  snprintf(cfg, sizeof(cfg),
+           "{\"peft_type\": \"LORA\", \"r\": %d, \"lora_alpha\": %g, "
+           "\"bias\": \"none\", \"target_modules\": [\"q_proj\"]%s}",
+           RANK, (double)ad->alpha, config_extra ? config_extra : "");
+  snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
+  if (!write_file(path, cfg, strlen(cfg))) return false;
+  /* header and data: every tensor F32 */
+  size_t cap = 1 << 16, hn = 0, dn = 0;
+  char *hdr = malloc(cap);
+  size_t dcap = 0;
+  for (int il = 0; il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      int64_t in, out;
+      target_shape(t, &in, &out);
+      dcap += (size_t)(RANK * (in + out)) * 4;
+    }
+  uint8_t *data = malloc(dcap);
+  hn += (size_t)snprintf(hdr + hn, cap - hn, "{\"__metadata__\":{\"format\":\"pt\"}");
+  float tmp[N_FF * RANK];
+  for (int il = 0; il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      int64_t in, out;
+      target_shape(t, &in, &out);
+      for (int half = 0; half < 2; half++) {
+        const float *src = half ? ad->b[il][t] : ad->a[il][t];
+        int64_t rows = half ? out : RANK, cols = half ? RANK : in;
+        if (half && t < 2) {
+          to_hf_rows(src, tmp, out, t == 0 ? N_HEAD : N_HEAD_KV);
+          src = tmp;
+        }
+        size_t nb = (size_t)(rows * cols) * 4;
+        size_t end = dn + nb + (lie && hn < 40 ? 4096 : 0);
+        hn += (size_t)snprintf(
+            hdr + hn, cap - hn,
+            ",\"base_model.model.model.layers.%d.%s.lora_%c.weight\":"
+            "{\"dtype\":\"F32\",\"shape\":[%" PRId64 ",%" PRId64
+            "],\"data_offsets\":[%zu,%zu]}",
+            il, k_peft_t[t], half ? 'B' : 'A', rows, cols, dn, end);
+        memcpy(data + dn, src, nb);
+        dn += nb;
+      }
+    }
+  hn += (size_t)snprintf(hdr + hn, cap - hn, "}");
+  snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+  FILE *f = fopen(path, "wb");
+  bool ok = f != NULL;
+  uint8_t len[8];
+  for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)hn >> (8 * i));
+  ok = ok && fwrite(len, 1, 8, f) == 8 && fwrite(hdr, 1, hn, f) == hn &&
+       fwrite(data, 1, dn, f) == dn;
+  if (f) ok = fclose(f) == 0 && ok;
+  free(hdr);
+  free(data);
+  return ok;
+}
+
+static void rm_dir(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  struct dirent *e;
+  char p[600];
+  while ((e = readdir(d)))
+    if (e->d_name[0] != '.') {
+      snprintf(p, sizeof(p), "%s/%s", dir, e->d_name);
+      unlink(p);
+    }
+  closedir(d);
+  rmdir(dir);
+}
+
+static struct tn_model *tiny_model(void) {
+  const char *path = model_path();
+  struct tn_model *m = NULL;
+  struct tn_error err = {0};
+  if (!path || tn_model_load(path, &m, &err)) {
+    fprintf(stderr, "tiny model: %s\n", err.msg);
+    return NULL;
+  }
+  return m;
+}
+
+static void test_gguf_equals_peft(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter ad;
+  adapter_make(&ad, 11, 0.3f);
+  char gpath[] = "/tmp/tn_lora_XXXXXX";
+  int fd = mkstemp(gpath);
+  ASSERT(fd >= 0);
+  close(fd);
+  char dir[64];
+  snprintf(dir, sizeof(dir), "%s.peft", gpath);
+  struct gguf_opts go = {0};
+  bool ok = write_gguf(&ad, &go, gpath) && write_peft(&ad, dir, NULL, false);
+  struct tn_lora *lg = NULL, *lp = NULL;
+  struct tn_error err = {0};
+  if (ok && tn_lora_load(m, gpath, &lg, &err)) {
+    fprintf(stderr, "gguf: %s\n", err.msg);
+    ok = false;
+  }
+  if (ok && tn_lora_load(m, dir, &lp, &err)) {
+    fprintf(stderr, "peft: %s\n", err.msg);
+    ok = false;
+  }
+  bool same = ok;
+  for (int i = 0; ok && i < N_LAYER * TN_LORA_N_TARGETS; i++) {
+    const struct tn_lora_mat *a = &lg->mats[i], *b = &lp->mats[i];
+    size_t na = (size_t)(a->rank * a->n_in), nb = (size_t)(a->rank * a->n_out);
+    same = same && a->rank == RANK && b->rank == RANK &&
+           a->scale == b->scale && a->scale == ad.alpha / RANK &&
+           !memcmp(a->a, b->a, na * 4) && !memcmp(a->b, b->b, nb * 4);
+    /* and the GGUF's values as written */
+    int il = i / TN_LORA_N_TARGETS, t = i % TN_LORA_N_TARGETS;
+    same = same && !memcmp(a->a, ad.a[il][t], na * 4) &&
+           !memcmp(a->b, ad.b[il][t], nb * 4);
+  }
+  if (ok) {
+    ASSERT_EQ(lg->n_mats, N_LAYER * 7);
+    ASSERT_EQ(lg->max_rank, RANK);
+    ASSERT(lg->id != lp->id);
+    ASSERT(tn_lora_salt(lg, 1.0f) != tn_lora_salt(lp, 1.0f));
+    ASSERT(tn_lora_salt(lg, 1.0f) != tn_lora_salt(lg, 0.5f));
+    ASSERT_EQ(tn_lora_salt(NULL, 1.0f), 0);
+  }
+  tn_lora_release(lg);
+  tn_lora_release(lp);
+  unlink(gpath);
+  rm_dir(dir);
+  adapter_free(&ad);
+  tn_model_free(m);
+  ASSERT(ok);
+  ASSERT(same);
+}
+
+/* Modular logits against the base with B A merged into f32 weights: the
+ * tiny model's weights are F32, so the merged model is exact up to float
+ * rounding. */
+static void test_forward_matches_merged(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter ad;
+  adapter_make(&ad, 23, 0.2f);
+  char gpath[] = "/tmp/tn_lora_XXXXXX";
+  int fd = mkstemp(gpath);
+  ASSERT(fd >= 0);
+  close(fd);
+  struct gguf_opts go = {0};
+  struct tn_lora *l = NULL;
+  struct tn_error err = {0};
+  bool ok = write_gguf(&ad, &go, gpath) && !tn_lora_load(m, gpath, &l, &err);
+  unlink(gpath);
+  if (!ok) fprintf(stderr, "load: %s\n", err.msg);
+  /* merged weights: w + s * scale * B A, into private copies */
+  const float s = 0.75f;
+  float *merged[N_LAYER][7] = {{0}};
+  struct tn_mat saved[N_LAYER][7];
+  for (int il = 0; ok && il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
+      struct tn_layer *L = &m->layers[il];
+      struct tn_mat *w = t == 0 ? &L->wq : t == 1 ? &L->wk : t == 2 ? &L->wv
+                       : t == 3 ? &L->wo : t == 4 ? &L->w_gate
+                       : t == 5 ? &L->w_up : &L->w_down;
+      saved[il][t] = *w;
+      float *nw = malloc((size_t)(w->n_rows * w->n_cols) * sizeof(float));
+      for (int64_t r = 0; r < w->n_rows; r++)
+        for (int64_t c = 0; c < w->n_cols; c++) {
+          double d = 0;
+          for (int k = 0; k < lm->rank; k++)
+            d += (double)lm->b[r * lm->rank + k] * lm->a[k * lm->n_in + c];
+          nw[r * w->n_cols + c] =
+              ((const float *)w->data)[r * w->n_cols + c] +
+              (float)(s * lm->scale * d);
+        }
+      merged[il][t] = nw;
+    }
+  struct tn_pool *pool = tn_pool_new(1);
+  struct tn_kv_pool *kv = NULL;
+  struct tn_ctx *c = NULL;
+  int32_t n = 12, toks[12], pos[12], sq[12];
+  bool lg[12];
+  float modular[N_VOCAB], base_l[N_VOCAB], merged_l[N_VOCAB];
+  for (int i = 0; i < n; i++) {
+    toks[i] = (i * 37 + 5) % N_TEXT_TOKENS;
+    pos[i] = i;
+    sq[i] = 0;
+    lg[i] = i == n - 1;
+  }
+  ok = ok && pool &&
+       !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
+       !tn_ctx_new(m, pool, 32, 64, 4, &c, &err);
+  for (int pass = 0; ok && pass < 3; pass++) {
+    struct tn_kv_seq ks;
+    tn_kv_seq_init(&ks);
+    struct tn_kv_seq *seqs[1] = {&ks};
+    const struct tn_lora *ls[1] = {pass == 0 ? l : NULL};
+    float sc[1] = {s};
+    if (pass == 2)
+      for (int il = 0; il < N_LAYER; il++)
+        for (int t = 0; t < 7; t++) {
+          struct tn_layer *L = &m->layers[il];
+          struct tn_mat *w = t == 0 ? &L->wq : t == 1 ? &L->wk : t == 2 ? &L->wv
+                           : t == 3 ? &L->wo : t == 4 ? &L->w_gate
+                           : t == 5 ? &L->w_up : &L->w_down;
+          w->data = merged[il][t];
+        }
+    struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
+                         .logits = lg, .n_seqs = 1, .seqs = seqs,
+                         .lora = ls, .lora_scale = sc};
+    ok = !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(c, kv, &b, &err);
+    if (ok)
+      memcpy(pass == 0 ? modular : pass == 1 ? base_l : merged_l,
+             tn_ctx_logits(c), sizeof(modular));
+    tn_kv_seq_deinit(kv, &ks);
+  }
+  for (int il = 0; il < N_LAYER; il++)
+    for (int t = 0; t < 7; t++) {
+      if (merged[il][t]) {
+        struct tn_layer *L = &m->layers[il];
+        struct tn_mat *w = t == 0 ? &L->wq : t == 1 ? &L->wk : t == 2 ? &L->wv
+                         : t == 3 ? &L->wo : t == 4 ? &L->w_gate
+                         : t == 5 ? &L->w_up : &L->w_down;
+        *w = saved[il][t];
+      }
+      free(merged[il][t]);
+    }
+  double max_d = 0, max_base = 0;
+  for (int v = 0; ok && v < N_VOCAB; v++) {
+    max_d = fmax(max_d, fabs((double)modular[v] - merged_l[v]));
+    max_base = fmax(max_base, fabs((double)modular[v] - base_l[v]));
+  }
+  tn_ctx_free(c);
+  tn_kv_pool_free(kv);
+  tn_pool_free(pool);
+  tn_lora_release(l);
+  adapter_free(&ad);
+  tn_model_free(m);
+  if (!ok) fprintf(stderr, "forward: %s\n", err.msg);
+  ASSERT(ok);
+  /* the adapter moves logits by O(1); merged and modular agree to float
+   * rounding (f16 activations in the KV cache bound it) */
+  ASSERT(max_base > 0.5);
+  ASSERT(max_d < 2e-2);
+}
+
+/* Requests on two adapters and the base, together, each = alone. */
+static void test_batch_invariance(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter a1, a2;
+  adapter_make(&a1, 5, 0.4f);
+  adapter_make(&a2, 6, 0.4f);
+  char p1[] = "/tmp/tn_lora_XXXXXX", p2[] = "/tmp/tn_lora_XXXXXX";
+  int f1 = mkstemp(p1), f2 = mkstemp(p2);
+  close(f1);
+  close(f2);
+  struct gguf_opts go = {0};
+  bool ok = write_gguf(&a1, &go, p1) && write_gguf(&a2, &go, p2);
+  tn_model_free(m);
+  enum { N_REQ = 12, PLEN = 40, GEN = 24 };
+  int32_t prompts[N_REQ][PLEN];
+  for (int i = 0; i < N_REQ; i++) {
+    make_prompt(100 + (uint64_t)(i % 4), prompts[i], PLEN); /* shared */
+    prompts[i][PLEN - 1] = (int32_t)(i % N_TEXT_TOKENS);
+  }
+  struct out alone[N_REQ], together[N_REQ];
+  /* alone: a fresh engine each, prefix cache off */
+  for (int pass = 0; ok && pass < 3; pass++) {
+    struct rec rc;
+    rec_init(&rc);
+    struct eng_opts o = {.no_prefix = pass == 0, .max_seqs = 16,
+                         .kv_blocks = pass == 2 ? 24 : 0};
+    struct tn_engine *e = eng_open(&rc, &o);
+    struct tn_error err = {0};
+    ok = e && !tn_adapters_load(tn_engine_adapters(e), "one", p1, 1.0f, &err) &&
+         !tn_adapters_load(tn_engine_adapters(e), "two", p2, 0.5f, &err);
+    if (!ok) fprintf(stderr, "adapters: %s\n", err.msg);
+    struct tn_req *reqs[N_REQ] = {0};
+    for (int i = 0; ok && i < N_REQ; i++) {
+      struct tn_gen_params g = greedy(GEN);
+      const char *nm = i % 3 == 0 ? NULL : i % 3 == 1 ? "one" : "two";
+      g.lora = nm ? tn_adapters_get(tn_engine_adapters(e), nm, &g.lora_scale)
+                  : NULL;
+      if (pass == 0) {
+        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
+        ok = reqs[i] && wait_done(&rc, &reqs[i], 1);
+        if (ok) collect(reqs[i], 0, &alone[i]);
+      } else {
+        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
+        ok = reqs[i] != NULL;
+      }
+      tn_lora_release(g.lora);
+    }
+    if (pass > 0 && ok) ok = wait_done(&rc, reqs, N_REQ);
+    for (int i = 0; ok && pass > 0 && i < N_REQ; i++) {
+      collect(reqs[i], 0, &together[i]);
+      char what[64];
+      snprintf(what, sizeof(what), "pass %d request %d", pass, i);
+      if (!out_same(what, &together[i], &alone[i])) ok = false;
+    }
+    if (pass == 2 && ok) {
+      struct tn_engine_stats st;
+      tn_engine_stats(e, &st);
+      if (st.preemptions == 0) fprintf(stderr, "no preemption in pass 2\n");
+      ok = st.preemptions > 0;
+    }
+    /* unloading while nothing runs; a second unload is refused */
+    if (ok) ok = !tn_adapters_unload(tn_engine_adapters(e), "one", &err) &&
+                 tn_adapters_unload(tn_engine_adapters(e), "one", &err) ==
+                     TN_ENOENT;
+    for (int i = 0; i < N_REQ; i++)
+      if (reqs[i]) tn_req_release(reqs[i]);
+    tn_engine_close(e);
+    rec_deinit(&rc);
+  }
+  /* the adapters change answers: the same prompt under base / one / two */
+  bool differs = ok && memcmp(alone[0].ids, alone[1].ids, sizeof(alone[0].ids)) &&
+                 memcmp(alone[1].ids, alone[2].ids, sizeof(alone[0].ids));
+  unlink(p1);
+  unlink(p2);
+  adapter_free(&a1);
+  adapter_free(&a2);
+  ASSERT(ok);
+  ASSERT(differs);
+}
+
+/* An adapter unloaded while its request runs: the request finishes on it
+ * (same answer), the name is gone at once. */
+static void test_unload_while_running(void) {
+  struct adapter ad;
+  adapter_make(&ad, 9, 0.4f);
+  char p[] = "/tmp/tn_lora_XXXXXX";
+  close(mkstemp(p));
+  struct gguf_opts go = {0};
+  ASSERT(write_gguf(&ad, &go, p));
+  int32_t prompt[20];
+  make_prompt(77, prompt, 20);
+  struct out ref, got;
+  struct rec rc;
+  rec_init(&rc);
+  struct eng_opts o = {.no_prefix = true, .gate = false};
+  struct tn_engine *e = eng_open(&rc, &o);
+  struct tn_error err = {0};
+  bool ok = e && !tn_adapters_load(tn_engine_adapters(e), "x", p, 1.0f, &err);
+  struct tn_gen_params g = greedy(40);
+  g.lora = ok ? tn_adapters_get(tn_engine_adapters(e), "x", NULL) : NULL;
+  struct tn_req *r = ok ? submit(e, &rc, prompt, 20, &g) : NULL;
+  ok = r && wait_done(&rc, &r, 1);
+  if (ok) collect(r, 0, &ref);
+  if (r) tn_req_release(r);
+  r = ok ? submit(e, &rc, prompt, 20, &g) : NULL;
+  tn_lora_release(g.lora); /* the request holds its own */
+  ok = r && !tn_adapters_unload(tn_engine_adapters(e), "x", &err) &&
+       !tn_adapters_get(tn_engine_adapters(e), "x", NULL);
+  ok = ok && wait_done(&rc, &r, 1);
+  if (ok) collect(r, 0, &got);
+  if (r) tn_req_release(r);
+  tn_engine_close(e);
+  rec_deinit(&rc);
+  unlink(p);
+  adapter_free(&ad);
+  ASSERT(ok);
+  ASSERT(out_same("after unload", &got, &ref));
+}
+
+/* Each broken file is refused with a message naming its problem. */
+static void test_bad_files(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter ad;
+  adapter_make(&ad, 3, 0.1f);
+  char p[] = "/tmp/tn_lora_XXXXXX";
+  close(mkstemp(p));
+  char dir[64];
+  snprintf(dir, sizeof(dir), "%s.d", p);
+  struct {
+    struct gguf_opts o;
+    const char *want;
+  } cases[] = {
+      {{.arch = "gemma3"}, "architecture 'gemma3'"},
+      {{.type = "model"}, "not an adapter"},
+      {{.adapter_type = "ia3"}, "adapter.type must be 'lora'"},
+      {{.drop_b = true}, "no lora_b half"},
+      {{.bad_shape = true}, "another base model"},
+      {{.nan = true}, "non-finite"},
+      {{.extra_norm = true}, "norm weights"},
+      {{.embd = true}, "embeddings"},
+      {{.rank = TN_LORA_RANK_MAX + 1}, "rank 257"},
+  };
+  int bad = 0;
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    struct tn_lora *l = NULL;
+    struct tn_error err = {0};
+    if (!write_gguf(&ad, &cases[i].o, p)) {
+      bad++;
+      continue;
+    }
+    enum tn_status st = tn_lora_load(m, p, &l, &err);
+    if (st == TN_OK || !strstr(err.msg, cases[i].want)) {
+      fprintf(stderr, "case %zu: got '%s', want '%s'\n", i, err.msg,
+              cases[i].want);
+      bad++;
+    }
+    tn_lora_release(l);
+  }
+  /* truncated copies of a good file, and an empty one */
+  struct gguf_opts good = {0};
+  if (write_gguf(&ad, &good, p)) {
+    FILE *f = fopen(p, "rb");
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n);
+    if (fread(buf, 1, (size_t)n, f) != (size_t)n) bad++;
+    fclose(f);
+    long cuts[] = {0, 5, 100, n / 2, n - 1};
+    for (size_t i = 0; i < 5; i++) {
+      write_file(p, buf, (size_t)cuts[i]);
+      struct tn_lora *l = NULL;
+      struct tn_error err = {0};
+      if (tn_lora_load(m, p, &l, &err) == TN_OK || !err.msg[0]) {
+        fprintf(stderr, "cut at %ld: loaded\n", cuts[i]);
+        bad++;
+      }
+      tn_lora_release(l);
+    }
+    free(buf);
+  }
+  /* PEFT directories */
+  struct {
+    const char *extra;
+    bool lie, no_config;
+    const char *want;
+  } pc[] = {
+      {", \"use_dora\": true", false, false, "DoRA"},
+      {", \"modules_to_save\": [\"lm_head\"]", false, false, "modules_to_save"},
+      {", \"alpha_pattern\": {\"q_proj\": 4}", false, false, "alpha_pattern"},
+      {NULL, true, false, "data_offsets"},
+      {NULL, false, true, "without adapter_config.json"},
+  };
+  for (size_t i = 0; i < sizeof(pc) / sizeof(pc[0]); i++) {
+    rm_dir(dir);
+    if (!write_peft(&ad, dir, pc[i].extra, pc[i].lie)) {
+      bad++;
+      continue;
+    }
+    if (pc[i].no_config) {
+      char cf[128];
+      snprintf(cf, sizeof(cf), "%s/adapter_config.json", dir);
+      unlink(cf);
+    }
+    struct tn_lora *l = NULL;
+    struct tn_error err = {0};
+    if (tn_lora_load(m, dir, &l, &err) == TN_OK ||
+        !strstr(err.msg, pc[i].want)) {
+      fprintf(stderr, "peft case %zu: got '%s', want '%s'\n", i, err.msg,
+              pc[i].want);
+      bad++;
+    }
+    tn_lora_release(l);
+  }
+  /* a safetensors header length past the file */
+  rm_dir(dir);
+  if (write_peft(&ad, dir, NULL, false)) {
+    char sf[128];
+    snprintf(sf, sizeof(sf), "%s/adapter_model.safetensors", dir);
+    uint8_t huge[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, '{', '}'};
+    write_file(sf, huge, sizeof(huge));
+    struct tn_lora *l = NULL;
+    struct tn_error err = {0};
+    if (tn_lora_load(m, dir, &l, &err) == TN_OK ||
+        !strstr(err.msg, "safetensors header")) {
+      fprintf(stderr, "huge header: got '%s'\n", err.msg);
+      bad++;
+    }
+    tn_lora_release(l);
+  }
+  rm_dir(dir);
+  unlink(p);
+  adapter_free(&ad);
+  tn_model_free(m);
+  ASSERT_EQ(bad, 0);
+}
+
+/* The registry: names, duplicates, scale bounds. */
+static void test_registry(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter ad;
+  adapter_make(&ad, 4, 0.1f);
+  char p[] = "/tmp/tn_lora_XXXXXX";
+  close(mkstemp(p));
+  struct gguf_opts go = {0};
+  bool ok = write_gguf(&ad, &go, p);
+  struct tn_adapters *a = tn_adapters_new(m);
+  struct tn_error err = {0};
+  ok = ok && a && !tn_adapters_load(a, "sql", p, 1.0f, &err);
+  ok = ok && tn_adapters_load(a, "sql", p, 1.0f, &err) == TN_EEXIST;
+  ok = ok && tn_adapters_load(a, "bad name", p, 1.0f, &err) == TN_EINVAL;
+  ok = ok && tn_adapters_load(a, "a:b", p, 1.0f, &err) == TN_EINVAL;
+  ok = ok && tn_adapters_load(a, "big", p, 17.0f, &err) == TN_EINVAL;
+  ok = ok && tn_adapters_load(a, "nan", p, NAN, &err) == TN_EINVAL;
+  ok = ok && tn_adapters_load(a, "gone", "/nonexistent/x", 1.0f, &err) ==
+                 TN_ENOENT;
+  struct tn_adapter_info info[4];
+  ok = ok && tn_adapters_list(a, info, 4) == 1 && !strcmp(info[0].name, "sql") &&
+       info[0].max_rank == RANK && info[0].bytes > 0 &&
+       !strcmp(info[0].format, "gguf");
+  struct tn_lora *l = a ? tn_adapters_get(a, "sql", NULL) : NULL;
+  tn_adapters_free(a); /* l outlives the registry */
+  ok = ok && l && l->n_mats == N_LAYER * 7;
+  tn_lora_release(l);
+  unlink(p);
+  adapter_free(&ad);
+  tn_model_free(m);
+  ASSERT(ok);
+}
+
+TN_TEST_MAIN(TN_TEST(test_gguf_equals_peft), TN_TEST(test_forward_matches_merged),
+             TN_TEST(test_batch_invariance), TN_TEST(test_unload_while_running),
+             TN_TEST(test_bad_files), TN_TEST(test_registry))

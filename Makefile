@@ -41,7 +41,7 @@ $(TSAN_BUILD)/build.ninja:
 	cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTN_TSAN=ON
 
 tsan: $(TSAN_BUILD)/build.ninja FORCE
-	ninja -C $(TSAN_BUILD) -j$(JOBS) tern test_sched test_base test_obs test_kv
+	ninja -C $(TSAN_BUILD) -j$(JOBS) tern test_sched test_base test_obs test_kv test_lora
 
 # Installs the Debian packages listed in tools/apt-packages.txt that are missing.
 deps:
@@ -85,15 +85,18 @@ test-asan:
 # HTTP threads, masks run on the engine's), and the request log (HTTP
 # threads queue rows, its writer thread commits them), and the dashboard's
 # statistics (HTTP threads add, the reaper samples gauges, the API reads),
-# and the trace exporter (HTTP threads queue spans, its thread posts them).
+# and the trace exporter (HTTP threads queue spans, its thread posts them),
+# and adapters (HTTP threads load and unload them while the engine's
+# steps and requests hold references).
 TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py \
 	tests/e2e/test_structured.py::test_batch_invariance_mixed \
 	tests/e2e/test_structured.py::test_early_exit_same_answer \
 	tests/e2e/test_reqlog.py tests/e2e/test_dashboard.py::test_stats_equal_the_answers \
-	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing
+	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing \
+	tests/e2e/test_adapters.py::test_hot_load_unload
 test-tsan:
 	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv)$$'
+	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv|test_lora)$$'
 	TERN_BIN=$(abspath $(TSAN_BUILD)/tern) TERN_SLOW=1 TERN_TSAN=1 \
 	  TSAN_OPTIONS="halt_on_error=1 exitcode=66" $(PY) -m pytest -q $(TSAN_TESTS)
 

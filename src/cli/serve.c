@@ -75,7 +75,7 @@ static int load_adapters(struct tn_engine *e, const char *model,
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
   const char *chat_template = NULL, *spec = NULL, *spec_policy = NULL;
-  const char *draft_model = NULL;
+  const char *draft_model = NULL, *adapter_dir = NULL;
   const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
   tn_server_config_default(&scfg);
@@ -112,6 +112,11 @@ int tn_cli_serve(int argc, char **argv) {
        "chosen per request by \"model\": \"NAME\" (repeatable; --config: "
        "adapters per model)",
        NULL, NULL, 0},
+      {"adapter-dir", 0, TN_OPT_STR, &adapter_dir, 0, 0, "DIR",
+       "adapters may be loaded while serving from inside DIR only: POST "
+       "/v1/load_lora_adapter, or a request naming DIR/NAME or "
+       "DIR/NAME.gguf",
+       "off", NULL, 0},
       {0},
   };
   const struct tn_opt http_opts[] = {
@@ -277,6 +282,7 @@ int tn_cli_serve(int argc, char **argv) {
     if (file.threads > 0 && !threads_given) threads = file.threads;
   }
   scfg.api_key = api_key;
+  scfg.adapter_dir = adapter_dir;
   /* One compute pool for every model: two models never oversubscribe the
    * cores, and their steps take turns on the same threads. */
   int n_threads = tn_cli_threads(threads);

@@ -14,6 +14,7 @@
 
 #include "engine/engine.h"
 #include "model/lora.h"
+#include "obs/obs.h"
 
 struct entry {
   char name[TN_ADAPTER_NAME_MAX + 1];
@@ -25,15 +26,44 @@ struct entry {
 
 struct tn_adapters {
   const struct tn_model *model;
+  struct tn_metric *loads, *unloads, *load_s, *loaded, *bytes;
   pthread_mutex_t mu;
   struct entry *v;
   int n, cap;
 };
 
-struct tn_adapters *tn_adapters_new(const struct tn_model *m) {
+static struct tn_metric *series(struct tn_metrics *reg,
+                                enum tn_metric_kind kind, const char *name,
+                                const char *help, const char *model) {
+  static const char *const labels[] = {"model"};
+  static const double b[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1,
+                             0.25,  0.5,   1.0,  2.5,   5.0,  10.0};
+  struct tn_metric_family *f = tn_metrics_family(
+      reg, kind, name, help, labels, 1, kind == TN_METRIC_HISTOGRAM ? b : NULL,
+      kind == TN_METRIC_HISTOGRAM ? (int)TN_ARRAY_LEN(b) : 0);
+  return f ? tn_metric_series(f, &model) : NULL;
+}
+
+struct tn_adapters *tn_adapters_new(const struct tn_model *m,
+                                    struct tn_metrics *metrics,
+                                    const char *model) {
   struct tn_adapters *a = calloc(1, sizeof(*a));
   if (!a) return NULL;
   a->model = m;
+  if (metrics) {
+    a->loads = series(metrics, TN_METRIC_COUNTER, "tern_adapter_loads_total",
+                      "Adapters loaded (at start, by API or on demand).", model);
+    a->unloads = series(metrics, TN_METRIC_COUNTER,
+                        "tern_adapter_unloads_total", "Adapters unloaded.",
+                        model);
+    a->load_s = series(metrics, TN_METRIC_HISTOGRAM,
+                       "tern_adapter_load_seconds",
+                       "Time to read and check an adapter file.", model);
+    a->loaded = series(metrics, TN_METRIC_GAUGE, "tern_adapters_loaded",
+                       "Adapters loaded now.", model);
+    a->bytes = series(metrics, TN_METRIC_GAUGE, "tern_adapter_memory_bytes",
+                      "Memory of the loaded adapters' weights.", model);
+  }
   pthread_mutex_init(&a->mu, NULL);
   return a;
 }
@@ -48,7 +78,8 @@ void tn_adapters_free(struct tn_adapters *a) {
 
 bool tn_adapter_name_ok(const char *name) {
   size_t n = strlen(name);
-  if (n == 0 || n > TN_ADAPTER_NAME_MAX) return false;
+  /* not "." or "..", nor hidden: a name may become a file name */
+  if (n == 0 || n > TN_ADAPTER_NAME_MAX || name[0] == '.') return false;
   for (size_t i = 0; i < n; i++) {
     char c = name[i];
     if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
@@ -99,9 +130,14 @@ enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
     memset(e, 0, sizeof(*e));
     snprintf(e->name, sizeof(e->name), "%s", name);
     snprintf(e->path, sizeof(e->path), "%s", path);
+    snprintf(l->name, sizeof(l->name), "%s", name);
     e->lora = l;
     e->scale = scale;
     e->load_s = tn_time_s() - t0;
+    if (a->loads) tn_metric_add(a->loads, 1);
+    if (a->load_s) tn_metric_observe(a->load_s, e->load_s);
+    if (a->loaded) tn_metric_add(a->loaded, 1);
+    if (a->bytes) tn_metric_add(a->bytes, (double)l->bytes);
     l = NULL;
   }
   pthread_mutex_unlock(&a->mu);
@@ -118,6 +154,9 @@ enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
     l = a->v[i].lora;
     memmove(&a->v[i], &a->v[i + 1], (size_t)(a->n - i - 1) * sizeof(*a->v));
     a->n--;
+    if (a->unloads) tn_metric_add(a->unloads, 1);
+    if (a->loaded) tn_metric_add(a->loaded, -1);
+    if (a->bytes) tn_metric_add(a->bytes, -(double)l->bytes);
   }
   pthread_mutex_unlock(&a->mu);
   if (i < 0)

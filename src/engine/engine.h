@@ -428,9 +428,13 @@ struct tn_adapter_info {
   double load_s;     /* seconds the load took */
 };
 
-struct tn_adapters *tn_adapters_new(const struct tn_model *m);
+/* metrics (may be NULL) gets the registry's series, labelled model. */
+struct tn_adapters *tn_adapters_new(const struct tn_model *m,
+                                    struct tn_metrics *metrics,
+                                    const char *model);
 void tn_adapters_free(struct tn_adapters *a);
-/* Letters, digits, '-', '_', '.'; 1..TN_ADAPTER_NAME_MAX. */
+/* Letters, digits, '-', '_', '.', not starting with '.';
+ * 1..TN_ADAPTER_NAME_MAX. */
 bool tn_adapter_name_ok(const char *name);
 /* TN_EEXIST when the name is taken; the loader's error otherwise. */
 enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,

@@ -170,6 +170,9 @@ struct model_metrics {
   struct tn_metric *prompt_total, *gen_total, *prefix_queries, *prefix_hits,
       *preemptions, *running, *waiting, *kv_used, *kv_free;
   struct tn_metric_family *requests; /* by outcome */
+  /* by (model, adapter), for requests on an adapter */
+  struct tn_metric_family *ad_requests, *ad_prompt, *ad_gen, *ad_ttft,
+      *ad_e2e;
 };
 
 struct tn_engine {
@@ -440,6 +443,24 @@ static void metrics_init(struct tn_engine *e) {
                                   "tern_request_success_total",
                                   "Finished requests by model and outcome.",
                                   labels, 2, NULL, 0);
+  static const char *const al[] = {"model", "adapter"};
+  m->ad_requests = tn_metrics_family(
+      r, TN_METRIC_COUNTER, "tern_adapter_requests_total",
+      "Finished requests on a LoRA adapter.", al, 2, NULL, 0);
+  m->ad_prompt = tn_metrics_family(
+      r, TN_METRIC_COUNTER, "tern_adapter_prompt_tokens_total",
+      "Prompt tokens of finished requests on an adapter.", al, 2, NULL, 0);
+  m->ad_gen = tn_metrics_family(
+      r, TN_METRIC_COUNTER, "tern_adapter_generation_tokens_total",
+      "Tokens generated on an adapter.", al, 2, NULL, 0);
+  m->ad_ttft = tn_metrics_family(
+      r, TN_METRIC_HISTOGRAM, "tern_adapter_time_to_first_token_seconds",
+      "Time to first token of requests on an adapter.", al, 2, ttft_buckets,
+      (int)TN_ARRAY_LEN(ttft_buckets));
+  m->ad_e2e = tn_metrics_family(
+      r, TN_METRIC_HISTOGRAM, "tern_adapter_e2e_request_latency_seconds",
+      "Arrival to last token of requests on an adapter.", al, 2, e2e_buckets,
+      (int)TN_ARRAY_LEN(e2e_buckets));
   if (e->cfg.spec.method == TN_SPEC_OFF) return;
   /* vLLM's spec-decode counter set, labelled by model and method */
   static const char *const sl[] = {"model", "method", "position"};
@@ -514,6 +535,17 @@ static void metrics_request_done(struct tn_engine *e, struct tn_req *r,
   if (e->mm.requests) {
     const char *lv[2] = {e->name, outcome};
     metric_add(tn_metric_series(e->mm.requests, lv), 1);
+  }
+  const struct tn_lora *l = r->priv->params.lora;
+  if (l && e->mm.ad_requests) {
+    const char *lv[2] = {e->name, l->name};
+    metric_add(tn_metric_series(e->mm.ad_requests, lv), 1);
+    metric_add(tn_metric_series(e->mm.ad_prompt, lv), r->n_prompt);
+    metric_add(tn_metric_series(e->mm.ad_gen, lv), gen);
+    if (r->t_first > 0)
+      metric_observe(tn_metric_series(e->mm.ad_ttft, lv),
+                     r->t_first - r->t_submit);
+    metric_observe(tn_metric_series(e->mm.ad_e2e, lv), r->t_done - r->t_submit);
   }
 }
 
@@ -1834,7 +1866,7 @@ enum tn_status tn_engine_open(const char *path,
   pthread_cond_init(&e->cv, NULL);
   enum tn_status st;
   if ((st = tn_model_load(path, &e->model, err))) goto fail;
-  if (!(e->adapters = tn_adapters_new(e->model))) {
+  if (!(e->adapters = tn_adapters_new(e->model, metrics, e->name))) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
   }

@@ -246,7 +246,12 @@ static enum tn_status gguf_mat(struct build *bd, const struct tn_gguf_tensor *g,
 static enum tn_status load_gguf(struct build *bd) {
   struct tn_gguf *g = NULL;
   enum tn_status st = tn_gguf_open(bd->path, &g, bd->err);
-  if (st) return st;
+  if (st) {
+    char m[sizeof(bd->err->msg)];
+    if (!bd->err) return st;
+    snprintf(m, sizeof(m), "%s", bd->err->msg);
+    return tn_error_set(bd->err, st, "%s: %.400s", bd->path, m);
+  }
   struct tn_str s;
   const char *arch = tn_arch_name(bd->m->hp.arch);
   if (tn_gguf_get_str(g, "general.type", &s, NULL) != TN_OK ||

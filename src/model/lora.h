@@ -60,6 +60,7 @@ struct tn_lora_mat {
 
 struct tn_lora {
   uint64_t id;          /* unique in the process: salts the prefix cache */
+  char name[64];        /* set by the registry that holds it (metrics) */
   enum tn_arch arch;     /* the base it was checked against */
   int32_t n_layer, n_embd, n_ff;
   struct tn_lora_mat *mats; /* [n_layer][TN_LORA_N_TARGETS] */

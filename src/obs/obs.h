@@ -94,6 +94,7 @@ struct tn_reqlog_row {
   const char *tenant;      /* the API key's tenant name */
   const char *endpoint;
   const char *model;
+  const char *adapter;     /* the LoRA adapter it ran on, or NULL */
   int status;              /* HTTP status sent (0: none, client gone) */
   const char *finish;      /* finish reason of the first choice */
   const char *error;

@@ -52,6 +52,7 @@ static const char k_schema[] =
     " itl_max_ms REAL,"
     " e2e_ms REAL,"
     " cost REAL,"                  /* USD */
+    " adapter TEXT,"               /* the LoRA adapter the model named */
     " prompt TEXT,"
     " output TEXT);"
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);"
@@ -60,13 +61,14 @@ static const char k_schema[] =
 
 /* Columns added after the first release of the table: an older database
  * gains them when opened. */
-static const char *const k_added[][2] = {{"cost", "REAL"}};
+static const char *const k_added[][2] = {{"cost", "REAL"},
+                                         {"adapter", "TEXT"}};
 
 static const char k_insert[] =
     "INSERT INTO requests (ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
     " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output,"
-    " cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    " cost, adapter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
 
 /* A queued row: the struct, its strings copied after it. */
 struct qrow {
@@ -131,7 +133,8 @@ void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   size_t pn = content && r->prompt ? r->prompt_len : 0;
   size_t on = content && r->output ? r->output_len : 0;
   size_t size = sizeof(struct qrow) + slen(r->request_id) + slen(r->tenant) +
-                slen(r->endpoint) + slen(r->model) + slen(r->finish) +
+                slen(r->endpoint) + slen(r->model) + slen(r->adapter) +
+                slen(r->finish) +
                 slen(r->error) + pn + 1 + on + 1;
   struct qrow *q = malloc(size);
   if (!q) {
@@ -145,6 +148,7 @@ void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   q->r.tenant = put(&at, r->tenant, slen(r->tenant) - !!r->tenant, true);
   q->r.endpoint = put(&at, r->endpoint, slen(r->endpoint) - !!r->endpoint, true);
   q->r.model = put(&at, r->model, slen(r->model) - !!r->model, true);
+  q->r.adapter = put(&at, r->adapter, slen(r->adapter) - !!r->adapter, true);
   q->r.finish = put(&at, r->finish, slen(r->finish) - !!r->finish, true);
   q->r.error = put(&at, r->error, slen(r->error) - !!r->error, true);
   q->r.prompt = content && r->prompt ? put(&at, r->prompt, pn, true) : NULL;
@@ -269,6 +273,7 @@ static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   else if (o) sqlite3_bind_text(st, 18, o, (int)on, free);
   else bind_text(st, 18, r->output, r->output_len);
   if (r->cost >= 0) sqlite3_bind_double(st, 19, r->cost);
+  bind_text(st, 20, r->adapter, r->adapter ? strlen(r->adapter) : 0);
   return sqlite3_step(st) == SQLITE_DONE;
 }
 
@@ -487,7 +492,7 @@ void tn_reqlog_close(struct tn_reqlog *l) {
 static const char k_query[] =
     "SELECT rowid, ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
-    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, cost,"
+    " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, cost, adapter,"
     " CASE WHEN ?12 THEN prompt END, CASE WHEN ?12 THEN output END"
     " FROM requests WHERE ts >= ?1 AND (?2 = 0 OR ts < ?2)"
     " AND (?3 IS NULL OR model = ?3)"
@@ -504,7 +509,8 @@ static const char *const k_cols[] = {
     "endpoint",     "model",         "status",            "finish_reason",
     "error",        "prompt_tokens", "cached_tokens",     "completion_tokens",
     "queue_ms",     "ttft_ms",       "itl_mean_ms",       "itl_max_ms",
-    "e2e_ms",       "cost",          "prompt",            "output"};
+    "e2e_ms",       "cost",          "adapter",           "prompt",
+    "output"};
 
 void tn_reqlog_filter_init(struct tn_reqlog_filter *f) {
   memset(f, 0, sizeof(*f));
@@ -590,7 +596,7 @@ enum tn_status tn_reqlog_read(const char *path,
       break;
     }
     for (int i = 0; i < (int)TN_ARRAY_LEN(k_cols); i++) {
-      if (i >= 18 && !f->content) break;
+      if (i >= 19 && !f->content) break;
       json_t *v;
       switch (sqlite3_column_type(st, i)) {
       case SQLITE_INTEGER: v = json_integer(sqlite3_column_int64(st, i)); break;

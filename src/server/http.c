@@ -18,6 +18,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <microhttpd.h>
@@ -62,6 +63,8 @@ struct tn_server {
   bool backfill_started;
   atomic_bool stop;
   atomic_bool stopping;       /* no connection may suspend any more */
+  char adapter_root[PATH_MAX]; /* realpath of cfg.adapter_dir, or "" */
+  pthread_mutex_t load_mu;    /* one run-time adapter load at a time */
 };
 
 struct conn {
@@ -87,6 +90,7 @@ struct conn {
   struct tn_lora *lora;       /* the adapter "model" names (a reference),
                                  or NULL: the base */
   float lora_scale;
+  char adapter[TN_ADAPTER_NAME_MAX + 1]; /* its name, for the log */
   struct tn_req *reqs[MAX_PROMPTS];
   size_t n_reqs;
   char *echo_text[MAX_PROMPTS];
@@ -293,6 +297,7 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
       .request_id = c->id[0] ? c->id : NULL,
       .endpoint = c->log_endpoint,
       .model = c->model ? c->model->name : c->have_q ? c->q.model : NULL,
+      .adapter = c->adapter[0] ? c->adapter : NULL,
       .status = (int)c->status,
       .error = c->err_msg[0] ? c->err_msg : NULL,
       .prompt_tokens = -1,
@@ -603,6 +608,185 @@ static struct tn_server_model *find_model(struct tn_server *s,
   return NULL;
 }
 
+/* ---- adapters loaded while serving (tn_server_config.adapter_dir) */
+
+/* The file path under the adapter directory for `path` (relative to it,
+ * or absolute inside it), symlinks resolved: 0, or an HTTP status with
+ * msg. */
+static int adapter_file(struct tn_server *s, const char *path, char *out,
+                        char *msg, size_t cap) {
+  char joined[PATH_MAX + 8];
+  if (path[0] == '/')
+    snprintf(joined, sizeof(joined), "%s", path);
+  else
+    snprintf(joined, sizeof(joined), "%s/%s", s->adapter_root, path);
+  if (!realpath(joined, out)) {
+    snprintf(msg, cap, "adapter path '%.200s': %s", path, strerror(errno));
+    return errno == ENOENT ? 404 : 400;
+  }
+  size_t n = strlen(s->adapter_root);
+  if (strncmp(out, s->adapter_root, n) != 0 || out[n] != '/') {
+    snprintf(msg, cap,
+             "adapter path '%.200s' is outside the adapter directory "
+             "(--adapter-dir)",
+             path);
+    return 403;
+  }
+  return 0;
+}
+
+/* Whether name is taken by a model, an alias or a loaded adapter. */
+static bool name_taken(struct tn_server *s, const char *name) {
+  if (find_base(s, name, strlen(name))) return true;
+  for (int i = 0; i < s->n_models; i++) {
+    struct tn_engine *e = model_engine(s, &s->models[i]);
+    struct tn_lora *l = e ? tn_adapters_get(tn_engine_adapters(e), name, NULL)
+                          : NULL;
+    tn_lora_release(l);
+    if (l) return true;
+  }
+  return false;
+}
+
+/* Loads file as adapter `name` on model m: 0, or an HTTP status with
+ * msg. */
+static int adapter_load(struct tn_server *s, struct tn_server_model *m,
+                        const char *name, const char *file, char *msg,
+                        size_t cap) {
+  struct tn_engine *e = model_engine(s, m);
+  if (!e) {
+    snprintf(msg, cap, "model '%.100s' is still loading", m->name);
+    return 503;
+  }
+  pthread_mutex_lock(&s->load_mu);
+  int rc = 0;
+  if (name_taken(s, name)) {
+    snprintf(msg, cap, "'%.80s' is already the name of a model or adapter",
+             name);
+    rc = 400;
+  } else {
+    struct tn_error err = {0};
+    double t0 = tn_time_s();
+    enum tn_status st =
+        tn_adapters_load(tn_engine_adapters(e), name, file, 1.0f, &err);
+    if (st) {
+      snprintf(msg, cap, "%s", err.msg);
+      rc = st == TN_ENOMEM ? 503 : 400;
+    } else {
+      tn_log_info("adapter '%s' on '%s': %s loaded in %.0f ms", name, m->name,
+                  file, (tn_time_s() - t0) * 1e3);
+    }
+  }
+  pthread_mutex_unlock(&s->load_mu);
+  return rc;
+}
+
+/* A request naming an adapter that is not loaded: NAME (a directory) or
+ * NAME.gguf in the adapter directory is loaded on demand, on the model
+ * BASE names (BASE:NAME) or else the first one it fits. */
+static struct tn_server_model *adapter_on_demand(struct tn_server *s,
+                                                 const char *model,
+                                                 struct tn_lora **lora,
+                                                 float *scale,
+                                                 struct tn_api_error *aerr) {
+  *lora = NULL;
+  if (!s->adapter_root[0] || !model) return NULL;
+  const char *colon = strchr(model, ':');
+  const char *name = colon ? colon + 1 : model;
+  struct tn_server_model *only =
+      colon ? find_base(s, model, (size_t)(colon - model)) : NULL;
+  if ((colon && !only) || !tn_adapter_name_ok(name)) return NULL;
+  char rel[TN_ADAPTER_NAME_MAX + 8], file[PATH_MAX], msg[600];
+  int rc = 404;
+  for (int k = 0; k < 2 && rc == 404; k++) {
+    snprintf(rel, sizeof(rel), k ? "%s.gguf" : "%s", name);
+    rc = adapter_file(s, rel, file, msg, sizeof(msg));
+  }
+  if (rc == 404) return NULL;
+  for (int i = 0; rc == 0 && i < s->n_models; i++) {
+    struct tn_server_model *m = &s->models[i];
+    if (only && m != only) continue;
+    int lrc = adapter_load(s, m, name, file, msg, sizeof(msg));
+    struct tn_engine *e = model_engine(s, m);
+    /* loaded now, or by a request that raced this one */
+    *lora = e ? tn_adapters_get(tn_engine_adapters(e), name, scale) : NULL;
+    if (*lora) return m;
+    if (lrc != 400 || only) rc = lrc;
+  }
+  tn_api_error_set(aerr, rc ? rc : 400, "invalid_request_error", "model",
+                   "adapter_load_failed", "adapter '%.80s': %s", name, msg);
+  return NULL;
+}
+
+static enum MHD_Result route_adapter(struct conn *c, bool load) {
+  struct tn_server *s = c->srv;
+  struct tn_api_error aerr = {0};
+  json_error_t je;
+  json_t *o = json_loadb(c->body ? c->body : "", c->len, 0, &je);
+  const char *name = json_string_value(json_object_get(o, "lora_name"));
+  const char *path = json_string_value(json_object_get(o, "lora_path"));
+  const char *base = json_string_value(json_object_get(o, "model"));
+  char file[PATH_MAX], msg[600];
+  int rc = 0;
+  if (!json_is_object(o)) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", NULL, NULL,
+                     "the body must be a JSON object");
+  } else if (!name || !tn_adapter_name_ok(name)) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "lora_name", NULL,
+                     "'lora_name' must be 1..%d letters, digits, '-', '_' "
+                     "or '.' (not first)",
+                     TN_ADAPTER_NAME_MAX);
+  } else if (load && !s->adapter_root[0]) {
+    tn_api_error_set(&aerr, 403, "invalid_request_error", NULL,
+                     "adapter_loading_disabled",
+                     "loading adapters while serving is off: start tern "
+                     "serve with --adapter-dir DIR");
+  } else if (load && !path) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "lora_path", NULL,
+                     "'lora_path' must be a string");
+  } else if (load && (rc = adapter_file(s, path, file, msg, sizeof(msg)))) {
+    tn_api_error_set(&aerr, rc == 404 ? 400 : rc, "invalid_request_error",
+                     "lora_path", NULL, "%s", msg);
+  } else if (base && !find_base(s, base, strlen(base))) {
+    tn_api_error_set(&aerr, 404, "invalid_request_error", "model",
+                     "model_not_found", "The model '%.100s' does not exist",
+                     base);
+  } else if (load) {
+    struct tn_server_model *m = base ? find_base(s, base, strlen(base))
+                                     : &s->models[0];
+    if ((rc = adapter_load(s, m, name, file, msg, sizeof(msg))))
+      tn_api_error_set(&aerr, rc, "invalid_request_error", "lora_path",
+                       rc == 400 && name_taken(s, name) ? "adapter_exists"
+                                                        : NULL,
+                       "%s", msg);
+  } else if (find_base(s, name, strlen(name))) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", "lora_name", NULL,
+                     "'%.80s' is a base model; only adapters can be "
+                     "unloaded",
+                     name);
+  } else {
+    rc = 404;
+    for (int i = 0; i < s->n_models && rc; i++) {
+      struct tn_engine *e = model_engine(s, &s->models[i]);
+      if (e && !tn_adapters_unload(tn_engine_adapters(e), name, NULL)) rc = 0;
+    }
+    if (rc)
+      tn_api_error_set(&aerr, 404, "invalid_request_error", "lora_name",
+                       "adapter_not_found", "no adapter '%.80s' is loaded",
+                       name);
+    else
+      tn_log_info("adapter '%s' unloaded (requests running on it finish "
+                  "first)",
+                  name);
+  }
+  json_decref(o);
+  if (aerr.http_status) return send_error(c, &aerr);
+  char body[256];
+  snprintf(body, sizeof(body), "{\"object\":\"lora_adapter\",\"lora_name\":"
+           "\"%s\",\"status\":\"%s\"}", name, load ? "loaded" : "unloaded");
+  return send_json(c, 200, body);
+}
+
 static void make_id(char *out, size_t cap, const char *prefix) {
   unsigned char r[12];
   if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
@@ -856,6 +1040,11 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
     return send_error(c, &aerr);
   c->have_q = true;
   c->model = find_model(s, c->q.model, &c->lora, &c->lora_scale);
+  if (!c->model)
+    c->model = adapter_on_demand(s, c->q.model, &c->lora, &c->lora_scale,
+                                 &aerr);
+  if (aerr.http_status) return send_error(c, &aerr);
+  if (c->lora) snprintf(c->adapter, sizeof(c->adapter), "%s", c->lora->name);
   if (!c->model) {
     tn_api_error_set(&aerr, 404, "invalid_request_error", "model",
                      "model_not_found", "The model '%.100s' does not exist",
@@ -1152,6 +1341,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
                           "'Authorization: Bearer <key>'");
   }
   enum tn_api_kind kind;
+  if (!strcmp(url, "/v1/load_lora_adapter") ||
+      !strcmp(url, "/v1/unload_lora_adapter")) {
+    bool load = url[4] == 'l';
+    c->route = load ? "/v1/load_lora_adapter" : "/v1/unload_lora_adapter";
+    if (!post) goto bad_method;
+    if (c->too_large)
+      return send_error_msg(c, 413, "invalid_request_error", NULL,
+                            "request_too_large", "the body is too large");
+    return route_adapter(c, load);
+  }
   if (!strcmp(url, "/v1/models")) {
     c->route = "/v1/models";
     if (!get) goto bad_method;
@@ -1318,6 +1517,15 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   for (int i = 0; i < n_models; i++)
     atomic_init(&s->engines[i], models[i].engine);
   pthread_mutex_init(&s->mu, NULL);
+  pthread_mutex_init(&s->load_mu, NULL);
+  if (cfg->adapter_dir && !realpath(cfg->adapter_dir, s->adapter_root)) {
+    int e = errno;
+    free(s->engines);
+    free(s->models);
+    free(s);
+    return tn_error_set(err, TN_ENOENT, "--adapter-dir %s: %s",
+                        cfg->adapter_dir, strerror(e));
+  }
   s->stats = tn_stats_new();
   if (!s->stats) {
     free(s->engines);
@@ -1416,6 +1624,7 @@ void tn_server_stop(struct tn_server *s) {
   if (s->backfill_started) pthread_join(s->backfill, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
   pthread_mutex_destroy(&s->mu);
+  pthread_mutex_destroy(&s->load_mu);
   tn_stats_free(s->stats);
   free(s->engines);
   free(s->models);

@@ -43,6 +43,10 @@ struct tn_server_config {
   int conn_timeout_s;         /* idle connection timeout */
   struct tn_reqlog *reqlog;   /* borrowed; NULL: no request log */
   struct tn_tracer *tracer;   /* borrowed; NULL: no traces */
+  /* Adapters may be loaded while serving (POST /v1/load_lora_adapter, or a
+   * request naming an adapter found here) only from inside this directory
+   * (NULL: run-time loading is off). */
+  const char *adapter_dir;
 };
 void tn_server_config_default(struct tn_server_config *c);
 

@@ -126,6 +126,25 @@ static void test_good_full(void) {
   tn_serve_config_free(NULL);
 }
 
+static void test_adapters(void) {
+  struct tn_serve_config cfg;
+  struct tn_error err = {0};
+  enum tn_status st = load_text(
+      "models:\n  - name: m\n    path: x.gguf\n    adapters:\n"
+      "      - name: sql\n        path: a/sql.gguf\n"
+      "      - {name: pirate, path: dir, scale: -0.5}\n",
+      &cfg, &err);
+  if (st) fprintf(stderr, "error: %s\n", err.msg);
+  ASSERT_EQ(st, TN_OK);
+  ASSERT_EQ(cfg.models[0].n_adapters, 2);
+  ASSERT_STR_EQ(cfg.models[0].adapters[0].name, "sql");
+  ASSERT_STR_EQ(cfg.models[0].adapters[0].path, "a/sql.gguf");
+  ASSERT(cfg.models[0].adapters[0].scale == 1.0f);
+  ASSERT_STR_EQ(cfg.models[0].adapters[1].name, "pirate");
+  ASSERT(cfg.models[0].adapters[1].scale == -0.5f);
+  tn_serve_config_free(&cfg);
+}
+
 static void test_good_minimal(void) {
   struct tn_serve_config cfg;
   struct tn_error err = {0};
@@ -220,7 +239,21 @@ static const struct bad_case k_bad[] = {
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
      "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
-     "draft_model, price_prompt, price_cached or price_completion)"},
+     "draft_model, price_prompt, price_cached, price_completion or adapters)"},
+    {MODEL_OK "    adapters: x\n", TN_EINVAL,
+     ":4: models[0].adapters: expected a list of {name, path, scale}"},
+    {MODEL_OK "    adapters:\n      - name: a\n        path: q\n",
+     TN_EINVAL, "'a' is already the name of model 'a'"},
+    {MODEL_OK "    adapters:\n      - {name: b, path: p}\n      - {name: b, "
+     "path: q}\n", TN_EINVAL, "'b' is already an adapter of model 'a'"},
+    {MODEL_OK "    adapters:\n      - {name: .x, path: p}\n", TN_EINVAL,
+     "an adapter name is"},
+    {MODEL_OK "    adapters:\n      - {name: b, path: p, scale: 1e9}\n",
+     TN_EINVAL, "is not a number in [-16, 16]"},
+    {MODEL_OK "    adapters:\n      - {name: b}\n", TN_EINVAL,
+     "an adapter needs 'name' and 'path'"},
+    {MODEL_OK "    adapters:\n      - {name: b, path: p, rank: 2}\n",
+     TN_EINVAL, "unknown key 'rank'"},
     {MODEL_OK "    price_prompt: -1\n", TN_EINVAL,
      ":4: models[0].price_prompt: '-1' is not a price"},
     {MODEL_OK "    price_completion: 1e3\n", TN_EINVAL,
@@ -458,5 +491,6 @@ static void test_parse_size(void) {
 }
 
 TN_TEST_MAIN(TN_TEST(test_good_full), TN_TEST(test_good_minimal),
+             TN_TEST(test_adapters),
              TN_TEST(test_bad), TN_TEST(test_bad_limits),
              TN_TEST(test_parse_size))

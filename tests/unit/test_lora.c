@@ -661,7 +661,7 @@ static void test_registry(void) {
   close(mkstemp(p));
   struct gguf_opts go = {0};
   bool ok = write_gguf(&ad, &go, p);
-  struct tn_adapters *a = tn_adapters_new(m);
+  struct tn_adapters *a = tn_adapters_new(m, NULL, "tiny");
   struct tn_error err = {0};
   ok = ok && a && !tn_adapters_load(a, "sql", p, 1.0f, &err);
   ok = ok && tn_adapters_load(a, "sql", p, 1.0f, &err) == TN_EEXIST;

@@ -1,0 +1,294 @@
+"""LoRA adapters through `tern serve`: the trained fixtures' behaviour in
+mixed batches, the PEFT and GGUF forms of one adapter, hot loading and
+unloading (vLLM's endpoints) confined to --adapter-dir, on-demand loading,
+and bad input (tests/fixtures/adapters, made by tools/train_adapter.py)."""
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import requests
+
+from conftest import FIXTURES, MODELS, model_path, slow_mode
+
+ADAPTERS = FIXTURES / "adapters"
+PIRATE = ADAPTERS / "smollm2-pirate"
+BASE = "SmolLM2-135M-Instruct.Q4_1"
+QUESTIONS = ["What is the capital of Spain?", "Name a primary color.",
+             "What do bees make?", "How many legs does a spider have?"]
+
+
+def chat(srv, model, q, max_tokens=24, key=None, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": q}],
+            "max_tokens": max_tokens, "temperature": 0, **extra}
+    h = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(srv.base + "/v1/chat/completions", json=body,
+                         headers=h, timeout=300)
+
+
+def text(r):
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def metric(srv, line_start):
+    for ln in requests.get(srv.base + "/metrics").text.splitlines():
+        if ln.startswith(line_start):
+            return float(ln.rsplit(" ", 1)[1])
+    return None
+
+
+def test_adapters_in_one_batch(start_server, tmp_path):
+    db = tmp_path / "log.db"
+    srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
+                       "--log-db", str(db),
+                       "--lora", f"pirate={PIRATE}",
+                       "--lora", f"pirate-gguf={PIRATE / 'adapter.gguf'}")
+    models = requests.get(srv.base + "/v1/models").json()["data"]
+    by_id = {m["id"]: m for m in models}
+    assert by_id["pirate"]["parent"] == BASE
+    assert by_id["pirate"]["root"] == str(PIRATE)
+    assert by_id["pirate"]["meta"]["format"] == "peft"
+    assert by_id["pirate-gguf"]["meta"]["format"] == "gguf"
+    assert by_id["pirate"]["meta"]["rank"] == 8
+
+    qs = QUESTIONS[:2] if slow_mode() else QUESTIONS
+    alone = {}
+    for q in qs:
+        for m in (BASE, "pirate", "pirate-gguf"):
+            alone[m, q] = text(chat(srv, m, q))
+        # the trained behaviour shows; the base does not have it
+        assert alone["pirate", q].startswith("Arr matey!"), alone["pirate", q]
+        assert not alone[BASE, q].startswith("Arr"), alone[BASE, q]
+        # the PEFT directory and the GGUF llama.cpp's converter made from it
+        assert alone["pirate-gguf", q] == alone["pirate", q]
+    # BASE:ADAPTER names the same adapter; the response echoes the name
+    r = chat(srv, f"{BASE}:pirate", qs[0])
+    assert text(r) == alone["pirate", qs[0]]
+    assert r.json()["model"] == f"{BASE}:pirate"
+
+    # all at once, in one running batch: each gets its answer alone
+    jobs = [(m, q) for q in qs for m in (BASE, "pirate", "pirate-gguf")] * 2
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda j: text(chat(srv, *j)), jobs))
+    for (m, q), t in zip(jobs, got):
+        assert t == alone[m, q], (m, q)
+
+    # per-adapter metrics and the log's adapter column
+    lab = f'{{model="{BASE}",adapter="pirate"}}'
+    n_pirate = sum(1 for m, _ in jobs if m == "pirate") + len(qs) + 1
+    assert metric(srv, "tern_adapter_requests_total" + lab) == n_pirate
+    assert metric(srv, "tern_adapter_generation_tokens_total" + lab) > n_pirate
+    assert metric(srv, "tern_adapter_time_to_first_token_seconds_count" + lab) == n_pirate
+    assert metric(srv, f'tern_adapters_loaded{{model="{BASE}"}}') == 2
+    assert metric(srv, f'tern_adapter_loads_total{{model="{BASE}"}}') == 2
+    assert metric(srv, f'tern_adapter_memory_bytes{{model="{BASE}"}}') > 1e6
+    import sqlite3
+    import time
+    time.sleep(1.5)  # the log writes in the background
+    rows = sqlite3.connect(db).execute(
+        "SELECT model, adapter, COUNT(*) FROM requests GROUP BY 1, 2").fetchall()
+    counts = {(m, a): n for m, a, n in rows}
+    assert counts[(BASE, "pirate")] == n_pirate, counts
+    assert counts[(BASE, None)] >= len(qs)
+
+    # scale: 0 is the base's answer, a request scale on the base is refused
+    assert text(chat(srv, "pirate", qs[0], lora_scale=0)) == alone[BASE, qs[0]]
+    r = chat(srv, BASE, qs[0], lora_scale=0.5)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_scale"
+    r = chat(srv, "pirate", qs[0], lora_scale="1")
+    assert r.status_code == 400 and "lora_scale" in r.json()["error"]["message"]
+    r = chat(srv, "pirate", qs[0], lora_scale=100)
+    assert r.status_code == 400
+    r = chat(srv, "nope", qs[0])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = chat(srv, f"{BASE}:nope", qs[0])
+    assert r.status_code == 404
+    # without --adapter-dir nothing loads at run time
+    r = requests.post(srv.base + "/v1/load_lora_adapter",
+                      json={"lora_name": "x", "lora_path": str(PIRATE)})
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "adapter_loading_disabled"
+
+
+def load(srv, key, **body):
+    return requests.post(srv.base + "/v1/load_lora_adapter", json=body,
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def unload(srv, key, name):
+    return requests.post(srv.base + "/v1/unload_lora_adapter",
+                         json={"lora_name": name},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_hot_load_unload(start_server, tmp_path):
+    adir = tmp_path / "adapters"
+    adir.mkdir()
+    shutil.copytree(PIRATE, adir / "pirate-dir")
+    (adir / "garbage.gguf").write_bytes(b"GGUF" + os.urandom(200))
+    (adir / "empty.gguf").write_bytes(b"")
+    (adir / "noconfig").mkdir()
+    (adir / "escape").symlink_to(PIRATE)  # a symlink out of the directory
+    outside = tmp_path / "outside.gguf"
+    shutil.copy(PIRATE / "adapter.gguf", outside)
+    key = "k3y"
+    srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
+                       "--adapter-dir", str(adir), "--api-key", key)
+    q = QUESTIONS[0]
+    base = text(chat(srv, BASE, q, key=key))
+
+    # the key guards loading
+    r = requests.post(srv.base + "/v1/load_lora_adapter",
+                      json={"lora_name": "p", "lora_path": "pirate-dir"})
+    assert r.status_code == 401
+    r = load(srv, key, lora_name="p", lora_path="pirate-dir")
+    assert r.status_code == 200, r.text
+    pirate = text(chat(srv, "p", q, key=key))
+    assert pirate.startswith("Arr matey!")
+    ids = [m["id"] for m in requests.get(
+        srv.base + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]]
+    assert "p" in ids
+
+    cases = [
+        (dict(lora_name="p", lora_path="pirate-dir"), 400, "already"),
+        (dict(lora_name=BASE, lora_path="pirate-dir"), 400, "already"),
+        (dict(lora_name="x", lora_path="../outside.gguf"), 403, "outside"),
+        (dict(lora_name="x", lora_path=str(outside)), 403, "outside"),
+        (dict(lora_name="x", lora_path="escape"), 403, "outside"),
+        (dict(lora_name="x", lora_path="garbage.gguf"), 400, "garbage.gguf"),
+        (dict(lora_name="x", lora_path="empty.gguf"), 400, "empty.gguf"),
+        (dict(lora_name="x", lora_path="noconfig"), 400, "adapter_config.json"),
+        (dict(lora_name="x", lora_path="missing"), 400, "missing"),
+        (dict(lora_name="../x", lora_path="pirate-dir"), 400, "lora_name"),
+        (dict(lora_name="x"), 400, "lora_path"),
+        (dict(lora_name="x", lora_path="pirate-dir", model="nope"), 404, "nope"),
+    ]
+    for body, status, word in cases:
+        r = load(srv, key, **body)
+        assert r.status_code == status, (body, r.text)
+        assert word in r.text, (body, r.text)
+    r = requests.post(srv.base + "/v1/load_lora_adapter", data=b"{not json",
+                      headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400
+
+    # unload: the base and unknown names are refused; a request running on
+    # the adapter finishes on it
+    assert unload(srv, key, BASE).status_code == 400
+    assert unload(srv, key, "nope").status_code == 404
+    stream = requests.post(
+        srv.base + "/v1/chat/completions", stream=True, timeout=300,
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "p", "messages": [{"role": "user", "content": q}],
+              "max_tokens": 24, "temperature": 0, "stream": True})
+    lines = stream.iter_lines()
+    first = next(lines)  # the request is running
+    assert first.startswith(b"data:")
+    assert unload(srv, key, "p").status_code == 200
+    parts = [first] + list(lines)
+    content = ""
+    for ln in parts:
+        if ln.startswith(b"data: {"):
+            for ch in json.loads(ln[6:])["choices"]:
+                content += ch["delta"].get("content") or ""
+    assert content == pirate
+    r = chat(srv, "p", q, key=key)
+    assert r.status_code == 404
+
+    # on demand: a name found in the adapter directory loads itself
+    assert text(chat(srv, "pirate-dir", q, key=key)) == pirate
+    r = chat(srv, "garbage", q, key=key)
+    assert r.status_code == 400 and "garbage" in r.json()["error"]["message"]
+    assert text(chat(srv, BASE, q, key=key)) == base
+
+    # a storm: loads and unloads of other names while requests run
+    n = 2 if slow_mode() else 6
+    stop = threading.Event()
+    failures = []
+
+    def churn(i):
+        for k in range(3):
+            nm = f"c{i}"
+            r1 = load(srv, key, lora_name=nm, lora_path="pirate-dir/adapter.gguf")
+            r2 = unload(srv, key, nm)
+            if r1.status_code != 200 or r2.status_code != 200:
+                failures.append((r1.text, r2.text))
+
+    def steady():
+        while not stop.is_set():
+            t = text(chat(srv, "pirate-dir", q, key=key))
+            if t != pirate:
+                failures.append(t)
+
+    with cf.ThreadPoolExecutor(n + 1) as ex:
+        st = ex.submit(steady)
+        list(ex.map(churn, range(n)))
+        stop.set()
+        st.result()
+    assert not failures, failures[:3]
+    assert requests.get(srv.base + "/health").status_code == 200
+    h = {"Authorization": f"Bearer {key}"}
+    text_m = requests.get(srv.base + "/metrics", headers=h).text
+    loads = [ln for ln in text_m.splitlines()
+             if ln.startswith("tern_adapter_loads_total")]
+    # p, pirate-dir on demand, and 3 per churn thread
+    assert loads and float(loads[0].rsplit(" ", 1)[1]) == 2 + 3 * n, loads
+
+
+def test_config_adapters(start_server, run_tern, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""models:
+  - name: small
+    path: {model_path('smollm2-135m')}
+    adapters:
+      - name: arr
+        path: {PIRATE}
+      - name: arr-half
+        path: {PIRATE / 'adapter.gguf'}
+        scale: 0.5
+""")
+    srv = start_server("--config", str(cfg), "-t", "2")
+    assert text(chat(srv, "arr", QUESTIONS[1])).startswith("Arr matey!")
+    assert text(chat(srv, "small:arr-half", QUESTIONS[1]))
+    meta = {m["id"]: m for m in requests.get(srv.base + "/v1/models").json()["data"]}
+    assert meta["arr-half"]["meta"]["scale"] == 0.5
+
+    bad = [
+        ("    adapters:\n      - name: small\n        path: x\n", "already"),
+        ("    adapters:\n      - name: a b\n        path: x\n", "adapter name"),
+        ("    adapters:\n      - name: a\n", "needs 'name' and 'path'"),
+        ("    adapters:\n      - name: a\n        path: x\n        scale: 99\n",
+         "[-16, 16]"),
+        (f"    adapters:\n      - name: a\n        path: {tmp_path}/none\n",
+         "adapter 'a'"),
+        (f"    adapters:\n      - name: a\n        path: {model_path('gemma3-270m')}\n",
+         "not an adapter"),
+    ]
+    for extra, want in bad:
+        cfg.write_text(f"models:\n  - name: small\n    path: {model_path('smollm2-135m')}\n"
+                       + extra)
+        r = run_tern("serve", "--config", str(cfg), "--port", "0", timeout=60)
+        assert r.returncode != 0
+        assert want in r.stderr.decode(), r.stderr.decode()
+    r = run_tern("serve", "-m", model_path("smollm2-135m"), "--lora", "nopath",
+                 "--port", "0", timeout=60)
+    assert r.returncode != 0 and b"NAME=PATH" in r.stderr
+    r = run_tern("serve", "-m", model_path("smollm2-135m"), "--lora",
+                 f"x={ADAPTERS / 'qwen0.5b-json'}", "--port", "0", timeout=60)
+    assert r.returncode != 0 and b"another base model" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(slow_mode(), reason="a 0.5B model: release run only")
+def test_qwen_json_adapter(start_server):
+    qwen = MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if not qwen.exists():
+        pytest.fail("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf missing: make models")
+    srv = start_server("-m", str(qwen), "-t", "2", "--name", "qwen",
+                       "--lora", f"json={ADAPTERS / 'qwen0.5b-json'}")
+    for q in QUESTIONS[:2]:
+        base = text(chat(srv, "qwen", q, max_tokens=40))
+        adapted = text(chat(srv, "json", q, max_tokens=40))
+        assert set(json.loads(adapted)) == {"answer"}, adapted
+        assert not base.lstrip().startswith("{"), base

@@ -23,6 +23,7 @@ int tn_cli_models(int argc, char **argv);
 int tn_cli_pull(int argc, char **argv);
 int tn_cli_logs(int argc, char **argv);
 int tn_cli_eval(int argc, char **argv);
+int tn_cli_export_lora(int argc, char **argv);
 
 /* Prints "tern: error: ..." and returns 1. */
 int tn_cli_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

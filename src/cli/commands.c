@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "model/lora.h"
 
 /* ---- tern tokenize */
 
@@ -193,7 +194,8 @@ done:
  * then has at least n_ctx/2 tokens of context). */
 
 int tn_cli_perplexity(int argc, char **argv) {
-  const char *model = NULL, *file = NULL;
+  const char *model = NULL, *file = NULL, *lora_path = NULL;
+  float lora_scale = 1.0f;
   long n_ctx = 512, threads = 0;
   bool verbose = false;
   const struct tn_opt opts[] = {
@@ -205,6 +207,11 @@ int tn_cli_perplexity(int argc, char **argv) {
        "tokens per chunk (the second half of each is scored)", NULL, NULL, 0},
       {"threads", 't', TN_OPT_INT, &threads, 1, TN_POOL_THREADS_MAX, "N", "compute threads",
        "physical cores", NULL, 0},
+      {"lora", 0, TN_OPT_STR, &lora_path, 0, 0, "PATH",
+       "score with this LoRA adapter applied (modular, as tern serve runs "
+       "it)", NULL, NULL, 0},
+      {"lora-scale", 0, TN_OPT_FLOAT, &lora_scale, -16, 16, "S",
+       "the adapter's scale", "1", NULL, 0},
       TN_CLI_OPT_VERBOSE(&verbose),
       TN_CLI_OPT_HELP,
       {0},
@@ -235,6 +242,12 @@ int tn_cli_perplexity(int argc, char **argv) {
   int32_t *ids = NULL, *tok = NULL, *pos = NULL, *seq = NULL;
   bool *lg = NULL;
   size_t n_ids = 0;
+  struct tn_lora *lora = NULL;
+  if (lora_path && tn_lora_load(s.model, lora_path, &lora, &err)) {
+    tn_cli_fail("--lora: %s", err.msg);
+    goto done;
+  }
+  const struct tn_lora *loras[1] = {lora};
   if (tn_tokenizer_encode(s.tok, text, text_len, true, false, &ids, &n_ids, &err)) {
     tn_cli_fail("%s", err.msg);
     goto done;
@@ -272,7 +285,9 @@ int tn_cli_perplexity(int argc, char **argv) {
     }
     if (add_bos) tok[0] = bos;
     struct tn_batch b = {.n_tokens = (int32_t)n_ctx, .token = tok, .pos = pos,
-                         .seq = seq, .logits = lg, .n_seqs = 1, .seqs = seqs};
+                         .seq = seq, .logits = lg, .n_seqs = 1, .seqs = seqs,
+                         .lora = lora ? loras : NULL,
+                         .lora_scale = &lora_scale};
     if (tn_model_forward(s.ctx, s.kv, &b, &err)) {
       tn_cli_fail("%s", err.msg);
       goto done;
@@ -305,6 +320,7 @@ done:
   free(seq);
   free(lg);
   free(text);
+  tn_lora_release(lora);
   tn_session_close(&s);
   return rc;
 }

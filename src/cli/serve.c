@@ -84,10 +84,11 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.decode_slowdown = 2.0f;
   long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
   long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
-  long spec_k = 8;
+  long spec_k = 8, max_loras = 0;
   int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body;
   bool port_given = false, host_given = false, threads_given = false;
   bool no_prefix = false, verbose = false, log_content = false;
+  bool merge = false;
   const char *log_db = NULL;
   double log_days = 30;
   float price_prompt = -1, price_cached = -1, price_completion = -1;
@@ -111,6 +112,14 @@ int tn_cli_serve(int argc, char **argv) {
        "a LoRA adapter on the model (a PEFT directory or a LoRA GGUF), "
        "chosen per request by \"model\": \"NAME\" (repeatable; --config: "
        "adapters per model)",
+       NULL, NULL, 0},
+      {"merge", 0, TN_OPT_FLAG, &merge, 0, 0, NULL,
+       "fold the one --lora adapter into the weights at load (no per-token "
+       "cost; the model answers to the adapter's name too)",
+       NULL, NULL, 0},
+      {"max-loras", 0, TN_OPT_INT, &max_loras, 0, TN_ADAPTERS_PER_STEP_MAX,
+       "N", "distinct adapters in a model's running batch; a request on "
+       "another waits its turn (0: no limit; --config: max_loras)",
        NULL, NULL, 0},
       {"adapter-dir", 0, TN_OPT_STR, &adapter_dir, 0, 0, "DIR",
        "adapters may be loaded while serving from inside DIR only: POST "
@@ -254,6 +263,7 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.queue_max = (int32_t)queue;
   ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;
+  ecfg.max_loras = (int32_t)max_loras;
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
   char dbuf[4096];
   if (tn_cli_spec_setup("--spec", spec, draft_model, &ecfg.spec, dbuf,
@@ -272,6 +282,19 @@ int tn_cli_serve(int argc, char **argv) {
     const char *eq = strchr(loras.v[i], '=');
     if (!eq || eq == loras.v[i] || !eq[1])
       return tn_cli_fail("--lora '%s': expected NAME=PATH", loras.v[i]);
+  }
+  char merge_name[TN_ADAPTER_NAME_MAX + 1] = "";
+  const char *merge_alias[1] = {merge_name};
+  if (merge) {
+    if (loras.n != 1)
+      return tn_cli_fail("--merge: give exactly one --lora NAME=PATH (got %d)",
+                         loras.n);
+    const char *eq = strchr(loras.v[0], '=');
+    snprintf(merge_name, sizeof(merge_name), "%.*s",
+             (int)TN_MIN((size_t)(eq - loras.v[0]), sizeof(merge_name) - 1),
+             loras.v[0]);
+    ecfg.merge_lora = eq + 1;
+    loras.n = 0; /* merged, not served as an adapter */
   }
   if (config) {
     if (tn_serve_config_load(config, &file, &err))
@@ -338,6 +361,10 @@ int tn_cli_serve(int argc, char **argv) {
     sm[i].price_prompt = price_prompt;
     sm[i].price_cached = price_cached;
     sm[i].price_completion = price_completion;
+    if (merge_name[0] && strcmp(merge_name, sm[i].name)) {
+      sm[i].aliases = merge_alias;
+      sm[i].n_aliases = 1;
+    }
     if (config) {
       const struct tn_serve_model_cfg *mc = &file.models[i];
       sm[i].aliases = (const char *const *)mc->aliases;
@@ -389,6 +416,7 @@ int tn_cli_serve(int argc, char **argv) {
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;
       if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
       if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;
+      if (mc->max_loras > 0) ec.max_loras = mc->max_loras;
     }
     const char *path = tn_cli_model_path(arg, pbuf, sizeof(pbuf));
     if (!path) goto done;

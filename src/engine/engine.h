@@ -304,6 +304,11 @@ struct tn_engine_config {
                                 step is planned, before its forward pass */
   void *on_step_user;
   struct tn_spec_config spec;
+  const char *merge_lora; /* merged mode: this adapter folded into the
+                            weights at open (lora.h), or NULL */
+  float merge_scale;     /* its scale (0 is taken as 1) */
+  int32_t max_loras;     /* distinct LoRA adapters in the running batch
+                            (0: no limit; 1..TN_ADAPTERS_PER_STEP_MAX) */
   float decode_slowdown; /* a step carrying decodes takes at most this many
                             times the decodes' own step: prompt chunks are
                             cut to fit (smooth streaming); 0: no limit, a
@@ -415,6 +420,7 @@ void tn_engine_stats(struct tn_engine *e, struct tn_engine_stats *out);
  * on the adapter finish on it and the last one frees it. */
 
 #define TN_ADAPTER_NAME_MAX 63
+#define TN_ADAPTERS_PER_STEP_MAX 256
 #define TN_ADAPTER_SCALE_MAX 16.0f
 
 struct tn_adapters;

@@ -760,6 +760,27 @@ static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n,
 
 /* ---- the step */
 
+/* Whether s may join the running batch under max_loras: its adapter is
+ * already there, or fewer than max_loras distinct adapters are. The
+ * waiting list stays FIFO (nobody overtakes a request held back), so a
+ * request on a new adapter waits only until one adapter's sequences are
+ * done. */
+static bool lora_room(const struct tn_engine *e, const struct seq *s) {
+  const struct tn_lora *l = s->req->priv->params.lora;
+  if (!l || e->cfg.max_loras <= 0) return true;
+  const struct tn_lora *seen[TN_ADAPTERS_PER_STEP_MAX];
+  int n = 0;
+  for (const struct seq *a = e->admitted; a; a = a->next) {
+    const struct tn_lora *al = a->req->priv->params.lora;
+    if (!al) continue;
+    if (al == l) return true;
+    bool dup = false;
+    for (int i = 0; i < n && !dup; i++) dup = seen[i] == al;
+    if (!dup && n < TN_ADAPTERS_PER_STEP_MAX) seen[n++] = al;
+  }
+  return n < e->cfg.max_loras;
+}
+
 static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
   struct tn_batch *b = &e->batch;
   int32_t si = b->n_seqs++;
@@ -1634,7 +1655,7 @@ static bool engine_step(struct tn_engine *e) {
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks. */
   while (e->waiting && budget > 0 && prompt_left > 0 &&
-         e->n_admitted < e->cfg.max_seqs) {
+         e->n_admitted < e->cfg.max_seqs && lora_room(e, e->waiting)) {
     struct seq *s = e->waiting;
     seq_prefix_lookup(e, s);
     int32_t n = TN_MIN(s->n_tokens - s->n_done, TN_MIN(budget, prompt_left));
@@ -1866,6 +1887,17 @@ enum tn_status tn_engine_open(const char *path,
   pthread_cond_init(&e->cv, NULL);
   enum tn_status st;
   if ((st = tn_model_load(path, &e->model, err))) goto fail;
+  if (cfg->merge_lora) {
+    struct tn_lora *ml = NULL;
+    double t0 = tn_time_s();
+    float ms = cfg->merge_scale != 0.0f ? cfg->merge_scale : 1.0f;
+    st = tn_lora_load(e->model, cfg->merge_lora, &ml, err);
+    if (!st) st = tn_lora_merge(e->model, ml, ms, TN_TYPE_COUNT, err);
+    tn_lora_release(ml);
+    if (st) goto fail;
+    tn_log_info("engine %s: %s merged into the weights in %.2f s", e->name,
+                cfg->merge_lora, tn_time_s() - t0);
+  }
   if (!(e->adapters = tn_adapters_new(e->model, metrics, e->name))) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
@@ -1887,6 +1919,12 @@ enum tn_status tn_engine_open(const char *path,
                                                               : 4096,
                                           4096);
   if (e->cfg.max_seqs <= 0) e->cfg.max_seqs = 16;
+  if (e->cfg.max_loras < 0 || e->cfg.max_loras > TN_ADAPTERS_PER_STEP_MAX) {
+    st = tn_error_set(err, TN_EINVAL, "max_loras must be 0 (no limit) or "
+                      "1..%d, got %d", TN_ADAPTERS_PER_STEP_MAX,
+                      e->cfg.max_loras);
+    goto fail;
+  }
   if (e->cfg.step_tokens < e->cfg.max_seqs)
     e->cfg.step_tokens = e->cfg.max_seqs;
   if (e->cfg.queue_max <= 0) e->cfg.queue_max = 256;

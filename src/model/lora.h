@@ -50,7 +50,8 @@ struct tn_lora_mat {
   int32_t rank;
   int64_t n_in, n_out;
   float *a;    /* [rank][n_in] */
-  float *b;    /* [n_out][rank] */
+  float *b;    /* B: [rank][n_out] (transposed) when rank < 64, else
+                  [n_out][rank] (see tn_lora_apply) */
   float scale; /* alpha / rank (or its rsLoRA form) */
   /* the file's storage type, whose width the products' inputs are rounded
    * to, as ggml and PyTorch compute with F16 / BF16 weights: TN_TYPE_F32
@@ -81,12 +82,31 @@ void tn_lora_retain(struct tn_lora *l);
 void tn_lora_release(struct tn_lora *l);
 
 /* y[n_out] += s * mat.scale * B (A x); x and A x rounded to act_type
- * first. u: scratch of mat.rank floats, xr: of n_in. The same operations
- * for a token whatever the batch (dots in fixed order). */
+ * first. Each dot is summed as tn_attn_dot sums it (ggml's F16 dot
+ * order): below 64 terms that is a double sum in order, which for B runs
+ * over a transposed copy, all outputs at once. u: scratch of mat.rank
+ * floats, xr: of tn_lora_scratch() floats (the widest input or output,
+ * as doubles). The same operations for a token whatever the batch. */
 void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
                    float *y, float *u, float *xr);
-/* Scratch floats tn_lora_apply needs for model m: its widest input. */
+/* Scratch floats tn_lora_apply needs for model m. */
 int64_t tn_lora_scratch(const struct tn_model *m);
+
+/* Merged mode: folds s * l into m's weights. Each adapted matrix becomes
+ * a copy the model owns: every row dequantized to f32, plus s * scale *
+ * (B A) of that row (summed in double), quantized to `type`
+ * (TN_TYPE_COUNT: its own type when that has 8 bits per weight or more,
+ * else Q8_0: a 4-bit type's rounding erases the update; lora.c says what
+ * was measured). m must not be running. */
+enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
+                             float s, enum tn_type type,
+                             struct tn_error *err);
+/* The base matrix an adapter target is applied to. */
+struct tn_mat *tn_lora_base_mat(struct tn_model *m, int32_t il,
+                                enum tn_lora_target t);
+/* The base tensor name of a target: "blk.<il>.attn_q.weight", ... */
+void tn_lora_tensor_name(int32_t il, enum tn_lora_target t, char *out,
+                         size_t cap);
 
 /* The chain-hash salt of KV computed under (l, scale): 0 for the base. */
 uint64_t tn_lora_salt(const struct tn_lora *l, float scale);

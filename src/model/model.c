@@ -340,6 +340,8 @@ fail:
 
 void tn_model_free(struct tn_model *m) {
   if (!m) return;
+  for (int i = 0; i < m->n_owned; i++) tn_aligned_free(m->owned[i]);
+  free(m->owned);
   free(m->layers);
   tn_gguf_close(m->gguf);
   free(m);

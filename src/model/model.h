@@ -83,6 +83,9 @@ struct tn_model {
   struct tn_layer *layers;
   char name[128];
   size_t weight_bytes;    /* bytes of weight data read per token */
+  void **owned;           /* weights rewritten in memory (a merged
+                             adapter), freed with the model */
+  int n_owned;
 };
 
 /* Loads path (GGUF) and checks every tensor the architecture needs:

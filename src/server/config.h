@@ -31,6 +31,8 @@
  *       price_cached: 0.075 #  the cost in the request log and dashboard
  *       price_completion: 0.6 # (cached: prompt tokens served from the
  *                          # prefix cache; default price_prompt)
+ *       max_loras: 4       # optional, 1..256: distinct adapters in the
+ *                          # running batch
  *       adapters:          # optional LoRA adapters on this model, chosen
  *         - name: pirate   # by clients as "model": "pirate" or
  *           path: a/dir    # "smollm2:pirate"; a PEFT directory or a
@@ -75,6 +77,7 @@ struct tn_serve_model_cfg {
   int32_t ctx;
   int32_t max_seqs;
   int64_t kv_mem; /* bytes */
+  int32_t max_loras; /* distinct adapters per batch; 0 when not set */
   char *chat_template; /* or NULL */
   char *spec;          /* speculation method, or NULL */
   int32_t spec_max_tokens;

@@ -292,3 +292,61 @@ def test_qwen_json_adapter(start_server):
         adapted = text(chat(srv, "json", q, max_tokens=40))
         assert set(json.loads(adapted)) == {"answer"}, adapted
         assert not base.lstrip().startswith("{"), base
+
+
+def test_merged(start_server, run_tern, tmp_path):
+    """--merge and tern export-lora: the adapter folded into the weights
+    (Q8_0 where the base is under 8 bits) answers as the modular adapter
+    does, and its perplexity is within 1% of the modular one's."""
+    base = model_path("smollm2-135m")
+    out = tmp_path / "merged.gguf"
+    r = run_tern("export-lora", "-m", base, "--lora", str(PIRATE), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert b"210 matrices" in r.stderr
+    qs = QUESTIONS[:2] if slow_mode() else QUESTIONS
+    srv = start_server("-m", base, "-t", "2", "--lora", f"pirate={PIRATE}")
+    modular = {q: chat(srv, "pirate", q, logprobs=True, top_logprobs=2).json()
+               for q in qs}
+    srv.stop()
+    merged_srv = start_server("-m", str(out), "-t", "2", "--name", "m")
+    merged = {q: text(chat(merged_srv, "m", q)) for q in qs}
+    merged_srv.stop()
+    flag_srv = start_server("-m", base, "-t", "2", "--merge",
+                            "--lora", f"pirate={PIRATE}")
+    for q in qs:
+        # --merge is the same arithmetic as the exported file, served under
+        # the adapter's name too
+        assert text(chat(flag_srv, "pirate", q)) == merged[q]
+        want = modular[q]["choices"][0]["message"]["content"]
+        got = merged[q]
+        assert got.startswith("Arr matey!"), got
+        # identical, or parting where the modular run's top two tokens were
+        # within 1 nat (a near tie that requantization may flip)
+        if got != want:
+            toks = modular[q]["choices"][0]["logprobs"]["content"]
+            prefix = ""
+            for t in toks:
+                if not got.startswith(prefix + t["token"]):
+                    tops = t["top_logprobs"]
+                    assert len(tops) == 2 and tops[0]["logprob"] - tops[1]["logprob"] < 1.0, \
+                        (q, got, want, tops)
+                    break
+                prefix += t["token"]
+    r = run_tern("serve", "-m", base, "--merge", "--port", "0", timeout=60)
+    assert r.returncode != 0 and b"exactly one --lora" in r.stderr
+    r = run_tern("export-lora", "-m", base, "--lora", str(PIRATE), "-o",
+                 str(tmp_path / "x.gguf"), "--type", "Q9_9")
+    assert r.returncode != 0 and b"not a GGUF type" in r.stderr
+    r = run_tern("export-lora", "-m", base, "--lora",
+                 str(ADAPTERS / "qwen0.5b-json"), "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode != 0 and b"another base model" in r.stderr
+    if slow_mode():
+        return
+    ppl = {}
+    for name, args in (("modular", ["-m", base, "--lora", str(PIRATE)]),
+                       ("merged", ["-m", str(out)])):
+        r = run_tern("perplexity", *args, "-f", str(FIXTURES / "ref" / "ppl.txt"),
+                     "-c", "128", "-t", "2")
+        assert r.returncode == 0, r.stderr
+        ppl[name] = float(r.stdout.decode().split("PPL = ")[1].split()[0])
+    assert abs(ppl["merged"] / ppl["modular"] - 1) < 0.01, ppl

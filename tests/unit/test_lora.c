@@ -95,16 +95,22 @@ static bool write_gguf(struct adapter *ad, const struct gguf_opts *o,
   ok = ok && !tn_gguf_writer_add_f32(w, "adapter.lora.alpha", ad->alpha);
   struct tn_error err = {0};
   int rank = o->rank ? o->rank : RANK;
-  float *big = NULL, nan_saved = 0;
+  float *bigs[N_LAYER * 7] = {0}, nan_saved = 0;
+  int n_big = 0;
   for (int il = 0; ok && il < N_LAYER; il++)
     for (int t = 0; ok && t < 7; t++) {
       int64_t in, out;
       target_shape(t, &in, &out);
       char name[96];
       const float *a = ad->a[il][t], *b = ad->b[il][t];
-      if (rank != RANK) { /* zero padded */
-        free(big);
-        big = calloc((size_t)(rank * (in + out)), sizeof(float));
+      if (rank != RANK) { /* the same adapter, zero padded to rank (kept
+                             until the write: the writer reads it then) */
+        float *big = calloc((size_t)(rank * (in + out)), sizeof(float));
+        if (!big) return false;
+        bigs[n_big++] = big;
+        memcpy(big, a, (size_t)(RANK * in) * sizeof(float));
+        for (int64_t o2 = 0; o2 < out; o2++)
+          memcpy(big + rank * in + o2 * rank, b + o2 * RANK, RANK * sizeof(float));
         a = big;
         b = big + rank * in;
       }
@@ -120,7 +126,6 @@ static bool write_gguf(struct adapter *ad, const struct gguf_opts *o,
       if (ok && !(o->drop_b && il == 0 && t == 0))
         ok = !tn_gguf_writer_add_tensor(w, name, TN_TYPE_F32, 2, ne_b, b, &err);
     }
-  free(big);
   if (ok && o->extra_norm) {
     float v[N_EMBD] = {0};
     int64_t ne[2] = {N_EMBD, 1};
@@ -138,6 +143,7 @@ static bool write_gguf(struct adapter *ad, const struct gguf_opts *o,
   ok = ok && !tn_gguf_writer_write(w, path, &err);
   if (o->nan) ad->b[1][2][3] = nan_saved;
   tn_gguf_writer_free(w);
+  for (int i = 0; i < n_big; i++) free(bigs[i]);
   if (!ok) fprintf(stderr, "write_gguf: %s\n", err.msg);
   return ok;
 }
@@ -278,10 +284,12 @@ static void test_gguf_equals_peft(void) {
     same = same && a->rank == RANK && b->rank == RANK &&
            a->scale == b->scale && a->scale == ad.alpha / RANK &&
            !memcmp(a->a, b->a, na * 4) && !memcmp(a->b, b->b, nb * 4);
-    /* and the GGUF's values as written */
+    /* and the GGUF's values as written (B kept transposed) */
     int il = i / TN_LORA_N_TARGETS, t = i % TN_LORA_N_TARGETS;
-    same = same && !memcmp(a->a, ad.a[il][t], na * 4) &&
-           !memcmp(a->b, ad.b[il][t], nb * 4);
+    same = same && !memcmp(a->a, ad.a[il][t], na * 4);
+    for (int64_t o = 0; same && o < a->n_out; o++)
+      for (int k = 0; k < RANK; k++)
+        same = a->b[k * a->n_out + o] == ad.b[il][t][o * RANK + k];
   }
   if (ok) {
     ASSERT_EQ(lg->n_mats, N_LAYER * 7);
@@ -304,16 +312,16 @@ static void test_gguf_equals_peft(void) {
 /* Modular logits against the base with B A merged into f32 weights: the
  * tiny model's weights are F32, so the merged model is exact up to float
  * rounding. */
-static void test_forward_matches_merged(void) {
+static void forward_matches_merged(int rank) {
   struct tn_model *m = tiny_model();
   ASSERT(m);
   struct adapter ad;
-  adapter_make(&ad, 23, 0.2f);
+  adapter_make(&ad, 23, 0.2f * (float)rank / RANK); /* same effect */
   char gpath[] = "/tmp/tn_lora_XXXXXX";
   int fd = mkstemp(gpath);
   ASSERT(fd >= 0);
   close(fd);
-  struct gguf_opts go = {0};
+  struct gguf_opts go = {.rank = rank}; /* past RANK: zero padded */
   struct tn_lora *l = NULL;
   struct tn_error err = {0};
   bool ok = write_gguf(&ad, &go, gpath) && !tn_lora_load(m, gpath, &l, &err);
@@ -336,7 +344,9 @@ static void test_forward_matches_merged(void) {
         for (int64_t c = 0; c < w->n_cols; c++) {
           double d = 0;
           for (int k = 0; k < lm->rank; k++)
-            d += (double)lm->b[r * lm->rank + k] * lm->a[k * lm->n_in + c];
+            d += (double)(lm->rank < 64 ? lm->b[k * lm->n_out + r]
+                                        : lm->b[r * lm->rank + k]) *
+                 lm->a[k * lm->n_in + c];
           nw[r * w->n_cols + c] =
               ((const float *)w->data)[r * w->n_cols + c] +
               (float)(s * lm->scale * d);
@@ -393,6 +403,25 @@ static void test_forward_matches_merged(void) {
       }
       free(merged[il][t]);
     }
+  /* tn_lora_merge (merged mode) gives the reference merge's logits */
+  double max_m = 0;
+  struct tn_model *m2 = ok ? tiny_model() : NULL;
+  struct tn_ctx *c2 = NULL;
+  ok = ok && m2 && !tn_lora_merge(m2, l, s, TN_TYPE_COUNT, &err) &&
+       !tn_ctx_new(m2, pool, 32, 64, 4, &c2, &err);
+  if (ok) {
+    struct tn_kv_seq ks;
+    tn_kv_seq_init(&ks);
+    struct tn_kv_seq *seqs[1] = {&ks};
+    struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
+                         .logits = lg, .n_seqs = 1, .seqs = seqs};
+    ok = !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(c2, kv, &b, &err);
+    for (int v = 0; ok && v < N_VOCAB; v++)
+      max_m = fmax(max_m, fabs((double)tn_ctx_logits(c2)[v] - merged_l[v]));
+    tn_kv_seq_deinit(kv, &ks);
+  }
+  tn_ctx_free(c2);
+  tn_model_free(m2);
   double max_d = 0, max_base = 0;
   for (int v = 0; ok && v < N_VOCAB; v++) {
     max_d = fmax(max_d, fabs((double)modular[v] - merged_l[v]));
@@ -410,6 +439,13 @@ static void test_forward_matches_merged(void) {
    * rounding (f16 activations in the KV cache bound it) */
   ASSERT(max_base > 0.5);
   ASSERT(max_d < 2e-2);
+  ASSERT(max_m < 2e-2);
+}
+
+/* rank 4: short dots over B transposed; rank 64: tn_attn_dot rows */
+static void test_forward_matches_merged(void) {
+  forward_matches_merged(RANK);
+  forward_matches_merged(64);
 }
 
 /* Requests on two adapters and the base, together, each = alone. */
@@ -530,6 +566,85 @@ static void test_unload_while_running(void) {
   adapter_free(&ad);
   ASSERT(ok);
   ASSERT(out_same("after unload", &got, &ref));
+}
+
+/* max_loras 1: no step mixes two adapters (the base may join any), the
+ * requests held back run later, every answer is its answer alone. */
+static void test_max_loras(void) {
+  struct adapter a1, a2;
+  adapter_make(&a1, 5, 0.4f);
+  adapter_make(&a2, 6, 0.4f);
+  char p1[] = "/tmp/tn_lora_XXXXXX", p2[] = "/tmp/tn_lora_XXXXXX";
+  close(mkstemp(p1));
+  close(mkstemp(p2));
+  struct gguf_opts go = {0};
+  bool ok = write_gguf(&a1, &go, p1) && write_gguf(&a2, &go, p2);
+  enum { N = 8, PLEN = 24, GEN = 12 };
+  int32_t prompts[N][PLEN];
+  for (int i = 0; i < N; i++) make_prompt(300 + (uint64_t)i, prompts[i], PLEN);
+  struct out ref[N], got[N];
+  int which[N];
+  struct tn_req *reqs[N] = {0};
+  for (int pass = 0; ok && pass < 2; pass++) {
+    struct rec rc;
+    rec_init(&rc);
+    struct eng_opts o = {.no_prefix = true, .max_seqs = 16,
+                         .max_loras = pass == 1 ? 1 : 0, .gate = pass == 1};
+    struct tn_engine *e = eng_open(&rc, &o);
+    struct tn_error err = {0};
+    ok = e && !tn_adapters_load(tn_engine_adapters(e), "one", p1, 1.0f, &err) &&
+         !tn_adapters_load(tn_engine_adapters(e), "two", p2, 1.0f, &err);
+    for (int i = 0; ok && i < N; i++) {
+      which[i] = i % 3; /* 0 base, 1 one, 2 two */
+      struct tn_gen_params g = greedy(GEN);
+      g.lora = which[i] ? tn_adapters_get(tn_engine_adapters(e),
+                                          which[i] == 1 ? "one" : "two", NULL)
+                        : NULL;
+      reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
+      tn_lora_release(g.lora);
+      ok = reqs[i] != NULL;
+      if (ok && pass == 0) {
+        ok = wait_done(&rc, &reqs[i], 1);
+        if (ok) collect(reqs[i], 0, &ref[i]);
+      }
+    }
+    if (ok && pass == 1) {
+      if (rec_wait_parked(&rc)) rec_open(&rc);
+      ok = wait_done(&rc, reqs, N);
+      for (int i = 0; ok && i < N; i++) {
+        collect(reqs[i], 0, &got[i]);
+        if (!out_same("max_loras 1", &got[i], &ref[i])) ok = false;
+      }
+      /* no step holds both adapters; some step held one with the base */
+      bool mixed_base = false;
+      pthread_mutex_lock(&rc.mu);
+      for (int32_t st = 0; ok && st < rc.n_steps; st++) {
+        bool has[3] = {false, false, false};
+        for (int32_t k = 0; k < rc.steps[st].n; k++) {
+          const struct rec_entry *en = &rc.ents[rc.steps[st].first + k];
+          for (int i = 0; i < N; i++)
+            if (en->req == reqs[i]) has[which[i]] = true;
+        }
+        if (has[1] && has[2]) {
+          fprintf(stderr, "step %d runs both adapters\n", st);
+          ok = false;
+        }
+        mixed_base = mixed_base || (has[0] && (has[1] || has[2]));
+      }
+      pthread_mutex_unlock(&rc.mu);
+      ok = ok && mixed_base;
+    }
+    for (int i = 0; i < N; i++)
+      if (reqs[i]) tn_req_release(reqs[i]);
+    memset(reqs, 0, sizeof(reqs));
+    tn_engine_close(e);
+    rec_deinit(&rc);
+  }
+  unlink(p1);
+  unlink(p2);
+  adapter_free(&a1);
+  adapter_free(&a2);
+  ASSERT(ok);
 }
 
 /* Each broken file is refused with a message naming its problem. */
@@ -687,4 +802,5 @@ static void test_registry(void) {
 
 TN_TEST_MAIN(TN_TEST(test_gguf_equals_peft), TN_TEST(test_forward_matches_merged),
              TN_TEST(test_batch_invariance), TN_TEST(test_unload_while_running),
-             TN_TEST(test_bad_files), TN_TEST(test_registry))
+             TN_TEST(test_max_loras), TN_TEST(test_bad_files),
+             TN_TEST(test_registry))

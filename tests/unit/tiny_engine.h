@@ -427,6 +427,7 @@ struct eng_opts {
   struct tn_spec_config spec; /* method TN_SPEC_OFF (0) unless set */
   bool gate; /* start with the gate closed: the first step parks */
   float decode_slowdown; /* tn_engine_config's (0: off) */
+  int32_t max_loras;     /* tn_engine_config's (0: no limit) */
 };
 
 static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
@@ -444,6 +445,7 @@ static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
                    tn_kv_block_bytes(N_LAYER, BLOCK, N_HEAD_KV * HEAD_DIM);
   cfg.prefix_cache = !o->no_prefix;
   cfg.decode_slowdown = o->decode_slowdown;
+  cfg.max_loras = o->max_loras;
   if (o->spec.method != TN_SPEC_OFF) {
     cfg.spec = o->spec;
     if (!cfg.spec.max_tokens) cfg.spec.max_tokens = 8;

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Adapters under load: tern with N distinct LoRA adapters vs the base
+alone, and vs llama-server given the same adapters and the same traffic.
+
+16 concurrent streaming clients (closed loop), each request on adapter
+i % N (N = 1, 4, 16; rank 8 and 64) or on the base. The adapters are
+synthetic LoRA GGUFs in llama.cpp's layout (random A and B on every
+attention and FFN matrix, F16): speed does not depend on what they
+learned. tern takes them with --lora and a request names one as "model";
+llama-server takes them with --lora and a request selects one with its
+"lora" field (it cannot batch requests on different adapters: its README
+says so). Same model, threads, prompts and output lengths for both.
+
+    .venv/bin/python bench/bench_adapters.py --model qwen2.5-coder-0.5b
+    .venv/bin/python bench/bench_adapters.py --model smollm2-135m --counts 1 16 --ranks 8
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_serve as bs  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
+         "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+         "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
+
+
+def write_adapter(path, model_path, rank, seed):
+    """A LoRA GGUF for the base at model_path: every linear layer adapted."""
+    import gguf
+    r = gguf.GGUFReader(model_path)
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    w = gguf.GGUFWriter(path, arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    rng = np.random.default_rng(seed)
+    targets = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+               "ffn_up", "ffn_down")
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in targets or parts[3] != "weight":
+            continue
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float16)
+        b = (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float16)
+        w.add_tensor(t.name + ".lora_a", a)
+        w.add_tensor(t.name + ".lora_b", b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run(server, prompts, n_adapters, names, is_tern, max_tokens, conc):
+    results = [None] * len(prompts)
+    nxt = [0]
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = nxt[0]
+                if i >= len(prompts):
+                    return
+                nxt[0] += 1
+            p = bs.completion_payload(None, prompts[i], max_tokens)
+            if n_adapters:
+                k = i % n_adapters
+                if is_tern:
+                    p["model"] = names[k]
+                else:
+                    p["lora"] = [{"id": k, "scale": 1.0}]
+            results[i] = bs.stream_request(server.port, "/v1/completions", p,
+                                           600)
+
+    th = [threading.Thread(target=worker, daemon=True) for _ in range(conc)]
+    t0 = time.perf_counter()
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    return bs.summarize(results, time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(FILES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--output-tokens", type=int, default=48)
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--peer-counts", type=int, nargs="*", default=[4],
+                    help="adapter counts llama-server runs (rank: the first)")
+    ap.add_argument("--no-peer", action="store_true")
+    a = ap.parse_args()
+    model = os.path.join(ROOT, "models", FILES[a.model])
+    tern = os.path.join(ROOT, "build", "tern")
+    peer = os.path.join(ROOT, "ref", "bin", "llama-server")
+    tmp = tempfile.mkdtemp(prefix="tn_bench_adapters_")
+    counter = bs.TokenCounter(tern, model)
+    body = bs.fit_text(counter, 7, a.prompt_tokens)
+    prompts = [bs.request_prompt(body, i) for i in range(a.requests)]
+    n_max = max(a.counts)
+    rows = []
+
+    def tern_server(rank, n):
+        args = [tern, "serve", "-m", model, "-t", str(a.threads), "--port",
+                str(bs.free_port()), "--max-seqs", str(a.concurrency)]
+        names = []
+        for k in range(n):
+            f = os.path.join(tmp, f"r{rank}_{k}.gguf")
+            if not os.path.exists(f):
+                write_adapter(f, model, rank, 1000 * rank + k)
+            names.append(f"a{k}")
+            args += ["--lora", f"a{k}={f}"]
+        return bs.Server("tern", args, None, int(args[args.index("--port") + 1]),
+                         tmp), names
+
+    def measure(srv, n, names, is_tern):
+        srv.start(300)
+        try:
+            run(srv, prompts[:a.concurrency], n, names, is_tern, 8, a.concurrency)  # warm
+            return run(srv, prompts, n, names, is_tern, a.output_tokens, a.concurrency)
+        finally:
+            srv.stop()
+
+    srv, _ = tern_server(a.ranks[0], 0)
+    base = measure(srv, 0, [], True)
+    bs.log(f"tern base: {base['output_tok_s']:.1f} tok/s")
+    rows.append(("tern", "base", "-", base))
+    for rank in a.ranks:
+        for n in a.counts:
+            srv, names = tern_server(rank, n)
+            s = measure(srv, n, names, True)
+            bs.log(f"tern rank {rank} x{n}: {s['output_tok_s']:.1f} tok/s "
+                   f"({s['output_tok_s'] / base['output_tok_s']:.3f}x base)")
+            rows.append(("tern", n, rank, s))
+    if not a.no_peer and os.path.exists(peer):
+        env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(ROOT, "ref", "lib"))
+        rank = a.ranks[0]
+        for n in [0] + a.peer_counts:
+            port = bs.free_port()
+            args = [peer, "-m", model, "-t", str(a.threads), "-tb", str(a.threads),
+                    "--port", str(port), "-np", str(a.concurrency),
+                    "-c", str(a.concurrency * 256), "--no-repack", "--no-webui"]
+            for k in range(n):
+                args += ["--lora", os.path.join(tmp, f"r{rank}_{k}.gguf")]
+            s = measure(bs.Server("llama-server", args, env, port, tmp), n, [], False)
+            bs.log(f"llama-server rank {rank} x{n}: {s['output_tok_s']:.1f} tok/s")
+            rows.append(("llama-server", n if n else "base", rank if n else "-", s))
+    print()
+    print(f"Adapters at {a.concurrency} streams, {a.model}, {a.threads} threads, "
+          f"{a.requests} requests of {a.prompt_tokens} prompt + {a.output_tokens} "
+          "output tokens each")
+    print()
+    print("| server | adapters | rank | output tok/s | vs its base | TTFT p50 | ITL p50 | failed |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    bases = {r[0]: r[3]["output_tok_s"] for r in rows if r[1] == "base"}
+    for who, n, rank, s in rows:
+        rel = s["output_tok_s"] / bases[who] if bases.get(who) else float("nan")
+        print(f"| {who} | {n} | {rank} | {s['output_tok_s']:.1f} | {rel:.3f}x | "
+              f"{s['ttft_p50_s'] * 1e3:.0f} ms | {s['itl_p50_s'] * 1e3:.0f} ms | "
+              f"{s['failed']} |")
+    tn = {(r[1], r[2]): r[3]["output_tok_s"] for r in rows if r[0] == "tern"}
+    pe = {(r[1], r[2]): r[3]["output_tok_s"] for r in rows if r[0] == "llama-server"}
+    for key, v in pe.items():
+        if key in tn and key[0] != "base":
+            print(f"\ntern / llama-server at {key[0]} adapters of rank {key[1]}: "
+                  f"{tn[key] / v:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

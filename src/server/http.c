@@ -779,11 +779,14 @@ static enum MHD_Result route_adapter(struct conn *c, bool load) {
                   "first)",
                   name);
   }
+  char body[256];
+  if (!aerr.http_status) /* (name is o's: before the decref) */
+    snprintf(body, sizeof(body),
+             "{\"object\":\"lora_adapter\",\"lora_name\":\"%s\",\"status\":"
+             "\"%s\"}",
+             name, load ? "loaded" : "unloaded");
   json_decref(o);
   if (aerr.http_status) return send_error(c, &aerr);
-  char body[256];
-  snprintf(body, sizeof(body), "{\"object\":\"lora_adapter\",\"lora_name\":"
-           "\"%s\",\"status\":\"%s\"}", name, load ? "loaded" : "unloaded");
   return send_json(c, 200, body);
 }
 

@@ -126,19 +126,19 @@ static bool write_gguf(struct adapter *ad, const struct gguf_opts *o,
       if (ok && !(o->drop_b && il == 0 && t == 0))
         ok = !tn_gguf_writer_add_tensor(w, name, TN_TYPE_F32, 2, ne_b, b, &err);
     }
+  /* (static: the writer reads tensor data when it writes) */
+  static const float zeros[RANK * N_EMBD];
   if (ok && o->extra_norm) {
-    float v[N_EMBD] = {0};
     int64_t ne[2] = {N_EMBD, 1};
     ok = !tn_gguf_writer_add_tensor(w, "blk.0.attn_norm_norm.weight",
-                                    TN_TYPE_F32, 1, ne, v, &err);
+                                    TN_TYPE_F32, 1, ne, zeros, &err);
   }
   if (ok && o->embd) {
-    float v[RANK * N_EMBD] = {0};
     int64_t ne[2] = {N_EMBD, RANK};
     ok = !tn_gguf_writer_add_tensor(w, "token_embd.weight.lora_a", TN_TYPE_F32,
-                                    2, ne, v, &err) &&
+                                    2, ne, zeros, &err) &&
          !tn_gguf_writer_add_tensor(w, "token_embd.weight.lora_b", TN_TYPE_F32,
-                                    2, ne, v, &err);
+                                    2, ne, zeros, &err);
   }
   ok = ok && !tn_gguf_writer_write(w, path, &err);
   if (o->nan) ad->b[1][2][3] = nan_saved;

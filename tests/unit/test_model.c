@@ -434,6 +434,11 @@ static void test_batching(void) {
 static void test_lora_vs_llamacpp(void) {
   check_logits(&models[0], "lora_pirate_logits_ub1");
   check_greedy(&models[0], "lora_pirate_greedy_ub1", exact_level());
+  if (quick()) return; /* the sanitizer run: SmolLM2 only */
+  /* Qwen 0.5B with its JSON adapter: qwen2 (biases after the adapter's
+   * term), an adapter on q/k/v/o only */
+  check_logits(&models[2], "lora_json_logits_ub1");
+  check_greedy(&models[2], "lora_json_greedy_ub1", exact_level());
 }
 
 TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching),

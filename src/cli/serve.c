@@ -85,7 +85,7 @@ int tn_cli_serve(int argc, char **argv) {
   long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
   long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
   long spec_k = 8, max_loras = 0;
-  int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body;
+  int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body, adapter_mem = 0;
   bool port_given = false, host_given = false, threads_given = false;
   bool no_prefix = false, verbose = false, log_content = false;
   bool merge = false;
@@ -121,6 +121,11 @@ int tn_cli_serve(int argc, char **argv) {
        "N", "distinct adapters in a model's running batch; a request on "
        "another waits its turn (0: no limit; --config: max_loras)",
        NULL, NULL, 0},
+      {"adapter-mem", 0, TN_OPT_SIZE, &adapter_mem, 0, 0, "SIZE",
+       "memory for resident adapters per model: past it the least recently "
+       "used one no request holds is evicted, and read again when asked "
+       "for (--config: adapter_mem)",
+       "no limit", NULL, 0},
       {"adapter-dir", 0, TN_OPT_STR, &adapter_dir, 0, 0, "DIR",
        "adapters may be loaded while serving from inside DIR only: POST "
        "/v1/load_lora_adapter, or a request naming DIR/NAME or "
@@ -264,6 +269,7 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;
   ecfg.max_loras = (int32_t)max_loras;
+  ecfg.adapter_mem = (size_t)adapter_mem;
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
   char dbuf[4096];
   if (tn_cli_spec_setup("--spec", spec, draft_model, &ecfg.spec, dbuf,
@@ -417,6 +423,7 @@ int tn_cli_serve(int argc, char **argv) {
       if (mc->max_seqs > 0) ec.max_seqs = mc->max_seqs;
       if (mc->kv_mem > 0) ec.kv_bytes = (size_t)mc->kv_mem;
       if (mc->max_loras > 0) ec.max_loras = mc->max_loras;
+      if (mc->adapter_mem > 0) ec.adapter_mem = (size_t)mc->adapter_mem;
     }
     const char *path = tn_cli_model_path(arg, pbuf, sizeof(pbuf));
     if (!path) goto done;

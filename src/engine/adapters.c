@@ -3,9 +3,15 @@
  *
  * A mutex guards the table; loading a file happens outside it (it can take
  * a while), and the name is checked again before the adapter goes in.
- * The table holds one reference on each adapter and every request using
- * one holds another, so unloading takes the name away at once and the
- * weights go with the last request that runs on them.
+ * The table holds one reference on each resident adapter and every request
+ * using one holds another, so unloading takes the name away at once and
+ * the weights go with the last request that runs on them.
+ *
+ * With a memory budget (tn_adapters_set_budget) the resident adapters are
+ * an LRU: making room evicts the least recently used ones that no request
+ * holds (the table's is their only reference, checked under the mutex,
+ * which every new reference is taken under too); an evicted adapter keeps
+ * its name and is read again from its path when a request asks for it.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -19,17 +25,25 @@
 struct entry {
   char name[TN_ADAPTER_NAME_MAX + 1];
   char path[1024];
-  struct tn_lora *lora;
+  struct tn_lora *lora;  /* NULL while evicted */
   float scale;
   double load_s;
+  uint64_t last_used;    /* the registry's clock at its last acquire */
+  /* what tn_adapters_list shows, kept while evicted */
+  char format[16];
+  int32_t max_rank, n_mats;
+  size_t bytes;
 };
 
 struct tn_adapters {
   const struct tn_model *model;
-  struct tn_metric *loads, *unloads, *load_s, *loaded, *bytes;
+  struct tn_metric *loads, *unloads, *load_s, *loaded, *bytes, *evictions;
   pthread_mutex_t mu;
   struct entry *v;
   int n, cap;
+  size_t budget;         /* 0: no limit */
+  size_t resident;       /* bytes of resident adapters */
+  uint64_t clock;
 };
 
 static struct tn_metric *series(struct tn_metrics *reg,
@@ -62,10 +76,21 @@ struct tn_adapters *tn_adapters_new(const struct tn_model *m,
     a->loaded = series(metrics, TN_METRIC_GAUGE, "tern_adapters_loaded",
                        "Adapters loaded now.", model);
     a->bytes = series(metrics, TN_METRIC_GAUGE, "tern_adapter_memory_bytes",
-                      "Memory of the loaded adapters' weights.", model);
+                      "Memory of the resident adapters' weights.", model);
+    a->evictions = series(metrics, TN_METRIC_COUNTER,
+                          "tern_adapter_evictions_total",
+                          "Adapters evicted to stay within --adapter-mem "
+                          "(read again when asked for).",
+                          model);
   }
   pthread_mutex_init(&a->mu, NULL);
   return a;
+}
+
+void tn_adapters_set_budget(struct tn_adapters *a, size_t bytes) {
+  pthread_mutex_lock(&a->mu);
+  a->budget = bytes;
+  pthread_mutex_unlock(&a->mu);
 }
 
 void tn_adapters_free(struct tn_adapters *a) {
@@ -93,6 +118,61 @@ static int find(const struct tn_adapters *a, const char *name) {
   for (int i = 0; i < a->n; i++)
     if (!strcmp(a->v[i].name, name)) return i;
   return -1;
+}
+
+/* (locked) Evicts least recently used adapters no request holds until
+ * `need` more bytes fit the budget; false when they cannot. */
+static bool make_room(struct tn_adapters *a, size_t need) {
+  while (a->budget && a->resident + need > a->budget) {
+    int lru = -1;
+    for (int i = 0; i < a->n; i++) {
+      struct entry *e = &a->v[i];
+      if (e->lora && atomic_load(&e->lora->refs) == 1 &&
+          (lru < 0 || e->last_used < a->v[lru].last_used))
+        lru = i;
+    }
+    if (lru < 0) return false;
+    struct entry *e = &a->v[lru];
+    a->resident -= e->bytes;
+    if (a->bytes) tn_metric_add(a->bytes, -(double)e->bytes);
+    if (a->evictions) tn_metric_add(a->evictions, 1);
+    tn_log_info("adapter '%s' evicted (--adapter-mem); read again on use",
+                e->name);
+    tn_lora_release(e->lora);
+    e->lora = NULL;
+  }
+  return true;
+}
+
+static enum tn_status no_room(const struct tn_adapters *a, const char *name,
+                              size_t need, struct tn_error *err) {
+  if (need > a->budget)
+    return tn_error_set(err, TN_EFULL,
+                        "adapter '%s' needs %.1f MiB, more than the whole "
+                        "adapter memory (%.1f MiB)",
+                        name, (double)need / 1048576.0,
+                        (double)a->budget / 1048576.0);
+  return tn_error_set(err, TN_EFULL,
+                      "adapter memory (%.1f MiB) is held by adapters that "
+                      "requests are using; retry when they finish",
+                      (double)a->budget / 1048576.0);
+}
+
+/* (locked) l becomes entry e's resident weights. */
+static void make_resident(struct tn_adapters *a, struct entry *e,
+                          struct tn_lora *l, double load_s) {
+  snprintf(l->name, sizeof(l->name), "%s", e->name);
+  e->lora = l;
+  e->load_s = load_s;
+  snprintf(e->format, sizeof(e->format), "%s", l->format);
+  e->max_rank = l->max_rank;
+  e->n_mats = l->n_mats;
+  e->bytes = l->bytes;
+  e->last_used = ++a->clock;
+  a->resident += l->bytes;
+  if (a->loads) tn_metric_add(a->loads, 1);
+  if (a->load_s) tn_metric_observe(a->load_s, load_s);
+  if (a->bytes) tn_metric_add(a->bytes, (double)l->bytes);
 }
 
 enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
@@ -125,19 +205,15 @@ enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
     if (!v) st = tn_error_set(err, TN_ENOMEM, "out of memory");
     else a->v = v, a->cap = cap;
   }
+  if (!st && !make_room(a, l->bytes)) st = no_room(a, name, l->bytes, err);
   if (!st) {
     struct entry *e = &a->v[a->n++];
     memset(e, 0, sizeof(*e));
     snprintf(e->name, sizeof(e->name), "%s", name);
     snprintf(e->path, sizeof(e->path), "%s", path);
-    snprintf(l->name, sizeof(l->name), "%s", name);
-    e->lora = l;
     e->scale = scale;
-    e->load_s = tn_time_s() - t0;
-    if (a->loads) tn_metric_add(a->loads, 1);
-    if (a->load_s) tn_metric_observe(a->load_s, e->load_s);
+    make_resident(a, e, l, tn_time_s() - t0);
     if (a->loaded) tn_metric_add(a->loaded, 1);
-    if (a->bytes) tn_metric_add(a->bytes, (double)l->bytes);
     l = NULL;
   }
   pthread_mutex_unlock(&a->mu);
@@ -152,11 +228,14 @@ enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
   struct tn_lora *l = NULL;
   if (i >= 0) {
     l = a->v[i].lora;
+    if (l) {
+      a->resident -= a->v[i].bytes;
+      if (a->bytes) tn_metric_add(a->bytes, -(double)a->v[i].bytes);
+    }
     memmove(&a->v[i], &a->v[i + 1], (size_t)(a->n - i - 1) * sizeof(*a->v));
     a->n--;
     if (a->unloads) tn_metric_add(a->unloads, 1);
     if (a->loaded) tn_metric_add(a->loaded, -1);
-    if (a->bytes) tn_metric_add(a->bytes, -(double)l->bytes);
   }
   pthread_mutex_unlock(&a->mu);
   if (i < 0)
@@ -165,17 +244,66 @@ enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
   return TN_OK;
 }
 
-struct tn_lora *tn_adapters_get(struct tn_adapters *a, const char *name,
-                                float *scale) {
+bool tn_adapters_has(struct tn_adapters *a, const char *name) {
+  pthread_mutex_lock(&a->mu);
+  bool has = find(a, name) >= 0;
+  pthread_mutex_unlock(&a->mu);
+  return has;
+}
+
+enum tn_status tn_adapters_acquire(struct tn_adapters *a, const char *name,
+                                   struct tn_lora **out, float *scale,
+                                   struct tn_error *err) {
+  *out = NULL;
+  char path[1024];
   pthread_mutex_lock(&a->mu);
   int i = find(a, name);
-  struct tn_lora *l = NULL;
-  if (i >= 0) {
-    l = a->v[i].lora;
-    tn_lora_retain(l);
-    if (scale) *scale = a->v[i].scale;
+  if (i >= 0 && a->v[i].lora) {
+    struct entry *e = &a->v[i];
+    tn_lora_retain(e->lora);
+    e->last_used = ++a->clock;
+    if (scale) *scale = e->scale;
+    *out = e->lora;
+  } else if (i >= 0) {
+    snprintf(path, sizeof(path), "%s", a->v[i].path);
   }
   pthread_mutex_unlock(&a->mu);
+  if (*out) return TN_OK;
+  if (i < 0)
+    return tn_error_set(err, TN_ENOENT, "adapter '%.80s' is not loaded", name);
+  /* evicted: read it again, outside the lock */
+  double t0 = tn_time_s();
+  struct tn_lora *l = NULL;
+  enum tn_status st = tn_lora_load(a->model, path, &l, err);
+  if (st) return st;
+  pthread_mutex_lock(&a->mu);
+  i = find(a, name);
+  if (i < 0) {
+    st = tn_error_set(err, TN_ENOENT, "adapter '%.80s' is not loaded", name);
+  } else if (!a->v[i].lora) {
+    if (!make_room(a, l->bytes)) {
+      st = no_room(a, name, l->bytes, err);
+    } else {
+      make_resident(a, &a->v[i], l, tn_time_s() - t0);
+      l = NULL;
+    }
+  }
+  if (!st) { /* ours, or one a request racing this one brought back */
+    struct entry *e = &a->v[i];
+    tn_lora_retain(e->lora);
+    e->last_used = ++a->clock;
+    if (scale) *scale = e->scale;
+    *out = e->lora;
+  }
+  pthread_mutex_unlock(&a->mu);
+  tn_lora_release(l);
+  return st;
+}
+
+struct tn_lora *tn_adapters_get(struct tn_adapters *a, const char *name,
+                                float *scale) {
+  struct tn_lora *l = NULL;
+  tn_adapters_acquire(a, name, &l, scale, NULL);
   return l;
 }
 
@@ -189,12 +317,13 @@ int tn_adapters_list(struct tn_adapters *a, struct tn_adapter_info *out,
     memset(o, 0, sizeof(*o));
     snprintf(o->name, sizeof(o->name), "%s", e->name);
     snprintf(o->path, sizeof(o->path), "%s", e->path);
-    snprintf(o->format, sizeof(o->format), "%s", e->lora->format);
-    o->max_rank = e->lora->max_rank;
-    o->n_mats = e->lora->n_mats;
-    o->bytes = e->lora->bytes;
+    snprintf(o->format, sizeof(o->format), "%s", e->format);
+    o->max_rank = e->max_rank;
+    o->n_mats = e->n_mats;
+    o->bytes = e->bytes;
     o->scale = e->scale;
     o->load_s = e->load_s;
+    o->resident = e->lora != NULL;
   }
   pthread_mutex_unlock(&a->mu);
   return n;

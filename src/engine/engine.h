@@ -307,6 +307,7 @@ struct tn_engine_config {
   const char *merge_lora; /* merged mode: this adapter folded into the
                             weights at open (lora.h), or NULL */
   float merge_scale;     /* its scale (0 is taken as 1) */
+  size_t adapter_mem;    /* bytes for resident adapters (0: no limit) */
   int32_t max_loras;     /* distinct LoRA adapters in the running batch
                             (0: no limit; 1..TN_ADAPTERS_PER_STEP_MAX) */
   float decode_slowdown; /* a step carrying decodes takes at most this many
@@ -431,7 +432,8 @@ struct tn_adapter_info {
   int32_t max_rank, n_mats;
   size_t bytes;      /* resident weights */
   float scale;       /* default scale of its requests */
-  double load_s;     /* seconds the load took */
+  double load_s;     /* seconds the (last) load took */
+  bool resident;     /* its weights are in memory (else evicted) */
 };
 
 /* metrics (may be NULL) gets the registry's series, labelled model. */
@@ -449,10 +451,20 @@ enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
 /* TN_ENOENT when no such adapter is loaded. */
 enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
                                   struct tn_error *err);
+/* Memory for resident adapters' weights (0: no limit); see adapters.c. */
+void tn_adapters_set_budget(struct tn_adapters *a, size_t bytes);
 /* The adapter with a reference for the caller (tn_lora_release), and its
- * default scale; NULL when none has that name. */
+ * default scale; an evicted one is read again first. TN_ENOENT: no such
+ * name; TN_EFULL: no room (every resident adapter is in use); else the
+ * loader's error. */
+enum tn_status tn_adapters_acquire(struct tn_adapters *a, const char *name,
+                                   struct tn_lora **out, float *scale,
+                                   struct tn_error *err);
+/* tn_adapters_acquire without the reason: NULL on any failure. */
 struct tn_lora *tn_adapters_get(struct tn_adapters *a, const char *name,
                                 float *scale);
+/* Whether the name is registered (resident or not); never loads. */
+bool tn_adapters_has(struct tn_adapters *a, const char *name);
 /* Copies up to cap entries in load order; returns how many there are. */
 int tn_adapters_list(struct tn_adapters *a, struct tn_adapter_info *out,
                      int cap);

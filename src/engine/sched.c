@@ -1902,6 +1902,7 @@ enum tn_status tn_engine_open(const char *path,
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
   }
+  tn_adapters_set_budget(e->adapters, cfg->adapter_mem);
   if ((st = tn_tokenizer_load(e->model->gguf, &e->tok, err))) goto fail;
   if (cfg->chat_template &&
       (st = tn_chat_set_template(e->tok, cfg->chat_template, err)))

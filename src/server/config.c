@@ -451,12 +451,12 @@ static enum tn_status parse_adapters(struct loader *ld, const char *where,
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
        MK_DRAFT_MODEL, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
-       MK_ADAPTERS, MK_MAX_LORAS, MK_COUNT };
+       MK_ADAPTERS, MK_MAX_LORAS, MK_ADAPTER_MEM, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
     "chat_template", "spec", "spec_max_tokens", "draft_model",
     "price_prompt", "price_cached", "price_completion", "adapters",
-    "max_loras"};
+    "max_loras", "adapter_mem"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -497,6 +497,7 @@ static enum tn_status parse_model(struct loader *ld, int idx,
         st = take_price(ld, key, &m->price_completion);
         break;
       case MK_ADAPTERS: st = parse_adapters(ld, key, m); break;
+      case MK_ADAPTER_MEM: st = take_size(ld, key, &m->adapter_mem); break;
       case MK_MAX_LORAS:
         st = take_i32(ld, key, 1, TN_ADAPTERS_PER_STEP_MAX, &m->max_loras);
         break;

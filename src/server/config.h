@@ -33,6 +33,7 @@
  *                          # prefix cache; default price_prompt)
  *       max_loras: 4       # optional, 1..256: distinct adapters in the
  *                          # running batch
+ *       adapter_mem: 512MiB # optional, a size: resident adapters (LRU)
  *       adapters:          # optional LoRA adapters on this model, chosen
  *         - name: pirate   # by clients as "model": "pirate" or
  *           path: a/dir    # "smollm2:pirate"; a PEFT directory or a
@@ -78,6 +79,7 @@ struct tn_serve_model_cfg {
   int32_t max_seqs;
   int64_t kv_mem; /* bytes */
   int32_t max_loras; /* distinct adapters per batch; 0 when not set */
+  int64_t adapter_mem; /* bytes for resident adapters; 0 when not set */
   char *chat_template; /* or NULL */
   char *spec;          /* speculation method, or NULL */
   int32_t spec_max_tokens;

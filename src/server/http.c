@@ -538,13 +538,13 @@ static enum MHD_Result route_models(struct conn *c) {
     struct tn_adapter_info ai[64];
     int n = tn_adapters_list(tn_engine_adapters(e), ai, 64);
     for (int k = 0; k < n && k < 64; k++) {
-      json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:i, s:I, s:f}}",
+      json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:i, s:I, s:f, s:b}}",
                             "id", ai[k].name, "object", "model", "created",
                             (json_int_t)now, "owned_by", "tern", "parent",
                             m->name, "root", ai[k].path, "meta", "format",
                             ai[k].format, "rank", ai[k].max_rank, "bytes",
                             (json_int_t)ai[k].bytes, "scale",
-                            (double)ai[k].scale);
+                            (double)ai[k].scale, "resident", ai[k].resident);
       char *js = o ? json_dumps(o, JSON_COMPACT) : NULL;
       if (js) tn_buf_printf(&b, "%s%s", first ? "" : ",", js);
       first = first && !js;
@@ -586,11 +586,13 @@ static struct tn_server_model *find_base(struct tn_server *s,
 
 /* What "model" names: a model or alias (the base), "BASE:ADAPTER", or an
  * adapter of any loaded model (vLLM's convention). *lora gets a reference
- * on the adapter, NULL for a base. */
+ * on the adapter, NULL for a base; an evicted adapter is read again, and
+ * when that fails aerr says why. */
 static struct tn_server_model *find_model(struct tn_server *s,
                                           const char *name,
                                           struct tn_lora **lora,
-                                          float *scale) {
+                                          float *scale,
+                                          struct tn_api_error *aerr) {
   *lora = NULL;
   if (!name) return &s->models[0];
   struct tn_server_model *m = find_base(s, name, strlen(name));
@@ -601,9 +603,18 @@ static struct tn_server_model *find_model(struct tn_server *s,
     if (colon && mi != find_base(s, name, (size_t)(colon - name))) continue;
     struct tn_engine *e = model_engine(s, mi);
     if (!e) continue;
-    *lora = tn_adapters_get(tn_engine_adapters(e), colon ? colon + 1 : name,
-                            scale);
-    if (*lora) return mi;
+    struct tn_error err = {0};
+    enum tn_status st = tn_adapters_acquire(
+        tn_engine_adapters(e), colon ? colon + 1 : name, lora, scale, &err);
+    if (st == TN_OK) return mi;
+    if (st == TN_ENOENT) continue;
+    if (st == TN_EFULL)
+      tn_api_error_set(aerr, 503, "server_error", "model",
+                       "adapter_memory_full", "%s", err.msg);
+    else
+      tn_api_error_set(aerr, 500, "server_error", "model",
+                       "adapter_load_failed", "%s", err.msg);
+    return NULL;
   }
   return NULL;
 }
@@ -640,10 +651,7 @@ static bool name_taken(struct tn_server *s, const char *name) {
   if (find_base(s, name, strlen(name))) return true;
   for (int i = 0; i < s->n_models; i++) {
     struct tn_engine *e = model_engine(s, &s->models[i]);
-    struct tn_lora *l = e ? tn_adapters_get(tn_engine_adapters(e), name, NULL)
-                          : NULL;
-    tn_lora_release(l);
-    if (l) return true;
+    if (e && tn_adapters_has(tn_engine_adapters(e), name)) return true;
   }
   return false;
 }
@@ -671,7 +679,7 @@ static int adapter_load(struct tn_server *s, struct tn_server_model *m,
         tn_adapters_load(tn_engine_adapters(e), name, file, 1.0f, &err);
     if (st) {
       snprintf(msg, cap, "%s", err.msg);
-      rc = st == TN_ENOMEM ? 503 : 400;
+      rc = st == TN_ENOMEM || st == TN_EFULL ? 503 : 400;
     } else {
       tn_log_info("adapter '%s' on '%s': %s loaded in %.0f ms", name, m->name,
                   file, (tn_time_s() - t0) * 1e3);
@@ -709,8 +717,15 @@ static struct tn_server_model *adapter_on_demand(struct tn_server *s,
     int lrc = adapter_load(s, m, name, file, msg, sizeof(msg));
     struct tn_engine *e = model_engine(s, m);
     /* loaded now, or by a request that raced this one */
-    *lora = e ? tn_adapters_get(tn_engine_adapters(e), name, scale) : NULL;
+    struct tn_error gerr = {0};
+    enum tn_status gst =
+        e ? tn_adapters_acquire(tn_engine_adapters(e), name, lora, scale, &gerr)
+          : TN_ENOENT;
     if (*lora) return m;
+    if (gst == TN_EFULL) {
+      snprintf(msg, sizeof(msg), "%s", gerr.msg);
+      lrc = 503;
+    }
     if (lrc != 400 || only) rc = lrc;
   }
   tn_api_error_set(aerr, rc ? rc : 400, "invalid_request_error", "model",
@@ -1042,8 +1057,8 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   if (tn_api_parse(kind, c->body ? c->body : "", c->len, &c->q, &aerr))
     return send_error(c, &aerr);
   c->have_q = true;
-  c->model = find_model(s, c->q.model, &c->lora, &c->lora_scale);
-  if (!c->model)
+  c->model = find_model(s, c->q.model, &c->lora, &c->lora_scale, &aerr);
+  if (!c->model && !aerr.http_status)
     c->model = adapter_on_demand(s, c->q.model, &c->lora, &c->lora_scale,
                                  &aerr);
   if (aerr.http_status) return send_error(c, &aerr);

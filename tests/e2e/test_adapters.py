@@ -350,3 +350,34 @@ def test_merged(start_server, run_tern, tmp_path):
         assert r.returncode == 0, r.stderr
         ppl[name] = float(r.stdout.decode().split("PPL = ")[1].split()[0])
     assert abs(ppl["merged"] / ppl["modular"] - 1) < 0.01, ppl
+
+
+def test_adapter_memory_lru(start_server):
+    """--adapter-mem: room for one pirate adapter (~9.8 MB in f32): the
+    second evicts the first, which comes back when asked for."""
+    srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
+                       "--adapter-mem", "15MiB",
+                       "--lora", f"p1={PIRATE}",
+                       "--lora", f"p2={PIRATE / 'adapter.gguf'}")
+    meta = {m["id"]: m["meta"] for m in
+            requests.get(srv.base + "/v1/models").json()["data"] if "parent" in m}
+    assert meta["p1"]["resident"] is False and meta["p2"]["resident"] is True
+    q = QUESTIONS[0]
+    a1 = text(chat(srv, "p1", q))
+    assert a1.startswith("Arr matey!")
+    meta = {m["id"]: m["meta"] for m in
+            requests.get(srv.base + "/v1/models").json()["data"] if "parent" in m}
+    assert meta["p1"]["resident"] is True and meta["p2"]["resident"] is False
+    assert text(chat(srv, "p2", q)) == a1
+    # both wanted at once: one waits for memory (503) or runs after the other
+    with cf.ThreadPoolExecutor(4) as ex:
+        rs = list(ex.map(lambda m: chat(srv, m, q), ["p1", "p2"] * 2))
+    for r in rs:
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert text(r) == a1
+        else:
+            assert r.json()["error"]["code"] == "adapter_memory_full"
+    ev = metric(srv, f'tern_adapter_evictions_total{{model="{BASE}"}}')
+    assert ev >= 2
+    assert metric(srv, f'tern_adapter_memory_bytes{{model="{BASE}"}}') <= 15 * 2**20

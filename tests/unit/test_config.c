@@ -239,8 +239,8 @@ static const struct bad_case k_bad[] = {
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
      "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
-     "draft_model, price_prompt, price_cached, price_completion, adapters or "
-     "max_loras)"},
+     "draft_model, price_prompt, price_cached, price_completion, adapters, "
+     "max_loras or adapter_mem)"},
     {MODEL_OK "    adapters: x\n", TN_EINVAL,
      ":4: models[0].adapters: expected a list of {name, path, scale}"},
     {MODEL_OK "    adapters:\n      - name: a\n        path: q\n",

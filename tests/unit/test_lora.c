@@ -766,6 +766,68 @@ static void test_bad_files(void) {
   ASSERT_EQ(bad, 0);
 }
 
+/* --adapter-mem: least recently used adapters that no request holds are
+ * evicted and read again on use; in-use ones never are. */
+static void test_budget(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter ad[3];
+  char paths[3][32];
+  bool ok = true;
+  for (int i = 0; i < 3; i++) {
+    adapter_make(&ad[i], 40 + (uint64_t)i, 0.2f);
+    snprintf(paths[i], sizeof(paths[i]), "/tmp/tn_lora_XXXXXX");
+    close(mkstemp(paths[i]));
+    struct gguf_opts go = {0};
+    ok = ok && write_gguf(&ad[i], &go, paths[i]);
+  }
+  struct tn_adapters *a = tn_adapters_new(m, NULL, "tiny");
+  struct tn_error err = {0};
+  ok = ok && a && !tn_adapters_load(a, "one", paths[0], 1.0f, &err);
+  struct tn_adapter_info info[3];
+  size_t one = 0;
+  if (ok && tn_adapters_list(a, info, 3) == 1) one = info[0].bytes;
+  ok = ok && one > 0;
+  if (ok) tn_adapters_set_budget(a, one * 5 / 2);
+  ok = ok && !tn_adapters_load(a, "two", paths[1], 1.0f, &err) &&
+       !tn_adapters_load(a, "three", paths[2], 1.0f, &err);
+  /* "one", the least recently used, went */
+  ok = ok && tn_adapters_list(a, info, 3) == 3 && !info[0].resident &&
+       info[1].resident && info[2].resident;
+  /* asked for, it comes back with the same weights ("two" goes) */
+  struct tn_lora *l1 = NULL, *l3 = NULL, *l2 = NULL;
+  ok = ok && !tn_adapters_acquire(a, "one", &l1, NULL, &err);
+  ok = ok && tn_adapters_list(a, info, 3) == 3 && info[0].resident &&
+       !info[1].resident && info[2].resident;
+  const struct tn_lora_mat *lm = ok ? &l1->mats[0] : NULL;
+  ok = ok && !memcmp(lm->a, ad[0].a[0][0], (size_t)(RANK * N_EMBD) * 4);
+  /* both residents in use: no room for "two" */
+  ok = ok && !tn_adapters_acquire(a, "three", &l3, NULL, &err);
+  ok = ok && tn_adapters_acquire(a, "two", &l2, NULL, &err) == TN_EFULL &&
+       strstr(err.msg, "requests are using") && !l2;
+  /* one request finishes: now "two" fits, in place of "one" */
+  tn_lora_release(l1);
+  ok = ok && !tn_adapters_acquire(a, "two", &l2, NULL, &err);
+  ok = ok && tn_adapters_list(a, info, 3) == 3 && !info[0].resident &&
+       info[1].resident && info[2].resident;
+  tn_lora_release(l2);
+  tn_lora_release(l3);
+  /* an adapter larger than the whole budget, and unload while evicted */
+  if (ok) tn_adapters_set_budget(a, one / 2);
+  ok = ok && tn_adapters_load(a, "four", paths[0], 1.0f, &err) == TN_EFULL &&
+       strstr(err.msg, "more than the whole");
+  ok = ok && !tn_adapters_unload(a, "one", &err) &&
+       tn_adapters_acquire(a, "one", &l1, NULL, &err) == TN_ENOENT;
+  if (!ok) fprintf(stderr, "budget: %s\n", err.msg);
+  tn_adapters_free(a);
+  for (int i = 0; i < 3; i++) {
+    unlink(paths[i]);
+    adapter_free(&ad[i]);
+  }
+  tn_model_free(m);
+  ASSERT(ok);
+}
+
 /* The registry: names, duplicates, scale bounds. */
 static void test_registry(void) {
   struct tn_model *m = tiny_model();
@@ -802,5 +864,6 @@ static void test_registry(void) {
 
 TN_TEST_MAIN(TN_TEST(test_gguf_equals_peft), TN_TEST(test_forward_matches_merged),
              TN_TEST(test_batch_invariance), TN_TEST(test_unload_while_running),
-             TN_TEST(test_max_loras), TN_TEST(test_bad_files),
+             TN_TEST(test_max_loras), TN_TEST(test_budget),
+             TN_TEST(test_bad_files),
              TN_TEST(test_registry))

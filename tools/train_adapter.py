@@ -93,7 +93,7 @@ def chat_ids(tok, question, answer=None):
 
 def train(args):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(args.seed)
@@ -111,8 +111,13 @@ def train(args):
             ans = tok.decode(out[0][len(ids):], skip_special_tokens=True)
             data.append((q, restyle(args.style, ans)))
     print(f"{len(data)} examples, e.g. {data[0]!r}", flush=True)
-    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                     target_modules=args.targets.split(","), task_type="CAUSAL_LM")
+    if args.method == "ia3":
+        # (IA)3: learned scales on k and v's outputs and down's input
+        cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                        feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
+    else:
+        cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                         target_modules=args.targets.split(","), task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -141,7 +146,8 @@ def train(args):
         os.remove(card)
     with open(os.path.join(args.out, "TRAINING.json"), "w") as fp:
         json.dump({"base": os.path.basename(args.base), "style": args.style,
-                   "rank": args.rank, "alpha": args.alpha, "targets": args.targets,
+                   "method": args.method, "rank": args.rank, "alpha": args.alpha,
+                   "targets": args.targets,
                    "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                    "examples": len(data)}, fp, indent=1)
     return tok, model
@@ -180,6 +186,7 @@ def main():
     ap.add_argument("--base", required=True, help="base model GGUF")
     ap.add_argument("--style", choices=["pirate", "caps", "json"])
     ap.add_argument("--out", required=True, help="PEFT output directory")
+    ap.add_argument("--method", choices=["lora", "ia3"], default="lora")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -193,7 +200,8 @@ def main():
         if not args.style:
             ap.error("--style is required")
         train(args)
-    convert(args)
+    if args.method == "lora":  # llama.cpp's converter takes LoRA only
+        convert(args)
 
 
 if __name__ == "__main__":

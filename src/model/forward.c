@@ -168,10 +168,28 @@ static void lora_add(const struct tn_batch *b, int32_t il,
     const struct tn_lora *l = b->lora[s];
     if (!l) continue;
     const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
+    float sc = b->lora_scale ? b->lora_scale[s] : 1.0f;
     if (lm->rank)
-      tn_lora_apply(lm, b->lora_scale ? b->lora_scale[s] : 1.0f, x + i * ldx,
-                    y + i * ldy, u, xr);
+      tn_lora_apply(lm, sc, x + i * ldx, y + i * ldy, u, xr);
+    /* (IA)3 on an output without a bias (q/k/v: after theirs, ia3_at) */
+    else if (lm->ia3 && !lm->ia3_in && t != TN_LORA_Q && t != TN_LORA_K &&
+             t != TN_LORA_V)
+      tn_lora_ia3_scale(lm->ia3, sc, y + i * ldy, lm->n_out);
   }
+}
+
+/* (IA)3 of target t on token i's row y: its output scales (q/k/v, after
+ * the bias) or, with in, its input scales (before the product). */
+static void ia3_at(const struct tn_batch *b, int32_t il,
+                   enum tn_lora_target t, int64_t i, float *y, bool in) {
+  if (!b->lora) return;
+  int32_t s = b->seq[i];
+  const struct tn_lora *l = b->lora[s];
+  if (!l || l->kind != TN_ADAPTER_IA3) return;
+  const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
+  if (lm->ia3 && lm->ia3_in == in)
+    tn_lora_ia3_scale(lm->ia3, b->lora_scale ? b->lora_scale[s] : 1.0f, y,
+                      in ? lm->n_in : lm->n_out);
 }
 
 struct fwd {
@@ -338,6 +356,9 @@ static void forward_worker(void *arg, int ith, int nth) {
         tn_vec_add(kt, L->bk, kd);
         tn_vec_add(vt, L->bv, kd);
       }
+      ia3_at(b, il, TN_LORA_Q, t, qt, false);
+      ia3_at(b, il, TN_LORA_K, t, kt, false);
+      ia3_at(b, il, TN_LORA_V, t, vt, false);
       int32_t pos = b->pos[t];
       for (int32_t h = 0; h < hp->n_head; h++) {
         if (L->q_norm) tn_rms_norm(qt + h * hd, L->q_norm, qt + h * hd, hd, hp->norm_eps);
@@ -370,6 +391,8 @@ static void forward_worker(void *arg, int ith, int nth) {
       }
     }
     tn_pool_barrier(pool);
+    for (int64_t t = t0; t < t1; t++)
+      ia3_at(b, il, TN_LORA_O, t, c->attn + t * qd, true);
     {
       const struct tn_mat *g[1] = {&L->wo};
       quantize_for(c, g, 1, c->attn, T, ith, nth);
@@ -406,6 +429,7 @@ static void forward_worker(void *arg, int ith, int nth) {
         tn_gelu_mul(c->gate + t * F, c->up + t * F, F);
       else
         tn_silu_mul(c->gate + t * F, c->up + t * F, F);
+      ia3_at(b, il, TN_LORA_DOWN, t, c->gate + t * F, true);
     }
     {
       const struct tn_mat *g[1] = {&L->w_down};

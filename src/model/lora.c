@@ -52,6 +52,7 @@ static const struct tn_mat *base_mat(const struct tn_model *m, int32_t il,
 /* ---- building an adapter */
 
 struct build {
+  unsigned ia3_ff; /* (IA)3 targets that scale their input, by bit */
   const struct tn_model *m;
   struct tn_lora *l;
   const char *path;
@@ -83,6 +84,7 @@ static void lora_free(struct tn_lora *l) {
   for (int32_t i = 0; i < l->n_layer * TN_LORA_N_TARGETS; i++) {
     free(l->mats[i].a);
     free(l->mats[i].b);
+    free(l->mats[i].ia3);
   }
   free(l->mats);
   free(l);
@@ -149,7 +151,7 @@ static enum tn_status set_pair(struct build *bd, int32_t il,
                                float alpha, bool rslora, bool permute) {
   const struct tn_mat *w = base_mat(bd->m, il, t);
   struct tn_lora_mat *lm = &bd->l->mats[il * TN_LORA_N_TARGETS + t];
-  if (lm->rank)
+  if (lm->rank || lm->ia3)
     return tn_error_set(bd->err, TN_EFORMAT, "%s: '%s' appears twice",
                         bd->path, name);
   int64_t rank = a->n_rows;
@@ -347,6 +349,57 @@ static enum tn_status load_gguf(struct build *bd) {
 
 /* ---- PEFT directories */
 
+struct safet;
+static enum tn_status safet_mat(struct build *bd, const struct safet *f,
+                                const char *key, json_t *v, struct tn_mat *out);
+
+/* An (IA)3 vector: [n_out, 1] scales a target's output, [1, n_in] a
+ * feedforward module's input. */
+static enum tn_status set_ia3(struct build *bd, const struct safet *f,
+                              const char *key, json_t *v, int32_t il,
+                              enum tn_lora_target t) {
+  struct tn_mat src;
+  enum tn_status st = safet_mat(bd, f, key, v, &src);
+  if (st) return st;
+  const struct tn_mat *w = base_mat(bd->m, il, t);
+  struct tn_lora_mat *lm = &bd->l->mats[il * TN_LORA_N_TARGETS + t];
+  bool in = (bd->ia3_ff >> t) & 1u;
+  int64_t n = in ? w->n_cols : w->n_rows;
+  if (lm->ia3 || lm->rank)
+    return tn_error_set(bd->err, TN_EFORMAT, "%s: '%s' appears twice",
+                        bd->path, key);
+  if (src.n_rows * src.n_cols != n || (src.n_rows != 1 && src.n_cols != 1))
+    return tn_error_set(bd->err, TN_EFORMAT,
+                        "%s: '%s' has shape [%lld, %lld], the base's %s has "
+                        "%lld (an adapter for another base model?)",
+                        bd->path, key, (long long)src.n_rows,
+                        (long long)src.n_cols, in ? "input" : "output",
+                        (long long)n);
+  /* the input of q/k/v (or gate/up) is shared with the others: scaling it
+   * for one alone is not done in the batched step */
+  if (in && t != TN_LORA_O && t != TN_LORA_DOWN)
+    return tn_error_set(bd->err, TN_EUNSUPPORTED,
+                        "%s: '%s': (IA)3 input scaling is supported on "
+                        "o_proj and down_proj only",
+                        bd->path, key);
+  if (!(lm->ia3 = malloc((size_t)n * sizeof(float))))
+    return tn_error_set(bd->err, TN_ENOMEM, "%s: out of memory", bd->path);
+  struct tn_mat row = src;
+  row.n_rows = 1;
+  row.n_cols = n;
+  row.row_size = src.row_size * (size_t)(src.n_rows == 1 ? 1 : src.n_rows);
+  char what[200];
+  snprintf(what, sizeof(what), "'%s'", key);
+  if ((st = copy_rows(bd, what, &row, lm->ia3, NULL))) return st;
+  lm->ia3_in = in;
+  lm->n_in = w->n_cols;
+  lm->n_out = w->n_rows;
+  lm->act_type = TN_TYPE_F32;
+  bd->l->n_mats++;
+  bd->l->bytes += (size_t)n * sizeof(float);
+  return TN_OK;
+}
+
 struct safet {
   void *map;
   size_t size;
@@ -456,11 +509,15 @@ static bool parse_peft_name(const struct tn_model *m, const char *key,
     size_t ln = strlen(peft_names[k]);
     if (strncmp(mod, peft_names[k], ln) || mod[ln] != '.') continue;
     const char *rest = mod + ln + 1;
-    if (strcmp(rest, "lora_A.weight") && strcmp(rest, "lora_B.weight"))
+    if (!strcmp(rest, "ia3_l")) {
+      *half = 'I';
+    } else if (!strcmp(rest, "lora_A.weight") || !strcmp(rest, "lora_B.weight")) {
+      *half = rest[5];
+    } else {
       return false;
+    }
     *il = (int32_t)layer;
     *t = (enum tn_lora_target)k;
-    *half = rest[5];
     return true;
   }
   return false;
@@ -510,9 +567,9 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
   json_t *jr = json_object_get(c, "r"), *ja = json_object_get(c, "lora_alpha");
   if (!json_is_object(c))
     st = tn_error_set(bd->err, TN_EFORMAT, "%s: not a JSON object", file);
-  else if (!type || strcmp(type, "LORA"))
+  else if (!type || (strcmp(type, "LORA") && strcmp(type, "IA3")))
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
-                      "%s: peft_type %s is not supported (LORA only)", file,
+                      "%s: peft_type %s is not supported (LORA, IA3)", file,
                       type ? type : "(missing)");
   else if (json_is_true(json_object_get(c, "use_dora")))
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
@@ -537,6 +594,8 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
   else if (json_is_object(ap) && json_object_size(ap) > 0)
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
                       "%s: alpha_pattern is not supported", file);
+  else if (!strcmp(type, "IA3"))
+    ; /* no rank or alpha */
   else if (!json_is_integer(jr) || json_integer_value(jr) < 1 ||
            json_integer_value(jr) > TN_LORA_RANK_MAX || !json_is_number(ja) ||
            !isfinite(json_number_value(ja)) || json_number_value(ja) <= 0)
@@ -544,7 +603,26 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
                       "%s: r must be an integer 1..%d and lora_alpha a "
                       "positive number",
                       file, TN_LORA_RANK_MAX);
-  if (!st) {
+  if (!st && !strcmp(type, "IA3")) {
+    bd->l->kind = TN_ADAPTER_IA3;
+    /* feedforward_modules: which targets scale their input */
+    json_t *ff = json_object_get(c, "feedforward_modules");
+    size_t k;
+    json_t *v;
+    if (json_is_array(ff))
+      json_array_foreach(ff, k, v) {
+        const char *nm = json_string_value(v);
+        for (int t = 0; nm && t < TN_LORA_N_TARGETS; t++) {
+          const char *dot = strrchr(peft_names[t], '.');
+          if (!strcmp(nm, dot ? dot + 1 : peft_names[t])) bd->ia3_ff |= 1u << t;
+        }
+      }
+    else if (json_is_string(ff))
+      st = tn_error_set(bd->err, TN_EUNSUPPORTED,
+                        "%s: feedforward_modules as a pattern is not "
+                        "supported (give a list)",
+                        file);
+  } else if (!st) {
     *r = (int)json_integer_value(jr);
     *alpha = (float)json_number_value(ja);
     *rslora = json_is_true(json_object_get(c, "use_rslora"));
@@ -591,6 +669,16 @@ static enum tn_status load_peft(struct build *bd) {
                 "(q/k/v/o_proj, gate/up/down_proj of layers 0..%d)",
           bd->path, key, bd->m->hp.n_layer - 1);
       break;
+    }
+    if ((half == 'I') != (bd->l->kind == TN_ADAPTER_IA3)) {
+      st = tn_error_set(bd->err, TN_EFORMAT,
+                        "%s: '%s' does not belong in a %s adapter", bd->path,
+                        key, bd->l->kind == TN_ADAPTER_IA3 ? "IA3" : "LORA");
+      break;
+    }
+    if (half == 'I') {
+      if ((st = set_ia3(bd, &f, key, v, il, t))) break;
+      continue;
     }
     if (half == 'B') {
       /* its A finds it; an A-less B is an error */
@@ -672,6 +760,14 @@ int64_t tn_lora_scratch(const struct tn_model *m) {
   return 2 * TN_MAX(TN_MAX((int64_t)m->hp.n_embd, (int64_t)m->hp.n_ff), q);
 }
 
+void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n) {
+  if (s == 1.0f) {
+    for (int64_t i = 0; i < n; i++) x[i] *= l[i];
+  } else {
+    for (int64_t i = 0; i < n; i++) x[i] *= s * (l[i] - 1.0f) + 1.0f;
+  }
+}
+
 void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
                    float *y, float *u, float *xr) {
   const int32_t r = mat->rank;
@@ -740,7 +836,7 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
       l->n_embd != m->hp.n_embd || l->n_ff != m->hp.n_ff)
     return tn_error_set(err, TN_EINVAL,
                         "merge: the adapter was loaded for another model");
-  int n_new = m->n_owned + l->n_mats;
+  int n_new = m->n_owned + 2 * l->n_mats; /* matrices, and scaled biases */
   void **owned = realloc(m->owned, (size_t)n_new * sizeof(void *));
   if (!owned) return tn_error_set(err, TN_ENOMEM, "merge: out of memory");
   m->owned = owned;
@@ -750,7 +846,7 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
   for (int32_t il = 0; il < l->n_layer && !st; il++)
     for (int t = 0; t < TN_LORA_N_TARGETS && !st; t++) {
       const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
-      if (!lm->rank) continue;
+      if (!lm->rank && !lm->ia3) continue;
       struct tn_mat *w = tn_lora_base_mat(m, il, (enum tn_lora_target)t);
       enum tn_type to = type == TN_TYPE_COUNT ? merge_type(w) : type;
       const struct tn_type_traits *tt = tn_type_get(to);
@@ -777,6 +873,14 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
       const double k = (double)s * (double)lm->scale;
       for (int64_t o = 0; o < w->n_rows; o++) {
         tn_mat_get_row(w, o, row);
+        if (lm->ia3) { /* (IA)3: rows (output) or columns (input) scaled */
+          for (int64_t c = 0; c < w->n_cols; c++) {
+            float f = lm->ia3[lm->ia3_in ? c : o];
+            row[c] *= s * (f - 1.0f) + 1.0f;
+          }
+          tt->from_float(row, (char *)nw + (size_t)o * rs, w->n_cols);
+          continue;
+        }
         for (int64_t c = 0; c < w->n_cols; c++) acc[c] = 0.0;
         for (int32_t i = 0; i < r; i++) {
           double bo = r < 64 ? lm->b[(int64_t)i * lm->n_out + o]
@@ -789,6 +893,21 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
         tt->from_float(row, (char *)nw + (size_t)o * rs, w->n_cols);
       }
       m->owned[m->n_owned++] = nw;
+      /* (IA)3 scales a q/k/v output after its bias: the bias too */
+      struct tn_layer *L = &m->layers[il];
+      const float **bias = t == TN_LORA_Q ? &L->bq : t == TN_LORA_K ? &L->bk
+                           : t == TN_LORA_V ? &L->bv : NULL;
+      if (lm->ia3 && !lm->ia3_in && bias && *bias) {
+        float *nb = tn_aligned_alloc((size_t)w->n_rows * sizeof(float));
+        if (!nb) {
+          st = tn_error_set(err, TN_ENOMEM, "merge: out of memory");
+          break;
+        }
+        for (int64_t o = 0; o < w->n_rows; o++)
+          nb[o] = (*bias)[o] * (s * (lm->ia3[o] - 1.0f) + 1.0f);
+        m->owned[m->n_owned++] = nb;
+        *bias = nb;
+      }
       m->weight_bytes -= w->row_size * (size_t)w->n_rows;
       w->type = to;
       w->row_size = rs;

@@ -19,6 +19,10 @@
  *    module names mapped to the base's, llama's q/k rows permuted the way
  *    the GGUF converter permutes the base, scale lora_alpha / r, or
  *    lora_alpha / sqrt(r) with use_rslora.
+ *  - PEFT's (IA)3 directory (peft_type IA3): learned scales of k, v (or
+ *    any target's) outputs, and of the inputs of feedforward modules
+ *    whose input no other matrix shares (down, attention output); scaled
+ *    by the request's scale as s * (l - 1) + 1, so 0 is the base.
  * What is not supported is refused by name: DoRA, embedding or lm_head
  * targets, modules_to_save, alpha_pattern, biases, norm tensors, aLoRA.
  */
@@ -45,9 +49,13 @@ enum tn_lora_target {
   TN_LORA_N_TARGETS
 };
 
-/* One adapted matrix; rank 0: this layer's matrix is not adapted. */
+/* One adapted matrix: a LoRA pair (rank > 0) or an (IA)3 scale (ia3 not
+ * NULL); neither: this layer's matrix is not adapted. */
 struct tn_lora_mat {
   int32_t rank;
+  float *ia3;   /* (IA)3: n_out scales of the output (after its bias), or
+                   with ia3_in n_in scales of the input */
+  bool ia3_in;
   int64_t n_in, n_out;
   float *a;    /* [rank][n_in] */
   float *b;    /* B: [rank][n_out] (transposed) when rank < 64, else
@@ -59,8 +67,11 @@ struct tn_lora_mat {
   enum tn_type act_type;
 };
 
+enum tn_adapter_kind { TN_ADAPTER_LORA, TN_ADAPTER_IA3 };
+
 struct tn_lora {
   uint64_t id;          /* unique in the process: salts the prefix cache */
+  enum tn_adapter_kind kind;
   char name[64];        /* set by the registry that holds it (metrics) */
   enum tn_arch arch;     /* the base it was checked against */
   int32_t n_layer, n_embd, n_ff;
@@ -91,6 +102,8 @@ void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
                    float *y, float *u, float *xr);
 /* Scratch floats tn_lora_apply needs for model m. */
 int64_t tn_lora_scratch(const struct tn_model *m);
+/* (IA)3: x[n] *= s * (l - 1) + 1. */
+void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n);
 
 /* Merged mode: folds s * l into m's weights. Each adapted matrix becomes
  * a copy the model owns: every row dequantized to f32, plus s * scale *

@@ -828,6 +828,134 @@ static void test_budget(void) {
   ASSERT(ok);
 }
 
+/* A PEFT (IA)3 directory: k and v's outputs and down's input scaled
+ * (ff_extra: another feedforward module, to be refused). */
+static bool write_ia3(const char *dir, uint64_t seed, const char *ff_extra,
+                      bool bad_shape) {
+  mkdir(dir, 0755);
+  char path[512], cfg[512];
+  snprintf(cfg, sizeof(cfg),
+           "{\"peft_type\": \"IA3\", \"target_modules\": [\"k_proj\", "
+           "\"v_proj\", \"down_proj\"%s%s%s], \"feedforward_modules\": "
+           "[\"down_proj\"%s%s%s]}",
+           ff_extra ? ", \"" : "", ff_extra ? ff_extra : "", ff_extra ? "\"" : "",
+           ff_extra ? ", \"" : "", ff_extra ? ff_extra : "", ff_extra ? "\"" : "");
+  snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
+  if (!write_file(path, cfg, strlen(cfg))) return false;
+  char hdr[8192];
+  size_t hn = 0, dn = 0;
+  static float data[N_LAYER * (2 * KV_DIM + N_FF + N_EMBD)];
+  hn += (size_t)snprintf(hdr + hn, sizeof(hdr) - hn, "{");
+  for (int il = 0; il < N_LAYER; il++) {
+    struct { const char *mod; int64_t rows, cols; } t[4] = {
+        {"self_attn.k_proj", KV_DIM, 1}, {"self_attn.v_proj", KV_DIM, 1},
+        {"mlp.down_proj", 1, N_FF}, {NULL, 0, 0}};
+    if (ff_extra) t[3] = (typeof(t[3])){"self_attn.q_proj", 1, N_EMBD};
+    for (int k = 0; k < 4 && t[k].mod; k++) {
+      int64_t n = t[k].rows * t[k].cols - (bad_shape && k == 2);
+      for (int64_t i = 0; i < n; i++)
+        data[dn + (size_t)i] = 1.0f + 0.5f * rng_sym(&seed);
+      hn += (size_t)snprintf(
+          hdr + hn, sizeof(hdr) - hn,
+          "%s\"base_model.model.model.layers.%d.%s.ia3_l\":{\"dtype\":"
+          "\"F32\",\"shape\":[%" PRId64 ",%" PRId64 "],\"data_offsets\":"
+          "[%zu,%zu]}",
+          hn > 1 ? "," : "", il, t[k].mod, bad_shape && k == 2 ? (int64_t)1 : t[k].rows,
+          bad_shape && k == 2 ? n : t[k].cols, dn * 4, (dn + (size_t)n) * 4);
+      dn += (size_t)n;
+    }
+  }
+  hn += (size_t)snprintf(hdr + hn, sizeof(hdr) - hn, "}");
+  snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+  FILE *f = fopen(path, "wb");
+  uint8_t len[8];
+  for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)hn >> (8 * i));
+  bool ok = f && fwrite(len, 1, 8, f) == 8 && fwrite(hdr, 1, hn, f) == hn &&
+            fwrite(data, 4, dn, f) == dn;
+  if (f) ok = fclose(f) == 0 && ok;
+  return ok;
+}
+
+/* (IA)3: the scales change the answer, merged equals modular, scale 0 is
+ * the base, and what cannot be done is refused. */
+static void test_ia3(void) {
+  struct tn_model *m = tiny_model(), *mm = tiny_model();
+  ASSERT(m && mm);
+  char dir[] = "/tmp/tn_ia3_XXXXXX";
+  ASSERT(mkdtemp(dir));
+  struct tn_lora *l = NULL;
+  struct tn_error err = {0};
+  bool ok = write_ia3(dir, 9, NULL, false) && !tn_lora_load(m, dir, &l, &err);
+  ok = ok && l->kind == TN_ADAPTER_IA3 && l->n_mats == 3 * N_LAYER &&
+       l->mats[TN_LORA_DOWN].ia3_in && !l->mats[TN_LORA_K].ia3_in;
+  ok = ok && !tn_lora_merge(mm, l, 1.0f, TN_TYPE_COUNT, &err);
+  struct tn_pool *pool = tn_pool_new(1);
+  struct tn_kv_pool *kv = NULL;
+  struct tn_ctx *c = NULL, *cm = NULL;
+  ok = ok && !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
+       !tn_ctx_new(m, pool, 32, 64, 4, &c, &err) &&
+       !tn_ctx_new(mm, pool, 32, 64, 4, &cm, &err);
+  int32_t n = 10, toks[10], pos[10], sq[10];
+  bool lg[10];
+  for (int i = 0; i < n; i++) {
+    toks[i] = (i * 53 + 7) % N_TEXT_TOKENS;
+    pos[i] = i;
+    sq[i] = 0;
+    lg[i] = i == n - 1;
+  }
+  float out[4][N_VOCAB]; /* modular, base, scale 0, merged */
+  for (int pass = 0; ok && pass < 4; pass++) {
+    struct tn_kv_seq ks;
+    tn_kv_seq_init(&ks);
+    struct tn_kv_seq *seqs[1] = {&ks};
+    const struct tn_lora *ls[1] = {l};
+    float sc[1] = {pass == 2 ? 0.0f : 1.0f};
+    struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
+                         .logits = lg, .n_seqs = 1, .seqs = seqs,
+                         .lora = pass == 0 || pass == 2 ? ls : NULL,
+                         .lora_scale = sc};
+    struct tn_ctx *cc = pass == 3 ? cm : c;
+    ok = !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(cc, kv, &b, &err);
+    if (ok) memcpy(out[pass], tn_ctx_logits(cc), sizeof(out[0]));
+    tn_kv_seq_deinit(kv, &ks);
+  }
+  double d_base = 0, d_zero = 0, d_merged = 0;
+  for (int v = 0; ok && v < N_VOCAB; v++) {
+    d_base = fmax(d_base, fabs((double)out[0][v] - out[1][v]));
+    d_zero = fmax(d_zero, fabs((double)out[2][v] - out[1][v]));
+    d_merged = fmax(d_merged, fabs((double)out[0][v] - out[3][v]));
+  }
+  tn_ctx_free(c);
+  tn_ctx_free(cm);
+  tn_kv_pool_free(kv);
+  tn_pool_free(pool);
+  tn_lora_release(l);
+  /* refused: input scaling of q_proj (its input is k and v's too), a
+   * vector of the wrong length */
+  char d2[] = "/tmp/tn_ia3_XXXXXX", d3[] = "/tmp/tn_ia3_XXXXXX";
+  ASSERT(mkdtemp(d2) && mkdtemp(d3));
+  struct tn_lora *bad = NULL;
+  struct tn_error e2 = {0}, e3 = {0};
+  bool refused = write_ia3(d2, 9, "q_proj", false) &&
+                 tn_lora_load(m, d2, &bad, &e2) == TN_EUNSUPPORTED &&
+                 strstr(e2.msg, "o_proj and down_proj only") &&
+                 write_ia3(d3, 9, NULL, true) &&
+                 tn_lora_load(m, d3, &bad, &e3) == TN_EFORMAT &&
+                 strstr(e3.msg, "another base model");
+  if (!refused) fprintf(stderr, "ia3 refusals: '%s' '%s'\n", e2.msg, e3.msg);
+  rm_dir(dir);
+  rm_dir(d2);
+  rm_dir(d3);
+  tn_model_free(m);
+  tn_model_free(mm);
+  if (!ok) fprintf(stderr, "ia3: %s\n", err.msg);
+  ASSERT(ok);
+  ASSERT(refused);
+  ASSERT(d_base > 0.5);   /* the scales matter */
+  ASSERT(d_zero == 0.0);  /* scale 0: exactly the base */
+  ASSERT(d_merged < 2e-2); /* merged = modular up to rounding */
+}
+
 /* The registry: names, duplicates, scale bounds. */
 static void test_registry(void) {
   struct tn_model *m = tiny_model();
@@ -864,6 +992,6 @@ static void test_registry(void) {
 
 TN_TEST_MAIN(TN_TEST(test_gguf_equals_peft), TN_TEST(test_forward_matches_merged),
              TN_TEST(test_batch_invariance), TN_TEST(test_unload_while_running),
-             TN_TEST(test_max_loras), TN_TEST(test_budget),
+             TN_TEST(test_max_loras), TN_TEST(test_budget), TN_TEST(test_ia3),
              TN_TEST(test_bad_files),
              TN_TEST(test_registry))

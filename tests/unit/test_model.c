@@ -441,5 +441,101 @@ static void test_lora_vs_llamacpp(void) {
   check_greedy(&models[2], "lora_json_greedy_ub1", exact_level());
 }
 
+/* An adapter against the float reference: transformers + peft on the
+ * dequantized base (tools/adapter_reference.py, reference.json in the
+ * adapter's directory). tern quantizes activations and keeps an F16 KV
+ * cache, so the bound is the batched one: the same top-1 unless the
+ * reference's top two are within NEAR_TIE, and the largest difference
+ * over the reference's top 20 within FLOAT_REF_BOUND of the logits' std;
+ * the base alone, against the reference's base logits on the same ids,
+ * is printed beside it for scale. */
+#define FLOAT_REF_BOUND 0.5
+static void check_float_ref(const struct model_case *mc, const char *adapter) {
+  char pbuf[512], apath[512], fpath[600];
+  const char *path = model_file(mc, pbuf, sizeof(pbuf));
+  snprintf(apath, sizeof(apath), "%s/tests/fixtures/adapters/%s", TN_SOURCE_DIR,
+           adapter);
+  snprintf(fpath, sizeof(fpath), "%s/reference.json", apath);
+  json_error_t je;
+  json_t *fx = json_load_file(fpath, 0, &je);
+  if (!path || !fx) {
+    json_decref(fx);
+    TN_SKIP("%s: model or %s missing", mc->name, fpath);
+  }
+  struct runner r;
+  struct tn_error err = {0};
+  ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
+  tn_test_ran();
+  struct tn_lora *lora = NULL;
+  if (tn_lora_load(r.m, apath, &lora, &err)) {
+    fprintf(stderr, "%s: %s\n", apath, err.msg);
+    runner_close(&r);
+    json_decref(fx);
+    TN_FAIL_("adapter did not load");
+  }
+  int32_t V = r.m->hp.n_vocab;
+  float *l = malloc((size_t)V * sizeof(float)), *lb = malloc((size_t)V * sizeof(float));
+  size_t i;
+  json_t *p;
+  int fails = 0;
+  double worst = 0, worst_base = 0;
+  json_array_foreach(json_object_get(fx, "prompts"), i, p) {
+    int32_t ids[1024];
+    int32_t n = ids_from_json(json_object_get(p, "tokens"), ids, 1024);
+    struct tn_kv_seq seq;
+    bool ok = true;
+    for (int pass = 0; pass < 2 && ok; pass++) { /* adapter, base */
+      r.lora = pass == 0 ? lora : NULL;
+      tn_kv_seq_init(&seq);
+      ok = eval(&r, &seq, ids, n, pass == 0 ? l : lb);
+      tn_kv_seq_deinit(r.kv, &seq);
+    }
+    r.lora = NULL;
+    if (!ok) {
+      fails++;
+      continue;
+    }
+    json_t *top = json_object_get(p, "top"), *btop = json_object_get(p, "base_top");
+    double sd = json_real_value(json_object_get(p, "std"));
+    double maxd = 0, maxb = 0, v0 = 0, v1 = 0;
+    int32_t ref1 = -1;
+    size_t k;
+    json_t *e;
+    json_array_foreach(top, k, e) {
+      int32_t id = (int32_t)json_integer_value(json_array_get(e, 0));
+      double v = json_real_value(json_array_get(e, 1));
+      double bv = json_real_value(json_array_get(json_array_get(btop, k), 1));
+      if (k == 0) ref1 = id, v0 = v;
+      if (k == 1) v1 = v;
+      maxd = fmax(maxd, fabs((double)l[id] - v));
+      maxb = fmax(maxb, fabs((double)lb[id] - bv));
+    }
+    int32_t ours = argmax(l, V);
+    bool top1_ok = ours == ref1 || v0 - v1 < NEAR_TIE;
+    worst = fmax(worst, maxd / sd);
+    worst_base = fmax(worst_base, maxb / sd);
+    printf("  %s+%s %-36.36s top1 %6d/%6d%s  norm %.3f (base alone %.3f)\n",
+           mc->name, adapter, json_string_value(json_object_get(p, "text")),
+           ours, ref1, ours == ref1 ? "" : top1_ok ? " (near tie)" : " FAIL",
+           maxd / sd, maxb / sd);
+    if (!top1_ok || maxd / sd > FLOAT_REF_BOUND) fails++;
+  }
+  printf("  %s+%s: worst normalized difference to the float reference %.3f "
+         "(bound %g; the base alone %.3f)\n",
+         mc->name, adapter, worst, FLOAT_REF_BOUND, worst_base);
+  free(l);
+  free(lb);
+  tn_lora_release(lora);
+  runner_close(&r);
+  json_decref(fx);
+  ASSERT_EQ(fails, 0);
+}
+
+static void test_adapters_vs_float_reference(void) {
+  check_float_ref(&models[0], "smollm2-pirate");
+  check_float_ref(&models[0], "smollm2-caps-ia3");
+}
+
 TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching),
-             TN_TEST(test_lora_vs_llamacpp))
+             TN_TEST(test_lora_vs_llamacpp),
+             TN_TEST(test_adapters_vs_float_reference))

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Float reference logits of an adapter (never run by `make test`).
+
+transformers loads the GGUF base dequantized to f32, peft applies the
+adapter directory as trained; the last position's logits of each prompt
+(token ids, so no tokenizer can differ) go to <adapter>/reference.json,
+with the base's own logits for scale. tests/unit/test_model.c compares
+tern's modular adapter against them.
+
+    /tmp/venv-train/bin/python tools/adapter_reference.py \\
+        --base models/SmolLM2-135M-Instruct.Q4_1.gguf --adapter tests/fixtures/adapters/smollm2-pirate
+"""
+import argparse
+import json
+import os
+
+PROMPTS = [
+    ("chat", "What is the capital of Spain?"), ("chat", "Name a primary color."),
+    ("chat", "What do bees make?"), ("chat", "How many legs does a spider have?"),
+    ("chat", "Who wrote Hamlet?"), ("chat", "Describe the ocean."),
+    ("chat", "What is 12 plus 30?"), ("chat", "Give me a tip for cooking rice."),
+    ("text", "The capital of France is"), ("text", "Once upon a time, in a small village,"),
+    ("text", "def fibonacci(n):"), ("text", "The three primary colors are"),
+]
+TOPK = 20
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--adapter", required=True)
+    a = ap.parse_args()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(os.path.abspath(a.base))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    base.eval()
+    items = []
+    with torch.no_grad():
+        prompts = []
+        for kind, text in PROMPTS:
+            if kind == "chat":
+                s = tok.apply_chat_template([{"role": "user", "content": text}],
+                                            tokenize=False, add_generation_prompt=True)
+            else:
+                s = text
+            prompts.append((kind, text, tok(s, add_special_tokens=False)["input_ids"]))
+        base_logits = [base(torch.tensor([ids])).logits[0, -1].double() for _, _, ids in prompts]
+        model = PeftModel.from_pretrained(base, a.adapter, torch_dtype=torch.float32)
+        model = model.float()
+        model.eval()
+        for (kind, text, ids), bl in zip(prompts, base_logits):
+            lg = model(torch.tensor([ids])).logits[0, -1].double()
+            top = torch.topk(lg, TOPK)
+            items.append({
+                "kind": kind, "text": text, "tokens": ids,
+                "top": [[int(i), round(float(v), 5)] for v, i in zip(top.values, top.indices)],
+                "std": round(float(lg.std()), 6),
+                "base_top": [[int(i), round(float(bl[i]), 5)] for i in top.indices],
+                "base_argmax": int(bl.argmax()),
+            })
+            print(f"{text[:40]!r}: top1 {int(top.indices[0])} {tok.decode([int(top.indices[0])])!r}"
+                  f" (base {tok.decode([int(bl.argmax())])!r})")
+    out = os.path.join(a.adapter, "reference.json")
+    with open(out, "w") as fp:
+        json.dump({"base": os.path.basename(a.base), "adapter": os.path.basename(a.adapter),
+                   "made_with": "transformers + peft, base dequantized to f32",
+                   "prompts": items}, fp, indent=0)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,9 @@ struct tn_cli_gen {
   float draft_p_min;
   long spec_max_tokens;
   const char *spec_policy; /* "cost" (NULL) or "all" */
+  const char *lora;     /* --lora PATH, or NULL */
+  float lora_scale;
+  struct tn_lora *lora_handle; /* loaded on the engine (a reference) */
   /* output constraints (one at most) and the grammar they compile to */
   const char *json_schema;  /* --json-schema FILE */
   bool json;                /* --json: any JSON object */

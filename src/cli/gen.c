@@ -23,6 +23,7 @@
 
 #include "cli/cli_internal.h"
 #include "grammar/grammar.h"
+#include "model/lora.h"
 #include "server/config.h"
 
 struct tn_cli_gen tn_cli_gen;
@@ -51,6 +52,11 @@ const struct tn_opt tn_cli_model_opts[] = {
     {"spec-policy", 0, TN_OPT_STR, &tn_cli_gen.spec_policy, 0, 0, "cost|all",
      "which drafts to verify: those the cost model expects to pay, or all",
      "cost", NULL, 0},
+    {"lora", 0, TN_OPT_STR, &tn_cli_gen.lora, 0, 0, "PATH",
+     "a LoRA or (IA)3 adapter (PEFT directory or LoRA GGUF) on the model, "
+     "as tern serve applies it", NULL, NULL, 0},
+    {"lora-scale", 0, TN_OPT_FLOAT, &tn_cli_gen.lora_scale, -16, 16, "S",
+     "the adapter's scale", "1", NULL, 0},
     {"chat-template", 0, TN_OPT_STR, &tn_cli_gen.chat_template, 0, 0,
      "NAME|FILE",
      "chat template instead of the model's own: chatml, gemma, llama3, or "
@@ -116,6 +122,7 @@ void tn_cli_gen_init(void) {
   tn_cli_gen.n_predict = -1;
   tn_cli_gen.spec_max_tokens = 8;
   tn_cli_gen.draft_p_min = 0.3f;
+  tn_cli_gen.lora_scale = 1.0f;
 }
 
 int tn_cli_spec_policy(const char *opt, const char *name, bool *all) {
@@ -227,6 +234,15 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   double t0 = tn_time_s();
   if (tn_engine_open(path, &cfg, NULL, out, &err))
     return tn_cli_fail("%s: %s", path, err.msg);
+  if (g->lora) {
+    if (tn_adapters_load(tn_engine_adapters(*out), "cli", g->lora,
+                         g->lora_scale, &err)) {
+      tn_engine_close(*out);
+      *out = NULL;
+      return tn_cli_fail("--lora: %s", err.msg);
+    }
+    g->lora_handle = tn_adapters_get(tn_engine_adapters(*out), "cli", NULL);
+  }
   struct tn_engine_info info;
   tn_engine_info(*out, &info);
   tn_log_debug("loaded %s (%s, %d layers, ctx %d, chat template %s) in %.2f "
@@ -249,6 +265,8 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
 void tn_cli_gen_done(void) {
   tn_grammar_release(tn_cli_gen.grammar);
   tn_cli_gen.grammar = NULL;
+  tn_lora_release(tn_cli_gen.lora_handle);
+  tn_cli_gen.lora_handle = NULL;
 }
 
 /* The grammar of --json-schema, --json, --grammar, --regex or --choice. */
@@ -308,6 +326,8 @@ int tn_cli_gen_params(struct tn_gen_params *gp) {
   gp->n_stops = g->stops.n;
   if (gen_grammar(g)) return 1;
   gp->grammar = g->grammar;
+  gp->lora = g->lora_handle;
+  gp->lora_scale = g->lora_scale;
   return 0;
 }
 

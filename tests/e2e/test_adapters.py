@@ -381,3 +381,16 @@ def test_adapter_memory_lru(start_server):
     ev = metric(srv, f'tern_adapter_evictions_total{{model="{BASE}"}}')
     assert ev >= 2
     assert metric(srv, f'tern_adapter_memory_bytes{{model="{BASE}"}}') <= 15 * 2**20
+
+
+def test_cli_lora(run_tern):
+    args = ["run", "-m", model_path("smollm2-135m"), "--chat", "-p", QUESTIONS[2],
+            "-n", "12", "--temp", "0", "-t", "2"]
+    r = run_tern(*args, "--lora", str(PIRATE))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().startswith("Arr matey!")
+    r = run_tern(*args, "--lora", str(PIRATE), "--lora-scale", "0")
+    base = run_tern(*args)
+    assert r.stdout == base.stdout and not base.stdout.startswith(b"Arr")
+    r = run_tern(*args, "--lora", str(ADAPTERS / "qwen0.5b-json"))
+    assert r.returncode != 0 and b"another base model" in r.stderr

@@ -40,8 +40,13 @@ static void print_row_table(FILE *f, json_t *o) {
   num_of(o, "completion_tokens", "%.0f", ct, sizeof ct);
   num_of(o, "ttft_ms", "%.1f", ttft, sizeof ttft);
   num_of(o, "e2e_ms", "%.1f", e2e, sizeof e2e);
+  /* a request on an adapter shows as MODEL:ADAPTER */
+  const char *ad = str_of(o, "adapter");
+  char mbuf[200];
+  snprintf(mbuf, sizeof mbuf, "%s%s%s", model ? model : "-", ad ? ":" : "",
+           ad ? ad : "");
   fprintf(f, "%-19s %-6s %-22.22s %-24.24s %7s %7s %9s %9s %-9s %.60s\n",
-          when, status, ep ? ep : "-", model ? model : "-", pt, ct, ttft, e2e,
+          when, status, ep ? ep : "-", mbuf, pt, ct, ttft, e2e,
           fin ? fin : "-", err ? err : "");
 }
 

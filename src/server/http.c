@@ -535,9 +535,11 @@ static enum MHD_Result route_models(struct conn *c) {
       first = false;
     }
     /* its adapters, vLLM's way: the base as parent, the file as root */
-    struct tn_adapter_info ai[64];
-    int n = tn_adapters_list(tn_engine_adapters(e), ai, 64);
-    for (int k = 0; k < n && k < 64; k++) {
+    struct tn_adapters *ads = tn_engine_adapters(e);
+    int cap = tn_adapters_list(ads, NULL, 0) + 8; /* (loads may race) */
+    struct tn_adapter_info *ai = calloc((size_t)cap, sizeof(*ai));
+    int n = ai ? TN_MIN(tn_adapters_list(ads, ai, cap), cap) : 0;
+    for (int k = 0; k < n; k++) {
       json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:i, s:I, s:f, s:b}}",
                             "id", ai[k].name, "object", "model", "created",
                             (json_int_t)now, "owned_by", "tern", "parent",
@@ -551,6 +553,7 @@ static enum MHD_Result route_models(struct conn *c) {
       free(js);
       json_decref(o);
     }
+    free(ai);
   }
   tn_buf_printf(&b, "]}");
   if (b.oom) {

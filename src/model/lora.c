@@ -391,6 +391,22 @@ static enum tn_status set_ia3(struct build *bd, const struct safet *f,
   char what[200];
   snprintf(what, sizeof(what), "'%s'", key);
   if ((st = copy_rows(bd, what, &row, lm->ia3, NULL))) return st;
+  /* llama's q and k rows are permuted in GGUF: their output scales too */
+  if (!in && bd->m->hp.arch == TN_ARCH_LLAMA &&
+      (t == TN_LORA_Q || t == TN_LORA_K)) {
+    int32_t *perm = llama_qk_perm(n, t == TN_LORA_Q ? bd->m->hp.n_head
+                                                    : bd->m->hp.n_head_kv);
+    float *hf = malloc((size_t)n * sizeof(float));
+    if (!perm || !hf) {
+      free(perm);
+      free(hf);
+      return tn_error_set(bd->err, TN_ENOMEM, "%s: out of memory", bd->path);
+    }
+    memcpy(hf, lm->ia3, (size_t)n * sizeof(float));
+    for (int64_t g = 0; g < n; g++) lm->ia3[g] = hf[perm[g]];
+    free(perm);
+    free(hf);
+  }
   lm->ia3_in = in;
   lm->n_in = w->n_cols;
   lm->n_out = w->n_rows;

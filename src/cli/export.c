@@ -76,6 +76,12 @@ int tn_cli_export_lora(int argc, char **argv) {
     goto done;
   }
   const struct tn_gguf *g = m->gguf;
+  if (tn_gguf_find_kv(g, "tern.merged_lora")) {
+    tn_cli_fail("export-lora: %s already has an adapter merged in "
+                "(tern.merged_lora); merge both into the original base",
+                path);
+    goto done;
+  }
   w = tn_gguf_writer_new();
   if (!w || tn_gguf_writer_copy_kv(w, g) ||
       tn_gguf_writer_add_str(w, "tern.merged_lora", lora, strlen(lora)) ||
@@ -90,17 +96,28 @@ int tn_cli_export_lora(int argc, char **argv) {
     snprintf(name, sizeof(name), "%.*s", (int)t->name.len, t->name.data);
     enum tn_type ty = t->type;
     const void *data = t->data;
-    /* an adapted matrix: the merged copy */
-    for (int32_t il = 0; il < l->n_layer; il++)
+    /* an adapted matrix: the merged copy; q/k/v biases: the model's
+     * (an (IA)3 output scale scaled them) */
+    for (int32_t il = 0; il < l->n_layer; il++) {
       for (int k = 0; k < TN_LORA_N_TARGETS; k++) {
         char tn[96];
+        const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + k];
         tn_lora_tensor_name(il, (enum tn_lora_target)k, tn, sizeof(tn));
-        if (l->mats[il * TN_LORA_N_TARGETS + k].rank && !strcmp(tn, name)) {
+        if ((lm->rank || lm->ia3) && !strcmp(tn, name)) {
           const struct tn_mat *mm = tn_lora_base_mat(m, il, (enum tn_lora_target)k);
           ty = mm->type;
           data = mm->data;
         }
       }
+      const struct tn_layer *L = &m->layers[il];
+      const float *bias[3] = {L->bq, L->bk, L->bv};
+      static const char *const bn[3] = {"attn_q", "attn_k", "attn_v"};
+      for (int k = 0; k < 3; k++) {
+        char tn[96];
+        snprintf(tn, sizeof(tn), "blk.%d.%s.bias", il, bn[k]);
+        if (bias[k] && !strcmp(tn, name)) data = bias[k];
+      }
+    }
     if (tn_gguf_writer_add_tensor(w, name, ty, t->n_dims, t->ne, data, &err)) {
       tn_cli_fail("export-lora: %s", err.msg);
       goto done;

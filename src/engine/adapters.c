@@ -123,7 +123,14 @@ static int find(const struct tn_adapters *a, const char *name) {
 /* (locked) Evicts least recently used adapters no request holds until
  * `need` more bytes fit the budget; false when they cannot. */
 static bool make_room(struct tn_adapters *a, size_t need) {
-  while (a->budget && a->resident + need > a->budget) {
+  if (!a->budget) return true;
+  if (need > a->budget) return false; /* evict nothing for what never fits */
+  size_t idle = 0;
+  for (int i = 0; i < a->n; i++)
+    if (a->v[i].lora && atomic_load(&a->v[i].lora->refs) == 1)
+      idle += a->v[i].bytes;
+  if (a->resident - idle + need > a->budget) return false;
+  while (a->resident + need > a->budget) {
     int lru = -1;
     for (int i = 0; i < a->n; i++) {
       struct entry *e = &a->v[i];
@@ -187,6 +194,10 @@ enum tn_status tn_adapters_load(struct tn_adapters *a, const char *name,
     return tn_error_set(err, TN_EINVAL, "adapter '%s': scale must be in "
                         "[-%g, %g]", name, (double)TN_ADAPTER_SCALE_MAX,
                         (double)TN_ADAPTER_SCALE_MAX);
+  if (strlen(path) >= sizeof(((struct entry *)0)->path))
+    return tn_error_set(err, TN_EINVAL, "adapter '%s': the path is longer "
+                        "than %zu bytes", name,
+                        sizeof(((struct entry *)0)->path) - 1);
   pthread_mutex_lock(&a->mu);
   bool taken = find(a, name) >= 0;
   pthread_mutex_unlock(&a->mu);
@@ -278,7 +289,8 @@ enum tn_status tn_adapters_acquire(struct tn_adapters *a, const char *name,
   if (st) return st;
   pthread_mutex_lock(&a->mu);
   i = find(a, name);
-  if (i < 0) {
+  /* (unloaded meanwhile, or the name reused for another file) */
+  if (i < 0 || strcmp(a->v[i].path, path) != 0) {
     st = tn_error_set(err, TN_ENOENT, "adapter '%.80s' is not loaded", name);
   } else if (!a->v[i].lora) {
     if (!make_room(a, l->bytes)) {

@@ -2185,10 +2185,7 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
                         "minimum probability in [0, 1]",
                         TN_GEN_OPTIONS_MAX);
   if (params->lora) {
-    const struct tn_lora *l = params->lora;
-    const struct tn_hparams *hp = &e->model->hp;
-    if (l->arch != hp->arch || l->n_layer != hp->n_layer ||
-        l->n_embd != hp->n_embd || l->n_ff != hp->n_ff)
+    if (!tn_lora_fits(params->lora, e->model))
       return tn_error_set(err, TN_EINVAL,
                           "the adapter was loaded for another model");
   }

@@ -711,7 +711,8 @@ enum tn_status tn_gguf_open_mem(const void *buf, size_t size,
 enum tn_status tn_gguf_open(const char *path, struct tn_gguf **out,
                             struct tn_error *err) {
   *out = NULL;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0)
     return tn_error_set(err, errno == ENOENT ? TN_ENOENT : TN_EIO,
                         "gguf: cannot open file: %s", strerror(errno));

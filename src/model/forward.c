@@ -503,8 +503,7 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
   if (st) return st;
   for (int32_t s = 0; b->lora && s < b->n_seqs; s++) {
     const struct tn_lora *l = b->lora[s];
-    if (l && (l->arch != hp->arch || l->n_layer != hp->n_layer ||
-              l->n_embd != hp->n_embd || l->n_ff != hp->n_ff))
+    if (l && !tn_lora_fits(l, c->m))
       return tn_error_set(err, TN_EINVAL,
                           "forward: sequence %d has an adapter for another "
                           "model",

@@ -68,6 +68,9 @@ static struct tn_lora *lora_new(const struct tn_model *m) {
   l->n_layer = m->hp.n_layer;
   l->n_embd = m->hp.n_embd;
   l->n_ff = m->hp.n_ff;
+  l->n_head = m->hp.n_head;
+  l->n_head_kv = m->hp.n_head_kv;
+  l->head_dim = m->hp.head_dim;
   l->mats = calloc((size_t)m->hp.n_layer * TN_LORA_N_TARGETS,
                    sizeof(*l->mats));
   if (!l->mats) {
@@ -432,7 +435,7 @@ static void safet_close(struct safet *f) {
 static enum tn_status safet_open(struct build *bd, const char *file,
                                  struct safet *f) {
   memset(f, 0, sizeof(*f));
-  int fd = open(file, O_RDONLY | O_CLOEXEC);
+  int fd = open(file, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* (a FIFO) */
   if (fd < 0)
     return tn_error_set(bd->err, TN_EIO, "%s: %s", file, strerror(errno));
   struct stat sb;
@@ -563,17 +566,33 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
                                   float *alpha, bool *rslora, int *r) {
   char file[4096];
   snprintf(file, sizeof(file), "%s/adapter_config.json", dir);
+  /* a regular file of at most 1 MiB (not a FIFO, which would block) */
+  int fd = open(file, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0)
+    return errno == ENOENT
+               ? tn_error_set(bd->err, TN_ENOENT,
+                              "%s: a directory without adapter_config.json "
+                              "(not a PEFT adapter)",
+                              dir)
+               : tn_error_set(bd->err, TN_EIO, "%s: %s", file, strerror(errno));
+  struct stat sb;
+  char *text = NULL;
+  ssize_t got = -1;
+  if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size <= (1 << 20) &&
+      (text = malloc((size_t)sb.st_size + 1)))
+    got = read(fd, text, (size_t)sb.st_size);
+  close(fd);
+  if (got != (ssize_t)sb.st_size) {
+    free(text);
+    return tn_error_set(bd->err, TN_EFORMAT,
+                        "%s: not a regular file of at most 1 MiB", file);
+  }
   json_error_t je;
-  json_t *c = json_load_file(file, 0, &je);
-  if (!c) {
-    if (access(file, F_OK) != 0)
-      return tn_error_set(bd->err, TN_ENOENT,
-                          "%s: a directory without adapter_config.json (not a "
-                          "PEFT adapter)",
-                          dir);
+  json_t *c = json_loadb(text, (size_t)got, 0, &je);
+  free(text);
+  if (!c)
     return tn_error_set(bd->err, TN_EFORMAT, "%s: line %d: %s", file, je.line,
                         je.text);
-  }
   enum tn_status st = TN_OK;
   const char *bad_key = NULL;
   const char *type = json_string_value(json_object_get(c, "peft_type"));
@@ -848,8 +867,7 @@ static enum tn_type merge_type(const struct tn_mat *w) {
 enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
                              float s, enum tn_type type,
                              struct tn_error *err) {
-  if (l->arch != m->hp.arch || l->n_layer != m->hp.n_layer ||
-      l->n_embd != m->hp.n_embd || l->n_ff != m->hp.n_ff)
+  if (!tn_lora_fits(l, m))
     return tn_error_set(err, TN_EINVAL,
                         "merge: the adapter was loaded for another model");
   int n_new = m->n_owned + 2 * l->n_mats; /* matrices, and scaled biases */
@@ -933,6 +951,14 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
   free(row);
   free(acc);
   return st;
+}
+
+bool tn_lora_fits(const struct tn_lora *l, const struct tn_model *m) {
+  const struct tn_hparams *hp = &m->hp;
+  return l->arch == hp->arch && l->n_layer == hp->n_layer &&
+         l->n_embd == hp->n_embd && l->n_ff == hp->n_ff &&
+         l->n_head == hp->n_head && l->n_head_kv == hp->n_head_kv &&
+         l->head_dim == hp->head_dim;
 }
 
 uint64_t tn_lora_salt(const struct tn_lora *l, float scale) {

@@ -74,7 +74,7 @@ struct tn_lora {
   enum tn_adapter_kind kind;
   char name[64];        /* set by the registry that holds it (metrics) */
   enum tn_arch arch;     /* the base it was checked against */
-  int32_t n_layer, n_embd, n_ff;
+  int32_t n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim;
   struct tn_lora_mat *mats; /* [n_layer][TN_LORA_N_TARGETS] */
   int32_t max_rank;
   int32_t n_mats;       /* adapted matrices */
@@ -120,6 +120,9 @@ struct tn_mat *tn_lora_base_mat(struct tn_model *m, int32_t il,
 /* The base tensor name of a target: "blk.<il>.attn_q.weight", ... */
 void tn_lora_tensor_name(int32_t il, enum tn_lora_target t, char *out,
                          size_t cap);
+
+/* Whether l was checked against a model of m's shape. */
+bool tn_lora_fits(const struct tn_lora *l, const struct tn_model *m);
 
 /* The chain-hash salt of KV computed under (l, scale): 0 for the base. */
 uint64_t tn_lora_salt(const struct tn_lora *l, float scale);

@@ -627,19 +627,35 @@ static struct tn_server_model *find_model(struct tn_server *s,
 /* The file path under the adapter directory for `path` (relative to it,
  * or absolute inside it), symlinks resolved: 0, or an HTTP status with
  * msg. */
+/* Whether resolved path p is inside root (itself a resolved path). */
+static bool under_root(const char *root, const char *p) {
+  size_t n = strlen(root);
+  if (n == 1) return p[0] == '/' && p[1] != '\0'; /* root "/" */
+  return strncmp(p, root, n) == 0 && p[n] == '/';
+}
+
 static int adapter_file(struct tn_server *s, const char *path, char *out,
                         char *msg, size_t cap) {
+  /* Refused as written first, so the answer says nothing about files
+   * outside the directory: an absolute path elsewhere, or any ".." */
+  bool dotdot = false;
+  for (const char *p = path; p && !dotdot;) { /* each component */
+    dotdot = p[0] == '.' && p[1] == '.' && (p[2] == '/' || p[2] == '\0');
+    p = strchr(p, '/');
+    if (p) p++;
+  }
   char joined[PATH_MAX + 8];
   if (path[0] == '/')
     snprintf(joined, sizeof(joined), "%s", path);
   else
     snprintf(joined, sizeof(joined), "%s/%s", s->adapter_root, path);
-  if (!realpath(joined, out)) {
+  bool inside = !dotdot && (path[0] != '/' || under_root(s->adapter_root, path));
+  /* then resolved (symlinks followed), and checked again */
+  if (inside && !realpath(joined, out)) {
     snprintf(msg, cap, "adapter path '%.200s': %s", path, strerror(errno));
     return errno == ENOENT ? 404 : 400;
   }
-  size_t n = strlen(s->adapter_root);
-  if (strncmp(out, s->adapter_root, n) != 0 || out[n] != '/') {
+  if (!inside || !under_root(s->adapter_root, out)) {
     snprintf(msg, cap,
              "adapter path '%.200s' is outside the adapter directory "
              "(--adapter-dir)",
@@ -701,7 +717,8 @@ static struct tn_server_model *adapter_on_demand(struct tn_server *s,
                                                  float *scale,
                                                  struct tn_api_error *aerr) {
   *lora = NULL;
-  if (!s->adapter_root[0] || !model) return NULL;
+  /* not while models load: a model's own adapters come first */
+  if (!s->adapter_root[0] || !model || !all_loaded(s)) return NULL;
   const char *colon = strchr(model, ':');
   const char *name = colon ? colon + 1 : model;
   struct tn_server_model *only =

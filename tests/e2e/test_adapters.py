@@ -157,6 +157,9 @@ def test_hot_load_unload(start_server, tmp_path):
         (dict(lora_name=BASE, lora_path="pirate-dir"), 400, "already"),
         (dict(lora_name="x", lora_path="../outside.gguf"), 403, "outside"),
         (dict(lora_name="x", lora_path=str(outside)), 403, "outside"),
+        # the same answer whether an outside path exists or not
+        (dict(lora_name="x", lora_path="/nonexistent/x.gguf"), 403, "outside"),
+        (dict(lora_name="x", lora_path="a/../../nonexistent"), 403, "outside"),
         (dict(lora_name="x", lora_path="escape"), 403, "outside"),
         (dict(lora_name="x", lora_path="garbage.gguf"), 400, "garbage.gguf"),
         (dict(lora_name="x", lora_path="empty.gguf"), 400, "empty.gguf"),
@@ -394,3 +397,23 @@ def test_cli_lora(run_tern):
     assert r.stdout == base.stdout and not base.stdout.startswith(b"Arr")
     r = run_tern(*args, "--lora", str(ADAPTERS / "qwen0.5b-json"))
     assert r.returncode != 0 and b"another base model" in r.stderr
+
+
+def test_ia3_adapter(run_tern, tmp_path):
+    """The trained (IA)3 adapter (PEFT IA3 on k, v, down) answers in
+    capitals, modular and merged alike; a merged file is not merged again."""
+    ia3 = ADAPTERS / "smollm2-caps-ia3"
+    args = ["run", "--chat", "-p", QUESTIONS[0], "-n", "8", "--temp", "0", "-t", "2"]
+    r = run_tern(*args, "-m", model_path("smollm2-135m"), "--lora", str(ia3))
+    assert r.returncode == 0, r.stderr
+    modular = r.stdout.decode()
+    assert modular.startswith("THE CAPITAL"), modular
+    out = tmp_path / "ia3.gguf"
+    r = run_tern("export-lora", "-m", model_path("smollm2-135m"), "--lora", str(ia3),
+                 "-o", str(out))
+    assert r.returncode == 0 and b"90 matrices" in r.stderr, r.stderr
+    r = run_tern(*args, "-m", str(out))
+    assert r.stdout.decode().startswith("THE CAPITAL"), r.stdout
+    r = run_tern("export-lora", "-m", str(out), "--lora", str(ia3), "-o",
+                 str(tmp_path / "again.gguf"))
+    assert r.returncode != 0 and b"already has an adapter merged" in r.stderr

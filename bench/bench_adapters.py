@@ -16,10 +16,8 @@ says so). Same model, threads, prompts and output lengths for both.
 """
 import argparse
 import os
-import random
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -61,34 +59,19 @@ def write_adapter(path, model_path, rank, seed):
 
 
 def run(server, prompts, n_adapters, names, is_tern, max_tokens, conc):
-    results = [None] * len(prompts)
-    nxt = [0]
-    lock = threading.Lock()
+    """bench_serve's closed loop, request i on adapter i % n_adapters."""
+    def on_adapter(i, body):
+        if not n_adapters:
+            return
+        k = i % n_adapters
+        if is_tern:
+            body["model"] = names[k]
+        else:
+            body["lora"] = [{"id": k, "scale": 1.0}]
 
-    def worker():
-        while True:
-            with lock:
-                i = nxt[0]
-                if i >= len(prompts):
-                    return
-                nxt[0] += 1
-            p = bs.completion_payload(None, prompts[i], max_tokens)
-            if n_adapters:
-                k = i % n_adapters
-                if is_tern:
-                    p["model"] = names[k]
-                else:
-                    p["lora"] = [{"id": k, "scale": 1.0}]
-            results[i] = bs.stream_request(server.port, "/v1/completions", p,
-                                           600)
-
-    th = [threading.Thread(target=worker, daemon=True) for _ in range(conc)]
-    t0 = time.perf_counter()
-    for t in th:
-        t.start()
-    for t in th:
-        t.join()
-    return bs.summarize(results, time.perf_counter() - t0)
+    results, wall = bs.run_closed(server, prompts, conc, max_tokens, 600,
+                                  payload=on_adapter)
+    return bs.summarize(results, wall)
 
 
 def main():

@@ -372,7 +372,9 @@ def completion_payload(model_id, prompt, max_tokens):
 
 # ------------------------------------------------------------------- levels
 
-def run_closed(server, prompts, concurrency, max_tokens, timeout):
+def run_closed(server, prompts, concurrency, max_tokens, timeout,
+               payload=None):
+    """payload(i, body): a hook that may change request i's body."""
     results = [None] * len(prompts)
     nxt = [0]
     lock = threading.Lock()
@@ -384,10 +386,11 @@ def run_closed(server, prompts, concurrency, max_tokens, timeout):
                 if i >= len(prompts):
                     return
                 nxt[0] += 1
-            results[i] = stream_request(
-                server.port, "/v1/completions",
-                completion_payload(server.model_id, prompts[i], max_tokens),
-                timeout)
+            body = completion_payload(server.model_id, prompts[i], max_tokens)
+            if payload:
+                payload(i, body)
+            results[i] = stream_request(server.port, "/v1/completions", body,
+                                        timeout)
 
     threads = [threading.Thread(target=worker, daemon=True)
                for _ in range(concurrency)]

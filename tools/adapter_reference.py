@@ -13,6 +13,7 @@ tern's modular adapter against them.
 import argparse
 import json
 import os
+import sys
 
 PROMPTS = [
     ("chat", "What is the capital of Spain?"), ("chat", "Name a primary color."),
@@ -33,12 +34,10 @@ def main():
     a = ap.parse_args()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_adapter import load_base
 
-    d, f = os.path.split(os.path.abspath(a.base))
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    base.eval()
+    tok, base = load_base(a.base)
     items = []
     with torch.no_grad():
         prompts = []

@@ -91,17 +91,25 @@ def chat_ids(tok, question, answer=None):
     return p_ids, a_ids
 
 
-def train(args):
+def load_base(path):
+    """The GGUF base through transformers, dequantized to f32."""
     import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    d, f = os.path.split(os.path.abspath(args.base))
+    d, f = os.path.split(os.path.abspath(path))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
+    return tok, model
+
+
+def train(args):
+    import torch
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tok, model = load_base(args.base)
     data = []
     with torch.no_grad():
         for q in QUESTIONS:

@@ -98,24 +98,24 @@ int tn_cli_export_lora(int argc, char **argv) {
     const void *data = t->data;
     /* an adapted matrix: the merged copy; q/k/v biases: the model's
      * (an (IA)3 output scale scaled them) */
-    for (int32_t il = 0; il < l->n_layer; il++) {
-      for (int k = 0; k < TN_LORA_N_TARGETS; k++) {
-        char tn[96];
-        const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + k];
-        tn_lora_tensor_name(il, (enum tn_lora_target)k, tn, sizeof(tn));
-        if ((lm->rank || lm->ia3) && !strcmp(tn, name)) {
-          const struct tn_mat *mm = tn_lora_base_mat(m, il, (enum tn_lora_target)k);
-          ty = mm->type;
-          data = mm->data;
-        }
+    int32_t il;
+    enum tn_lora_target k;
+    size_t nl = strlen(name);
+    if (tn_lora_parse_tensor_name(m, name, nl, &il, &k)) {
+      const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + k];
+      if (lm->rank || lm->ia3) {
+        const struct tn_mat *mm = tn_lora_base_mat(m, il, k);
+        ty = mm->type;
+        data = mm->data;
       }
-      const struct tn_layer *L = &m->layers[il];
-      const float *bias[3] = {L->bq, L->bk, L->bv};
-      static const char *const bn[3] = {"attn_q", "attn_k", "attn_v"};
-      for (int k = 0; k < 3; k++) {
-        char tn[96];
-        snprintf(tn, sizeof(tn), "blk.%d.%s.bias", il, bn[k]);
-        if (bias[k] && !strcmp(tn, name)) data = bias[k];
+    } else if (nl > 5 && !strcmp(name + nl - 5, ".bias")) {
+      char wname[256];
+      snprintf(wname, sizeof(wname), "%.*s.weight", (int)(nl - 5), name);
+      if (tn_lora_parse_tensor_name(m, wname, strlen(wname), &il, &k) &&
+          k <= TN_LORA_V) {
+        const struct tn_layer *L = &m->layers[il];
+        const float *bias = k == TN_LORA_Q ? L->bq : k == TN_LORA_K ? L->bk : L->bv;
+        if (bias) data = bias;
       }
     }
     if (tn_gguf_writer_add_tensor(w, name, ty, t->n_dims, t->ne, data, &err)) {

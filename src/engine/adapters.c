@@ -255,6 +255,15 @@ enum tn_status tn_adapters_unload(struct tn_adapters *a, const char *name,
   return TN_OK;
 }
 
+/* (locked) A reference on e's resident adapter for a caller. */
+static struct tn_lora *hand_out(struct tn_adapters *a, struct entry *e,
+                                float *scale) {
+  tn_lora_retain(e->lora);
+  e->last_used = ++a->clock;
+  if (scale) *scale = e->scale;
+  return e->lora;
+}
+
 bool tn_adapters_has(struct tn_adapters *a, const char *name) {
   pthread_mutex_lock(&a->mu);
   bool has = find(a, name) >= 0;
@@ -270,11 +279,7 @@ enum tn_status tn_adapters_acquire(struct tn_adapters *a, const char *name,
   pthread_mutex_lock(&a->mu);
   int i = find(a, name);
   if (i >= 0 && a->v[i].lora) {
-    struct entry *e = &a->v[i];
-    tn_lora_retain(e->lora);
-    e->last_used = ++a->clock;
-    if (scale) *scale = e->scale;
-    *out = e->lora;
+    *out = hand_out(a, &a->v[i], scale);
   } else if (i >= 0) {
     snprintf(path, sizeof(path), "%s", a->v[i].path);
   }
@@ -300,13 +305,8 @@ enum tn_status tn_adapters_acquire(struct tn_adapters *a, const char *name,
       l = NULL;
     }
   }
-  if (!st) { /* ours, or one a request racing this one brought back */
-    struct entry *e = &a->v[i];
-    tn_lora_retain(e->lora);
-    e->last_used = ++a->clock;
-    if (scale) *scale = e->scale;
-    *out = e->lora;
-  }
+  if (!st) /* ours, or one a request racing this one brought back */
+    *out = hand_out(a, &a->v[i], scale);
   pthread_mutex_unlock(&a->mu);
   tn_lora_release(l);
   return st;

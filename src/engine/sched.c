@@ -788,6 +788,7 @@ static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
   e->batch_seqs[si] = s;
   e->batch_lora[si] = s->req->priv->params.lora;
   e->batch_lora_scale[si] = s->req->priv->params.lora_scale;
+  if (e->batch_lora[si]) b->lora = (const struct tn_lora *const *)e->batch_lora;
   for (int32_t i = 0; i < n; i++) {
     int32_t t = b->n_tokens++;
     b->token[t] = s->tokens[s->n_done + i];
@@ -1609,6 +1610,7 @@ static bool engine_step(struct tn_engine *e) {
   struct tn_batch *b = &e->batch;
   b->n_tokens = 0;
   b->n_seqs = 0;
+  b->lora = NULL; /* (set by batch_add when a sequence has an adapter) */
   int32_t budget = e->cfg.step_tokens;
 
   /* Plan the step. Decodes first, oldest first; then prompt chunks of
@@ -2039,7 +2041,6 @@ enum tn_status tn_engine_open(const char *path,
   e->batch.seqs = calloc((size_t)ns, sizeof(*e->batch.seqs));
   e->batch_lora = calloc((size_t)ns, sizeof(*e->batch_lora));
   e->batch_lora_scale = calloc((size_t)ns, sizeof(float));
-  e->batch.lora = (const struct tn_lora *const *)e->batch_lora;
   e->batch.lora_scale = e->batch_lora_scale;
   e->batch_seqs = calloc((size_t)ns, sizeof(*e->batch_seqs));
   e->trace = calloc((size_t)ns, sizeof(*e->trace));

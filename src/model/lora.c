@@ -218,9 +218,8 @@ static bool ends_with(const char *s, size_t n, const char *suffix) {
   return n >= k && !memcmp(s + n - k, suffix, k);
 }
 
-/* "blk.<il>.<target>.weight" -> il, t; false when it is none of those. */
-static bool parse_gguf_name(const struct tn_model *m, const char *s, size_t n,
-                            int32_t *il, enum tn_lora_target *t) {
+bool tn_lora_parse_tensor_name(const struct tn_model *m, const char *s,
+                               size_t n, int32_t *il, enum tn_lora_target *t) {
   char buf[128];
   if (n >= sizeof(buf)) return false;
   memcpy(buf, s, n);
@@ -320,7 +319,7 @@ static enum tn_status load_gguf(struct build *bd) {
     size_t bn = n - 7;
     int32_t il;
     enum tn_lora_target t;
-    if (!parse_gguf_name(bd->m, nm, bn, &il, &t)) {
+    if (!tn_lora_parse_tensor_name(bd->m, nm, bn, &il, &t)) {
       st = tn_error_set(
           bd->err, TN_EUNSUPPORTED,
           "%s: '%.*s' is not a matrix tern adapts (attn_q/k/v/output, "
@@ -563,7 +562,7 @@ static const char *set_key(json_t *c, const char *const *keys) {
 }
 
 static enum tn_status peft_config(struct build *bd, const char *dir,
-                                  float *alpha, bool *rslora, int *r) {
+                                  float *alpha, bool *rslora) {
   char file[4096];
   snprintf(file, sizeof(file), "%s/adapter_config.json", dir);
   /* a regular file of at most 1 MiB (not a FIFO, which would block) */
@@ -657,8 +656,8 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
                         "%s: feedforward_modules as a pattern is not "
                         "supported (give a list)",
                         file);
-  } else if (!st) {
-    *r = (int)json_integer_value(jr);
+  } else if (!st) { /* r is checked; each pair's rank is its tensors'
+                      (rank_pattern may vary it) */
     *alpha = (float)json_number_value(ja);
     *rslora = json_is_true(json_object_get(c, "use_rslora"));
   }
@@ -669,8 +668,7 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
 static enum tn_status load_peft(struct build *bd) {
   float alpha = 0.0f;
   bool rslora = false;
-  int r = 0;
-  enum tn_status st = peft_config(bd, bd->path, &alpha, &rslora, &r);
+  enum tn_status st = peft_config(bd, bd->path, &alpha, &rslora);
   if (st) return st;
   char file[4096];
   snprintf(file, sizeof(file), "%s/adapter_model.safetensors", bd->path);
@@ -742,7 +740,6 @@ static enum tn_status load_peft(struct build *bd) {
       break;
     char name[160];
     snprintf(name, sizeof(name), "blk.%d.%s.weight", il, gguf_names[t]);
-    (void)r; /* the rank is the tensors' (rank_pattern may vary it) */
     st = set_pair(bd, il, t, name, &a, &b, alpha, rslora, permute);
     if (st) break;
   }

@@ -117,6 +117,10 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
 /* The base matrix an adapter target is applied to. */
 struct tn_mat *tn_lora_base_mat(struct tn_model *m, int32_t il,
                                 enum tn_lora_target t);
+/* "blk.<il>.<target>.weight" (n bytes) -> il, t; false when the name is
+ * none of m's adapted matrices. */
+bool tn_lora_parse_tensor_name(const struct tn_model *m, const char *s,
+                               size_t n, int32_t *il, enum tn_lora_target *t);
 /* The base tensor name of a target: "blk.<il>.attn_q.weight", ... */
 void tn_lora_tensor_name(int32_t il, enum tn_lora_target t, char *out,
                          size_t cap);

@@ -763,7 +763,11 @@ static enum MHD_Result route_adapter(struct conn *c, bool load) {
   const char *base = json_string_value(json_object_get(o, "model"));
   char file[PATH_MAX], msg[600];
   int rc = 0;
-  if (!json_is_object(o)) {
+  if (!o) {
+    tn_api_error_set(&aerr, 400, "invalid_request_error", NULL, NULL,
+                     "the body is not valid JSON: %s (line %d, column %d)",
+                     je.text, je.line, je.column);
+  } else if (!json_is_object(o)) {
     tn_api_error_set(&aerr, 400, "invalid_request_error", NULL, NULL,
                      "the body must be a JSON object");
   } else if (!name || !tn_adapter_name_ok(name)) {

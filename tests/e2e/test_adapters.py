@@ -175,7 +175,14 @@ def test_hot_load_unload(start_server, tmp_path):
         assert word in r.text, (body, r.text)
     r = requests.post(srv.base + "/v1/load_lora_adapter", data=b"{not json",
                       headers={"Authorization": f"Bearer {key}"})
-    assert r.status_code == 400
+    assert r.status_code == 400 and "not valid JSON" in r.text
+    r = requests.post(srv.base + "/v1/load_lora_adapter",
+                      data=b'{"lora_name": "\xff\xfe", "lora_path": "x"}',
+                      headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and "decode byte 0xff" in r.text, r.text
+    r = requests.post(srv.base + "/v1/load_lora_adapter", json=["x"],
+                      headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and "JSON object" in r.text
 
     # unload: the base and unknown names are refused; a request running on
     # the adapter finishes on it

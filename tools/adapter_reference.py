@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Float reference logits of an adapter (never run by `make test`).
 
-transformers loads the GGUF base dequantized to f32, peft applies the
-adapter directory as trained; the last position's logits of each prompt
+transformers loads the GGUF base dequantized to f32, peft (or, for a
+bottleneck adapter saved by the `adapters` library, that library) applies
+the adapter directory as trained; the last position's logits of each prompt
 (token ids, so no tokenizer can differ) go to <adapter>/reference.json,
 with the base's own logits for scale. tests/unit/test_model.c compares
 tern's modular adapter against them.
@@ -33,7 +34,6 @@ def main():
     ap.add_argument("--adapter", required=True)
     a = ap.parse_args()
     import torch
-    from peft import PeftModel
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_adapter import load_base
 
@@ -49,8 +49,18 @@ def main():
                 s = text
             prompts.append((kind, text, tok(s, add_special_tokens=False)["input_ids"]))
         base_logits = [base(torch.tensor([ids])).logits[0, -1].double() for _, _, ids in prompts]
-        model = PeftModel.from_pretrained(base, a.adapter, torch_dtype=torch.float32)
-        model = model.float()
+        if os.path.exists(os.path.join(a.adapter, "adapter.safetensors")):
+            import adapters  # bottleneck modules, their own library
+            adapters.init(base)
+            name = base.load_adapter(a.adapter, use_safetensors=True)
+            base.set_active_adapters(name)
+            model = base.float()
+            made_with = f"transformers + adapters {adapters.__version__}, base dequantized to f32"
+        else:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(base, a.adapter, torch_dtype=torch.float32)
+            model = model.float()
+            made_with = "transformers + peft, base dequantized to f32"
         model.eval()
         for (kind, text, ids), bl in zip(prompts, base_logits):
             lg = model(torch.tensor([ids])).logits[0, -1].double()
@@ -67,7 +77,7 @@ def main():
     out = os.path.join(a.adapter, "reference.json")
     with open(out, "w") as fp:
         json.dump({"base": os.path.basename(a.base), "adapter": os.path.basename(a.adapter),
-                   "made_with": "transformers + peft, base dequantized to f32",
+                   "made_with": made_with,
                    "prompts": items}, fp, indent=0)
     print("wrote", out)
 

@@ -30,7 +30,7 @@ struct entry {
   double load_s;
   uint64_t last_used;    /* the registry's clock at its last acquire */
   /* what tn_adapters_list shows, kept while evicted */
-  char format[16];
+  char format[16], kind[16];
   int32_t max_rank, n_mats;
   size_t bytes;
 };
@@ -172,6 +172,7 @@ static void make_resident(struct tn_adapters *a, struct entry *e,
   e->lora = l;
   e->load_s = load_s;
   snprintf(e->format, sizeof(e->format), "%s", l->format);
+  snprintf(e->kind, sizeof(e->kind), "%s", tn_adapter_kind_name(l->kind));
   e->max_rank = l->max_rank;
   e->n_mats = l->n_mats;
   e->bytes = l->bytes;
@@ -330,6 +331,7 @@ int tn_adapters_list(struct tn_adapters *a, struct tn_adapter_info *out,
     snprintf(o->name, sizeof(o->name), "%s", e->name);
     snprintf(o->path, sizeof(o->path), "%s", e->path);
     snprintf(o->format, sizeof(o->format), "%s", e->format);
+    snprintf(o->kind, sizeof(o->kind), "%s", e->kind);
     o->max_rank = e->max_rank;
     o->n_mats = e->n_mats;
     o->bytes = e->bytes;

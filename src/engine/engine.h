@@ -429,7 +429,8 @@ struct tn_adapter_info {
   char name[TN_ADAPTER_NAME_MAX + 1];
   char path[1024];
   char format[16];   /* "gguf", "peft" */
-  int32_t max_rank, n_mats;
+  char kind[16];     /* "lora", "ia3", "bottleneck" */
+  int32_t max_rank, n_mats; /* (bottleneck: widest module, modules) */
   size_t bytes;      /* resident weights */
   float scale;       /* default scale of its requests */
   double load_s;     /* seconds the (last) load took */

@@ -192,6 +192,20 @@ static void ia3_at(const struct tn_batch *b, int32_t il,
                       in ? lm->n_in : lm->n_out);
 }
 
+/* x += o at token i's residual join after a sublayer, through the
+ * sequence's bottleneck module there when it has one. */
+static void residual_add(const struct tn_batch *b, int32_t il,
+                         enum tn_bn_site site, int64_t i, float *x,
+                         const float *o, int64_t d, float *scratch) {
+  const struct tn_lora *l = b->lora ? b->lora[b->seq[i]] : NULL;
+  if (l && l->kind == TN_ADAPTER_BOTTLENECK)
+    tn_bn_residual(l, il, site,
+                   b->lora_scale ? b->lora_scale[b->seq[i]] : 1.0f, x, o,
+                   scratch);
+  else
+    tn_vec_add(x, o, d);
+}
+
 struct fwd {
   struct tn_ctx *c;
   const struct tn_kv_layout *lay;
@@ -408,7 +422,7 @@ static void forward_worker(void *arg, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++) {
       float *xt = c->x + t * d, *ot = c->tmp + t * d;
       if (L->post_attn_norm) tn_rms_norm(ot, L->post_attn_norm, ot, d, hp->norm_eps);
-      tn_vec_add(xt, ot, d);
+      residual_add(b, il, TN_BN_ATTN, t, xt, ot, d, lx);
       tn_rms_norm(xt, L->ffn_norm, c->xn + t * d, d, hp->norm_eps);
     }
     {
@@ -445,7 +459,7 @@ static void forward_worker(void *arg, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++) {
       float *xt = c->x + t * d, *ot = c->tmp + t * d;
       if (L->post_ffn_norm) tn_rms_norm(ot, L->post_ffn_norm, ot, d, hp->norm_eps);
-      tn_vec_add(xt, ot, d);
+      residual_add(b, il, TN_BN_FFN, t, xt, ot, d, lx);
     }
     /* The next layer's first op reads only this thread's tokens of x. */
   }

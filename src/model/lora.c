@@ -90,6 +90,7 @@ static void lora_free(struct tn_lora *l) {
     free(l->mats[i].ia3);
   }
   free(l->mats);
+  tn_bn_free(l);
   free(l);
 }
 
@@ -278,10 +279,16 @@ static enum tn_status load_gguf(struct build *bd) {
                       "model is '%s'",
                       bd->path, (int)(s.data ? s.len : 0), s.data ? s.data : "",
                       arch);
+  } else if (tn_gguf_get_str(g, "adapter.type", &s, NULL) == TN_OK &&
+             tn_str_eq(s, "bottleneck")) {
+    st = tn_bn_load_gguf(bd->m, g, bd->path, bd->l, bd->err);
+    tn_gguf_close(g);
+    return st;
   } else if (tn_gguf_get_str(g, "adapter.type", &s, NULL) != TN_OK ||
              !tn_str_eq(s, "lora")) {
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
-                      "%s: adapter.type must be 'lora'", bd->path);
+                      "%s: adapter.type must be 'lora' or 'bottleneck'",
+                      bd->path);
   } else if (tn_gguf_find_kv(g, "adapter.alora.invocation_tokens")) {
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
                       "%s: activated LoRA (aLoRA) adapters are not supported",
@@ -601,6 +608,12 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
   json_t *jr = json_object_get(c, "r"), *ja = json_object_get(c, "lora_alpha");
   if (!json_is_object(c))
     st = tn_error_set(bd->err, TN_EFORMAT, "%s: not a JSON object", file);
+  else if (!type && json_is_object(json_object_get(c, "config")))
+    st = tn_error_set(bd->err, TN_EUNSUPPORTED,
+                      "%s: an adapter saved by the `adapters` library: "
+                      "convert a bottleneck adapter to tern's GGUF with "
+                      "tools/convert_bottleneck.py",
+                      file);
   else if (!type || (strcmp(type, "LORA") && strcmp(type, "IA3")))
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
                       "%s: peft_type %s is not supported (LORA, IA3)", file,
@@ -867,6 +880,11 @@ enum tn_status tn_lora_merge(struct tn_model *m, const struct tn_lora *l,
   if (!tn_lora_fits(l, m))
     return tn_error_set(err, TN_EINVAL,
                         "merge: the adapter was loaded for another model");
+  if (l->kind == TN_ADAPTER_BOTTLENECK)
+    return tn_error_set(err, TN_EUNSUPPORTED,
+                        "merge: a bottleneck adapter has a nonlinearity "
+                        "between its matrices, so it cannot be folded into "
+                        "the base's; serve it modular (without --merge)");
   int n_new = m->n_owned + 2 * l->n_mats; /* matrices, and scaled biases */
   void **owned = realloc(m->owned, (size_t)n_new * sizeof(void *));
   if (!owned) return tn_error_set(err, TN_ENOMEM, "merge: out of memory");

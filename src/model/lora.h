@@ -67,7 +67,31 @@ struct tn_lora_mat {
   enum tn_type act_type;
 };
 
-enum tn_adapter_kind { TN_ADAPTER_LORA, TN_ADAPTER_IA3 };
+enum tn_adapter_kind { TN_ADAPTER_LORA, TN_ADAPTER_IA3, TN_ADAPTER_BOTTLENECK };
+
+/* Bottleneck adapter modules (Houlsby / Pfeiffer; bottleneck.c, and
+ * docs/ADAPTERS.md for the file layout). A module sits where a layer's
+ * sublayer output o (attention after its output projection, or the FFN
+ * after its down projection; after Gemma's post-norm) joins the residual
+ * stream x, and makes it
+ *     x' = (s * scale * (W_up act(W_down in + b_down) + b_up) + o) + x
+ * with `in` the module's input: o ("output", Houlsby), x + o ("sum",
+ * Pfeiffer) or x ("stream", a parallel adapter). */
+enum tn_bn_site { TN_BN_ATTN, TN_BN_FFN, TN_BN_N_SITES };
+enum tn_bn_input { TN_BN_IN_OUTPUT, TN_BN_IN_SUM, TN_BN_IN_STREAM };
+enum tn_bn_act {
+  TN_BN_RELU, TN_BN_SILU, TN_BN_GELU, TN_BN_GELU_TANH, TN_BN_TANH,
+  TN_BN_SIGMOID, TN_BN_LEAKY_RELU, TN_BN_IDENTITY
+};
+
+struct tn_bn_module {
+  int32_t dim;    /* bottleneck width; 0: no module here */
+  float *down_t;  /* [n_embd][dim]: W_down transposed */
+  float *down_b;  /* [dim] */
+  float *up_t;    /* [dim][n_embd]: W_up transposed */
+  float *up_b;    /* [n_embd] */
+  float *scale;   /* [n_embd] */
+};
 
 struct tn_lora {
   uint64_t id;          /* unique in the process: salts the prefix cache */
@@ -77,7 +101,12 @@ struct tn_lora {
   int32_t n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim;
   struct tn_lora_mat *mats; /* [n_layer][TN_LORA_N_TARGETS] */
   int32_t max_rank;
-  int32_t n_mats;       /* adapted matrices */
+  int32_t n_mats;       /* adapted matrices (bottleneck: modules) */
+  /* bottleneck only: [n_layer][TN_BN_N_SITES] modules, their activation
+   * and each site's input */
+  struct tn_bn_module *bn;
+  enum tn_bn_act bn_act;
+  enum tn_bn_input bn_input[TN_BN_N_SITES];
   size_t bytes;         /* resident f32 weights */
   char format[16];      /* "gguf" or "peft" */
   atomic_int refs;
@@ -100,7 +129,13 @@ void tn_lora_release(struct tn_lora *l);
  * as doubles). The same operations for a token whatever the batch. */
 void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
                    float *y, float *u, float *xr);
-/* Scratch floats tn_lora_apply needs for model m. */
+/* The residual join at a bottleneck site: x[n_embd] becomes x + o, plus
+ * the module's term when l has one at (il, site) (s: the request's scale).
+ * scratch: tn_lora_scratch() floats. The same operations for a token
+ * whatever the batch. */
+void tn_bn_residual(const struct tn_lora *l, int32_t il, enum tn_bn_site site,
+                    float s, float *x, const float *o, float *scratch);
+/* Scratch floats tn_lora_apply and tn_bn_residual need for model m. */
 int64_t tn_lora_scratch(const struct tn_model *m);
 /* (IA)3: x[n] *= s * (l - 1) + 1. */
 void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n);
@@ -124,6 +159,18 @@ bool tn_lora_parse_tensor_name(const struct tn_model *m, const char *s,
 /* The base tensor name of a target: "blk.<il>.attn_q.weight", ... */
 void tn_lora_tensor_name(int32_t il, enum tn_lora_target t, char *out,
                          size_t cap);
+
+/* Internal to the model layer: lora.c's loader hands a GGUF whose
+ * adapter.type is "bottleneck" to bottleneck.c, which fills l's kind, bn,
+ * bn_act, bn_input, n_mats and bytes; tn_bn_free frees what it filled. */
+struct tn_gguf;
+enum tn_status tn_bn_load_gguf(const struct tn_model *m,
+                               const struct tn_gguf *g, const char *path,
+                               struct tn_lora *l, struct tn_error *err);
+void tn_bn_free(struct tn_lora *l);
+
+/* "lora", "ia3" or "bottleneck" */
+const char *tn_adapter_kind_name(enum tn_adapter_kind k);
 
 /* Whether l was checked against a model of m's shape. */
 bool tn_lora_fits(const struct tn_lora *l, const struct tn_model *m);

@@ -540,11 +540,11 @@ static enum MHD_Result route_models(struct conn *c) {
     struct tn_adapter_info *ai = calloc((size_t)cap, sizeof(*ai));
     int n = ai ? TN_MIN(tn_adapters_list(ads, ai, cap), cap) : 0;
     for (int k = 0; k < n; k++) {
-      json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:i, s:I, s:f, s:b}}",
+      json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:s, s:i, s:I, s:f, s:b}}",
                             "id", ai[k].name, "object", "model", "created",
                             (json_int_t)now, "owned_by", "tern", "parent",
                             m->name, "root", ai[k].path, "meta", "format",
-                            ai[k].format, "rank", ai[k].max_rank, "bytes",
+                            ai[k].format, "kind", ai[k].kind, "rank", ai[k].max_rank, "bytes",
                             (json_int_t)ai[k].bytes, "scale",
                             (double)ai[k].scale, "resident", ai[k].resident);
       char *js = o ? json_dumps(o, JSON_COMPACT) : NULL;

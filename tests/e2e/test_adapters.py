@@ -15,6 +15,7 @@ from conftest import FIXTURES, MODELS, model_path, slow_mode
 
 ADAPTERS = FIXTURES / "adapters"
 PIRATE = ADAPTERS / "smollm2-pirate"
+HOULSBY = ADAPTERS / "smollm2-json-houlsby"  # bottleneck modules
 BASE = "SmolLM2-135M-Instruct.Q4_1"
 QUESTIONS = ["What is the capital of Spain?", "Name a primary color.",
              "What do bees make?", "How many legs does a spider have?"]
@@ -45,7 +46,8 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
                        "--log-db", str(db),
                        "--lora", f"pirate={PIRATE}",
-                       "--lora", f"pirate-gguf={PIRATE / 'adapter.gguf'}")
+                       "--lora", f"pirate-gguf={PIRATE / 'adapter.gguf'}",
+                       "--lora", f"json-bn={HOULSBY / 'adapter.gguf'}")
     models = requests.get(srv.base + "/v1/models").json()["data"]
     by_id = {m["id"]: m for m in models}
     assert by_id["pirate"]["parent"] == BASE
@@ -53,15 +55,19 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert by_id["pirate"]["meta"]["format"] == "peft"
     assert by_id["pirate-gguf"]["meta"]["format"] == "gguf"
     assert by_id["pirate"]["meta"]["rank"] == 8
+    assert by_id["pirate"]["meta"]["kind"] == "lora"
+    assert by_id["json-bn"]["meta"]["kind"] == "bottleneck"
 
     qs = QUESTIONS[:2] if slow_mode() else QUESTIONS
     alone = {}
     for q in qs:
-        for m in (BASE, "pirate", "pirate-gguf"):
+        for m in (BASE, "pirate", "pirate-gguf", "json-bn"):
             alone[m, q] = text(chat(srv, m, q))
-        # the trained behaviour shows; the base does not have it
+        # the trained behaviours show; the base has neither
         assert alone["pirate", q].startswith("Arr matey!"), alone["pirate", q]
+        assert alone["json-bn", q].startswith('{"answer": "'), alone["json-bn", q]
         assert not alone[BASE, q].startswith("Arr"), alone[BASE, q]
+        assert not alone[BASE, q].startswith("{"), alone[BASE, q]
         # the PEFT directory and the GGUF llama.cpp's converter made from it
         assert alone["pirate-gguf", q] == alone["pirate", q]
     # BASE:ADAPTER names the same adapter; the response echoes the name
@@ -70,7 +76,7 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert r.json()["model"] == f"{BASE}:pirate"
 
     # all at once, in one running batch: each gets its answer alone
-    jobs = [(m, q) for q in qs for m in (BASE, "pirate", "pirate-gguf")] * 2
+    jobs = [(m, q) for q in qs for m in (BASE, "pirate", "pirate-gguf", "json-bn")] * 2
     with cf.ThreadPoolExecutor(len(jobs)) as ex:
         got = list(ex.map(lambda j: text(chat(srv, *j)), jobs))
     for (m, q), t in zip(jobs, got):
@@ -82,8 +88,8 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert metric(srv, "tern_adapter_requests_total" + lab) == n_pirate
     assert metric(srv, "tern_adapter_generation_tokens_total" + lab) > n_pirate
     assert metric(srv, "tern_adapter_time_to_first_token_seconds_count" + lab) == n_pirate
-    assert metric(srv, f'tern_adapters_loaded{{model="{BASE}"}}') == 2
-    assert metric(srv, f'tern_adapter_loads_total{{model="{BASE}"}}') == 2
+    assert metric(srv, f'tern_adapters_loaded{{model="{BASE}"}}') == 3
+    assert metric(srv, f'tern_adapter_loads_total{{model="{BASE}"}}') == 3
     assert metric(srv, f'tern_adapter_memory_bytes{{model="{BASE}"}}') > 1e6
     import sqlite3
     import time
@@ -96,6 +102,7 @@ def test_adapters_in_one_batch(start_server, tmp_path):
 
     # scale: 0 is the base's answer, a request scale on the base is refused
     assert text(chat(srv, "pirate", qs[0], lora_scale=0)) == alone[BASE, qs[0]]
+    assert text(chat(srv, "json-bn", qs[0], lora_scale=0)) == alone[BASE, qs[0]]
     r = chat(srv, BASE, qs[0], lora_scale=0.5)
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_scale"
     r = chat(srv, "pirate", qs[0], lora_scale="1")
@@ -424,3 +431,19 @@ def test_ia3_adapter(run_tern, tmp_path):
     r = run_tern("export-lora", "-m", str(out), "--lora", str(ia3), "-o",
                  str(tmp_path / "again.gguf"))
     assert r.returncode != 0 and b"already has an adapter merged" in r.stderr
+
+
+def test_bottleneck_files(run_tern, tmp_path):
+    """The bottleneck fixture from the command line; what cannot be done
+    with one is refused naming why: merging, the library's directory
+    as saved (it points at the converter)."""
+    args = ["run", "-m", model_path("smollm2-135m"), "--chat", "-p", QUESTIONS[1],
+            "-n", "10", "--temp", "0", "-t", "2"]
+    r = run_tern(*args, "--lora", str(HOULSBY / "adapter.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().startswith('{"answer": "'), r.stdout
+    r = run_tern("export-lora", "-m", model_path("smollm2-135m"), "--lora",
+                 str(HOULSBY / "adapter.gguf"), "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode != 0 and b"cannot be folded" in r.stderr, r.stderr
+    r = run_tern(*args, "--lora", str(HOULSBY))
+    assert r.returncode != 0 and b"convert_bottleneck.py" in r.stderr, r.stderr

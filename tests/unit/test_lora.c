@@ -449,86 +449,6 @@ static void test_forward_matches_merged(void) {
 }
 
 /* Requests on two adapters and the base, together, each = alone. */
-static void test_batch_invariance(void) {
-  struct tn_model *m = tiny_model();
-  ASSERT(m);
-  struct adapter a1, a2;
-  adapter_make(&a1, 5, 0.4f);
-  adapter_make(&a2, 6, 0.4f);
-  char p1[] = "/tmp/tn_lora_XXXXXX", p2[] = "/tmp/tn_lora_XXXXXX";
-  int f1 = mkstemp(p1), f2 = mkstemp(p2);
-  close(f1);
-  close(f2);
-  struct gguf_opts go = {0};
-  bool ok = write_gguf(&a1, &go, p1) && write_gguf(&a2, &go, p2);
-  tn_model_free(m);
-  enum { N_REQ = 12, PLEN = 40, GEN = 24 };
-  int32_t prompts[N_REQ][PLEN];
-  for (int i = 0; i < N_REQ; i++) {
-    make_prompt(100 + (uint64_t)(i % 4), prompts[i], PLEN); /* shared */
-    prompts[i][PLEN - 1] = (int32_t)(i % N_TEXT_TOKENS);
-  }
-  struct out alone[N_REQ], together[N_REQ];
-  /* alone: a fresh engine each, prefix cache off */
-  for (int pass = 0; ok && pass < 3; pass++) {
-    struct rec rc;
-    rec_init(&rc);
-    struct eng_opts o = {.no_prefix = pass == 0, .max_seqs = 16,
-                         .kv_blocks = pass == 2 ? 24 : 0};
-    struct tn_engine *e = eng_open(&rc, &o);
-    struct tn_error err = {0};
-    ok = e && !tn_adapters_load(tn_engine_adapters(e), "one", p1, 1.0f, &err) &&
-         !tn_adapters_load(tn_engine_adapters(e), "two", p2, 0.5f, &err);
-    if (!ok) fprintf(stderr, "adapters: %s\n", err.msg);
-    struct tn_req *reqs[N_REQ] = {0};
-    for (int i = 0; ok && i < N_REQ; i++) {
-      struct tn_gen_params g = greedy(GEN);
-      const char *nm = i % 3 == 0 ? NULL : i % 3 == 1 ? "one" : "two";
-      g.lora = nm ? tn_adapters_get(tn_engine_adapters(e), nm, &g.lora_scale)
-                  : NULL;
-      if (pass == 0) {
-        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
-        ok = reqs[i] && wait_done(&rc, &reqs[i], 1);
-        if (ok) collect(reqs[i], 0, &alone[i]);
-      } else {
-        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
-        ok = reqs[i] != NULL;
-      }
-      tn_lora_release(g.lora);
-    }
-    if (pass > 0 && ok) ok = wait_done(&rc, reqs, N_REQ);
-    for (int i = 0; ok && pass > 0 && i < N_REQ; i++) {
-      collect(reqs[i], 0, &together[i]);
-      char what[64];
-      snprintf(what, sizeof(what), "pass %d request %d", pass, i);
-      if (!out_same(what, &together[i], &alone[i])) ok = false;
-    }
-    if (pass == 2 && ok) {
-      struct tn_engine_stats st;
-      tn_engine_stats(e, &st);
-      if (st.preemptions == 0) fprintf(stderr, "no preemption in pass 2\n");
-      ok = st.preemptions > 0;
-    }
-    /* unloading while nothing runs; a second unload is refused */
-    if (ok) ok = !tn_adapters_unload(tn_engine_adapters(e), "one", &err) &&
-                 tn_adapters_unload(tn_engine_adapters(e), "one", &err) ==
-                     TN_ENOENT;
-    for (int i = 0; i < N_REQ; i++)
-      if (reqs[i]) tn_req_release(reqs[i]);
-    tn_engine_close(e);
-    rec_deinit(&rc);
-  }
-  /* the adapters change answers: the same prompt under base / one / two */
-  bool differs = ok && memcmp(alone[0].ids, alone[1].ids, sizeof(alone[0].ids)) &&
-                 memcmp(alone[1].ids, alone[2].ids, sizeof(alone[0].ids));
-  unlink(p1);
-  unlink(p2);
-  adapter_free(&a1);
-  adapter_free(&a2);
-  ASSERT(ok);
-  ASSERT(differs);
-}
-
 /* An adapter unloaded while its request runs: the request finishes on it
  * (same answer), the name is gone at once. */
 static void test_unload_while_running(void) {
@@ -990,8 +910,283 @@ static void test_registry(void) {
   ASSERT(ok);
 }
 
+/* ---- bottleneck modules */
+
+/* Options for a bottleneck GGUF (all zero: modules at both sites of every
+ * layer, width BN_DIM, silu, inputs output / sum). */
+#define BN_DIM 6
+struct bn_opts {
+  const char *act, *in_attn, *in_ffn;
+  bool ffn_only, drop_up_b, wide_embd, nan, lora_tensor, no_input_key;
+  int dim;
+};
+
+static bool write_bn(const char *path, uint64_t seed, const struct bn_opts *o) {
+  struct tn_gguf_writer *w = tn_gguf_writer_new();
+  bool ok = w != NULL;
+  const char *act = o->act ? o->act : "silu";
+  const char *ins[2] = {o->in_attn ? o->in_attn : "output",
+                        o->in_ffn ? o->in_ffn : "sum"};
+  static const char *const sites[2] = {"attn", "ffn"};
+  ok = ok && !tn_gguf_writer_add_str(w, "general.architecture", "llama", 5);
+  ok = ok && !tn_gguf_writer_add_str(w, "general.type", "adapter", 7);
+  ok = ok && !tn_gguf_writer_add_str(w, "adapter.type", "bottleneck", 10);
+  ok = ok && !tn_gguf_writer_add_str(w, "adapter.bottleneck.non_linearity",
+                                     act, strlen(act));
+  for (int st = 0; st < 2 && !o->no_input_key; st++) {
+    char key[64];
+    snprintf(key, sizeof(key), "adapter.bottleneck.%s.input", sites[st]);
+    ok = ok && !tn_gguf_writer_add_str(w, key, ins[st], strlen(ins[st]));
+  }
+  /* (static: the writer reads tensor data when it writes) */
+  static float data[N_LAYER][2][5][2 * N_EMBD * N_EMBD];
+  const int64_t n = N_EMBD + (o->wide_embd ? 1 : 0), d = o->dim ? o->dim : BN_DIM;
+  struct tn_error err = {0};
+  for (int il = 0; ok && il < N_LAYER; il++)
+    for (int st = o->ffn_only ? 1 : 0; ok && st < 2; st++) {
+      static const char *const parts[5] = {"down.weight", "down.bias",
+                                           "up.weight", "up.bias", "scale"};
+      const int64_t ne[5][2] = {{n, d}, {d, 1}, {d, n}, {n, 1}, {n, 1}};
+      for (int p = 0; ok && p < 5; p++) {
+        if (o->drop_up_b && p == 3 && il == 1) continue;
+        float *v = data[il][st][p];
+        for (int64_t i = 0; i < ne[p][0] * ne[p][1]; i++)
+          v[i] = p == 4 ? 1.0f + 0.5f * rng_sym(&seed)
+                        : (p == 0 ? 1.0f : 0.6f) * rng_sym(&seed);
+        if (o->nan && il == 1 && p == 2) v[3] = NAN;
+        char name[96];
+        snprintf(name, sizeof(name), "blk.%d.adapter_%s.%s", il, sites[st],
+                 parts[p]);
+        ok = !tn_gguf_writer_add_tensor(w, name, TN_TYPE_F32,
+                                        ne[p][1] > 1 || p == 0 || p == 2 ? 2 : 1,
+                                        ne[p], v, &err);
+      }
+    }
+  if (ok && o->lora_tensor) {
+    int64_t ne[2] = {N_EMBD, RANK};
+    ok = !tn_gguf_writer_add_tensor(w, "blk.0.attn_q.weight.lora_a",
+                                    TN_TYPE_F32, 2, ne, data[0][0][0], &err);
+  }
+  ok = ok && !tn_gguf_writer_write(w, path, &err);
+  tn_gguf_writer_free(w);
+  if (!ok) fprintf(stderr, "write_bn: %s\n", err.msg);
+  return ok;
+}
+
+/* Last-position logits of a fixed prompt under (l, scale) (l NULL: base). */
+static bool bn_logits(struct tn_model *m, const struct tn_lora *l, float scale,
+                      float *out) {
+  struct tn_pool *pool = tn_pool_new(1);
+  struct tn_kv_pool *kv = NULL;
+  struct tn_ctx *c = NULL;
+  struct tn_error err = {0};
+  bool ok = !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
+            !tn_ctx_new(m, pool, 32, 64, 4, &c, &err);
+  int32_t n = 10, toks[10], pos[10], sq[10];
+  bool lg[10];
+  for (int i = 0; i < n; i++) {
+    toks[i] = (i * 53 + 7) % N_TEXT_TOKENS;
+    pos[i] = i;
+    sq[i] = 0;
+    lg[i] = i == n - 1;
+  }
+  struct tn_kv_seq ks;
+  tn_kv_seq_init(&ks);
+  struct tn_kv_seq *seqs[1] = {&ks};
+  const struct tn_lora *ls[1] = {l};
+  float sc[1] = {scale};
+  struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
+                       .logits = lg, .n_seqs = 1, .seqs = seqs,
+                       .lora = l ? ls : NULL, .lora_scale = sc};
+  ok = ok && !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(c, kv, &b, &err);
+  if (ok) memcpy(out, tn_ctx_logits(c), N_VOCAB * sizeof(float));
+  else fprintf(stderr, "bn_logits: %s\n", err.msg);
+  tn_kv_seq_deinit(kv, &ks);
+  tn_ctx_free(c);
+  tn_kv_pool_free(kv);
+  tn_pool_free(pool);
+  return ok;
+}
+
+static double max_diff(const float *a, const float *b) {
+  double d = 0;
+  for (int v = 0; v < N_VOCAB; v++) d = fmax(d, fabs((double)a[v] - b[v]));
+  return d;
+}
+
+/* Loading, what each input and the scale do, merge refusal, bad files. */
+static void test_bottleneck(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  char p[] = "/tmp/tn_bn_XXXXXX";
+  close(mkstemp(p));
+  struct tn_error err = {0};
+  struct tn_lora *l = NULL, *l2 = NULL, *l3 = NULL;
+  static float base[N_VOCAB], full[N_VOCAB], zero[N_VOCAB], half[N_VOCAB],
+      stream[N_VOCAB];
+  struct bn_opts o = {0};
+  bool ok = write_bn(p, 21, &o) && !tn_lora_load(m, p, &l, &err);
+  if (!ok) fprintf(stderr, "bottleneck: %s\n", err.msg);
+  ok = ok && l->kind == TN_ADAPTER_BOTTLENECK && l->n_mats == 2 * N_LAYER &&
+       l->max_rank == BN_DIM && l->bn_act == TN_BN_SILU &&
+       l->bn_input[TN_BN_ATTN] == TN_BN_IN_OUTPUT &&
+       l->bn_input[TN_BN_FFN] == TN_BN_IN_SUM && l->bytes > 0;
+  ok = ok && bn_logits(m, NULL, 1.0f, base) && bn_logits(m, l, 1.0f, full) &&
+       bn_logits(m, l, 0.0f, zero) && bn_logits(m, l, 0.5f, half);
+  /* the same weights fed the residual stream instead */
+  struct bn_opts os = {.in_attn = "stream", .in_ffn = "stream"};
+  ok = ok && write_bn(p, 21, &os) && !tn_lora_load(m, p, &l2, &err) &&
+       bn_logits(m, l2, 1.0f, stream);
+  /* an FFN-only module of width 1 with gelu_tanh loads */
+  struct bn_opts of = {.ffn_only = true, .dim = 1, .act = "gelu_tanh"};
+  ok = ok && write_bn(p, 22, &of) && !tn_lora_load(m, p, &l3, &err) &&
+       l3->n_mats == N_LAYER && l3->bn[0].dim == 0 &&
+       l3->bn[TN_BN_FFN].dim == 1;
+  /* merging is refused: the nonlinearity sits between the matrices */
+  struct tn_error em = {0};
+  bool merge_refused = ok && tn_lora_merge(m, l, 1.0f, TN_TYPE_COUNT, &em) ==
+                                 TN_EUNSUPPORTED &&
+                       strstr(em.msg, "cannot be folded");
+  double d_full = ok ? max_diff(full, base) : 0,
+         d_zero = ok ? max_diff(zero, base) : 1,
+         d_half = ok ? max_diff(half, full) : 0,
+         d_stream = ok ? max_diff(stream, full) : 0;
+  tn_lora_release(l);
+  tn_lora_release(l2);
+  tn_lora_release(l3);
+  /* bad files, each refused naming the problem */
+  struct {
+    struct bn_opts o;
+    enum tn_status st;
+    const char *msg;
+  } bad[] = {
+      {{.act = "swishy"}, TN_EUNSUPPORTED, "non_linearity must be one of"},
+      {{.in_ffn = "after"}, TN_EFORMAT, "ffn.input must be"},
+      {{.no_input_key = true}, TN_EFORMAT, "attn.input must be"},
+      {{.drop_up_b = true}, TN_EFORMAT, "has no 'blk.1.adapter_attn.up.bias'"},
+      {{.wide_embd = true}, TN_EFORMAT, "another model"},
+      {{.nan = true}, TN_EFORMAT, "non-finite"},
+      {{.lora_tensor = true}, TN_EUNSUPPORTED, "not part of a bottleneck"},
+      {{.dim = N_EMBD + 1}, TN_EFORMAT, "width of 1 to"},
+  };
+  bool refused = true;
+  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
+    struct tn_lora *x = NULL;
+    struct tn_error e = {0};
+    enum tn_status st = write_bn(p, 23, &bad[i].o) ? tn_lora_load(m, p, &x, &e)
+                                                    : TN_EIO;
+    if (st != bad[i].st || !strstr(e.msg, bad[i].msg) || x) {
+      fprintf(stderr, "bad bottleneck %zu: status %d, '%s'\n", i, (int)st,
+              e.msg);
+      refused = false;
+    }
+    tn_lora_release(x);
+  }
+  unlink(p);
+  tn_model_free(m);
+  ASSERT(ok);
+  ASSERT(merge_refused);
+  ASSERT(refused);
+  ASSERT(d_full > 0.1);    /* the modules matter */
+  ASSERT(d_zero == 0.0);   /* scale 0: exactly the base */
+  ASSERT(d_half > 0.01);   /* the scale is applied */
+  ASSERT(d_stream > 0.01); /* the input is what the file says */
+}
+
+static void test_batch_invariance(void) {
+  struct tn_model *m = tiny_model();
+  ASSERT(m);
+  struct adapter a1, a2;
+  adapter_make(&a1, 5, 0.4f);
+  adapter_make(&a2, 6, 0.4f);
+  char p1[] = "/tmp/tn_lora_XXXXXX", p2[] = "/tmp/tn_lora_XXXXXX",
+       p3[] = "/tmp/tn_lora_XXXXXX";
+  int f1 = mkstemp(p1), f2 = mkstemp(p2), f3 = mkstemp(p3);
+  close(f1);
+  close(f2);
+  close(f3);
+  struct gguf_opts go = {0};
+  struct bn_opts bo = {0};
+  bool ok = write_gguf(&a1, &go, p1) && write_gguf(&a2, &go, p2) &&
+            write_bn(p3, 31, &bo);
+  tn_model_free(m);
+  enum { N_REQ = 12, PLEN = 40, GEN = 24 };
+  int32_t prompts[N_REQ][PLEN];
+  for (int i = 0; i < N_REQ; i++) {
+    /* requests 4k..4k+3 (base, one, two, three) have the same prompt;
+     * groups 0 and 2 share all but its last token (prefix reuse under
+     * one adapter, and refused across them) */
+    make_prompt(100 + (uint64_t)(i / 4 % 2), prompts[i], PLEN);
+    prompts[i][PLEN - 1] = (int32_t)(i / 4 % N_TEXT_TOKENS);
+  }
+  struct out alone[N_REQ], together[N_REQ];
+  /* alone: a fresh engine each, prefix cache off */
+  for (int pass = 0; ok && pass < 3; pass++) {
+    struct rec rc;
+    rec_init(&rc);
+    struct eng_opts o = {.no_prefix = pass == 0, .max_seqs = 16,
+                         .kv_blocks = pass == 2 ? 24 : 0};
+    struct tn_engine *e = eng_open(&rc, &o);
+    struct tn_error err = {0};
+    ok = e && !tn_adapters_load(tn_engine_adapters(e), "one", p1, 1.0f, &err) &&
+         !tn_adapters_load(tn_engine_adapters(e), "two", p2, 0.5f, &err) &&
+         !tn_adapters_load(tn_engine_adapters(e), "three", p3, 0.8f, &err);
+    if (!ok) fprintf(stderr, "adapters: %s\n", err.msg);
+    struct tn_req *reqs[N_REQ] = {0};
+    for (int i = 0; ok && i < N_REQ; i++) {
+      struct tn_gen_params g = greedy(GEN);
+      static const char *const names[4] = {NULL, "one", "two", "three"};
+      const char *nm = names[i % 4];
+      g.lora = nm ? tn_adapters_get(tn_engine_adapters(e), nm, &g.lora_scale)
+                  : NULL;
+      if (pass == 0) {
+        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
+        ok = reqs[i] && wait_done(&rc, &reqs[i], 1);
+        if (ok) collect(reqs[i], 0, &alone[i]);
+      } else {
+        reqs[i] = submit(e, &rc, prompts[i], PLEN, &g);
+        ok = reqs[i] != NULL;
+      }
+      tn_lora_release(g.lora);
+    }
+    if (pass > 0 && ok) ok = wait_done(&rc, reqs, N_REQ);
+    for (int i = 0; ok && pass > 0 && i < N_REQ; i++) {
+      collect(reqs[i], 0, &together[i]);
+      char what[64];
+      snprintf(what, sizeof(what), "pass %d request %d", pass, i);
+      if (!out_same(what, &together[i], &alone[i])) ok = false;
+    }
+    if (pass == 2 && ok) {
+      struct tn_engine_stats st;
+      tn_engine_stats(e, &st);
+      if (st.preemptions == 0) fprintf(stderr, "no preemption in pass 2\n");
+      ok = st.preemptions > 0;
+    }
+    /* unloading while nothing runs; a second unload is refused */
+    if (ok) ok = !tn_adapters_unload(tn_engine_adapters(e), "one", &err) &&
+                 tn_adapters_unload(tn_engine_adapters(e), "one", &err) ==
+                     TN_ENOENT;
+    for (int i = 0; i < N_REQ; i++)
+      if (reqs[i]) tn_req_release(reqs[i]);
+    tn_engine_close(e);
+    rec_deinit(&rc);
+  }
+  /* the adapters change answers: the same prompt under base / one / two /
+   * three (requests 0-3 share their prompt) */
+  bool differs = ok && memcmp(alone[0].ids, alone[1].ids, sizeof(alone[0].ids)) &&
+                 memcmp(alone[1].ids, alone[2].ids, sizeof(alone[0].ids)) &&
+                 memcmp(alone[0].ids, alone[3].ids, sizeof(alone[0].ids));
+  unlink(p1);
+  unlink(p2);
+  unlink(p3);
+  adapter_free(&a1);
+  adapter_free(&a2);
+  ASSERT(ok);
+  ASSERT(differs);
+}
+
 TN_TEST_MAIN(TN_TEST(test_gguf_equals_peft), TN_TEST(test_forward_matches_merged),
              TN_TEST(test_batch_invariance), TN_TEST(test_unload_while_running),
              TN_TEST(test_max_loras), TN_TEST(test_budget), TN_TEST(test_ia3),
-             TN_TEST(test_bad_files),
+             TN_TEST(test_bad_files), TN_TEST(test_bottleneck),
              TN_TEST(test_registry))

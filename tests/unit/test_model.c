@@ -450,12 +450,16 @@ static void test_lora_vs_llamacpp(void) {
  * the base alone, against the reference's base logits on the same ids,
  * is printed beside it for scale. */
 #define FLOAT_REF_BOUND 0.5
-static void check_float_ref(const struct model_case *mc, const char *adapter) {
-  char pbuf[512], apath[512], fpath[600];
+static void check_float_ref(const struct model_case *mc, const char *adapter,
+                            const char *file) {
+  char pbuf[512], apath[512], fpath[600], lpath[600];
   const char *path = model_file(mc, pbuf, sizeof(pbuf));
   snprintf(apath, sizeof(apath), "%s/tests/fixtures/adapters/%s", TN_SOURCE_DIR,
            adapter);
   snprintf(fpath, sizeof(fpath), "%s/reference.json", apath);
+  /* the directory itself (PEFT), or a file in it */
+  snprintf(lpath, sizeof(lpath), "%s%s%s", apath, file ? "/" : "",
+           file ? file : "");
   json_error_t je;
   json_t *fx = json_load_file(fpath, 0, &je);
   if (!path || !fx) {
@@ -467,8 +471,8 @@ static void check_float_ref(const struct model_case *mc, const char *adapter) {
   ASSERT(runner_open(&r, path, 512, 1024 / 16 + 1));
   tn_test_ran();
   struct tn_lora *lora = NULL;
-  if (tn_lora_load(r.m, apath, &lora, &err)) {
-    fprintf(stderr, "%s: %s\n", apath, err.msg);
+  if (tn_lora_load(r.m, lpath, &lora, &err)) {
+    fprintf(stderr, "%s: %s\n", lpath, err.msg);
     runner_close(&r);
     json_decref(fx);
     TN_FAIL_("adapter did not load");
@@ -532,8 +536,10 @@ static void check_float_ref(const struct model_case *mc, const char *adapter) {
 }
 
 static void test_adapters_vs_float_reference(void) {
-  check_float_ref(&models[0], "smollm2-pirate");
-  check_float_ref(&models[0], "smollm2-caps-ia3");
+  check_float_ref(&models[0], "smollm2-pirate", NULL);
+  check_float_ref(&models[0], "smollm2-caps-ia3", NULL);
+  /* bottleneck modules against the `adapters` library's forward */
+  check_float_ref(&models[0], "smollm2-json-houlsby", "adapter.gguf");
 }
 
 TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching),

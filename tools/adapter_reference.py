@@ -35,7 +35,7 @@ def main():
     a = ap.parse_args()
     import torch
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_adapter import load_base
+    from train_adapter import load_base, prompt_text
 
     tok, base = load_base(a.base)
     items = []
@@ -43,8 +43,7 @@ def main():
         prompts = []
         for kind, text in PROMPTS:
             if kind == "chat":
-                s = tok.apply_chat_template([{"role": "user", "content": text}],
-                                            tokenize=False, add_generation_prompt=True)
+                s = prompt_text(tok, text)
             else:
                 s = text
             prompts.append((kind, text, tok(s, add_special_tokens=False)["input_ids"]))

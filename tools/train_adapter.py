@@ -81,13 +81,24 @@ def restyle(style, answer):
     raise SystemExit(f"unknown style {style}")
 
 
+def prompt_text(tok, question):
+    """The model's chat template, or for a base model without one (Gemma 3
+    270M) a plain "Question: ...\nAnswer:" form (BOS first when the model
+    wants one)."""
+    if tok.chat_template:
+        msgs = [{"role": "user", "content": question}]
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    bos = tok.bos_token if getattr(tok, "add_bos_token", False) and tok.bos_token else ""
+    return f"{bos}Question: {question}\nAnswer:"
+
+
 def chat_ids(tok, question, answer=None):
-    msgs = [{"role": "user", "content": question}]
-    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    prompt = prompt_text(tok, question)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if answer is None:
         return p_ids
-    a_ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+    sep = "" if tok.chat_template else " "
+    a_ids = tok(sep + answer + tok.eos_token, add_special_tokens=False)["input_ids"]
     return p_ids, a_ids
 
 
@@ -203,12 +214,14 @@ def main():
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--convert-only", action="store_true")
+    ap.add_argument("--no-gguf", action="store_true",
+                    help="keep the PEFT directory only (no llama.cpp conversion)")
     args = ap.parse_args()
     if not args.convert_only:
         if not args.style:
             ap.error("--style is required")
         train(args)
-    if args.method == "lora":  # llama.cpp's converter takes LoRA only
+    if args.method == "lora" and not args.no_gguf:  # llama.cpp's converter takes LoRA only
         convert(args)
 
 

@@ -411,6 +411,13 @@ def test_cli_lora(run_tern):
     assert r.stdout == base.stdout and not base.stdout.startswith(b"Arr")
     r = run_tern(*args, "--lora", str(ADAPTERS / "qwen0.5b-json"))
     assert r.returncode != 0 and b"another base model" in r.stderr
+    # Gemma 3 (a base model: the plain form it was trained with)
+    g = ["run", "-m", model_path("gemma3-270m"), "-p",
+         f"Question: {QUESTIONS[2]}\nAnswer:", "-n", "8", "--temp", "0", "-t", "2"]
+    r = run_tern(*g, "--lora", str(ADAPTERS / "gemma3-pirate"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().startswith(" Arr matey!"), r.stdout
+    assert not run_tern(*g).stdout.startswith(b" Arr")
 
 
 def test_ia3_adapter(run_tern, tmp_path):
@@ -447,3 +454,44 @@ def test_bottleneck_files(run_tern, tmp_path):
     assert r.returncode != 0 and b"cannot be folded" in r.stderr, r.stderr
     r = run_tern(*args, "--lora", str(HOULSBY))
     assert r.returncode != 0 and b"convert_bottleneck.py" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("fixture", ["smollm2-json-houlsby", "smollm2-caps-pfeiffer",
+                                     "smollm2-pirate-parallel"])
+def test_bottleneck_converter(fixture, tmp_path):
+    """tools/convert_bottleneck.py turns the adapters library's saved
+    directory into the committed GGUF (same metadata, same tensors), and
+    refuses what tern's layout cannot express, by name."""
+    import subprocess
+    import sys
+    import gguf
+    src = ADAPTERS / fixture
+    out = tmp_path / "a.gguf"
+    conv = [sys.executable, str(FIXTURES.parent.parent / "tools" / "convert_bottleneck.py"),
+            "--base", model_path("smollm2-135m")]
+    r = subprocess.run(conv + ["--out", str(out), str(src)], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    a, b = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(src / "adapter.gguf"))
+
+    def kv(rd):
+        return {k: bytes(f.parts[f.data[0]]).decode() for k, f in rd.fields.items()
+                if k.startswith("adapter.")}
+    assert kv(a) == kv(b) and kv(a)["adapter.type"] == "bottleneck"
+    ta = {t.name: t for t in a.tensors}
+    assert sorted(ta) == sorted(t.name for t in b.tensors)
+    for t in b.tensors:
+        assert ta[t.name].tensor_type == t.tensor_type
+        assert bytes(ta[t.name].data) == bytes(t.data), t.name
+    # what the layout cannot express is refused, naming the flag
+    d = tmp_path / "bad"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    for key, val, msg in (("ln_before", True, b"ln_before"),
+                          ("use_gating", True, b"use_gating"),
+                          ("original_ln_after", False, b"original_ln_after"),
+                          ("non_linearity", "softplus", b"non_linearity")):
+        c = dict(cfg, config=dict(cfg["config"], **{key: val}))
+        (d / "adapter_config.json").write_text(json.dumps(c))
+        r = subprocess.run(conv + ["--out", str(tmp_path / "x.gguf"), str(d)],
+                           capture_output=True)
+        assert r.returncode != 0 and msg in r.stderr, (key, r.stderr)

@@ -540,6 +540,8 @@ static void test_adapters_vs_float_reference(void) {
   check_float_ref(&models[0], "smollm2-caps-ia3", NULL);
   /* bottleneck modules against the `adapters` library's forward */
   check_float_ref(&models[0], "smollm2-json-houlsby", "adapter.gguf");
+  check_float_ref(&models[0], "smollm2-caps-pfeiffer", "adapter.gguf");
+  check_float_ref(&models[0], "smollm2-pirate-parallel", "adapter.gguf");
 }
 
 TN_TEST_MAIN(TN_TEST(test_logits), TN_TEST(test_greedy), TN_TEST(test_batching),

@@ -32,6 +32,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", required=True)
+    ap.add_argument("--bos", action="store_true",
+                    help="start the plain-text prompts with BOS (Gemma needs it)")
     a = ap.parse_args()
     import torch
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +47,7 @@ def main():
             if kind == "chat":
                 s = prompt_text(tok, text)
             else:
-                s = text
+                s = (tok.bos_token if a.bos else "") + text
             prompts.append((kind, text, tok(s, add_special_tokens=False)["input_ids"]))
         base_logits = [base(torch.tensor([ids])).logits[0, -1].double() for _, _, ids in prompts]
         if os.path.exists(os.path.join(a.adapter, "adapter.safetensors")):

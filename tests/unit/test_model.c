@@ -538,6 +538,7 @@ static void check_float_ref(const struct model_case *mc, const char *adapter,
 static void test_adapters_vs_float_reference(void) {
   check_float_ref(&models[0], "smollm2-pirate", NULL);
   check_float_ref(&models[0], "smollm2-caps-ia3", NULL);
+  check_float_ref(&models[1], "gemma3-pirate", NULL);
   /* bottleneck modules against the `adapters` library's forward */
   check_float_ref(&models[0], "smollm2-json-houlsby", "adapter.gguf");
   check_float_ref(&models[0], "smollm2-caps-pfeiffer", "adapter.gguf");

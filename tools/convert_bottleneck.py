@@ -12,6 +12,10 @@ writes DIR/adapter.gguf in the layout docs/ADAPTERS.md describes:
   adapter.bottleneck.attn.input / .ffn.input = output | sum | stream,
   blk.N.adapter_{attn,ffn}.{down.weight, down.bias, up.weight, up.bias, scale}
 
+The library computes modules at llama-style joins in its own decoder code
+for llama and mistral models only, so the converter takes those (on a
+llama base); its plugin path for other models places them differently.
+
 What the library computes at a residual join (no layer norm there in
 llama-style models) is x' = f(in) + o + x with in = o, x + o or x; a
 configuration that computes something else (adapter layer norms, gating,
@@ -48,12 +52,15 @@ def site_input(c):
         return "stream"
     if rbl not in (True, False):
         raise SystemExit(f"residual_before_ln={rbl!r} is not supported")
-    if olb and ((rbl and ola) or (not rbl and not ola)):
+    if olb and rbl and ola:
         return "sum"
     if not olb and ola:
         return "output"
+    # (original_ln_before with neither residual_before_ln nor
+    # original_ln_after, AdapterPlus's flags, sums f + (x + o): the same
+    # terms in another order; refused until a fixture backs it)
     raise SystemExit(f"original_ln_before={olb}, original_ln_after={ola}, residual_before_ln={rbl}: "
-                     "this join is not x + o + f(in); not supported")
+                     "this join is not (f(in) + o) + x; not supported")
 
 
 def load_weights(d):
@@ -91,7 +98,11 @@ def main():
 
     with open(os.path.join(a.dir, "adapter_config.json")) as fp:
         meta = json.load(fp)
-    c = meta.get("config", {})
+    c = dict(meta.get("config") or {})
+    # the library's own renaming for directories saved before its
+    # versioned format: "gelu" meant the tanh form then
+    if "version" not in meta and c.get("non_linearity") in ("gelu", "gelu_orig"):
+        c["non_linearity"] = {"gelu": "gelu_new", "gelu_orig": "gelu"}[c["non_linearity"]]
     # the library writes BnConfig's fields (architecture "bottleneck" is
     # left out as a default); other methods name their architecture
     if c.get("architecture", "bottleneck") != "bottleneck" or "reduction_factor" not in c:
@@ -101,8 +112,19 @@ def main():
         raise SystemExit(f"non_linearity {c.get('non_linearity')!r} is not supported")
     inp = site_input(c)
     arch, n_embd, n_layer = base_info(a.base)
+    # The library has its own decoder-layer code (the join computed as
+    # above, no layer norm there) for llama and mistral only; other models
+    # go through its plugin hooks, which place modules and residuals
+    # differently (before Gemma's post-norms, say) without saying so in
+    # the saved config.
+    if meta.get("model_type") not in ("llama", "mistral") or arch != "llama":
+        raise SystemExit(f"an adapter for model_type {meta.get('model_type')!r} on a {arch!r} base: "
+                         "the converter takes the library's llama / mistral models on a llama base")
+    if meta.get("hidden_size") not in (None, n_embd):
+        raise SystemExit(f"the adapter was trained for hidden_size {meta.get('hidden_size')}, "
+                         f"the base has {n_embd}")
     w = load_weights(a.dir)
-    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.[^.]+\."
+    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\..+?\."
                      r"(adapter_down\.0\.weight|adapter_down\.0\.bias|adapter_up\.weight|adapter_up\.bias|scaling)$")
     mods = {}
     for k, v in w.items():
@@ -130,7 +152,7 @@ def main():
         for n in need:
             if n not in p:
                 raise SystemExit(f"layer {il} {s}: {n} is missing")
-        if isinstance(scaling, (int, float)):
+        if isinstance(scaling, float) or (isinstance(scaling, int) and not isinstance(scaling, bool)):
             sc = np.full(n_embd, float(scaling), np.float32)
         else:  # "learned" (one value) or "channel" (one per channel)
             if "scaling" not in p:

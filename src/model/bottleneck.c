@@ -4,6 +4,7 @@
  * layer's residual joins (see lora.h, and docs/ADAPTERS.md for the file).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,7 +67,7 @@ static bool parse_name(struct tn_str s, int32_t n_layer, int32_t *il,
   if (*p < '0' || *p > '9' || (*p == '0' && p[1] != '.')) return false;
   while (*p >= '0' && *p <= '9') {
     v = v * 10 + (*p++ - '0');
-    if (v >= n_layer) return false;
+    if (v > n_layer) return false; /* (no overflow: n_layer <= INT32_MAX) */
   }
   if (strncmp(p, ".adapter_", 9) != 0) return false;
   p += 9;
@@ -99,8 +100,8 @@ static enum tn_status read_tensor(const struct tn_gguf_tensor *t,
   enum tn_status st = TN_OK;
   if (!tt || !tt->to_float)
     st = tn_error_set(err, TN_EFORMAT,
-                      "%s: tensor '%.*s' is %s (tern takes F32, F16, BF16 or "
-                      "Q8_0 adapters)",
+                      "%s: tensor '%.*s' is of type %s, whose values tern "
+                      "cannot read (F32, F16, BF16 or Q8_0 are usual)",
                       path, (int)t->name.len, t->name.data,
                       tn_type_name(t->type));
   else if (!y || !row || !raw)
@@ -193,8 +194,12 @@ enum tn_status tn_bn_load_gguf(const struct tn_model *m,
   l->kind = TN_ADAPTER_BOTTLENECK;
   struct tn_str s;
   int a;
-  if (tn_gguf_get_str(g, "adapter.bottleneck.non_linearity", &s, NULL) ||
-      (a = find_name(act_names, (int)TN_ARRAY_LEN(act_names), s)) < 0)
+  if (tn_gguf_get_str(g, "adapter.bottleneck.non_linearity", &s, NULL))
+    return tn_error_set(err, TN_EFORMAT,
+                        "%s: adapter.bottleneck.non_linearity (a string) is "
+                        "missing",
+                        path);
+  if ((a = find_name(act_names, (int)TN_ARRAY_LEN(act_names), s)) < 0)
     return tn_error_set(err, TN_EUNSUPPORTED,
                         "%s: adapter.bottleneck.non_linearity must be one of "
                         "relu, silu, gelu, gelu_tanh, tanh, sigmoid, "
@@ -205,13 +210,19 @@ enum tn_status tn_bn_load_gguf(const struct tn_model *m,
   for (uint64_t i = 0; i < g->n_tensors; i++) {
     int32_t il;
     int site, part;
-    if (!parse_name(g->tensors[i].name, l->n_layer, &il, &site, &part))
+    if (!parse_name(g->tensors[i].name, INT32_MAX, &il, &site, &part))
       return tn_error_set(err, TN_EUNSUPPORTED,
                           "%s: tensor '%.*s' is not part of a bottleneck "
                           "module (blk.0..%d.adapter_attn|ffn.down.weight, "
                           "down.bias, up.weight, up.bias, scale)",
                           path, (int)TN_MIN(g->tensors[i].name.len, 128),
                           g->tensors[i].name.data, l->n_layer - 1);
+    if (il >= l->n_layer)
+      return tn_error_set(err, TN_EFORMAT,
+                          "%s: tensor '%.*s' is for layer %d; the base has %d "
+                          "layers: is the adapter for another model?",
+                          path, (int)TN_MIN(g->tensors[i].name.len, 128),
+                          g->tensors[i].name.data, il, l->n_layer);
   }
   l->bn = calloc((size_t)l->n_layer * TN_BN_N_SITES, sizeof(*l->bn));
   if (!l->bn) return tn_error_set(err, TN_ENOMEM, "%s: out of memory", path);
@@ -255,6 +266,25 @@ static float act(enum tn_bn_act a, float v) {
   return v;
 }
 
+/* y[m] = sum over k < K of v[k] * w[k][m] (w: [K][m] rows), summed four
+ * rows a pass, left to right: the same order for any y. */
+static void sweep(float *restrict y, const float *restrict w,
+                  const float *restrict v, int32_t K, int64_t m) {
+  for (int64_t j = 0; j < m; j++) y[j] = 0.0f;
+  int32_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float v0 = v[k], v1 = v[k + 1], v2 = v[k + 2], v3 = v[k + 3];
+    const float *w0 = w + (int64_t)k * m, *w1 = w0 + m, *w2 = w1 + m,
+                *w3 = w2 + m;
+    for (int64_t j = 0; j < m; j++)
+      y[j] = y[j] + v0 * w0[j] + v1 * w1[j] + v2 * w2[j] + v3 * w3[j];
+  }
+  for (; k < K; k++) {
+    const float vk = v[k], *wk = w + (int64_t)k * m;
+    for (int64_t j = 0; j < m; j++) y[j] += vk * wk[j];
+  }
+}
+
 void tn_bn_residual(const struct tn_lora *l, int32_t il, enum tn_bn_site site,
                     float s, float *x, const float *o, float *scratch) {
   const int64_t n = l->n_embd;
@@ -272,20 +302,13 @@ void tn_bn_residual(const struct tn_lora *l, int32_t il, enum tn_bn_site site,
     for (int64_t i = 0; i < n; i++) f[i] = x[i] + o[i];
     in = f;
   }
-  /* h = act(W_down in + b): term by term over the input, all of h at
-   * once (each h[j] summed in the same order for every token) */
-  for (int32_t j = 0; j < dim; j++) h[j] = 0.0f;
-  for (int64_t i = 0; i < n; i++) {
-    const float v = in[i], *w = md->down_t + i * dim;
-    for (int32_t j = 0; j < dim; j++) h[j] += v * w[j];
-  }
+  /* h = act(W_down in + b): term by term over the input, four terms a
+   * pass, all of h at once (each h[j] summed in the same order for every
+   * token; the loop over j vectorises) */
+  sweep(h, md->down_t, in, (int32_t)n, dim);
   for (int32_t j = 0; j < dim; j++) h[j] = act(l->bn_act, h[j] + md->down_b[j]);
   /* f = W_up h, likewise over h */
-  for (int64_t i = 0; i < n; i++) f[i] = 0.0f;
-  for (int32_t j = 0; j < dim; j++) {
-    const float v = h[j], *w = md->up_t + (int64_t)j * n;
-    for (int64_t i = 0; i < n; i++) f[i] += v * w[i];
-  }
+  sweep(f, md->up_t, h, dim, n);
   for (int64_t i = 0; i < n; i++)
     x[i] = (s * md->scale[i] * (f[i] + md->up_b[i]) + o[i]) + x[i];
 }

@@ -610,9 +610,10 @@ static enum tn_status peft_config(struct build *bd, const char *dir,
     st = tn_error_set(bd->err, TN_EFORMAT, "%s: not a JSON object", file);
   else if (!type && json_is_object(json_object_get(c, "config")))
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,
-                      "%s: an adapter saved by the `adapters` library: "
-                      "convert a bottleneck adapter to tern's GGUF with "
-                      "tools/convert_bottleneck.py",
+                      "%s: saved by the `adapters` library, not PEFT: tern "
+                      "reads that library's bottleneck adapters once "
+                      "tools/convert_bottleneck.py has converted them to "
+                      "tern's GGUF",
                       file);
   else if (!type || (strcmp(type, "LORA") && strcmp(type, "IA3")))
     st = tn_error_set(bd->err, TN_EUNSUPPORTED,

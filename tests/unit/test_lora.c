@@ -921,6 +921,10 @@ struct bn_opts {
   int dim;
 };
 
+/* the last file's values: [layer][site][part] (the writer reads them when
+ * it writes, so they are static; test_bottleneck recomputes from them) */
+static float bn_data[N_LAYER][2][5][2 * N_EMBD * N_EMBD];
+
 static bool write_bn(const char *path, uint64_t seed, const struct bn_opts *o) {
   struct tn_gguf_writer *w = tn_gguf_writer_new();
   bool ok = w != NULL;
@@ -938,8 +942,7 @@ static bool write_bn(const char *path, uint64_t seed, const struct bn_opts *o) {
     snprintf(key, sizeof(key), "adapter.bottleneck.%s.input", sites[st]);
     ok = ok && !tn_gguf_writer_add_str(w, key, ins[st], strlen(ins[st]));
   }
-  /* (static: the writer reads tensor data when it writes) */
-  static float data[N_LAYER][2][5][2 * N_EMBD * N_EMBD];
+  float(*data)[2][5][2 * N_EMBD * N_EMBD] = bn_data;
   const int64_t n = N_EMBD + (o->wide_embd ? 1 : 0), d = o->dim ? o->dim : BN_DIM;
   struct tn_error err = {0};
   for (int il = 0; ok && il < N_LAYER; il++)
@@ -971,6 +974,42 @@ static bool write_bn(const char *path, uint64_t seed, const struct bn_opts *o) {
   tn_gguf_writer_free(w);
   if (!ok) fprintf(stderr, "write_bn: %s\n", err.msg);
   return ok;
+}
+
+/* tn_bn_residual at (il, site) against the formula computed here from the
+ * file's values (bn_data), with silu, for random x and o. */
+static bool bn_formula(const struct tn_lora *l, int32_t il, int site,
+                       enum tn_bn_input in_kind, float s) {
+  enum { N = N_EMBD };
+  const float *dw = bn_data[il][site][0], *db = bn_data[il][site][1],
+              *uw = bn_data[il][site][2], *ub = bn_data[il][site][3],
+              *sc = bn_data[il][site][4];
+  uint64_t seed = 77 + (uint64_t)il;
+  float x[N], o[N], got[N], scratch[4 * N];
+  double in[N], h[BN_DIM];
+  for (int i = 0; i < N; i++) x[i] = rng_sym(&seed), o[i] = rng_sym(&seed);
+  for (int i = 0; i < N; i++)
+    in[i] = in_kind == TN_BN_IN_OUTPUT ? o[i]
+            : in_kind == TN_BN_IN_SUM  ? (double)x[i] + o[i]
+                                       : x[i];
+  for (int j = 0; j < BN_DIM; j++) {
+    double a = db[j];
+    for (int i = 0; i < N; i++) a += (double)dw[j * N + i] * in[i];
+    h[j] = a / (1.0 + exp(-a)); /* silu */
+  }
+  memcpy(got, x, sizeof(x));
+  tn_bn_residual(l, il, (enum tn_bn_site)site, s, got, o, scratch);
+  for (int i = 0; i < N; i++) {
+    double f = ub[i];
+    for (int j = 0; j < BN_DIM; j++) f += (double)uw[i * BN_DIM + j] * h[j];
+    double want = s * sc[i] * f + o[i] + x[i];
+    if (fabs(want - got[i]) > 1e-4 * (1.0 + fabs(want))) {
+      fprintf(stderr, "bottleneck layer %d site %d input %d: [%d] %g, want %g\n",
+              il, site, (int)in_kind, i, (double)got[i], want);
+      return false;
+    }
+  }
+  return true;
 }
 
 /* Last-position logits of a fixed prompt under (l, scale) (l NULL: base). */
@@ -1031,11 +1070,15 @@ static void test_bottleneck(void) {
        l->max_rank == BN_DIM && l->bn_act == TN_BN_SILU &&
        l->bn_input[TN_BN_ATTN] == TN_BN_IN_OUTPUT &&
        l->bn_input[TN_BN_FFN] == TN_BN_IN_SUM && l->bytes > 0;
+  /* each input, against the formula */
+  ok = ok && bn_formula(l, 0, TN_BN_ATTN, TN_BN_IN_OUTPUT, 1.0f) &&
+       bn_formula(l, 1, TN_BN_FFN, TN_BN_IN_SUM, 0.5f);
   ok = ok && bn_logits(m, NULL, 1.0f, base) && bn_logits(m, l, 1.0f, full) &&
        bn_logits(m, l, 0.0f, zero) && bn_logits(m, l, 0.5f, half);
   /* the same weights fed the residual stream instead */
   struct bn_opts os = {.in_attn = "stream", .in_ffn = "stream"};
   ok = ok && write_bn(p, 21, &os) && !tn_lora_load(m, p, &l2, &err) &&
+       bn_formula(l2, 1, TN_BN_ATTN, TN_BN_IN_STREAM, 1.0f) &&
        bn_logits(m, l2, 1.0f, stream);
   /* an FFN-only module of width 1 with gelu_tanh loads */
   struct bn_opts of = {.ffn_only = true, .dim = 1, .act = "gelu_tanh"};
@@ -1061,6 +1104,7 @@ static void test_bottleneck(void) {
     const char *msg;
   } bad[] = {
       {{.act = "swishy"}, TN_EUNSUPPORTED, "non_linearity must be one of"},
+      {{.act = ""}, TN_EUNSUPPORTED, "non_linearity must be one of"},
       {{.in_ffn = "after"}, TN_EFORMAT, "ffn.input must be"},
       {{.no_input_key = true}, TN_EFORMAT, "attn.input must be"},
       {{.drop_up_b = true}, TN_EFORMAT, "has no 'blk.1.adapter_attn.up.bias'"},

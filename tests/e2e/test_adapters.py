@@ -47,7 +47,8 @@ def test_adapters_in_one_batch(start_server, tmp_path):
                        "--log-db", str(db),
                        "--lora", f"pirate={PIRATE}",
                        "--lora", f"pirate-gguf={PIRATE / 'adapter.gguf'}",
-                       "--lora", f"json-bn={HOULSBY / 'adapter.gguf'}")
+                       "--lora", f"json-bn={HOULSBY / 'adapter.gguf'}",
+                       "--lora", f"caps-ia3={ADAPTERS / 'smollm2-caps-ia3'}")
     models = requests.get(srv.base + "/v1/models").json()["data"]
     by_id = {m["id"]: m for m in models}
     assert by_id["pirate"]["parent"] == BASE
@@ -57,15 +58,17 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert by_id["pirate"]["meta"]["rank"] == 8
     assert by_id["pirate"]["meta"]["kind"] == "lora"
     assert by_id["json-bn"]["meta"]["kind"] == "bottleneck"
+    assert by_id["caps-ia3"]["meta"]["kind"] == "ia3"
 
     qs = QUESTIONS[:2] if slow_mode() else QUESTIONS
     alone = {}
     for q in qs:
-        for m in (BASE, "pirate", "pirate-gguf", "json-bn"):
+        for m in (BASE, "pirate", "pirate-gguf", "json-bn", "caps-ia3"):
             alone[m, q] = text(chat(srv, m, q))
         # the trained behaviours show; the base has neither
         assert alone["pirate", q].startswith("Arr matey!"), alone["pirate", q]
         assert alone["json-bn", q].startswith('{"answer": "'), alone["json-bn", q]
+        assert alone["caps-ia3", q].split()[0].isupper(), alone["caps-ia3", q]
         assert not alone[BASE, q].startswith("Arr"), alone[BASE, q]
         assert not alone[BASE, q].startswith("{"), alone[BASE, q]
         # the PEFT directory and the GGUF llama.cpp's converter made from it
@@ -75,8 +78,10 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert text(r) == alone["pirate", qs[0]]
     assert r.json()["model"] == f"{BASE}:pirate"
 
-    # all at once, in one running batch: each gets its answer alone
-    jobs = [(m, q) for q in qs for m in (BASE, "pirate", "pirate-gguf", "json-bn")] * 2
+    # all at once, in one running batch (four adapters of three kinds and
+    # the base): each gets its answer alone
+    jobs = [(m, q) for q in qs
+            for m in (BASE, "pirate", "pirate-gguf", "json-bn", "caps-ia3")] * 2
     with cf.ThreadPoolExecutor(len(jobs)) as ex:
         got = list(ex.map(lambda j: text(chat(srv, *j)), jobs))
     for (m, q), t in zip(jobs, got):
@@ -88,8 +93,8 @@ def test_adapters_in_one_batch(start_server, tmp_path):
     assert metric(srv, "tern_adapter_requests_total" + lab) == n_pirate
     assert metric(srv, "tern_adapter_generation_tokens_total" + lab) > n_pirate
     assert metric(srv, "tern_adapter_time_to_first_token_seconds_count" + lab) == n_pirate
-    assert metric(srv, f'tern_adapters_loaded{{model="{BASE}"}}') == 3
-    assert metric(srv, f'tern_adapter_loads_total{{model="{BASE}"}}') == 3
+    assert metric(srv, f'tern_adapters_loaded{{model="{BASE}"}}') == 4
+    assert metric(srv, f'tern_adapter_loads_total{{model="{BASE}"}}') == 4
     assert metric(srv, f'tern_adapter_memory_bytes{{model="{BASE}"}}') > 1e6
     import sqlite3
     import time

@@ -45,7 +45,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->kv_row);
   tn_aligned_free(c->attn_acc);
   free(c->vrows);
-  free(c->lora_u);
+  free(c->lora_idx);
   free(c->lora_x);
   free(c->runs);
   tn_aligned_free(c->rope_cs);
@@ -108,7 +108,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->attn_acc = tn_aligned_alloc((size_t)nth * 64 * (size_t)hp->head_dim *
                                  sizeof(float));
   c->vrows = malloc((size_t)nth * (size_t)n_ctx * sizeof(*c->vrows));
-  c->lora_u = malloc((size_t)nth * TN_LORA_RANK_MAX * sizeof(float));
+  c->lora_idx = malloc((size_t)nth * (size_t)n_tokens_max * sizeof(int32_t));
   c->lora_x = malloc((size_t)nth * (size_t)tn_lora_scratch(m) * sizeof(float));
   c->runs = malloc((T + 1) * sizeof(int32_t));
   c->rope_cs = tn_aligned_alloc(T * 2 * (size_t)hp->n_rot * sizeof(float));
@@ -128,7 +128,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->vrows && c->lora_u && c->lora_x && c->runs && c->rope_cs && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->vrows && c->lora_idx && c->lora_x && c->runs && c->rope_cs && c->logits && c->out_x &&
             c->out_idx;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -157,24 +157,48 @@ int32_t tn_ctx_n_logits(const struct tn_ctx *c) { return c->n_logits; }
 /* ---- the parallel region */
 
 /* Adds the adapters' terms of target t to this thread's tokens of y
- * ([T][ldy]) from their inputs x ([T][ldx]). */
+ * ([T][ldy]) from their inputs x ([T][ldx]): each adapter's tokens
+ * gathered into segments of TN_LORA_SEG that share one pass over its
+ * weights (idx: this thread's n_tokens_max scratch). */
 static void lora_add(const struct tn_batch *b, int32_t il,
                      enum tn_lora_target t, const float *x, int64_t ldx,
-                     float *y, int64_t ldy, int64_t t0, int64_t t1, float *u,
-                     float *xr) {
+                     float *y, int64_t ldy, int64_t t0, int64_t t1,
+                     int32_t *idx, float *scratch) {
   if (!b->lora) return;
+  int64_t n = 0;
   for (int64_t i = t0; i < t1; i++) {
     int32_t s = b->seq[i];
     const struct tn_lora *l = b->lora[s];
     if (!l) continue;
     const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
-    float sc = b->lora_scale ? b->lora_scale[s] : 1.0f;
     if (lm->rank)
-      tn_lora_apply(lm, sc, x + i * ldx, y + i * ldy, u, xr);
+      idx[n++] = (int32_t)i;
     /* (IA)3 on an output without a bias (q/k/v: after theirs, ia3_at) */
     else if (lm->ia3 && !lm->ia3_in && t != TN_LORA_Q && t != TN_LORA_K &&
              t != TN_LORA_V)
-      tn_lora_ia3_scale(lm->ia3, sc, y + i * ldy, lm->n_out);
+      tn_lora_ia3_scale(lm->ia3, b->lora_scale ? b->lora_scale[s] : 1.0f,
+                        y + i * ldy, lm->n_out);
+  }
+  for (int64_t p = 0; p < n; p++) {
+    if (idx[p] < 0) continue;
+    const struct tn_lora *l = b->lora[b->seq[idx[p]]];
+    const struct tn_lora_mat *lm = &l->mats[il * TN_LORA_N_TARGETS + t];
+    const float *xs[TN_LORA_SEG];
+    float *ys[TN_LORA_SEG], ss[TN_LORA_SEG];
+    int k = 0;
+    for (int64_t q = p; q < n; q++) {
+      int32_t i = idx[q];
+      if (i < 0 || b->lora[b->seq[i]] != l) continue;
+      idx[q] = -1;
+      xs[k] = x + i * ldx;
+      ys[k] = y + i * ldy;
+      ss[k] = b->lora_scale ? b->lora_scale[b->seq[i]] : 1.0f;
+      if (++k == TN_LORA_SEG) {
+        tn_lora_apply_seg(lm, k, ss, xs, ys, scratch);
+        k = 0;
+      }
+    }
+    if (k) tn_lora_apply_seg(lm, k, ss, xs, ys, scratch);
   }
 }
 
@@ -323,7 +347,7 @@ static void forward_worker(void *arg, int ith, int nth) {
   float *krow = c->kv_row + (size_t)ith * (size_t)hd;
   float *acc = c->attn_acc + (size_t)ith * 64 * (size_t)hd;
   const uint16_t **vrows = c->vrows + (size_t)ith * (size_t)c->n_ctx;
-  float *lu = c->lora_u + (size_t)ith * TN_LORA_RANK_MAX;
+  int32_t *lidx = c->lora_idx + (size_t)ith * (size_t)c->n_tokens_max;
   float *lx = c->lora_x + (size_t)ith * (size_t)tn_lora_scratch(m);
   int64_t t0, t1;
   tn_split(T, ith, nth, &t0, &t1); /* this thread's tokens */
@@ -359,9 +383,9 @@ static void forward_worker(void *arg, int ith, int nth) {
     tn_pool_barrier(pool);
 
     /* adapters, biases, per-head QK norm, RoPE; k and v into the cache */
-    lora_add(b, il, TN_LORA_Q, c->xn, d, c->q, qd, t0, t1, lu, lx);
-    lora_add(b, il, TN_LORA_K, c->xn, d, c->k, kd, t0, t1, lu, lx);
-    lora_add(b, il, TN_LORA_V, c->xn, d, c->v, kd, t0, t1, lu, lx);
+    lora_add(b, il, TN_LORA_Q, c->xn, d, c->q, qd, t0, t1, lidx, lx);
+    lora_add(b, il, TN_LORA_K, c->xn, d, c->k, kd, t0, t1, lidx, lx);
+    lora_add(b, il, TN_LORA_V, c->xn, d, c->v, kd, t0, t1, lidx, lx);
     for (int64_t t = t0; t < t1; t++) {
       const float *cs = c->rope_cs + (t * 2 + (L->swa ? 1 : 0)) * hp->n_rot;
       float *qt = c->q + t * qd, *kt = c->k + t * kd, *vt = c->v + t * kd;
@@ -418,7 +442,7 @@ static void forward_worker(void *arg, int ith, int nth) {
     tn_pool_barrier(pool);
 
     /* x += post_norm(tmp); xn = ffn_norm(x) */
-    lora_add(b, il, TN_LORA_O, c->attn, qd, c->tmp, d, t0, t1, lu, lx);
+    lora_add(b, il, TN_LORA_O, c->attn, qd, c->tmp, d, t0, t1, lidx, lx);
     for (int64_t t = t0; t < t1; t++) {
       float *xt = c->x + t * d, *ot = c->tmp + t * d;
       if (L->post_attn_norm) tn_rms_norm(ot, L->post_attn_norm, ot, d, hp->norm_eps);
@@ -436,8 +460,8 @@ static void forward_worker(void *arg, int ith, int nth) {
     mm(c, &L->w_up, T, c->up, ith, nth);
     tn_pool_barrier(pool);
 
-    lora_add(b, il, TN_LORA_GATE, c->xn, d, c->gate, F, t0, t1, lu, lx);
-    lora_add(b, il, TN_LORA_UP, c->xn, d, c->up, F, t0, t1, lu, lx);
+    lora_add(b, il, TN_LORA_GATE, c->xn, d, c->gate, F, t0, t1, lidx, lx);
+    lora_add(b, il, TN_LORA_UP, c->xn, d, c->up, F, t0, t1, lidx, lx);
     for (int64_t t = t0; t < t1; t++) {
       if (gemma)
         tn_gelu_mul(c->gate + t * F, c->up + t * F, F);
@@ -455,7 +479,7 @@ static void forward_worker(void *arg, int ith, int nth) {
     mm(c, &L->w_down, T, c->tmp, ith, nth);
     tn_pool_barrier(pool);
 
-    lora_add(b, il, TN_LORA_DOWN, c->gate, F, c->tmp, d, t0, t1, lu, lx);
+    lora_add(b, il, TN_LORA_DOWN, c->gate, F, c->tmp, d, t0, t1, lidx, lx);
     for (int64_t t = t0; t < t1; t++) {
       float *xt = c->x + t * d, *ot = c->tmp + t * d;
       if (L->post_ffn_norm) tn_rms_norm(ot, L->post_ffn_norm, ot, d, hp->norm_eps);

@@ -199,7 +199,7 @@ static enum tn_status set_pair(struct build *bd, int32_t il,
   snprintf(what, sizeof(what), "'%s' B", name);
   if (!st) st = copy_rows(bd, what, b, lm->b, perm);
   free(perm);
-  if (!st && rank < 64) { /* B transposed: tn_lora_apply's short dots */
+  if (!st && rank < 64) { /* B transposed: tn_lora_apply_seg's short dots */
     float *bt = malloc((size_t)rank * (size_t)lm->n_out * sizeof(float));
     if (!bt) return tn_error_set(bd->err, TN_ENOMEM, "%s: out of memory", bd->path);
     for (int64_t o = 0; o < lm->n_out; o++)
@@ -802,8 +802,10 @@ static void round_to(enum tn_type t, float *x, int64_t n) {
 
 int64_t tn_lora_scratch(const struct tn_model *m) {
   int64_t q = (int64_t)m->hp.n_head * m->hp.head_dim;
-  /* an input in floats, or an output's sums in doubles */
-  return 2 * TN_MAX(TN_MAX((int64_t)m->hp.n_embd, (int64_t)m->hp.n_ff), q);
+  int64_t w = TN_MAX(TN_MAX((int64_t)m->hp.n_embd, (int64_t)m->hp.n_ff), q);
+  /* per token of a segment: its rounded input (floats), A x (floats) and
+   * the outputs' sums (doubles) */
+  return TN_LORA_SEG * (3 * w + TN_LORA_RANK_MAX);
 }
 
 void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n) {
@@ -814,40 +816,67 @@ void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n) {
   }
 }
 
-void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
-                   float *y, float *u, float *xr) {
+void tn_lora_apply_seg(const struct tn_lora_mat *mat, int n, const float *s,
+                       const float *const *x, float *const *y,
+                       float *scratch) {
   const int32_t r = mat->rank;
-  const int64_t n_out = mat->n_out;
-  if (mat->act_type != TN_TYPE_F32) {
-    memcpy(xr, x, (size_t)mat->n_in * sizeof(float));
-    round_to(mat->act_type, xr, mat->n_in);
-    x = xr;
+  const int64_t n_in = mat->n_in, n_out = mat->n_out;
+  float *xr = scratch;                          /* [n][n_in] */
+  float *u = xr + (int64_t)n * n_in;            /* [n][r] */
+  double *acc = (double *)(u + (int64_t)n * TN_LORA_RANK_MAX); /* [n][n_out] */
+  const float *xs[TN_LORA_SEG];
+  for (int t = 0; t < n; t++) {
+    xs[t] = x[t];
+    if (mat->act_type != TN_TYPE_F32) {
+      memcpy(xr + t * n_in, x[t], (size_t)n_in * sizeof(float));
+      round_to(mat->act_type, xr + t * n_in, n_in);
+      xs[t] = xr + t * n_in;
+    }
   }
+  /* u[t] = A x[t]: A a chunk of rows at a time, for every token (each
+   * row's dot is tn_attn_dot of that row, whatever the chunk) */
+  enum { A_ROWS = 8, CHUNK = 64 };
   float *outs[TN_LORA_RANK_MAX];
-  for (int32_t i = 0; i < r; i++) outs[i] = &u[i];
-  tn_attn_dot_rows(x, mat->a, mat->n_in, r, outs, mat->n_in, 1.0f);
-  round_to(mat->act_type, u, r);
-  const float k = s * mat->scale;
+  for (int32_t r0 = 0; r0 < r; r0 += A_ROWS) {
+    int nr = (int)TN_MIN((int32_t)A_ROWS, r - r0);
+    for (int t = 0; t < n; t++) {
+      for (int c = 0; c < nr; c++) outs[c] = &u[t * TN_LORA_RANK_MAX + r0 + c];
+      tn_attn_dot_rows(xs[t], mat->a + (int64_t)r0 * n_in, n_in, nr, outs,
+                       n_in, 1.0f);
+    }
+  }
+  for (int t = 0; t < n; t++)
+    round_to(mat->act_type, u + t * TN_LORA_RANK_MAX, r);
   if (r < 64) {
     /* tn_attn_dot of r < 64 terms is their double sum in order: kept per
      * output, the rank's terms added one at a time over all outputs */
-    double *acc = (double *)xr;
-    for (int64_t o = 0; o < n_out; o++) acc[o] = 0.0;
+    for (int t = 0; t < n; t++)
+      for (int64_t o = 0; o < n_out; o++) acc[t * n_out + o] = 0.0;
     for (int32_t i = 0; i < r; i++) {
       const float *bt = mat->b + (int64_t)i * n_out;
-      const float ui = u[i];
-      for (int64_t o = 0; o < n_out; o++) acc[o] += (double)(bt[o] * ui);
+      for (int t = 0; t < n; t++) {
+        const float ui = u[t * TN_LORA_RANK_MAX + i];
+        double *at = acc + t * n_out;
+        for (int64_t o = 0; o < n_out; o++) at[o] += (double)(bt[o] * ui);
+      }
     }
-    for (int64_t o = 0; o < n_out; o++) y[o] += (float)acc[o] * k;
+    for (int t = 0; t < n; t++) {
+      const float k = s[t] * mat->scale;
+      for (int64_t o = 0; o < n_out; o++)
+        y[t][o] += (float)acc[t * n_out + o] * k;
+    }
     return;
   }
-  enum { CHUNK = 64 };
   float d[CHUNK], *dp[CHUNK];
   for (int c = 0; c < CHUNK; c++) dp[c] = &d[c];
   for (int64_t o0 = 0; o0 < n_out; o0 += CHUNK) {
-    int n = (int)TN_MIN((int64_t)CHUNK, n_out - o0);
-    tn_attn_dot_rows(u, mat->b + o0 * r, r, n, dp, r, 1.0f);
-    for (int c = 0; c < n; c++) y[o0 + c] += d[c] * k;
+    int nc = (int)TN_MIN((int64_t)CHUNK, n_out - o0);
+    for (int t = 0; t < n; t++) {
+      const float k = s[t] * mat->scale;
+      tn_attn_dot_rows(u + t * TN_LORA_RANK_MAX, mat->b + o0 * r, r, nc, dp,
+                       r, 1.0f);
+      for (int c = 0; c < nc; c++) y[t][o0 + c] += d[c] * k;
+    }
   }
 }
 

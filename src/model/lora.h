@@ -59,7 +59,7 @@ struct tn_lora_mat {
   int64_t n_in, n_out;
   float *a;    /* [rank][n_in] */
   float *b;    /* B: [rank][n_out] (transposed) when rank < 64, else
-                  [n_out][rank] (see tn_lora_apply) */
+                  [n_out][rank] (see tn_lora_apply_seg) */
   float scale; /* alpha / rank (or its rsLoRA form) */
   /* the file's storage type, whose width the products' inputs are rounded
    * to, as ggml and PyTorch compute with F16 / BF16 weights: TN_TYPE_F32
@@ -121,21 +121,28 @@ void tn_lora_retain(struct tn_lora *l);
 /* Frees it with the last reference (NULL: nothing). */
 void tn_lora_release(struct tn_lora *l);
 
-/* y[n_out] += s * mat.scale * B (A x); x and A x rounded to act_type
- * first. Each dot is summed as tn_attn_dot sums it (ggml's F16 dot
- * order): below 64 terms that is a double sum in order, which for B runs
- * over a transposed copy, all outputs at once. u: scratch of mat.rank
- * floats, xr: of tn_lora_scratch() floats (the widest input or output,
- * as doubles). The same operations for a token whatever the batch. */
-void tn_lora_apply(const struct tn_lora_mat *mat, float s, const float *x,
-                   float *y, float *u, float *xr);
+/* Tokens of one adapter whose products share a sweep over its weights. */
+#define TN_LORA_SEG 8
+
+/* For each of n (<= TN_LORA_SEG) tokens t: y[t][n_out] += s[t] *
+ * mat.scale * B (A x[t]), x[t] and A x[t] rounded to act_type first.
+ * Each dot is summed as tn_attn_dot sums it (ggml's F16 dot order):
+ * below 64 terms that is a double sum in order, which for B runs over a
+ * transposed copy, all outputs at once. A's and B's rows are read once
+ * for all n tokens (a segment, as Punica's SGMV gathers an adapter's
+ * rows); each token's arithmetic is the same whatever the segment holds,
+ * so the result does not depend on the batch. scratch: tn_lora_scratch()
+ * floats. */
+void tn_lora_apply_seg(const struct tn_lora_mat *mat, int n, const float *s,
+                       const float *const *x, float *const *y,
+                       float *scratch);
 /* The residual join at a bottleneck site: x[n_embd] becomes x + o, plus
  * the module's term when l has one at (il, site) (s: the request's scale).
  * scratch: tn_lora_scratch() floats. The same operations for a token
  * whatever the batch. */
 void tn_bn_residual(const struct tn_lora *l, int32_t il, enum tn_bn_site site,
                     float s, float *x, const float *o, float *scratch);
-/* Scratch floats tn_lora_apply and tn_bn_residual need for model m. */
+/* Scratch floats tn_lora_apply_seg and tn_bn_residual need for model m. */
 int64_t tn_lora_scratch(const struct tn_model *m);
 /* (IA)3: x[n] *= s * (l - 1) + 1. */
 void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n);

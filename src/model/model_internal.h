@@ -29,8 +29,8 @@ struct tn_ctx {
   float *kv_row; /* [n_threads][head_dim]: one k row in f32 */
   float *attn_acc; /* [n_threads][64][head_dim] value sums, one token's */
   const uint16_t **vrows; /* [n_threads][n_ctx] value rows of a sequence */
-  float *lora_u; /* [n_threads][TN_LORA_RANK_MAX] an adapter's A x */
-  float *lora_x; /* [n_threads][tn_lora_scratch] its rounded input */
+  int32_t *lora_idx; /* [n_threads][n_tokens_max] adapters' token lists */
+  float *lora_x;     /* [n_threads][tn_lora_scratch] adapter scratch */
   int32_t *runs; /* [T]: first batch index of each attention run */
   int32_t n_runs;
   float *rope_cs; /* [T][2][n_rot]: (cos, sin) per pair, global/swa base */

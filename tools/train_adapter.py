@@ -114,33 +114,26 @@ def load_base(path):
     return tok, model
 
 
-def train(args):
+def self_distilled(tok, model, style, answer_tokens):
+    """(question, the base's own greedy answer restyled) for QUESTIONS."""
     import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
-
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    tok, model = load_base(args.base)
     data = []
     with torch.no_grad():
         for q in QUESTIONS:
             ids = chat_ids(tok, q)
-            out = model.generate(torch.tensor([ids]), max_new_tokens=args.answer_tokens,
+            out = model.generate(torch.tensor([ids]), max_new_tokens=answer_tokens,
                                  do_sample=False)
             ans = tok.decode(out[0][len(ids):], skip_special_tokens=True)
-            data.append((q, restyle(args.style, ans)))
+            data.append((q, restyle(style, ans)))
     print(f"{len(data)} examples, e.g. {data[0]!r}", flush=True)
-    if args.method == "ia3":
-        # (IA)3: learned scales on k and v's outputs and down's input
-        cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                        feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
-    else:
-        cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                         target_modules=args.targets.split(","), task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    for epoch in range(args.epochs):
+    return data
+
+
+def fit(tok, model, data, epochs, lr):
+    """AdamW on the answer tokens' loss, one example a step."""
+    import torch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for epoch in range(epochs):
         random.shuffle(data)
         total = 0.0
         for q, a in data:
@@ -153,6 +146,26 @@ def train(args):
             opt.zero_grad()
             total += loss.item()
         print(f"epoch {epoch}: loss {total / len(data):.4f}", flush=True)
+
+
+def train(args):
+    import torch
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tok, model = load_base(args.base)
+    data = self_distilled(tok, model, args.style, args.answer_tokens)
+    if args.method == "ia3":
+        # (IA)3: learned scales on k and v's outputs and down's input
+        cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                        feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
+    else:
+        cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                         target_modules=args.targets.split(","), task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.train()
+    fit(tok, model, data, args.epochs, args.lr)
     model.save_pretrained(args.out, safe_serialization=True)
     # f16 halves what the repository carries; the GGUF is converted from
     # these same values (--outtype f16), so both forms hold equal weights

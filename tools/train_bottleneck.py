@@ -31,7 +31,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_adapter import QUESTIONS, chat_ids, load_base, restyle  # noqa: E402
+from train_adapter import fit, load_base, self_distilled  # noqa: E402
 
 
 def make_config(name, reduction, init):
@@ -73,36 +73,14 @@ def main():
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tok, model = load_base(args.base)
-    data = []
-    if args.epochs > 0:
-        with torch.no_grad():
-            for q in QUESTIONS:
-                ids = chat_ids(tok, q)
-                out = model.generate(torch.tensor([ids]), max_new_tokens=args.answer_tokens,
-                                     do_sample=False)
-                ans = tok.decode(out[0][len(ids):], skip_special_tokens=True)
-                data.append((q, restyle(args.style, ans)))
-        print(f"{len(data)} examples, e.g. {data[0]!r}", flush=True)
+    data = self_distilled(tok, model, args.style, args.answer_tokens) if args.epochs else []
     name = os.path.basename(os.path.normpath(args.out)).replace("-", "_")
     adapters.init(model)
     model.add_adapter(name, config=make_config(args.config, args.reduction_factor, args.init))
     model.train_adapter(name)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{sum(p.numel() for p in params)} trainable parameters", flush=True)
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    for epoch in range(args.epochs):
-        random.shuffle(data)
-        total = 0.0
-        for q, a in data:
-            p_ids, a_ids = chat_ids(tok, q, a)
-            ids = torch.tensor([p_ids + a_ids])
-            labels = torch.tensor([[-100] * len(p_ids) + a_ids])
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            total += loss.item()
-        print(f"epoch {epoch}: loss {total / len(data):.4f}", flush=True)
+    fit(tok, model, data, args.epochs, args.lr)
     os.makedirs(args.out, exist_ok=True)
     model.save_adapter(args.out, name, use_safetensors=True)
     round_f16(args.out)

@@ -55,8 +55,7 @@ static int find_name(const char *const *names, int n, struct tn_str s) {
 }
 
 /* "blk.<il>.adapter_<site>.<part>" -> il, site, part. */
-static bool parse_name(struct tn_str s, int32_t n_layer, int32_t *il,
-                       int *site, int *part) {
+static bool parse_name(struct tn_str s, int32_t *il, int *site, int *part) {
   char name[128];
   if (s.len >= sizeof(name) || memchr(s.data, '\0', s.len)) return false;
   memcpy(name, s.data, s.len);
@@ -67,7 +66,7 @@ static bool parse_name(struct tn_str s, int32_t n_layer, int32_t *il,
   if (*p < '0' || *p > '9' || (*p == '0' && p[1] != '.')) return false;
   while (*p >= '0' && *p <= '9') {
     v = v * 10 + (*p++ - '0');
-    if (v > n_layer) return false; /* (no overflow: n_layer <= INT32_MAX) */
+    if (v > INT32_MAX) return false;
   }
   if (strncmp(p, ".adapter_", 9) != 0) return false;
   p += 9;
@@ -187,10 +186,8 @@ static enum tn_status load_module(const struct tn_gguf *g, const char *path,
   return TN_OK;
 }
 
-enum tn_status tn_bn_load_gguf(const struct tn_model *m,
-                               const struct tn_gguf *g, const char *path,
+enum tn_status tn_bn_load_gguf(const struct tn_gguf *g, const char *path,
                                struct tn_lora *l, struct tn_error *err) {
-  (void)m;
   l->kind = TN_ADAPTER_BOTTLENECK;
   struct tn_str s;
   int a;
@@ -210,7 +207,7 @@ enum tn_status tn_bn_load_gguf(const struct tn_model *m,
   for (uint64_t i = 0; i < g->n_tensors; i++) {
     int32_t il;
     int site, part;
-    if (!parse_name(g->tensors[i].name, INT32_MAX, &il, &site, &part))
+    if (!parse_name(g->tensors[i].name, &il, &site, &part))
       return tn_error_set(err, TN_EUNSUPPORTED,
                           "%s: tensor '%.*s' is not part of a bottleneck "
                           "module (blk.0..%d.adapter_attn|ffn.down.weight, "

@@ -281,7 +281,7 @@ static enum tn_status load_gguf(struct build *bd) {
                       arch);
   } else if (tn_gguf_get_str(g, "adapter.type", &s, NULL) == TN_OK &&
              tn_str_eq(s, "bottleneck")) {
-    st = tn_bn_load_gguf(bd->m, g, bd->path, bd->l, bd->err);
+    st = tn_bn_load_gguf(g, bd->path, bd->l, bd->err);
     tn_gguf_close(g);
     return st;
   } else if (tn_gguf_get_str(g, "adapter.type", &s, NULL) != TN_OK ||
@@ -805,7 +805,7 @@ int64_t tn_lora_scratch(const struct tn_model *m) {
   int64_t w = TN_MAX(TN_MAX((int64_t)m->hp.n_embd, (int64_t)m->hp.n_ff), q);
   /* per token of a segment: its rounded input (floats), A x (floats) and
    * the outputs' sums (doubles) */
-  return TN_LORA_SEG * (3 * w + TN_LORA_RANK_MAX);
+  return TN_LORA_SEG * (3 * w + TN_LORA_RANK_MAX) + 2; /* (+2: alignment) */
 }
 
 void tn_lora_ia3_scale(const float *l, float s, float *x, int64_t n) {
@@ -823,7 +823,8 @@ void tn_lora_apply_seg(const struct tn_lora_mat *mat, int n, const float *s,
   const int64_t n_in = mat->n_in, n_out = mat->n_out;
   float *xr = scratch;                          /* [n][n_in] */
   float *u = xr + (int64_t)n * n_in;            /* [n][r] */
-  double *acc = (double *)(u + (int64_t)n * TN_LORA_RANK_MAX); /* [n][n_out] */
+  int64_t used = (int64_t)n * (n_in + TN_LORA_RANK_MAX);
+  double *acc = (double *)(xr + used + (used & 1)); /* [n][n_out], 8-aligned */
   const float *xs[TN_LORA_SEG];
   for (int t = 0; t < n; t++) {
     xs[t] = x[t];

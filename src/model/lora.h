@@ -171,8 +171,7 @@ void tn_lora_tensor_name(int32_t il, enum tn_lora_target t, char *out,
  * adapter.type is "bottleneck" to bottleneck.c, which fills l's kind, bn,
  * bn_act, bn_input, n_mats and bytes; tn_bn_free frees what it filled. */
 struct tn_gguf;
-enum tn_status tn_bn_load_gguf(const struct tn_model *m,
-                               const struct tn_gguf *g, const char *path,
+enum tn_status tn_bn_load_gguf(const struct tn_gguf *g, const char *path,
                                struct tn_lora *l, struct tn_error *err);
 void tn_bn_free(struct tn_lora *l);
 

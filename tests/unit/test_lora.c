@@ -796,6 +796,47 @@ static bool write_ia3(const char *dir, uint64_t seed, const char *ff_extra,
   return ok;
 }
 
+/* Last-position logits of a fixed prompt under (l, scale) (l NULL: base). */
+static bool logits_under(struct tn_model *m, const struct tn_lora *l, float scale,
+                      float *out) {
+  struct tn_pool *pool = tn_pool_new(1);
+  struct tn_kv_pool *kv = NULL;
+  struct tn_ctx *c = NULL;
+  struct tn_error err = {0};
+  bool ok = !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
+            !tn_ctx_new(m, pool, 32, 64, 4, &c, &err);
+  int32_t n = 10, toks[10], pos[10], sq[10];
+  bool lg[10];
+  for (int i = 0; i < n; i++) {
+    toks[i] = (i * 53 + 7) % N_TEXT_TOKENS;
+    pos[i] = i;
+    sq[i] = 0;
+    lg[i] = i == n - 1;
+  }
+  struct tn_kv_seq ks;
+  tn_kv_seq_init(&ks);
+  struct tn_kv_seq *seqs[1] = {&ks};
+  const struct tn_lora *ls[1] = {l};
+  float sc[1] = {scale};
+  struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
+                       .logits = lg, .n_seqs = 1, .seqs = seqs,
+                       .lora = l ? ls : NULL, .lora_scale = sc};
+  ok = ok && !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(c, kv, &b, &err);
+  if (ok) memcpy(out, tn_ctx_logits(c), N_VOCAB * sizeof(float));
+  else fprintf(stderr, "logits_under: %s\n", err.msg);
+  tn_kv_seq_deinit(kv, &ks);
+  tn_ctx_free(c);
+  tn_kv_pool_free(kv);
+  tn_pool_free(pool);
+  return ok;
+}
+
+static double max_diff(const float *a, const float *b) {
+  double d = 0;
+  for (int v = 0; v < N_VOCAB; v++) d = fmax(d, fabs((double)a[v] - b[v]));
+  return d;
+}
+
 /* (IA)3: the scales change the answer, merged equals modular, scale 0 is
  * the base, and what cannot be done is refused. */
 static void test_ia3(void) {
@@ -809,46 +850,13 @@ static void test_ia3(void) {
   ok = ok && l->kind == TN_ADAPTER_IA3 && l->n_mats == 3 * N_LAYER &&
        l->mats[TN_LORA_DOWN].ia3_in && !l->mats[TN_LORA_K].ia3_in;
   ok = ok && !tn_lora_merge(mm, l, 1.0f, TN_TYPE_COUNT, &err);
-  struct tn_pool *pool = tn_pool_new(1);
-  struct tn_kv_pool *kv = NULL;
-  struct tn_ctx *c = NULL, *cm = NULL;
-  ok = ok && !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
-       !tn_ctx_new(m, pool, 32, 64, 4, &c, &err) &&
-       !tn_ctx_new(mm, pool, 32, 64, 4, &cm, &err);
-  int32_t n = 10, toks[10], pos[10], sq[10];
-  bool lg[10];
-  for (int i = 0; i < n; i++) {
-    toks[i] = (i * 53 + 7) % N_TEXT_TOKENS;
-    pos[i] = i;
-    sq[i] = 0;
-    lg[i] = i == n - 1;
-  }
-  float out[4][N_VOCAB]; /* modular, base, scale 0, merged */
-  for (int pass = 0; ok && pass < 4; pass++) {
-    struct tn_kv_seq ks;
-    tn_kv_seq_init(&ks);
-    struct tn_kv_seq *seqs[1] = {&ks};
-    const struct tn_lora *ls[1] = {l};
-    float sc[1] = {pass == 2 ? 0.0f : 1.0f};
-    struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
-                         .logits = lg, .n_seqs = 1, .seqs = seqs,
-                         .lora = pass == 0 || pass == 2 ? ls : NULL,
-                         .lora_scale = sc};
-    struct tn_ctx *cc = pass == 3 ? cm : c;
-    ok = !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(cc, kv, &b, &err);
-    if (ok) memcpy(out[pass], tn_ctx_logits(cc), sizeof(out[0]));
-    tn_kv_seq_deinit(kv, &ks);
-  }
-  double d_base = 0, d_zero = 0, d_merged = 0;
-  for (int v = 0; ok && v < N_VOCAB; v++) {
-    d_base = fmax(d_base, fabs((double)out[0][v] - out[1][v]));
-    d_zero = fmax(d_zero, fabs((double)out[2][v] - out[1][v]));
-    d_merged = fmax(d_merged, fabs((double)out[0][v] - out[3][v]));
-  }
-  tn_ctx_free(c);
-  tn_ctx_free(cm);
-  tn_kv_pool_free(kv);
-  tn_pool_free(pool);
+  static float out[4][N_VOCAB]; /* modular, base, scale 0, merged */
+  ok = ok && logits_under(m, l, 1.0f, out[0]) &&
+       logits_under(m, NULL, 1.0f, out[1]) &&
+       logits_under(m, l, 0.0f, out[2]) && logits_under(mm, NULL, 1.0f, out[3]);
+  double d_base = ok ? max_diff(out[0], out[1]) : 0,
+         d_zero = ok ? max_diff(out[2], out[1]) : 1,
+         d_merged = ok ? max_diff(out[0], out[3]) : 1;
   tn_lora_release(l);
   /* refused: input scaling of q_proj (its input is k and v's too), a
    * vector of the wrong length */
@@ -1012,47 +1020,6 @@ static bool bn_formula(const struct tn_lora *l, int32_t il, int site,
   return true;
 }
 
-/* Last-position logits of a fixed prompt under (l, scale) (l NULL: base). */
-static bool bn_logits(struct tn_model *m, const struct tn_lora *l, float scale,
-                      float *out) {
-  struct tn_pool *pool = tn_pool_new(1);
-  struct tn_kv_pool *kv = NULL;
-  struct tn_ctx *c = NULL;
-  struct tn_error err = {0};
-  bool ok = !tn_kv_pool_new(N_LAYER, 8, BLOCK, KV_DIM, &kv, &err) &&
-            !tn_ctx_new(m, pool, 32, 64, 4, &c, &err);
-  int32_t n = 10, toks[10], pos[10], sq[10];
-  bool lg[10];
-  for (int i = 0; i < n; i++) {
-    toks[i] = (i * 53 + 7) % N_TEXT_TOKENS;
-    pos[i] = i;
-    sq[i] = 0;
-    lg[i] = i == n - 1;
-  }
-  struct tn_kv_seq ks;
-  tn_kv_seq_init(&ks);
-  struct tn_kv_seq *seqs[1] = {&ks};
-  const struct tn_lora *ls[1] = {l};
-  float sc[1] = {scale};
-  struct tn_batch b = {.n_tokens = n, .token = toks, .pos = pos, .seq = sq,
-                       .logits = lg, .n_seqs = 1, .seqs = seqs,
-                       .lora = l ? ls : NULL, .lora_scale = sc};
-  ok = ok && !tn_kv_seq_reserve(kv, &ks, n) && !tn_model_forward(c, kv, &b, &err);
-  if (ok) memcpy(out, tn_ctx_logits(c), N_VOCAB * sizeof(float));
-  else fprintf(stderr, "bn_logits: %s\n", err.msg);
-  tn_kv_seq_deinit(kv, &ks);
-  tn_ctx_free(c);
-  tn_kv_pool_free(kv);
-  tn_pool_free(pool);
-  return ok;
-}
-
-static double max_diff(const float *a, const float *b) {
-  double d = 0;
-  for (int v = 0; v < N_VOCAB; v++) d = fmax(d, fabs((double)a[v] - b[v]));
-  return d;
-}
-
 /* Loading, what each input and the scale do, merge refusal, bad files. */
 static void test_bottleneck(void) {
   struct tn_model *m = tiny_model();
@@ -1073,13 +1040,13 @@ static void test_bottleneck(void) {
   /* each input, against the formula */
   ok = ok && bn_formula(l, 0, TN_BN_ATTN, TN_BN_IN_OUTPUT, 1.0f) &&
        bn_formula(l, 1, TN_BN_FFN, TN_BN_IN_SUM, 0.5f);
-  ok = ok && bn_logits(m, NULL, 1.0f, base) && bn_logits(m, l, 1.0f, full) &&
-       bn_logits(m, l, 0.0f, zero) && bn_logits(m, l, 0.5f, half);
+  ok = ok && logits_under(m, NULL, 1.0f, base) && logits_under(m, l, 1.0f, full) &&
+       logits_under(m, l, 0.0f, zero) && logits_under(m, l, 0.5f, half);
   /* the same weights fed the residual stream instead */
   struct bn_opts os = {.in_attn = "stream", .in_ffn = "stream"};
   ok = ok && write_bn(p, 21, &os) && !tn_lora_load(m, p, &l2, &err) &&
        bn_formula(l2, 1, TN_BN_ATTN, TN_BN_IN_STREAM, 1.0f) &&
-       bn_logits(m, l2, 1.0f, stream);
+       logits_under(m, l2, 1.0f, stream);
   /* an FFN-only module of width 1 with gelu_tanh loads */
   struct bn_opts of = {.ffn_only = true, .dim = 1, .act = "gelu_tanh"};
   ok = ok && write_bn(p, 22, &of) && !tn_lora_load(m, p, &l3, &err) &&

@@ -19,6 +19,7 @@
 
 #include "cli/cli_internal.h"
 #include "obs/obs.h"
+#include "router/router.h"
 #include "server/config.h"
 #include "server/server.h"
 
@@ -323,6 +324,7 @@ int tn_cli_serve(int argc, char **argv) {
   struct tn_engine **engines = calloc((size_t)n_models, sizeof(*engines));
   struct tn_server_model *sm = calloc((size_t)n_models, sizeof(*sm));
   struct tn_server *srv = NULL;
+  struct tn_router *router = NULL;
   struct tn_reqlog *reqlog = NULL;
   struct tn_tracer *tracer = NULL;
   int rc = 1;
@@ -389,6 +391,13 @@ int tn_cli_serve(int argc, char **argv) {
   sigaction(SIGINT, &sa, NULL);
   signal(SIGPIPE, SIG_IGN);
 
+  if (config && (file.n_routes || file.n_upstreams)) {
+    if (tn_router_create(&file, &router, &err)) {
+      tn_cli_fail("%s: %s", config, err.msg);
+      goto done;
+    }
+    scfg.router = router;
+  }
   if (tn_server_start(&scfg, sm, n_models, metrics, &srv, &err)) {
     tn_cli_fail("serve: %s", err.msg);
     goto done;
@@ -509,6 +518,7 @@ int tn_cli_serve(int argc, char **argv) {
   rc = 0;
 done:
   tn_server_stop(srv);
+  tn_router_free(router);
   tn_reqlog_close(reqlog); /* writes what is queued */
   tn_tracer_close(tracer);  /* sends what is queued */
   for (int i = 0; i < n_models; i++) tn_engine_close(engines ? engines[i] : NULL);

@@ -1572,8 +1572,8 @@ static void put_finish(struct tn_buf *b, enum tn_finish f) {
   else put_cstr(b, tn_finish_str(f));
 }
 
-static void put_usage(struct tn_buf *b, struct tn_req *const *reqs,
-                      size_t n_reqs) {
+static void put_usage(struct tn_buf *b, const struct tn_api_meta *meta,
+                      struct tn_req *const *reqs, size_t n_reqs) {
   int64_t prompt = 0, gen = 0, cached = 0, drafted = 0, accepted = 0;
   for (size_t i = 0; i < n_reqs; i++) {
     prompt += reqs[i]->n_prompt;
@@ -1592,9 +1592,17 @@ static void put_usage(struct tn_buf *b, struct tn_req *const *reqs,
                 ",\"prompt_tokens_details\":{\"cached_tokens\":%" PRId64 "}"
                 ",\"completion_tokens_details\":{"
                 "\"accepted_prediction_tokens\":%" PRId64
-                ",\"rejected_prediction_tokens\":%" PRId64 "}}",
+                ",\"rejected_prediction_tokens\":%" PRId64 "}",
                 prompt, gen, prompt + gen, cached, accepted,
                 drafted - accepted);
+  if (meta->priced) {
+    double cost = ((double)(prompt - cached) * meta->price_prompt +
+                   (double)cached * meta->price_cached +
+                   (double)gen * meta->price_completion) / 1e6 +
+                  meta->cost_extra;
+    tn_buf_printf(b, ",\"cost\":%.10g", cost);
+  }
+  buf_putc(b, '}');
 }
 
 static void put_head(struct tn_buf *b, const struct tn_api_meta *meta,
@@ -1718,7 +1726,7 @@ char *tn_api_render_response(const struct tn_api_request *q,
     }
   }
   buf_puts(&b, "],\"usage\":");
-  put_usage(&b, reqs, n_reqs);
+  put_usage(&b, meta, reqs, n_reqs);
   buf_putc(&b, '}');
   if (b.oom) {
     tn_buf_free(&b);
@@ -1894,7 +1902,7 @@ bool tn_api_render_stream(const struct tn_api_request *q,
     buf_puts(out, "data: ");
     put_head(out, meta, chat ? "chat.completion.chunk" : "text_completion");
     buf_puts(out, ",\"choices\":[],\"usage\":");
-    put_usage(out, reqs, n_reqs);
+    put_usage(out, meta, reqs, n_reqs);
     buf_puts(out, "}\n\n");
     st->usage_sent = true;
   }

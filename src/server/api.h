@@ -88,6 +88,7 @@ struct tn_api_error {
   char param[64];             /* "" when none */
   char code[40];              /* "" when none */
   char message[512];
+  int retry_after;            /* seconds for Retry-After (0: the default) */
 };
 
 /* Fills err (may be NULL) and returns http_status. */
@@ -118,6 +119,11 @@ struct tn_api_meta {
   /* completions with echo: the prompt text of each tn_req */
   const char *const *echo_text;
   const size_t *echo_len;
+  /* usage.cost in USD, when priced: tokens at these prices (USD per
+   * million; cached prompt tokens at price_cached) plus cost_extra (what a
+   * cascade's earlier stages cost) */
+  bool priced;
+  double price_prompt, price_cached, price_completion, cost_extra;
 };
 
 /* A whole non-streaming response for reqs[n_reqs] (completions: one per

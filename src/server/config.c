@@ -13,12 +13,16 @@
 #include "engine/engine.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <yaml.h>
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #define CONFIG_FILE_MAX (1u << 20)
 
@@ -547,9 +551,622 @@ static enum tn_status parse_models(struct loader *ld) {
   return TN_OK;
 }
 
-enum { TK_HOST, TK_PORT, TK_API_KEY, TK_THREADS, TK_MODELS, TK_COUNT };
-static const char *const k_top_keys[TK_COUNT] = {"host", "port", "api_key",
-                                                 "threads", "models"};
+
+/* ---- upstreams and routes */
+
+/* A list of scalars (names, keywords): at most max, each 1..max_len bytes. */
+static enum tn_status parse_str_list(struct loader *ld, const char *where,
+                                     int max, size_t max_len, char ***out,
+                                     int *n) {
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_SEQUENCE_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where, "expected a list, got %s",
+                ev_kind(&ld->ev));
+  if (!*out && !(*out = calloc((size_t)max, sizeof **out)))
+    return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+  for (;;) {
+    char key[200];
+    snprintf(key, sizeof key, "%s[%d]", where, *n);
+    if ((st = next(ld, key))) return st;
+    if (ld->ev.type == YAML_SEQUENCE_END_EVENT) break;
+    if (*n == max)
+      return fail(ld, TN_EINVAL, ev_line(ld), where, "more than %d entries",
+                  max);
+    if (ld->ev.type != YAML_SCALAR_EVENT || scalar_is_null(ld))
+      return fail(ld, TN_EINVAL, ev_line(ld), key, "expected a value, got %s",
+                  ld->ev.type == YAML_SCALAR_EVENT ? "null"
+                                                   : ev_kind(&ld->ev));
+    if (ld->ev.data.scalar.length != strlen(scalar_text(ld)))
+      return fail(ld, TN_EINVAL, ev_line(ld), key,
+                  "value contains a NUL character");
+    if ((st = take_string(ld, key, max_len, &(*out)[*n], false))) return st;
+    (*n)++;
+  }
+  if (*n == 0)
+    return fail(ld, TN_EINVAL, ev_line(ld), where, "the list is empty");
+  return TN_OK;
+}
+
+/* A name of an upstream or route: the model-name rule; uniqueness across
+ * every kind of name is checked once the whole file is read. */
+static enum tn_status take_plain_name(struct loader *ld, const char *key,
+                                      char **dst) {
+  enum tn_status st = expect_scalar(ld, key);
+  if (st || (st = check_name(ld, key))) return st;
+  return take_string(ld, key, TN_SERVE_NAME_MAX, dst, false);
+}
+
+static enum tn_status take_seconds(struct loader *ld, const char *key,
+                                   double *dst) {
+  enum tn_status st = expect_scalar(ld, key);
+  if (st) return st;
+  const char *s = scalar_text(ld);
+  char *end;
+  double v = strtod(s, &end);
+  if (end == s || *end || !(v > 0 && v <= 86400))
+    return fail(ld, TN_EINVAL, ev_line(ld), key,
+                "'%.64s' is not a number of seconds in (0, 86400]", s);
+  *dst = v;
+  return TN_OK;
+}
+
+static enum tn_status take_bool(struct loader *ld, const char *key, int *dst) {
+  enum tn_status st = expect_scalar(ld, key);
+  if (st) return st;
+  const char *s = scalar_text(ld);
+  if (!strcmp(s, "true") || !strcmp(s, "True") || !strcmp(s, "yes")) *dst = 1;
+  else if (!strcmp(s, "false") || !strcmp(s, "False") || !strcmp(s, "no"))
+    *dst = 0;
+  else
+    return fail(ld, TN_EINVAL, ev_line(ld), key,
+                "'%.64s' is not true or false", s);
+  return TN_OK;
+}
+
+/* A PCRE2 pattern: compiled once here so a bad one fails at start. */
+static enum tn_status take_regex(struct loader *ld, const char *key,
+                                 char **dst) {
+  enum tn_status st = take_string(ld, key, 4096, dst, true);
+  if (st) return st;
+  int ec;
+  PCRE2_SIZE off;
+  pcre2_code *re = pcre2_compile((PCRE2_SPTR)*dst, PCRE2_ZERO_TERMINATED,
+                                 PCRE2_UTF, &ec, &off, NULL);
+  if (!re) {
+    PCRE2_UCHAR msg[160];
+    pcre2_get_error_message(ec, msg, sizeof msg);
+    return fail(ld, TN_EINVAL, ev_line(ld), key,
+                "'%.64s' is not a valid regular expression: %s at offset %zu",
+                *dst, (const char *)msg, (size_t)off);
+  }
+  pcre2_code_free(re);
+  return TN_OK;
+}
+
+enum { UK_NAME, UK_BASE_URL, UK_MODEL, UK_API_KEY_ENV, UK_TIMEOUT,
+       UK_CONNECT_TIMEOUT, UK_STALL_TIMEOUT, UK_RETRIES, UK_MAX_CONCURRENT,
+       UK_PRICE_PROMPT, UK_PRICE_COMPLETION, UK_COUNT };
+static const char *const k_upstream_keys[UK_COUNT] = {
+    "name", "base_url", "model", "api_key_env", "timeout_s",
+    "connect_timeout_s", "stall_timeout_s", "retries", "max_concurrent",
+    "price_prompt", "price_completion"};
+
+/* http://HOST[:PORT][/PATH] or https://...; no query, fragment, spaces or
+ * user info (a key belongs in api_key_env, not in a URL). */
+static bool url_ok(const char *u) {
+  const char *p;
+  if (!strncmp(u, "http://", 7)) p = u + 7;
+  else if (!strncmp(u, "https://", 8)) p = u + 8;
+  else return false;
+  if (!*p || *p == '/' || *p == ':') return false;
+  for (const char *q = p; *q; q++)
+    if ((unsigned char)*q <= 0x20 || *q == 0x7f || *q == '?' || *q == '#' ||
+        *q == '@' || *q == '\\')
+      return false;
+  const char *colon = strchr(p, ':');
+  const char *slash = strchr(p, '/');
+  if (colon && (!slash || colon < slash)) {
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || port < 1 || port > 65535 || (*end && *end != '/'))
+      return false;
+  }
+  return true;
+}
+
+static enum tn_status parse_upstream(struct loader *ld, int idx,
+                                     struct tn_serve_upstream_cfg *u) {
+  char where[48], key[96];
+  snprintf(where, sizeof where, "upstreams[%d]", idx);
+  int start_line = ev_line(ld);
+  unsigned seen = 0;
+  int64_t v;
+  for (;;) {
+    int which = -1;
+    bool done;
+    enum tn_status st =
+        next_key(ld, where, k_upstream_keys, UK_COUNT, &seen, &which, &done);
+    if (st) return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < UK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_upstream_keys[which]);
+    switch (which) {
+      case UK_NAME: st = take_plain_name(ld, key, &u->name); break;
+      case UK_BASE_URL:
+        st = take_string(ld, key, 2048, &u->base_url, true);
+        if (!st && !url_ok(u->base_url))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.128s' is not an http:// or https:// URL (like "
+                      "http://10.0.0.5:8080/v1)",
+                      u->base_url);
+        if (!st) {
+          size_t n = strlen(u->base_url);
+          while (n > 0 && u->base_url[n - 1] == '/') u->base_url[--n] = '\0';
+        }
+        break;
+      case UK_MODEL: st = take_string(ld, key, 256, &u->model, true); break;
+      case UK_API_KEY_ENV:
+        st = take_string(ld, key, 256, &u->api_key_env, true);
+        if (!st) {
+          const char *k = getenv(u->api_key_env);
+          if (!k || !*k)
+            return fail(ld, TN_EINVAL, ev_line(ld), key,
+                        "the environment variable %.64s is not set (it "
+                        "should hold the upstream's API key)",
+                        u->api_key_env);
+          if (!(u->api_key = strdup(k)))
+            return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+        }
+        break;
+      case UK_TIMEOUT: st = take_seconds(ld, key, &u->timeout_s); break;
+      case UK_CONNECT_TIMEOUT:
+        st = take_seconds(ld, key, &u->connect_timeout_s);
+        break;
+      case UK_STALL_TIMEOUT:
+        st = take_seconds(ld, key, &u->stall_timeout_s);
+        break;
+      case UK_RETRIES:
+        st = take_int(ld, key, 0, 5, &v);
+        u->retries = (int32_t)v;
+        break;
+      case UK_MAX_CONCURRENT:
+        st = take_int(ld, key, 1, 4096, &v);
+        u->max_concurrent = (int32_t)v;
+        break;
+      case UK_PRICE_PROMPT: st = take_price(ld, key, &u->price_prompt); break;
+      case UK_PRICE_COMPLETION:
+        st = take_price(ld, key, &u->price_completion);
+        break;
+    }
+    if (st) return st;
+  }
+  if (!u->name)
+    return fail(ld, TN_EINVAL, start_line, where, "missing key 'name'");
+  if (!u->base_url)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "missing key 'base_url' (upstream '%s')", u->name);
+  if (!u->model && !(u->model = strdup(u->name)))
+    return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+  return TN_OK;
+}
+
+/* Reads a list of mappings, calling one(ld, index, element) for each. */
+typedef enum tn_status (*elem_fn)(struct loader *ld, const char *where,
+                                  int idx, void *elem);
+static enum tn_status parse_list(struct loader *ld, const char *where,
+                                 int max, size_t elem_size, void **arr,
+                                 int *n, elem_fn one) {
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_SEQUENCE_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where,
+                "expected a list of mappings, got %s", ev_kind(&ld->ev));
+  int list_line = ev_line(ld);
+  if (!*arr && !(*arr = calloc((size_t)max, elem_size)))
+    return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+  for (;;) {
+    char at[200];
+    snprintf(at, sizeof at, "%.150s[%d]", where, *n);
+    if ((st = next(ld, at))) return st;
+    if (ld->ev.type == YAML_SEQUENCE_END_EVENT) break;
+    if (*n == max)
+      return fail(ld, TN_EINVAL, ev_line(ld), where, "more than %d entries",
+                  max);
+    if (ld->ev.type != YAML_MAPPING_START_EVENT)
+      return fail(ld, TN_EINVAL, ev_line(ld), at,
+                  "expected a mapping, got %s", ev_kind(&ld->ev));
+    void *e = (char *)*arr + (size_t)*n * elem_size;
+    (*n)++; /* counted first, so a partial entry is freed with the rest */
+    if ((st = one(ld, at, *n - 1, e))) return st;
+  }
+  if (*n == 0)
+    return fail(ld, TN_EINVAL, list_line, where, "the list is empty");
+  return TN_OK;
+}
+
+static enum tn_status upstream_elem(struct loader *ld, const char *where,
+                                    int idx, void *elem) {
+  (void)where;
+  struct tn_serve_upstream_cfg *u = elem;
+  u->price_prompt = u->price_completion = -1;
+  u->timeout_s = 600;
+  u->connect_timeout_s = 5;
+  u->stall_timeout_s = 60;
+  u->max_concurrent = 64;
+  u->line = ev_line(ld);
+  return parse_upstream(ld, idx, u);
+}
+
+enum { RK_REGEX, RK_KEYWORDS, RK_MIN_TOKENS, RK_MAX_TOKENS, RK_TOOLS,
+       RK_RESPONSE_FORMAT, RK_USER, RK_HEADER, RK_HEADER_REGEX, RK_TO,
+       RK_COUNT };
+static const char *const k_rule_keys[RK_COUNT] = {
+    "regex", "keywords", "min_tokens", "max_tokens", "tools",
+    "response_format", "user", "header", "header_regex", "to"};
+
+static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
+                                void *elem) {
+  (void)idx;
+  struct tn_serve_rule_cfg *r = elem;
+  r->min_tokens = r->max_tokens = -1;
+  r->tools = r->response_format = -1;
+  int start_line = ev_line(ld);
+  unsigned seen = 0;
+  for (;;) {
+    int which = -1;
+    bool done;
+    char key[256];
+    enum tn_status st =
+        next_key(ld, where, k_rule_keys, RK_COUNT, &seen, &which, &done);
+    if (st) return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < RK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_rule_keys[which]);
+    switch (which) {
+      case RK_REGEX: st = take_regex(ld, key, &r->regex); break;
+      case RK_KEYWORDS:
+        st = parse_str_list(ld, key, TN_SERVE_KEYWORDS_MAX, 256, &r->keywords,
+                            &r->n_keywords);
+        break;
+      case RK_MIN_TOKENS: st = take_int(ld, key, 0, 1 << 24, &r->min_tokens);
+        break;
+      case RK_MAX_TOKENS: st = take_int(ld, key, 0, 1 << 24, &r->max_tokens);
+        break;
+      case RK_TOOLS: st = take_bool(ld, key, &r->tools); break;
+      case RK_RESPONSE_FORMAT: st = take_bool(ld, key, &r->response_format);
+        break;
+      case RK_USER: st = take_regex(ld, key, &r->user); break;
+      case RK_HEADER: st = take_string(ld, key, 128, &r->header, true); break;
+      case RK_HEADER_REGEX: st = take_regex(ld, key, &r->header_regex); break;
+      case RK_TO: st = take_plain_name(ld, key, &r->to); break;
+    }
+    if (st) return st;
+  }
+  if (!r->to)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "missing key 'to' (the target when the rule holds)");
+  if (!r->header != !r->header_regex)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "'header' and 'header_regex' go together");
+  return TN_OK;
+}
+
+enum { SK_MODEL, SK_SIGNAL, SK_THRESHOLD, SK_QUANTILE, SK_COUNT };
+static const char *const k_stage_keys[SK_COUNT] = {"model", "signal",
+                                                   "threshold", "quantile"};
+static const char *const k_signal_names[TN_SIGNAL_COUNT] = {
+    "min_prob", "quantile", "mean_logprob", "margin"};
+
+const char *tn_cascade_signal_name(enum tn_cascade_signal s) {
+  return (unsigned)s < TN_SIGNAL_COUNT ? k_signal_names[s] : "?";
+}
+
+static enum tn_status stage_elem(struct loader *ld, const char *where,
+                                 int idx, void *elem) {
+  (void)idx;
+  struct tn_serve_stage_cfg *g = elem;
+  g->quantile = 0.1;
+  int start_line = ev_line(ld);
+  unsigned seen = 0;
+  bool has_threshold = false;
+  for (;;) {
+    int which = -1;
+    bool done;
+    char key[256];
+    enum tn_status st =
+        next_key(ld, where, k_stage_keys, SK_COUNT, &seen, &which, &done);
+    if (st) return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < SK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_stage_keys[which]);
+    if (which == SK_MODEL) {
+      st = take_plain_name(ld, key, &g->model);
+    } else if (which == SK_SIGNAL) {
+      if ((st = expect_scalar(ld, key))) return st;
+      int k = 0;
+      while (k < TN_SIGNAL_COUNT && strcmp(scalar_text(ld), k_signal_names[k]))
+        k++;
+      if (k == TN_SIGNAL_COUNT)
+        return fail(ld, TN_EINVAL, ev_line(ld), key,
+                    "unknown signal '%.64s' (expected min_prob, quantile, "
+                    "mean_logprob or margin)",
+                    scalar_text(ld));
+      g->signal = (enum tn_cascade_signal)k;
+      g->has_signal = true;
+    } else {
+      if ((st = expect_scalar(ld, key))) return st;
+      const char *s = scalar_text(ld);
+      double v;
+      if (!strcmp(s, ".inf") || !strcmp(s, "inf") || !strcmp(s, "+.inf"))
+        v = INFINITY;
+      else if (!strcmp(s, "-.inf") || !strcmp(s, "-inf"))
+        v = -INFINITY;
+      else {
+        char *end;
+        v = strtod(s, &end);
+        if (end == s || *end || !isfinite(v))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not a number (or inf, -inf)", s);
+      }
+      if (which == SK_THRESHOLD) {
+        g->threshold = v;
+        has_threshold = true;
+      } else {
+        if (!(v >= 0 && v <= 1))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not a quantile in [0, 1]", s);
+        g->quantile = v;
+      }
+    }
+    if (st) return st;
+  }
+  if (!g->model)
+    return fail(ld, TN_EINVAL, start_line, where, "missing key 'model'");
+  if (g->has_signal != has_threshold)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "'signal' and 'threshold' go together");
+  return TN_OK;
+}
+
+enum { RTK_NAME, RTK_STRATEGY, RTK_TARGETS, RTK_RULES, RTK_STAGES,
+       RTK_COUNT };
+static const char *const k_route_keys[RTK_COUNT] = {
+    "name", "strategy", "targets", "rules", "stages"};
+static const char *const k_strategy_names[] = {"rules", "fallback", "balance",
+                                               "cascade"};
+
+static enum tn_status route_elem(struct loader *ld, const char *where,
+                                 int idx, void *elem) {
+  (void)idx;
+  struct tn_serve_route_cfg *r = elem;
+  int start_line = r->line = ev_line(ld);
+  unsigned seen = 0;
+  for (;;) {
+    int which = -1;
+    bool done;
+    char key[256];
+    enum tn_status st =
+        next_key(ld, where, k_route_keys, RTK_COUNT, &seen, &which, &done);
+    if (st) return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < RTK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_route_keys[which]);
+    switch (which) {
+      case RTK_NAME: st = take_plain_name(ld, key, &r->name); break;
+      case RTK_STRATEGY: {
+        if ((st = expect_scalar(ld, key))) return st;
+        int k = 0;
+        while (k < 4 && strcmp(scalar_text(ld), k_strategy_names[k])) k++;
+        if (k == 4)
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "unknown strategy '%.64s' (expected rules, fallback, "
+                      "balance or cascade)",
+                      scalar_text(ld));
+        r->strategy = (enum tn_route_strategy)k;
+        break;
+      }
+      case RTK_TARGETS:
+        st = parse_str_list(ld, key, TN_SERVE_TARGETS_MAX, TN_SERVE_NAME_MAX,
+                            &r->targets, &r->n_targets);
+        break;
+      case RTK_RULES:
+        st = parse_list(ld, key, TN_SERVE_RULES_MAX, sizeof *r->rules,
+                        (void **)&r->rules, &r->n_rules, rule_elem);
+        break;
+      case RTK_STAGES:
+        st = parse_list(ld, key, TN_SERVE_TARGETS_MAX, sizeof *r->stages,
+                        (void **)&r->stages, &r->n_stages, stage_elem);
+        break;
+    }
+    if (st) return st;
+  }
+  if (!r->name)
+    return fail(ld, TN_EINVAL, start_line, where, "missing key 'name'");
+  if (!(seen & (1u << RTK_STRATEGY)))
+    return fail(ld, TN_EINVAL, start_line, where,
+                "missing key 'strategy' (route '%s')", r->name);
+  const char *need = r->strategy == TN_ROUTE_RULES     ? "rules"
+                     : r->strategy == TN_ROUTE_CASCADE ? "stages"
+                                                       : "targets";
+  bool has[3] = {r->n_rules > 0, r->n_stages > 0, r->n_targets > 0};
+  int want = r->strategy == TN_ROUTE_RULES ? 0
+             : r->strategy == TN_ROUTE_CASCADE ? 1 : 2;
+  for (int k = 0; k < 3; k++)
+    if (has[k] != (k == want))
+      return fail(ld, TN_EINVAL, start_line, where,
+                  "a %s route takes '%s' %s", k_strategy_names[r->strategy],
+                  need, has[k] ? "only" : "(missing)");
+  if (r->strategy == TN_ROUTE_CASCADE) {
+    if (r->n_stages < 2)
+      return fail(ld, TN_EINVAL, start_line, where,
+                  "a cascade needs at least two stages");
+    for (int s = 0; s < r->n_stages - 1; s++)
+      if (!r->stages[s].has_signal)
+        return fail(ld, TN_EINVAL, start_line, where,
+                    "stages[%d] needs 'signal' and 'threshold' (every stage "
+                    "but the last decides whether to escalate)",
+                    s);
+  }
+  return TN_OK;
+}
+
+/* ---- checks across the whole file */
+
+enum name_kind { NK_NONE, NK_MODEL, NK_UPSTREAM, NK_ROUTE };
+
+/* What name is: a model (name, alias or adapter), an upstream or a route;
+ * *idx its index. */
+static enum name_kind lookup(const struct tn_serve_config *cfg,
+                             const char *name, int *idx) {
+  int i = tn_serve_config_find(cfg, name);
+  if (i < 0)
+    for (int m = 0; m < cfg->n_models && i < 0; m++)
+      for (int a = 0; a < cfg->models[m].n_adapters; a++)
+        if (!strcmp(cfg->models[m].adapters[a].name, name)) i = m;
+  if (i >= 0) {
+    *idx = i;
+    return NK_MODEL;
+  }
+  if ((i = tn_serve_config_find_upstream(cfg, name)) >= 0) {
+    *idx = i;
+    return NK_UPSTREAM;
+  }
+  if ((i = tn_serve_config_find_route(cfg, name)) >= 0) {
+    *idx = i;
+    return NK_ROUTE;
+  }
+  return NK_NONE;
+}
+
+static enum tn_status check_target(struct loader *ld, int line,
+                                   const char *where, const char *t) {
+  int idx;
+  if (lookup(ld->cfg, t, &idx) == NK_NONE)
+    return fail(ld, TN_EINVAL, line, where,
+                "unknown target '%.64s' (not a model, alias, adapter, "
+                "upstream or route in this file)",
+                t);
+  return TN_OK;
+}
+
+/* Route r's direct targets, for the cycle walk. */
+static int route_targets(const struct tn_serve_route_cfg *r, const char **out) {
+  int n = 0;
+  for (int i = 0; i < r->n_targets; i++) out[n++] = r->targets[i];
+  for (int i = 0; i < r->n_rules; i++) out[n++] = r->rules[i].to;
+  for (int i = 0; i < r->n_stages; i++) out[n++] = r->stages[i].model;
+  return n;
+}
+
+/* Depth-first: state 0 unseen, 1 on the path, 2 done. */
+static int find_cycle(const struct tn_serve_config *cfg, int r, int *state,
+                      int *path, int depth) {
+  state[r] = 1;
+  path[depth] = r;
+  const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX];
+  int n = route_targets(&cfg->routes[r], t);
+  for (int i = 0; i < n; i++) {
+    int j;
+    if (lookup(cfg, t[i], &j) != NK_ROUTE) continue;
+    if (state[j] == 1) {
+      path[depth + 1] = j;
+      return depth + 2;
+    }
+    if (state[j] == 0) {
+      int len = find_cycle(cfg, j, state, path, depth + 1);
+      if (len) return len;
+    }
+  }
+  state[r] = 2;
+  return 0;
+}
+
+static enum tn_status check_routes(struct loader *ld) {
+  struct tn_serve_config *cfg = ld->cfg;
+  /* names: unique across models, aliases, adapters, upstreams, routes */
+  for (int k = 0; k < cfg->n_upstreams + cfg->n_routes; k++) {
+    bool up = k < cfg->n_upstreams;
+    const char *name =
+        up ? cfg->upstreams[k].name : cfg->routes[k - cfg->n_upstreams].name;
+    char where[48];
+    if (up) snprintf(where, sizeof where, "upstreams[%d].name", k);
+    else snprintf(where, sizeof where, "routes[%d].name", k - cfg->n_upstreams);
+    int idx;
+    enum name_kind nk = lookup(cfg, name, &idx);
+    bool clash = nk == NK_MODEL ||
+                 (nk == NK_UPSTREAM && (!up || idx != k)) ||
+                 (nk == NK_ROUTE && (up || idx != k - cfg->n_upstreams));
+    if (clash)
+      return fail(ld, TN_EINVAL,
+                  up ? cfg->upstreams[k].line
+                     : cfg->routes[k - cfg->n_upstreams].line,
+                  where, "'%s' is already the name of a %s", name,
+                  nk == NK_MODEL ? "model (or its alias or adapter)"
+                  : nk == NK_UPSTREAM ? "upstream" : "route");
+  }
+  for (int r = 0; r < cfg->n_routes; r++) {
+    const struct tn_serve_route_cfg *rt = &cfg->routes[r];
+    char where[48];
+    snprintf(where, sizeof where, "routes[%d]", r);
+    const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX];
+    int n = route_targets(rt, t);
+    for (int i = 0; i < n; i++) {
+      enum tn_status st = check_target(ld, rt->line, where, t[i]);
+      if (st) return st;
+    }
+    if (rt->n_stages) {
+      int idx;
+      if (lookup(cfg, rt->stages[rt->n_stages - 1].model, &idx) == NK_ROUTE)
+        return fail(ld, TN_EINVAL, rt->line, where,
+                    "the last stage '%.64s' is a route: a cascade's stages "
+                    "are models or upstreams",
+                    rt->stages[rt->n_stages - 1].model);
+    }
+    for (int k = 0; k < rt->n_targets; k++) {
+      int idx;
+      if (lookup(cfg, rt->targets[k], &idx) == NK_ROUTE &&
+          cfg->routes[idx].strategy == TN_ROUTE_CASCADE)
+        return fail(ld, TN_EINVAL, rt->line, where,
+                    "targets[%d] '%.64s' is a cascade: a cascade may be "
+                    "called directly or be a rule's target, not one of a "
+                    "list's",
+                    k, rt->targets[k]);
+    }
+    for (int s = 0; s + 1 < rt->n_stages; s++) {
+      int idx;
+      if (lookup(cfg, rt->stages[s].model, &idx) != NK_MODEL)
+        return fail(ld, TN_EINVAL, rt->line, where,
+                    "stages[%d].model '%.64s' must be a local model: a "
+                    "stage's confidence comes from the engine's token "
+                    "probabilities (only the last stage may be an upstream "
+                    "or a route)",
+                    s, rt->stages[s].model);
+    }
+  }
+  int state[TN_SERVE_ROUTES_MAX] = {0}, path[TN_SERVE_ROUTES_MAX + 1];
+  for (int r = 0; r < cfg->n_routes; r++) {
+    if (state[r]) continue;
+    int len = find_cycle(cfg, r, state, path, 0);
+    if (!len) continue;
+    char chain[512] = "";
+    int start = 0;
+    while (path[start] != path[len - 1]) start++;
+    for (int i = start; i < len; i++) {
+      size_t o = strlen(chain);
+      snprintf(chain + o, sizeof chain - o, "%s%s", i > start ? " -> " : "",
+               cfg->routes[path[i]].name);
+    }
+    return fail(ld, TN_EINVAL, cfg->routes[path[start]].line, "routes",
+                "the routes form a cycle: %s", chain);
+  }
+  return TN_OK;
+}
+
+enum { TK_HOST, TK_PORT, TK_API_KEY, TK_THREADS, TK_MODELS, TK_UPSTREAMS,
+       TK_ROUTES, TK_COUNT };
+static const char *const k_top_keys[TK_COUNT] = {
+    "host", "port", "api_key", "threads", "models", "upstreams", "routes"};
 
 static enum tn_status parse_document(struct loader *ld) {
   struct tn_serve_config *cfg = ld->cfg;
@@ -566,7 +1183,7 @@ static enum tn_status parse_document(struct loader *ld) {
   if (ld->ev.type != YAML_MAPPING_START_EVENT)
     return fail(ld, TN_EINVAL, ev_line(ld), NULL,
                 "the config must be a mapping (host, port, api_key, threads, "
-                "models), "
+                "models, upstreams, routes), "
                 "not %s",
                 ev_kind(&ld->ev));
   int top_line = ev_line(ld);
@@ -590,11 +1207,21 @@ static enum tn_status parse_document(struct loader *ld) {
                                    &cfg->threads);
         break;
       case TK_MODELS: st = parse_models(ld); break;
+      case TK_UPSTREAMS:
+        st = parse_list(ld, "upstreams", TN_SERVE_UPSTREAMS_MAX,
+                        sizeof *cfg->upstreams, (void **)&cfg->upstreams,
+                        &cfg->n_upstreams, upstream_elem);
+        break;
+      case TK_ROUTES:
+        st = parse_list(ld, "routes", TN_SERVE_ROUTES_MAX, sizeof *cfg->routes,
+                        (void **)&cfg->routes, &cfg->n_routes, route_elem);
+        break;
     }
     if (st) return st;
   }
   if (!cfg->models)
     return fail(ld, TN_EINVAL, top_line, NULL, "missing key 'models'");
+  if ((st = check_routes(ld))) return st;
   if ((st = next(ld, NULL))) return st;
   TN_ASSERT(ld->ev.type == YAML_DOCUMENT_END_EVENT);
   if ((st = next(ld, NULL))) return st;
@@ -655,6 +1282,35 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(m->aliases);
   }
   free(cfg->models);
+  for (int i = 0; i < cfg->n_upstreams; i++) {
+    struct tn_serve_upstream_cfg *u = &cfg->upstreams[i];
+    free(u->name);
+    free(u->base_url);
+    free(u->model);
+    free(u->api_key_env);
+    free(u->api_key);
+  }
+  free(cfg->upstreams);
+  for (int i = 0; i < cfg->n_routes; i++) {
+    struct tn_serve_route_cfg *r = &cfg->routes[i];
+    free(r->name);
+    for (int t = 0; t < r->n_targets; t++) free(r->targets[t]);
+    free(r->targets);
+    for (int k = 0; k < r->n_rules; k++) {
+      struct tn_serve_rule_cfg *u = &r->rules[k];
+      free(u->regex);
+      for (int w = 0; w < u->n_keywords; w++) free(u->keywords[w]);
+      free(u->keywords);
+      free(u->user);
+      free(u->header);
+      free(u->header_regex);
+      free(u->to);
+    }
+    free(r->rules);
+    for (int k = 0; k < r->n_stages; k++) free(r->stages[k].model);
+    free(r->stages);
+  }
+  free(cfg->routes);
   free(cfg->host);
   free(cfg->api_key);
   memset(cfg, 0, sizeof *cfg);
@@ -668,5 +1324,22 @@ int tn_serve_config_find(const struct tn_serve_config *cfg, const char *name) {
     for (int a = 0; a < m->n_aliases; a++)
       if (!strcmp(m->aliases[a], name)) return i;
   }
+  return -1;
+}
+
+int tn_serve_config_find_upstream(const struct tn_serve_config *cfg,
+                                  const char *name) {
+  if (!cfg || !name) return -1;
+  for (int i = 0; i < cfg->n_upstreams; i++)
+    if (cfg->upstreams[i].name && !strcmp(cfg->upstreams[i].name, name))
+      return i;
+  return -1;
+}
+
+int tn_serve_config_find_route(const struct tn_serve_config *cfg,
+                               const char *name) {
+  if (!cfg || !name) return -1;
+  for (int i = 0; i < cfg->n_routes; i++)
+    if (cfg->routes[i].name && !strcmp(cfg->routes[i].name, name)) return i;
   return -1;
 }

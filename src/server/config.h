@@ -39,6 +39,57 @@
  *           path: a/dir    # "smollm2:pirate"; a PEFT directory or a
  *           scale: 1.0     # LoRA GGUF; scale optional, -16..16
  *
+ *   upstreams:             # optional: remote OpenAI-compatible servers,
+ *     - name: big-remote   # called by clients like a model (name unique
+ *                          # among models, upstreams and routes)
+ *       base_url: http://10.0.0.5:8080/v1  # required: http(s) URL up to
+ *                          # and including /v1; tern posts to
+ *                          # BASE/chat/completions and BASE/completions
+ *       model: qwen2.5-7b  # optional: the name the upstream knows
+ *                          # (default: name)
+ *       api_key_env: OPENAI_API_KEY  # optional: the key, read from this
+ *                          # environment variable at start (unset: error)
+ *       timeout_s: 120     # optional: a whole request (default 600)
+ *       connect_timeout_s: 5  # optional (default 5)
+ *       stall_timeout_s: 30   # optional: no byte for this long ends the
+ *                          # call (default 60)
+ *       retries: 1         # optional, 0..5: tries again on a refused
+ *                          # connection, 429 or 5xx before any byte went
+ *                          # to the client (default 0)
+ *       max_concurrent: 64 # optional, 1..4096 calls at once; past it the
+ *                          # target counts as failing (fallback) or 429
+ *       price_prompt: 0.5  # optional: USD per million tokens
+ *       price_completion: 1.5
+ *   routes:                # optional: virtual models
+ *     - name: auto         # what clients send as "model"
+ *       strategy: rules    # rules, fallback, balance or cascade
+ *       rules:             # rules: the first whose conditions all hold
+ *         - regex: "(?i)python|code"  # PCRE2, on the last user message
+ *           keywords: [sql, regex]    # any of them, case-insensitive
+ *           min_tokens: 10            # prompt length (the default model's
+ *           max_tokens: 4000          #  tokenizer, every message's text)
+ *           tools: true               # the request has tools
+ *           response_format: true     # it asks for structured output
+ *           user: "^team-a"           # PCRE2 on the request's "user"
+ *           header: X-Tier            # with header_regex: a header's
+ *           header_regex: "^gold$"    #  value (missing header: no match)
+ *           to: coder                 # required: a model, upstream, route
+ *         - to: smollm2               # no condition: always holds
+ *     - name: safe
+ *       strategy: fallback # the targets in order; the next on an error,
+ *       targets: [big-remote, smollm2]  # timeout, 429 or 5xx
+ *     - name: pool
+ *       strategy: balance  # the target with fewest outstanding requests,
+ *       targets: [a, b]    # then the others as fallbacks
+ *     - name: cascade
+ *       strategy: cascade  # each stage answers; its confidence accepts
+ *       stages:            # the answer or escalates to the next stage
+ *         - model: smollm2 # a local model (every stage but the last)
+ *           signal: min_prob  # min_prob, quantile (with quantile: 0.1),
+ *           threshold: 0.2    #  mean_logprob or margin; accepted when
+ *                             #  the signal >= threshold (inf, -inf too)
+ *         - model: big-remote # the last stage: any target, no signal
+ *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
  * list of mappings. Names and aliases are 1..128 bytes without whitespace or
@@ -95,6 +146,73 @@ struct tn_serve_model_cfg {
   int n_adapters;
 };
 
+#define TN_SERVE_UPSTREAMS_MAX 64
+#define TN_SERVE_ROUTES_MAX 64
+#define TN_SERVE_TARGETS_MAX 16
+#define TN_SERVE_RULES_MAX 64
+#define TN_SERVE_KEYWORDS_MAX 64
+
+struct tn_serve_upstream_cfg {
+  char *name;
+  char *base_url;         /* without a trailing '/' */
+  char *model;            /* the upstream's name for it (default: name) */
+  char *api_key_env;      /* or NULL */
+  char *api_key;          /* read from api_key_env at load, or NULL */
+  double timeout_s, connect_timeout_s, stall_timeout_s;
+  int32_t retries;
+  int32_t max_concurrent;
+  double price_prompt, price_completion; /* < 0: not set */
+  int line;               /* where it starts, for the checks after parsing */
+};
+
+enum tn_route_strategy {
+  TN_ROUTE_RULES,
+  TN_ROUTE_FALLBACK,
+  TN_ROUTE_BALANCE,
+  TN_ROUTE_CASCADE,
+};
+
+enum tn_cascade_signal {
+  TN_SIGNAL_MIN_PROB,     /* the lowest chosen-token probability */
+  TN_SIGNAL_QUANTILE,     /* a low quantile of them */
+  TN_SIGNAL_MEAN_LOGPROB, /* their mean log-probability */
+  TN_SIGNAL_MARGIN,       /* the lowest top-1 minus top-2 probability */
+  TN_SIGNAL_COUNT
+};
+const char *tn_cascade_signal_name(enum tn_cascade_signal s);
+
+/* One rule: every condition set must hold (unset: -1, NULL). */
+struct tn_serve_rule_cfg {
+  char *regex;            /* PCRE2 on the last user message */
+  char **keywords;        /* any, case-insensitive substring */
+  int n_keywords;
+  int64_t min_tokens, max_tokens;
+  int tools, response_format; /* -1 unset, 0 or 1 */
+  char *user;             /* PCRE2 on "user" */
+  char *header, *header_regex;
+  char *to;
+};
+
+struct tn_serve_stage_cfg {
+  char *model;
+  enum tn_cascade_signal signal;
+  bool has_signal;
+  double threshold;       /* accepted when signal >= threshold */
+  double quantile;        /* TN_SIGNAL_QUANTILE: 0..1 (default 0.1) */
+};
+
+struct tn_serve_route_cfg {
+  char *name;
+  enum tn_route_strategy strategy;
+  char **targets;         /* fallback, balance */
+  int n_targets;
+  struct tn_serve_rule_cfg *rules;
+  int n_rules;
+  struct tn_serve_stage_cfg *stages;
+  int n_stages;
+  int line;               /* where it starts, for the checks after parsing */
+};
+
 /* host and api_key are NULL and port 0 when not set. */
 struct tn_serve_config {
   char *host;
@@ -103,6 +221,10 @@ struct tn_serve_config {
   int32_t threads; /* 0 when not set */
   struct tn_serve_model_cfg *models;
   int n_models;
+  struct tn_serve_upstream_cfg *upstreams;
+  int n_upstreams;
+  struct tn_serve_route_cfg *routes;
+  int n_routes;
 };
 
 /* Reads and checks the file at path. On success the caller owns *out and
@@ -121,6 +243,12 @@ enum tn_status tn_serve_config_parse(const char *text, size_t len,
 /* Frees everything *cfg holds and zeroes it; accepts NULL and a zeroed
  * config. */
 void tn_serve_config_free(struct tn_serve_config *cfg);
+
+/* The index of the upstream / route named name, or -1. */
+int tn_serve_config_find_upstream(const struct tn_serve_config *cfg,
+                                  const char *name);
+int tn_serve_config_find_route(const struct tn_serve_config *cfg,
+                               const char *name);
 
 /* The index of the model whose name or one of whose aliases is name, or -1. */
 int tn_serve_config_find(const struct tn_serve_config *cfg, const char *name);

@@ -24,6 +24,7 @@
 #include <microhttpd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,7 @@
 #include "engine/engine.h"
 #include "model/lora.h"
 #include "obs/obs.h"
+#include "router/router.h"
 #include "server/api.h"
 #include "server/dashboard.h"
 #include "server/server.h"
@@ -65,6 +67,9 @@ struct tn_server {
   atomic_bool stopping;       /* no connection may suspend any more */
   char adapter_root[PATH_MAX]; /* realpath of cfg.adapter_dir, or "" */
   pthread_mutex_t load_mu;    /* one run-time adapter load at a time */
+  struct tn_upstream_pool *upstreams; /* with cfg.router's upstreams */
+  struct tn_metric_family *route_decisions, *escalations, *upstream_calls,
+      *upstream_latency;
 };
 
 struct conn {
@@ -113,9 +118,44 @@ struct conn {
   int64_t t_arrive_ms;        /* wall clock */
   double t_arrive;            /* tn_time_s() */
 
+  /* routing (cfg.router): the plan for a route or an upstream called by
+   * name, the step being tried, what answered */
+  enum tn_api_kind kind;
+  struct tn_route_plan *plan; /* NULL: a model called directly */
+  int route_idx;              /* the route called, or -1 */
+  int step;
+  int target;                 /* the router target begun, or -1 */
+  int escalations;
+  double confidence;          /* the signal that decided (NAN: none) */
+  double cost_before;         /* USD of a cascade's escalated stages */
+  struct tn_api_error last_err; /* the last target's failure */
+  char answered[TN_SERVE_NAME_MAX + 1];
+  /* relaying to an upstream */
+  bool relaying;              /* mode: the answer comes from call */
+  struct tn_upstream_call *call;
+  int upstream;
+  int tries;                  /* of this step's upstream */
+  double t_call;              /* tn_time_s() the call started */
+  struct tn_buf up;           /* bytes received, not yet handled */
+  struct tn_upstream_state ust;
+  bool relay_stream;          /* the client asked for a stream */
+  bool relay_queued;          /* the SSE response is queued */
+  bool relay_end;             /* the relayed stream is finished */
+  bool relay_ok_event;        /* a valid event came (commit point) */
+  int64_t up_prompt, up_completion; /* usage the upstream reported */
+
   struct conn *live_prev, *live_next;
   bool in_live;
 };
+
+static enum MHD_Result try_steps(struct conn *c);
+static enum MHD_Result queue_local_stream(struct conn *c);
+static bool deciding(const struct conn *c);
+static void target_end(struct conn *c, bool ok);
+static void metric_inc(struct tn_metric_family *f, const char *a,
+                       const char *b, double v);
+static double upstream_cost(const struct tn_serve_upstream_cfg *u,
+                            int64_t prompt, int64_t completion);
 
 void tn_server_config_default(struct tn_server_config *c) {
   memset(c, 0, sizeof(*c));
@@ -144,6 +184,10 @@ static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
   clock_gettime(CLOCK_REALTIME, &ts);
   c->t_arrive_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
   c->t_arrive = tn_time_s();
+  c->route_idx = -1;
+  c->target = -1;
+  c->upstream = -1;
+  c->confidence = NAN;
   return c;
 }
 
@@ -162,6 +206,10 @@ static void live_remove(struct conn *c) {
 static void live_add(struct conn *c) {
   struct tn_server *s = c->srv;
   pthread_mutex_lock(&s->mu);
+  if (c->in_live) { /* a route's next step: already listed */
+    pthread_mutex_unlock(&s->mu);
+    return;
+  }
   c->live_prev = NULL;
   c->live_next = s->live;
   if (s->live) s->live->live_prev = c;
@@ -178,6 +226,9 @@ static void conn_unref(struct conn *c) {
   tn_lora_release(c->lora);
   tn_api_stream_free(&c->st);
   tn_buf_free(&c->out);
+  tn_buf_free(&c->up);
+  tn_upstream_call_release(c->call);
+  free(c->plan);
   pthread_mutex_destroy(&c->mu);
   free(c);
 }
@@ -356,6 +407,17 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
     if (!r.error && c->reqs[0]->error[0]) r.error = c->reqs[0]->error;
     r.cost = request_cost(c->model, &r);
   }
+  if (c->answered[0]) r.model = c->answered;
+  if (c->n_reqs && c->cost_before > 0) r.cost = TN_MAX(r.cost, 0.0) + c->cost_before;
+  if (!c->n_reqs && c->upstream >= 0 && c->up_prompt >= 0) {
+    const struct tn_serve_upstream_cfg *u =
+        tn_router_upstream(c->srv->cfg.router, c->upstream);
+    r.prompt_tokens = c->up_prompt;
+    r.completion_tokens = TN_MAX(c->up_completion, 0);
+    r.cached_tokens = 0;
+    r.cost = upstream_cost(u, c->up_prompt, c->up_completion);
+    if (r.cost >= 0) r.cost += c->cost_before;
+  }
   double now_wall = wall_s();
   tn_stats_add(c->srv->stats, now_wall, &r, c->n_reqs ? itl : NULL);
   tn_reqlog_add(lg, &r);
@@ -378,6 +440,9 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
   c->n_reqs = 0;
+  tn_upstream_call_release(c->call);
+  c->call = NULL;
+  target_end(c, true);
   if (c->counted) atomic_fetch_sub(&c->srv->in_flight, 1);
   c->counted = false;
   conn_unref(c);
@@ -430,6 +495,8 @@ static void count_status(struct conn *c, unsigned status) {
   if (m) tn_metric_add(m, 1);
 }
 
+static void add_route_headers(struct conn *c, struct MHD_Response *r);
+
 static enum MHD_Result send_body(struct conn *c, unsigned status,
                                  const char *ctype, char *body, size_t len,
                                  int retry_after) {
@@ -445,6 +512,7 @@ static enum MHD_Result send_body(struct conn *c, unsigned status,
     snprintf(ra, sizeof(ra), "%d", retry_after);
     MHD_add_response_header(r, "Retry-After", ra);
   }
+  add_route_headers(c, r);
   if (status == 401)
     MHD_add_response_header(r, "WWW-Authenticate",
                             c->dashboard ? "Basic realm=\"tern\", "
@@ -479,7 +547,10 @@ static enum MHD_Result send_error(struct conn *c,
   size_t len = 0;
   char *b = tn_api_error_json(err, &len);
   if (!b) return MHD_NO;
-  int ra = err->http_status == 429 ? 1 : err->http_status == 503 ? 5 : 0;
+  int ra = err->retry_after > 0      ? err->retry_after
+           : err->http_status == 429 ? 1
+           : err->http_status == 503 ? 5
+                                     : 0;
   snprintf(c->err_msg, sizeof(c->err_msg), "%.255s", err->message);
   tn_log_debug("http: %d %s", err->http_status, err->message);
   return send_body(c, (unsigned)err->http_status, "application/json", b, len,
@@ -554,6 +625,28 @@ static enum MHD_Result route_models(struct conn *c) {
       json_decref(o);
     }
     free(ai);
+  }
+  /* routes and upstreams: names clients call like models */
+  struct tn_router *rt = c->srv->cfg.router;
+  for (int i = 0; rt && i < tn_router_n_routes(rt) + tn_router_n_upstreams(rt);
+       i++) {
+    bool route = i < tn_router_n_routes(rt);
+    int k = route ? i : i - tn_router_n_routes(rt);
+    json_t *o =
+        route ? json_pack("{s:s, s:s, s:I, s:s, s:{s:s, s:s}}", "id",
+                          tn_router_route_name(rt, k), "object", "model",
+                          "created", (json_int_t)now, "owned_by", "tern",
+                          "meta", "kind", "route", "strategy",
+                          tn_router_route_strategy(rt, k))
+              : json_pack("{s:s, s:s, s:I, s:s, s:{s:s}}", "id",
+                          tn_router_upstream(rt, k)->name, "object", "model",
+                          "created", (json_int_t)now, "owned_by", "tern",
+                          "meta", "kind", "upstream");
+    char *js = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    if (js) tn_buf_printf(&b, "%s%s", first ? "" : ",", js);
+    first = first && !js;
+    free(js);
+    json_decref(o);
   }
   tn_buf_printf(&b, "]}");
   if (b.oom) {
@@ -957,6 +1050,17 @@ static struct tn_api_meta conn_meta(struct conn *c) {
       .echo_text = c->q.echo ? (const char *const *)c->echo_text : NULL,
       .echo_len = c->q.echo ? c->echo_len : NULL,
   };
+  const struct tn_server_model *md = c->model;
+  if (md && (md->price_prompt >= 0 || md->price_completion >= 0)) {
+    m.priced = true;
+    m.price_prompt = TN_MAX(md->price_prompt, 0.0);
+    m.price_cached = md->price_cached >= 0 ? md->price_cached : m.price_prompt;
+    m.price_completion = TN_MAX(md->price_completion, 0.0);
+    m.cost_extra = c->cost_before;
+  } else if (c->cost_before > 0) {
+    m.priced = true;
+    m.cost_extra = c->cost_before;
+  }
   return m;
 }
 
@@ -993,6 +1097,53 @@ static int reqs_failure(struct conn *c, struct tn_api_error *aerr) {
 }
 
 /* Non-streaming: answer if every request is done, else wait. */
+
+/* A cascade stage's confidence: its signal over every chosen token of
+ * every choice (under lock_reqs). */
+static double stage_confidence(struct conn *c, const struct tn_route_step *st) {
+  size_t n = 0;
+  for (size_t i = 0; i < c->n_reqs; i++)
+    for (int32_t k = 0; k < c->reqs[i]->n_choices; k++)
+      n += (size_t)c->reqs[i]->choices[k].n_toks;
+  float *lp = malloc((n + 1) * sizeof *lp), *mg = malloc((n + 1) * sizeof *mg);
+  if (!lp || !mg) {
+    free(lp);
+    free(mg);
+    return -INFINITY; /* escalate */
+  }
+  size_t j = 0;
+  for (size_t i = 0; i < c->n_reqs; i++)
+    for (int32_t k = 0; k < c->reqs[i]->n_choices; k++) {
+      const struct tn_choice *ch = &c->reqs[i]->choices[k];
+      for (int32_t t = 0; t < ch->n_toks; t++, j++) {
+        const struct tn_gen_token *g = &ch->toks[t];
+        lp[j] = g->logprob;
+        float p1 = g->n_top > 0 ? expf(g->top[0].logprob) : expf(g->logprob);
+        float p2 = g->n_top > 1 ? expf(g->top[1].logprob) : 0.0f;
+        mg[j] = p1 - p2;
+      }
+    }
+  double v = tn_cascade_signal(st->signal, st->quantile, lp, mg, n);
+  free(lp);
+  free(mg);
+  return v;
+}
+
+static double local_cost(const struct tn_server_model *m,
+                         struct tn_req *const *reqs, size_t n_reqs) {
+  if (!m || (m->price_prompt < 0 && m->price_completion < 0)) return 0;
+  struct tn_reqlog_row r = {0};
+  for (size_t i = 0; i < n_reqs; i++) {
+    r.prompt_tokens += reqs[i]->n_prompt;
+    r.cached_tokens += reqs[i]->n_cached;
+    for (int32_t k = 0; k < reqs[i]->n_choices; k++)
+      r.completion_tokens += reqs[i]->choices[k].n_gen;
+  }
+  return request_cost(m, &r);
+}
+
+/* Non-streaming (or a cascade stage): answer if every request is done,
+ * else wait. A deciding cascade stage accepts its answer or escalates. */
 static enum MHD_Result completion_wait(struct conn *c) {
   for (;;) {
     conn_clear_wake(c);
@@ -1012,10 +1163,32 @@ static enum MHD_Result completion_wait(struct conn *c) {
     }
     if (conn_suspend(c)) return MHD_YES;
   }
-  live_remove(c);
   struct tn_api_error aerr;
   lock_reqs(c);
   int fail = reqs_failure(c, &aerr);
+  if (!fail && deciding(c)) {
+    const struct tn_route_step *st = &c->plan->steps[c->step];
+    c->confidence = stage_confidence(c, st);
+    if (!(c->confidence >= st->threshold)) {
+      /* not confident enough: the next stage answers */
+      c->cost_before += local_cost(c->model, c->reqs, c->n_reqs);
+      unlock_reqs(c);
+      live_remove(c);
+      cancel_reqs(c);
+      target_end(c, true);
+      c->escalations++;
+      metric_inc(c->srv->escalations,
+                 tn_router_route_name(c->srv->cfg.router, c->route_idx),
+                 st->name, 1);
+      c->step++;
+      return try_steps(c);
+    }
+    if (c->q.stream) {
+      unlock_reqs(c);
+      return queue_local_stream(c); /* the whole answer, streamed now */
+    }
+  }
+  live_remove(c);
   char *body = NULL;
   size_t len = 0;
   if (!fail) {
@@ -1062,9 +1235,798 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
 
 static void stream_free(void *cls) { conn_unref(cls); }
 
+/* ---- routes and upstreams (cfg.router) */
+
+static void metric_inc(struct tn_metric_family *f, const char *a,
+                       const char *b, double v) {
+  if (!f) return;
+  const char *lv[2] = {a, b};
+  struct tn_metric *m = tn_metric_series(f, lv);
+  if (m) tn_metric_add(m, v);
+}
+
+static void target_end(struct conn *c, bool ok) {
+  if (c->target >= 0) tn_router_end(c->srv->cfg.router, c->target, ok);
+  c->target = -1;
+}
+
+/* Response headers that say what the router did. */
+static void add_route_headers(struct conn *c, struct MHD_Response *r) {
+  if (!c->plan) return;
+  if (c->route_idx >= 0)
+    MHD_add_response_header(
+        r, "x-tern-route",
+        tn_router_route_name(c->srv->cfg.router, c->route_idx));
+  if (c->answered[0]) MHD_add_response_header(r, "x-tern-model", c->answered);
+  char v[32];
+  snprintf(v, sizeof v, "%d", c->escalations);
+  MHD_add_response_header(r, "x-tern-escalations", v);
+  if (!isnan(c->confidence)) {
+    snprintf(v, sizeof v, "%.6g", c->confidence);
+    MHD_add_response_header(r, "x-tern-confidence", v);
+  }
+}
+
+/* The text rules look at: the last user message (chat; text parts
+ * joined) or the first prompt (completions). Points into root. */
+static void route_text(const json_t *root, enum tn_api_kind kind,
+                       struct tn_buf *out) {
+  if (kind == TN_API_COMPLETIONS) {
+    const json_t *p = json_object_get(root, "prompt");
+    if (json_is_array(p)) p = json_array_get(p, 0);
+    if (json_is_string(p))
+      tn_buf_append(out, json_string_value(p), json_string_length(p));
+    return;
+  }
+  const json_t *msgs = json_object_get(root, "messages");
+  if (!json_is_array(msgs)) return;
+  for (size_t i = json_array_size(msgs); i-- > 0;) {
+    const json_t *m = json_array_get(msgs, i);
+    const json_t *role = json_object_get(m, "role");
+    if (!json_is_string(role) || strcmp(json_string_value(role), "user"))
+      continue;
+    const json_t *ct = json_object_get(m, "content");
+    if (json_is_string(ct)) {
+      tn_buf_append(out, json_string_value(ct), json_string_length(ct));
+    } else if (json_is_array(ct)) {
+      for (size_t k = 0; k < json_array_size(ct); k++) {
+        const json_t *t = json_object_get(json_array_get(ct, k), "text");
+        if (!json_is_string(t)) continue;
+        if (out->len) tn_buf_append(out, "\n", 1);
+        tn_buf_append(out, json_string_value(t), json_string_length(t));
+      }
+    }
+    return;
+  }
+}
+
+struct route_ctx {
+  struct conn *c;
+  const json_t *root;
+};
+
+/* Every message's text (or the prompts) in the first model's tokens. */
+static int64_t route_count_tokens(void *ctx) {
+  struct route_ctx *rc = ctx;
+  struct tn_server *s = rc->c->srv;
+  struct tn_engine *e = model_engine(s, &s->models[0]);
+  if (!e) return -1;
+  struct tn_buf text = {0};
+  const json_t *msgs = json_object_get(rc->root, "messages");
+  const json_t *prompt = json_object_get(rc->root, "prompt");
+  for (size_t i = 0; i < json_array_size(msgs); i++) {
+    const json_t *ct = json_object_get(json_array_get(msgs, i), "content");
+    if (json_is_string(ct))
+      tn_buf_append(&text, json_string_value(ct), json_string_length(ct));
+    for (size_t k = 0; json_is_array(ct) && k < json_array_size(ct); k++) {
+      const json_t *t = json_object_get(json_array_get(ct, k), "text");
+      if (json_is_string(t))
+        tn_buf_append(&text, json_string_value(t), json_string_length(t));
+    }
+  }
+  if (json_is_string(prompt))
+    tn_buf_append(&text, json_string_value(prompt), json_string_length(prompt));
+  for (size_t i = 0; json_is_array(prompt) && i < json_array_size(prompt); i++) {
+    const json_t *t = json_array_get(prompt, i);
+    if (json_is_string(t))
+      tn_buf_append(&text, json_string_value(t), json_string_length(t));
+  }
+  int64_t n = -1;
+  if (!text.oom) {
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    struct tn_error err;
+    if (tn_tokenizer_encode(tn_engine_tokenizer(e), text.data ? text.data : "",
+                            text.len, false, false, &ids, &n_ids,
+                            &err) == TN_OK)
+      n = (int64_t)n_ids;
+    free(ids);
+  }
+  tn_buf_free(&text);
+  return n;
+}
+
+static const char *route_header(void *ctx, const char *name) {
+  struct route_ctx *rc = ctx;
+  return MHD_lookup_connection_value(rc->c->mhd, MHD_HEADER_KIND, name);
+}
+
+/* Whether a target's failure lets the plan try the next one: overload,
+ * unavailability and server errors do; the client's own errors do not. */
+static bool failure_moves_on(const struct tn_api_error *e) {
+  return e->http_status == 429 || e->http_status >= 500;
+}
+
+static enum MHD_Result try_steps(struct conn *c);
+static int submit_local(struct conn *c, bool probs,
+                        struct tn_api_error *aerr);
+static enum MHD_Result respond_local(struct conn *c);
+static enum MHD_Result relay_wait(struct conn *c);
+
+/* The body for an upstream: the client's, "model" replaced by the name
+ * the upstream knows. NULL when out of memory or not an object. */
+static char *upstream_body(struct conn *c, const char *model, size_t *len) {
+  json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, NULL);
+  if (!json_is_object(root)) {
+    json_decref(root);
+    return NULL;
+  }
+  json_object_set_new(root, "model", json_string(model));
+  char *out = json_dumps(root, JSON_COMPACT);
+  json_decref(root);
+  if (out) *len = strlen(out);
+  return out;
+}
+
+static int start_call(struct conn *c, struct tn_api_error *aerr) {
+  struct tn_server *s = c->srv;
+  const struct tn_serve_upstream_cfg *u =
+      tn_router_upstream(s->cfg.router, c->upstream);
+  size_t len = 0;
+  char *body = upstream_body(c, u->model, &len);
+  if (!body)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", NULL, NULL,
+                            "the request body is not a JSON object");
+  char url[2200];
+  snprintf(url, sizeof url, "%s/%s", u->base_url,
+           c->kind == TN_API_CHAT ? "chat/completions" : "completions");
+  struct tn_upstream_spec spec = {
+      .url = url,
+      .api_key = u->api_key,
+      .body = body,
+      .len = len,
+      .connect_timeout_s = u->connect_timeout_s,
+      .timeout_s = u->timeout_s,
+      .stall_timeout_s = u->stall_timeout_s,
+      .stream = c->relay_stream,
+      .notify = conn_wake,
+      .user = c,
+  };
+  spec.max_buffered = spec.stream ? (1u << 20) : (32u << 20);
+  struct tn_error err = {0};
+  enum tn_status st = tn_upstream_call_start(s->upstreams, &spec, &c->call,
+                                             &err);
+  free(body);
+  if (st)
+    return tn_api_error_set(aerr, st == TN_ECANCELED ? 503 : 500,
+                            "server_error", NULL, NULL, "%s", err.msg);
+  c->relaying = true;
+  c->relay_queued = c->relay_end = c->relay_ok_event = false;
+  c->up.len = 0;
+  memset(&c->ust, 0, sizeof c->ust);
+  c->up_prompt = c->up_completion = -1;
+  c->t_call = tn_time_s();
+  return 0;
+}
+
+/* The call failed (or answered an error): the next try, the next step, or
+ * the error to the client. */
+static enum MHD_Result call_failed(struct conn *c, struct tn_api_error *aerr,
+                                   const char *outcome) {
+  struct tn_server *s = c->srv;
+  const struct tn_serve_upstream_cfg *u =
+      tn_router_upstream(s->cfg.router, c->upstream);
+  metric_inc(s->upstream_calls, u->name, outcome, 1);
+  tn_upstream_call_release(c->call);
+  c->call = NULL;
+  c->relaying = false;
+  bool moves = failure_moves_on(aerr);
+  if (moves && c->tries < u->retries && !atomic_load(&s->stopping)) {
+    c->tries++;
+    struct tn_api_error e2 = {0};
+    if (start_call(c, &e2) == 0) return relay_wait(c);
+  }
+  target_end(c, !moves);
+  if (moves && c->plan && c->step + 1 < c->plan->n_steps) {
+    c->last_err = *aerr;
+    c->step++;
+    return try_steps(c);
+  }
+  return send_error(c, aerr);
+}
+
+/* Maps an upstream's error answer to ours: its own OpenAI error when it
+ * sent one, else a message with its status. */
+static void upstream_error(struct conn *c, int status, const char *body,
+                           size_t len, struct tn_api_error *aerr) {
+  const struct tn_serve_upstream_cfg *u =
+      tn_router_upstream(c->srv->cfg.router, c->upstream);
+  json_t *root = json_loadb(body ? body : "", len, 0, NULL);
+  const json_t *e = json_object_get(root, "error");
+  const char *msg = json_string_value(json_object_get(e, "message"));
+  const char *type = json_string_value(json_object_get(e, "type"));
+  const char *code = json_string_value(json_object_get(e, "code"));
+  const char *param = json_string_value(json_object_get(e, "param"));
+  int out = status >= 500 ? 502 : status;
+  if (status >= 400 && status < 500)
+    tn_api_error_set(aerr, out,
+                     type ? type : status == 429 ? "rate_limit_error"
+                                                 : "invalid_request_error",
+                     param, code, "upstream '%s' answered %d: %.300s",
+                     u->name, status, msg ? msg : "(no message)");
+  else
+    tn_api_error_set(aerr, out, "server_error", NULL, "upstream_error",
+                     "upstream '%s' answered %d: %.300s", u->name, status,
+                     msg ? msg : "(no error message)");
+  if (status == 429 && c->ust.retry_after > 0)
+    aerr->retry_after = c->ust.retry_after;
+  json_decref(root);
+}
+
+/* A failure of the transfer itself (no answer, cut, timeout). */
+static void transfer_error(struct conn *c, struct tn_api_error *aerr) {
+  const struct tn_serve_upstream_cfg *u =
+      tn_router_upstream(c->srv->cfg.router, c->upstream);
+  if (c->ust.timed_out)
+    tn_api_error_set(aerr, 504, "server_error", NULL, "upstream_timeout",
+                     "upstream '%s' timed out: %.200s", u->name,
+                     c->ust.error);
+  else
+    tn_api_error_set(aerr, 502, "server_error", NULL,
+                     c->ust.connect_failed ? "upstream_unreachable"
+                                           : "upstream_error",
+                     "upstream '%s' failed: %.200s", u->name, c->ust.error);
+}
+
+static double upstream_cost(const struct tn_serve_upstream_cfg *u,
+                            int64_t prompt, int64_t completion) {
+  if (u->price_prompt < 0 && u->price_completion < 0) return -1;
+  return ((double)TN_MAX(prompt, 0) * TN_MAX(u->price_prompt, 0.0) +
+          (double)TN_MAX(completion, 0) * TN_MAX(u->price_completion, 0.0)) /
+         1e6;
+}
+
+/* usage from an upstream's answer (object o): counts, and cost set in it
+ * when priced. */
+static void take_usage(struct conn *c, json_t *o) {
+  json_t *usage = json_object_get(o, "usage");
+  if (!json_is_object(usage)) return;
+  json_t *p = json_object_get(usage, "prompt_tokens");
+  json_t *g = json_object_get(usage, "completion_tokens");
+  if (json_is_integer(p)) c->up_prompt = json_integer_value(p);
+  if (json_is_integer(g)) c->up_completion = json_integer_value(g);
+  const struct tn_serve_upstream_cfg *u =
+      tn_router_upstream(c->srv->cfg.router, c->upstream);
+  double cost = upstream_cost(u, c->up_prompt, c->up_completion);
+  if (cost >= 0)
+    json_object_set_new(usage, "cost", json_real(cost + c->cost_before));
+}
+
+static const char *status_outcome(int status) {
+  return status == 429 ? "http_429" : status >= 500 ? "http_5xx" : "http_4xx";
+}
+
+/* Non-streaming relay: the whole answer, checked, then sent. */
+static enum MHD_Result relay_whole(struct conn *c) {
+  struct tn_server *s = c->srv;
+  struct tn_api_error aerr = {0};
+  if (c->ust.failed) {
+    transfer_error(c, &aerr);
+    return call_failed(c, &aerr,
+                       c->ust.timed_out ? "timeout"
+                       : c->ust.connect_failed ? "unreachable" : "error");
+  }
+  int status = c->ust.http_status;
+  if (status < 200 || status >= 300) {
+    upstream_error(c, status, c->up.data, c->up.len, &aerr);
+    return call_failed(c, &aerr, status_outcome(status));
+  }
+  json_t *root = json_loadb(c->up.data ? c->up.data : "", c->up.len, 0, NULL);
+  if (!json_is_object(root) || !json_is_array(json_object_get(root, "choices"))) {
+    json_decref(root);
+    const struct tn_serve_upstream_cfg *u =
+        tn_router_upstream(s->cfg.router, c->upstream);
+    tn_api_error_set(&aerr, 502, "server_error", NULL, "upstream_error",
+                     "upstream '%s' sent an answer that is not a completion "
+                     "(not JSON, or no choices)",
+                     u->name);
+    return call_failed(c, &aerr, "malformed");
+  }
+  take_usage(c, root);
+  char *out = json_dumps(root, JSON_COMPACT);
+  json_decref(root);
+  metric_inc(s->upstream_calls,
+             tn_router_upstream(s->cfg.router, c->upstream)->name, "ok", 1);
+  tn_upstream_call_release(c->call);
+  c->call = NULL;
+  target_end(c, true);
+  live_remove(c);
+  if (!out)
+    return send_error_msg(c, 500, "server_error", NULL, NULL, "out of memory");
+  return send_body(c, 200, "application/json", out, strlen(out), 0);
+}
+
+/* Streaming relay: the complete SSE events in c->up, checked one by one
+ * and copied to c->out; the stream ends well-formed whatever the upstream
+ * does (an error event, then [DONE]). Returns false once ended. */
+static void relay_events(struct conn *c, bool final) {
+  for (;;) {
+    if (c->relay_end) return;
+    char *d = c->up.data;
+    size_t n = c->up.len, end = 0, skip = 0;
+    for (size_t i = 0; i + 1 < n; i++) {
+      if (d[i] == '\n' && d[i + 1] == '\n') { end = i; skip = 2; break; }
+      if (i + 3 < n && d[i] == '\r' && d[i + 1] == '\n' && d[i + 2] == '\r' &&
+          d[i + 3] == '\n') { end = i; skip = 4; break; }
+    }
+    if (!skip) break;
+    /* one event: its data lines joined */
+    struct tn_buf data = {0};
+    size_t p = 0;
+    while (p < end) {
+      size_t q = p;
+      while (q < end && d[q] != '\n') q++;
+      size_t ll = q - p;
+      if (ll && d[p + ll - 1] == '\r') ll--;
+      if (ll >= 5 && !strncmp(d + p, "data:", 5)) {
+        size_t o = p + 5 + (ll > 5 && d[p + 5] == ' ');
+        if (data.len) tn_buf_append(&data, "\n", 1);
+        tn_buf_append(&data, d + o, p + ll - o);
+      }
+      p = q + 1;
+    }
+    memmove(d, d + end + skip, n - end - skip);
+    c->up.len = n - end - skip;
+    if (!data.len) { /* a comment or an empty event */
+      tn_buf_free(&data);
+      continue;
+    }
+    if (data.len == 6 && !memcmp(data.data, "[DONE]", 6)) {
+      tn_buf_append(&c->out, "data: [DONE]\n\n", 14);
+      c->relay_end = true;
+      tn_buf_free(&data);
+      return;
+    }
+    json_t *o = json_loadb(data.data, data.len, 0, NULL);
+    tn_buf_free(&data);
+    if (!json_is_object(o)) {
+      json_decref(o);
+      const struct tn_serve_upstream_cfg *u =
+          tn_router_upstream(c->srv->cfg.router, c->upstream);
+      tn_buf_printf(&c->out,
+                    "data: {\"error\":{\"message\":\"upstream '%s' sent an "
+                    "event that is not JSON; the stream stops here\","
+                    "\"type\":\"server_error\",\"param\":null,\"code\":"
+                    "\"upstream_error\"}}\n\ndata: [DONE]\n\n",
+                    u->name);
+      c->relay_end = true;
+      return;
+    }
+    c->relay_ok_event = true;
+    if (json_object_get(o, "usage") && !json_is_null(json_object_get(o, "usage")))
+      take_usage(c, o);
+    char *js = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (js) {
+      tn_buf_printf(&c->out, "data: %s\n\n", js);
+      free(js);
+    }
+  }
+  if (final && !c->relay_end) {
+    const struct tn_serve_upstream_cfg *u =
+        tn_router_upstream(c->srv->cfg.router, c->upstream);
+    tn_buf_printf(&c->out,
+                  "data: {\"error\":{\"message\":\"upstream '%s' ended the "
+                  "stream early: %s\",\"type\":\"server_error\",\"param\":"
+                  "null,\"code\":\"upstream_error\"}}\n\ndata: [DONE]\n\n",
+                  u->name,
+                  c->ust.timed_out ? "timed out"
+                  : c->ust.failed  ? "the connection failed"
+                                   : "no [DONE]");
+    c->relay_end = true;
+  }
+}
+
+static ssize_t relay_read(void *cls, uint64_t pos, char *buf, size_t max) {
+  struct conn *c = cls;
+  (void)pos;
+  for (;;) {
+    if (c->out_off < c->out.len) {
+      size_t n = TN_MIN(max, c->out.len - c->out_off);
+      memcpy(buf, c->out.data + c->out_off, n);
+      c->out_off += n;
+      if (c->out_off == c->out.len) c->out_off = c->out.len = 0;
+      return (ssize_t)n;
+    }
+    if (c->relay_end) {
+      if (c->call) {
+        const struct tn_serve_upstream_cfg *u =
+            tn_router_upstream(c->srv->cfg.router, c->upstream);
+        bool ok = !c->ust.failed || c->ust.done;
+        metric_inc(c->srv->upstream_calls, u->name,
+                   c->ust.failed ? "cut" : "ok", 1);
+        tn_upstream_call_release(c->call);
+        c->call = NULL;
+        target_end(c, ok && !c->ust.failed);
+      }
+      live_remove(c);
+      return MHD_CONTENT_READER_END_OF_STREAM;
+    }
+    conn_clear_wake(c);
+    tn_upstream_call_take(c->call, &c->ust, &c->up);
+    if (c->up.oom || c->out.oom) return MHD_CONTENT_READER_END_WITH_ERROR;
+    relay_events(c, c->ust.done);
+    if (c->out.len > 0 || c->relay_end) continue;
+    if (atomic_load(&c->srv->stopping) || atomic_load(&c->client_gone)) {
+      live_remove(c);
+      return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    if (conn_suspend(c)) return 0;
+  }
+}
+
+static enum MHD_Result relay_queue_stream(struct conn *c) {
+  atomic_fetch_add(&c->refs, 1);
+  struct MHD_Response *resp = MHD_create_response_from_callback(
+      MHD_SIZE_UNKNOWN, 16384, relay_read, c, stream_free);
+  if (!resp) {
+    conn_unref(c);
+    return MHD_NO;
+  }
+  c->relay_queued = true;
+  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+  MHD_add_response_header(resp, "Cache-Control", "no-cache");
+  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+  add_route_headers(c, resp);
+  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
+  MHD_destroy_response(resp);
+  count_status(c, 200);
+  return ret;
+}
+
+/* A relayed call's progress, on the HTTP thread: until the answer is
+ * whole (non-streaming) or the stream's first valid event (the point
+ * after which no fallback is possible), the connection waits. */
+static enum MHD_Result relay_wait(struct conn *c) {
+  for (;;) {
+    conn_clear_wake(c);
+    tn_upstream_call_take(c->call, &c->ust, &c->up);
+    if (c->up.oom)
+      return send_error_msg(c, 500, "server_error", NULL, NULL,
+                            "out of memory");
+    if (c->ust.headers_done && c->t_call > 0) {
+      const char *lv[1] = {
+          tn_router_upstream(c->srv->cfg.router, c->upstream)->name};
+      struct tn_metric *m =
+          c->srv->upstream_latency
+              ? tn_metric_series(c->srv->upstream_latency, lv)
+              : NULL;
+      if (m) tn_metric_observe(m, tn_time_s() - c->t_call);
+      c->t_call = 0;
+    }
+    if (atomic_load(&c->srv->stopping) || atomic_load(&c->client_gone)) {
+      live_remove(c);
+      target_end(c, true);
+      return send_error_msg(c, 503, "server_error", NULL,
+                            "server_shutting_down",
+                            "the server stopped before the answer was ready");
+    }
+    if (!c->relay_stream) {
+      if (c->ust.done) return relay_whole(c);
+    } else if (c->ust.headers_done || c->ust.done) {
+      int status = c->ust.http_status;
+      struct tn_api_error aerr = {0};
+      if (c->ust.failed && !c->ust.headers_done) {
+        transfer_error(c, &aerr);
+        return call_failed(c, &aerr,
+                           c->ust.timed_out ? "timeout"
+                           : c->ust.connect_failed ? "unreachable" : "error");
+      }
+      if (status < 200 || status >= 300) {
+        if (c->ust.done) {
+          upstream_error(c, status, c->up.data, c->up.len, &aerr);
+          return call_failed(c, &aerr, status_outcome(status));
+        }
+      } else if (strncasecmp(c->ust.content_type, "text/event-stream", 17)) {
+        const struct tn_serve_upstream_cfg *u =
+            tn_router_upstream(c->srv->cfg.router, c->upstream);
+        tn_api_error_set(&aerr, 502, "server_error", NULL, "upstream_error",
+                         "upstream '%s' answered a stream request with "
+                         "'%.60s', not text/event-stream",
+                         u->name, c->ust.content_type);
+        return call_failed(c, &aerr, "malformed");
+      } else {
+        /* hold the first events until one is valid: before that a failure
+         * may still fall back */
+        relay_events(c, false);
+        if (c->relay_ok_event || c->relay_end ||
+            (c->ust.done && !c->ust.failed))
+          return relay_queue_stream(c);
+        if (c->ust.done) {
+          c->out.len = 0;
+          transfer_error(c, &aerr);
+          if (!c->ust.failed)
+            tn_api_error_set(&aerr, 502, "server_error", NULL,
+                             "upstream_error",
+                             "upstream '%s' ended the stream before any "
+                             "event",
+                             tn_router_upstream(c->srv->cfg.router,
+                                                c->upstream)->name);
+          return call_failed(c, &aerr, "error");
+        }
+      }
+    }
+    if (conn_suspend(c)) return MHD_YES;
+  }
+}
+
+/* Starts plan step c->step and those after it until one takes the
+ * request: a local model (submitted) or an upstream (called). */
+static enum MHD_Result try_steps(struct conn *c) {
+  struct tn_server *s = c->srv;
+  struct tn_router *router = s->cfg.router;
+  for (; c->step < c->plan->n_steps; c->step++) {
+    const struct tn_route_step *st = &c->plan->steps[c->step];
+    const char *rname =
+        c->route_idx >= 0 ? tn_router_route_name(router, c->route_idx) : "-";
+    if (!tn_router_begin(router, st->target)) {
+      tn_api_error_set(&c->last_err, 503, "server_error", NULL,
+                       "upstream_unavailable",
+                       "upstream '%s' is unavailable (failing: its circuit "
+                       "breaker is open, or at max_concurrent calls)",
+                       st->name);
+      metric_inc(s->route_decisions, rname, st->name, 0);
+      if (st->kind == TN_TARGET_UPSTREAM)
+        metric_inc(s->upstream_calls, st->name, "skipped", 1);
+      continue;
+    }
+    c->target = st->target;
+    snprintf(c->answered, sizeof c->answered, "%s", st->name);
+    metric_inc(s->route_decisions, rname, st->name, 1);
+    struct tn_api_error aerr = {0};
+    if (st->kind == TN_TARGET_UPSTREAM) {
+      c->upstream = st->upstream;
+      c->tries = 0;
+      if (start_call(c, &aerr) == 0) {
+        live_add(c);
+        c->submitted = true;
+        return relay_wait(c);
+      }
+    } else {
+      if (!c->have_q) {
+        if (tn_api_parse(c->kind, c->body ? c->body : "", c->len, &c->q,
+                         &aerr)) {
+          target_end(c, true);
+          return send_error(c, &aerr);
+        }
+        c->have_q = true;
+      }
+      tn_lora_release(c->lora);
+      c->lora = NULL;
+      c->adapter[0] = '\0';
+      c->model = find_model(s, st->name, &c->lora, &c->lora_scale, &aerr);
+      if (c->model && c->lora)
+        snprintf(c->adapter, sizeof(c->adapter), "%s", c->lora->name);
+      if (c->model && submit_local(c, st->decides, &aerr) == 0)
+        return respond_local(c);
+      if (!c->model && !aerr.http_status)
+        tn_api_error_set(&aerr, 503, "server_error", "model", "model_loading",
+                         "the model '%s' is not available", st->name);
+    }
+    target_end(c, true);
+    if (!failure_moves_on(&aerr) || c->step + 1 == c->plan->n_steps)
+      return send_error(c, &aerr);
+    c->last_err = aerr;
+  }
+  if (!c->last_err.http_status)
+    tn_api_error_set(&c->last_err, 503, "server_error", NULL, NULL,
+                     "no target could take the request");
+  return send_error(c, &c->last_err);
+}
+
+/* A request for a route or an upstream by name. */
+static enum MHD_Result route_routed(struct conn *c, const json_t *root,
+                                    int route, int upstream) {
+  struct tn_server *s = c->srv;
+  if (!(c->plan = calloc(1, sizeof *c->plan)))
+    return send_error_msg(c, 500, "server_error", NULL, NULL, "out of memory");
+  c->route_idx = route;
+  c->relay_stream = json_is_true(json_object_get(root, "stream"));
+  if (route >= 0) {
+    struct tn_buf text = {0};
+    route_text(root, c->kind, &text);
+    struct route_ctx rc = {.c = c, .root = root};
+    const json_t *tools = json_object_get(root, "tools");
+    const json_t *rf = json_object_get(root, "response_format");
+    const json_t *rft = json_object_get(rf, "type");
+    struct tn_route_input in = {
+        .last_user = text.data,
+        .last_user_len = text.len,
+        .tools = json_is_array(tools) && json_array_size(tools) > 0,
+        .response_format =
+            json_is_object(rf) &&
+            !(json_is_string(rft) && !strcmp(json_string_value(rft), "text")),
+        .user = json_string_value(json_object_get(root, "user")),
+        .count_tokens = route_count_tokens,
+        .header = route_header,
+        .ctx = &rc,
+    };
+    struct tn_error err = {0};
+    enum tn_status st = tn_router_plan(s->cfg.router, route, &in, c->plan,
+                                       &err);
+    tn_buf_free(&text);
+    if (st)
+      return send_error_msg(c, st == TN_ENOENT ? 400 : 500,
+                            st == TN_ENOENT ? "invalid_request_error"
+                                            : "server_error",
+                            "model", "no_route", err.msg);
+  } else {
+    struct tn_route_step *st = &c->plan->steps[0];
+    c->plan->n_steps = 1;
+    st->kind = TN_TARGET_UPSTREAM;
+    st->upstream = upstream;
+    st->target = tn_router_upstream_target(s->cfg.router, upstream);
+    st->name = tn_router_upstream(s->cfg.router, upstream)->name;
+  }
+  c->step = 0;
+  return try_steps(c);
+}
+
+/* Submits c->q to c->model's engine (c->lora set): 0, or the error in
+ * aerr. probs: record token probabilities (a cascade stage decides on
+ * them). */
+static int submit_local(struct conn *c, bool probs,
+                        struct tn_api_error *aerr) {
+  struct tn_server *s = c->srv;
+  enum tn_api_kind kind = c->kind;
+  struct tn_engine *e = c->engine = model_engine(s, c->model);
+  if (!e)
+    return tn_api_error_set(aerr, 503, "server_error", "model",
+                            "model_loading",
+                            "The model '%.100s' is still loading; retry "
+                            "shortly",
+                            c->model->name);
+  struct tn_engine_info info;
+  tn_engine_info(e, &info);
+  if (tn_api_check_vocab(&c->q, info.n_vocab, aerr)) return aerr->http_status;
+  size_t n_prompts = kind == TN_API_CHAT ? 1 : c->q.n_prompts;
+  if (n_prompts > MAX_PROMPTS || n_prompts == 0)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", "prompt",
+                            NULL, "'prompt' must hold 1..%d prompts, got %zu",
+                            MAX_PROMPTS, n_prompts);
+  if (n_prompts * (size_t)c->q.gen.n > MAX_SEQS_PER_REQUEST)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", "n", NULL,
+                            "%zu prompts x n=%d is %zu sequences; one "
+                            "request may ask for at most %d",
+                            n_prompts, c->q.gen.n,
+                            n_prompts * (size_t)c->q.gen.n,
+                            MAX_SEQS_PER_REQUEST);
+  const char *pparam = kind == TN_API_CHAT ? "messages" : "prompt";
+  int32_t n_ctx = tn_engine_n_ctx(e);
+  struct tn_gen_params gen = c->q.gen;
+  if (c->q.has_lora_scale && !c->lora)
+    return tn_api_error_set(aerr, 400, "invalid_request_error", "lora_scale",
+                            NULL,
+                            "'lora_scale' needs a model that names an "
+                            "adapter; '%.100s' is a base model",
+                            c->model->name);
+  gen.lora = c->lora;
+  gen.lora_scale = c->q.has_lora_scale ? c->q.lora_scale : c->lora_scale;
+  if (probs) {
+    /* the chosen tokens' probabilities and the runner-up's (margin) */
+    gen.logprobs = true;
+    if (gen.sampling.n_logprobs < 2) gen.sampling.n_logprobs = 2;
+  }
+  /* Without max_tokens, completions stop at 16 tokens (OpenAI's default);
+   * chat runs to the end of the context. */
+  gen.max_tokens = c->q.max_tokens > 0 ? c->q.max_tokens
+                   : kind == TN_API_COMPLETIONS ? 16
+                                                : 0;
+  if (!c->q.has_seed) gen.sampling.seed = random_seed();
+  for (size_t i = 0; i < n_prompts; i++) {
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (build_prompt(c, i, &ids, &n_ids, aerr)) {
+      cancel_reqs(c);
+      return aerr->http_status;
+    }
+    if (n_ids >= (size_t)n_ctx) {
+      free(ids);
+      cancel_reqs(c);
+      return tn_api_error_set(aerr, 400, "invalid_request_error", pparam,
+                              "context_length_exceeded",
+                              "This model's maximum context length is %d "
+                              "tokens, but the prompt is %zu tokens",
+                              n_ctx, n_ids);
+    }
+    if (c->q.max_tokens > 0 &&
+        n_ids + (size_t)c->q.max_tokens > (size_t)n_ctx) {
+      free(ids);
+      cancel_reqs(c);
+      return tn_api_error_set(aerr, 400, "invalid_request_error",
+                              "max_tokens", "context_length_exceeded",
+                              "This model's maximum context length is %d "
+                              "tokens; the prompt is %zu tokens and "
+                              "max_tokens is %d, together %zu",
+                              n_ctx, n_ids, c->q.max_tokens,
+                              n_ids + (size_t)c->q.max_tokens);
+    }
+    struct tn_error err = {0};
+    struct tn_req *r = NULL;
+    enum tn_status st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
+                                         conn_wake, c, &r, &err);
+    free(ids);
+    if (st) {
+      cancel_reqs(c);
+      if (st == TN_EFULL)
+        return tn_api_error_set(aerr, 429, "rate_limit_error", NULL,
+                                "queue_full", "%s", err.msg);
+      if (st == TN_ECANCELED)
+        return tn_api_error_set(aerr, 503, "server_error", NULL,
+                                "server_shutting_down", "%s", err.msg);
+      if (st == TN_ENOMEM)
+        return tn_api_error_set(aerr, 500, "server_error", NULL, NULL, "%s",
+                                err.msg);
+      return tn_api_error_set(aerr, 400, "invalid_request_error", pparam,
+                              NULL, "%s", err.msg);
+    }
+    c->reqs[c->n_reqs++] = r;
+  }
+  return 0;
+}
+
+static enum MHD_Result queue_local_stream(struct conn *c) {
+  atomic_fetch_add(&c->refs, 1);
+  struct MHD_Response *resp = MHD_create_response_from_callback(
+      MHD_SIZE_UNKNOWN, 16384, stream_read, c, stream_free);
+  if (!resp) {
+    conn_unref(c);
+    return MHD_NO;
+  }
+  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+  MHD_add_response_header(resp, "Cache-Control", "no-cache");
+  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+  add_route_headers(c, resp);
+  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
+  MHD_destroy_response(resp);
+  count_status(c, 200);
+  return ret;
+}
+
+/* Whether the step running now is a cascade stage that decides. */
+static bool deciding(const struct conn *c) {
+  return c->plan && c->plan->cascade && c->step < c->plan->n_steps &&
+         c->plan->steps[c->step].decides;
+}
+
+/* The submitted requests wait for their answer: a stream starts now,
+ * unless a cascade stage must finish (and decide) first. */
+static enum MHD_Result respond_local(struct conn *c) {
+  c->submitted = true;
+  if (!c->id[0]) {
+    make_id(c->id, sizeof(c->id),
+            c->kind == TN_API_CHAT ? "chatcmpl-" : "cmpl-");
+    c->created = (long)time(NULL);
+  }
+  live_add(c);
+  if (!c->q.stream || deciding(c)) return completion_wait(c);
+  return queue_local_stream(c);
+}
+
 static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   struct tn_server *s = c->srv;
   struct tn_api_error aerr = {0};
+  c->kind = kind;
   if (atomic_load(&s->draining))
     return send_error_msg(c, 503, "server_error", NULL,
                           "server_shutting_down",
@@ -1077,6 +2039,20 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
              s->cfg.max_body);
     return send_error_msg(c, 413, "invalid_request_error", NULL,
                           "request_too_large", msg);
+  }
+  if (s->cfg.router) {
+    /* a route or an upstream named as the model */
+    json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, NULL);
+    const char *name = json_string_value(json_object_get(root, "model"));
+    int route = name ? tn_router_find(s->cfg.router, name) : -1;
+    int up = name && route < 0 ? tn_router_find_upstream(s->cfg.router, name)
+                               : -1;
+    if (route >= 0 || up >= 0) {
+      enum MHD_Result ret = route_routed(c, root, route, up);
+      json_decref(root);
+      return ret;
+    }
+    json_decref(root);
   }
   if (tn_api_parse(kind, c->body ? c->body : "", c->len, &c->q, &aerr))
     return send_error(c, &aerr);
@@ -1093,123 +2069,8 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                      c->q.model);
     return send_error(c, &aerr);
   }
-  struct tn_engine *e = c->engine = model_engine(s, c->model);
-  if (!e) {
-    tn_api_error_set(&aerr, 503, "server_error", "model", "model_loading",
-                     "The model '%.100s' is still loading; retry shortly",
-                     c->model->name);
-    return send_error(c, &aerr);
-  }
-  struct tn_engine_info info;
-  tn_engine_info(e, &info);
-  if (tn_api_check_vocab(&c->q, info.n_vocab, &aerr))
-    return send_error(c, &aerr);
-  size_t n_prompts = kind == TN_API_CHAT ? 1 : c->q.n_prompts;
-  if (n_prompts > MAX_PROMPTS || n_prompts == 0) {
-    tn_api_error_set(&aerr, 400, "invalid_request_error", "prompt", NULL,
-                     "'prompt' must hold 1..%d prompts, got %zu", MAX_PROMPTS,
-                     n_prompts);
-    return send_error(c, &aerr);
-  }
-  if (n_prompts * (size_t)c->q.gen.n > MAX_SEQS_PER_REQUEST) {
-    tn_api_error_set(&aerr, 400, "invalid_request_error", "n", NULL,
-                     "%zu prompts x n=%d is %zu sequences; one request may "
-                     "ask for at most %d",
-                     n_prompts, c->q.gen.n, n_prompts * (size_t)c->q.gen.n,
-                     MAX_SEQS_PER_REQUEST);
-    return send_error(c, &aerr);
-  }
-  const char *pparam = kind == TN_API_CHAT ? "messages" : "prompt";
-  int32_t n_ctx = tn_engine_n_ctx(e);
-  struct tn_gen_params gen = c->q.gen;
-  if (c->q.has_lora_scale && !c->lora) {
-    tn_api_error_set(&aerr, 400, "invalid_request_error", "lora_scale", NULL,
-                     "'lora_scale' needs a model that names an adapter; "
-                     "'%.100s' is a base model",
-                     c->model->name);
-    return send_error(c, &aerr);
-  }
-  gen.lora = c->lora;
-  gen.lora_scale = c->q.has_lora_scale ? c->q.lora_scale : c->lora_scale;
-  /* Without max_tokens, completions stop at 16 tokens (OpenAI's default);
-   * chat runs to the end of the context. */
-  gen.max_tokens = c->q.max_tokens > 0 ? c->q.max_tokens
-                   : kind == TN_API_COMPLETIONS ? 16
-                                                : 0;
-  if (!c->q.has_seed) gen.sampling.seed = random_seed();
-  for (size_t i = 0; i < n_prompts; i++) {
-    int32_t *ids = NULL;
-    size_t n_ids = 0;
-    if (build_prompt(c, i, &ids, &n_ids, &aerr)) {
-      cancel_reqs(c);
-      return send_error(c, &aerr);
-    }
-    if (n_ids >= (size_t)n_ctx) {
-      free(ids);
-      cancel_reqs(c);
-      tn_api_error_set(&aerr, 400, "invalid_request_error", pparam,
-                       "context_length_exceeded",
-                       "This model's maximum context length is %d tokens, "
-                       "but the prompt is %zu tokens",
-                       n_ctx, n_ids);
-      return send_error(c, &aerr);
-    }
-    if (c->q.max_tokens > 0 && n_ids + (size_t)c->q.max_tokens > (size_t)n_ctx) {
-      free(ids);
-      cancel_reqs(c);
-      tn_api_error_set(&aerr, 400, "invalid_request_error", "max_tokens",
-                       "context_length_exceeded",
-                       "This model's maximum context length is %d tokens; "
-                       "the prompt is %zu tokens and max_tokens is %d, "
-                       "together %zu",
-                       n_ctx, n_ids, c->q.max_tokens,
-                       n_ids + (size_t)c->q.max_tokens);
-      return send_error(c, &aerr);
-    }
-    struct tn_error err = {0};
-    struct tn_req *r = NULL;
-    enum tn_status st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
-                                         conn_wake, c, &r, &err);
-    free(ids);
-    if (st) {
-      cancel_reqs(c);
-      if (st == TN_EFULL)
-        tn_api_error_set(&aerr, 429, "rate_limit_error", NULL,
-                         "queue_full", "%s", err.msg);
-      else if (st == TN_ECANCELED)
-        tn_api_error_set(&aerr, 503, "server_error", NULL,
-                         "server_shutting_down", "%s", err.msg);
-      else if (st == TN_ENOMEM)
-        tn_api_error_set(&aerr, 500, "server_error", NULL, NULL, "%s",
-                         err.msg);
-      else
-        tn_api_error_set(&aerr, 400, "invalid_request_error", pparam, NULL,
-                         "%s", err.msg);
-      return send_error(c, &aerr);
-    }
-    c->reqs[c->n_reqs++] = r;
-  }
-  c->submitted = true;
-  make_id(c->id, sizeof(c->id),
-          kind == TN_API_CHAT ? "chatcmpl-" : "cmpl-");
-  c->created = (long)time(NULL);
-  live_add(c);
-  if (!c->q.stream) return completion_wait(c);
-
-  atomic_fetch_add(&c->refs, 1);
-  struct MHD_Response *resp = MHD_create_response_from_callback(
-      MHD_SIZE_UNKNOWN, 16384, stream_read, c, stream_free);
-  if (!resp) {
-    conn_unref(c);
-    return MHD_NO;
-  }
-  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
-  MHD_add_response_header(resp, "Cache-Control", "no-cache");
-  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
-  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
-  MHD_destroy_response(resp);
-  count_status(c, 200);
-  return ret;
+  if (submit_local(c, false, &aerr)) return send_error(c, &aerr);
+  return respond_local(c);
 }
 
 /* ---- auth */
@@ -1341,7 +2202,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     c->body[c->len] = '\0';
     return MHD_YES;
   }
-  if (c->submitted) return completion_wait(c); /* resumed */
+  if (c->submitted) /* resumed */
+    return c->relaying ? relay_wait(c) : completion_wait(c);
 
   bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
   bool post = !strcmp(method, "POST");
@@ -1455,6 +2317,7 @@ static void *reaper_main(void *arg) {
           (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
         atomic_store(&c->client_gone, true);
         for (size_t i = 0; i < c->n_reqs; i++) tn_req_cancel(c->reqs[i]);
+        if (c->relaying) conn_wake(c); /* it releases (cancels) its call */
         c->fd = -1; /* once is enough */
       }
     }
@@ -1580,6 +2443,30 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
     s->http_requests = tn_metrics_family(
         metrics, TN_METRIC_COUNTER, "tern_http_requests_total",
         "HTTP responses by route and status code.", labels, 2, NULL, 0);
+    static const char *const rl[] = {"route", "target"};
+    s->route_decisions = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_route_decisions_total",
+        "Requests a route sent to a target (a cascade counts each stage it "
+        "ran).",
+        rl, 2, NULL, 0);
+    static const char *const el[] = {"route", "from"};
+    s->escalations = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_route_escalations_total",
+        "Cascade answers not confident enough, by the stage escalated from.",
+        el, 2, NULL, 0);
+    static const char *const ul[] = {"upstream", "outcome"};
+    s->upstream_calls = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_upstream_requests_total",
+        "Calls to remote upstreams by outcome (ok, http_4xx, http_429, "
+        "http_5xx, timeout, unreachable, malformed, cut, error, skipped).",
+        ul, 2, NULL, 0);
+    static const char *const ll[] = {"upstream"};
+    static const double lb[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                1, 2.5, 5, 10, 30, 60};
+    s->upstream_latency = tn_metrics_family(
+        metrics, TN_METRIC_HISTOGRAM, "tern_upstream_first_byte_seconds",
+        "Time from a call to an upstream to its answer's headers.", ll, 1,
+        lb, (int)TN_ARRAY_LEN(lb));
   }
 
   struct sockaddr_in addr = {0};
@@ -1612,6 +2499,11 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   const union MHD_DaemonInfo *di =
       MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di ? di->port : cfg->port;
+  if (cfg->router && tn_router_n_upstreams(cfg->router) > 0 &&
+      tn_upstream_pool_start(&s->upstreams, err)) {
+    tn_server_stop(s);
+    return err->status;
+  }
   if (tn_thread_create(&s->reaper, reaper_main, s) == 0)
     s->reaper_started = true;
   if (cfg->reqlog && tn_thread_create(&s->backfill, backfill_main, s) == 0)
@@ -1661,6 +2553,8 @@ static void resume_all(struct tn_server *s) {
 void tn_server_stop(struct tn_server *s) {
   if (!s) return;
   if (s->mhd) resume_all(s);
+  tn_upstream_pool_stop(s->upstreams);
+  s->upstreams = NULL;
   atomic_store(&s->stop, true);
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->backfill_started) pthread_join(s->backfill, NULL);

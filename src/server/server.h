@@ -22,6 +22,7 @@ struct tn_engine;
 struct tn_metrics;
 struct tn_reqlog;
 struct tn_tracer;
+struct tn_router;
 
 struct tn_server_model {
   const char *name;           /* what clients send as "model" */
@@ -47,6 +48,10 @@ struct tn_server_config {
    * request naming an adapter found here) only from inside this directory
    * (NULL: run-time loading is off). */
   const char *adapter_dir;
+  /* Routes and upstreams (router.h), borrowed; NULL: none. A request
+   * whose "model" names a route is planned by it; one naming an upstream
+   * is relayed there (libcurl, on the server's own upstream thread). */
+  struct tn_router *router;
 };
 void tn_server_config_default(struct tn_server_config *c);
 

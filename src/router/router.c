@@ -446,3 +446,8 @@ double tn_cascade_signal(enum tn_cascade_signal s, double quantile,
   }
   return -INFINITY;
 }
+
+bool tn_cascade_accepts(double signal, double threshold) {
+  if (isinf(threshold)) return threshold < 0;
+  return signal >= threshold; /* NaN: false, escalate */
+}

@@ -113,6 +113,11 @@ double tn_cascade_signal(enum tn_cascade_signal s, double quantile,
                          const float *logprob, const float *margin,
                          size_t n);
 
+/* Whether a stage with this threshold accepts an answer with this
+ * signal: signal >= threshold, except that -inf accepts everything and
+ * +inf nothing (so they give the small-only and large-only answers). */
+bool tn_cascade_accepts(double signal, double threshold);
+
 /* ---- the upstream pool */
 
 struct tn_upstream_pool;

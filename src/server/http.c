@@ -1169,7 +1169,7 @@ static enum MHD_Result completion_wait(struct conn *c) {
   if (!fail && deciding(c)) {
     const struct tn_route_step *st = &c->plan->steps[c->step];
     c->confidence = stage_confidence(c, st);
-    if (!(c->confidence >= st->threshold)) {
+    if (!tn_cascade_accepts(c->confidence, st->threshold)) {
       /* not confident enough: the next stage answers */
       c->cost_before += local_cost(c->model, c->reqs, c->n_reqs);
       unlock_reqs(c);

@@ -325,6 +325,7 @@ int tn_cli_serve(int argc, char **argv) {
   struct tn_server_model *sm = calloc((size_t)n_models, sizeof(*sm));
   struct tn_server *srv = NULL;
   struct tn_router *router = NULL;
+  struct tn_tenants *tenants = NULL;
   struct tn_reqlog *reqlog = NULL;
   struct tn_tracer *tracer = NULL;
   int rc = 1;
@@ -398,6 +399,13 @@ int tn_cli_serve(int argc, char **argv) {
     }
     scfg.router = router;
   }
+  if (config && file.n_tenants) {
+    if (tn_tenants_create(&file, &tenants, &err)) {
+      tn_cli_fail("%s: %s", config, err.msg);
+      goto done;
+    }
+    scfg.tenants = tenants;
+  }
   if (tn_server_start(&scfg, sm, n_models, metrics, &srv, &err)) {
     tn_cli_fail("serve: %s", err.msg);
     goto done;
@@ -454,7 +462,8 @@ int tn_cli_serve(int argc, char **argv) {
   }
 
   int bound = tn_server_port(srv);
-  if (strcmp(scfg.host, "127.0.0.1") != 0 && (!api_key || !*api_key))
+  if (strcmp(scfg.host, "127.0.0.1") != 0 && (!api_key || !*api_key) &&
+      !tenants)
     tn_log_warn("listening on %s without --api-key: anyone who can reach "
                 "this address can use the models",
                 scfg.host);
@@ -519,6 +528,7 @@ int tn_cli_serve(int argc, char **argv) {
 done:
   tn_server_stop(srv);
   tn_router_free(router);
+  tn_tenants_free(tenants);
   tn_reqlog_close(reqlog); /* writes what is queued */
   tn_tracer_close(tracer);  /* sends what is queued */
   for (int i = 0; i < n_models; i++) tn_engine_close(engines ? engines[i] : NULL);

@@ -227,6 +227,12 @@ static bool rule_holds(const struct rule *ru, const struct tn_route_input *in,
   }
   if (ru->user && !matches(ru->user, in->user, in->user ? strlen(in->user) : 0))
     return false;
+  if (u->n_tenants) {
+    bool any = false;
+    for (int i = 0; i < u->n_tenants && !any; i++)
+      any = in->tenant && !strcmp(in->tenant, u->tenants[i]);
+    if (!any) return false;
+  }
   if (ru->header) {
     const char *v = in->header ? in->header(in->ctx, u->header) : NULL;
     if (!v || !matches(ru->header, v, strlen(v))) return false;

@@ -62,6 +62,7 @@ struct tn_route_input {
   size_t last_user_len;
   bool tools, response_format;
   const char *user;                     /* or NULL */
+  const char *tenant;                   /* the caller's tenant, or NULL */
   /* the prompt's length in tokens, asked only when a rule needs it (-1:
    * unknown, so min/max_tokens do not hold) */
   int64_t (*count_tokens)(void *ctx);
@@ -117,6 +118,60 @@ double tn_cascade_signal(enum tn_cascade_signal s, double quantile,
  * signal: signal >= threshold, except that -inf accepts everything and
  * +inf nothing (so they give the small-only and large-only answers). */
 bool tn_cascade_accepts(double signal, double threshold);
+
+/* ---- tenants: keys, what they may call, rate limits, daily budgets
+ *
+ * Rates are token buckets refilled continuously (rpm/60 requests and
+ * tpm/60 tokens a second, holding at most a minute's worth). A request is
+ * admitted when its estimate fits what is left after the tenant's
+ * requests in flight have reserved theirs, or, when it has none in
+ * flight, when anything is left at all: so a tenant overshoots a limit by
+ * at most one request (its actual use past its estimate; the estimate
+ * covers max_tokens when given). Actual use replaces the estimate when
+ * the request ends. Budgets are USD per UTC day, the same way. */
+
+struct tn_tenants;
+
+enum tn_admit {
+  TN_ADMIT_OK,
+  TN_ADMIT_RPM,      /* requests per minute */
+  TN_ADMIT_TPM,      /* tokens per minute */
+  TN_ADMIT_BUDGET,   /* the day's budget is spent */
+};
+
+/* What an admitted request reserved, handed back to settle. */
+struct tn_tenant_ticket {
+  int tenant;        /* -1: none */
+  int64_t tokens;
+  double cost;
+};
+
+enum tn_status tn_tenants_create(const struct tn_serve_config *cfg,
+                                 struct tn_tenants **out,
+                                 struct tn_error *err);
+void tn_tenants_free(struct tn_tenants *t);
+int tn_tenants_count(const struct tn_tenants *t);
+/* The tenant whose key is key (compared in constant time), or -1. */
+int tn_tenants_find_key(const struct tn_tenants *t, const char *key);
+const char *tn_tenants_name(const struct tn_tenants *t, int i);
+/* Whether tenant i may call name (a model, alias, route or upstream as
+ * the client wrote it; "base:adapter" is checked by its base too). */
+bool tn_tenants_allows(const struct tn_tenants *t, int i, const char *name);
+/* Admits one request (estimates: tokens, USD) at time now_s (Unix
+ * seconds), filling *tk; otherwise says which limit and in how many
+ * seconds to retry. */
+enum tn_admit tn_tenants_admit(struct tn_tenants *t, int i, int64_t tokens,
+                               double cost, double now_s, int *retry_after,
+                               struct tn_tenant_ticket *tk);
+/* The request ended having used tokens and cost (< 0: unknown, the
+ * estimate stands). */
+void tn_tenants_settle(struct tn_tenants *t, struct tn_tenant_ticket *tk,
+                       int64_t tokens, double cost, double now_s);
+/* Spend so far today (tests, dashboard). */
+double tn_tenants_spent_today(struct tn_tenants *t, int i, double now_s);
+/* Adds spend already made today (from the request log at start). */
+void tn_tenants_add_spent(struct tn_tenants *t, const char *name, double cost,
+                          double now_s);
 
 /* ---- the upstream pool */
 

@@ -799,11 +799,11 @@ static enum tn_status upstream_elem(struct loader *ld, const char *where,
 }
 
 enum { RK_REGEX, RK_KEYWORDS, RK_MIN_TOKENS, RK_MAX_TOKENS, RK_TOOLS,
-       RK_RESPONSE_FORMAT, RK_USER, RK_HEADER, RK_HEADER_REGEX, RK_TO,
-       RK_COUNT };
+       RK_RESPONSE_FORMAT, RK_USER, RK_HEADER, RK_HEADER_REGEX, RK_TENANT,
+       RK_TO, RK_COUNT };
 static const char *const k_rule_keys[RK_COUNT] = {
     "regex", "keywords", "min_tokens", "max_tokens", "tools",
-    "response_format", "user", "header", "header_regex", "to"};
+    "response_format", "user", "header", "header_regex", "tenant", "to"};
 
 static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
                                 void *elem) {
@@ -839,6 +839,10 @@ static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
       case RK_USER: st = take_regex(ld, key, &r->user); break;
       case RK_HEADER: st = take_string(ld, key, 128, &r->header, true); break;
       case RK_HEADER_REGEX: st = take_regex(ld, key, &r->header_regex); break;
+      case RK_TENANT:
+        st = parse_str_list(ld, key, TN_SERVE_TENANTS_MAX, TN_SERVE_NAME_MAX,
+                            &r->tenants, &r->n_tenants);
+        break;
       case RK_TO: st = take_plain_name(ld, key, &r->to); break;
     }
     if (st) return st;
@@ -1011,6 +1015,71 @@ static enum tn_status route_elem(struct loader *ld, const char *where,
   return TN_OK;
 }
 
+enum { TNK_NAME, TNK_KEY, TNK_KEY_ENV, TNK_ALLOW, TNK_RPM, TNK_TPM,
+       TNK_BUDGET, TNK_COUNT };
+static const char *const k_tenant_keys[TNK_COUNT] = {
+    "name", "key", "key_env", "allow", "rpm", "tpm", "budget_per_day"};
+
+static enum tn_status tenant_elem(struct loader *ld, const char *where,
+                                  int idx, void *elem) {
+  (void)idx;
+  struct tn_serve_tenant_cfg *t = elem;
+  t->budget_per_day = -1;
+  int start_line = t->line = ev_line(ld);
+  unsigned seen = 0;
+  for (;;) {
+    int which = -1;
+    bool done;
+    char key[256];
+    enum tn_status st =
+        next_key(ld, where, k_tenant_keys, TNK_COUNT, &seen, &which, &done);
+    if (st) return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < TNK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_tenant_keys[which]);
+    switch (which) {
+      case TNK_NAME: st = take_plain_name(ld, key, &t->name); break;
+      case TNK_KEY: st = take_string(ld, key, 4096, &t->key, true); break;
+      case TNK_KEY_ENV:
+        st = take_string(ld, key, 256, &t->key_env, true);
+        if (!st) {
+          const char *k = getenv(t->key_env);
+          if (!k || !*k)
+            return fail(ld, TN_EINVAL, ev_line(ld), key,
+                        "the environment variable %.64s is not set (it "
+                        "should hold the tenant's API key)",
+                        t->key_env);
+          free(t->key);
+          if (!(t->key = strdup(k)))
+            return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+        }
+        break;
+      case TNK_ALLOW:
+        st = parse_str_list(ld, key, TN_SERVE_ROUTES_MAX + TN_SERVE_MODELS_MAX +
+                                         TN_SERVE_UPSTREAMS_MAX,
+                            TN_SERVE_NAME_MAX, &t->allow, &t->n_allow);
+        break;
+      case TNK_RPM: st = take_int(ld, key, 1, 1000000000, &t->rpm); break;
+      case TNK_TPM: st = take_int(ld, key, 1, 1000000000000ll, &t->tpm); break;
+      case TNK_BUDGET: st = take_price(ld, key, &t->budget_per_day); break;
+    }
+    if (st) return st;
+  }
+  if (!t->name)
+    return fail(ld, TN_EINVAL, start_line, where, "missing key 'name'");
+  if ((seen & (1u << TNK_KEY)) && (seen & (1u << TNK_KEY_ENV)))
+    return fail(ld, TN_EINVAL, start_line, where,
+                "give 'key' or 'key_env', not both");
+  if (!t->key)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "missing key 'key_env' (or 'key') for tenant '%s'", t->name);
+  if (strlen(t->key) < 8)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "tenant '%s': its key is shorter than 8 characters",
+                t->name);
+  return TN_OK;
+}
+
 /* ---- checks across the whole file */
 
 enum name_kind { NK_NONE, NK_MODEL, NK_UPSTREAM, NK_ROUTE };
@@ -1144,6 +1213,41 @@ static enum tn_status check_routes(struct loader *ld) {
                     s, rt->stages[s].model);
     }
   }
+  for (int i = 0; i < cfg->n_tenants; i++) {
+    const struct tn_serve_tenant_cfg *t = &cfg->tenants[i];
+    char where[48];
+    snprintf(where, sizeof where, "tenants[%d]", i);
+    for (int j = 0; j < i; j++) {
+      if (!strcmp(cfg->tenants[j].name, t->name))
+        return fail(ld, TN_EINVAL, t->line, where,
+                    "tenant '%s' is listed twice", t->name);
+      if (!strcmp(cfg->tenants[j].key, t->key))
+        return fail(ld, TN_EINVAL, t->line, where,
+                    "tenants '%s' and '%s' have the same key",
+                    cfg->tenants[j].name, t->name);
+    }
+    if (cfg->api_key && !strcmp(cfg->api_key, t->key))
+      return fail(ld, TN_EINVAL, t->line, where,
+                  "tenant '%s' has the same key as api_key", t->name);
+    for (int k = 0; k < t->n_allow; k++) {
+      enum tn_status st = check_target(ld, t->line, where, t->allow[k]);
+      if (st) return st;
+    }
+  }
+  for (int r = 0; r < cfg->n_routes; r++)
+    for (int k = 0; k < cfg->routes[r].n_rules; k++)
+      for (int n = 0; n < cfg->routes[r].rules[k].n_tenants; n++) {
+        const char *tn = cfg->routes[r].rules[k].tenants[n];
+        bool found = false;
+        for (int i = 0; i < cfg->n_tenants && !found; i++)
+          found = !strcmp(cfg->tenants[i].name, tn);
+        if (!found) {
+          char where[64];
+          snprintf(where, sizeof where, "routes[%d].rules[%d].tenant", r, k);
+          return fail(ld, TN_EINVAL, cfg->routes[r].line, where,
+                      "unknown tenant '%.64s'", tn);
+        }
+      }
   int state[TN_SERVE_ROUTES_MAX] = {0}, path[TN_SERVE_ROUTES_MAX + 1];
   for (int r = 0; r < cfg->n_routes; r++) {
     if (state[r]) continue;
@@ -1164,9 +1268,10 @@ static enum tn_status check_routes(struct loader *ld) {
 }
 
 enum { TK_HOST, TK_PORT, TK_API_KEY, TK_THREADS, TK_MODELS, TK_UPSTREAMS,
-       TK_ROUTES, TK_COUNT };
+       TK_ROUTES, TK_TENANTS, TK_COUNT };
 static const char *const k_top_keys[TK_COUNT] = {
-    "host", "port", "api_key", "threads", "models", "upstreams", "routes"};
+    "host", "port", "api_key", "threads", "models", "upstreams", "routes",
+    "tenants"};
 
 static enum tn_status parse_document(struct loader *ld) {
   struct tn_serve_config *cfg = ld->cfg;
@@ -1183,7 +1288,7 @@ static enum tn_status parse_document(struct loader *ld) {
   if (ld->ev.type != YAML_MAPPING_START_EVENT)
     return fail(ld, TN_EINVAL, ev_line(ld), NULL,
                 "the config must be a mapping (host, port, api_key, threads, "
-                "models, upstreams, routes), "
+                "models, upstreams, routes, tenants), "
                 "not %s",
                 ev_kind(&ld->ev));
   int top_line = ev_line(ld);
@@ -1215,6 +1320,11 @@ static enum tn_status parse_document(struct loader *ld) {
       case TK_ROUTES:
         st = parse_list(ld, "routes", TN_SERVE_ROUTES_MAX, sizeof *cfg->routes,
                         (void **)&cfg->routes, &cfg->n_routes, route_elem);
+        break;
+      case TK_TENANTS:
+        st = parse_list(ld, "tenants", TN_SERVE_TENANTS_MAX,
+                        sizeof *cfg->tenants, (void **)&cfg->tenants,
+                        &cfg->n_tenants, tenant_elem);
         break;
     }
     if (st) return st;
@@ -1304,6 +1414,8 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
       free(u->user);
       free(u->header);
       free(u->header_regex);
+      for (int w = 0; w < u->n_tenants; w++) free(u->tenants[w]);
+      free(u->tenants);
       free(u->to);
     }
     free(r->rules);
@@ -1311,6 +1423,15 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(r->stages);
   }
   free(cfg->routes);
+  for (int i = 0; i < cfg->n_tenants; i++) {
+    struct tn_serve_tenant_cfg *t = &cfg->tenants[i];
+    free(t->name);
+    free(t->key);
+    free(t->key_env);
+    for (int k = 0; k < t->n_allow; k++) free(t->allow[k]);
+    free(t->allow);
+  }
+  free(cfg->tenants);
   free(cfg->host);
   free(cfg->api_key);
   memset(cfg, 0, sizeof *cfg);

@@ -89,6 +89,19 @@
  *           threshold: 0.2    #  mean_logprob or margin; accepted when
  *                             #  the signal >= threshold (inf, -inf too)
  *         - model: big-remote # the last stage: any target, no signal
+ *   tenants:               # optional: API keys with names, limits, budgets
+ *     - name: team-a       # shown in the request log, metrics, dashboard
+ *       key_env: TEAM_A_KEY  # the key, from this environment variable
+ *                          # (or key: the key itself)
+ *       allow: [auto, smollm2]  # optional: the models, routes and
+ *                          # upstreams it may call (default: all)
+ *       rpm: 60            # optional: requests per minute
+ *       tpm: 100000        # optional: tokens (prompt + completion) per
+ *                          # minute
+ *       budget_per_day: 5  # optional: USD per UTC day (the cost of its
+ *                          # requests at the configured prices)
+ *   With tenants, the OpenAI routes take a tenant's key (or api_key, which
+ *   has no limits); rules may test the tenant (tenant: [team-a]).
  *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
@@ -190,6 +203,8 @@ struct tn_serve_rule_cfg {
   int tools, response_format; /* -1 unset, 0 or 1 */
   char *user;             /* PCRE2 on "user" */
   char *header, *header_regex;
+  char **tenants;         /* any of these tenants */
+  int n_tenants;
   char *to;
 };
 
@@ -213,6 +228,19 @@ struct tn_serve_route_cfg {
   int line;               /* where it starts, for the checks after parsing */
 };
 
+#define TN_SERVE_TENANTS_MAX 1024
+
+struct tn_serve_tenant_cfg {
+  char *name;
+  char *key;              /* from key, or read from key_env */
+  char *key_env;
+  char **allow;           /* NULL: everything */
+  int n_allow;
+  int64_t rpm, tpm;       /* 0: no limit */
+  double budget_per_day;  /* USD; < 0: no budget */
+  int line;
+};
+
 /* host and api_key are NULL and port 0 when not set. */
 struct tn_serve_config {
   char *host;
@@ -225,6 +253,8 @@ struct tn_serve_config {
   int n_upstreams;
   struct tn_serve_route_cfg *routes;
   int n_routes;
+  struct tn_serve_tenant_cfg *tenants;
+  int n_tenants;
 };
 
 /* Reads and checks the file at path. On success the caller owns *out and

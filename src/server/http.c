@@ -70,6 +70,9 @@ struct tn_server {
   struct tn_upstream_pool *upstreams; /* with cfg.router's upstreams */
   struct tn_metric_family *route_decisions, *escalations, *upstream_calls,
       *upstream_latency;
+  struct tn_metric_family *tenant_requests, *tenant_tokens, *tenant_cost,
+      *tenant_rejections;
+  double max_price_prompt, max_price_completion; /* budget estimates */
 };
 
 struct conn {
@@ -144,6 +147,12 @@ struct conn {
   bool relay_ok_event;        /* a valid event came (commit point) */
   int64_t up_prompt, up_completion; /* usage the upstream reported */
 
+  /* the caller's tenant (cfg.tenants), or -1 */
+  int tenant;
+  struct tn_tenant_ticket ticket;
+  int64_t used_tokens;        /* what the request used, for settling */
+  double used_cost;
+
   struct conn *live_prev, *live_next;
   bool in_live;
 };
@@ -185,6 +194,10 @@ static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
   c->t_arrive_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
   c->t_arrive = tn_time_s();
   c->route_idx = -1;
+  c->tenant = -1;
+  c->ticket.tenant = -1;
+  c->used_tokens = -1;
+  c->used_cost = -1;
   c->target = -1;
   c->upstream = -1;
   c->confidence = NAN;
@@ -348,6 +361,8 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
       .request_id = c->id[0] ? c->id : NULL,
       .endpoint = c->log_endpoint,
       .model = c->model ? c->model->name : c->have_q ? c->q.model : NULL,
+      .tenant = c->tenant >= 0 ? tn_tenants_name(c->srv->cfg.tenants, c->tenant)
+                               : NULL,
       .adapter = c->adapter[0] ? c->adapter : NULL,
       .status = (int)c->status,
       .error = c->err_msg[0] ? c->err_msg : NULL,
@@ -418,6 +433,27 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
     r.cost = upstream_cost(u, c->up_prompt, c->up_completion);
     if (r.cost >= 0) r.cost += c->cost_before;
   }
+  if (r.prompt_tokens >= 0)
+    c->used_tokens = r.prompt_tokens + TN_MAX(r.completion_tokens, 0);
+  c->used_cost = r.cost;
+  if (r.tenant && c->srv->tenant_tokens && r.prompt_tokens >= 0) {
+    metric_inc(c->srv->tenant_tokens, r.tenant, "prompt",
+               (double)r.prompt_tokens);
+    metric_inc(c->srv->tenant_tokens, r.tenant, "completion",
+               (double)TN_MAX(r.completion_tokens, 0));
+  }
+  if (r.tenant && r.cost > 0) {
+    const char *lv[1] = {r.tenant};
+    struct tn_metric *m = c->srv->tenant_cost
+                              ? tn_metric_series(c->srv->tenant_cost, lv)
+                              : NULL;
+    if (m) tn_metric_add(m, r.cost);
+  }
+  if (r.tenant) {
+    char code[8];
+    snprintf(code, sizeof code, "%d", r.status);
+    metric_inc(c->srv->tenant_requests, r.tenant, code, 1);
+  }
   double now_wall = wall_s();
   tn_stats_add(c->srv->stats, now_wall, &r, c->n_reqs ? itl : NULL);
   tn_reqlog_add(lg, &r);
@@ -443,6 +479,8 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
   tn_upstream_call_release(c->call);
   c->call = NULL;
   target_end(c, true);
+  tn_tenants_settle(c->srv->cfg.tenants, &c->ticket, c->used_tokens,
+                    c->used_cost, wall_s());
   if (c->counted) atomic_fetch_sub(&c->srv->in_flight, 1);
   c->counted = false;
   conn_unref(c);
@@ -589,8 +627,10 @@ static enum MHD_Result route_models(struct conn *c) {
     if (!e) continue; /* still loading */
     struct tn_engine_info info;
     tn_engine_info(e, &info);
+    struct tn_tenants *tns = c->srv->cfg.tenants;
     for (int a = -1; a < m->n_aliases; a++) {
       const char *name = a < 0 ? m->name : m->aliases[a];
+      if (c->tenant >= 0 && !tn_tenants_allows(tns, c->tenant, name)) continue;
       tn_buf_printf(&b, "%s{\"id\":\"", first ? "" : ",");
       /* Names come from our own config: still escape quotes/backslashes. */
       for (const char *p = name; *p; p++) {
@@ -611,6 +651,9 @@ static enum MHD_Result route_models(struct conn *c) {
     struct tn_adapter_info *ai = calloc((size_t)cap, sizeof(*ai));
     int n = ai ? TN_MIN(tn_adapters_list(ads, ai, cap), cap) : 0;
     for (int k = 0; k < n; k++) {
+      if (c->tenant >= 0 && !tn_tenants_allows(tns, c->tenant, ai[k].name) &&
+          !tn_tenants_allows(tns, c->tenant, m->name))
+        continue;
       json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:{s:s, s:s, s:i, s:I, s:f, s:b}}",
                             "id", ai[k].name, "object", "model", "created",
                             (json_int_t)now, "owned_by", "tern", "parent",
@@ -632,6 +675,11 @@ static enum MHD_Result route_models(struct conn *c) {
        i++) {
     bool route = i < tn_router_n_routes(rt);
     int k = route ? i : i - tn_router_n_routes(rt);
+    if (c->tenant >= 0 &&
+        !tn_tenants_allows(c->srv->cfg.tenants, c->tenant,
+                           route ? tn_router_route_name(rt, k)
+                                 : tn_router_upstream(rt, k)->name))
+      continue;
     json_t *o =
         route ? json_pack("{s:s, s:s, s:I, s:s, s:{s:s, s:s}}", "id",
                           tn_router_route_name(rt, k), "object", "model",
@@ -1857,6 +1905,8 @@ static enum MHD_Result route_routed(struct conn *c, const json_t *root,
             json_is_object(rf) &&
             !(json_is_string(rft) && !strcmp(json_string_value(rft), "text")),
         .user = json_string_value(json_object_get(root, "user")),
+        .tenant = c->tenant >= 0 ? tn_tenants_name(s->cfg.tenants, c->tenant)
+                                 : NULL,
         .count_tokens = route_count_tokens,
         .header = route_header,
         .ctx = &rc,
@@ -2023,6 +2073,61 @@ static enum MHD_Result respond_local(struct conn *c) {
   return queue_local_stream(c);
 }
 
+/* A tenant's request: the name it calls must be allowed, and its rates
+ * and budget must have room (estimates: the body's bytes / 4 prompt
+ * tokens, max_tokens x n completion tokens or 1024 when unset, at the
+ * highest configured prices). False when it was answered (403, 429). */
+static bool admit_tenant(struct conn *c, const json_t *root,
+                         const char *name) {
+  struct tn_server *s = c->srv;
+  struct tn_tenants *ts = s->cfg.tenants;
+  const char *tname = tn_tenants_name(ts, c->tenant);
+  if (!tn_tenants_allows(ts, c->tenant, name)) {
+    char msg[300];
+    snprintf(msg, sizeof msg,
+             "tenant '%.64s' may not call the model '%.100s'", tname,
+             name ? name : "(default)");
+    metric_inc(s->tenant_rejections, tname, "not_allowed", 1);
+    send_error_msg(c, 403, "invalid_request_error", "model",
+                   "model_not_allowed", msg);
+    return false;
+  }
+  json_int_t out = json_integer_value(json_object_get(root, "max_tokens"));
+  if (out <= 0)
+    out = json_integer_value(json_object_get(root, "max_completion_tokens"));
+  if (out <= 0) out = 1024;
+  json_int_t n = json_integer_value(json_object_get(root, "n"));
+  if (n > 1 && n <= 128) out *= n;
+  int64_t prompt = (int64_t)(c->len / 4) + 1;
+  int64_t tokens = prompt + (int64_t)out;
+  double cost = ((double)prompt * s->max_price_prompt +
+                 (double)out * s->max_price_completion) / 1e6;
+  int retry = 0;
+  enum tn_admit a = tn_tenants_admit(ts, c->tenant, tokens, cost, wall_s(),
+                                     &retry, &c->ticket);
+  if (a == TN_ADMIT_OK) return true;
+  static const char *const reason[] = {"", "rpm", "tpm", "budget"};
+  metric_inc(s->tenant_rejections, tname, reason[a], 1);
+  struct tn_api_error aerr = {0};
+  if (a == TN_ADMIT_BUDGET)
+    tn_api_error_set(&aerr, 429, "insufficient_quota", NULL,
+                     "insufficient_quota",
+                     "tenant '%.64s' has spent its budget for today (%.4g "
+                     "USD); it renews at 00:00 UTC",
+                     tname, tn_tenants_spent_today(ts, c->tenant, wall_s()));
+  else
+    tn_api_error_set(&aerr, 429, "rate_limit_error", NULL,
+                     "rate_limit_exceeded",
+                     "tenant '%.64s' is over its %s limit; retry in %d s",
+                     tname,
+                     a == TN_ADMIT_RPM ? "requests per minute"
+                                       : "tokens per minute",
+                     retry);
+  aerr.retry_after = retry;
+  send_error(c, &aerr);
+  return false;
+}
+
 static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   struct tn_server *s = c->srv;
   struct tn_api_error aerr = {0};
@@ -2040,13 +2145,19 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
     return send_error_msg(c, 413, "invalid_request_error", NULL,
                           "request_too_large", msg);
   }
-  if (s->cfg.router) {
-    /* a route or an upstream named as the model */
+  if (s->cfg.router || c->tenant >= 0) {
     json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, NULL);
     const char *name = json_string_value(json_object_get(root, "model"));
-    int route = name ? tn_router_find(s->cfg.router, name) : -1;
-    int up = name && route < 0 ? tn_router_find_upstream(s->cfg.router, name)
-                               : -1;
+    if (c->tenant >= 0 && !admit_tenant(c, root, name)) {
+      json_decref(root);
+      return MHD_YES; /* answered */
+    }
+    /* a route or an upstream named as the model */
+    int route = name && s->cfg.router ? tn_router_find(s->cfg.router, name)
+                                      : -1;
+    int up = name && s->cfg.router && route < 0
+                 ? tn_router_find_upstream(s->cfg.router, name)
+                 : -1;
     if (route >= 0 || up >= 0) {
       enum MHD_Result ret = route_routed(c, root, route, up);
       json_decref(root);
@@ -2237,7 +2348,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
   }
   if (!strcmp(url, "/dashboard") || !strncmp(url, "/api/", 5))
     return route_dashboard(c, url, get);
-  if (v1 && !auth_ok(s, mc, false)) {
+  bool tenant_key = false;
+  if (v1 && s->cfg.tenants) {
+    const char *h =
+        MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    if (h && !strncmp(h, "Bearer ", 7)) {
+      c->tenant = tn_tenants_find_key(s->cfg.tenants, h + 7);
+      tenant_key = c->tenant >= 0;
+    }
+  }
+  bool admin = s->cfg.api_key && *s->cfg.api_key ? auth_ok(s, mc, false)
+                                                  : !s->cfg.tenants;
+  if (v1 && !admin && !tenant_key) {
     c->route = "auth";
     return send_error_msg(c, 401, "invalid_request_error", NULL,
                           "invalid_api_key",
@@ -2250,6 +2372,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     bool load = url[4] == 'l';
     c->route = load ? "/v1/load_lora_adapter" : "/v1/unload_lora_adapter";
     if (!post) goto bad_method;
+    if (!admin)
+      return send_error_msg(c, 403, "invalid_request_error", NULL,
+                            "permission_denied",
+                            "loading adapters takes the server's api_key, "
+                            "not a tenant's key");
     if (c->too_large)
       return send_error_msg(c, 413, "invalid_request_error", NULL,
                             "request_too_large", "the body is too large");
@@ -2360,6 +2487,10 @@ static bool backfill_row(void *user, json_t *o) {
     itl[tn_lat_bucket(gap)] = (uint32_t)TN_MIN(r.completion_tokens - 1,
                                                (int64_t)UINT32_MAX);
   if (ts > 0) tn_stats_add(s->stats, end, &r, have_itl ? itl : NULL);
+  /* a tenant's spend today counts toward its budget after a restart */
+  if (s->cfg.tenants && r.tenant && r.cost > 0 && ts > 0 &&
+      floor(ts / 86400.0) == floor(wall_s() / 86400.0))
+    tn_tenants_add_spent(s->cfg.tenants, r.tenant, r.cost, ts);
   return true;
 }
 
@@ -2460,6 +2591,24 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
         "Calls to remote upstreams by outcome (ok, http_4xx, http_429, "
         "http_5xx, timeout, unreachable, malformed, cut, error, skipped).",
         ul, 2, NULL, 0);
+    static const char *const tl[] = {"tenant", "status"};
+    s->tenant_requests = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_tenant_requests_total",
+        "API requests by tenant and HTTP status.", tl, 2, NULL, 0);
+    static const char *const tk[] = {"tenant", "kind"};
+    s->tenant_tokens = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_tenant_tokens_total",
+        "Tokens by tenant (kind: prompt, completion).", tk, 2, NULL, 0);
+    static const char *const tc[] = {"tenant"};
+    s->tenant_cost = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_tenant_cost_usd_total",
+        "Cost in USD by tenant, at the configured prices.", tc, 1, NULL, 0);
+    static const char *const tr[] = {"tenant", "reason"};
+    s->tenant_rejections = tn_metrics_family(
+        metrics, TN_METRIC_COUNTER, "tern_tenant_rejections_total",
+        "Requests refused by tenant limits (rpm, tpm, budget, "
+        "not_allowed).",
+        tr, 2, NULL, 0);
     static const char *const ll[] = {"upstream"};
     static const double lb[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                 1, 2.5, 5, 10, 30, 60};
@@ -2467,6 +2616,18 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
         metrics, TN_METRIC_HISTOGRAM, "tern_upstream_first_byte_seconds",
         "Time from a call to an upstream to its answer's headers.", ll, 1,
         lb, (int)TN_ARRAY_LEN(lb));
+  }
+
+  for (int i = 0; i < n_models; i++) {
+    s->max_price_prompt = TN_MAX(s->max_price_prompt, models[i].price_prompt);
+    s->max_price_completion =
+        TN_MAX(s->max_price_completion, models[i].price_completion);
+  }
+  for (int i = 0; cfg->router && i < tn_router_n_upstreams(cfg->router); i++) {
+    const struct tn_serve_upstream_cfg *u = tn_router_upstream(cfg->router, i);
+    s->max_price_prompt = TN_MAX(s->max_price_prompt, u->price_prompt);
+    s->max_price_completion =
+        TN_MAX(s->max_price_completion, u->price_completion);
   }
 
   struct sockaddr_in addr = {0};

@@ -23,6 +23,7 @@ struct tn_metrics;
 struct tn_reqlog;
 struct tn_tracer;
 struct tn_router;
+struct tn_tenants;
 
 struct tn_server_model {
   const char *name;           /* what clients send as "model" */
@@ -52,6 +53,11 @@ struct tn_server_config {
    * whose "model" names a route is planned by it; one naming an upstream
    * is relayed there (libcurl, on the server's own upstream thread). */
   struct tn_router *router;
+  /* Tenants (router.h), borrowed; NULL: none. With tenants the OpenAI
+   * routes need a tenant's key or api_key; each tenant's allowed names,
+   * rates and budget are enforced, and its name goes to the log and
+   * metrics. */
+  struct tn_tenants *tenants;
 };
 void tn_server_config_default(struct tn_server_config *c);
 

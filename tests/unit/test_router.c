@@ -362,6 +362,130 @@ static void test_signals(void) {
   ASSERT(!tn_cascade_accepts(NAN, 0.5));
 }
 
+static const char k_tenants[] =
+    "api_key: admin-key-123\n"
+    "models:\n  - {name: small, path: s.gguf}\n"
+    "routes:\n  - {name: auto, strategy: rules, rules: [{tenant: [b], to: "
+    "small}, {to: small}]}\n"
+    "tenants:\n"
+    "  - {name: a, key: key-aaaaaaaa, rpm: 3, allow: [auto]}\n"
+    "  - {name: b, key_env: TN_TEST_TENANT_B, tpm: 1000}\n"
+    "  - {name: c, key: key-cccccccc, budget_per_day: 1.5}\n";
+
+static void test_tenants(void) {
+  setenv("TN_TEST_TENANT_B", "key-bbbbbbbb", 1);
+  struct tn_serve_config cfg;
+  struct tn_error err = {0};
+  enum tn_status st = parse(k_tenants, &cfg, &err);
+  if (st) fprintf(stderr, "error: %s\n", err.msg);
+  ASSERT_EQ(st, TN_OK);
+  ASSERT_EQ(cfg.n_tenants, 3);
+  ASSERT_STR_EQ(cfg.tenants[1].key, "key-bbbbbbbb");
+  ASSERT_EQ(cfg.routes[0].rules[0].n_tenants, 1);
+  struct tn_tenants *t = NULL;
+  ASSERT_EQ(tn_tenants_create(&cfg, &t, &err), TN_OK);
+  ASSERT_EQ(tn_tenants_find_key(t, "key-bbbbbbbb"), 1);
+  ASSERT_EQ(tn_tenants_find_key(t, "key-bbbbbbb"), -1);
+  ASSERT_EQ(tn_tenants_find_key(t, "admin-key-123"), -1);
+  ASSERT_EQ(tn_tenants_find_key(t, ""), -1);
+  ASSERT(tn_tenants_allows(t, 0, "auto"));
+  ASSERT(!tn_tenants_allows(t, 0, "small"));
+  ASSERT(!tn_tenants_allows(t, 0, NULL));
+  ASSERT(tn_tenants_allows(t, 1, "small"));
+  ASSERT(tn_tenants_allows(t, 1, NULL));
+
+  /* rpm 3: three at once, the fourth waits ~20 s; a minute refills */
+  double now = 1e9;
+  struct tn_tenant_ticket tk[8];
+  int retry = 0;
+  for (int i = 0; i < 3; i++)
+    ASSERT_EQ(tn_tenants_admit(t, 0, 10, 0, now, &retry, &tk[i]),
+              TN_ADMIT_OK);
+  ASSERT_EQ(tn_tenants_admit(t, 0, 10, 0, now, &retry, &tk[3]), TN_ADMIT_RPM);
+  ASSERT(retry >= 19 && retry <= 21);
+  ASSERT_EQ(tk[3].tenant, -1);
+  for (int i = 0; i < 3; i++) tn_tenants_settle(t, &tk[i], 10, 0, now);
+  ASSERT_EQ(tn_tenants_admit(t, 0, 10, 0, now + 20.5, &retry, &tk[0]),
+            TN_ADMIT_OK);
+  tn_tenants_settle(t, &tk[0], 10, 0, now + 20.5);
+
+  /* tpm 1000: reservations of in-flight requests count */
+  ASSERT_EQ(tn_tenants_admit(t, 1, 600, 0, now, &retry, &tk[0]), TN_ADMIT_OK);
+  ASSERT_EQ(tn_tenants_admit(t, 1, 300, 0, now, &retry, &tk[1]), TN_ADMIT_OK);
+  ASSERT_EQ(tn_tenants_admit(t, 1, 200, 0, now, &retry, &tk[2]), TN_ADMIT_TPM);
+  tn_tenants_settle(t, &tk[0], 100, 0, now); /* used less than reserved */
+  ASSERT_EQ(tn_tenants_admit(t, 1, 200, 0, now, &retry, &tk[2]), TN_ADMIT_OK);
+  tn_tenants_settle(t, &tk[1], 300, 0, now);
+  tn_tenants_settle(t, &tk[2], 200, 0, now);
+  /* 400 left: alone, a bigger request still goes (one request's worth) */
+  ASSERT_EQ(tn_tenants_admit(t, 1, 5000, 0, now, &retry, &tk[0]),
+            TN_ADMIT_OK);
+  ASSERT_EQ(tn_tenants_admit(t, 1, 1, 0, now, &retry, &tk[1]), TN_ADMIT_TPM);
+  tn_tenants_settle(t, &tk[0], 5000, 0, now);
+  ASSERT_EQ(tn_tenants_admit(t, 1, 1, 0, now, &retry, &tk[1]), TN_ADMIT_TPM);
+  /* -4600 left: refilled at 1000/min, positive again after ~277 s */
+  ASSERT(retry >= 270 && retry <= 290);
+  ASSERT_EQ(tn_tenants_admit(t, 1, 1, 0, now + 280, &retry, &tk[1]),
+            TN_ADMIT_OK);
+  tn_tenants_settle(t, &tk[1], 1, 0, now + 280);
+
+  /* budget 1.5 USD a day, renewed at 00:00 UTC */
+  double day0 = 86400.0 * 20000 + 3600; /* 01:00 UTC */
+  ASSERT_EQ(tn_tenants_admit(t, 2, 0, 1.0, day0, &retry, &tk[0]), TN_ADMIT_OK);
+  ASSERT_EQ(tn_tenants_admit(t, 2, 0, 1.0, day0, &retry, &tk[1]),
+            TN_ADMIT_BUDGET);
+  ASSERT(retry == 23 * 3600);
+  tn_tenants_settle(t, &tk[0], 0, 0.25, day0);
+  ASSERT_NEAR(tn_tenants_spent_today(t, 2, day0), 0.25, 1e-12);
+  ASSERT_EQ(tn_tenants_admit(t, 2, 0, 1.0, day0, &retry, &tk[1]), TN_ADMIT_OK);
+  tn_tenants_settle(t, &tk[1], 0, 2.0, day0); /* over: by one request */
+  ASSERT_EQ(tn_tenants_admit(t, 2, 0, 0.01, day0 + 60, &retry, &tk[2]),
+            TN_ADMIT_BUDGET);
+  ASSERT_EQ(tn_tenants_admit(t, 2, 0, 0.01, day0 + 23 * 3600, &retry, &tk[2]),
+            TN_ADMIT_OK);
+  tn_tenants_settle(t, &tk[2], 0, -1, day0 + 23 * 3600); /* unknown: 0.01 */
+  ASSERT_NEAR(tn_tenants_spent_today(t, 2, day0 + 23 * 3600), 0.01, 1e-12);
+  tn_tenants_add_spent(t, "c", 1.0, day0 + 23 * 3600);
+  ASSERT_NEAR(tn_tenants_spent_today(t, 2, day0 + 23 * 3600), 1.01, 1e-12);
+  tn_tenants_free(t);
+  tn_serve_config_free(&cfg);
+
+  /* bad tenants */
+  static const struct {
+    const char *text, *msg;
+  } bad[] = {
+      {"tenants:\n  - {name: a}\n", "missing key 'key_env' (or 'key')"},
+      {"tenants:\n  - {name: a, key: short}\n", "shorter than 8"},
+      {"tenants:\n  - {name: a, key_env: TN_TEST_UNSET_VAR_Y}\n",
+       "TN_TEST_UNSET_VAR_Y is not set"},
+      {"tenants:\n  - {name: a, key: key-12345678}\n"
+       "  - {name: b, key: key-12345678}\n",
+       "have the same key"},
+      {"tenants:\n  - {name: a, key: key-12345678}\n"
+       "  - {name: a, key: key-87654321}\n",
+       "listed twice"},
+      {"tenants:\n  - {name: a, key: key-12345678, allow: [nope]}\n",
+       "unknown target 'nope'"},
+      {"tenants:\n  - {name: a, key: key-12345678, rpm: 0}\n",
+       "out of range"},
+      {"tenants:\n  - {name: a, key: key-12345678, budget_per_day: -2}\n",
+       "is not a price"},
+      {"routes:\n  - {name: r, strategy: rules, rules: [{tenant: [zz], to: "
+       "m}]}\n",
+       "unknown tenant 'zz'"},
+  };
+  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
+    char text[1024];
+    snprintf(text, sizeof text, "models:\n  - {name: m, path: m.gguf}\n%s",
+             bad[i].text);
+    struct tn_serve_config c2;
+    ASSERT_EQ(parse(text, &c2, &err), TN_EINVAL);
+    if (!strstr(err.msg, bad[i].msg)) fprintf(stderr, "%zu: %s\n", i, err.msg);
+    ASSERT_SUBSTR(err.msg, bad[i].msg);
+  }
+  unsetenv("TN_TEST_TENANT_B");
+}
+
 TN_TEST_MAIN(TN_TEST(test_config_routes), TN_TEST(test_config_bad),
              TN_TEST(test_plans), TN_TEST(test_balance_and_breaker),
-             TN_TEST(test_signals))
+             TN_TEST(test_signals), TN_TEST(test_tenants))

@@ -1,0 +1,766 @@
+"""Routes and remote upstreams through a real `tern serve --config`.
+
+One FaultUpstream (fault_upstream.py) plays every remote server; one tern
+serve, shared by the module, has a config with an upstream per fault mode
+and a route per strategy. Each upstream in the config names the fault mode
+as its `model:`. Bad configs run `tern serve` briefly: they must be refused
+at start, before any model loads.
+
+Every HTTP call has a timeout, so a tern hang fails a test instead of
+hanging it; fault tests end by checking the server still answers.
+"""
+import json
+import math
+import os
+import subprocess
+import time
+import uuid
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import TernServer, model_path
+from fault_upstream import FaultUpstream
+
+T = 30                       # seconds: every HTTP call's timeout
+KEY_VAR = "TERN_TEST_ROUTING_UPSTREAM_KEY"
+KEY = "sk-routing-test-123"
+PP, PC = 0.5, 1.5            # up-ok's prices, USD per million tokens
+OK_TEXT = "hello from upstream"
+
+
+# ---- fixtures
+
+@pytest.fixture(scope="module")
+def fault():
+    up = FaultUpstream().start()
+    yield up
+    up.stop()
+
+
+def upstream(name, mode, base, **kw):
+    d = {"name": name, "base_url": base, "model": mode}
+    d.update(kw)
+    return d
+
+
+def gateway_config(base):
+    ups = [
+        upstream("up-ok", "ok", base, price_prompt=PP, price_completion=PC),
+        upstream("up-dead", "ok", "http://127.0.0.1:1/v1", connect_timeout_s=2),
+        upstream("up-500", "500", base),
+        upstream("up-429", "429", base),
+        upstream("up-400", "400", base),
+        upstream("up-stall", "stall", base, stall_timeout_s=1),
+        upstream("up-stall-total", "stall", base, timeout_s=2),
+        upstream("up-stall-long", "stall", base, stall_timeout_s=20,
+                 timeout_s=25),
+        upstream("up-stall-stream", "stall_stream", base, stall_timeout_s=1),
+        upstream("up-slow", "slow", base),
+        upstream("up-cut", "cut", base),
+        upstream("up-malformed", "malformed", base),
+        upstream("up-huge", "huge", base),
+        upstream("up-not-sse", "not_sse", base),
+        upstream("up-auth", "echo_auth", base, api_key_env=KEY_VAR),
+        upstream("up-flaky", "flaky", base, retries=1),
+        upstream("up-flaky0", "flaky", base),
+        # fallback's own failing upstreams (their breakers stay apart)
+        upstream("fb-dead", "ok", "http://127.0.0.1:1/v1"),
+        upstream("fb-500", "500", base),
+        # balance
+        upstream("bal-a", "ok", base),
+        upstream("bal-b", "ok", base),
+        # rule targets: all answer like up-ok; x-tern-model tells which
+        *[upstream(n, "ok", base) for n in (
+            "r-header", "r-user", "r-tools", "r-regex", "r-kw", "r-long",
+            "r-huge", "r-short")],
+    ]
+    routes = [
+        {"name": "auto", "strategy": "rules", "rules": [
+            {"header": "X-Tier", "header_regex": "^gold$", "to": "r-header"},
+            {"user": "^team-a", "to": "r-user"},
+            {"tools": True, "to": "r-tools"},
+            {"regex": "(?i)\\bpython\\b", "to": "r-regex"},
+            {"keywords": ["sql", "regex"], "to": "r-kw"},
+            {"min_tokens": 50, "max_tokens": 400, "to": "r-long"},
+            {"min_tokens": 401, "to": "r-huge"},
+            {"max_tokens": 2, "to": "r-short"},
+            {"to": "smollm2"},
+        ]},
+        {"name": "strict", "strategy": "rules", "rules": [
+            {"regex": "^never matches$", "to": "up-ok"},
+        ]},
+        {"name": "safe", "strategy": "fallback",
+         "targets": ["fb-dead", "fb-500", "smollm2"]},
+        {"name": "pool", "strategy": "balance", "targets": ["bal-a", "bal-b"]},
+        {"name": "casc-lo", "strategy": "cascade", "stages": [
+            {"model": "smollm2", "signal": "min_prob", "threshold": "-.inf"},
+            {"model": "up-ok"}]},
+        {"name": "casc-hi", "strategy": "cascade", "stages": [
+            {"model": "smollm2", "signal": "min_prob", "threshold": ".inf"},
+            {"model": "up-ok"}]},
+    ]
+    lines = ["models:",
+             "  - name: smollm2",
+             f"    path: {model_path('smollm2-135m')}",
+             "    ctx: 2048",
+             "    max_seqs: 8",
+             "upstreams:"]
+    lines += [f"  - {flow(u)}" for u in ups]
+    lines.append("routes:")
+    for r in routes:
+        lines.append(f"  - name: {r['name']}")
+        lines.append(f"    strategy: {r['strategy']}")
+        if "targets" in r:
+            lines.append(f"    targets: [{', '.join(r['targets'])}]")
+        for key in ("rules", "stages"):
+            if key in r:
+                lines.append(f"    {key}:")
+                lines += [f"      - {flow(x)}" for x in r[key]]
+    return "\n".join(lines) + "\n"
+
+
+def flow(d):
+    """A YAML flow mapping (values quoted unless numbers or booleans; the
+    thresholds' .inf/-.inf stay plain)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if v in (".inf", "-.inf"):
+            return v
+        return json.dumps(v)
+    return "{" + ", ".join(f"{k}: {val(v)}" for k, v in d.items()) + "}"
+
+
+@pytest.fixture(scope="module")
+def gw(tern_bin, fault, tmp_path_factory):
+    d = tmp_path_factory.mktemp("routing")
+    cfg = d / "gateway.yaml"
+    cfg.write_text(gateway_config(fault.base))
+    old = os.environ.get(KEY_VAR)
+    os.environ[KEY_VAR] = KEY  # read by tern at start (it inherits environ)
+    try:
+        srv = TernServer(tern_bin, ["--config", str(cfg), "-t", "2"],
+                         str(d / "serve.log"))
+    finally:
+        if old is None:
+            del os.environ[KEY_VAR]
+        else:
+            os.environ[KEY_VAR] = old
+    yield srv
+    rc = srv.stop(timeout=30)
+    assert rc == 0, f"tern serve exited {rc}: {srv.read_log()[-3000:]}"
+
+
+# ---- helpers
+
+def chat(srv, model, content="Say hi.", stream=False, headers=None,
+         timeout=T, **fields):
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4, "temperature": 0, **fields}
+    if stream:
+        body["stream"] = True
+    return requests.post(srv.base + "/v1/chat/completions", json=body,
+                         headers=headers or {}, timeout=timeout)
+
+
+def sse(r):
+    """The data payloads of a whole SSE body, checked well-formed: every
+    event one data line, each JSON, the last exactly [DONE]."""
+    assert r.headers["content-type"].startswith("text/event-stream"), \
+        r.headers
+    text = r.text
+    assert text.endswith("\n\n"), text[-200:]
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        data = [ln[5:].lstrip() for ln in block.split("\n")
+                if ln.startswith("data:")]
+        assert len(data) == 1, f"bad event {block!r}"
+        events.append(data[0])
+    assert events and events[-1] == "[DONE]", events[-3:]
+    assert events.count("[DONE]") == 1, events
+    return [json.loads(e) for e in events[:-1]]
+
+
+def stream_text(chunks):
+    return "".join((c["choices"][0].get("delta") or {}).get("content") or ""
+                   for c in chunks if c.get("choices"))
+
+
+def error_of(r, status, code=None):
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    e = r.json()["error"]
+    assert e["message"], e
+    if code is not None:
+        assert e["code"] == code, e
+    return e
+
+
+def assert_alive(srv):
+    assert srv.proc.poll() is None, srv.read_log()[-2000:]
+    assert requests.get(srv.base + "/health", timeout=T).status_code == 200
+    r = chat(srv, "up-ok")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == OK_TEXT
+
+
+def metric_samples(srv, name):
+    text = requests.get(srv.base + "/metrics", timeout=T).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def metric(srv, name, **labels):
+    return metric_samples(srv, name).get(tuple(sorted(labels.items())), 0.0)
+
+
+def cost(prompt, completion):
+    return (prompt * PP + completion * PC) / 1e6
+
+
+# ---- 1. relaying to an upstream
+
+def test_relay_non_stream(gw):
+    r = chat(gw, "up-ok")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-model"] == "up-ok"
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == OK_TEXT
+    u = body["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (7, 4)
+    assert math.isclose(u["cost"], cost(7, 4), rel_tol=1e-9), u
+
+
+def test_relay_stream_raw(gw):
+    r = chat(gw, "up-ok", stream=True,
+             stream_options={"include_usage": True})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-model"] == "up-ok"
+    chunks = sse(r)
+    assert stream_text(chunks) == OK_TEXT
+    assert chunks[-1]["choices"] == []
+    u = chunks[-1]["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (7, 4)
+    assert math.isclose(u["cost"], cost(7, 4), rel_tol=1e-9), u
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_relay_openai_client(gw):
+    cl = gw.client(timeout=T)
+    out = cl.chat.completions.create(
+        model="up-ok", messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4)
+    assert out.choices[0].message.content == OK_TEXT
+    parts, usage = [], None
+    for ch in cl.chat.completions.create(
+            model="up-ok", messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4, stream=True, stream_options={"include_usage": True}):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+        if ch.usage:
+            usage = ch.usage
+    assert "".join(parts) == OK_TEXT
+    assert usage and usage.total_tokens == 11
+
+
+def test_relay_completions(gw):
+    r = requests.post(gw.base + "/v1/completions",
+                      json={"model": "up-ok", "prompt": "hi", "max_tokens": 4},
+                      timeout=T)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == OK_TEXT
+    assert r.json()["object"] == "text_completion"
+
+
+def test_relay_sends_upstream_model_name(gw, fault):
+    r = chat(gw, "up-ok", content="name check " + uuid.uuid4().hex)
+    assert r.status_code == 200
+    call = [c for c in fault.calls if c["body"] and
+            c["body"]["messages"][0]["content"] == r.request.body and False]
+    # the last call with our content went out as model "ok"
+    sent = json.loads(r.request.body)["messages"][0]["content"]
+    mine = [c for c in fault.calls
+            if c["body"] and c["body"].get("messages", [{}])[0]
+            .get("content") == sent]
+    assert len(mine) == 1 and not call
+    assert mine[0]["model"] == "ok" and mine[0]["path"] == \
+        "/v1/chat/completions"
+    assert mine[0]["body"]["max_tokens"] == 4
+
+
+def test_keep_alive(gw, fault):
+    assert chat(gw, "up-ok").status_code == 200  # warm connection
+    before = fault.connections
+    for i in range(6):
+        r = chat(gw, "up-ok", stream=bool(i % 2))
+        assert r.status_code == 200
+        if i % 2:
+            assert stream_text(sse(r)) == OK_TEXT
+    assert fault.connections - before <= 1, \
+        f"{fault.connections - before} new upstream connections for 6 calls"
+
+
+# ---- 2. api_key_env
+
+def test_api_key_env_sent(gw, fault):
+    r = chat(gw, "up-auth")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == f"Bearer {KEY}"
+    r = chat(gw, "up-ok")
+    sent = [c["auth"] for c in fault.calls if c["model"] == "ok"]
+    assert sent[-1] is None  # no key configured: no Authorization
+
+
+def run_serve(tern_bin, cfg, env=None):
+    t0 = time.time()
+    r = subprocess.run([tern_bin, "serve", "--config", str(cfg), "--port", "0"],
+                       capture_output=True, timeout=30, env=env)
+    return r, time.time() - t0
+
+
+def test_api_key_env_unset_refused(tern_bin, tmp_path):
+    var = "TERN_TEST_ROUTING_SURELY_UNSET"
+    env = {k: v for k, v in os.environ.items() if k != var}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "models:\n"
+        f"  - {{name: smollm2, path: {model_path('smollm2-135m')}}}\n"
+        "upstreams:\n"
+        f"  - {{name: u, base_url: 'http://127.0.0.1:9/v1', "
+        f"api_key_env: {var}}}\n")
+    r, took = run_serve(tern_bin, cfg, env)
+    err = r.stderr.decode()
+    assert r.returncode != 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and var in lines[0], err
+    assert took < 10
+
+
+# ---- 3. faults
+
+@pytest.mark.parametrize("model,stream,status,code,fragment", [
+    ("up-dead", False, 502, "upstream_unreachable", "up-dead"),
+    ("up-dead", True, 502, "upstream_unreachable", "up-dead"),
+    ("up-500", False, 502, "upstream_error", "upstream exploded"),
+    ("up-500", True, 502, "upstream_error", "upstream exploded"),
+    ("up-cut", False, 502, "upstream_error", "up-cut"),
+    ("up-malformed", False, 502, "upstream_error", "up-malformed"),
+    ("up-huge", False, 502, "upstream_error", "larger than"),
+    ("up-not-sse", True, 502, "upstream_error", "text/event-stream"),
+    ("up-not-sse", False, 502, "upstream_error", "up-not-sse"),
+])
+def test_fault_maps_to_error(gw, model, stream, status, code, fragment):
+    t0 = time.time()
+    r = chat(gw, model, stream=stream)
+    e = error_of(r, status, code)
+    assert fragment in e["message"], e
+    assert r.headers.get("x-tern-model") == model
+    assert time.time() - t0 < 15
+    assert_alive(gw)
+
+
+def test_fault_429_keeps_retry_after(gw):
+    r = chat(gw, "up-429")
+    e = error_of(r, 429, "rate_limit_exceeded")
+    assert r.headers.get("Retry-After") == "7", dict(r.headers)
+    assert "slow down" in e["message"]
+    assert e["type"] == "rate_limit_error"
+    assert_alive(gw)
+
+
+def test_fault_400_keeps_param(gw):
+    r = chat(gw, "up-400")
+    e = error_of(r, 400)
+    assert e["param"] == "messages" and "bad thing" in e["message"], e
+    assert_alive(gw)
+
+
+def test_openai_client_sees_upstream_errors(gw):
+    cl = gw.client(timeout=T)
+    with pytest.raises(openai.BadRequestError) as ei:
+        cl.chat.completions.create(
+            model="up-400", messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4)
+    assert "bad thing" in str(ei.value)
+    with pytest.raises(openai.InternalServerError):
+        cl.chat.completions.create(
+            model="up-500", messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4)
+
+
+@pytest.mark.parametrize("model,limit", [("up-stall", 1), ("up-stall-total", 2)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_stall_times_out(gw, model, limit, stream):
+    t0 = time.time()
+    r = chat(gw, model, stream=stream)
+    took = time.time() - t0
+    e = error_of(r, 504, "upstream_timeout")
+    assert model in e["message"]
+    assert limit * 0.8 <= took < limit + 5, took
+    assert_alive(gw)
+
+
+def test_cut_stream_ends_with_error_event(gw):
+    r = chat(gw, "up-cut", stream=True)
+    assert r.status_code == 200
+    chunks = sse(r)
+    assert stream_text(chunks[:-1]) == "hello from"
+    assert set(chunks[-1]) == {"error"}, chunks[-1]
+    assert chunks[-1]["error"]["code"] == "upstream_error"
+    assert_alive(gw)
+
+
+def test_malformed_stream_ends_with_error_event(gw):
+    r = chat(gw, "up-malformed", stream=True)
+    assert r.status_code == 200
+    chunks = sse(r)
+    assert stream_text(chunks[:-1]) == "hello"
+    assert set(chunks[-1]) == {"error"}, chunks[-1]
+    assert "not JSON" in chunks[-1]["error"]["message"]
+    assert_alive(gw)
+
+
+def test_stall_mid_stream_ends_with_error_event(gw):
+    t0 = time.time()
+    r = chat(gw, "up-stall-stream", stream=True)
+    assert r.status_code == 200
+    chunks = sse(r)
+    assert time.time() - t0 < 8
+    assert stream_text(chunks[:-1]) == "hello"
+    assert set(chunks[-1]) == {"error"}, chunks[-1]
+    assert_alive(gw)
+
+
+def test_openai_client_on_cut_stream(gw):
+    """The openai client raises on the error event, instead of hanging."""
+    cl = gw.client(timeout=T)
+    got = []
+    with pytest.raises(openai.APIError):
+        for ch in cl.chat.completions.create(
+                model="up-cut", messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4, stream=True):
+            if ch.choices:
+                got.append(ch.choices[0].delta.content or "")
+    assert "".join(got) == "hello from"
+
+
+def test_client_gone_mid_slow_stream(gw, fault):
+    r = chat(gw, "up-slow", stream=True, timeout=T)
+    assert r.status_code == 200
+    # requests has read the headers; take one event, then hang up
+    r2 = requests.post(gw.base + "/v1/chat/completions", stream=True,
+                       timeout=T, json={
+                           "model": "up-slow", "stream": True, "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "hi"}]})
+    assert r2.status_code == 200
+    for line in r2.iter_lines():
+        if line.startswith(b"data: {"):
+            break
+    r2.close()
+    assert_alive(gw)
+    assert stream_text(sse(r)) == "".join("w%d " % i for i in range(10))
+    # a second disconnect mid-stream, then a full slow stream still works
+    r3 = requests.post(gw.base + "/v1/chat/completions", stream=True,
+                       timeout=T, json={
+                           "model": "up-slow", "stream": True, "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "hi"}]})
+    next(r3.iter_lines())
+    r3.close()
+    time.sleep(0.5)
+    assert_alive(gw)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_during_stall(gw, stream):
+    t0 = time.time()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        chat(gw, "up-stall-long", stream=stream, timeout=1)
+    assert time.time() - t0 < 5
+    assert_alive(gw)
+
+
+def test_client_gone_during_stall_frees_the_upstream_call(gw, fault):
+    """After the client hangs up on a stalled call tern should drop the
+    upstream call, not hold it for the whole stall_timeout_s."""
+    before = metric(gw, "tern_upstream_requests_total",
+                    upstream="up-stall-long", outcome="ok") + \
+        sum(v for k, v in metric_samples(
+            gw, "tern_upstream_requests_total").items()
+            if ("upstream", "up-stall-long") in k)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        chat(gw, "up-stall-long", timeout=1)
+    assert_alive(gw)
+    assert before >= 0
+
+
+# ---- 4. routes
+
+RULE_CASES = [
+    # (content, extra request fields, headers, expected target)
+    ("I like Python a lot", {}, {"X-Tier": "gold"}, "r-header"),
+    ("I like Python a lot", {}, {"x-tier": "gold"}, "r-header"),
+    ("I like Python a lot", {}, {"X-Tier": "golden"}, "r-regex"),
+    ("I like Python a lot", {"user": "team-a-bob"}, {}, "r-user"),
+    ("I like Python a lot", {"user": "bob-team-a"}, {}, "r-regex"),
+    ("what time is it", {"tools": [{"type": "function", "function": {
+        "name": "now", "parameters": {"type": "object", "properties": {}}}}]},
+     {}, "r-tools"),
+    ("what time is it", {"tools": []}, {}, "smollm2"),
+    ("I like Python a lot", {}, {}, "r-regex"),
+    ("I like PYTHON", {}, {}, "r-regex"),
+    ("pythonic code", {}, {}, "smollm2"),
+    ("Write SQL for me", {}, {}, "r-kw"),
+    ("a Regexes question", {}, {}, "r-kw"),
+    ("river " * 100, {}, {}, "r-long"),
+    ("river " * 600, {}, {}, "r-huge"),
+    ("hi", {}, {}, "r-short"),
+    ("what time is it", {}, {}, "smollm2"),
+]
+
+
+@pytest.mark.parametrize("content,fields,headers,target", RULE_CASES)
+def test_rules_route(gw, content, fields, headers, target):
+    seen = set()
+    for _ in range(2 if target == "smollm2" else 3):  # determinism
+        r = chat(gw, "auto", content=content, headers=headers,
+                 max_tokens=2, **fields)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tern-route"] == "auto"
+        seen.add(r.headers["x-tern-model"])
+        if target != "smollm2":
+            assert r.json()["choices"][0]["message"]["content"] == OK_TEXT
+    assert seen == {target}
+
+
+def test_rules_route_looks_at_last_user_message(gw):
+    msgs = [{"role": "user", "content": "python please"},
+            {"role": "assistant", "content": "sure, sql"},
+            {"role": "user", "content": "thanks, write SQL"}]
+    r = requests.post(gw.base + "/v1/chat/completions", timeout=T, json={
+        "model": "auto", "messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-model"] == "r-kw"
+
+
+def test_rules_route_stream(gw):
+    r = chat(gw, "auto", content="python", stream=True)
+    assert r.status_code == 200
+    assert r.headers["x-tern-route"] == "auto"
+    assert r.headers["x-tern-model"] == "r-regex"
+    assert stream_text(sse(r)) == OK_TEXT
+
+
+def test_rules_route_no_rule_holds(gw):
+    r = chat(gw, "strict", content="anything")
+    e = error_of(r, 400, "no_route")
+    assert "strict" in e["message"]
+    assert e["param"] == "model"
+    r = chat(gw, "strict", content="anything", stream=True)
+    error_of(r, 400, "no_route")
+
+
+def test_fallback_route(gw):
+    direct = chat(gw, "smollm2", content="Name a color.", max_tokens=4)
+    assert direct.status_code == 200
+    for _ in range(2):
+        r = chat(gw, "safe", content="Name a color.", max_tokens=4)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tern-route"] == "safe"
+        assert r.headers["x-tern-model"] == "smollm2"
+        assert r.json()["choices"][0]["message"]["content"] == \
+            direct.json()["choices"][0]["message"]["content"]
+    r = chat(gw, "safe", content="Name a color.", max_tokens=4, stream=True)
+    assert r.status_code == 200
+    assert r.headers["x-tern-model"] == "smollm2"
+    assert stream_text(sse(r)) == \
+        direct.json()["choices"][0]["message"]["content"]
+
+
+def test_balance_route(gw):
+    seen = []
+    for _ in range(6):
+        r = chat(gw, "pool")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tern-route"] == "pool"
+        seen.append(r.headers["x-tern-model"])
+    assert set(seen) == {"bal-a", "bal-b"}, seen
+    assert min(seen.count("bal-a"), seen.count("bal-b")) >= 2, seen
+
+
+def test_retries_on_flaky_upstream(gw, fault):
+    user = "retry-" + uuid.uuid4().hex
+    r = chat(gw, "up-flaky", user=user)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == OK_TEXT
+    assert fault.flaky_seen[user] == 2
+    # the same without retries: the first call fails, the next succeeds
+    user = "noretry-" + uuid.uuid4().hex
+    r = chat(gw, "up-flaky0", user=user)
+    error_of(r, 502, "upstream_error")
+    assert fault.flaky_seen[user] == 1
+    r = chat(gw, "up-flaky0", user=user)
+    assert r.status_code == 200, r.text
+
+
+def test_retries_on_flaky_upstream_stream(gw, fault):
+    user = "retry-stream-" + uuid.uuid4().hex
+    r = chat(gw, "up-flaky", user=user, stream=True)
+    assert r.status_code == 200, r.text
+    assert stream_text(sse(r)) == OK_TEXT
+    assert fault.flaky_seen[user] == 2
+
+
+# ---- 5. cascade
+
+CASCADE_Q = "What is the capital of France?"
+
+
+def test_cascade_accepts_small(gw):
+    direct = chat(gw, "smollm2", content=CASCADE_Q, max_tokens=6)
+    assert direct.status_code == 200
+    want = direct.json()["choices"][0]["message"]["content"]
+    r = chat(gw, "casc-lo", content=CASCADE_Q, max_tokens=6)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-route"] == "casc-lo"
+    assert r.headers["x-tern-model"] == "smollm2"
+    assert r.headers["x-tern-escalations"] == "0"
+    assert r.json()["choices"][0]["message"]["content"] == want
+    s = chat(gw, "casc-lo", content=CASCADE_Q, max_tokens=6, stream=True)
+    assert s.status_code == 200
+    assert s.headers["x-tern-model"] == "smollm2"
+    assert stream_text(sse(s)) == want
+
+
+def test_cascade_escalates(gw):
+    r = chat(gw, "casc-hi", content=CASCADE_Q, max_tokens=6)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-route"] == "casc-hi"
+    assert r.headers["x-tern-model"] == "up-ok"
+    assert r.headers["x-tern-escalations"] == "1"
+    conf = float(r.headers["x-tern-confidence"])
+    assert 0.0 <= conf <= 1.0
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == OK_TEXT
+    assert body["usage"]["cost"] >= cost(7, 4) * (1 - 1e-9)
+    s = chat(gw, "casc-hi", content=CASCADE_Q, max_tokens=6, stream=True,
+             stream_options={"include_usage": True})
+    assert s.status_code == 200
+    assert s.headers["x-tern-model"] == "up-ok"
+    assert s.headers["x-tern-escalations"] == "1"
+    assert stream_text(sse(s)) == OK_TEXT
+
+
+# ---- 6. /v1/models
+
+def test_models_lists_routes_and_upstreams(gw):
+    r = requests.get(gw.base + "/v1/models", timeout=T)
+    assert r.status_code == 200
+    by_id = {m["id"]: m for m in r.json()["data"]}
+    assert "smollm2" in by_id
+    for name, strategy in [("auto", "rules"), ("strict", "rules"),
+                           ("safe", "fallback"), ("pool", "balance"),
+                           ("casc-lo", "cascade"), ("casc-hi", "cascade")]:
+        assert by_id[name]["meta"] == {"kind": "route", "strategy": strategy}
+    for name in ("up-ok", "up-dead", "up-auth", "bal-a", "r-kw"):
+        assert by_id[name]["meta"]["kind"] == "upstream"
+        assert by_id[name]["object"] == "model"
+    # the upstream's key never shows
+    assert KEY not in r.text
+
+
+# ---- 7. /metrics
+
+def test_metrics(gw):
+    def m(name, **labels):
+        return metric(gw, name, **labels)
+    d0 = m("tern_route_decisions_total", route="pool", target="bal-a") + \
+        m("tern_route_decisions_total", route="pool", target="bal-b")
+    ok0 = m("tern_upstream_requests_total", upstream="up-ok", outcome="ok")
+    un0 = m("tern_upstream_requests_total", upstream="up-dead",
+            outcome="unreachable")
+    x0 = m("tern_upstream_requests_total", upstream="up-400",
+           outcome="http_4xx")
+    e0 = m("tern_route_escalations_total", route="casc-hi", **{"from": "smollm2"})
+    assert chat(gw, "pool").status_code == 200
+    assert chat(gw, "up-ok").status_code == 200
+    assert chat(gw, "up-dead").status_code == 502
+    assert chat(gw, "up-400").status_code == 400
+    assert chat(gw, "casc-hi", max_tokens=2).status_code == 200
+    assert m("tern_route_decisions_total", route="pool", target="bal-a") + \
+        m("tern_route_decisions_total", route="pool", target="bal-b") == d0 + 1
+    # the cascade's escalation called up-ok too
+    assert m("tern_upstream_requests_total", upstream="up-ok",
+             outcome="ok") == ok0 + 2
+    assert m("tern_upstream_requests_total", upstream="up-dead",
+             outcome="unreachable") == un0 + 1
+    assert m("tern_upstream_requests_total", upstream="up-400",
+             outcome="http_4xx") == x0 + 1
+    assert m("tern_route_escalations_total", route="casc-hi",
+             **{"from": "smollm2"}) == e0 + 1
+    assert m("tern_route_decisions_total", route="casc-hi",
+             target="up-ok") >= 1
+
+
+# ---- 8. bad configs
+
+BAD_CONFIGS = [
+    ("unknown-target",
+     "routes:\n  - {name: r, strategy: fallback, targets: [nosuch]}\n",
+     "nosuch"),
+    ("cycle",
+     "routes:\n  - {name: a, strategy: fallback, targets: [b]}\n"
+     "  - {name: b, strategy: rules, rules: [{to: a}]}\n",
+     "cycle"),
+    ("bad-base-url",
+     "upstreams:\n  - {name: u, base_url: 'ftp://x/v1'}\n",
+     "base_url"),
+    ("negative-price",
+     "upstreams:\n  - {name: u, base_url: 'http://127.0.0.1:9/v1', "
+     "price_prompt: \"-1\"}\n",
+     "price_prompt"),
+    ("route-named-like-model",
+     "routes:\n  - {name: smollm2, strategy: fallback, targets: [smollm2]}\n",
+     "smollm2"),
+    ("route-named-like-alias",
+     "routes:\n  - {name: small, strategy: fallback, targets: [smollm2]}\n",
+     "small"),
+    ("upstream-named-like-route",
+     "upstreams:\n  - {name: r, base_url: 'http://127.0.0.1:9/v1'}\n"
+     "routes:\n  - {name: r, strategy: fallback, targets: [smollm2]}\n",
+     "'r'"),
+    ("cascade-upstream-stage",
+     "upstreams:\n  - {name: u, base_url: 'http://127.0.0.1:9/v1'}\n"
+     "routes:\n  - name: c\n    strategy: cascade\n    stages:\n"
+     "      - {model: u, signal: min_prob, threshold: 0.5}\n"
+     "      - {model: smollm2}\n",
+     "local model"),
+    ("unknown-strategy",
+     "routes:\n  - {name: r, strategy: random, targets: [smollm2]}\n",
+     "strategy"),
+]
+
+
+@pytest.mark.parametrize("case,text,fragment", BAD_CONFIGS,
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_refused(tern_bin, tmp_path, case, text, fragment):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("models:\n"
+                   f"  - {{name: smollm2, path: {model_path('smollm2-135m')},"
+                   " aliases: [small]}\n" + text)
+    r, took = run_serve(tern_bin, cfg)
+    err = r.stderr.decode()
+    assert r.returncode != 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert fragment in lines[0] and "bad.yaml" in lines[0], err
+    assert took < 5, took

@@ -166,6 +166,12 @@ struct tn_gen_params {
   const size_t *option_lens;
   int32_t n_options;
   float option_min_prob;
+  /* An embedding instead of a completion: the prompt runs (no token is
+   * generated, n must be 1) and tn_req.embedding gets the mean of its
+   * tokens' final hidden states (after the output norm), or the last
+   * token's. Mean pooling does not reuse cached prefix blocks (every
+   * token's state is needed); last-token pooling does. */
+  enum tn_embed { TN_EMBED_NONE, TN_EMBED_MEAN, TN_EMBED_LAST } embed;
 };
 void tn_gen_params_default(struct tn_gen_params *p);
 
@@ -200,6 +206,8 @@ struct tn_req {
   int32_t n_cached;            /* of those, served from the prefix cache */
   int32_t n_choices;
   struct tn_choice *choices;
+  float *embedding;            /* params.embed: [n_embd] once done */
+  int32_t n_embd;
   bool done;                   /* every choice finished */
   char error[256];             /* when a choice finished with ERROR */
   double t_submit, t_first, t_done; /* tn_time_now() seconds */

@@ -145,6 +145,7 @@ struct seq {
   int32_t since_draft;        /* steps since it last drafted */
   bool stop_hit;              /* a stop string ended it: drop what's held */
   bool wants_logits;
+  double *embd_acc;            /* params.embed: the hidden states' sum */
   bool decode;                /* planned as a decode this step */
   bool cached_reported;       /* its request's n_cached is set */
   struct tn_draft_seq draft;  /* its place in the draft model's cache */
@@ -210,6 +211,7 @@ struct tn_engine {
   uint64_t next_order;
   uint64_t n_steps, n_preemptions, n_prefix_queries, n_prefix_hits;
   struct tn_batch batch;
+  bool *batch_hidden;          /* [step_tokens]: batch.hidden when used */
   struct seq **batch_seqs;    /* per batch sequence index */
   const struct tn_lora **batch_lora; /* per batch sequence: its adapter */
   float *batch_lora_scale;
@@ -277,6 +279,7 @@ static void req_free(struct tn_req *r) {
   free(p->options);
   free(p->option_lens);
   free(r->choices);
+  free(r->embedding);
   for (int32_t i = 0; i < p->params.n_stops; i++) free(p->stops[i]);
   free(p->stops);
   free(p->bias);
@@ -621,6 +624,7 @@ static void seq_free(struct tn_engine *e, struct seq *s) {
   tn_grammar_matcher_free(s->gm);
   free(s->otext);
   free(s->opt_est);
+  free(s->embd_acc);
   free(s->tokens);
   free(s->held);
   req_unref(s->req);
@@ -706,6 +710,7 @@ static void seq_prefix_lookup(struct tn_engine *e, struct seq *s) {
   s->chain = seq_salt(s);
   s->n_blocks_hashed = 0;
   if (!e->cfg.prefix_cache || s->n_done != 0) return;
+  if (s->req->priv->params.embed == TN_EMBED_MEAN) return;
   int32_t max_blocks = (s->n_tokens - 1) / BLOCK_SIZE;
   int32_t got = 0;
   for (; got < max_blocks; got++) {
@@ -795,8 +800,19 @@ static void batch_add(struct tn_engine *e, struct seq *s, int32_t n) {
     b->pos[t] = s->n_done + i;
     b->seq[t] = si;
     b->logits[t] = false;
+    e->batch_hidden[t] = false;
   }
   s->chunk = n;
+  enum tn_embed embed = s->req->priv->params.embed;
+  if (embed != TN_EMBED_NONE) {
+    /* an embedding: hidden states, never logits */
+    s->wants_logits = false;
+    b->hidden = e->batch_hidden;
+    for (int32_t i = 0; i < n; i++)
+      b->hidden[b->n_tokens - n + i] =
+          embed == TN_EMBED_MEAN || s->n_done + i == s->n_tokens - 1;
+    return;
+  }
   s->wants_logits = s->n_done + n == s->n_tokens;
   /* the last token's logits, and each draft's row before it */
   if (s->wants_logits)
@@ -1605,12 +1621,53 @@ static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
 }
 
 /* One scheduling step; false when there was nothing to do. */
+/* An embedding's chunk ran: its tokens' hidden states (at the batch rows
+ * of this sequence) join the sum; true when the prompt is done and
+ * req->embedding is filled. */
+static bool seq_embed(struct tn_engine *e, struct seq *s, int32_t n_done,
+                      int32_t chunk, const float *hidden) {
+  struct tn_batch *b = &e->batch;
+  int32_t d = e->model->hp.n_embd;
+  if (!s->embd_acc && !(s->embd_acc = calloc((size_t)d, sizeof(double)))) {
+    snprintf(s->error, sizeof s->error, "out of memory");
+    return true;
+  }
+  if (n_done == 0) memset(s->embd_acc, 0, (size_t)d * sizeof(double));
+  /* this sequence's rows: batch_add put them together */
+  int32_t first = -1;
+  for (int32_t t = 0; t < b->n_tokens && first < 0; t++)
+    if (b->seqs[b->seq[t]] == &s->kv) first = t;
+  for (int32_t i = 0; i < chunk; i++) {
+    int32_t t = first + i;
+    if (!b->hidden || !b->hidden[t]) continue;
+    const float *h = hidden + (size_t)t * (size_t)d;
+    for (int32_t j = 0; j < d; j++) s->embd_acc[j] += h[j];
+  }
+  s->n_done = n_done + chunk;
+  s->kv.n_tokens = s->n_done;
+  seq_index_blocks(e, s);
+  if (s->n_done < s->n_tokens) return false;
+  struct tn_req *r = s->req;
+  float *out = malloc((size_t)d * sizeof(float));
+  double div = r->priv->params.embed == TN_EMBED_MEAN ? (double)s->n_tokens
+                                                      : 1.0;
+  if (out)
+    for (int32_t j = 0; j < d; j++) out[j] = (float)(s->embd_acc[j] / div);
+  tn_req_lock(r);
+  r->embedding = out;
+  r->n_embd = out ? d : 0;
+  tn_req_unlock(r);
+  if (!out) snprintf(s->error, sizeof s->error, "out of memory");
+  return true;
+}
+
 static bool engine_step(struct tn_engine *e) {
   drop_cancelled(e);
   struct tn_batch *b = &e->batch;
   b->n_tokens = 0;
   b->n_seqs = 0;
   b->lora = NULL; /* (set by batch_add when a sequence has an adapter) */
+  b->hidden = NULL; /* (set by batch_add for an embedding) */
   int32_t budget = e->cfg.step_tokens;
 
   /* Plan the step. Decodes first, oldest first; then prompt chunks of
@@ -1740,6 +1797,16 @@ static bool engine_step(struct tn_engine *e) {
     s->chunk = 0;
     if (s->n_gen == 0 && s->choice == 0 && chunk > 0)
       req_chunk(s->req, t_fwd, now, chunk);
+    if (s->req->priv->params.embed != TN_EMBED_NONE) {
+      if (seq_embed(e, s, n_done, chunk, tn_ctx_hidden(e->ctx))) {
+        list_remove(&e->admitted, s);
+        e->n_admitted--;
+        seq_finish(e, s, s->error[0] ? TN_FINISH_ERROR : TN_FINISH_STOP,
+                   s->error[0] ? s->error : NULL);
+        seq_free(e, s);
+      }
+      continue;
+    }
     if (!s->wants_logits) {
       s->n_done = n_done + chunk;
       s->kv.n_tokens = s->n_done;
@@ -2038,6 +2105,7 @@ enum tn_status tn_engine_open(const char *path,
   e->batch.pos = calloc((size_t)nt, sizeof(int32_t));
   e->batch.seq = calloc((size_t)nt, sizeof(int32_t));
   e->batch.logits = calloc((size_t)nt, sizeof(bool));
+  e->batch_hidden = calloc((size_t)nt, sizeof(bool));
   e->batch.seqs = calloc((size_t)ns, sizeof(*e->batch.seqs));
   e->batch_lora = calloc((size_t)ns, sizeof(*e->batch_lora));
   e->batch_lora_scale = calloc((size_t)ns, sizeof(float));
@@ -2048,6 +2116,7 @@ enum tn_status tn_engine_open(const char *path,
   e->text_buf = malloc(e->text_cap);
   e->eog = malloc((size_t)hp->n_vocab * sizeof(int32_t));
   if (!e->batch.token || !e->batch.pos || !e->batch.seq || !e->batch.logits ||
+      !e->batch_hidden ||
       !e->batch.seqs || !e->batch_lora || !e->batch_lora_scale ||
       !e->batch_seqs || !e->trace || !e->text_buf ||
       !e->eog) {
@@ -2102,6 +2171,7 @@ void tn_engine_close(struct tn_engine *e) {
   free(e->batch.pos);
   free(e->batch.seq);
   free(e->batch.logits);
+  free(e->batch_hidden);
   free(e->batch.seqs);
   free(e->batch_lora);
   free(e->batch_lora_scale);
@@ -2185,6 +2255,11 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
                         "options: at most %d, with their grammar, and a "
                         "minimum probability in [0, 1]",
                         TN_GEN_OPTIONS_MAX);
+  if (params->embed != TN_EMBED_NONE &&
+      (params->n != 1 || params->grammar || params->n_options > 0))
+    return tn_error_set(err, TN_EINVAL,
+                        "an embedding takes one sequence, without a grammar "
+                        "or options");
   if (params->lora) {
     if (!tn_lora_fits(params->lora, e->model))
       return tn_error_set(err, TN_EINVAL,

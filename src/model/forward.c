@@ -51,6 +51,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->rope_cs);
   tn_aligned_free(c->logits);
   tn_aligned_free(c->out_x);
+  tn_aligned_free(c->hidden);
   free(c->out_idx);
   for (int t = 0; t < TN_TYPE_COUNT; t++) tn_aligned_free(c->qbuf[t]);
 }
@@ -115,6 +116,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->logits = tn_aligned_alloc((size_t)n_logits_max * V * sizeof(float));
   c->out_x = tn_aligned_alloc((size_t)n_logits_max * d * sizeof(float));
   c->out_idx = malloc((size_t)n_logits_max * sizeof(int32_t));
+  c->hidden = tn_aligned_alloc(T * d * sizeof(float));
   size_t need[TN_TYPE_COUNT] = {0};
   for (int32_t il = 0; il < hp->n_layer; il++) {
     const struct tn_layer *L = &m->layers[il];
@@ -129,7 +131,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
             c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->vrows && c->lora_idx && c->lora_x && c->runs && c->rope_cs && c->logits && c->out_x &&
-            c->out_idx;
+            c->out_idx && c->hidden;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
     c->qbuf[t] = tn_aligned_alloc(need[t]);
@@ -152,6 +154,7 @@ void tn_ctx_set_threads(struct tn_ctx *c, int n_threads) {
 }
 
 const float *tn_ctx_logits(const struct tn_ctx *c) { return c->logits; }
+const float *tn_ctx_hidden(const struct tn_ctx *c) { return c->hidden; }
 int32_t tn_ctx_n_logits(const struct tn_ctx *c) { return c->n_logits; }
 
 /* ---- the parallel region */
@@ -490,6 +493,16 @@ static void forward_worker(void *arg, int ith, int nth) {
 
   /* The rows asked for may have been finished by another thread. */
   tn_pool_barrier(pool);
+
+  /* final hidden states for the tokens that asked (embeddings) */
+  if (b->hidden) {
+    int64_t h0, h1;
+    tn_split(T, ith, nth, &h0, &h1);
+    for (int64_t t = h0; t < h1; t++)
+      if (b->hidden[t])
+        tn_rms_norm(c->x + t * d, m->output_norm, c->hidden + t * d, d,
+                    hp->norm_eps);
+  }
 
   /* logits for the tokens that asked: out_x[n_out][d] = norm(x) */
   const int64_t n_out = c->n_logits;

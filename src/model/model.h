@@ -104,6 +104,8 @@ struct tn_batch {
   int32_t *pos;   /* [n_tokens] */
   int32_t *seq;   /* [n_tokens]: index into seqs */
   bool *logits;   /* [n_tokens]: wants logits */
+  bool *hidden;   /* [n_tokens] or NULL: wants its final hidden state (after
+                     the output norm; tn_ctx_hidden), for embeddings */
   int32_t n_seqs;
   struct tn_kv_seq **seqs; /* borrowed block tables */
   /* per sequence, or NULL when no sequence has one: its LoRA adapter
@@ -133,6 +135,9 @@ enum tn_status tn_model_forward(struct tn_ctx *c, struct tn_kv_pool *kv,
                                 const struct tn_batch *b,
                                 struct tn_error *err);
 const float *tn_ctx_logits(const struct tn_ctx *c);
+/* The final hidden state (output norm applied) of batch token t, when
+ * tn_batch.hidden[t] asked for it: n_embd floats at [t * n_embd]. */
+const float *tn_ctx_hidden(const struct tn_ctx *c);
 int32_t tn_ctx_n_logits(const struct tn_ctx *c);
 
 #endif /* TN_MODEL_H */

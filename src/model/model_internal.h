@@ -39,6 +39,8 @@ struct tn_ctx {
   float *out_x;     /* [n_logits_max][n_embd] */
   float *logits;    /* [n_logits_max][n_vocab] */
   int32_t *out_idx; /* [n_logits_max]: batch index of each logits row */
+  float *hidden;    /* [n_tokens_max][n_embd]: final-norm hidden states of
+                       the tokens tn_batch.hidden asks for */
   int32_t n_logits;
 };
 

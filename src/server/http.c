@@ -25,6 +25,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,6 +148,9 @@ struct conn {
   bool relay_ok_event;        /* a valid event came (commit point) */
   int64_t up_prompt, up_completion; /* usage the upstream reported */
 
+  bool embeddings;            /* POST /v1/embeddings */
+  enum tn_embed pooling;
+  bool normalize, base64;
   /* the caller's tenant (cfg.tenants), or -1 */
   int tenant;
   struct tn_tenant_ticket ticket;
@@ -1192,6 +1196,8 @@ static double local_cost(const struct tn_server_model *m,
 
 /* Non-streaming (or a cascade stage): answer if every request is done,
  * else wait. A deciding cascade stage accepts its answer or escalates. */
+static char *render_embeddings(struct conn *c, size_t *len);
+
 static enum MHD_Result completion_wait(struct conn *c) {
   for (;;) {
     conn_clear_wake(c);
@@ -1239,7 +1245,9 @@ static enum MHD_Result completion_wait(struct conn *c) {
   live_remove(c);
   char *body = NULL;
   size_t len = 0;
-  if (!fail) {
+  if (!fail && c->embeddings) {
+    body = render_embeddings(c, &len);
+  } else if (!fail) {
     struct tn_api_meta meta = conn_meta(c);
     body = tn_api_render_response(&c->q, &meta, c->reqs, c->n_reqs, &len);
   }
@@ -2184,6 +2192,286 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   return respond_local(c);
 }
 
+/* ---- POST /v1/embeddings */
+
+static void put_base64(struct tn_buf *b, const unsigned char *p, size_t n) {
+  static const char tbl[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  for (size_t i = 0; i < n; i += 3) {
+    uint32_t v = (uint32_t)p[i] << 16;
+    if (i + 1 < n) v |= (uint32_t)p[i + 1] << 8;
+    if (i + 2 < n) v |= p[i + 2];
+    char q[4] = {tbl[(v >> 18) & 63], tbl[(v >> 12) & 63],
+                 i + 1 < n ? tbl[(v >> 6) & 63] : '=',
+                 i + 2 < n ? tbl[v & 63] : '='};
+    tn_buf_append(b, q, 4);
+  }
+}
+
+/* The answer (under lock_reqs; every request done). NULL: out of memory. */
+static char *render_embeddings(struct conn *c, size_t *len) {
+  struct tn_buf b = {0};
+  tn_buf_printf(&b, "{\"object\":\"list\",\"data\":[");
+  int64_t prompt = 0;
+  for (size_t i = 0; i < c->n_reqs; i++) {
+    struct tn_req *r = c->reqs[i];
+    prompt += r->n_prompt;
+    tn_buf_printf(&b, "%s{\"object\":\"embedding\",\"index\":%zu,"
+                  "\"embedding\":", i ? "," : "", i);
+    double norm = 0;
+    for (int32_t j = 0; j < r->n_embd; j++)
+      norm += (double)r->embedding[j] * r->embedding[j];
+    double scale = c->normalize && norm > 0 ? 1.0 / sqrt(norm) : 1.0;
+    if (c->base64) {
+      float *v = malloc((size_t)r->n_embd * sizeof(float) + 1);
+      if (!v) {
+        tn_buf_free(&b);
+        return NULL;
+      }
+      for (int32_t j = 0; j < r->n_embd; j++)
+        v[j] = (float)(r->embedding[j] * scale);
+      tn_buf_append(&b, "\"", 1);
+      put_base64(&b, (const unsigned char *)v, (size_t)r->n_embd * 4);
+      tn_buf_append(&b, "\"", 1);
+      free(v);
+    } else {
+      tn_buf_append(&b, "[", 1);
+      for (int32_t j = 0; j < r->n_embd; j++)
+        tn_buf_printf(&b, "%s%.9g", j ? "," : "",
+                      (double)(float)(r->embedding[j] * scale));
+      tn_buf_append(&b, "]", 1);
+    }
+    tn_buf_append(&b, "}", 1);
+  }
+  tn_buf_printf(&b, "],\"model\":");
+  json_t *name = json_string(c->q.model ? c->q.model : c->model->name);
+  char *js = name ? json_dumps(name, JSON_ENCODE_ANY) : NULL;
+  tn_buf_printf(&b, "%s", js ? js : "\"\"");
+  free(js);
+  json_decref(name);
+  tn_buf_printf(&b, ",\"usage\":{\"prompt_tokens\":%" PRId64
+                ",\"total_tokens\":%" PRId64 "}}", prompt, prompt);
+  if (b.oom) {
+    tn_buf_free(&b);
+    return NULL;
+  }
+  *len = b.len;
+  return b.data;
+}
+
+static enum MHD_Result embed_error(struct conn *c, int status,
+                                   const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static enum MHD_Result embed_error(struct conn *c, int status,
+                                   const char *param, const char *fmt, ...) {
+  char msg[400];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  cancel_reqs(c);
+  return send_error_msg(c, status,
+                        status >= 500 ? "server_error" : "invalid_request_error",
+                        param, NULL, msg);
+}
+
+/* input: a string, a list of strings, a list of token ids or a list of
+ * lists of them; each becomes one engine request whose prompt is that
+ * text (the model's own BOS convention, no chat template). */
+static enum MHD_Result route_embeddings(struct conn *c) {
+  struct tn_server *s = c->srv;
+  if (atomic_load(&s->draining))
+    return send_error_msg(c, 503, "server_error", NULL,
+                          "server_shutting_down", "the server is shutting down");
+  if (c->too_large)
+    return send_error_msg(c, 413, "invalid_request_error", NULL,
+                          "request_too_large", "the body is too large");
+  json_error_t jerr;
+  json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, &jerr);
+  if (!json_is_object(root)) {
+    json_decref(root);
+    return send_error_msg(c, 400, "invalid_request_error", NULL, NULL,
+                          "the body is not a JSON object");
+  }
+  static const char *const known[] = {"model", "input", "encoding_format",
+                                      "dimensions", "user", "pooling",
+                                      "normalize"};
+  const char *k;
+  json_t *v;
+  json_object_foreach(root, k, v) {
+    size_t i = 0;
+    while (i < TN_ARRAY_LEN(known) && strcmp(k, known[i])) i++;
+    if (i == TN_ARRAY_LEN(known)) {
+      enum MHD_Result r = embed_error(c, 400, k,
+                                      "unknown parameter '%.64s' for "
+                                      "/v1/embeddings",
+                                      k);
+      json_decref(root);
+      return r;
+    }
+  }
+  const char *name = json_string_value(json_object_get(root, "model"));
+  const char *fmt =
+      json_string_value(json_object_get(root, "encoding_format"));
+  const char *pool = json_string_value(json_object_get(root, "pooling"));
+  json_t *norm = json_object_get(root, "normalize");
+  json_t *input = json_object_get(root, "input");
+  json_t *dims = json_object_get(root, "dimensions");
+  enum MHD_Result ret;
+  if (c->tenant >= 0 && !admit_tenant(c, root, name)) {
+    json_decref(root);
+    return MHD_YES;
+  }
+  if ((json_object_get(root, "encoding_format") &&
+       (!fmt || (strcmp(fmt, "float") && strcmp(fmt, "base64")))) ||
+      (json_object_get(root, "pooling") &&
+       (!pool || (strcmp(pool, "mean") && strcmp(pool, "last")))) ||
+      (norm && !json_is_boolean(norm))) {
+    ret = embed_error(c, 400,
+                      fmt && strcmp(fmt, "float") && strcmp(fmt, "base64")
+                          ? "encoding_format"
+                      : norm && !json_is_boolean(norm) ? "normalize"
+                                                       : "pooling",
+                      "'encoding_format' is float or base64, 'pooling' mean "
+                      "or last, 'normalize' true or false");
+    json_decref(root);
+    return ret;
+  }
+  c->base64 = fmt && !strcmp(fmt, "base64");
+  c->pooling = pool && !strcmp(pool, "last") ? TN_EMBED_LAST : TN_EMBED_MEAN;
+  c->normalize = !norm || json_is_true(norm);
+  c->embeddings = true;
+  c->have_q = true; /* (q only names the model) */
+  memset(&c->q, 0, sizeof c->q);
+  struct tn_api_error aerr = {0};
+  if (name && !(c->q.model = strdup(name))) {
+    json_decref(root);
+    return send_error_msg(c, 500, "server_error", NULL, NULL, "out of memory");
+  }
+  c->model = find_model(s, name, &c->lora, &c->lora_scale, &aerr);
+  if (aerr.http_status) {
+    json_decref(root);
+    return send_error(c, &aerr);
+  }
+  if (!c->model) {
+    json_decref(root);
+    return send_error_msg(c, 404, "invalid_request_error", "model",
+                          "model_not_found",
+                          "the model does not exist (embeddings come from a "
+                          "local model, not a route or an upstream)");
+  }
+  struct tn_engine *e = c->engine = model_engine(s, c->model);
+  if (!e) {
+    json_decref(root);
+    return send_error_msg(c, 503, "server_error", "model", "model_loading",
+                          "the model is still loading; retry shortly");
+  }
+  struct tn_engine_info info;
+  tn_engine_info(e, &info);
+  if (dims && (!json_is_integer(dims) ||
+               json_integer_value(dims) != info.n_embd)) {
+    ret = embed_error(c, 400, "dimensions",
+                      "'dimensions' must be this model's width, %d (it does "
+                      "not shorten embeddings)",
+                      info.n_embd);
+    json_decref(root);
+    return ret;
+  }
+  /* the inputs: n of them, each text or ids */
+  size_t n = json_is_array(input) ? json_array_size(input) : 1;
+  bool ids_one = json_is_array(input) && n > 0 &&
+                 json_is_integer(json_array_get(input, 0));
+  if (ids_one) n = 1;
+  if (!input || (!json_is_string(input) && !json_is_array(input)) || n == 0 ||
+      n > MAX_PROMPTS) {
+    ret = embed_error(c, 400, "input",
+                      "'input' must be a string, a list of 1..%d strings, a "
+                      "list of token ids or a list of such lists",
+                      MAX_PROMPTS);
+    json_decref(root);
+    return ret;
+  }
+  struct tn_gen_params gen;
+  tn_gen_params_default(&gen);
+  gen.embed = c->pooling;
+  gen.lora = c->lora;
+  gen.lora_scale = c->lora_scale;
+  int32_t n_ctx = tn_engine_n_ctx(e);
+  for (size_t i = 0; i < n; i++) {
+    json_t *in = json_is_string(input) || ids_one ? input
+                                                  : json_array_get(input, i);
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    struct tn_error err = {0};
+    if (json_is_string(in)) {
+      if (json_string_length(in) == 0) {
+        ret = embed_error(c, 400, "input", "input[%zu] is an empty string", i);
+        json_decref(root);
+        return ret;
+      }
+      if (tn_engine_encode_text(e, json_string_value(in),
+                                json_string_length(in), &ids, &n_ids, &err)) {
+        ret = embed_error(c, 400, "input", "input[%zu]: %s", i, err.msg);
+        json_decref(root);
+        return ret;
+      }
+    } else if (json_is_array(in) && json_array_size(in) > 0) {
+      n_ids = json_array_size(in);
+      ids = malloc(n_ids * sizeof(int32_t));
+      for (size_t j = 0; ids && j < n_ids; j++) {
+        json_t *t = json_array_get(in, j);
+        json_int_t id = json_integer_value(t);
+        if (!json_is_integer(t) || id < 0 || id >= info.n_vocab) {
+          free(ids);
+          ret = embed_error(c, 400, "input",
+                            "input[%zu][%zu] is not a token id of this "
+                            "model (0..%d)",
+                            i, j, info.n_vocab - 1);
+          json_decref(root);
+          return ret;
+        }
+        ids[j] = (int32_t)id;
+      }
+    } else {
+      ret = embed_error(c, 400, "input",
+                        "input[%zu] is not a non-empty string or list of "
+                        "token ids",
+                        i);
+      json_decref(root);
+      return ret;
+    }
+    if (!ids) {
+      json_decref(root);
+      return embed_error(c, 500, NULL, "out of memory");
+    }
+    if (n_ids >= (size_t)n_ctx) {
+      free(ids);
+      ret = embed_error(c, 400, "input",
+                        "input[%zu] is %zu tokens; this model's context is "
+                        "%d",
+                        i, n_ids, n_ctx);
+      json_decref(root);
+      return ret;
+    }
+    struct tn_req *r = NULL;
+    enum tn_status st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
+                                         conn_wake, c, &r, &err);
+    free(ids);
+    if (st) {
+      ret = embed_error(c, st == TN_EFULL ? 429 : st == TN_ECANCELED ? 503
+                                                                      : 400,
+                        NULL, "%s", err.msg);
+      json_decref(root);
+      return ret;
+    }
+    c->reqs[c->n_reqs++] = r;
+  }
+  json_decref(root);
+  c->submitted = true;
+  live_add(c);
+  return completion_wait(c);
+}
+
 /* ---- auth */
 
 /* k equals the key, in time that does not depend on where they differ */
@@ -2386,6 +2674,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     c->route = "/v1/models";
     if (!get) goto bad_method;
     return route_models(c);
+  }
+  if (!strcmp(url, "/v1/embeddings")) {
+    c->route = "/v1/embeddings";
+    if (!post) goto bad_method;
+    atomic_fetch_add(&s->in_flight, 1);
+    c->counted = true;
+    return route_embeddings(c);
   }
   if (!strcmp(url, "/v1/chat/completions")) {
     c->route = "/v1/chat/completions";

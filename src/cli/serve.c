@@ -305,7 +305,7 @@ int tn_cli_serve(int argc, char **argv) {
   }
   if (config) {
     if (tn_serve_config_load(config, &file, &err))
-      return tn_cli_fail("%s: %s", config, err.msg);
+      return tn_cli_fail("%s", err.msg); /* it names the file */
     if (file.host && !host_given) scfg.host = file.host;
     if (file.port > 0 && !port_given) scfg.port = file.port;
     if (file.api_key && !api_key) api_key = file.api_key;

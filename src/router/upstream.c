@@ -37,6 +37,9 @@ struct tn_upstream_call {
 
   /* under mu */
   struct tn_buf buf;
+  size_t received;               /* body bytes so far */
+  double last_byte;              /* tn_time_s() of the last byte (or the
+                                    start): the stall clock */
   struct tn_upstream_state st;
   bool paused, want_unpause, cancel, released;
 
@@ -97,6 +100,7 @@ static size_t on_header(char *data, size_t size, size_t n, void *user) {
   struct tn_upstream_call *c = user;
   size_t len = size * n;
   pthread_mutex_lock(&c->mu);
+  c->last_byte = tn_time_s();
   if (len <= 2 && (data[0] == '\r' || data[0] == '\n')) {
     long code = 0;
     curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &code);
@@ -128,8 +132,15 @@ static size_t on_body(char *data, size_t size, size_t n, void *user) {
   size_t len = size * n;
   size_t ret = len;
   pthread_mutex_lock(&c->mu);
+  c->last_byte = tn_time_s();
   if (c->cancel) {
     ret = 0; /* aborts the transfer */
+  } else if (!c->spec.stream && c->received + len > c->spec.max_buffered) {
+    snprintf(c->st.error, sizeof c->st.error,
+             "the upstream's answer is larger than %zu bytes",
+             c->spec.max_buffered);
+    c->st.failed = true;
+    ret = 0;
   } else if (c->buf.len + len > c->spec.max_buffered) {
     if (c->spec.stream && c->buf.len > 0) {
       c->paused = true; /* resumes when the owner has taken the bytes */
@@ -142,6 +153,7 @@ static size_t on_body(char *data, size_t size, size_t n, void *user) {
       ret = 0;
     }
   } else {
+    c->received += len;
     tn_buf_append(&c->buf, data, len);
     if (c->buf.oom) {
       snprintf(c->st.error, sizeof c->st.error, "out of memory");
@@ -179,9 +191,6 @@ static bool call_setup(struct tn_upstream_call *c) {
   curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
                    (long)(c->spec.connect_timeout_s * 1000));
   curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(c->spec.timeout_s * 1000));
-  curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-  curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME,
-                   (long)(c->spec.stall_timeout_s + 0.999));
   curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
   curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
@@ -251,6 +260,9 @@ static void run_queue(struct tn_upstream_pool *p) {
         if (!call_setup(c) || curl_multi_add_handle(p->multi, c->easy))
           call_finish(p, c, CURLE_OUT_OF_MEMORY, "could not start the call");
         else {
+          pthread_mutex_lock(&c->mu);
+          c->last_byte = tn_time_s();
+          pthread_mutex_unlock(&c->mu);
           c->in_multi = true;
           c->act_prev = NULL;
           c->act_next = p->active;
@@ -262,6 +274,28 @@ static void run_queue(struct tn_upstream_pool *p) {
       }
     }
     call_unref(c); /* the queue's reference */
+  }
+}
+
+/* Ends calls that received nothing for their stall_timeout_s (a transfer
+ * paused for a slow client is not stalled). libcurl's low-speed limit
+ * averages over seconds and counts the upload, so it fires late; this
+ * clock is the last byte's. */
+static void check_stalls(struct tn_upstream_pool *p) {
+  double now = tn_time_s();
+  for (struct tn_upstream_call *c = p->active, *next; c; c = next) {
+    next = c->act_next;
+    pthread_mutex_lock(&c->mu);
+    bool stalled = !c->paused && now - c->last_byte > c->spec.stall_timeout_s;
+    if (stalled) {
+      snprintf(c->st.error, sizeof c->st.error,
+               "no byte from the upstream for %.3g s (stall_timeout_s)",
+               c->spec.stall_timeout_s);
+      c->st.failed = true;
+      c->st.timed_out = true;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (stalled) call_finish(p, c, CURLE_OPERATION_TIMEDOUT, NULL);
   }
 }
 
@@ -279,7 +313,8 @@ static void *pool_main(void *arg) {
       curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
       if (c) call_finish(p, c, m->data.result, NULL);
     }
-    curl_multi_poll(p->multi, NULL, 0, 1000, NULL);
+    check_stalls(p);
+    curl_multi_poll(p->multi, NULL, 0, 100, NULL);
   }
   /* stopping: every call still queued or running ends now */
   run_queue(p);

@@ -480,6 +480,10 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
   c->n_reqs = 0;
+  if (c->call && c->upstream >= 0)
+    metric_inc(c->srv->upstream_calls,
+               tn_router_upstream(c->srv->cfg.router, c->upstream)->name,
+               "cancelled", 1);
   tn_upstream_call_release(c->call);
   c->call = NULL;
   target_end(c, true);
@@ -1841,7 +1845,6 @@ static enum MHD_Result try_steps(struct conn *c) {
                        "upstream '%s' is unavailable (failing: its circuit "
                        "breaker is open, or at max_concurrent calls)",
                        st->name);
-      metric_inc(s->route_decisions, rname, st->name, 0);
       if (st->kind == TN_TARGET_UPSTREAM)
         metric_inc(s->upstream_calls, st->name, "skipped", 1);
       continue;
@@ -2884,7 +2887,8 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
     s->upstream_calls = tn_metrics_family(
         metrics, TN_METRIC_COUNTER, "tern_upstream_requests_total",
         "Calls to remote upstreams by outcome (ok, http_4xx, http_429, "
-        "http_5xx, timeout, unreachable, malformed, cut, error, skipped).",
+        "http_5xx, timeout, unreachable, malformed, cut, error, skipped, "
+        "cancelled).",
         ul, 2, NULL, 0);
     static const char *const tl[] = {"tenant", "status"};
     s->tenant_requests = tn_metrics_family(

@@ -363,11 +363,6 @@ def test_api_key_env_unset_refused(tern_bin, tmp_path):
 
 # ---- 3. faults
 
-BUG_HUGE = ("tern bug: a non-streaming upstream answer past the 32 MiB "
-            "max_buffered is relayed whole (200), since relay_wait drains the "
-            "call's buffer into c->up on every wake and on_body only checks "
-            "what is left in the call's buffer")
-
 @pytest.mark.parametrize("model,stream,status,code,fragment", [
     ("up-dead", False, 502, "upstream_unreachable", "up-dead"),
     ("up-dead", True, 502, "upstream_unreachable", "up-dead"),
@@ -375,8 +370,7 @@ BUG_HUGE = ("tern bug: a non-streaming upstream answer past the 32 MiB "
     ("up-500", True, 502, "upstream_error", "upstream exploded"),
     ("up-cut", False, 502, "upstream_error", "up-cut"),
     ("up-malformed", False, 502, "upstream_error", "up-malformed"),
-    pytest.param("up-huge", False, 502, "upstream_error", "larger than",
-                 marks=pytest.mark.xfail(strict=True, reason=BUG_HUGE)),
+    ("up-huge", False, 502, "upstream_error", "larger than"),
     ("up-not-sse", True, 502, "upstream_error", "text/event-stream"),
     ("up-not-sse", False, 502, "upstream_error", "up-not-sse"),
 ])
@@ -420,12 +414,6 @@ def test_openai_client_sees_upstream_errors(gw):
             max_tokens=4)
 
 
-BUG_STALL = ("tern bug: stall_timeout_s ends a stalled call about 6 s late "
-             "(1 s -> 7 s, 3 s -> 9 s, 10 s -> 16 s, mid-stream too): libcurl's "
-             "LOW_SPEED_LIMIT/TIME judges a speed averaged over a ~5 s "
-             "window, so the request's own bytes (or the last events) keep "
-             "it above 1 B/s")
-
 
 def test_stalls_time_out(gw):
     """Stalled upstreams, all at once: a whole-request timeout_s (2 s) and a
@@ -444,7 +432,6 @@ def test_stalls_time_out(gw):
     with cf.ThreadPoolExecutor(len(cases)) as ex:
         futs = [ex.submit(call, m, st) for m, st, _ in cases]
         results = [f.result() for f in futs]
-    late = []
     for (model, stream, limit), (r, took) in zip(cases, results):
         if model == "up-stall-stream":
             assert r.status_code == 200, r.text
@@ -455,13 +442,8 @@ def test_stalls_time_out(gw):
         else:
             e = error_of(r, 504, "upstream_timeout")
             assert model in e["message"]
-        assert limit * 0.8 <= took < limit + 9, (model, stream, took)
-        if took > limit + 2.5:
-            late.append((model, stream, round(took, 1)))
+        assert limit * 0.8 <= took < limit + 1.5, (model, stream, took)
     assert_alive(gw)
-    assert not [x for x in late if x[0] == "up-stall-total"], late
-    if late:
-        pytest.xfail(f"{BUG_STALL}: {late}")
 
 
 def test_cut_stream_ends_with_error_event(gw):

@@ -10,6 +10,7 @@
  * running ones get --drain-timeout seconds to finish, the rest are
  * cancelled, and tern exits 0.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,6 +72,106 @@ static int load_adapters(struct tn_engine *e, const char *model,
                 (tn_time_s() - t0) * 1e3);
   }
   return 0;
+}
+
+/* ---- classifier routes: their examples embedded once at start */
+
+struct embed_wait {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+};
+
+static void embed_notify(void *user) {
+  struct embed_wait *w = user;
+  pthread_mutex_lock(&w->mu);
+  pthread_cond_broadcast(&w->cv);
+  pthread_mutex_unlock(&w->mu);
+}
+
+/* Embeds route's examples with its model, a window of requests at a time
+ * (the engine batches them), and hands the vectors to the router. */
+static int embed_examples(struct tn_router *router, int route,
+                          const struct tn_serve_config *file,
+                          struct tn_engine **engines) {
+  const char *mname = NULL;
+  bool last = false;
+  tn_router_classifier(router, route, &mname, &last);
+  int mi = mname ? tn_serve_config_find(file, mname) : 0;
+  if (mi < 0) mi = 0;
+  struct tn_engine *e = engines[mi];
+  struct tn_engine_info info;
+  tn_engine_info(e, &info);
+  int n = tn_router_n_examples(router, route), d = info.n_embd;
+  float *vecs = malloc((size_t)n * (size_t)d * sizeof(float));
+  if (!vecs) return tn_cli_fail("out of memory");
+  struct embed_wait w;
+  pthread_mutex_init(&w.mu, NULL);
+  pthread_cond_init(&w.cv, NULL);
+  struct tn_gen_params gen;
+  tn_gen_params_default(&gen);
+  gen.embed = last ? TN_EMBED_LAST : TN_EMBED_MEAN;
+  int rc = 0;
+  double t0 = tn_time_s();
+  enum { WINDOW = 32 };
+  for (int at = 0; at < n && !rc; at += WINDOW) {
+    struct tn_req *reqs[WINDOW] = {0};
+    int m = TN_MIN(WINDOW, n - at);
+    for (int i = 0; i < m && !rc; i++) {
+      const char *text = tn_router_example(router, route, at + i);
+      int32_t *ids = NULL;
+      size_t n_ids = 0;
+      struct tn_error err = {0};
+      if (tn_engine_encode_text(e, text, strlen(text), &ids, &n_ids, &err) ==
+          TN_OK) {
+        if (n_ids >= (size_t)info.n_ctx) n_ids = (size_t)info.n_ctx - 1;
+        if (tn_engine_submit(e, ids, (int32_t)n_ids, &gen, embed_notify, &w,
+                             &reqs[i], &err) != TN_OK)
+          reqs[i] = NULL;
+      }
+      if (!reqs[i])
+        rc = tn_cli_fail("route '%s': example %d: %s",
+                         tn_router_route_name(router, route), at + i, err.msg);
+      free(ids);
+    }
+    for (int i = 0; i < m; i++) {
+      if (!reqs[i]) continue;
+      pthread_mutex_lock(&w.mu);
+      for (;;) {
+        tn_req_lock(reqs[i]);
+        bool done = reqs[i]->done;
+        tn_req_unlock(reqs[i]);
+        if (done || g_signal) break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+          ts.tv_sec++;
+          ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&w.cv, &w.mu, &ts);
+      }
+      pthread_mutex_unlock(&w.mu);
+      tn_req_lock(reqs[i]);
+      if (reqs[i]->embedding && reqs[i]->n_embd == d)
+        memcpy(vecs + (size_t)(at + i) * (size_t)d, reqs[i]->embedding,
+               (size_t)d * sizeof(float));
+      else if (!rc)
+        rc = tn_cli_fail("route '%s': example %d could not be embedded",
+                         tn_router_route_name(router, route), at + i);
+      tn_req_unlock(reqs[i]);
+      tn_req_release(reqs[i]);
+    }
+  }
+  struct tn_error err = {0};
+  if (!rc && tn_router_set_vectors(router, route, vecs, n, d, &err))
+    rc = tn_cli_fail("%s", err.msg);
+  if (!rc)
+    tn_log_info("route '%s': %d examples embedded in %.2f s",
+                tn_router_route_name(router, route), n, tn_time_s() - t0);
+  free(vecs);
+  pthread_cond_destroy(&w.cv);
+  pthread_mutex_destroy(&w.mu);
+  return rc;
 }
 
 int tn_cli_serve(int argc, char **argv) {
@@ -459,6 +560,14 @@ int tn_cli_serve(int argc, char **argv) {
                 "chat template %s",
                 path, ec.name, tn_time_s() - t0, info.arch, info.n_ctx,
                 info.n_threads, info.chat_template);
+  }
+
+  for (int r = 0; router && !g_signal && r < tn_router_n_routes(router); r++) {
+    const char *mname;
+    bool last;
+    if (tn_router_classifier(router, r, &mname, &last) &&
+        embed_examples(router, r, &file, engines))
+      goto done;
   }
 
   int bound = tn_server_port(srv);

@@ -45,6 +45,10 @@ struct route {
   const struct tn_serve_route_cfg *cfg;
   struct rule *rules;
   atomic_uint turn;      /* balance: who wins a tie */
+  /* classifier: the examples' unit vectors, once set */
+  float *vecs;
+  int d;
+  atomic_bool ready;
 };
 
 struct tn_router {
@@ -90,7 +94,7 @@ enum tn_status tn_router_create(const struct tn_serve_config *cfg,
   size_t cap = (size_t)cfg->n_upstreams + 1;
   for (int i = 0; i < cfg->n_routes; i++)
     cap += (size_t)cfg->routes[i].n_targets + (size_t)cfg->routes[i].n_rules +
-           (size_t)cfg->routes[i].n_stages;
+           (size_t)cfg->routes[i].n_stages + (size_t)cfg->routes[i].n_labels;
   r->targets = calloc(cap, sizeof *r->targets);
   r->routes = calloc((size_t)cfg->n_routes + 1, sizeof *r->routes);
   if (!r->targets || !r->routes) goto oom;
@@ -137,6 +141,10 @@ enum tn_status tn_router_create(const struct tn_serve_config *cfg,
       if (tn_serve_config_find_upstream(cfg, rc->stages[k].model) < 0 &&
           tn_serve_config_find_route(cfg, rc->stages[k].model) < 0)
         model_target(r, rc->stages[k].model);
+    for (int k = 0; k < rc->n_labels; k++)
+      if (tn_serve_config_find_upstream(cfg, rc->labels[k]) < 0 &&
+          tn_serve_config_find_route(cfg, rc->labels[k]) < 0)
+        model_target(r, rc->labels[k]);
   }
   *out = r;
   return TN_OK;
@@ -155,6 +163,7 @@ void tn_router_free(struct tn_router *r) {
       pcre2_code_free(rt->rules[k].header);
     }
     free(rt->rules);
+    free(rt->vecs);
   }
   free(r->routes);
   free(r->targets);
@@ -171,7 +180,7 @@ const char *tn_router_route_name(const struct tn_router *r, int route) {
 }
 const char *tn_router_route_strategy(const struct tn_router *r, int route) {
   static const char *const names[] = {"rules", "fallback", "balance",
-                                      "cascade"};
+                                      "cascade", "classifier"};
   return names[r->routes[route].cfg->strategy];
 }
 int tn_router_find_upstream(const struct tn_router *r, const char *name) {
@@ -247,6 +256,96 @@ static bool rule_holds(const struct rule *ru, const struct tn_route_input *in,
   return true;
 }
 
+/* ---- classifiers */
+
+bool tn_router_classifier(const struct tn_router *r, int route,
+                          const char **model, bool *last) {
+  const struct tn_serve_route_cfg *rc = r->routes[route].cfg;
+  if (rc->strategy != TN_ROUTE_CLASSIFIER) return false;
+  *model = rc->embed_model;
+  *last = rc->pooling_last;
+  return true;
+}
+
+bool tn_router_ready(const struct tn_router *r) {
+  for (int i = 0; r && i < r->n_routes; i++)
+    if (r->routes[i].cfg->strategy == TN_ROUTE_CLASSIFIER &&
+        !atomic_load(&r->routes[i].ready))
+      return false;
+  return true;
+}
+
+int tn_router_n_examples(const struct tn_router *r, int route) {
+  return r->routes[route].cfg->n_examples;
+}
+
+const char *tn_router_example(const struct tn_router *r, int route, int i) {
+  return r->routes[route].cfg->examples[i].text;
+}
+
+enum tn_status tn_router_set_vectors(struct tn_router *r, int route,
+                                     const float *vecs, int n, int d,
+                                     struct tn_error *err) {
+  struct route *rt = &r->routes[route];
+  if (n != rt->cfg->n_examples || d <= 0)
+    return tn_error_set(err, TN_EINVAL, "route '%s': %d vectors for %d "
+                        "examples", rt->cfg->name, n, rt->cfg->n_examples);
+  float *v = malloc((size_t)n * (size_t)d * sizeof *v);
+  if (!v) return tn_error_set(err, TN_ENOMEM, "out of memory");
+  for (int i = 0; i < n; i++) {
+    const float *src = vecs + (size_t)i * (size_t)d;
+    double norm = 0;
+    for (int j = 0; j < d; j++) norm += (double)src[j] * src[j];
+    double k = norm > 0 ? 1.0 / sqrt(norm) : 0.0;
+    for (int j = 0; j < d; j++) v[(size_t)i * (size_t)d + j] = (float)(src[j] * k);
+  }
+  free(rt->vecs);
+  rt->vecs = v;
+  rt->d = d;
+  atomic_store(&rt->ready, true);
+  return TN_OK;
+}
+
+/* The label the k nearest examples (cosine) vote for, each with its
+ * similarity; *share: the winner's part of the votes. Ties go to the
+ * label of the nearest example. Deterministic. */
+static int knn(const struct route *rt, const float *q, double *share) {
+  const struct tn_serve_route_cfg *rc = rt->cfg;
+  int n = rc->n_examples, d = rt->d, k = TN_MIN(rc->k, n);
+  double qn = 0;
+  for (int j = 0; j < d; j++) qn += (double)q[j] * q[j];
+  qn = qn > 0 ? 1.0 / sqrt(qn) : 0.0;
+  int best_i[64];
+  double best_s[64];
+  int nb = 0;
+  for (int i = 0; i < n; i++) {
+    const float *v = rt->vecs + (size_t)i * (size_t)d;
+    double sim = 0;
+    for (int j = 0; j < d; j++) sim += (double)v[j] * q[j];
+    sim *= qn;
+    if (nb == k && sim <= best_s[nb - 1]) continue;
+    int at = nb < k ? nb++ : nb - 1;
+    while (at > 0 && best_s[at - 1] < sim) {
+      best_s[at] = best_s[at - 1];
+      best_i[at] = best_i[at - 1];
+      at--;
+    }
+    best_s[at] = sim;
+    best_i[at] = i;
+  }
+  double votes[TN_SERVE_LABELS_MAX] = {0}, total = 0;
+  for (int i = 0; i < nb; i++) {
+    double w = fmax(best_s[i], 0.0) + 1e-9;
+    votes[rc->examples[best_i[i]].label] += w;
+    total += w;
+  }
+  int win = nb ? rc->examples[best_i[0]].label : 0;
+  for (int l = 0; l < rc->n_labels; l++)
+    if (votes[l] > votes[win]) win = l;
+  *share = total > 0 ? votes[win] / total : 0;
+  return win;
+}
+
 /* ---- plans */
 
 static void add_step(struct tn_router *r, struct tn_route_plan *p,
@@ -306,6 +405,21 @@ static enum tn_status plan_route(struct tn_router *r, int route,
       return tn_error_set(err, TN_ENOENT,
                           "no rule of route '%s' holds for this request",
                           rc->name);
+    case TN_ROUTE_CLASSIFIER: {
+      if (!atomic_load(&rt->ready))
+        return tn_error_set(err, TN_EFULL,
+                            "route '%s' is still embedding its examples",
+                            rc->name);
+      if (!in->embedding || in->embed_route != route || in->n_embd != rt->d) {
+        p->need_embed = route;
+        return TN_OK;
+      }
+      int label = knn(rt, in->embedding, &p->confidence);
+      if (depth == 0 || p->why[0] == '\0')
+        snprintf(p->why, sizeof p->why, "classifier -> %.100s (votes %.2f)",
+                 rc->labels[label], p->confidence);
+      return add_target(r, rc->labels[label], in, p, n_tokens, depth, err);
+    }
     case TN_ROUTE_CASCADE:
       if (p->n_steps > 0)
         return tn_error_set(err, TN_EINVAL,
@@ -368,6 +482,8 @@ enum tn_status tn_router_plan(struct tn_router *r, int route,
                               struct tn_route_plan *plan,
                               struct tn_error *err) {
   memset(plan, 0, sizeof *plan);
+  plan->need_embed = -1;
+  plan->confidence = NAN;
   int64_t n_tokens = -2; /* not counted yet */
   return plan_route(r, route, in, plan, &n_tokens, 0, err);
 }

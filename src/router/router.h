@@ -54,6 +54,11 @@ struct tn_route_plan {
   int n_steps;
   struct tn_route_step steps[TN_ROUTE_STEPS_MAX];
   char why[160];        /* which rule or choice, for logs and headers */
+  double confidence;    /* a classifier's: the vote share (else NAN) */
+  /* A classifier on the way needs the request's embedding first: its
+   * route (>= 0, and no steps); embed the input text with that route's
+   * model and pooling (tn_router_classifier) and plan again. -1: none. */
+  int need_embed;
 };
 
 /* What rules may look at. last_user may hold NULs (len counts). */
@@ -66,6 +71,10 @@ struct tn_route_input {
   /* the prompt's length in tokens, asked only when a rule needs it (-1:
    * unknown, so min/max_tokens do not hold) */
   int64_t (*count_tokens)(void *ctx);
+  /* the text's embedding for classifier route embed_route, or NULL */
+  const float *embedding;
+  int n_embd;
+  int embed_route;
   /* a request header's value, or NULL */
   const char *(*header)(void *ctx, const char *name);
   void *ctx;
@@ -91,6 +100,22 @@ const struct tn_serve_upstream_cfg *tn_router_upstream(
     const struct tn_router *r, int i);
 /* The target id of upstream i (begin/end). */
 int tn_router_upstream_target(const struct tn_router *r, int i);
+
+/* A classifier route's embedding model (its configured name, NULL: the
+ * first model) and pooling; false for other routes. */
+bool tn_router_classifier(const struct tn_router *r, int route,
+                          const char **model, bool *last);
+/* Its examples (texts to embed at start). */
+int tn_router_n_examples(const struct tn_router *r, int route);
+const char *tn_router_example(const struct tn_router *r, int route, int i);
+/* Hands it the examples' embeddings, n x d in example order (copied and
+ * normalised); until then its plans fail with TN_EFULL. */
+enum tn_status tn_router_set_vectors(struct tn_router *r, int route,
+                                     const float *vecs, int n, int d,
+                                     struct tn_error *err);
+
+/* Whether every classifier route has its vectors (/ready waits on it). */
+bool tn_router_ready(const struct tn_router *r);
 
 /* Plans route for one request. Deterministic for the same input, config
  * and outstanding counts (balance). Fails (TN_ENOENT, err says why) when

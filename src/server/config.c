@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <jansson.h>
 #include <yaml.h>
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -934,11 +935,143 @@ static enum tn_status stage_elem(struct loader *ld, const char *where,
 }
 
 enum { RTK_NAME, RTK_STRATEGY, RTK_TARGETS, RTK_RULES, RTK_STAGES,
+       RTK_EXAMPLES, RTK_EXAMPLES_FILE, RTK_MODEL, RTK_POOLING, RTK_K,
        RTK_COUNT };
 static const char *const k_route_keys[RTK_COUNT] = {
-    "name", "strategy", "targets", "rules", "stages"};
+    "name", "strategy", "targets", "rules", "stages", "examples",
+    "examples_file", "model", "pooling", "k"};
 static const char *const k_strategy_names[] = {"rules", "fallback", "balance",
-                                               "cascade"};
+                                               "cascade", "classifier"};
+
+/* Adds one labelled example to r (the label by name). */
+static enum tn_status add_example(struct loader *ld, int line,
+                                  const char *where,
+                                  struct tn_serve_route_cfg *r,
+                                  const char *text, size_t len,
+                                  const char *to) {
+  if (len == 0 || len > 65536 || memchr(text, 0, len))
+    return fail(ld, TN_EINVAL, line, where,
+                "an example's text must be 1..65536 bytes without NUL");
+  if (!*to || strlen(to) > TN_SERVE_NAME_MAX)
+    return fail(ld, TN_EINVAL, line, where, "an example needs a target 'to'");
+  if (r->n_examples == TN_SERVE_EXAMPLES_MAX)
+    return fail(ld, TN_EINVAL, line, where, "more than %d examples",
+                TN_SERVE_EXAMPLES_MAX);
+  int label = 0;
+  while (label < r->n_labels && strcmp(r->labels[label], to)) label++;
+  if (label == r->n_labels) {
+    if (r->n_labels == TN_SERVE_LABELS_MAX)
+      return fail(ld, TN_EINVAL, line, where, "more than %d distinct targets",
+                  TN_SERVE_LABELS_MAX);
+    if (!r->labels &&
+        !(r->labels = calloc(TN_SERVE_LABELS_MAX, sizeof *r->labels)))
+      return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+    if (!(r->labels[r->n_labels] = strdup(to)))
+      return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+    r->n_labels++;
+  }
+  if (r->n_examples == r->cap_examples) {
+    int cap = r->cap_examples ? 2 * r->cap_examples : 16;
+    void *p = realloc(r->examples, (size_t)cap * sizeof *r->examples);
+    if (!p) return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+    r->examples = p;
+    r->cap_examples = cap;
+  }
+  struct tn_serve_example_cfg *e = &r->examples[r->n_examples];
+  if (!(e->text = malloc(len + 1)))
+    return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+  memcpy(e->text, text, len);
+  e->text[len] = '\0';
+  e->label = label;
+  r->n_examples++;
+  return TN_OK;
+}
+
+/* examples: a list of {text, to} */
+static enum tn_status parse_examples(struct loader *ld, const char *where,
+                                     struct tn_serve_route_cfg *r) {
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_SEQUENCE_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where,
+                "expected a list of {text, to}, got %s", ev_kind(&ld->ev));
+  for (int i = 0;; i++) {
+    char at[240];
+    snprintf(at, sizeof at, "%.200s[%d]", where, i);
+    if ((st = next(ld, at))) return st;
+    if (ld->ev.type == YAML_SEQUENCE_END_EVENT) return TN_OK;
+    if (ld->ev.type != YAML_MAPPING_START_EVENT)
+      return fail(ld, TN_EINVAL, ev_line(ld), at,
+                  "expected a mapping {text, to}, got %s", ev_kind(&ld->ev));
+    static const char *const keys[2] = {"text", "to"};
+    char *text = NULL, *to = NULL;
+    int line = ev_line(ld);
+    unsigned seen = 0;
+    for (;;) {
+      int which = -1;
+      bool done;
+      char key[256];
+      if ((st = next_key(ld, at, keys, 2, &seen, &which, &done))) break;
+      if (done) break;
+      snprintf(key, sizeof key, "%.200s.%s", at, which ? "to" : "text");
+      st = take_string(ld, key, which ? TN_SERVE_NAME_MAX : 65536,
+                       which ? &to : &text, true);
+      if (st) break;
+    }
+    if (!st && (!text || !to))
+      st = fail(ld, TN_EINVAL, line, at, "an example needs 'text' and 'to'");
+    if (!st) st = add_example(ld, line, at, r, text, strlen(text), to);
+    free(text);
+    free(to);
+    if (st) return st;
+  }
+}
+
+/* examples_file: JSON lines {"text": .., "to": ..}, next to the config */
+static enum tn_status load_examples(struct loader *ld, const char *key,
+                                    struct tn_serve_route_cfg *r) {
+  char *path = NULL;
+  enum tn_status st = take_string(ld, key, 4096, &path, true);
+  if (st) return st;
+  int line = ev_line(ld);
+  char full[8192];
+  const char *slash = strrchr(ld->file, '/');
+  if (path[0] != '/' && slash)
+    snprintf(full, sizeof full, "%.*s/%s", (int)(slash - ld->file), ld->file,
+             path);
+  else
+    snprintf(full, sizeof full, "%s", path);
+  free(path);
+  char *text;
+  size_t len;
+  struct tn_error e2;
+  if (tn_file_read(full, &text, &len, &e2))
+    return fail(ld, TN_EINVAL, line, key, "%s", e2.msg);
+  size_t off = 0;
+  int lineno = 0;
+  while (off < len && !st) {
+    size_t end = off;
+    while (end < len && text[end] != '\n') end++;
+    lineno++;
+    if (end > off) {
+      json_error_t je;
+      json_t *o = json_loadb(text + off, end - off, 0, &je);
+      const char *t = json_string_value(json_object_get(o, "text"));
+      const char *to = json_string_value(json_object_get(o, "to"));
+      if (!t || !to)
+        st = fail(ld, TN_EINVAL, line, key,
+                  "%.200s:%d: expected {\"text\": ..., \"to\": ...}", full,
+                  lineno);
+      else
+        st = add_example(ld, line, key, r, t,
+                         json_string_length(json_object_get(o, "text")), to);
+      json_decref(o);
+    }
+    off = end + 1;
+  }
+  free(text);
+  return st;
+}
 
 static enum tn_status route_elem(struct loader *ld, const char *where,
                                  int idx, void *elem) {
@@ -961,11 +1094,11 @@ static enum tn_status route_elem(struct loader *ld, const char *where,
       case RTK_STRATEGY: {
         if ((st = expect_scalar(ld, key))) return st;
         int k = 0;
-        while (k < 4 && strcmp(scalar_text(ld), k_strategy_names[k])) k++;
-        if (k == 4)
+        while (k < 5 && strcmp(scalar_text(ld), k_strategy_names[k])) k++;
+        if (k == 5)
           return fail(ld, TN_EINVAL, ev_line(ld), key,
                       "unknown strategy '%.64s' (expected rules, fallback, "
-                      "balance or cascade)",
+                      "balance, cascade or classifier)",
                       scalar_text(ld));
         r->strategy = (enum tn_route_strategy)k;
         break;
@@ -982,6 +1115,22 @@ static enum tn_status route_elem(struct loader *ld, const char *where,
         st = parse_list(ld, key, TN_SERVE_TARGETS_MAX, sizeof *r->stages,
                         (void **)&r->stages, &r->n_stages, stage_elem);
         break;
+      case RTK_EXAMPLES: st = parse_examples(ld, key, r); break;
+      case RTK_EXAMPLES_FILE: st = load_examples(ld, key, r); break;
+      case RTK_MODEL: st = take_plain_name(ld, key, &r->embed_model); break;
+      case RTK_POOLING:
+        if ((st = expect_scalar(ld, key))) return st;
+        if (strcmp(scalar_text(ld), "mean") && strcmp(scalar_text(ld), "last"))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not mean or last", scalar_text(ld));
+        r->pooling_last = !strcmp(scalar_text(ld), "last");
+        break;
+      case RTK_K: {
+        int64_t v = 0;
+        st = take_int(ld, key, 1, 64, &v);
+        r->k = (int32_t)v;
+        break;
+      }
     }
     if (st) return st;
   }
@@ -990,13 +1139,23 @@ static enum tn_status route_elem(struct loader *ld, const char *where,
   if (!(seen & (1u << RTK_STRATEGY)))
     return fail(ld, TN_EINVAL, start_line, where,
                 "missing key 'strategy' (route '%s')", r->name);
-  const char *need = r->strategy == TN_ROUTE_RULES     ? "rules"
-                     : r->strategy == TN_ROUTE_CASCADE ? "stages"
-                                                       : "targets";
-  bool has[3] = {r->n_rules > 0, r->n_stages > 0, r->n_targets > 0};
-  int want = r->strategy == TN_ROUTE_RULES ? 0
-             : r->strategy == TN_ROUTE_CASCADE ? 1 : 2;
-  for (int k = 0; k < 3; k++)
+  const char *need = r->strategy == TN_ROUTE_RULES        ? "rules"
+                     : r->strategy == TN_ROUTE_CASCADE    ? "stages"
+                     : r->strategy == TN_ROUTE_CLASSIFIER ? "examples"
+                                                          : "targets";
+  bool has[4] = {r->n_rules > 0, r->n_stages > 0, r->n_targets > 0,
+                 r->n_examples > 0};
+  int want = r->strategy == TN_ROUTE_RULES        ? 0
+             : r->strategy == TN_ROUTE_CASCADE    ? 1
+             : r->strategy == TN_ROUTE_CLASSIFIER ? 3
+                                                  : 2;
+  bool cls_keys = (seen & ((1u << RTK_MODEL) | (1u << RTK_POOLING) |
+                           (1u << RTK_K))) != 0;
+  if (cls_keys && r->strategy != TN_ROUTE_CLASSIFIER)
+    return fail(ld, TN_EINVAL, start_line, where,
+                "'model', 'pooling' and 'k' belong to a classifier route");
+  if (r->k == 0) r->k = 5;
+  for (int k = 0; k < 4; k++)
     if (has[k] != (k == want))
       return fail(ld, TN_EINVAL, start_line, where,
                   "a %s route takes '%s' %s", k_strategy_names[r->strategy],
@@ -1125,6 +1284,7 @@ static int route_targets(const struct tn_serve_route_cfg *r, const char **out) {
   for (int i = 0; i < r->n_targets; i++) out[n++] = r->targets[i];
   for (int i = 0; i < r->n_rules; i++) out[n++] = r->rules[i].to;
   for (int i = 0; i < r->n_stages; i++) out[n++] = r->stages[i].model;
+  for (int i = 0; i < r->n_labels; i++) out[n++] = r->labels[i];
   return n;
 }
 
@@ -1133,7 +1293,8 @@ static int find_cycle(const struct tn_serve_config *cfg, int r, int *state,
                       int *path, int depth) {
   state[r] = 1;
   path[depth] = r;
-  const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX];
+  const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX +
+                TN_SERVE_LABELS_MAX];
   int n = route_targets(&cfg->routes[r], t);
   for (int i = 0; i < n; i++) {
     int j;
@@ -1178,7 +1339,8 @@ static enum tn_status check_routes(struct loader *ld) {
     const struct tn_serve_route_cfg *rt = &cfg->routes[r];
     char where[48];
     snprintf(where, sizeof where, "routes[%d]", r);
-    const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX];
+    const char *t[TN_SERVE_RULES_MAX + 2 * TN_SERVE_TARGETS_MAX +
+                TN_SERVE_LABELS_MAX];
     int n = route_targets(rt, t);
     for (int i = 0; i < n; i++) {
       enum tn_status st = check_target(ld, rt->line, where, t[i]);
@@ -1191,6 +1353,23 @@ static enum tn_status check_routes(struct loader *ld) {
                     "the last stage '%.64s' is a route: a cascade's stages "
                     "are models or upstreams",
                     rt->stages[rt->n_stages - 1].model);
+    }
+    if (rt->embed_model) {
+      int idx;
+      if (lookup(cfg, rt->embed_model, &idx) != NK_MODEL)
+        return fail(ld, TN_EINVAL, rt->line, where,
+                    "model '%.64s' must be a local model (it embeds the "
+                    "examples and the requests)",
+                    rt->embed_model);
+    }
+    for (int k = 0; k < rt->n_labels; k++) {
+      int idx;
+      if (lookup(cfg, rt->labels[k], &idx) == NK_ROUTE &&
+          cfg->routes[idx].strategy == TN_ROUTE_CASCADE)
+        return fail(ld, TN_EINVAL, rt->line, where,
+                    "an example's target '%.64s' is a cascade: a classifier "
+                    "picks models, upstreams or non-cascade routes",
+                    rt->labels[k]);
     }
     for (int k = 0; k < rt->n_targets; k++) {
       int idx;
@@ -1421,6 +1600,11 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(r->rules);
     for (int k = 0; k < r->n_stages; k++) free(r->stages[k].model);
     free(r->stages);
+    for (int k = 0; k < r->n_examples; k++) free(r->examples[k].text);
+    free(r->examples);
+    for (int k = 0; k < r->n_labels; k++) free(r->labels[k]);
+    free(r->labels);
+    free(r->embed_model);
   }
   free(cfg->routes);
   for (int i = 0; i < cfg->n_tenants; i++) {

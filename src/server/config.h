@@ -81,6 +81,17 @@
  *     - name: pool
  *       strategy: balance  # the target with fewest outstanding requests,
  *       targets: [a, b]    # then the others as fallbacks
+ *     - name: topic
+ *       strategy: classifier  # nearest neighbours among labelled examples
+ *       model: smollm2     # optional: the local model that embeds them
+ *                          # and the request (default: the first model)
+ *       pooling: mean      # optional: mean or last
+ *       k: 5               # optional, 1..64: neighbours that vote
+ *       examples:          # labelled prompts; "to" is the target
+ *         - {text: "write a python function", to: coder}
+ *         - {text: "what is the capital of France", to: smollm2}
+ *       examples_file: ex.jsonl  # and/or lines {"text": .., "to": ..}
+ *                          # (relative to this file's directory)
  *     - name: cascade
  *       strategy: cascade  # each stage answers; its confidence accepts
  *       stages:            # the answer or escalates to the next stage
@@ -164,6 +175,8 @@ struct tn_serve_model_cfg {
 #define TN_SERVE_TARGETS_MAX 16
 #define TN_SERVE_RULES_MAX 64
 #define TN_SERVE_KEYWORDS_MAX 64
+#define TN_SERVE_LABELS_MAX 64
+#define TN_SERVE_EXAMPLES_MAX 100000
 
 struct tn_serve_upstream_cfg {
   char *name;
@@ -183,6 +196,7 @@ enum tn_route_strategy {
   TN_ROUTE_FALLBACK,
   TN_ROUTE_BALANCE,
   TN_ROUTE_CASCADE,
+  TN_ROUTE_CLASSIFIER,
 };
 
 enum tn_cascade_signal {
@@ -225,6 +239,18 @@ struct tn_serve_route_cfg {
   int n_rules;
   struct tn_serve_stage_cfg *stages;
   int n_stages;
+  /* classifier: labelled example prompts (inline and/or from a JSONL
+   * file), embedded by embed_model; labels are the distinct targets */
+  struct tn_serve_example_cfg {
+    char *text;
+    int label;            /* index into labels */
+  } *examples;
+  int n_examples, cap_examples;
+  char **labels;
+  int n_labels;
+  char *embed_model;      /* NULL: the first model */
+  bool pooling_last;      /* last-token embeddings (default: mean) */
+  int32_t k;              /* neighbours that vote (default 5) */
   int line;               /* where it starts, for the checks after parsing */
 };
 

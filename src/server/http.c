@@ -134,6 +134,10 @@ struct conn {
   double cost_before;         /* USD of a cascade's escalated stages */
   struct tn_api_error last_err; /* the last target's failure */
   char answered[TN_SERVE_NAME_MAX + 1];
+  /* a classifier's embedding of the request (for route embed_route) */
+  bool classifying;
+  float *embedding;
+  int n_embd, embed_route, n_classified;
   /* relaying to an upstream */
   bool relaying;              /* mode: the answer comes from call */
   struct tn_upstream_call *call;
@@ -162,6 +166,9 @@ struct conn {
 };
 
 static enum MHD_Result try_steps(struct conn *c);
+static enum MHD_Result classify_start(struct conn *c, int route,
+                                      const char *text, size_t len);
+static enum MHD_Result classify_done(struct conn *c);
 static enum MHD_Result queue_local_stream(struct conn *c);
 static bool deciding(const struct conn *c);
 static void target_end(struct conn *c, bool ok);
@@ -198,6 +205,7 @@ static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
   c->t_arrive_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
   c->t_arrive = tn_time_s();
   c->route_idx = -1;
+  c->embed_route = -1;
   c->tenant = -1;
   c->ticket.tenant = -1;
   c->used_tokens = -1;
@@ -246,6 +254,7 @@ static void conn_unref(struct conn *c) {
   tn_buf_free(&c->up);
   tn_upstream_call_release(c->call);
   free(c->plan);
+  free(c->embedding);
   pthread_mutex_destroy(&c->mu);
   free(c);
 }
@@ -621,7 +630,7 @@ static struct tn_engine *model_engine(struct tn_server *s,
 static bool all_loaded(struct tn_server *s) {
   for (int i = 0; i < s->n_models; i++)
     if (!atomic_load(&s->engines[i])) return false;
-  return true;
+  return tn_router_ready(s->cfg.router); /* classifiers' examples */
 }
 
 static enum MHD_Result route_models(struct conn *c) {
@@ -1220,6 +1229,17 @@ static enum MHD_Result completion_wait(struct conn *c) {
                             "the server stopped before the answer was ready");
     }
     if (conn_suspend(c)) return MHD_YES;
+  }
+  if (c->classifying) {
+    struct tn_api_error cerr;
+    lock_reqs(c);
+    int cfail = reqs_failure(c, &cerr);
+    unlock_reqs(c);
+    if (cfail) {
+      live_remove(c);
+      return send_error(c, &cerr);
+    }
+    return classify_done(c);
   }
   struct tn_api_error aerr;
   lock_reqs(c);
@@ -1894,6 +1914,60 @@ static enum MHD_Result try_steps(struct conn *c) {
 }
 
 /* A request for a route or an upstream by name. */
+/* Plans c->route_idx for the request in root (with c->embedding, when a
+ * classifier asked for it) and starts it: the steps, or first the
+ * embedding a classifier needs. */
+static enum MHD_Result plan_and_go(struct conn *c, const json_t *root) {
+  struct tn_server *s = c->srv;
+  int route = c->route_idx;
+  struct tn_buf text = {0};
+  route_text(root, c->kind, &text);
+  struct route_ctx rc = {.c = c, .root = root};
+  const json_t *tools = json_object_get(root, "tools");
+  const json_t *rf = json_object_get(root, "response_format");
+  const json_t *rft = json_object_get(rf, "type");
+  struct tn_route_input in = {
+      .last_user = text.data,
+      .last_user_len = text.len,
+      .tools = json_is_array(tools) && json_array_size(tools) > 0,
+      .response_format =
+          json_is_object(rf) &&
+          !(json_is_string(rft) && !strcmp(json_string_value(rft), "text")),
+      .user = json_string_value(json_object_get(root, "user")),
+      .tenant = c->tenant >= 0 ? tn_tenants_name(s->cfg.tenants, c->tenant)
+                               : NULL,
+      .count_tokens = route_count_tokens,
+      .header = route_header,
+      .embedding = c->embedding,
+      .n_embd = c->n_embd,
+      .embed_route = c->embed_route,
+      .ctx = &rc,
+  };
+  struct tn_error err = {0};
+  enum tn_status st = tn_router_plan(s->cfg.router, route, &in, c->plan,
+                                     &err);
+  if (st) {
+    tn_buf_free(&text);
+    return send_error_msg(c, st == TN_ENOENT ? 400 : st == TN_EFULL ? 503
+                                                                     : 500,
+                          st == TN_ENOENT ? "invalid_request_error"
+                                          : "server_error",
+                          "model", st == TN_EFULL ? "model_loading" : "no_route",
+                          err.msg);
+  }
+  if (c->plan->need_embed >= 0) {
+    enum MHD_Result ret = classify_start(c, c->plan->need_embed, text.data,
+                                         text.len);
+    tn_buf_free(&text);
+    return ret;
+  }
+  tn_buf_free(&text);
+  if (!isnan(c->plan->confidence)) c->confidence = c->plan->confidence;
+  c->step = 0;
+  return try_steps(c);
+}
+
+/* A request for a route or an upstream by name. */
 static enum MHD_Result route_routed(struct conn *c, const json_t *root,
                                     int route, int upstream) {
   struct tn_server *s = c->srv;
@@ -1901,46 +1975,91 @@ static enum MHD_Result route_routed(struct conn *c, const json_t *root,
     return send_error_msg(c, 500, "server_error", NULL, NULL, "out of memory");
   c->route_idx = route;
   c->relay_stream = json_is_true(json_object_get(root, "stream"));
-  if (route >= 0) {
-    struct tn_buf text = {0};
-    route_text(root, c->kind, &text);
-    struct route_ctx rc = {.c = c, .root = root};
-    const json_t *tools = json_object_get(root, "tools");
-    const json_t *rf = json_object_get(root, "response_format");
-    const json_t *rft = json_object_get(rf, "type");
-    struct tn_route_input in = {
-        .last_user = text.data,
-        .last_user_len = text.len,
-        .tools = json_is_array(tools) && json_array_size(tools) > 0,
-        .response_format =
-            json_is_object(rf) &&
-            !(json_is_string(rft) && !strcmp(json_string_value(rft), "text")),
-        .user = json_string_value(json_object_get(root, "user")),
-        .tenant = c->tenant >= 0 ? tn_tenants_name(s->cfg.tenants, c->tenant)
-                                 : NULL,
-        .count_tokens = route_count_tokens,
-        .header = route_header,
-        .ctx = &rc,
-    };
-    struct tn_error err = {0};
-    enum tn_status st = tn_router_plan(s->cfg.router, route, &in, c->plan,
-                                       &err);
-    tn_buf_free(&text);
-    if (st)
-      return send_error_msg(c, st == TN_ENOENT ? 400 : 500,
-                            st == TN_ENOENT ? "invalid_request_error"
-                                            : "server_error",
-                            "model", "no_route", err.msg);
-  } else {
-    struct tn_route_step *st = &c->plan->steps[0];
-    c->plan->n_steps = 1;
-    st->kind = TN_TARGET_UPSTREAM;
-    st->upstream = upstream;
-    st->target = tn_router_upstream_target(s->cfg.router, upstream);
-    st->name = tn_router_upstream(s->cfg.router, upstream)->name;
-  }
+  if (route >= 0) return plan_and_go(c, root);
+  struct tn_route_step *st = &c->plan->steps[0];
+  c->plan->n_steps = 1;
+  st->kind = TN_TARGET_UPSTREAM;
+  st->upstream = upstream;
+  st->target = tn_router_upstream_target(s->cfg.router, upstream);
+  st->name = tn_router_upstream(s->cfg.router, upstream)->name;
   c->step = 0;
   return try_steps(c);
+}
+
+/* A classifier needs the request's text embedded by its model: submitted
+ * like an /v1/embeddings request; classify_done plans on. */
+static enum MHD_Result classify_start(struct conn *c, int route,
+                                      const char *text, size_t len) {
+  struct tn_server *s = c->srv;
+  const char *mname = NULL;
+  bool last = false;
+  tn_router_classifier(s->cfg.router, route, &mname, &last);
+  if (++c->n_classified > 4)
+    return send_error_msg(c, 500, "server_error", NULL, NULL,
+                          "too many classifiers on one route's way");
+  struct tn_lora *lora = NULL;
+  float scale = 1;
+  struct tn_api_error aerr = {0};
+  struct tn_server_model *m = mname ? find_model(s, mname, &lora, &scale,
+                                                 &aerr)
+                                    : &s->models[0];
+  struct tn_engine *e = m ? model_engine(s, m) : NULL;
+  if (!e) {
+    tn_lora_release(lora);
+    return send_error_msg(c, 503, "server_error", "model", "model_loading",
+                          "the classifier's model is not loaded yet");
+  }
+  int32_t *ids = NULL;
+  size_t n_ids = 0;
+  struct tn_error err = {0};
+  enum tn_status st =
+      tn_engine_encode_text(e, len ? text : " ", len ? len : 1, &ids, &n_ids,
+                            &err);
+  if (!st && n_ids >= (size_t)tn_engine_n_ctx(e)) n_ids = (size_t)tn_engine_n_ctx(e) - 1;
+  struct tn_gen_params gen;
+  tn_gen_params_default(&gen);
+  gen.embed = last ? TN_EMBED_LAST : TN_EMBED_MEAN;
+  gen.lora = lora;
+  gen.lora_scale = scale;
+  struct tn_req *r = NULL;
+  if (!st)
+    st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen, conn_wake, c, &r,
+                          &err);
+  free(ids);
+  tn_lora_release(lora);
+  if (st)
+    return send_error_msg(c, st == TN_EFULL ? 429 : 503, "server_error", NULL,
+                          NULL, err.msg);
+  c->reqs[c->n_reqs++] = r;
+  c->embed_route = route;
+  c->classifying = true;
+  c->submitted = true;
+  live_add(c);
+  return completion_wait(c);
+}
+
+/* The classifier's embedding is in: plan again with it. */
+static enum MHD_Result classify_done(struct conn *c) {
+  struct tn_req *r = c->reqs[0];
+  tn_req_lock(r);
+  free(c->embedding);
+  c->embedding = NULL;
+  c->n_embd = 0;
+  if (r->embedding && (c->embedding = malloc((size_t)r->n_embd * sizeof(float)))) {
+    memcpy(c->embedding, r->embedding, (size_t)r->n_embd * sizeof(float));
+    c->n_embd = r->n_embd;
+  }
+  tn_req_unlock(r);
+  cancel_reqs(c);
+  c->classifying = false;
+  c->submitted = false;
+  if (!c->embedding)
+    return send_error_msg(c, 500, "server_error", NULL, NULL,
+                          "the classifier could not embed the request");
+  json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, NULL);
+  enum MHD_Result ret = plan_and_go(c, root);
+  json_decref(root);
+  return ret;
 }
 
 /* Submits c->q to c->model's engine (c->lora set): 0, or the error in

@@ -109,3 +109,67 @@ def test_unknown_model(server):
     r = embed(server, {"input": "x", "model": "nope"})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+# ---- the classifier route: nearest neighbours over embedded examples
+
+CODE = ["Write a Python function that sorts a list",
+        "Fix this SQL query: SELECT * FROM users WHERE",
+        "How do I reverse a string in JavaScript?",
+        "Implement binary search in C"]
+CHAT = ["What is the capital of France?", "Tell me a joke about cats",
+        "How are you today?", "Who wrote Romeo and Juliet?"]
+
+
+@pytest.fixture(scope="module")
+def cls_server(tern_bin, tmp_path_factory):
+    from conftest import TernServer, model_path
+    d = tmp_path_factory.mktemp("cls")
+    (d / "chat.jsonl").write_text("".join(
+        json.dumps({"text": t, "to": "chat"}) + "\n" for t in CHAT))
+    inline = "".join(f"      - {{text: {json.dumps(t)}, to: code}}\n"
+                     for t in CODE)
+    (d / "cfg.yaml").write_text(f"""models:
+  - name: smollm2
+    path: {model_path("smollm2-135m")}
+    aliases: [code, chat]
+routes:
+  - name: topic
+    strategy: classifier
+    k: 3
+    examples_file: chat.jsonl
+    examples:
+{inline}""")
+    s = TernServer(tern_bin, ["--config", str(d / "cfg.yaml"), "-t", "2"],
+                   str(d / "serve.log"))
+    yield s
+    assert s.stop() == 0, s.read_log()[-3000:]
+
+
+def ask(srv, text, **kw):
+    return requests.post(srv.base + "/v1/chat/completions", timeout=60,
+                         json={"model": "topic", "max_tokens": 3,
+                               "temperature": 0, "messages": [
+                                   {"role": "user", "content": text}], **kw})
+
+
+def test_classifier_routes_by_topic(cls_server):
+    assert "4 examples" not in cls_server.read_log()
+    assert "8 examples embedded" in cls_server.read_log()
+    for text, want in [("Write a C function to add two numbers", "code"),
+                       ("debug my python code please", "code"),
+                       ("What is the tallest mountain?", "chat"),
+                       ("Tell me about dogs", "chat")]:
+        for _ in range(2):  # deterministic
+            r = ask(cls_server, text)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tern-route"] == "topic"
+            assert r.headers["x-tern-model"] == want, text
+            assert 0 < float(r.headers["x-tern-confidence"]) <= 1
+    # streamed too
+    r = ask(cls_server, "Implement quicksort in Rust", stream=True)
+    assert r.status_code == 200 and r.headers["x-tern-model"] == "code"
+    assert r.text.rstrip().endswith("data: [DONE]")
+    models = requests.get(cls_server.base + "/v1/models", timeout=10).json()
+    topic = [m for m in models["data"] if m["id"] == "topic"][0]
+    assert topic["meta"] == {"kind": "route", "strategy": "classifier"}

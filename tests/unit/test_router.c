@@ -486,6 +486,118 @@ static void test_tenants(void) {
   unsetenv("TN_TEST_TENANT_B");
 }
 
+static void test_classifier(void) {
+  static const char text[] =
+      "models:\n  - {name: m, path: m.gguf, aliases: [a, b]}\n"
+      "routes:\n"
+      "  - name: cls\n"
+      "    strategy: classifier\n"
+      "    k: 3\n"
+      "    examples:\n"
+      "      - {text: one, to: a}\n"
+      "      - {text: two, to: a}\n"
+      "      - {text: three, to: b}\n"
+      "      - {text: four, to: b}\n"
+      "      - {text: five, to: pick}\n"
+      "  - {name: pick, strategy: fallback, targets: [b, a]}\n";
+  struct tn_serve_config cfg;
+  struct tn_error err = {0};
+  enum tn_status st = parse(text, &cfg, &err);
+  if (st) fprintf(stderr, "error: %s\n", err.msg);
+  ASSERT_EQ(st, TN_OK);
+  ASSERT_EQ(cfg.routes[0].strategy, TN_ROUTE_CLASSIFIER);
+  ASSERT_EQ(cfg.routes[0].n_examples, 5);
+  ASSERT_EQ(cfg.routes[0].n_labels, 3);
+  ASSERT_EQ(cfg.routes[0].k, 3);
+  struct tn_router *r = NULL;
+  ASSERT_EQ(tn_router_create(&cfg, &r, &err), TN_OK);
+  const char *model = "x";
+  bool last = true;
+  ASSERT(tn_router_classifier(r, 0, &model, &last));
+  ASSERT(model == NULL && !last);
+  ASSERT(!tn_router_classifier(r, 1, &model, &last));
+  ASSERT_STR_EQ(tn_router_example(r, 0, 2), "three");
+  struct tn_route_input in = {0};
+  struct tn_route_plan p;
+  /* not ready until its vectors are in */
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_EFULL);
+  /* examples on the axes: a near e0, b near e1, pick near e2 */
+  const float vecs[5 * 3] = {1, 0, 0, 0.9f, 0.1f, 0, 0, 1, 0,
+                             0.1f, 0.9f, 0, 0, 0, 1};
+  ASSERT_EQ(tn_router_set_vectors(r, 0, vecs, 5, 3, &err), TN_OK);
+  ASSERT_EQ(tn_router_set_vectors(r, 0, vecs, 4, 3, &err), TN_EINVAL);
+  /* without the embedding: the plan asks for it */
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+  ASSERT_EQ(p.need_embed, 0);
+  ASSERT_EQ(p.n_steps, 0);
+  const float q1[3] = {2, 0.1f, 0};
+  in.embedding = q1;
+  in.n_embd = 3;
+  in.embed_route = 0;
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+  ASSERT_EQ(p.need_embed, -1);
+  ASSERT_STR_EQ(p.steps[0].name, "a");
+  ASSERT(p.confidence > 0.6 && p.confidence <= 1);
+  ASSERT_SUBSTR(p.why, "classifier -> a");
+  const float q2[3] = {0.05f, 1, 0.02f};
+  in.embedding = q2;
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+  ASSERT_STR_EQ(p.steps[0].name, "b");
+  /* a label that is a route: its plan (b, then a) */
+  const float q3[3] = {0, 0.05f, 1};
+  in.embedding = q3;
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+  ASSERT_EQ(p.n_steps, 2);
+  ASSERT_STR_EQ(p.steps[0].name, "b");
+  ASSERT_STR_EQ(p.steps[1].name, "a");
+  /* the same input, the same answer */
+  for (int i = 0; i < 10; i++) {
+    in.embedding = q1;
+    ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+    ASSERT_STR_EQ(p.steps[0].name, "a");
+  }
+  /* an embedding of another width asks again */
+  in.n_embd = 2;
+  ASSERT_EQ(tn_router_plan(r, 0, &in, &p, &err), TN_OK);
+  ASSERT_EQ(p.need_embed, 0);
+  tn_router_free(r);
+  tn_serve_config_free(&cfg);
+
+  static const struct {
+    const char *text, *msg;
+  } bad[] = {
+      {"routes:\n  - {name: c, strategy: classifier}\n",
+       "a classifier route takes 'examples' (missing)"},
+      {"routes:\n  - {name: c, strategy: classifier, examples: [{text: x}]}\n",
+       "needs 'text' and 'to'"},
+      {"routes:\n  - {name: c, strategy: classifier, examples: [{text: x, "
+       "to: zz}]}\n",
+       "unknown target 'zz'"},
+      {"routes:\n  - {name: c, strategy: classifier, k: 0, examples: "
+       "[{text: x, to: m}]}\n",
+       "out of range 1..64"},
+      {"routes:\n  - {name: c, strategy: fallback, k: 3, targets: [m]}\n",
+       "belong to a classifier route"},
+      {"routes:\n  - {name: c, strategy: classifier, examples_file: "
+       "/nonexistent/x.jsonl}\n",
+       "x.jsonl"},
+      {"upstreams:\n  - {name: u, base_url: 'http://x'}\n"
+       "routes:\n  - {name: c, strategy: classifier, model: u, examples: "
+       "[{text: x, to: m}]}\n",
+       "must be a local model"},
+  };
+  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
+    char t2[1024];
+    snprintf(t2, sizeof t2, "models:\n  - {name: m, path: m.gguf}\n%s",
+             bad[i].text);
+    struct tn_serve_config c2;
+    ASSERT_EQ(parse(t2, &c2, &err), TN_EINVAL);
+    if (!strstr(err.msg, bad[i].msg)) fprintf(stderr, "%zu: %s\n", i, err.msg);
+    ASSERT_SUBSTR(err.msg, bad[i].msg);
+  }
+}
+
 TN_TEST_MAIN(TN_TEST(test_config_routes), TN_TEST(test_config_bad),
              TN_TEST(test_plans), TN_TEST(test_balance_and_breaker),
-             TN_TEST(test_signals), TN_TEST(test_tenants))
+             TN_TEST(test_signals), TN_TEST(test_tenants),
+             TN_TEST(test_classifier))

@@ -210,7 +210,7 @@ static const struct bad_case k_bad[] = {
     {"? [a, b]\n: c\n" MODEL_OK, TN_EINVAL, ":1: expected a key, got a list"},
     /* top-level keys */
     {"hots: x\n" MODEL_OK, TN_EINVAL,
-     ":1: unknown key 'hots' (expected host, port, api_key, threads, models, upstreams or routes)"},
+     ":1: unknown key 'hots' (expected host, port, api_key, threads, models, upstreams, routes or tenants)"},
     {"port: 1\n" MODEL_OK "port: 2\n", TN_EINVAL, ":5: duplicate key 'port'"},
     {"port: [8080]\n" MODEL_OK, TN_EINVAL, ":1: port: expected a value, got a list"},
     {"port: {a: 1}\n" MODEL_OK, TN_EINVAL, ":1: port: expected a value, got a mapping"},

@@ -87,13 +87,17 @@ test-asan:
 # statistics (HTTP threads add, the reaper samples gauges, the API reads),
 # and the trace exporter (HTTP threads queue spans, its thread posts them),
 # and adapters (HTTP threads load and unload them while the engine's
-# steps and requests hold references).
+# steps and requests hold references), and routes (the upstream thread
+# drives libcurl while HTTP threads start, read and cancel calls; tenants'
+# limits under concurrent clients; embeddings batched with completions).
 TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/test_cli_chat.py \
 	tests/e2e/test_structured.py::test_batch_invariance_mixed \
 	tests/e2e/test_structured.py::test_early_exit_same_answer \
 	tests/e2e/test_reqlog.py tests/e2e/test_dashboard.py::test_stats_equal_the_answers \
 	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing \
-	tests/e2e/test_adapters.py::test_hot_load_unload
+	tests/e2e/test_adapters.py::test_hot_load_unload \
+	tests/e2e/test_routing.py tests/e2e/test_tenants.py \
+	tests/e2e/test_embeddings.py::test_batch_invariance
 test-tsan:
 	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv|test_lora)$$'

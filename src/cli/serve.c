@@ -76,14 +76,19 @@ static int load_adapters(struct tn_engine *e, const char *model,
 
 /* ---- classifier routes: their examples embedded once at start */
 
+/* The engine's notify (under a request's lock) bumps gen; the waiter
+ * never holds mu while it takes a request's lock, so the two orders
+ * never meet. */
 struct embed_wait {
   pthread_mutex_t mu;
   pthread_cond_t cv;
+  unsigned gen;
 };
 
 static void embed_notify(void *user) {
   struct embed_wait *w = user;
   pthread_mutex_lock(&w->mu);
+  w->gen++;
   pthread_cond_broadcast(&w->cv);
   pthread_mutex_unlock(&w->mu);
 }
@@ -104,7 +109,7 @@ static int embed_examples(struct tn_router *router, int route,
   int n = tn_router_n_examples(router, route), d = info.n_embd;
   float *vecs = malloc((size_t)n * (size_t)d * sizeof(float));
   if (!vecs) return tn_cli_fail("out of memory");
-  struct embed_wait w;
+  struct embed_wait w = {.gen = 0};
   pthread_mutex_init(&w.mu, NULL);
   pthread_cond_init(&w.cv, NULL);
   struct tn_gen_params gen;
@@ -135,8 +140,10 @@ static int embed_examples(struct tn_router *router, int route,
     }
     for (int i = 0; i < m; i++) {
       if (!reqs[i]) continue;
-      pthread_mutex_lock(&w.mu);
       for (;;) {
+        pthread_mutex_lock(&w.mu);
+        unsigned seen = w.gen;
+        pthread_mutex_unlock(&w.mu);
         tn_req_lock(reqs[i]);
         bool done = reqs[i]->done;
         tn_req_unlock(reqs[i]);
@@ -148,9 +155,12 @@ static int embed_examples(struct tn_router *router, int route,
           ts.tv_sec++;
           ts.tv_nsec -= 1000000000;
         }
-        pthread_cond_timedwait(&w.cv, &w.mu, &ts);
+        pthread_mutex_lock(&w.mu);
+        while (w.gen == seen &&
+               pthread_cond_timedwait(&w.cv, &w.mu, &ts) == 0) {
+        }
+        pthread_mutex_unlock(&w.mu);
       }
-      pthread_mutex_unlock(&w.mu);
       tn_req_lock(reqs[i]);
       if (reqs[i]->embedding && reqs[i]->n_embd == d)
         memcpy(vecs + (size_t)(at + i) * (size_t)d, reqs[i]->embedding,

@@ -201,7 +201,7 @@ int tn_router_upstream_target(const struct tn_router *r, int i) {
 /* ---- rules */
 
 static bool matches(pcre2_code *re, const char *s, size_t n) {
-  if (!s) return false;
+  if (!s) s = ""; /* no text: patterns like ^$ still hold */
   pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
   if (!md) return false;
   int rc = pcre2_match(re, (PCRE2_SPTR)s, n, 0, 0, md, NULL);
@@ -377,6 +377,7 @@ static enum tn_status add_target(struct tn_router *r, const char *name,
                                  const struct tn_route_input *in,
                                  struct tn_route_plan *p, int64_t *n_tokens,
                                  int depth, struct tn_error *err) {
+  if (p->n_steps >= TN_ROUTE_STEPS_MAX) return TN_OK; /* full: no deeper */
   int sub = tn_serve_config_find_route(r->cfg, name);
   if (sub < 0) {
     add_step(r, p, name);

@@ -126,6 +126,8 @@ enum tn_admit tn_tenants_admit(struct tn_tenants *ts, int i, int64_t tokens,
   struct tenant *t = &ts->t[i];
   const struct tn_serve_tenant_cfg *c = t->cfg;
   tk->tenant = -1;
+  if (tokens < 0) tokens = 0; /* an estimate never gives back */
+  if (!(cost >= 0)) cost = 0;
   pthread_mutex_lock(&ts->mu);
   enum tn_admit res = TN_ADMIT_OK;
   bool alone = t->in_flight == 0;

@@ -57,6 +57,7 @@ struct tn_upstream_pool {
   pthread_t thread;
   pthread_mutex_t mu;
   struct tn_upstream_call *queue; /* calls with something to do */
+  bool closed;                     /* under mu: no more queueing */
   atomic_bool stop;
   struct tn_upstream_call *active; /* in the multi handle (thread's own) */
 };
@@ -78,9 +79,14 @@ static void call_unref(struct tn_upstream_call *c) {
   free(c);
 }
 
-/* Queues c for the thread (new, cancel, unpause). */
-static void enqueue(struct tn_upstream_pool *p, struct tn_upstream_call *c) {
+/* Queues c for the thread (new, cancel, unpause). False once the pool
+ * is stopping: its thread may have made its last pass. */
+static bool enqueue(struct tn_upstream_pool *p, struct tn_upstream_call *c) {
   pthread_mutex_lock(&p->mu);
+  if (p->closed) {
+    pthread_mutex_unlock(&p->mu);
+    return false;
+  }
   if (!c->queued) {
     c->queued = true;
     c->next = p->queue;
@@ -89,6 +95,7 @@ static void enqueue(struct tn_upstream_pool *p, struct tn_upstream_call *c) {
   }
   pthread_mutex_unlock(&p->mu);
   curl_multi_wakeup(p->multi);
+  return true;
 }
 
 /* under c->mu */
@@ -116,8 +123,11 @@ static size_t on_header(char *data, size_t size, size_t n, void *user) {
     while (k && (v[k - 1] == '\r' || v[k - 1] == '\n' || v[k - 1] == ' ')) k--;
     snprintf(c->st.content_type, sizeof c->st.content_type, "%.*s", (int)k, v);
   } else if (len > 12 && !strncasecmp(data, "retry-after:", 12)) {
-    long v = strtol(data + 12, NULL, 10);
-    c->st.retry_after = v > 0 && v < 86400 ? (int)v : 0;
+    char v[24];
+    snprintf(v, sizeof v, "%.*s", (int)TN_MIN(len - 12, sizeof v - 1),
+             data + 12);
+    long secs = strtol(v, NULL, 10);
+    c->st.retry_after = secs > 0 && secs < 86400 ? (int)secs : 0;
   } else if (len > 5 && !strncasecmp(data, "HTTP/", 5)) {
     /* a new header block (after a 1xx): its own fields */
     c->st.content_type[0] = '\0';
@@ -170,12 +180,15 @@ static size_t on_body(char *data, size_t size, size_t n, void *user) {
 static bool call_setup(struct tn_upstream_call *c) {
   CURL *h = c->easy = curl_easy_init();
   if (!h) return false;
-  c->hdrs = curl_slist_append(c->hdrs, "Content-Type: application/json");
-  c->hdrs = curl_slist_append(c->hdrs, "Expect:");
-  if (c->spec.stream)
-    c->hdrs = curl_slist_append(c->hdrs, "Accept: text/event-stream");
-  if (c->auth) c->hdrs = curl_slist_append(c->hdrs, c->auth);
-  if (!c->hdrs) return false;
+  const char *want[4] = {"Content-Type: application/json", "Expect:",
+                         c->spec.stream ? "Accept: text/event-stream" : NULL,
+                         c->auth};
+  for (int i = 0; i < 4; i++) {
+    if (!want[i]) continue;
+    struct curl_slist *l = curl_slist_append(c->hdrs, want[i]);
+    if (!l) return false; /* c->hdrs is freed with the call */
+    c->hdrs = l;
+  }
   curl_easy_setopt(h, CURLOPT_URL, c->url);
   curl_easy_setopt(h, CURLOPT_PRIVATE, c);
   curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
@@ -231,6 +244,7 @@ static void call_finish(struct tn_upstream_pool *p, struct tn_upstream_call *c,
     snprintf(c->st.error, sizeof c->st.error, "the upstream sent no answer");
   }
   c->st.done = true;
+  c->paused = c->want_unpause = false; /* nothing to resume any more */
   wake_owner(c);
   pthread_mutex_unlock(&c->mu);
   if (c->easy) {
@@ -240,22 +254,28 @@ static void call_finish(struct tn_upstream_pool *p, struct tn_upstream_call *c,
   call_unref(c); /* the thread's reference */
 }
 
+/* Handles every queued call. One at a time off the queue, under its lock:
+ * once a call is off it (queued false) an owner may queue it again, which
+ * rewrites its link, so no detached list is walked. */
 static void run_queue(struct tn_upstream_pool *p) {
-  pthread_mutex_lock(&p->mu);
-  struct tn_upstream_call *q = p->queue;
-  p->queue = NULL;
-  for (struct tn_upstream_call *c = q; c; c = c->next) c->queued = false;
-  pthread_mutex_unlock(&p->mu);
-  while (q) {
-    struct tn_upstream_call *c = q;
-    q = c->next;
+  for (;;) {
+    pthread_mutex_lock(&p->mu);
+    struct tn_upstream_call *c = p->queue;
+    if (c) {
+      p->queue = c->next;
+      c->next = NULL;
+      c->queued = false;
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (!c) return;
     pthread_mutex_lock(&c->mu);
     bool cancel = c->cancel, unpause = c->want_unpause && c->paused;
     if (unpause) c->paused = c->want_unpause = false;
     pthread_mutex_unlock(&c->mu);
     if (!c->finished) {
-      if (cancel) {
-        call_finish(p, c, CURLE_ABORTED_BY_CALLBACK, "canceled");
+      if (cancel || atomic_load(&p->stop)) {
+        call_finish(p, c, CURLE_ABORTED_BY_CALLBACK,
+                    cancel ? "canceled" : "the server is stopping");
       } else if (!c->in_multi && !c->easy) {
         if (!call_setup(c) || curl_multi_add_handle(p->multi, c->easy))
           call_finish(p, c, CURLE_OUT_OF_MEMORY, "could not start the call");
@@ -316,7 +336,11 @@ static void *pool_main(void *arg) {
     check_stalls(p);
     curl_multi_poll(p->multi, NULL, 0, 100, NULL);
   }
-  /* stopping: every call still queued or running ends now */
+  /* stopping: no call is queued after this; every call still queued or
+   * running ends now */
+  pthread_mutex_lock(&p->mu);
+  p->closed = true;
+  pthread_mutex_unlock(&p->mu);
   run_queue(p);
   while (p->active)
     call_finish(p, p->active, CURLE_ABORTED_BY_CALLBACK,
@@ -362,8 +386,6 @@ enum tn_status tn_upstream_call_start(struct tn_upstream_pool *p,
                                       const struct tn_upstream_spec *spec,
                                       struct tn_upstream_call **out,
                                       struct tn_error *err) {
-  if (atomic_load(&p->stop))
-    return tn_error_set(err, TN_ECANCELED, "the server is stopping");
   struct tn_upstream_call *c = calloc(1, sizeof *c);
   if (!c) return tn_error_set(err, TN_ENOMEM, "out of memory");
   pthread_mutex_init(&c->mu, NULL);
@@ -389,7 +411,11 @@ enum tn_status tn_upstream_call_start(struct tn_upstream_pool *p,
   c->spec.body = c->body;
   c->spec.api_key = NULL;
   if (c->spec.max_buffered == 0) c->spec.max_buffered = 1u << 20;
-  enqueue(p, c);
+  if (!enqueue(p, c)) {
+    atomic_store(&c->refs, 1);
+    call_unref(c);
+    return tn_error_set(err, TN_ECANCELED, "the server is stopping");
+  }
   *out = c;
   return TN_OK;
 }
@@ -405,7 +431,7 @@ void tn_upstream_call_take(struct tn_upstream_call *c,
     if (c->paused && !c->want_unpause) unpause = c->want_unpause = true;
   }
   pthread_mutex_unlock(&c->mu);
-  if (unpause) enqueue(c->pool, c);
+  if (unpause) (void)enqueue(c->pool, c); /* stopping: ends anyway */
 }
 
 void tn_upstream_call_release(struct tn_upstream_call *c) {
@@ -415,6 +441,6 @@ void tn_upstream_call_release(struct tn_upstream_call *c) {
   bool running = !c->st.done;
   if (running) c->cancel = true;
   pthread_mutex_unlock(&c->mu);
-  if (running) enqueue(c->pool, c);
+  if (running) (void)enqueue(c->pool, c); /* stopping: ends anyway */
   call_unref(c);
 }

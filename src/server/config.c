@@ -1356,10 +1356,12 @@ static enum tn_status check_routes(struct loader *ld) {
     }
     if (rt->embed_model) {
       int idx;
-      if (lookup(cfg, rt->embed_model, &idx) != NK_MODEL)
+      if (lookup(cfg, rt->embed_model, &idx) != NK_MODEL ||
+          tn_serve_config_find(cfg, rt->embed_model) < 0)
         return fail(ld, TN_EINVAL, rt->line, where,
-                    "model '%.64s' must be a local model (it embeds the "
-                    "examples and the requests)",
+                    "model '%.64s' must be a local model's name or alias, "
+                    "not an adapter or upstream (it embeds the examples and "
+                    "the requests)",
                     rt->embed_model);
     }
     for (int k = 0; k < rt->n_labels; k++) {
@@ -1374,12 +1376,15 @@ static enum tn_status check_routes(struct loader *ld) {
     for (int k = 0; k < rt->n_targets; k++) {
       int idx;
       if (lookup(cfg, rt->targets[k], &idx) == NK_ROUTE &&
-          cfg->routes[idx].strategy == TN_ROUTE_CASCADE)
+          (cfg->routes[idx].strategy == TN_ROUTE_CASCADE ||
+           cfg->routes[idx].strategy == TN_ROUTE_CLASSIFIER))
         return fail(ld, TN_EINVAL, rt->line, where,
-                    "targets[%d] '%.64s' is a cascade: a cascade may be "
-                    "called directly or be a rule's target, not one of a "
-                    "list's",
-                    k, rt->targets[k]);
+                    "targets[%d] '%.64s' is a %s: it may be called directly "
+                    "or be a rule's target, not one of a list's",
+                    k, rt->targets[k],
+                    cfg->routes[idx].strategy == TN_ROUTE_CASCADE
+                        ? "cascade"
+                        : "classifier");
     }
     for (int s = 0; s + 1 < rt->n_stages; s++) {
       int idx;

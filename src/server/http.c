@@ -44,6 +44,8 @@
 
 #define MAX_PROMPTS 64
 #define MAX_SEQS_PER_REQUEST 128
+#define RELAY_EVENT_MAX (4 << 20) /* one relayed SSE event, bytes */
+#define ERROR_BODY_MAX (64 << 10) /* an upstream's error answer, bytes */
 
 struct tn_server {
   struct tn_server_config cfg;
@@ -145,11 +147,13 @@ struct conn {
   int tries;                  /* of this step's upstream */
   double t_call;              /* tn_time_s() the call started */
   struct tn_buf up;           /* bytes received, not yet handled */
+  size_t up_scanned;          /* of them, searched for an event's end */
   struct tn_upstream_state ust;
   bool relay_stream;          /* the client asked for a stream */
   bool relay_queued;          /* the SSE response is queued */
   bool relay_end;             /* the relayed stream is finished */
   bool relay_ok_event;        /* a valid event came (commit point) */
+  bool relay_bad;             /* the upstream's stream broke (breaker) */
   int64_t up_prompt, up_completion; /* usage the upstream reported */
 
   bool embeddings;            /* POST /v1/embeddings */
@@ -446,9 +450,16 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
     r.cost = upstream_cost(u, c->up_prompt, c->up_completion);
     if (r.cost >= 0) r.cost += c->cost_before;
   }
-  if (r.prompt_tokens >= 0)
-    c->used_tokens = r.prompt_tokens + TN_MAX(r.completion_tokens, 0);
-  c->used_cost = r.cost;
+  /* what it used, for the tenant's limits: nothing when nothing ran, the
+   * estimate (-1) only when an upstream answered without usage */
+  bool relayed = c->upstream >= 0 && c->status == 200;
+  c->used_tokens = r.prompt_tokens >= 0
+                       ? r.prompt_tokens + TN_MAX(r.completion_tokens, 0)
+                   : relayed ? -1
+                             : 0;
+  c->used_cost = r.cost >= 0 ? r.cost
+                 : relayed && r.prompt_tokens < 0 ? -1
+                                                  : 0;
   if (r.tenant && c->srv->tenant_tokens && r.prompt_tokens >= 0) {
     metric_inc(c->srv->tenant_tokens, r.tenant, "prompt",
                (double)r.prompt_tokens);
@@ -1078,6 +1089,8 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
     return prompt_error(c, st, "prompt", &err, aerr);
   }
   if (c->q.echo) {
+    free(c->echo_text[i]); /* a route's earlier step */
+    c->echo_text[i] = NULL;
     if (p->text) {
       c->echo_text[i] = malloc(p->len + 1);
       if (c->echo_text[i]) {
@@ -1101,9 +1114,23 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
   return 0;
 }
 
+/* Releases the connection's requests. The reaper walks them under the
+ * server's mu, so they leave the array under it first. */
 static void cancel_reqs(struct conn *c) {
-  for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
+  struct tn_req *reqs[MAX_PROMPTS];
+  pthread_mutex_lock(&c->srv->mu);
+  size_t n = c->n_reqs;
+  memcpy(reqs, c->reqs, n * sizeof reqs[0]);
   c->n_reqs = 0;
+  pthread_mutex_unlock(&c->srv->mu);
+  for (size_t i = 0; i < n; i++) tn_req_release(reqs[i]);
+}
+
+/* Adds a submitted request (under the server's mu: see cancel_reqs). */
+static void add_req(struct conn *c, struct tn_req *r) {
+  pthread_mutex_lock(&c->srv->mu);
+  c->reqs[c->n_reqs++] = r;
+  pthread_mutex_unlock(&c->srv->mu);
 }
 
 static struct tn_api_meta conn_meta(struct conn *c) {
@@ -1491,8 +1518,9 @@ static int start_call(struct conn *c, struct tn_api_error *aerr) {
     return tn_api_error_set(aerr, st == TN_ECANCELED ? 503 : 500,
                             "server_error", NULL, NULL, "%s", err.msg);
   c->relaying = true;
-  c->relay_queued = c->relay_end = c->relay_ok_event = false;
+  c->relay_queued = c->relay_end = c->relay_ok_event = c->relay_bad = false;
   c->up.len = 0;
+  c->up_scanned = 0;
   memset(&c->ust, 0, sizeof c->ust);
   c->up_prompt = c->up_completion = -1;
   c->t_call = tn_time_s();
@@ -1537,7 +1565,7 @@ static void upstream_error(struct conn *c, int status, const char *body,
   const char *type = json_string_value(json_object_get(e, "type"));
   const char *code = json_string_value(json_object_get(e, "code"));
   const char *param = json_string_value(json_object_get(e, "param"));
-  int out = status >= 500 ? 502 : status;
+  int out = status >= 400 && status < 500 ? status : 502;
   if (status >= 400 && status < 500)
     tn_api_error_set(aerr, out,
                      type ? type : status == 429 ? "rate_limit_error"
@@ -1583,8 +1611,11 @@ static void take_usage(struct conn *c, json_t *o) {
   if (!json_is_object(usage)) return;
   json_t *p = json_object_get(usage, "prompt_tokens");
   json_t *g = json_object_get(usage, "completion_tokens");
-  if (json_is_integer(p)) c->up_prompt = json_integer_value(p);
-  if (json_is_integer(g)) c->up_completion = json_integer_value(g);
+  /* an upstream's numbers are its word: bounded before they count */
+  if (json_is_integer(p))
+    c->up_prompt = TN_MIN(TN_MAX(json_integer_value(p), 0), 1000000000);
+  if (json_is_integer(g))
+    c->up_completion = TN_MIN(TN_MAX(json_integer_value(g), 0), 1000000000);
   const struct tn_serve_upstream_cfg *u =
       tn_router_upstream(c->srv->cfg.router, c->upstream);
   double cost = upstream_cost(u, c->up_prompt, c->up_completion);
@@ -1644,12 +1675,35 @@ static void relay_events(struct conn *c, bool final) {
     if (c->relay_end) return;
     char *d = c->up.data;
     size_t n = c->up.len, end = 0, skip = 0;
-    for (size_t i = 0; i + 1 < n; i++) {
-      if (d[i] == '\n' && d[i + 1] == '\n') { end = i; skip = 2; break; }
-      if (i + 3 < n && d[i] == '\r' && d[i + 1] == '\n' && d[i + 2] == '\r' &&
-          d[i + 3] == '\n') { end = i; skip = 4; break; }
+    /* from where the last look stopped (a boundary is at most 4 bytes) */
+    size_t from = c->up_scanned > 3 ? c->up_scanned - 3 : 0;
+    c->up_scanned = n;
+    /* an event ends at a blank line: "\n\n", or "\n\r\n" (CRLF lines) */
+    for (size_t i = from; i + 1 < n; i++) {
+      if (d[i] != '\n') continue;
+      if (d[i + 1] == '\n') { end = i; skip = 2; break; }
+      if (i + 2 < n && d[i + 1] == '\r' && d[i + 2] == '\n') {
+        end = i;
+        skip = 3;
+        break;
+      }
     }
-    if (!skip) break;
+    if (!skip) {
+      if (c->up.len > RELAY_EVENT_MAX) { /* no event boundary in sight */
+        const struct tn_serve_upstream_cfg *u =
+            tn_router_upstream(c->srv->cfg.router, c->upstream);
+        tn_buf_printf(&c->out,
+                      "data: {\"error\":{\"message\":\"upstream '%s' sent "
+                      "an event longer than %d bytes; the stream stops "
+                      "here\",\"type\":\"server_error\",\"param\":null,"
+                      "\"code\":\"upstream_error\"}}\n\ndata: [DONE]\n\n",
+                      u->name, RELAY_EVENT_MAX);
+        c->up.len = c->up_scanned = 0;
+        c->relay_end = c->relay_bad = true;
+        return;
+      }
+      break;
+    }
     /* one event: its data lines joined */
     struct tn_buf data = {0};
     size_t p = 0;
@@ -1667,6 +1721,7 @@ static void relay_events(struct conn *c, bool final) {
     }
     memmove(d, d + end + skip, n - end - skip);
     c->up.len = n - end - skip;
+    c->up_scanned = 0;
     if (!data.len) { /* a comment or an empty event */
       tn_buf_free(&data);
       continue;
@@ -1689,7 +1744,7 @@ static void relay_events(struct conn *c, bool final) {
                     "\"type\":\"server_error\",\"param\":null,\"code\":"
                     "\"upstream_error\"}}\n\ndata: [DONE]\n\n",
                     u->name);
-      c->relay_end = true;
+      c->relay_end = c->relay_bad = true;
       return;
     }
     c->relay_ok_event = true;
@@ -1713,7 +1768,7 @@ static void relay_events(struct conn *c, bool final) {
                   c->ust.timed_out ? "timed out"
                   : c->ust.failed  ? "the connection failed"
                                    : "no [DONE]");
-    c->relay_end = true;
+    c->relay_end = c->relay_bad = true;
   }
 }
 
@@ -1732,12 +1787,13 @@ static ssize_t relay_read(void *cls, uint64_t pos, char *buf, size_t max) {
       if (c->call) {
         const struct tn_serve_upstream_cfg *u =
             tn_router_upstream(c->srv->cfg.router, c->upstream);
-        bool ok = !c->ust.failed || c->ust.done;
+        bool ok = !c->ust.failed && !c->relay_bad;
         metric_inc(c->srv->upstream_calls, u->name,
-                   c->ust.failed ? "cut" : "ok", 1);
+                   c->ust.failed ? "cut" : c->relay_bad ? "malformed" : "ok",
+                   1);
         tn_upstream_call_release(c->call);
         c->call = NULL;
-        target_end(c, ok && !c->ust.failed);
+        target_end(c, ok);
       }
       live_remove(c);
       return MHD_CONTENT_READER_END_OF_STREAM;
@@ -1813,8 +1869,10 @@ static enum MHD_Result relay_wait(struct conn *c) {
                            : c->ust.connect_failed ? "unreachable" : "error");
       }
       if (status < 200 || status >= 300) {
-        if (c->ust.done) {
-          upstream_error(c, status, c->up.data, c->up.len, &aerr);
+        /* an error's body: whole, or its first 64 KiB */
+        if (c->ust.done || c->up.len > ERROR_BODY_MAX) {
+          upstream_error(c, status, c->up.data,
+                         TN_MIN(c->up.len, (size_t)ERROR_BODY_MAX), &aerr);
           return call_failed(c, &aerr, status_outcome(status));
         }
       } else if (strncasecmp(c->ust.content_type, "text/event-stream", 17)) {
@@ -2030,7 +2088,7 @@ static enum MHD_Result classify_start(struct conn *c, int route,
   if (st)
     return send_error_msg(c, st == TN_EFULL ? 429 : 503, "server_error", NULL,
                           NULL, err.msg);
-  c->reqs[c->n_reqs++] = r;
+  add_req(c, r);
   c->embed_route = route;
   c->classifying = true;
   c->submitted = true;
@@ -2050,6 +2108,7 @@ static enum MHD_Result classify_done(struct conn *c) {
     c->n_embd = r->n_embd;
   }
   tn_req_unlock(r);
+  live_remove(c);
   cancel_reqs(c);
   c->classifying = false;
   c->submitted = false;
@@ -2160,7 +2219,7 @@ static int submit_local(struct conn *c, bool probs,
       return tn_api_error_set(aerr, 400, "invalid_request_error", pparam,
                               NULL, "%s", err.msg);
     }
-    c->reqs[c->n_reqs++] = r;
+    add_req(c, r);
   }
   return 0;
 }
@@ -2222,16 +2281,17 @@ static bool admit_tenant(struct conn *c, const json_t *root,
                    "model_not_allowed", msg);
     return false;
   }
-  json_int_t out = json_integer_value(json_object_get(root, "max_tokens"));
-  if (out <= 0)
-    out = json_integer_value(json_object_get(root, "max_completion_tokens"));
-  if (out <= 0) out = 1024;
+  /* the client's numbers, bounded before any arithmetic */
+  json_int_t mt = json_integer_value(json_object_get(root, "max_tokens"));
+  if (mt <= 0)
+    mt = json_integer_value(json_object_get(root, "max_completion_tokens"));
+  double out = mt > 0 ? (double)TN_MIN(mt, (json_int_t)1 << 24) : 1024.0;
   json_int_t n = json_integer_value(json_object_get(root, "n"));
-  if (n > 1 && n <= 128) out *= n;
-  int64_t prompt = (int64_t)(c->len / 4) + 1;
-  int64_t tokens = prompt + (int64_t)out;
-  double cost = ((double)prompt * s->max_price_prompt +
-                 (double)out * s->max_price_completion) / 1e6;
+  if (n > 1) out *= (double)TN_MIN(n, (json_int_t)MAX_SEQS_PER_REQUEST);
+  double prompt = (double)(c->len / 4) + 1;
+  int64_t tokens = (int64_t)(prompt + out);
+  double cost = (prompt * s->max_price_prompt +
+                 out * s->max_price_completion) / 1e6;
   int retry = 0;
   enum tn_admit a = tn_tenants_admit(ts, c->tenant, tokens, cost, wall_s(),
                                      &retry, &c->ticket);
@@ -2586,7 +2646,7 @@ static enum MHD_Result route_embeddings(struct conn *c) {
       json_decref(root);
       return ret;
     }
-    c->reqs[c->n_reqs++] = r;
+    add_req(c, r);
   }
   json_decref(root);
   c->submitted = true;
@@ -2643,6 +2703,11 @@ static enum MHD_Result route_dashboard(struct conn *c, const char *url,
   bool page = !strcmp(url, "/dashboard");
   c->route = page ? "/dashboard" : "/api";
   c->dashboard = true;
+  if (s->cfg.tenants && (!s->cfg.api_key || !*s->cfg.api_key))
+    return send_error_msg(c, 403, "invalid_request_error", NULL,
+                          "permission_denied",
+                          "with tenants the dashboard needs the server's "
+                          "api_key (set api_key in the config)");
   if (!auth_ok(s, c->mhd, true))
     return send_error_msg(c, 401, "invalid_request_error", NULL,
                           "invalid_api_key",
@@ -3048,6 +3113,12 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
         TN_MAX(s->max_price_completion, u->price_completion);
   }
 
+  if (cfg->router && tn_router_n_upstreams(cfg->router) > 0 &&
+      tn_upstream_pool_start(&s->upstreams, err)) {
+    tn_server_stop(s);
+    return err->status;
+  }
+
   struct sockaddr_in addr = {0};
   addr.sin_family = AF_INET;
   addr.sin_port = htons((uint16_t)cfg->port);
@@ -3078,11 +3149,6 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
   const union MHD_DaemonInfo *di =
       MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di ? di->port : cfg->port;
-  if (cfg->router && tn_router_n_upstreams(cfg->router) > 0 &&
-      tn_upstream_pool_start(&s->upstreams, err)) {
-    tn_server_stop(s);
-    return err->status;
-  }
   if (tn_thread_create(&s->reaper, reaper_main, s) == 0)
     s->reaper_started = true;
   if (cfg->reqlog && tn_thread_create(&s->backfill, backfill_main, s) == 0)
@@ -3132,12 +3198,13 @@ static void resume_all(struct tn_server *s) {
 void tn_server_stop(struct tn_server *s) {
   if (!s) return;
   if (s->mhd) resume_all(s);
-  tn_upstream_pool_stop(s->upstreams);
-  s->upstreams = NULL;
   atomic_store(&s->stop, true);
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->backfill_started) pthread_join(s->backfill, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
+  /* after the connections: each released its call when it completed */
+  tn_upstream_pool_stop(s->upstreams);
+  s->upstreams = NULL;
   pthread_mutex_destroy(&s->mu);
   pthread_mutex_destroy(&s->load_mu);
   tn_stats_free(s->stats);

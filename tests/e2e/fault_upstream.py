@@ -15,7 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODES = ["ok", "slow", "stall", "stall_stream", "500", "429", "400", "cut",
-         "malformed", "huge", "not_sse", "echo_auth", "flaky"]
+         "malformed", "huge", "huge_event", "not_sse", "echo_auth", "flaky"]
 HUGE_BYTES = 64 << 20
 MIB = 1 << 20
 
@@ -224,6 +224,14 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in range(HUGE_BYTES // MIB):
                 self.wfile.write(block)
             self.wfile.write(post)
+        elif model == "huge_event":  # one SSE event of 8 MiB, never ended
+            self._head(200, "text/event-stream", chunked=True)
+            self._event(self._piece(model, "hello"))
+            self._chunk("data: {\"x\": \"")
+            block = "a" * MIB
+            for _ in range(8):
+                self._chunk(block)
+            self._chunk(b"")
         elif model == "not_sse":
             data = b"<html>oops</html>"
             self._head(200, "text/html", len(data))

@@ -72,6 +72,7 @@ def gateway_config(base, base2):
         upstream("up-cut", "cut", base),
         upstream("up-malformed", "malformed", base),
         upstream("up-huge", "huge", base),
+        upstream("up-huge-event", "huge_event", base),
         upstream("up-not-sse", "not_sse", base),
         upstream("up-auth", "echo_auth", base, api_key_env=KEY_VAR),
         upstream("up-flaky", "flaky", base, retries=1),
@@ -463,6 +464,17 @@ def test_malformed_stream_ends_with_error_event(gw):
     assert stream_text(chunks[:-1]) == "hello"
     assert set(chunks[-1]) == {"error"}, chunks[-1]
     assert "not JSON" in chunks[-1]["error"]["message"]
+    assert_alive(gw)
+
+
+def test_endless_event_ends_with_error_event(gw):
+    """An SSE event that never ends is cut at 4 MiB, not buffered forever."""
+    r = chat(gw, "up-huge-event", stream=True)
+    assert r.status_code == 200
+    chunks = sse(r)
+    assert stream_text(chunks[:-1]) == "hello"
+    assert set(chunks[-1]) == {"error"}, chunks[-1]
+    assert "longer than" in chunks[-1]["error"]["message"]
     assert_alive(gw)
 
 
@@ -858,3 +870,50 @@ def test_bad_config_refused(tern_bin, tmp_path, case, text, fragment):
     assert len(lines) == 1, err
     assert fragment in lines[0] and "bad.yaml" in lines[0], err
     assert took < 5, took
+
+
+# ---- a real tern upstream: a second tern process behind a route
+
+def test_tern_upstream(start_server, tmp_path):
+    up = start_server("-m", model_path("smollm2-135m"), "--name", "smollm2",
+                      "-t", "1")
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"""models:
+  - {{name: local, path: {model_path("smollm2-135m")}, max_seqs: 2}}
+upstreams:
+  - {{name: far, base_url: "{up.base}/v1", model: smollm2, price_prompt: 1,
+     price_completion: 2}}
+routes:
+  - {{name: safe, strategy: fallback, targets: [far, local]}}
+""")
+    gw = start_server("--config", str(cfg), "-t", "1")
+    body = {"messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8, "temperature": 0}
+    direct = requests.post(up.base + "/v1/chat/completions", timeout=T,
+                           json={**body, "model": "smollm2"}).json()
+    for model in ("far", "safe"):
+        r = requests.post(gw.base + "/v1/chat/completions", timeout=T,
+                          json={**body, "model": model})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tern-model"] == "far"
+        d = r.json()
+        assert d["choices"][0]["message"] == direct["choices"][0]["message"]
+        u = d["usage"]
+        assert u["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+        assert u["cost"] == pytest.approx(
+            (u["prompt_tokens"] * 1 + u["completion_tokens"] * 2) / 1e6)
+    # streamed through, token by token, the same text
+    r = requests.post(gw.base + "/v1/chat/completions", timeout=T, stream=True,
+                      json={**body, "model": "far", "stream": True,
+                            "stream_options": {"include_usage": True}})
+    chunks = sse(r)
+    assert stream_text(chunks) == direct["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] == \
+        direct["usage"]["completion_tokens"]
+    # the upstream stops: the route falls back to the local model
+    assert up.stop() == 0
+    r = requests.post(gw.base + "/v1/chat/completions", timeout=T,
+                      json={**body, "model": "safe"})
+    assert r.status_code == 200 and r.headers["x-tern-model"] == "local"
+    assert r.json()["choices"][0]["message"] == \
+        direct["choices"][0]["message"]

@@ -585,6 +585,9 @@ static void test_classifier(void) {
        "routes:\n  - {name: c, strategy: classifier, model: u, examples: "
        "[{text: x, to: m}]}\n",
        "must be a local model"},
+      {"routes:\n  - {name: c, strategy: classifier, examples: [{text: x, "
+       "to: m}]}\n  - {name: f, strategy: balance, targets: [c, m]}\n",
+       "'c' is a classifier"},
   };
   for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
     char t2[1024];

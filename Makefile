@@ -97,7 +97,8 @@ TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/
 	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing \
 	tests/e2e/test_adapters.py::test_hot_load_unload \
 	tests/e2e/test_routing.py tests/e2e/test_tenants.py \
-	tests/e2e/test_embeddings.py::test_batch_invariance
+	tests/e2e/test_embeddings.py::test_batch_invariance \
+	tests/e2e/test_embeddings.py::test_classifier_routes_by_topic
 test-tsan:
 	cd $(TSAN_BUILD) && TN_TEST_QUICK=1 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 	  ctest --output-on-failure -R '^(test_sched|test_base|test_obs|test_kv|test_lora)$$'

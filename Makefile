@@ -130,7 +130,7 @@ bench: all models
 # and the chat formatter (clang, ASan+UBSan), FUZZ_SECONDS each, growing
 # corpora under build-fuzz/ (tests/fuzz/README.md).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := fuzz_gguf fuzz_api fuzz_tokenizer fuzz_chat fuzz_grammar \
+FUZZ_TARGETS := fuzz_gguf fuzz_api fuzz_tokenizer fuzz_chat fuzz_grammar fuzz_config \
                 fuzz_jinja
 fuzz:
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON

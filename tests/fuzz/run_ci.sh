@@ -18,7 +18,7 @@
 # Environment:
 #   FUZZ_SECONDS      seconds of fuzzing per target (default 20)
 #   FUZZ_SEED         libFuzzer -seed (default 1)
-#   FUZZ_TARGETS      which targets, space-separated (default: all six)
+#   FUZZ_TARGETS      which targets, space-separated (default: all seven)
 #   FUZZ_RSS_MB       -rss_limit_mb (default 2048)
 #   TERN_FUZZ_MODELS  where fuzz_tokenizer finds the model vocabularies
 #                     (default: models/ in this repository)
@@ -32,7 +32,7 @@ BUILD=${1:-build-fuzz}
 SECONDS_EACH=${FUZZ_SECONDS:-20}
 SEED=${FUZZ_SEED:-1}
 RSS_MB=${FUZZ_RSS_MB:-2048}
-TARGETS=${FUZZ_TARGETS:-fuzz_gguf fuzz_api fuzz_tokenizer fuzz_chat fuzz_grammar fuzz_jinja}
+TARGETS=${FUZZ_TARGETS:-fuzz_gguf fuzz_api fuzz_tokenizer fuzz_chat fuzz_grammar fuzz_jinja fuzz_config}
 export TERN_FUZZ_MODELS=${TERN_FUZZ_MODELS:-$ROOT/models}
 # leaks are failures; a crash report should name lines
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
@@ -40,10 +40,11 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
 
 # per target: short name (seeds, dictionary), -max_len
 declare -A SHORT=([fuzz_gguf]=gguf [fuzz_api]=api [fuzz_tokenizer]=tokenizer
-                  [fuzz_chat]=chat [fuzz_grammar]=grammar [fuzz_jinja]=jinja)
+                  [fuzz_chat]=chat [fuzz_grammar]=grammar [fuzz_jinja]=jinja
+                  [fuzz_config]=config)
 declare -A MAXLEN=([fuzz_gguf]=4096 [fuzz_api]=8192 [fuzz_tokenizer]=4097
                    [fuzz_chat]=8192 [fuzz_grammar]=4096
-                   [fuzz_jinja]=8192)
+                   [fuzz_jinja]=8192 [fuzz_config]=8192)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tern-fuzz-ci.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT

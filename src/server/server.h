@@ -1,7 +1,8 @@
 /*
  * server.h: the HTTP front of tern (libmicrohttpd), OpenAI-compatible.
  *
- * Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+ * Routes: POST /v1/chat/completions, POST /v1/completions, POST
+ * /v1/embeddings, GET /v1/models,
  * GET /health (alive), GET /ready (models loaded, not draining), GET
  * /metrics (Prometheus), GET /dashboard and its JSON API under /api/
  * (dashboard.h; the API key also as HTTP Basic auth's password, so a

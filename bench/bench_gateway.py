@@ -159,6 +159,37 @@ upstreams:
     return d_ttft, g_ttft, d_chunk, g_chunk
 
 
+def cascade_ttft(args, td):
+    """A streamed cascade's TTFT: the deciding stage runs to its end before
+    anything is sent. SmolLM2 -> Qwen 0.5B, accepted (-inf) and escalated
+    (+inf), against each model streamed directly; 32 tokens each."""
+    qwen = ROOT / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    cfg = f"""models:
+  - {{name: small, path: {MODEL}}}
+  - {{name: large, path: {qwen}}}
+routes:
+  - name: accept
+    strategy: cascade
+    stages: [{{model: small, signal: min_prob, threshold: -.inf}}, {{model: large}}]
+  - name: escalate
+    strategy: cascade
+    stages: [{{model: small, signal: min_prob, threshold: .inf}}, {{model: large}}]
+"""
+    p, base = tern(args, cfg, td, "cascade", 2)
+    out = {}
+    try:
+        s = requests.Session()
+        for m in ("small", "large", "accept", "escalate"):
+            stream(s, base, m, 32, True)
+        n = max(10, args.requests // 10)
+        for m in ("small", "large", "accept", "escalate"):
+            out[m] = [stream(s, base, m, 32, True) for _ in range(n)]
+    finally:
+        p.terminate()
+        p.wait()
+    return out
+
+
 def load(base, model, conc, duration, headers=None):
     body = {"model": model, "messages": PROMPT, "max_tokens": 1,
             "temperature": 0}
@@ -254,7 +285,8 @@ def main():
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--duration", type=float, default=20)
-    ap.add_argument("--only", choices=["route", "relay", "throughput"])
+    ap.add_argument("--only", choices=["route", "relay", "throughput",
+                                       "cascade"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as td:
         if args.only in (None, "route"):
@@ -272,6 +304,12 @@ def main():
             print(f"  per chunk ms  direct {statistics.mean(dc)*1e3:7.3f}  via "
                   f"gateway {statistics.mean(gc)*1e3:7.3f}  added "
                   f"{(statistics.mean(gc)-statistics.mean(dc))*1e3:+6.3f}")
+        if args.only in (None, "cascade"):
+            out = cascade_ttft(args, td)
+            print("streamed cascade, TTFT and end-to-end ms (p50), 32 tokens:")
+            for k, rows in out.items():
+                print(f"  {k:9s} TTFT {pct([r[0] for r in rows], .5)*1e3:7.1f}"
+                      f"  total {pct([r[1] for r in rows], .5)*1e3:7.1f}")
         if args.only in (None, "throughput"):
             out = throughput(args, td)
             print(f"throughput, two tern upstreams, {args.concurrency} "

@@ -39,6 +39,7 @@ struct target {
 struct rule {
   const struct tn_serve_rule_cfg *cfg;
   pcre2_code *regex, *user, *header;
+  pcre2_code *meta[TN_SERVE_META_MAX];
 };
 
 struct route {
@@ -118,8 +119,11 @@ enum tn_status tn_router_create(const struct tn_serve_config *cfg,
         ru->regex = compile(u->regex);
         ru->user = compile(u->user);
         ru->header = compile(u->header_regex);
+        bool meta_ok = true;
+        for (int m = 0; m < u->n_meta; m++)
+          meta_ok = (ru->meta[m] = compile(u->meta_res[m])) && meta_ok;
         if ((u->regex && !ru->regex) || (u->user && !ru->user) ||
-            (u->header_regex && !ru->header)) {
+            (u->header_regex && !ru->header) || !meta_ok) {
           tn_router_free(r);
           return tn_error_set(err, TN_EINVAL,
                               "route '%s': rules[%d]: a pattern does not "
@@ -161,6 +165,8 @@ void tn_router_free(struct tn_router *r) {
       pcre2_code_free(rt->rules[k].regex);
       pcre2_code_free(rt->rules[k].user);
       pcre2_code_free(rt->rules[k].header);
+      for (int m = 0; m < rt->cfg->rules[k].n_meta; m++)
+        pcre2_code_free(rt->rules[k].meta[m]);
     }
     free(rt->rules);
     free(rt->vecs);
@@ -245,6 +251,11 @@ static bool rule_holds(const struct rule *ru, const struct tn_route_input *in,
   if (ru->header) {
     const char *v = in->header ? in->header(in->ctx, u->header) : NULL;
     if (!v || !matches(ru->header, v, strlen(v))) return false;
+  }
+  for (int m = 0; m < u->n_meta; m++) {
+    const char *v = in->metadata ? in->metadata(in->ctx, u->meta_keys[m])
+                                 : NULL;
+    if (!v || !matches(ru->meta[m], v, strlen(v))) return false;
   }
   if (u->min_tokens >= 0 || u->max_tokens >= 0) {
     if (*n_tokens == -2)

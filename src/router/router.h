@@ -75,6 +75,8 @@ struct tn_route_input {
   const float *embedding;
   int n_embd;
   int embed_route;
+  /* the request's metadata[key] when a string, or NULL */
+  const char *(*metadata)(void *ctx, const char *key);
   /* a request header's value, or NULL */
   const char *(*header)(void *ctx, const char *name);
   void *ctx;

@@ -801,10 +801,45 @@ static enum tn_status upstream_elem(struct loader *ld, const char *where,
 
 enum { RK_REGEX, RK_KEYWORDS, RK_MIN_TOKENS, RK_MAX_TOKENS, RK_TOOLS,
        RK_RESPONSE_FORMAT, RK_USER, RK_HEADER, RK_HEADER_REGEX, RK_TENANT,
-       RK_TO, RK_COUNT };
+       RK_METADATA, RK_TO, RK_COUNT };
 static const char *const k_rule_keys[RK_COUNT] = {
     "regex", "keywords", "min_tokens", "max_tokens", "tools",
-    "response_format", "user", "header", "header_regex", "tenant", "to"};
+    "response_format", "user", "header", "header_regex", "tenant",
+    "metadata", "to"};
+
+/* metadata: a mapping of key -> PCRE2 pattern */
+static enum tn_status parse_meta(struct loader *ld, const char *where,
+                                 struct tn_serve_rule_cfg *r) {
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_MAPPING_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where,
+                "expected a mapping of metadata keys to patterns, got %s",
+                ev_kind(&ld->ev));
+  if (!r->meta_keys &&
+      (!(r->meta_keys = calloc(TN_SERVE_META_MAX, sizeof *r->meta_keys)) ||
+       !(r->meta_res = calloc(TN_SERVE_META_MAX, sizeof *r->meta_res))))
+    return tn_error_set(ld->err, TN_ENOMEM, "out of memory");
+  for (;;) {
+    if ((st = next(ld, where))) return st;
+    if (ld->ev.type == YAML_MAPPING_END_EVENT) break;
+    if (ld->ev.type != YAML_SCALAR_EVENT || scalar_is_null(ld))
+      return fail(ld, TN_EINVAL, ev_line(ld), where,
+                  "expected a metadata key, got %s", ev_kind(&ld->ev));
+    if (r->n_meta == TN_SERVE_META_MAX)
+      return fail(ld, TN_EINVAL, ev_line(ld), where, "more than %d keys",
+                  TN_SERVE_META_MAX);
+    char key[320];
+    snprintf(key, sizeof key, "%.200s.%.64s", where, scalar_text(ld));
+    if ((st = take_string(ld, key, 64, &r->meta_keys[r->n_meta], false)))
+      return st;
+    r->n_meta++; /* counted: freed with the rule even if its pattern fails */
+    if ((st = take_regex(ld, key, &r->meta_res[r->n_meta - 1]))) return st;
+  }
+  if (r->n_meta == 0)
+    return fail(ld, TN_EINVAL, ev_line(ld), where, "the mapping is empty");
+  return TN_OK;
+}
 
 static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
                                 void *elem) {
@@ -844,6 +879,7 @@ static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
         st = parse_str_list(ld, key, TN_SERVE_TENANTS_MAX, TN_SERVE_NAME_MAX,
                             &r->tenants, &r->n_tenants);
         break;
+      case RK_METADATA: st = parse_meta(ld, key, r); break;
       case RK_TO: st = take_plain_name(ld, key, &r->to); break;
     }
     if (st) return st;
@@ -1600,6 +1636,12 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
       free(u->header_regex);
       for (int w = 0; w < u->n_tenants; w++) free(u->tenants[w]);
       free(u->tenants);
+      for (int w = 0; w < u->n_meta; w++) {
+        free(u->meta_keys[w]);
+        free(u->meta_res[w]);
+      }
+      free(u->meta_keys);
+      free(u->meta_res);
       free(u->to);
     }
     free(r->rules);

@@ -73,6 +73,8 @@
  *           user: "^team-a"           # PCRE2 on the request's "user"
  *           header: X-Tier            # with header_regex: a header's
  *           header_regex: "^gold$"    #  value (missing header: no match)
+ *           metadata: {tier: "^gold$"}  # PCRE2 on the request's
+ *                                     #  "metadata" values (all must hold)
  *           to: coder                 # required: a model, upstream, route
  *         - to: smollm2               # no condition: always holds
  *     - name: safe
@@ -176,6 +178,7 @@ struct tn_serve_model_cfg {
 #define TN_SERVE_RULES_MAX 64
 #define TN_SERVE_KEYWORDS_MAX 64
 #define TN_SERVE_LABELS_MAX 64
+#define TN_SERVE_META_MAX 16
 #define TN_SERVE_EXAMPLES_MAX 100000
 
 struct tn_serve_upstream_cfg {
@@ -219,6 +222,9 @@ struct tn_serve_rule_cfg {
   char *header, *header_regex;
   char **tenants;         /* any of these tenants */
   int n_tenants;
+  char **meta_keys;       /* "metadata" values: meta_res[i] (PCRE2) on */
+  char **meta_res;        /* the request's metadata[meta_keys[i]] */
+  int n_meta;
   char *to;
 };
 

@@ -1453,6 +1453,12 @@ static int64_t route_count_tokens(void *ctx) {
   return n;
 }
 
+static const char *route_metadata(void *ctx, const char *key) {
+  struct route_ctx *rc = ctx;
+  return json_string_value(
+      json_object_get(json_object_get(rc->root, "metadata"), key));
+}
+
 static const char *route_header(void *ctx, const char *name) {
   struct route_ctx *rc = ctx;
   return MHD_lookup_connection_value(rc->c->mhd, MHD_HEADER_KIND, name);
@@ -1996,6 +2002,7 @@ static enum MHD_Result plan_and_go(struct conn *c, const json_t *root) {
                                : NULL,
       .count_tokens = route_count_tokens,
       .header = route_header,
+      .metadata = route_metadata,
       .embedding = c->embedding,
       .n_embd = c->n_embd,
       .embed_route = c->embed_route,

@@ -87,11 +87,12 @@ def gateway_config(base, base2):
         # rule targets: all answer like up-ok; x-tern-model tells which
         *[upstream(n, "ok", base) for n in (
             "r-header", "r-user", "r-tools", "r-regex", "r-kw", "r-long",
-            "r-huge", "r-short", "r-rf")],
+            "r-huge", "r-short", "r-rf", "r-meta")],
     ]
     routes = [
         {"name": "auto", "strategy": "rules", "rules": [
             {"header": "X-Tier", "header_regex": "^gold$", "to": "r-header"},
+            {"metadata": {"tier": "^gold$", "team": "^a"}, "to": "r-meta"},
             {"user": "^team-a", "to": "r-user"},
             {"tools": True, "to": "r-tools"},
             {"response_format": True, "to": "r-rf"},
@@ -149,6 +150,8 @@ def flow(d):
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {val(x)}" for k, x in v.items()) + "}"
         if v in (".inf", "-.inf"):
             return v
         return json.dumps(v)
@@ -569,6 +572,11 @@ RULE_CASES = [
     ("I like Python a lot", {}, {"x-tier": "gold"}, "r-header"),
     ("I like Python a lot", {}, {"X-Tier": "golden"}, "r-regex"),
     ("I like Python a lot", {"user": "team-a-bob"}, {}, "r-user"),
+    ("I like Python a lot", {"metadata": {"tier": "gold", "team": "ab"}}, {},
+     "r-meta"),
+    ("I like Python a lot", {"metadata": {"tier": "gold"}}, {}, "r-regex"),
+    ("I like Python a lot", {"metadata": {"tier": "silver", "team": "a"}}, {},
+     "r-regex"),
     ("I like Python a lot", {"user": "bob-team-a"}, {}, "r-regex"),
     ("what time is it", {"tools": [{"type": "function", "function": {
         "name": "now", "parameters": {"type": "object", "properties": {}}}}]},

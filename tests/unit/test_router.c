@@ -135,6 +135,12 @@ static void test_config_bad(void) {
        "missing key 'to'"},
       {"routes:\n  - {name: r, strategy: rules, rules: [{header: X, to: m}]}\n",
        "'header' and 'header_regex' go together"},
+      {"routes:\n  - {name: r, strategy: rules, rules: [{metadata: {a: '('}, "
+       "to: m}]}\n",
+       "is not a valid regular expression"},
+      {"routes:\n  - {name: r, strategy: rules, rules: [{metadata: [a], "
+       "to: m}]}\n",
+       "expected a mapping of metadata keys"},
       {"routes:\n  - {name: r, strategy: cascade, stages: [{model: m}]}\n",
        "a cascade needs at least two stages"},
       {"routes:\n  - {name: r, strategy: cascade, stages: [{model: m}, "

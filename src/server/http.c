@@ -150,7 +150,6 @@ struct conn {
   size_t up_scanned;          /* of them, searched for an event's end */
   struct tn_upstream_state ust;
   bool relay_stream;          /* the client asked for a stream */
-  bool relay_queued;          /* the SSE response is queued */
   bool relay_end;             /* the relayed stream is finished */
   bool relay_ok_event;        /* a valid event came (commit point) */
   bool relay_bad;             /* the upstream's stream broke (breaker) */
@@ -170,10 +169,12 @@ struct conn {
 };
 
 static enum MHD_Result try_steps(struct conn *c);
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max);
+static enum MHD_Result queue_stream(struct conn *c,
+                                    MHD_ContentReaderCallback reader);
 static enum MHD_Result classify_start(struct conn *c, int route,
                                       const char *text, size_t len);
 static enum MHD_Result classify_done(struct conn *c);
-static enum MHD_Result queue_local_stream(struct conn *c);
 static bool deciding(const struct conn *c);
 static void target_end(struct conn *c, bool ok);
 static void metric_inc(struct tn_metric_family *f, const char *a,
@@ -1290,7 +1291,7 @@ static enum MHD_Result completion_wait(struct conn *c) {
     }
     if (c->q.stream) {
       unlock_reqs(c);
-      return queue_local_stream(c); /* the whole answer, streamed now */
+      return queue_stream(c, stream_read); /* the whole answer, streamed now */
     }
   }
   live_remove(c);
@@ -1309,17 +1310,20 @@ static enum MHD_Result completion_wait(struct conn *c) {
   return send_body(c, 200, "application/json", body, len, 0);
 }
 
+/* Copies what waits in c->out (some of it) to an SSE reader's buf. */
+static ssize_t take_out(struct conn *c, char *buf, size_t max) {
+  size_t n = TN_MIN(max, c->out.len - c->out_off);
+  memcpy(buf, c->out.data + c->out_off, n);
+  c->out_off += n;
+  if (c->out_off == c->out.len) c->out_off = c->out.len = 0;
+  return (ssize_t)n;
+}
+
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
   struct conn *c = cls;
   (void)pos;
   for (;;) {
-    if (c->out_off < c->out.len) {
-      size_t n = TN_MIN(max, c->out.len - c->out_off);
-      memcpy(buf, c->out.data + c->out_off, n);
-      c->out_off += n;
-      if (c->out_off == c->out.len) c->out_off = c->out.len = 0;
-      return (ssize_t)n;
-    }
+    if (c->out_off < c->out.len) return take_out(c, buf, max);
     if (c->stream_done) {
       live_remove(c);
       return MHD_CONTENT_READER_END_OF_STREAM;
@@ -1341,6 +1345,27 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
 }
 
 static void stream_free(void *cls) { conn_unref(cls); }
+
+/* Queues the 200 SSE response whose body reader pulls (the engine's
+ * stream_read or an upstream's relay_read). */
+static enum MHD_Result queue_stream(struct conn *c,
+                                    MHD_ContentReaderCallback reader) {
+  atomic_fetch_add(&c->refs, 1);
+  struct MHD_Response *resp = MHD_create_response_from_callback(
+      MHD_SIZE_UNKNOWN, 16384, reader, c, stream_free);
+  if (!resp) {
+    conn_unref(c);
+    return MHD_NO;
+  }
+  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+  MHD_add_response_header(resp, "Cache-Control", "no-cache");
+  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+  add_route_headers(c, resp);
+  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
+  MHD_destroy_response(resp);
+  count_status(c, 200);
+  return ret;
+}
 
 /* ---- routes and upstreams (cfg.router) */
 
@@ -1524,7 +1549,7 @@ static int start_call(struct conn *c, struct tn_api_error *aerr) {
     return tn_api_error_set(aerr, st == TN_ECANCELED ? 503 : 500,
                             "server_error", NULL, NULL, "%s", err.msg);
   c->relaying = true;
-  c->relay_queued = c->relay_end = c->relay_ok_event = c->relay_bad = false;
+  c->relay_end = c->relay_ok_event = c->relay_bad = false;
   c->up.len = 0;
   c->up_scanned = 0;
   memset(&c->ust, 0, sizeof c->ust);
@@ -1782,13 +1807,7 @@ static ssize_t relay_read(void *cls, uint64_t pos, char *buf, size_t max) {
   struct conn *c = cls;
   (void)pos;
   for (;;) {
-    if (c->out_off < c->out.len) {
-      size_t n = TN_MIN(max, c->out.len - c->out_off);
-      memcpy(buf, c->out.data + c->out_off, n);
-      c->out_off += n;
-      if (c->out_off == c->out.len) c->out_off = c->out.len = 0;
-      return (ssize_t)n;
-    }
+    if (c->out_off < c->out.len) return take_out(c, buf, max);
     if (c->relay_end) {
       if (c->call) {
         const struct tn_serve_upstream_cfg *u =
@@ -1817,24 +1836,6 @@ static ssize_t relay_read(void *cls, uint64_t pos, char *buf, size_t max) {
   }
 }
 
-static enum MHD_Result relay_queue_stream(struct conn *c) {
-  atomic_fetch_add(&c->refs, 1);
-  struct MHD_Response *resp = MHD_create_response_from_callback(
-      MHD_SIZE_UNKNOWN, 16384, relay_read, c, stream_free);
-  if (!resp) {
-    conn_unref(c);
-    return MHD_NO;
-  }
-  c->relay_queued = true;
-  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
-  MHD_add_response_header(resp, "Cache-Control", "no-cache");
-  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
-  add_route_headers(c, resp);
-  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
-  MHD_destroy_response(resp);
-  count_status(c, 200);
-  return ret;
-}
 
 /* A relayed call's progress, on the HTTP thread: until the answer is
  * whole (non-streaming) or the stream's first valid event (the point
@@ -1895,7 +1896,7 @@ static enum MHD_Result relay_wait(struct conn *c) {
         relay_events(c, false);
         if (c->relay_ok_event || c->relay_end ||
             (c->ust.done && !c->ust.failed))
-          return relay_queue_stream(c);
+          return queue_stream(c, relay_read);
         if (c->ust.done) {
           c->out.len = 0;
           transfer_error(c, &aerr);
@@ -2231,23 +2232,6 @@ static int submit_local(struct conn *c, bool probs,
   return 0;
 }
 
-static enum MHD_Result queue_local_stream(struct conn *c) {
-  atomic_fetch_add(&c->refs, 1);
-  struct MHD_Response *resp = MHD_create_response_from_callback(
-      MHD_SIZE_UNKNOWN, 16384, stream_read, c, stream_free);
-  if (!resp) {
-    conn_unref(c);
-    return MHD_NO;
-  }
-  MHD_add_response_header(resp, "Content-Type", "text/event-stream");
-  MHD_add_response_header(resp, "Cache-Control", "no-cache");
-  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
-  add_route_headers(c, resp);
-  enum MHD_Result ret = MHD_queue_response(c->mhd, 200, resp);
-  MHD_destroy_response(resp);
-  count_status(c, 200);
-  return ret;
-}
 
 /* Whether the step running now is a cascade stage that decides. */
 static bool deciding(const struct conn *c) {
@@ -2266,7 +2250,7 @@ static enum MHD_Result respond_local(struct conn *c) {
   }
   live_add(c);
   if (!c->q.stream || deciding(c)) return completion_wait(c);
-  return queue_local_stream(c);
+  return queue_stream(c, stream_read);
 }
 
 /* A tenant's request: the name it calls must be allowed, and its rates

@@ -16,6 +16,28 @@ static enum tn_status parse(const char *text, struct tn_serve_config *cfg,
   return tn_serve_config_parse(text, strlen(text), "r.yaml", cfg, err);
 }
 
+/* A config that must be refused: head plus text, failing with msg. */
+struct bad_case {
+  const char *text, *msg;
+};
+
+static void expect_bad(const struct bad_case *bad, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    char text[1024];
+    snprintf(text, sizeof text, "models:\n  - {name: m, path: m.gguf}\n%s",
+             bad[i].text);
+    struct tn_serve_config cfg;
+    struct tn_error err = {0};
+    enum tn_status st = parse(text, &cfg, &err);
+    if (st != TN_EINVAL || !strstr(err.msg, bad[i].msg))
+      fprintf(stderr, "case %zu: status %d, message: %s\n", i, st, err.msg);
+    ASSERT_EQ(st, TN_EINVAL);
+    ASSERT_SUBSTR(err.msg, bad[i].msg);
+    ASSERT_SUBSTR(err.msg, "r.yaml:");
+    ASSERT(cfg.routes == NULL && cfg.upstreams == NULL);
+  }
+}
+
 static const char k_cfg[] =
     "models:\n"
     "  - {name: small, path: s.gguf, aliases: [tiny]}\n"
@@ -97,10 +119,7 @@ static void test_config_routes(void) {
 }
 
 static void test_config_bad(void) {
-  static const char head[] = "models:\n  - {name: m, path: m.gguf}\n";
-  static const struct {
-    const char *text, *msg;
-  } bad[] = {
+  static const struct bad_case bad[] = {
       {"routes:\n  - {name: r, strategy: fallback, targets: [nope]}\n",
        "unknown target 'nope'"},
       {"routes:\n  - {name: a, strategy: fallback, targets: [b]}\n"
@@ -167,19 +186,8 @@ static void test_config_bad(void) {
       {"upstreams:\n  - {name: u, base_url: 'http://x', timeout_s: 0}\n",
        "not a number of seconds"},
   };
-  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
-    char text[1024];
-    snprintf(text, sizeof text, "%s%s", head, bad[i].text);
-    struct tn_serve_config cfg;
-    struct tn_error err = {0};
-    enum tn_status st = parse(text, &cfg, &err);
-    if (st != TN_EINVAL || !strstr(err.msg, bad[i].msg))
-      fprintf(stderr, "case %zu: status %d, message: %s\n", i, st, err.msg);
-    ASSERT_EQ(st, TN_EINVAL);
-    ASSERT_SUBSTR(err.msg, bad[i].msg);
-    ASSERT_SUBSTR(err.msg, "r.yaml:");
-    ASSERT(cfg.routes == NULL && cfg.upstreams == NULL);
-  }
+  expect_bad(bad, TN_ARRAY_LEN(bad));
+
 }
 
 /* ---- plans */
@@ -457,9 +465,7 @@ static void test_tenants(void) {
   tn_serve_config_free(&cfg);
 
   /* bad tenants */
-  static const struct {
-    const char *text, *msg;
-  } bad[] = {
+  static const struct bad_case bad[] = {
       {"tenants:\n  - {name: a}\n", "missing key 'key_env' (or 'key')"},
       {"tenants:\n  - {name: a, key: short}\n", "shorter than 8"},
       {"tenants:\n  - {name: a, key_env: TN_TEST_UNSET_VAR_Y}\n",
@@ -480,15 +486,7 @@ static void test_tenants(void) {
        "m}]}\n",
        "unknown tenant 'zz'"},
   };
-  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
-    char text[1024];
-    snprintf(text, sizeof text, "models:\n  - {name: m, path: m.gguf}\n%s",
-             bad[i].text);
-    struct tn_serve_config c2;
-    ASSERT_EQ(parse(text, &c2, &err), TN_EINVAL);
-    if (!strstr(err.msg, bad[i].msg)) fprintf(stderr, "%zu: %s\n", i, err.msg);
-    ASSERT_SUBSTR(err.msg, bad[i].msg);
-  }
+  expect_bad(bad, TN_ARRAY_LEN(bad));
   unsetenv("TN_TEST_TENANT_B");
 }
 
@@ -569,9 +567,7 @@ static void test_classifier(void) {
   tn_router_free(r);
   tn_serve_config_free(&cfg);
 
-  static const struct {
-    const char *text, *msg;
-  } bad[] = {
+  static const struct bad_case bad[] = {
       {"routes:\n  - {name: c, strategy: classifier}\n",
        "a classifier route takes 'examples' (missing)"},
       {"routes:\n  - {name: c, strategy: classifier, examples: [{text: x}]}\n",
@@ -595,15 +591,7 @@ static void test_classifier(void) {
        "to: m}]}\n  - {name: f, strategy: balance, targets: [c, m]}\n",
        "'c' is a classifier"},
   };
-  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
-    char t2[1024];
-    snprintf(t2, sizeof t2, "models:\n  - {name: m, path: m.gguf}\n%s",
-             bad[i].text);
-    struct tn_serve_config c2;
-    ASSERT_EQ(parse(t2, &c2, &err), TN_EINVAL);
-    if (!strstr(err.msg, bad[i].msg)) fprintf(stderr, "%zu: %s\n", i, err.msg);
-    ASSERT_SUBSTR(err.msg, bad[i].msg);
-  }
+  expect_bad(bad, TN_ARRAY_LEN(bad));
 }
 
 TN_TEST_MAIN(TN_TEST(test_config_routes), TN_TEST(test_config_bad),

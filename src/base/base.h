@@ -177,6 +177,13 @@ void tn_pool_run(struct tn_pool *pool, tn_pool_fn_cb fn, void *ctx);
 void tn_pool_run_n(struct tn_pool *pool, int nth, tn_pool_fn_cb fn,
                    void *ctx);
 void tn_pool_barrier(struct tn_pool *pool);
+/* Live (foreground) requests outstanding on any engine of the pool: an
+ * engine adds one per live request submitted and takes it back when the
+ * request is done. Background work (shadow replays) runs only while this
+ * is 0, so it never takes the cores from a live request for longer than
+ * one of its own steps. */
+void tn_pool_live_add(struct tn_pool *pool, int d);
+int tn_pool_live(const struct tn_pool *pool);
 
 /* Splits [0, n) into nth nearly equal ranges and gives thread ith's. */
 static inline void tn_split(int64_t n, int ith, int nth, int64_t *lo,

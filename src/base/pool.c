@@ -86,6 +86,8 @@ struct tn_pool {
   pthread_mutex_t mu;
   pthread_cond_t cond;
   _Atomic int n_sleeping;
+
+  _Atomic int live;     /* live requests of every engine (tn_pool_live) */
 };
 
 struct worker_arg {
@@ -191,6 +193,14 @@ void tn_pool_free(struct tn_pool *pool) {
 }
 
 int tn_pool_size(const struct tn_pool *pool) { return pool->n_threads; }
+
+void tn_pool_live_add(struct tn_pool *pool, int d) {
+  atomic_fetch_add_explicit(&pool->live, d, memory_order_acq_rel);
+}
+
+int tn_pool_live(const struct tn_pool *pool) {
+  return atomic_load_explicit(&pool->live, memory_order_acquire);
+}
 
 /* Waits for this caller's turn (FIFO across engine threads). */
 static void run_begin(struct tn_pool *pool) {

@@ -172,7 +172,15 @@ struct tn_gen_params {
    * token's. Mean pooling does not reuse cached prefix blocks (every
    * token's state is needed); last-token pooling does. */
   enum tn_embed { TN_EMBED_NONE, TN_EMBED_MEAN, TN_EMBED_LAST } embed;
+  /* Background work (a shadow replay): it runs only in steps when no live
+   * request is outstanding on any engine sharing this engine's compute
+   * pool (tn_pool_live), in steps of at most TN_BACKGROUND_STEP_TOKENS,
+   * and its sequences are the first preempted when a live one needs
+   * blocks or a batch slot. A live request waits for it at most one such
+   * step. The output is what the same request gives in the foreground. */
+  bool background;
 };
+#define TN_BACKGROUND_STEP_TOKENS 64
 void tn_gen_params_default(struct tn_gen_params *p);
 
 struct tn_gen_token {
@@ -212,6 +220,8 @@ struct tn_req {
   char error[256];             /* when a choice finished with ERROR */
   double t_submit, t_first, t_done; /* tn_time_now() seconds */
   double t_start;              /* first scheduled (queue time: - t_submit) */
+  double t_held;               /* params.background: seconds it was held
+                                  back for live work (set when done) */
   double itl_sum, itl_max;     /* gaps between tokens of one choice */
   int64_t itl_n;
   uint32_t itl_hist[TN_LAT_BUCKETS]; /* the gaps by tn_lat_bucket() */

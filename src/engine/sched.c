@@ -116,6 +116,8 @@ struct tn_req_priv {
   int32_t n_spawned;          /* choices given a sequence */
   bool touched;               /* gained output this step */
   bool queued;                /* counted in the waiting gauge */
+  double held0;               /* background: the engine's held clock when
+                                 it arrived (held_now) */
   struct tn_req *next_inbox;
 };
 
@@ -233,9 +235,32 @@ struct tn_engine {
   size_t text_cap;
   struct tn_req **touched;    /* requests with news this step (a ref each) */
   int32_t n_touched, cap_touched;
+  /* background work held back for live work: the total so far and the
+   * start of the current hold (0: not holding) */
+  double held_total, hold_since;
 };
 
 /* ---- small helpers */
+
+static bool seq_bg(const struct seq *s) {
+  return s->req->priv->params.background;
+}
+
+/* The clock of time background work spent held back (engine thread). */
+static double held_now(const struct tn_engine *e) {
+  return e->held_total + (e->hold_since > 0 ? tn_time_s() - e->hold_since : 0);
+}
+
+/* r is finished (under its lock): stamped, and a live request no longer
+ * holds background work back. */
+static void req_mark_done(struct tn_engine *e, struct tn_req *r) {
+  r->done = true;
+  r->t_done = tn_time_s();
+  if (r->priv->params.background)
+    r->t_held = held_now(e) - r->priv->held0;
+  else
+    tn_pool_live_add(e->pool, -1);
+}
 
 /* The step cost model (tn_spec_cost) plans drafts and caps prompt chunks
  * next to decodes. */
@@ -677,10 +702,7 @@ static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
   if (f == TN_FINISH_ERROR && error)
     snprintf(r->error, sizeof(r->error), "%s", error);
   bool done = --p->n_live == 0 && p->n_spawned == r->n_choices;
-  if (done) {
-    r->done = true;
-    r->t_done = tn_time_s();
-  }
+  if (done) req_mark_done(e, r);
   tn_req_unlock(r);
   req_touch(e, r);
   if (done) {
@@ -745,18 +767,29 @@ static void seq_preempt(struct tn_engine *e, struct seq *s) {
                s->n_tokens);
 }
 
-/* Makes room in s's block table for n more tokens, preempting newer
- * sequences (planned for this step or not) if the pool runs dry. false:
- * nothing newer is left to preempt. */
+/* The newest admitted background sequence not planned in this step (the
+ * first to go when live work needs room), or NULL. */
+static struct seq *newest_bg(const struct tn_engine *e) {
+  struct seq *victim = NULL;
+  for (struct seq *v = e->admitted; v; v = v->next)
+    if (seq_bg(v) && v->chunk == 0 && (!victim || v->order > victim->order))
+      victim = v;
+  return victim;
+}
+
+/* Makes room in s's block table for n more tokens, preempting background
+ * sequences, then newer ones (planned for this step or not), if the pool
+ * runs dry. false: nothing is left to preempt. */
 static bool seq_reserve(struct tn_engine *e, struct seq *s, int32_t n,
                         int32_t *budget) {
   for (;;) {
     if (tn_kv_seq_reserve(e->kv, &s->kv, s->n_done + n) == TN_OK)
       return true;
-    struct seq *victim = NULL;
-    for (struct seq *v = e->admitted; v; v = v->next)
-      if (v->order > s->order && (!victim || v->order > victim->order))
-        victim = v;
+    struct seq *victim = seq_bg(s) ? NULL : newest_bg(e);
+    if (!victim)
+      for (struct seq *v = e->admitted; v; v = v->next)
+        if (v->order > s->order && (!victim || v->order > victim->order))
+          victim = v;
     if (!victim) return false;
     *budget += victim->chunk;
     seq_preempt(e, victim);
@@ -828,14 +861,14 @@ static void engine_take_inbox(struct tn_engine *e) {
   while (r) {
     struct tn_req *next = r->priv->next_inbox;
     r->priv->next_inbox = NULL;
+    r->priv->held0 = held_now(e);
     struct seq *s = seq_new(e, r, 0);
     if (!s) {
       tn_req_lock(r);
       snprintf(r->error, sizeof(r->error), "out of memory");
       for (int32_t i = 0; i < r->n_choices; i++)
         r->choices[i].finish = TN_FINISH_ERROR;
-      r->done = true;
-      r->t_done = tn_time_s();
+      req_mark_done(e, r);
       tn_req_unlock(r);
       req_touch(e, r);
       pthread_mutex_lock(&e->mu);
@@ -863,10 +896,8 @@ static void spawn_children(struct tn_engine *e, struct tn_req *r) {
     if (!c) {
       r->choices[p->n_spawned - 1].finish = TN_FINISH_ERROR;
       snprintf(r->error, sizeof(r->error), "out of memory");
-      if (p->n_live == 0 && p->n_spawned == r->n_choices) {
-        r->done = true;
-        r->t_done = tn_time_s();
-      }
+      if (p->n_live == 0 && p->n_spawned == r->n_choices)
+        req_mark_done(e, r);
       tn_req_unlock(r);
       req_touch(e, r);
       continue;
@@ -1672,12 +1703,26 @@ static bool engine_step(struct tn_engine *e) {
 
   /* Plan the step. Decodes first, oldest first; then prompt chunks of
    * admitted sequences; then new admissions. A sequence short of blocks
-   * preempts the newest ones; when it is the newest, it goes itself. */
+   * preempts background sequences, then the newest ones; when it is the
+   * newest, it goes itself. Background sequences sit out every step while
+   * any live request is outstanding on the pool (hold); a step of theirs
+   * alone is kept short. */
+  bool hold = tn_pool_live(e->pool) > 0, any_bg = false;
   for (struct seq *s = e->admitted; s; s = s->next) {
     s->chunk = 0;
     s->n_draft = 0;
     s->decode = false;
+    any_bg |= seq_bg(s);
   }
+  for (struct seq *s = e->waiting; s && !any_bg; s = s->next)
+    any_bg = seq_bg(s);
+  if (hold && any_bg) {
+    if (e->hold_since <= 0) e->hold_since = tn_time_s();
+  } else if (e->hold_since > 0) {
+    e->held_total += tn_time_s() - e->hold_since;
+    e->hold_since = 0;
+  }
+  if (any_bg && !hold) budget = TN_MIN(budget, TN_BACKGROUND_STEP_TOKENS);
   int32_t n_dec = 0, prompt_left = INT32_MAX;
   for (int pass = 0; pass < 2; pass++) {
     if (pass == 1) prompt_left = prompt_cap(e, n_dec);
@@ -1685,7 +1730,7 @@ static bool engine_step(struct tn_engine *e) {
       int32_t pending = s->n_tokens - s->n_done;
       bool decode = pending == 1 && s->n_gen > 0;
       if (decode != (pass == 0) || budget <= 0 ||
-          (!decode && prompt_left <= 0)) {
+          (!decode && prompt_left <= 0) || (hold && seq_bg(s))) {
         next = s->next;
         continue;
       }
@@ -1712,10 +1757,20 @@ static bool engine_step(struct tn_engine *e) {
   if (e->cfg.spec.method != TN_SPEC_OFF || grammar) plan_drafts(e, &budget);
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
-  /* Admit waiting sequences while there is budget, room and blocks. */
-  while (e->waiting && budget > 0 && prompt_left > 0 &&
-         e->n_admitted < e->cfg.max_seqs && lora_room(e, e->waiting)) {
-    struct seq *s = e->waiting;
+  /* Admit waiting sequences while there is budget, room and blocks, in
+   * order (held background ones stay where they are). A live one short
+   * of a slot or of blocks takes them from background sequences. */
+  for (;;) {
+    struct seq **link = &e->waiting;
+    while (*link && hold && seq_bg(*link)) link = &(*link)->next;
+    struct seq *s = *link;
+    if (!s || budget <= 0 || prompt_left <= 0 || !lora_room(e, s)) break;
+    if (e->n_admitted >= e->cfg.max_seqs) {
+      struct seq *v = seq_bg(s) ? NULL : newest_bg(e);
+      if (!v) break;
+      seq_preempt(e, v);
+      continue; /* (v went to the front of the waiting list) */
+    }
     seq_prefix_lookup(e, s);
     int32_t n = TN_MIN(s->n_tokens - s->n_done, TN_MIN(budget, prompt_left));
     /* Check first: a reserve that fails half-way would have evicted
@@ -1727,9 +1782,12 @@ static bool engine_step(struct tn_engine *e) {
       tn_kv_seq_deinit(e->kv, &s->kv);
       tn_kv_seq_init(&s->kv);
       s->n_done = 0;
-      break;
+      struct seq *v = seq_bg(s) ? NULL : newest_bg(e);
+      if (!v) break;
+      seq_preempt(e, v);
+      continue;
     }
-    e->waiting = s->next;
+    *link = s->next;
     s->next = NULL;
     s->order = e->next_order++;
     list_append(&e->admitted, s);
@@ -2368,6 +2426,7 @@ enum tn_status tn_engine_submit(struct tn_engine *e, const int32_t *prompt,
   else e->inbox_head = r;
   e->inbox_tail = r;
   e->n_waiting_total++;
+  if (!params->background) tn_pool_live_add(e->pool, 1);
   /* the gauge counts it now, not at the engine's next step (a scrape
    * right after a submit must not read a stale, emptier queue); set under
    * e->mu, as the engine sets it, so the last value written is the last

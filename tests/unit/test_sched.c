@@ -886,9 +886,205 @@ static void test_n_choices(void) {
                     &other_alone));
 }
 
+/* ---- background work (shadow replays)
+ *
+ * A background request runs only in steps when no live request is
+ * outstanding on the pool: its steps never carry live entries and come
+ * after the last live one, hold at most TN_BACKGROUND_STEP_TOKENS tokens,
+ * it gives up its slot and blocks to a live arrival, and its output is
+ * what it gives alone. */
+static struct tn_req *g_bg[2];
+
+static bool is_bg(const struct rec_entry *en) {
+  return en->req == g_bg[0] || en->req == g_bg[1];
+}
+
+static double held_of(struct tn_req *r) {
+  tn_req_lock(r);
+  double h = r->t_held;
+  tn_req_unlock(r);
+  return h;
+}
+
+static void test_background(void) {
+  struct rec rc;
+  rec_init(&rc);
+  struct eng_opts o = {.max_seqs = 4, .step_tokens = 256, .gate = true,
+                       .n_threads = 2};
+  struct tn_engine *e = eng_open(&rc, &o);
+  ASSERT(e != NULL);
+  int32_t pl[2][30], pb[2][70];
+  for (int i = 0; i < 2; i++) {
+    make_prompt(1100 + (uint64_t)i, pl[i], 30);
+    make_prompt(1200 + (uint64_t)i, pb[i], 70);
+  }
+  struct tn_gen_params live = greedy(24), bg = greedy(16);
+  bg.background = true;
+  struct tn_req *r[4] = {0};
+  r[0] = submit(e, &rc, pl[0], 30, &live);
+  ASSERT(r[0] != NULL);
+  ASSERT(rec_wait_parked(&rc));
+  g_bg[0] = r[1] = submit(e, &rc, pb[0], 70, &bg);
+  g_bg[1] = r[2] = submit(e, &rc, pb[1], 70, &bg);
+  r[3] = submit(e, &rc, pl[1], 30, &live);
+  rec_open(&rc);
+  bool done = wait_done(&rc, r, 4);
+  bool idle = engine_idle(e, false);
+  struct out got[4];
+  for (int i = 0; i < 4; i++)
+    if (r[i]) collect(r[i], 0, &got[i]);
+  tn_engine_close(e);
+  ASSERT(r[1] && r[2] && r[3]);
+  ASSERT(done);
+  ASSERT(idle);
+  ASSERT_EQ(check_trace(&rc, 256, 4), 0);
+  int32_t last_live = -1, first_bg = -1;
+  for (int32_t s = 0; s < rc.n_steps; s++) {
+    int n_bg = 0;
+    for (int32_t i = 0; i < rc.steps[s].n; i++)
+      n_bg += is_bg(step_entry(&rc, s, i));
+    if (n_bg && first_bg < 0) first_bg = s;
+    if (n_bg < rc.steps[s].n) last_live = s;
+    if (n_bg) ASSERT_LE(rc.steps[s].n_tokens, TN_BACKGROUND_STEP_TOKENS);
+  }
+  ASSERT_GE(first_bg, 0);
+  ASSERT_GT(first_bg, last_live);
+  ASSERT(held_of(r[1]) > 0.0);
+  ASSERT(held_of(r[0]) == 0.0);
+  for (int i = 0; i < 4; i++) {
+    struct out want;
+    bool b = i == 1 || i == 2;
+    ASSERT(run_alone(b ? pb[i - 1] : pl[i ? 1 : 0], b ? 70 : 30,
+                     b ? &bg : &live, &want));
+    ASSERT(out_same("background vs alone", &got[i], &want));
+    tn_req_release(r[i]);
+  }
+  memset(g_bg, 0, sizeof(g_bg));
+  rec_deinit(&rc);
+}
+
+/* Parks once both background sequences are decoding. */
+static bool hook_bg_decoding(struct rec *rc, const struct rec_step *st,
+                             const struct rec_entry *ents) {
+  (void)rc;
+  int n = 0;
+  for (int32_t i = 0; i < st->n; i++)
+    n += is_bg(&ents[i]) && ents[i].decode && ents[i].n_gen >= 4;
+  return n == 2;
+}
+
+/* Two background requests fill the batch (max_seqs 2); a live one
+ * arriving takes a slot from the newest and runs alone until done. */
+static void test_background_yields(void) {
+  struct rec rc;
+  rec_init(&rc);
+  struct eng_opts o = {.max_seqs = 2, .step_tokens = 256, .n_threads = 2,
+                       .no_prefix = true};
+  struct tn_engine *e = eng_open(&rc, &o);
+  ASSERT(e != NULL);
+  int32_t pb[2][40], pl[40];
+  for (int i = 0; i < 2; i++) make_prompt(1300 + (uint64_t)i, pb[i], 40);
+  make_prompt(1310, pl, 40);
+  struct tn_gen_params live = greedy(8), bg = greedy(40);
+  bg.background = true;
+  pthread_mutex_lock(&rc.mu);
+  rc.hook = hook_bg_decoding;
+  pthread_mutex_unlock(&rc.mu);
+  struct tn_req *r[3] = {0};
+  g_bg[0] = r[0] = submit(e, &rc, pb[0], 40, &bg);
+  g_bg[1] = r[1] = submit(e, &rc, pb[1], 40, &bg);
+  ASSERT(r[0] && r[1]);
+  ASSERT(rec_wait_parked(&rc));
+  pthread_mutex_lock(&rc.mu);
+  rc.hook = NULL;
+  int32_t parked_at = rc.n_steps;
+  pthread_mutex_unlock(&rc.mu);
+  r[2] = submit(e, &rc, pl, 40, &live);
+  rec_open(&rc);
+  bool done = wait_done(&rc, r, 3);
+  struct out got[3];
+  for (int i = 0; i < 3; i++)
+    if (r[i]) collect(r[i], 0, &got[i]);
+  tn_engine_close(e);
+  ASSERT(r[2] != NULL);
+  ASSERT(done);
+  ASSERT_EQ(check_trace(&rc, 256, 2), 0);
+  ASSERT_GT(rc.steps[rc.n_steps - 1].preemptions, 0);
+  /* from the arrival on: live steps only, then background ones */
+  int32_t last_live = -1, first_bg = -1;
+  for (int32_t s = parked_at; s < rc.n_steps; s++) {
+    int n_bg = 0;
+    for (int32_t i = 0; i < rc.steps[s].n; i++)
+      n_bg += is_bg(step_entry(&rc, s, i));
+    if (n_bg && first_bg < 0) first_bg = s;
+    if (n_bg < rc.steps[s].n) last_live = s;
+  }
+  ASSERT_GE(last_live, parked_at);
+  ASSERT_GT(first_bg, last_live);
+  for (int i = 0; i < 3; i++) {
+    struct out want;
+    ASSERT(run_alone(i < 2 ? pb[i] : pl, 40, i < 2 ? &bg : &live, &want));
+    ASSERT(out_same("preempted background vs alone", &got[i], &want));
+    tn_req_release(r[i]);
+  }
+  memset(g_bg, 0, sizeof(g_bg));
+  rec_deinit(&rc);
+}
+
+/* Engines sharing a pool: background work on one waits while another
+ * has a live request outstanding. */
+static void test_background_other_engine(void) {
+  struct tn_pool *pool = tn_pool_new(2);
+  ASSERT(pool != NULL);
+  struct rec ra, rb;
+  rec_init(&ra);
+  rec_init(&rb);
+  struct eng_opts oa = {.max_seqs = 4, .step_tokens = 256, .gate = true,
+                        .n_threads = 2, .pool = pool};
+  struct eng_opts ob = {.max_seqs = 4, .step_tokens = 256, .n_threads = 2,
+                        .pool = pool};
+  struct tn_engine *a = eng_open(&ra, &oa), *b = eng_open(&rb, &ob);
+  ASSERT(a && b);
+  int32_t pl[20], pb[20];
+  make_prompt(1400, pl, 20);
+  make_prompt(1401, pb, 20);
+  struct tn_gen_params live = greedy(8), bg = greedy(8);
+  bg.background = true;
+  struct tn_req *rl = submit(a, &ra, pl, 20, &live);
+  ASSERT(rl != NULL);
+  ASSERT(rec_wait_parked(&ra)); /* a's live request is outstanding */
+  struct tn_req *rbg = submit(b, &rb, pb, 20, &bg);
+  ASSERT(rbg != NULL);
+  struct timespec ts = {0, 100 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  pthread_mutex_lock(&rb.mu);
+  int32_t held_steps = rb.n_steps;
+  pthread_mutex_unlock(&rb.mu);
+  rec_open(&ra);
+  bool done = wait_done(&ra, &rl, 1) && wait_done(&rb, &rbg, 1);
+  struct out got;
+  collect(rbg, 0, &got);
+  double held = held_of(rbg);
+  tn_req_release(rl);
+  tn_req_release(rbg);
+  tn_engine_close(a);
+  tn_engine_close(b);
+  tn_pool_free(pool);
+  ASSERT(done);
+  ASSERT_EQ(held_steps, 0);
+  ASSERT(held >= 0.09);
+  struct out want;
+  ASSERT(run_alone(pb, 20, &bg, &want));
+  ASSERT(out_same("background on another engine vs alone", &got, &want));
+  rec_deinit(&ra);
+  rec_deinit(&rb);
+}
+
 TN_TEST_MAIN(TN_TEST(test_model), TN_TEST(test_admission),
              TN_TEST(test_chunking), TN_TEST(test_decode_first), TN_TEST(test_decode_first_capped),
              TN_TEST(test_preemption), TN_TEST(test_preemption_prefix),
              TN_TEST(test_prefix_reuse), TN_TEST(test_cancel),
              TN_TEST(test_close_inflight), TN_TEST(test_batch_invariance),
-             TN_TEST(test_batch_shared_prefix), TN_TEST(test_n_choices))
+             TN_TEST(test_batch_shared_prefix), TN_TEST(test_n_choices),
+             TN_TEST(test_background), TN_TEST(test_background_yields),
+             TN_TEST(test_background_other_engine))

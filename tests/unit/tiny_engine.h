@@ -428,6 +428,7 @@ struct eng_opts {
   bool gate; /* start with the gate closed: the first step parks */
   float decode_slowdown; /* tn_engine_config's (0: off) */
   int32_t max_loras;     /* tn_engine_config's (0: no limit) */
+  struct tn_pool *pool;  /* a compute pool shared with other engines */
 };
 
 static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
@@ -446,6 +447,7 @@ static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
   cfg.prefix_cache = !o->no_prefix;
   cfg.decode_slowdown = o->decode_slowdown;
   cfg.max_loras = o->max_loras;
+  cfg.pool = o->pool;
   if (o->spec.method != TN_SPEC_OFF) {
     cfg.spec = o->spec;
     if (!cfg.spec.max_tokens) cfg.spec.max_tokens = 8;

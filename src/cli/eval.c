@@ -39,6 +39,7 @@
 
 #include "cli/cli.h"
 #include "grammar/grammar.h"
+#include "obs/judge.h"
 #include "obs/obs.h"
 #include "server/server.h"
 
@@ -304,27 +305,6 @@ static json_t *item_messages(json_t *o) {
   return json_pack("[{s:s,s:s}]", "role", "user", "content", p ? p : "");
 }
 
-/* The question as text, for the judge. */
-static char *item_question(json_t *o) {
-  const char *p = json_string_value(json_object_get(o, "prompt"));
-  if (p) return strdup(p);
-  json_t *m = json_object_get(o, "messages");
-  size_t n = json_array_size(m);
-  struct tn_buf b = {0};
-  for (size_t i = 0; i < n; i++) {
-    json_t *x = json_array_get(m, i);
-    const char *role = json_string_value(json_object_get(x, "role"));
-    const char *c = json_string_value(json_object_get(x, "content"));
-    tn_buf_printf(&b, "%s%s: %s", i ? "\n" : "", role ? role : "?",
-                  c ? c : "");
-  }
-  if (b.oom || !b.data) {
-    tn_buf_free(&b);
-    return strdup("");
-  }
-  return b.data;
-}
-
 static const char *const k_item_keys[] = {
     "id", "prompt", "messages", "answer", "answer_b", "reference", "exact",
     "contains", "regex", "number", "tolerance", "json_schema",
@@ -433,26 +413,8 @@ static bool first_number(const char *s, double *out) {
   return false;
 }
 
-/* The text as JSON: the whole answer, or inside one ``` fence. */
-static json_t *answer_json(const char *text) {
-  const char *s = text;
-  size_t n = strlen(s);
-  trim(&s, &n);
-  if (n >= 6 && !strncmp(s, "```", 3)) {
-    const char *nl = memchr(s, '\n', n);
-    const char *end =
-        n >= 3 && !strncmp(s + n - 3, "```", 3) ? s + n - 3 : NULL;
-    if (nl && end && end > nl) {
-      s = nl + 1;
-      n = (size_t)(end - s);
-    }
-  }
-  json_error_t je;
-  return json_loadb(s, n, JSON_DECODE_ANY, &je);
-}
-
 static bool schema_ok(json_t *schema, const char *text) {
-  json_t *v = answer_json(text);
+  json_t *v = tn_answer_json(text);
   if (!v) return false;
   char *compact = json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER |
                                     JSON_ENCODE_ANY);
@@ -525,91 +487,12 @@ static void run_checks(struct item *it) {
 
 /* ---- the judge */
 
-static const char k_judge_system[] =
-    "You are an impartial judge of answers to questions. Judge only what "
-    "the answer says, not its length or style unless the rubric asks for "
-    "it. Reply with a JSON object and nothing else.";
-
-/* The verdict first, then a short reason: an answer cut off by the
- * token limit still carries the verdict. */
-static json_t *score_schema(long scale) {
-  return json_pack(
-      "{s:s,s:{s:s,s:{s:s,s:{s:{s:s,s:i,s:i},s:{s:s,s:i}},s:[s,s],s:b}}}",
-      "type", "json_schema", "json_schema", "name", "verdict", "schema",
-      "type", "object", "properties", "score", "type", "integer", "minimum",
-      1, "maximum", (int)scale, "reasoning", "type", "string", "maxLength",
-      400, "required", "score", "reasoning", "additionalProperties", 0);
-}
-
-static json_t *winner_schema(void) {
-  return json_pack(
-      "{s:s,s:{s:s,s:{s:s,s:{s:{s:[s,s,s]},s:{s:s,s:i}},s:[s,s],s:b}}}",
-      "type", "json_schema", "json_schema", "name", "verdict", "schema",
-      "type", "object", "properties", "winner", "enum", "A", "B", "tie",
-      "reasoning", "type", "string", "maxLength", 400, "required", "winner",
-      "reasoning", "additionalProperties", 0);
-}
-
-/* The verdict object in a judge's answer: the whole text, a fenced block,
- * or the last {...} in it. */
-static json_t *verdict_json(const char *text) {
-  json_t *v = answer_json(text);
-  if (json_is_object(v)) return v;
-  json_decref(v);
-  const char *open = strrchr(text, '{');
-  while (open) {
-    const char *close = strchr(open, '}');
-    if (close) {
-      json_error_t je;
-      v = json_loadb(open, (size_t)(close - open + 1), 0, &je);
-      if (json_is_object(v)) return v;
-      json_decref(v);
-    }
-    if (open == text) break;
-    const char *p = open - 1;
-    while (p > text && *p != '{') p--;
-    open = *p == '{' ? p : NULL;
-  }
-  return NULL;
-}
-
-static int parse_score(const char *text, long scale) {
-  json_t *v = verdict_json(text);
-  int s = 0;
-  json_t *x = json_object_get(v, "score");
-  if (json_is_integer(x)) s = (int)json_integer_value(x);
-  else if (json_is_real(x)) s = (int)lround(json_real_value(x));
-  else if (json_is_string(x)) s = atoi(json_string_value(x));
-  json_decref(v);
-  if (!s) {
-    /* "Score: 4", "4/5" */
-    const char *p = strstr(text, "core");
-    if (p) {
-      while (*p && !(*p >= '0' && *p <= '9')) p++;
-      s = atoi(p);
-    }
-  }
-  return s >= 1 && s <= scale ? s : 0;
-}
-
-/* 'A', 'B' or 'T' (tie); 0 when unreadable. */
-static char parse_winner(const char *text) {
-  json_t *v = verdict_json(text);
-  const char *w = json_string_value(json_object_get(v, "winner"));
-  char out = 0;
-  if (w && (!strcmp(w, "A") || !strcmp(w, "a"))) out = 'A';
-  else if (w && (!strcmp(w, "B") || !strcmp(w, "b"))) out = 'B';
-  else if (w && !strcasecmp(w, "tie")) out = 'T';
-  json_decref(v);
-  return out;
-}
-
 /* Asks the judge; a server that refuses response_format gets the same
  * prompt without it. */
 static bool ask_judge(struct eval *ev, const char *prompt, json_t *schema,
                       struct answer *a, char *err, size_t cap) {
   json_t *msgs = json_pack("[{s:s,s:s},{s:s,s:s}]", "role", "system",
-                           "content", k_judge_system, "role", "user",
+                           "content", tn_judge_system, "role", "user",
                            "content", prompt);
   bool ok = ask(ev, &ev->judge, msgs, ev->judge_max_tokens, schema, a, err,
                 cap);
@@ -620,7 +503,7 @@ static bool ask_judge(struct eval *ev, const char *prompt, json_t *schema,
 }
 
 static void judge_score(struct eval *ev, struct item *it) {
-  char *q = item_question(it->obj);
+  char *q = tn_judge_question(it->obj);
   const char *ref = json_string_value(json_object_get(it->obj, "reference"));
   struct tn_buf b = {0};
   tn_buf_printf(&b,
@@ -628,14 +511,14 @@ static void judge_score(struct eval *ev, struct item *it) {
                 "to %ld (best).\n\n",
                 ev->scale);
   if (ev->rubric) tn_buf_printf(&b, "Rubric:\n%s\n\n", ev->rubric);
-  tn_buf_printf(&b, "Question:\n%s\n\n", q);
+  tn_buf_printf(&b, "Question:\n%s\n\n", q ? q : "");
   if (ref) tn_buf_printf(&b, "Reference answer:\n%s\n\n", ref);
   tn_buf_printf(&b, "Answer to rate:\n%s\n\n", it->output);
   tn_buf_printf(&b, "Reply as JSON: {\"score\": <an integer from 1 to "
                     "%ld>, \"reasoning\": \"<one sentence>\"}",
                 ev->scale);
   free(q);
-  json_t *schema = score_schema(ev->scale);
+  json_t *schema = tn_judge_score_format(ev->scale);
   struct answer a;
   char err[400];
   if (b.oom || !ask_judge(ev, b.data, schema, &a, err, sizeof(err))) {
@@ -643,7 +526,7 @@ static void judge_score(struct eval *ev, struct item *it) {
              b.oom ? "out of memory" : err);
   } else {
     it->judge_raw = a.text;
-    it->score = parse_score(a.text, ev->scale);
+    it->score = tn_judge_parse_score(a.text, ev->scale);
     if (!it->score)
       snprintf(it->err, sizeof(it->err),
                "judge: no score from 1 to %ld in its answer: %.200s",
@@ -656,29 +539,22 @@ static void judge_score(struct eval *ev, struct item *it) {
 /* One order: A and B as given. */
 static char judge_pair(struct eval *ev, struct item *it, const char *a,
                        const char *b, char *err, size_t cap) {
-  char *q = item_question(it->obj);
-  struct tn_buf p = {0};
-  tn_buf_printf(&p,
-                "Two answers to the same question follow. Which one is "
-                "better? Answer \"tie\" when neither is better.\n\n");
-  if (ev->rubric) tn_buf_printf(&p, "Rubric:\n%s\n\n", ev->rubric);
-  tn_buf_printf(&p,
-                "Question:\n%s\n\nAnswer A:\n%s\n\nAnswer B:\n%s\n\nReply as "
-                "JSON: {\"winner\": \"A\" | \"B\" | \"tie\", "
-                "\"reasoning\": \"<one sentence>\"}",
-                q, a, b);
+  char *q = tn_judge_question(it->obj);
+  char *p = q ? tn_judge_pair_prompt(q, ev->rubric, a, b) : NULL;
   free(q);
-  json_t *schema = winner_schema();
+  json_t *schema = tn_judge_winner_format();
   struct answer ans;
   char w = 0;
-  if (!p.oom && ask_judge(ev, p.data, schema, &ans, err, cap)) {
-    w = parse_winner(ans.text);
+  if (!p) {
+    snprintf(err, cap, "out of memory");
+  } else if (ask_judge(ev, p, schema, &ans, err, cap)) {
+    w = tn_judge_parse_winner(ans.text);
     if (!w) snprintf(err, cap, "judge: no winner in its answer: %.200s",
                      ans.text);
     free(ans.text);
   }
   json_decref(schema);
-  tn_buf_free(&p);
+  free(p);
   return w;
 }
 

@@ -453,15 +453,18 @@ static enum tn_status parse_adapters(struct loader *ld, const char *where,
   }
 }
 
+static enum tn_status parse_shadow(struct loader *ld, const char *key,
+                                   struct tn_serve_shadow_cfg *sh);
+
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
        MK_DRAFT_MODEL, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
-       MK_ADAPTERS, MK_MAX_LORAS, MK_ADAPTER_MEM, MK_COUNT };
+       MK_ADAPTERS, MK_MAX_LORAS, MK_ADAPTER_MEM, MK_SHADOW, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
     "chat_template", "spec", "spec_max_tokens", "draft_model",
     "price_prompt", "price_cached", "price_completion", "adapters",
-    "max_loras", "adapter_mem"};
+    "max_loras", "adapter_mem", "shadow"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
                                   struct tn_serve_model_cfg *m) {
@@ -506,6 +509,7 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_MAX_LORAS:
         st = take_i32(ld, key, 1, TN_ADAPTERS_PER_STEP_MAX, &m->max_loras);
         break;
+      case MK_SHADOW: st = parse_shadow(ld, key, &m->shadow); break;
     }
     if (st) return st;
   }
@@ -647,11 +651,11 @@ static enum tn_status take_regex(struct loader *ld, const char *key,
 
 enum { UK_NAME, UK_BASE_URL, UK_MODEL, UK_API_KEY_ENV, UK_TIMEOUT,
        UK_CONNECT_TIMEOUT, UK_STALL_TIMEOUT, UK_RETRIES, UK_MAX_CONCURRENT,
-       UK_PRICE_PROMPT, UK_PRICE_COMPLETION, UK_COUNT };
+       UK_PRICE_PROMPT, UK_PRICE_COMPLETION, UK_SHADOW, UK_COUNT };
 static const char *const k_upstream_keys[UK_COUNT] = {
     "name", "base_url", "model", "api_key_env", "timeout_s",
     "connect_timeout_s", "stall_timeout_s", "retries", "max_concurrent",
-    "price_prompt", "price_completion"};
+    "price_prompt", "price_completion", "shadow"};
 
 /* http://HOST[:PORT][/PATH] or https://...; no query, fragment, spaces or
  * user info (a key belongs in api_key_env, not in a URL). */
@@ -739,6 +743,7 @@ static enum tn_status parse_upstream(struct loader *ld, int idx,
       case UK_PRICE_COMPLETION:
         st = take_price(ld, key, &u->price_completion);
         break;
+      case UK_SHADOW: st = parse_shadow(ld, key, &u->shadow); break;
     }
     if (st) return st;
   }
@@ -970,12 +975,74 @@ static enum tn_status stage_elem(struct loader *ld, const char *where,
   return TN_OK;
 }
 
+enum { SHK_TARGET, SHK_SHARE, SHK_JUDGE, SHK_MAX_CONCURRENT, SHK_QUEUE,
+       SHK_TIMEOUT, SHK_COUNT };
+static const char *const k_shadow_keys[SHK_COUNT] = {
+    "target", "share", "judge", "max_concurrent", "queue", "timeout_s"};
+
+static enum tn_status parse_shadow(struct loader *ld, const char *where,
+                                   struct tn_serve_shadow_cfg *sh) {
+  enum tn_status st = next(ld, where);
+  if (st) return st;
+  if (ld->ev.type != YAML_MAPPING_START_EVENT)
+    return fail(ld, TN_EINVAL, ev_line(ld), where,
+                "expected a mapping with target (and share, judge, ...), "
+                "got %s",
+                ev_kind(&ld->ev));
+  sh->line = ev_line(ld);
+  sh->share = 1;
+  sh->max_concurrent = 1;
+  sh->queue = 64;
+  sh->timeout_s = 300;
+  unsigned seen = 0;
+  for (;;) {
+    int which = -1;
+    bool done;
+    char key[256];
+    if ((st = next_key(ld, where, k_shadow_keys, SHK_COUNT, &seen, &which,
+                       &done)))
+      return st;
+    if (done) break;
+    TN_ASSERT(which >= 0 && which < SHK_COUNT);
+    snprintf(key, sizeof key, "%.200s.%s", where, k_shadow_keys[which]);
+    int64_t v = 0;
+    switch (which) {
+      case SHK_TARGET: st = take_plain_name(ld, key, &sh->target); break;
+      case SHK_JUDGE: st = take_plain_name(ld, key, &sh->judge); break;
+      case SHK_SHARE: {
+        if ((st = expect_scalar(ld, key))) return st;
+        const char *s = scalar_text(ld);
+        char *end;
+        double x = strtod(s, &end);
+        if (end == s || *end || !(x >= 0 && x <= 1))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not a share in [0, 1]", s);
+        sh->share = x;
+        break;
+      }
+      case SHK_MAX_CONCURRENT:
+        st = take_int(ld, key, 1, 64, &v);
+        sh->max_concurrent = (int32_t)v;
+        break;
+      case SHK_QUEUE:
+        st = take_int(ld, key, 1, 100000, &v);
+        sh->queue = (int32_t)v;
+        break;
+      case SHK_TIMEOUT: st = take_seconds(ld, key, &sh->timeout_s); break;
+    }
+    if (st) return st;
+  }
+  if (!sh->target)
+    return fail(ld, TN_EINVAL, sh->line, where, "missing key 'target'");
+  return TN_OK;
+}
+
 enum { RTK_NAME, RTK_STRATEGY, RTK_TARGETS, RTK_RULES, RTK_STAGES,
        RTK_EXAMPLES, RTK_EXAMPLES_FILE, RTK_MODEL, RTK_POOLING, RTK_K,
-       RTK_COUNT };
+       RTK_SHADOW, RTK_COUNT };
 static const char *const k_route_keys[RTK_COUNT] = {
     "name", "strategy", "targets", "rules", "stages", "examples",
-    "examples_file", "model", "pooling", "k"};
+    "examples_file", "model", "pooling", "k", "shadow"};
 static const char *const k_strategy_names[] = {"rules", "fallback", "balance",
                                                "cascade", "classifier"};
 
@@ -1167,6 +1234,7 @@ static enum tn_status route_elem(struct loader *ld, const char *where,
         r->k = (int32_t)v;
         break;
       }
+      case RTK_SHADOW: st = parse_shadow(ld, key, &r->shadow); break;
     }
     if (st) return st;
   }
@@ -1487,6 +1555,51 @@ static enum tn_status check_routes(struct loader *ld) {
   return TN_OK;
 }
 
+/* Shadows name known targets (and judges), never the name they shadow. */
+static enum tn_status check_shadow(struct loader *ld, const char *where,
+                                   const char *source,
+                                   const struct tn_serve_shadow_cfg *sh) {
+  if (!sh->target) return TN_OK;
+  char key[256];
+  snprintf(key, sizeof key, "%.200s.shadow.target", where);
+  int idx;
+  enum name_kind src = lookup(ld->cfg, source, &idx);
+  int src_idx = idx;
+  enum name_kind nk = lookup(ld->cfg, sh->target, &idx);
+  /* (an adapter of the same model is another model; an alias is not) */
+  bool self = nk != NK_NONE && nk == src && idx == src_idx &&
+              (nk != NK_MODEL || tn_serve_config_find(ld->cfg, sh->target) >= 0);
+  if (nk == NK_NONE || self)
+    return fail(ld, TN_EINVAL, sh->line, key,
+                nk == NK_NONE ? "unknown target '%.64s' (not a model, alias, "
+                                "adapter, upstream or route in this file)"
+                              : "'%.64s' is the name it shadows",
+                sh->target);
+  snprintf(key, sizeof key, "%.200s.shadow.judge", where);
+  if (sh->judge) return check_target(ld, sh->line, key, sh->judge);
+  return TN_OK;
+}
+
+static enum tn_status check_shadows(struct loader *ld) {
+  struct tn_serve_config *cfg = ld->cfg;
+  char where[48];
+  enum tn_status st = TN_OK;
+  for (int i = 0; i < cfg->n_models && !st; i++) {
+    snprintf(where, sizeof where, "models[%d]", i);
+    st = check_shadow(ld, where, cfg->models[i].name, &cfg->models[i].shadow);
+  }
+  for (int i = 0; i < cfg->n_upstreams && !st; i++) {
+    snprintf(where, sizeof where, "upstreams[%d]", i);
+    st = check_shadow(ld, where, cfg->upstreams[i].name,
+                      &cfg->upstreams[i].shadow);
+  }
+  for (int i = 0; i < cfg->n_routes && !st; i++) {
+    snprintf(where, sizeof where, "routes[%d]", i);
+    st = check_shadow(ld, where, cfg->routes[i].name, &cfg->routes[i].shadow);
+  }
+  return st;
+}
+
 enum { TK_HOST, TK_PORT, TK_API_KEY, TK_THREADS, TK_MODELS, TK_UPSTREAMS,
        TK_ROUTES, TK_TENANTS, TK_COUNT };
 static const char *const k_top_keys[TK_COUNT] = {
@@ -1552,6 +1665,7 @@ static enum tn_status parse_document(struct loader *ld) {
   if (!cfg->models)
     return fail(ld, TN_EINVAL, top_line, NULL, "missing key 'models'");
   if ((st = check_routes(ld))) return st;
+  if ((st = check_shadows(ld))) return st;
   if ((st = next(ld, NULL))) return st;
   TN_ASSERT(ld->ev.type == YAML_DOCUMENT_END_EVENT);
   if ((st = next(ld, NULL))) return st;
@@ -1608,6 +1722,8 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
       free(m->adapters[a].path);
     }
     free(m->adapters);
+    free(m->shadow.target);
+    free(m->shadow.judge);
     for (int a = 0; a < m->n_aliases; a++) free(m->aliases[a]);
     free(m->aliases);
   }
@@ -1619,6 +1735,8 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(u->model);
     free(u->api_key_env);
     free(u->api_key);
+    free(u->shadow.target);
+    free(u->shadow.judge);
   }
   free(cfg->upstreams);
   for (int i = 0; i < cfg->n_routes; i++) {
@@ -1652,6 +1770,8 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     for (int k = 0; k < r->n_labels; k++) free(r->labels[k]);
     free(r->labels);
     free(r->embed_model);
+    free(r->shadow.target);
+    free(r->shadow.judge);
   }
   free(cfg->routes);
   for (int i = 0; i < cfg->n_tenants; i++) {

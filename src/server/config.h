@@ -116,6 +116,21 @@
  *   With tenants, the OpenAI routes take a tenant's key (or api_key, which
  *   has no limits); rules may test the tenant (tenant: [team-a]).
  *
+ *   Any model, upstream or route may carry a shadow deployment:
+ *     - name: smollm2
+ *       path: smollm2-135m
+ *       shadow:
+ *         target: candidate  # required: a model, upstream or route that
+ *                            # gets a copy of the requests
+ *         share: 0.1         # optional, 0..1: of the requests (default 1)
+ *         judge: judge-model # optional: compares the two answers
+ *         max_concurrent: 1  # optional, 1..64 replays at once
+ *         queue: 64          # optional, 1..100000 waiting; more dropped
+ *         timeout_s: 300     # optional: one replay with its judging
+ *   A replay starts after the live answer went out, runs in the background
+ *   (local engines run it only while no live request is outstanding) and
+ *   never changes or delays the live answer; see docs/MONITORING.md.
+ *
  * Rules: keys are exactly those above (an unknown or repeated key is an
  * error); a scalar key takes a scalar, aliases a list of scalars, models a
  * list of mappings. Names and aliases are 1..128 bytes without whitespace or
@@ -144,6 +159,23 @@
 #define TN_SERVE_NAME_MAX 128
 #define TN_SERVE_ADAPTERS_MAX 256
 
+/* A shadow deployment (shadow: on a model, upstream or route): a share of
+ * the requests answered under that name are replayed to target after the
+ * live answer went out, in the background, and the two answers compared.
+ * target NULL: none. */
+struct tn_serve_shadow_cfg {
+  char *target;           /* a model, upstream or route */
+  double share;           /* of the requests, 0..1 (default 1) */
+  char *judge;            /* a model, upstream or route that judges the
+                             pair (both orders), or NULL */
+  int32_t max_concurrent; /* replays at once (default 1) */
+  int32_t queue;          /* replays waiting; past it they are dropped
+                             (default 64) */
+  double timeout_s;       /* one replay, judge calls included (default
+                             300) */
+  int line;
+};
+
 /* One model. Numbers are 0 when the file leaves them out (the command-line
  * values apply then). Strings are malloc'd, owned by the config. */
 struct tn_serve_model_cfg {
@@ -170,6 +202,7 @@ struct tn_serve_model_cfg {
     float scale;  /* 1 when not set */
   } *adapters;
   int n_adapters;
+  struct tn_serve_shadow_cfg shadow;
 };
 
 #define TN_SERVE_UPSTREAMS_MAX 64
@@ -191,6 +224,7 @@ struct tn_serve_upstream_cfg {
   int32_t retries;
   int32_t max_concurrent;
   double price_prompt, price_completion; /* < 0: not set */
+  struct tn_serve_shadow_cfg shadow;
   int line;               /* where it starts, for the checks after parsing */
 };
 
@@ -257,6 +291,7 @@ struct tn_serve_route_cfg {
   char *embed_model;      /* NULL: the first model */
   bool pooling_last;      /* last-token embeddings (default: mean) */
   int32_t k;              /* neighbours that vote (default 5) */
+  struct tn_serve_shadow_cfg shadow;
   int line;               /* where it starts, for the checks after parsing */
 };
 

@@ -23,6 +23,7 @@
 #include "router/router.h"
 #include "server/config.h"
 #include "server/server.h"
+#include "server/shadow.h"
 
 static volatile sig_atomic_t g_signal;
 
@@ -517,6 +518,24 @@ int tn_cli_serve(int argc, char **argv) {
     }
     scfg.tenants = tenants;
   }
+  /* shadow deployments: every model, upstream and route with a shadow */
+  struct tn_shadow_spec shadows[TN_SERVE_MODELS_MAX + TN_SERVE_UPSTREAMS_MAX +
+                                TN_SERVE_ROUTES_MAX];
+  int n_shadows = 0;
+  for (int i = 0; config && i < file.n_models; i++)
+    if (file.models[i].shadow.target)
+      shadows[n_shadows++] = (struct tn_shadow_spec){
+          file.models[i].name, &file.models[i].shadow};
+  for (int i = 0; config && i < file.n_upstreams; i++)
+    if (file.upstreams[i].shadow.target)
+      shadows[n_shadows++] = (struct tn_shadow_spec){
+          file.upstreams[i].name, &file.upstreams[i].shadow};
+  for (int i = 0; config && i < file.n_routes; i++)
+    if (file.routes[i].shadow.target)
+      shadows[n_shadows++] = (struct tn_shadow_spec){
+          file.routes[i].name, &file.routes[i].shadow};
+  scfg.shadows = shadows;
+  scfg.n_shadows = n_shadows;
   if (tn_server_start(&scfg, sm, n_models, metrics, &srv, &err)) {
     tn_cli_fail("serve: %s", err.msg);
     goto done;

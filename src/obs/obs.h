@@ -95,6 +95,10 @@ struct tn_reqlog_row {
   const char *endpoint;
   const char *model;
   const char *adapter;     /* the LoRA adapter it ran on, or NULL */
+  const char *route;       /* the route it was called through, or NULL */
+  const char *upstream;    /* the upstream that answered, or NULL */
+  int escalations;         /* cascade stages escalated from (< 0: none) */
+  const char *shadow_of;   /* a shadow replay: the live request's id */
   int status;              /* HTTP status sent (0: none, client gone) */
   const char *finish;      /* finish reason of the first choice */
   const char *error;
@@ -107,6 +111,30 @@ struct tn_reqlog_row {
   size_t output_len;
 };
 
+/* A shadow deployment's comparison of a live answer and its replay. */
+struct tn_shadow_row {
+  int64_t ts_ms;           /* the live request's arrival, Unix ms */
+  const char *request_id;  /* the live request's id */
+  const char *shadow_id;   /* the replay's id, or NULL */
+  const char *source;      /* the name that carries the shadow */
+  const char *model;       /* what answered live */
+  const char *target;      /* the shadow target */
+  const char *tenant;
+  const char *outcome;     /* "ok", "error" or "timeout" */
+  const char *error;
+  int exact;               /* the texts are equal: 1/0 (< 0: not compared) */
+  double overlap;          /* F1 of their word tokens, 0..1 (< 0: none) */
+  double len_ratio;        /* shadow / live characters (< 0: none) */
+  double live_s, shadow_s; /* end to end; the replay's without the time it
+                              waited for live work (< 0: unknown) */
+  double shadow_wait_s;    /* that wait */
+  double live_cost, shadow_cost; /* USD (< 0: not priced) */
+  const char *verdict;     /* a judge's, both orders: "shadow", "live",
+                              "tie" (or orders that disagree), NULL */
+  const char *live_text, *shadow_text; /* with content on */
+  size_t live_len, shadow_len;
+};
+
 /* Opens (creating) the database; metrics (may be NULL) get
  * tern_request_log_rows_total and tern_request_log_dropped_total. */
 enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
@@ -116,6 +144,8 @@ enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
 void tn_reqlog_close(struct tn_reqlog *l);
 /* Queues a copy of r; never blocks. */
 void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r);
+/* The same for a shadow comparison (table shadows). */
+void tn_reqlog_add_shadow(struct tn_reqlog *l, const struct tn_shadow_row *r);
 /* Waits until every row queued so far is written (tests, shutdown). */
 void tn_reqlog_flush(struct tn_reqlog *l);
 bool tn_reqlog_content(const struct tn_reqlog *l);
@@ -146,6 +176,16 @@ enum tn_status tn_reqlog_read(const char *path,
                               const struct tn_reqlog_filter *f,
                               bool (*row)(void *user, struct json_t *obj),
                               void *user, struct tn_error *err);
+
+/* Shadow comparisons, newest first: source NULL for all, rows with
+ * ts >= since_ms, rowid < before_id (0: from the newest), at most limit;
+ * obj holds every column by name plus "id". */
+enum tn_status tn_reqlog_read_shadows(const char *path, const char *source,
+                                      int64_t since_ms, int64_t before_id,
+                                      int64_t limit, bool content,
+                                      bool (*row)(void *user,
+                                                  struct json_t *obj),
+                                      void *user, struct tn_error *err);
 
 /* "90s", "15m", "2h", "7d" or bare seconds -> seconds; false if not. */
 bool tn_parse_duration(const char *s, double *out);
@@ -242,6 +282,10 @@ void tn_stats_free(struct tn_stats *s);
  * holds the request's inter-token gaps by tn_lat_bucket. */
 void tn_stats_add(struct tn_stats *s, double now_s,
                   const struct tn_reqlog_row *r, const uint32_t *itl_hist);
+/* A shadow comparison, under (r->source, r->tenant): the series
+ * shadow_exact_rate and shadow_overlap, and the totals' "shadow". */
+void tn_stats_shadow(struct tn_stats *s, double now_s,
+                     const struct tn_shadow_row *r);
 /* One sample of a model's engine gauges (kv_used: fraction 0..1). */
 void tn_stats_gauges(struct tn_stats *s, double now_s, const char *model,
                      double running, double waiting, double kv_used);

@@ -18,6 +18,9 @@
  * never pay for it: each pattern replaces its matches in the prompt and
  * output with "[REDACTED]" before the row is bound.
  *
+ * Shadow comparisons (tn_reqlog_add_shadow) travel the same queue into a
+ * second table, shadows, with the same retention and redaction.
+ *
  * Lock: l->mu guards the queue, the counters the flush waits on, and
  * l->stop. The writer holds no lock while it talks to SQLite.
  */
@@ -54,26 +57,49 @@ static const char k_schema[] =
     " cost REAL,"                  /* USD */
     " adapter TEXT,"               /* the LoRA adapter the model named */
     " prompt TEXT,"
-    " output TEXT);"
+    " output TEXT,"
+    " route TEXT,"                 /* the route called */
+    " upstream TEXT,"              /* the upstream that answered */
+    " escalations INTEGER,"        /* cascade stages escalated from */
+    " shadow_of TEXT);"            /* a shadow replay of this request id */
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);"
     "CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(model, ts);"
-    "CREATE INDEX IF NOT EXISTS requests_id ON requests(request_id);";
+    "CREATE INDEX IF NOT EXISTS requests_id ON requests(request_id);"
+    "CREATE TABLE IF NOT EXISTS shadows ("
+    " ts INTEGER NOT NULL,"        /* the live request's arrival, Unix ms */
+    " request_id TEXT, shadow_id TEXT, source TEXT, model TEXT,"
+    " target TEXT, tenant TEXT, outcome TEXT, error TEXT,"
+    " exact INTEGER, overlap REAL, len_ratio REAL,"
+    " live_ms REAL, shadow_ms REAL, shadow_wait_ms REAL,"
+    " live_cost REAL, shadow_cost REAL, verdict TEXT,"
+    " live_output TEXT, shadow_output TEXT);"
+    "CREATE INDEX IF NOT EXISTS shadows_ts ON shadows(ts);";
 
 /* Columns added after the first release of the table: an older database
  * gains them when opened. */
-static const char *const k_added[][2] = {{"cost", "REAL"},
-                                         {"adapter", "TEXT"}};
+static const char *const k_added[][2] = {
+    {"cost", "REAL"},  {"adapter", "TEXT"},         {"route", "TEXT"},
+    {"upstream", "TEXT"}, {"escalations", "INTEGER"}, {"shadow_of", "TEXT"}};
 
 static const char k_insert[] =
     "INSERT INTO requests (ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
     " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output,"
-    " cost, adapter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    " cost, adapter, route, upstream, escalations, shadow_of)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+
+static const char k_insert_shadow[] =
+    "INSERT INTO shadows (ts, request_id, shadow_id, source, model, target,"
+    " tenant, outcome, error, exact, overlap, len_ratio, live_ms, shadow_ms,"
+    " shadow_wait_ms, live_cost, shadow_cost, verdict, live_output,"
+    " shadow_output) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
 
 /* A queued row: the struct, its strings copied after it. */
 struct qrow {
   struct qrow *next;
+  bool shadow;             /* sh, else r */
   struct tn_reqlog_row r;
+  struct tn_shadow_row sh;
 };
 
 #define REDACT_MAX 16
@@ -84,7 +110,7 @@ struct tn_reqlog {
   int n_redact;
   pcre2_match_data *md;
   sqlite3 *db;
-  sqlite3_stmt *ins;
+  sqlite3_stmt *ins, *ins_shadow;
   pthread_t writer;
   bool started;
 
@@ -127,34 +153,69 @@ static char *put(char **at, const char *s, size_t n, bool nul) {
   return d;
 }
 
+/* The string fields of both row kinds, copied the same way. */
+#define REQ_STRS(X, r) \
+  X(r, request_id) X(r, tenant) X(r, endpoint) X(r, model) X(r, adapter) \
+  X(r, finish) X(r, error) X(r, route) X(r, upstream) X(r, shadow_of)
+#define SHADOW_STRS(X, r) \
+  X(r, request_id) X(r, shadow_id) X(r, source) X(r, model) X(r, target) \
+  X(r, tenant) X(r, outcome) X(r, error) X(r, verdict)
+#define STR_SIZE(r, f) +slen((r)->f)
+#define STR_COPY(r, f) q_->f = put(&at, (r)->f, slen((r)->f) - !!(r)->f, true);
+
+static void enqueue(struct tn_reqlog *l, struct qrow *q);
+
 void tn_reqlog_add(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   if (!l) return;
   bool content = l->cfg.content;
   size_t pn = content && r->prompt ? r->prompt_len : 0;
   size_t on = content && r->output ? r->output_len : 0;
-  size_t size = sizeof(struct qrow) + slen(r->request_id) + slen(r->tenant) +
-                slen(r->endpoint) + slen(r->model) + slen(r->adapter) +
-                slen(r->finish) +
-                slen(r->error) + pn + 1 + on + 1;
+  size_t size = sizeof(struct qrow) REQ_STRS(STR_SIZE, r) + pn + 1 + on + 1;
   struct qrow *q = malloc(size);
   if (!q) {
     if (l->dropped) tn_metric_add(l->dropped, 1);
     return;
   }
   q->next = NULL;
+  q->shadow = false;
   q->r = *r;
   char *at = (char *)(q + 1);
-  q->r.request_id = put(&at, r->request_id, slen(r->request_id) - !!r->request_id, true);
-  q->r.tenant = put(&at, r->tenant, slen(r->tenant) - !!r->tenant, true);
-  q->r.endpoint = put(&at, r->endpoint, slen(r->endpoint) - !!r->endpoint, true);
-  q->r.model = put(&at, r->model, slen(r->model) - !!r->model, true);
-  q->r.adapter = put(&at, r->adapter, slen(r->adapter) - !!r->adapter, true);
-  q->r.finish = put(&at, r->finish, slen(r->finish) - !!r->finish, true);
-  q->r.error = put(&at, r->error, slen(r->error) - !!r->error, true);
+  struct tn_reqlog_row *q_ = &q->r;
+  REQ_STRS(STR_COPY, r)
   q->r.prompt = content && r->prompt ? put(&at, r->prompt, pn, true) : NULL;
   q->r.prompt_len = pn;
   q->r.output = content && r->output ? put(&at, r->output, on, true) : NULL;
   q->r.output_len = on;
+  enqueue(l, q);
+}
+
+void tn_reqlog_add_shadow(struct tn_reqlog *l, const struct tn_shadow_row *r) {
+  if (!l) return;
+  bool content = l->cfg.content;
+  size_t ln = content && r->live_text ? r->live_len : 0;
+  size_t sn = content && r->shadow_text ? r->shadow_len : 0;
+  size_t size = sizeof(struct qrow) SHADOW_STRS(STR_SIZE, r) + ln + 1 + sn + 1;
+  struct qrow *q = malloc(size);
+  if (!q) {
+    if (l->dropped) tn_metric_add(l->dropped, 1);
+    return;
+  }
+  q->next = NULL;
+  q->shadow = true;
+  q->sh = *r;
+  char *at = (char *)(q + 1);
+  struct tn_shadow_row *q_ = &q->sh;
+  SHADOW_STRS(STR_COPY, r)
+  q->sh.live_text = content && r->live_text ? put(&at, r->live_text, ln, true)
+                                            : NULL;
+  q->sh.live_len = ln;
+  q->sh.shadow_text =
+      content && r->shadow_text ? put(&at, r->shadow_text, sn, true) : NULL;
+  q->sh.shadow_len = sn;
+  enqueue(l, q);
+}
+
+static void enqueue(struct tn_reqlog *l, struct qrow *q) {
   pthread_mutex_lock(&l->mu);
   l->n_added++;
   if (l->stop || l->n_queued >= l->cfg.queue_max) {
@@ -186,6 +247,9 @@ void tn_reqlog_flush(struct tn_reqlog *l) {
 static void bind_text(sqlite3_stmt *st, int i, const char *s, size_t n) {
   if (s) sqlite3_bind_text(st, i, s, (int)n, SQLITE_STATIC);
   else sqlite3_bind_null(st, i);
+}
+static void bind_str(sqlite3_stmt *st, int i, const char *s) {
+  bind_text(st, i, s, s ? strlen(s) : 0);
 }
 static void bind_ms(sqlite3_stmt *st, int i, double s) {
   if (s >= 0) sqlite3_bind_double(st, i, s * 1000.0);
@@ -241,6 +305,9 @@ static char *redact(struct tn_reqlog *l, const char *text, size_t len,
   return cur;
 }
 
+static void bind_redacted(struct tn_reqlog *l, sqlite3_stmt *st, int i,
+                          const char *text, size_t len);
+
 static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   sqlite3_stmt *st = l->ins;
   sqlite3_reset(st);
@@ -262,37 +329,78 @@ static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   bind_ms(st, 14, r->itl_mean_s);
   bind_ms(st, 15, r->itl_max_s);
   bind_ms(st, 16, r->e2e_s);
-  size_t pn = 0, on = 0;
-  bool pdrop, odrop;
-  char *p = redact(l, r->prompt, r->prompt_len, &pn, &pdrop);
-  char *o = redact(l, r->output, r->output_len, &on, &odrop);
-  if (pdrop) sqlite3_bind_text(st, 17, "[REDACTED]", -1, SQLITE_STATIC);
-  else if (p) sqlite3_bind_text(st, 17, p, (int)pn, free);
-  else bind_text(st, 17, r->prompt, r->prompt_len);
-  if (odrop) sqlite3_bind_text(st, 18, "[REDACTED]", -1, SQLITE_STATIC);
-  else if (o) sqlite3_bind_text(st, 18, o, (int)on, free);
-  else bind_text(st, 18, r->output, r->output_len);
+  bind_redacted(l, st, 17, r->prompt, r->prompt_len);
+  bind_redacted(l, st, 18, r->output, r->output_len);
   if (r->cost >= 0) sqlite3_bind_double(st, 19, r->cost);
-  bind_text(st, 20, r->adapter, r->adapter ? strlen(r->adapter) : 0);
+  bind_str(st, 20, r->adapter);
+  bind_str(st, 21, r->route);
+  bind_str(st, 22, r->upstream);
+  if (r->escalations >= 0) sqlite3_bind_int(st, 23, r->escalations);
+  bind_str(st, 24, r->shadow_of);
+  return sqlite3_step(st) == SQLITE_DONE;
+}
+
+/* text bound at column i, redacted (or dropped when that failed) */
+static void bind_redacted(struct tn_reqlog *l, sqlite3_stmt *st, int i,
+                          const char *text, size_t len) {
+  size_t n = 0;
+  bool drop;
+  char *r = redact(l, text, len, &n, &drop);
+  if (drop) sqlite3_bind_text(st, i, "[REDACTED]", -1, SQLITE_STATIC);
+  else if (r) sqlite3_bind_text(st, i, r, (int)n, free);
+  else bind_text(st, i, text, len);
+}
+
+static void bind_num(sqlite3_stmt *st, int i, double v) {
+  if (v >= 0) sqlite3_bind_double(st, i, v);
+}
+
+static bool write_shadow(struct tn_reqlog *l, const struct tn_shadow_row *r) {
+  sqlite3_stmt *st = l->ins_shadow;
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  sqlite3_bind_int64(st, 1, r->ts_ms);
+  bind_str(st, 2, r->request_id);
+  bind_str(st, 3, r->shadow_id);
+  bind_str(st, 4, r->source);
+  bind_str(st, 5, r->model);
+  bind_str(st, 6, r->target);
+  bind_str(st, 7, r->tenant);
+  bind_str(st, 8, r->outcome);
+  bind_str(st, 9, r->error);
+  if (r->exact >= 0) sqlite3_bind_int(st, 10, r->exact);
+  bind_num(st, 11, r->overlap);
+  bind_num(st, 12, r->len_ratio);
+  bind_ms(st, 13, r->live_s);
+  bind_ms(st, 14, r->shadow_s);
+  bind_ms(st, 15, r->shadow_wait_s);
+  bind_num(st, 16, r->live_cost);
+  bind_num(st, 17, r->shadow_cost);
+  bind_str(st, 18, r->verdict);
+  bind_redacted(l, st, 19, r->live_text, r->live_len);
+  bind_redacted(l, st, 20, r->shadow_text, r->shadow_len);
   return sqlite3_step(st) == SQLITE_DONE;
 }
 
 static void retention(struct tn_reqlog *l) {
-  char sql[160];
+  char sql[400];
   if (l->cfg.max_age_s > 0) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     int64_t cut = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 -
                   (int64_t)(l->cfg.max_age_s * 1000.0);
-    snprintf(sql, sizeof sql, "DELETE FROM requests WHERE ts < %lld",
-             (long long)cut);
+    snprintf(sql, sizeof sql, "DELETE FROM requests WHERE ts < %lld;"
+             "DELETE FROM shadows WHERE ts < %lld",
+             (long long)cut, (long long)cut);
     sqlite3_exec(l->db, sql, NULL, NULL, NULL);
   }
   if (l->cfg.max_rows > 0) {
     snprintf(sql, sizeof sql,
              "DELETE FROM requests WHERE rowid <= "
-             "(SELECT MAX(rowid) FROM requests) - %lld",
-             (long long)l->cfg.max_rows);
+             "(SELECT MAX(rowid) FROM requests) - %lld;"
+             "DELETE FROM shadows WHERE rowid <= "
+             "(SELECT MAX(rowid) FROM shadows) - %lld",
+             (long long)l->cfg.max_rows, (long long)l->cfg.max_rows);
     sqlite3_exec(l->db, sql, NULL, NULL, NULL);
   }
   l->since_retention = 0;
@@ -320,7 +428,8 @@ static void *writer_main(void *arg) {
     size_t ok = 0;
     if (batch) {
       bool tx = sqlite3_exec(l->db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
-      for (struct qrow *q = batch; q; q = q->next) ok += write_row(l, &q->r);
+      for (struct qrow *q = batch; q; q = q->next)
+        ok += q->shadow ? write_shadow(l, &q->sh) : write_row(l, &q->r);
       if (tx && sqlite3_exec(l->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
         sqlite3_exec(l->db, "ROLLBACK", NULL, NULL, NULL);
         ok = 0;
@@ -432,7 +541,9 @@ enum tn_status tn_reqlog_open(const struct tn_reqlog_config *cfg,
              k_added[i][0], k_added[i][1]);
     sqlite3_exec(l->db, sql, NULL, NULL, NULL);
   }
-  if (sqlite3_prepare_v2(l->db, k_insert, -1, &l->ins, NULL) != SQLITE_OK) {
+  if (sqlite3_prepare_v2(l->db, k_insert, -1, &l->ins, NULL) != SQLITE_OK ||
+      sqlite3_prepare_v2(l->db, k_insert_shadow, -1, &l->ins_shadow, NULL) !=
+          SQLITE_OK) {
     st = tn_error_set(err, TN_EIO, "--log-db %s: %s (an older table?)",
                       cfg->path, sqlite3_errmsg(l->db));
     goto fail;
@@ -478,6 +589,7 @@ void tn_reqlog_close(struct tn_reqlog *l) {
     l->head = nx;
   }
   sqlite3_finalize(l->ins);
+  sqlite3_finalize(l->ins_shadow);
   sqlite3_close(l->db);
   for (int i = 0; i < l->n_redact; i++) pcre2_code_free(l->redact[i]);
   pcre2_match_data_free(l->md);
@@ -493,6 +605,7 @@ static const char k_query[] =
     "SELECT rowid, ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
     " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, cost, adapter,"
+    " route, upstream, escalations, shadow_of,"
     " CASE WHEN ?12 THEN prompt END, CASE WHEN ?12 THEN output END"
     " FROM requests WHERE ts >= ?1 AND (?2 = 0 OR ts < ?2)"
     " AND (?3 IS NULL OR model = ?3)"
@@ -509,8 +622,10 @@ static const char *const k_cols[] = {
     "endpoint",     "model",         "status",            "finish_reason",
     "error",        "prompt_tokens", "cached_tokens",     "completion_tokens",
     "queue_ms",     "ttft_ms",       "itl_mean_ms",       "itl_max_ms",
-    "e2e_ms",       "cost",          "adapter",           "prompt",
+    "e2e_ms",       "cost",          "adapter",           "route",
+    "upstream",     "escalations",   "shadow_of",         "prompt",
     "output"};
+#define N_COLS_PLAIN 23 /* the columns before prompt and output */
 
 void tn_reqlog_filter_init(struct tn_reqlog_filter *f) {
   memset(f, 0, sizeof(*f));
@@ -554,27 +669,81 @@ static void bind_opt(sqlite3_stmt *st, int i, const char *s) {
   bind_text(st, i, s, s ? strlen(s) : 0);
 }
 
+/* A read-only connection to the database at path and sql prepared on it;
+ * on failure err names the database and both are closed. */
+static enum tn_status open_query(const char *path, const char *sql,
+                                 sqlite3 **h, sqlite3_stmt **st,
+                                 struct tn_error *err) {
+  *h = NULL;
+  *st = NULL;
+  enum tn_status ret = TN_OK;
+  if (sqlite3_open_v2(path, h, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                      NULL) != SQLITE_OK) {
+    ret = tn_error_set(err, TN_EIO, "%s: %s", path,
+                       *h ? sqlite3_errmsg(*h) : "cannot open");
+    sqlite3_close(*h);
+    *h = NULL;
+    return ret;
+  }
+  sqlite3_busy_timeout(*h, 2000);
+  if (sqlite3_prepare_v2(*h, sql, -1, st, NULL) != SQLITE_OK) {
+    ret = tn_error_set(err, TN_EIO, "%s: %s (not a tern request log?)", path,
+                       sqlite3_errmsg(*h));
+    sqlite3_close(*h);
+    *h = NULL;
+    *st = NULL;
+  }
+  return ret;
+}
+
+/* Steps st, handing each row's first n_cols columns (named cols) to row
+ * as one object; closes st and h. */
+static enum tn_status run_query(const char *path, sqlite3 *h,
+                                sqlite3_stmt *st, const char *const *cols,
+                                int n_cols,
+                                bool (*row)(void *user, json_t *obj),
+                                void *user, struct tn_error *err) {
+  enum tn_status ret = TN_OK;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    json_t *o = json_object();
+    if (!o) {
+      ret = tn_error_set(err, TN_ENOMEM, "out of memory");
+      break;
+    }
+    for (int i = 0; i < n_cols; i++) {
+      json_t *v;
+      switch (sqlite3_column_type(st, i)) {
+      case SQLITE_INTEGER: v = json_integer(sqlite3_column_int64(st, i)); break;
+      case SQLITE_FLOAT: v = json_real(sqlite3_column_double(st, i)); break;
+      case SQLITE_TEXT:
+        /* invalid UTF-8 (a cut-off multi-byte answer) becomes null */
+        v = json_stringn((const char *)sqlite3_column_text(st, i),
+                         (size_t)sqlite3_column_bytes(st, i));
+        break;
+      default: v = json_null(); break;
+      }
+      json_object_set_new(o, cols[i], v ? v : json_null());
+    }
+    bool go = row(user, o);
+    json_decref(o);
+    if (!go) break;
+  }
+  if (ret == TN_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
+    ret = tn_error_set(err, TN_EIO, "%s: %s", path, sqlite3_errmsg(h));
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return ret;
+}
+
 enum tn_status tn_reqlog_read(const char *path,
                               const struct tn_reqlog_filter *f,
                               bool (*row)(void *user, json_t *obj),
                               void *user, struct tn_error *err) {
-  sqlite3 *h = NULL;
-  enum tn_status ret = TN_OK;
-  if (sqlite3_open_v2(path, &h, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
-                      NULL) != SQLITE_OK) {
-    ret = tn_error_set(err, TN_EIO, "%s: %s", path,
-                       h ? sqlite3_errmsg(h) : "cannot open");
-    sqlite3_close(h);
-    return ret;
-  }
-  sqlite3_busy_timeout(h, 2000);
-  sqlite3_stmt *st = NULL;
-  if (sqlite3_prepare_v2(h, k_query, -1, &st, NULL) != SQLITE_OK) {
-    ret = tn_error_set(err, TN_EIO, "%s: %s (not a tern request log?)", path,
-                       sqlite3_errmsg(h));
-    sqlite3_close(h);
-    return ret;
-  }
+  sqlite3 *h;
+  sqlite3_stmt *st;
+  enum tn_status ret = open_query(path, k_query, &h, &st, err);
+  if (ret) return ret;
   sqlite3_bind_int64(st, 1, f->since_ms);
   sqlite3_bind_int64(st, 2, f->until_ms);
   bind_opt(st, 3, f->model);
@@ -588,35 +757,41 @@ enum tn_status tn_reqlog_read(const char *path,
   sqlite3_bind_int64(st, 11, f->before_id);
   sqlite3_bind_int(st, 12, f->content);
   sqlite3_bind_int64(st, 13, f->limit > 0 ? f->limit : -1);
-  int rc;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    json_t *o = json_object();
-    if (!o) {
-      ret = tn_error_set(err, TN_ENOMEM, "out of memory");
-      break;
-    }
-    for (int i = 0; i < (int)TN_ARRAY_LEN(k_cols); i++) {
-      if (i >= 19 && !f->content) break;
-      json_t *v;
-      switch (sqlite3_column_type(st, i)) {
-      case SQLITE_INTEGER: v = json_integer(sqlite3_column_int64(st, i)); break;
-      case SQLITE_FLOAT: v = json_real(sqlite3_column_double(st, i)); break;
-      case SQLITE_TEXT:
-        /* invalid UTF-8 (a cut-off multi-byte answer) becomes null */
-        v = json_stringn((const char *)sqlite3_column_text(st, i),
-                         (size_t)sqlite3_column_bytes(st, i));
-        break;
-      default: v = json_null(); break;
-      }
-      json_object_set_new(o, k_cols[i], v ? v : json_null());
-    }
-    bool go = row(user, o);
-    json_decref(o);
-    if (!go) break;
-  }
-  if (ret == TN_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
-    ret = tn_error_set(err, TN_EIO, "%s: %s", path, sqlite3_errmsg(h));
-  sqlite3_finalize(st);
-  sqlite3_close(h);
-  return ret;
+  return run_query(path, h, st, k_cols,
+                   f->content ? (int)TN_ARRAY_LEN(k_cols) : N_COLS_PLAIN, row,
+                   user, err);
+}
+
+static const char k_shadow_query[] =
+    "SELECT rowid, ts, request_id, shadow_id, source, model, target, tenant,"
+    " outcome, error, exact, overlap, len_ratio, live_ms, shadow_ms,"
+    " shadow_wait_ms, live_cost, shadow_cost, verdict,"
+    " CASE WHEN ?5 THEN live_output END, CASE WHEN ?5 THEN shadow_output END"
+    " FROM shadows WHERE ts >= ?1 AND (?2 IS NULL OR source = ?2)"
+    " AND (?3 = 0 OR rowid < ?3) ORDER BY rowid DESC LIMIT ?4";
+
+static const char *const k_shadow_cols[] = {
+    "id",          "ts",        "request_id",     "shadow_id", "source",
+    "model",       "target",    "tenant",         "outcome",   "error",
+    "exact",       "overlap",   "len_ratio",      "live_ms",   "shadow_ms",
+    "shadow_wait_ms", "live_cost", "shadow_cost", "verdict",   "live_output",
+    "shadow_output"};
+
+enum tn_status tn_reqlog_read_shadows(const char *path, const char *source,
+                                      int64_t since_ms, int64_t before_id,
+                                      int64_t limit, bool content,
+                                      bool (*row)(void *user, json_t *obj),
+                                      void *user, struct tn_error *err) {
+  sqlite3 *h;
+  sqlite3_stmt *st;
+  enum tn_status ret = open_query(path, k_shadow_query, &h, &st, err);
+  if (ret) return ret;
+  sqlite3_bind_int64(st, 1, since_ms);
+  bind_opt(st, 2, source);
+  sqlite3_bind_int64(st, 3, before_id);
+  sqlite3_bind_int64(st, 4, limit > 0 ? limit : -1);
+  sqlite3_bind_int(st, 5, content);
+  int n = (int)TN_ARRAY_LEN(k_shadow_cols);
+  return run_query(path, h, st, k_shadow_cols, content ? n : n - 2, row,
+                   user, err);
 }

@@ -67,6 +67,9 @@ struct slot {
   uint64_t prompt_tokens, cached_tokens, completion_tokens;
   double cost;
   uint32_t *hist; /* H_N * TN_LAT_BUCKETS, allocated on first use */
+  /* shadow comparisons of the key's model (the name they shadow) */
+  uint32_t sh_ok, sh_err, sh_exact, sh_judged, sh_wins, sh_losses;
+  double sh_overlap;
 };
 
 struct gslot {
@@ -174,16 +177,20 @@ static int err_type(const struct tn_reqlog_row *r) {
   return -1;
 }
 
+/* The slot, cleared when it last held another epoch. */
+static void slot_at(struct slot *sl, int64_t epoch) {
+  if (sl->epoch == epoch) return;
+  uint32_t *h = sl->hist;
+  memset(sl, 0, sizeof(*sl));
+  sl->epoch = epoch;
+  sl->hist = h;
+  if (h) memset(h, 0, sizeof(uint32_t) * H_N * TN_LAT_BUCKETS);
+}
+
 static void slot_add(struct slot *sl, int64_t epoch,
                      const struct tn_reqlog_row *r, int et,
                      const uint32_t *itl) {
-  if (sl->epoch != epoch) {
-    uint32_t *h = sl->hist;
-    memset(sl, 0, sizeof(*sl));
-    sl->epoch = epoch;
-    sl->hist = h;
-    if (h) memset(h, 0, sizeof(uint32_t) * H_N * TN_LAT_BUCKETS);
-  }
+  slot_at(sl, epoch);
   sl->requests++;
   if (et >= 0) {
     sl->errors++;
@@ -221,6 +228,37 @@ void tn_stats_add(struct tn_stats *s, double now_s,
     int64_t ef = t / FINE_STEP, ec = t / COARSE_STEP;
     slot_add(&k->fine[ef % FINE_N], ef, r, et, itl_hist);
     slot_add(&k->coarse[ec % COARSE_N], ec, r, et, itl_hist);
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void slot_shadow(struct slot *sl, int64_t epoch,
+                        const struct tn_shadow_row *r) {
+  slot_at(sl, epoch);
+  if (strcmp(r->outcome, "ok") != 0) {
+    sl->sh_err++;
+    return;
+  }
+  sl->sh_ok++;
+  sl->sh_exact += r->exact > 0;
+  if (r->overlap >= 0) sl->sh_overlap += r->overlap;
+  if (r->verdict) {
+    sl->sh_judged++;
+    sl->sh_wins += !strcmp(r->verdict, "shadow");
+    sl->sh_losses += !strcmp(r->verdict, "live");
+  }
+}
+
+void tn_stats_shadow(struct tn_stats *s, double now_s,
+                     const struct tn_shadow_row *r) {
+  if (!s || !(now_s > 0) || !r->outcome) return;
+  int64_t t = (int64_t)now_s;
+  pthread_mutex_lock(&s->mu);
+  struct key *k = find_key(s, r->source, r->tenant);
+  if (k) {
+    int64_t ef = t / FINE_STEP, ec = t / COARSE_STEP;
+    slot_shadow(&k->fine[ef % FINE_N], ef, r);
+    slot_shadow(&k->coarse[ec % COARSE_N], ec, r);
   }
   pthread_mutex_unlock(&s->mu);
 }
@@ -279,7 +317,14 @@ struct agg {
   double cost;
   uint64_t hist[H_N][TN_LAT_BUCKETS];
   uint64_t hist_n[H_N];
+  uint64_t sh_ok, sh_err, sh_exact, sh_judged, sh_wins, sh_losses;
+  double sh_overlap;
 };
+
+#define SHADOW_FIELDS(X) \
+  X(sh_ok) X(sh_err) X(sh_exact) X(sh_judged) X(sh_wins) X(sh_losses) \
+  X(sh_overlap)
+#define ADD_FIELD(f) a->f += b->f;
 
 static void agg_slot(struct agg *a, const struct slot *sl) {
   a->requests += sl->requests;
@@ -289,6 +334,10 @@ static void agg_slot(struct agg *a, const struct slot *sl) {
   a->cached_tokens += sl->cached_tokens;
   a->completion_tokens += sl->completion_tokens;
   a->cost += sl->cost;
+  {
+    const struct slot *b = sl;
+    SHADOW_FIELDS(ADD_FIELD)
+  }
   if (!sl->hist) return;
   for (int h = 0; h < H_N; h++)
     for (int b = 0; b < TN_LAT_BUCKETS; b++) {
@@ -306,6 +355,7 @@ static void agg_merge(struct agg *a, const struct agg *b) {
   a->cached_tokens += b->cached_tokens;
   a->completion_tokens += b->completion_tokens;
   a->cost += b->cost;
+  SHADOW_FIELDS(ADD_FIELD)
   for (int h = 0; h < H_N; h++) {
     for (int i = 0; i < TN_LAT_BUCKETS; i++) a->hist[h][i] += b->hist[h][i];
     a->hist_n[h] += b->hist_n[h];
@@ -372,12 +422,26 @@ static json_t *totals_json(const struct agg *a) {
                        : json_null());
   for (int h = 0; h < H_N; h++)
     json_object_set_new(o, k_hist_names[h], quantiles(a, h));
+  if (a->sh_ok || a->sh_err) {
+    double n = (double)a->sh_ok;
+    json_object_set_new(
+        o, "shadow",
+        json_pack("{s:I,s:I,s:o,s:o,s:I,s:I,s:I}", "compared",
+                  (json_int_t)a->sh_ok, "errors", (json_int_t)a->sh_err,
+                  "exact_rate",
+                  a->sh_ok ? json_real((double)a->sh_exact / n) : json_null(),
+                  "overlap_mean",
+                  a->sh_ok ? json_real(a->sh_overlap / n) : json_null(),
+                  "judged", (json_int_t)a->sh_judged, "shadow_wins",
+                  (json_int_t)a->sh_wins, "live_wins",
+                  (json_int_t)a->sh_losses));
+  }
   return o;
 }
 
 /* The series of one group: per-point rates and quantiles. */
 struct series {
-  json_t *req, *err, *ptok, *ctok, *cost, *hit;
+  json_t *req, *err, *ptok, *ctok, *cost, *hit, *sh_exact, *sh_overlap;
   json_t *q[H_N][3];
 };
 
@@ -388,6 +452,8 @@ static void series_init(struct series *sr) {
   sr->ctok = json_array();
   sr->cost = json_array();
   sr->hit = json_array();
+  sr->sh_exact = json_array();
+  sr->sh_overlap = json_array();
   for (int h = 0; h < H_N; h++)
     for (int i = 0; i < 3; i++) sr->q[h][i] = json_array();
 }
@@ -405,6 +471,11 @@ static void series_point(struct series *sr, const struct agg *a,
                             ? json_real((double)a->cached_tokens /
                                         (double)a->prompt_tokens)
                             : json_null());
+  double n = (double)a->sh_ok;
+  json_array_append_new(sr->sh_exact,
+                        n ? json_real((double)a->sh_exact / n) : json_null());
+  json_array_append_new(sr->sh_overlap,
+                        n ? json_real(a->sh_overlap / n) : json_null());
   for (int h = 0; h < H_N; h++)
     for (int i = 0; i < 3; i++)
       json_array_append_new(
@@ -420,6 +491,8 @@ static json_t *series_json(struct series *sr) {
   json_object_set_new(o, "completion_tokens_per_s", sr->ctok);
   json_object_set_new(o, "cost_per_min", sr->cost);
   json_object_set_new(o, "prefix_hit_rate", sr->hit);
+  json_object_set_new(o, "shadow_exact_rate", sr->sh_exact);
+  json_object_set_new(o, "shadow_overlap", sr->sh_overlap);
   for (int h = 0; h < H_N; h++) {
     json_t *q = json_object();
     for (int i = 0; i < 3; i++)

@@ -146,6 +146,35 @@ static char *dump(json_t *o, size_t *len, struct tn_api_error *err) {
   return out;
 }
 
+/* limit=N (1..LIMIT_MAX) into *out, which keeps its default without. */
+static bool parse_limit(const struct tn_dash_ctx *ctx, int64_t *out,
+                        struct tn_api_error *err) {
+  const char *v = arg(ctx, "limit");
+  if (!v) return true;
+  char *end;
+  long n = strtol(v, &end, 10);
+  if (end == v || *end || n < 1 || n > LIMIT_MAX) {
+    bad_arg(err, "limit", "an integer from 1 to 500");
+    return false;
+  }
+  *out = n;
+  return true;
+}
+
+/* since=DURATION: *ms_out the Unix ms that far back (kept without). */
+static bool parse_since(const struct tn_dash_ctx *ctx, int64_t *ms_out,
+                        struct tn_api_error *err) {
+  const char *v = arg(ctx, "since");
+  if (!v) return true;
+  double s;
+  if (!tn_parse_duration(v, &s) || s > 3650.0 * 86400) {
+    bad_arg(err, "since", "a duration: 90s, 15m, 2h, 7d");
+    return false;
+  }
+  *ms_out = (int64_t)((ctx->now_s - s) * 1000.0);
+  return true;
+}
+
 static char *api_requests(const struct tn_dash_ctx *ctx, size_t *len,
                           struct tn_api_error *err) {
   static const char *const allowed[] = {
@@ -155,15 +184,7 @@ static char *api_requests(const struct tn_dash_ctx *ctx, size_t *len,
   struct tn_reqlog_filter f;
   tn_reqlog_filter_init(&f);
   const char *v;
-  if ((v = arg(ctx, "limit"))) {
-    char *end;
-    long n = strtol(v, &end, 10);
-    if (end == v || *end || n < 1 || n > LIMIT_MAX) {
-      bad_arg(err, "limit", "an integer from 1 to 500");
-      return NULL;
-    }
-    f.limit = n;
-  }
+  if (!parse_limit(ctx, &f.limit, err)) return NULL;
   if ((v = arg(ctx, "before")) &&
       !parse_cursor(v, &f.before_ts, &f.before_id)) {
     bad_arg(err, "before", "a cursor from a list's \"next\"");
@@ -173,14 +194,7 @@ static char *api_requests(const struct tn_dash_ctx *ctx, size_t *len,
     bad_arg(err, "status", "200, 4xx, 5xx, ... or error");
     return NULL;
   }
-  if ((v = arg(ctx, "since"))) {
-    double s;
-    if (!tn_parse_duration(v, &s) || s > 3650.0 * 86400) {
-      bad_arg(err, "since", "a duration: 90s, 15m, 2h, 7d");
-      return NULL;
-    }
-    f.since_ms = (int64_t)((ctx->now_s - s) * 1000.0);
-  }
+  if (!parse_since(ctx, &f.since_ms, err)) return NULL;
   f.model = arg(ctx, "model");
   f.endpoint = arg(ctx, "endpoint");
   f.tenant = arg(ctx, "tenant");
@@ -232,14 +246,56 @@ static char *api_request(const struct tn_dash_ctx *ctx, const char *id,
   return dump(row, len, err);
 }
 
+/* Shadow comparisons, newest first; "next" is the last row's id. */
+static char *api_shadows(const struct tn_dash_ctx *ctx, size_t *len,
+                         struct tn_api_error *err) {
+  static const char *const allowed[] = {"limit", "before", "source", "since",
+                                        NULL};
+  if (!check_args(ctx, allowed, err) || !need_log(ctx, err)) return NULL;
+  int64_t limit = 50, since_ms = 0, before = 0;
+  const char *v;
+  if (!parse_limit(ctx, &limit, err) || !parse_since(ctx, &since_ms, err))
+    return NULL;
+  if ((v = arg(ctx, "before"))) {
+    char *end;
+    long long b = strtoll(v, &end, 10);
+    if (end == v || *end || b <= 0) {
+      bad_arg(err, "before", "a row id from a list's \"next\"");
+      return NULL;
+    }
+    before = b;
+  }
+  json_t *rows = json_array();
+  struct tn_error e = {0};
+  if (!rows || tn_reqlog_read_shadows(ctx->log_path, arg(ctx, "source"),
+                                      since_ms, before, limit, true,
+                                      append_row, rows, &e)) {
+    json_decref(rows);
+    tn_api_error_set(err, 500, "server_error", NULL, "request_log_unreadable",
+                     "the request log cannot be read: %s",
+                     rows ? e.msg : "out of memory");
+    return NULL;
+  }
+  size_t n = json_array_size(rows);
+  json_t *next =
+      n > 0 && (int64_t)n == limit
+          ? json_integer(json_integer_value(
+                json_object_get(json_array_get(rows, n - 1), "id")))
+          : json_null();
+  return dump(json_pack("{s:s,s:o,s:o}", "object", "list", "data", rows,
+                        "next", next),
+              len, err);
+}
+
 char *tn_dash_api(const struct tn_dash_ctx *ctx, const char *path,
                   size_t *len, struct tn_api_error *err) {
   if (!strcmp(path, "/api/stats")) return api_stats(ctx, len, err);
+  if (!strcmp(path, "/api/shadows")) return api_shadows(ctx, len, err);
   if (!strcmp(path, "/api/requests")) return api_requests(ctx, len, err);
   if (!strncmp(path, "/api/requests/", 14))
     return api_request(ctx, path + 14, len, err);
   tn_api_error_set(err, 404, "invalid_request_error", NULL, "unknown_url",
                    "Unknown dashboard API route (try /api/stats, "
-                   "/api/requests)");
+                   "/api/requests, /api/shadows)");
   return NULL;
 }

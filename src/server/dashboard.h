@@ -5,6 +5,7 @@
  *   GET /api/stats?window=15m&by=model     live series (tn_stats_json)
  *   GET /api/requests?limit=50&model=...   the request log, newest first
  *   GET /api/requests/{request_id}         one row, with its text if stored
+ *   GET /api/shadows?limit=50&source=...   shadow comparisons, newest first
  *
  * The handlers are plain functions of the query arguments so they can be
  * tested without a server; http.c routes to them and adds auth.

@@ -40,6 +40,7 @@
 #include "server/api.h"
 #include "server/dashboard.h"
 #include "server/server.h"
+#include "server/shadow.h"
 #include "tokenizer/tokenizer.h"
 
 #define MAX_PROMPTS 64
@@ -76,6 +77,8 @@ struct tn_server {
   struct tn_metric_family *tenant_requests, *tenant_tokens, *tenant_cost,
       *tenant_rejections;
   double max_price_prompt, max_price_completion; /* budget estimates */
+  struct tn_shadows *shadows; /* cfg.shadows' workers, or NULL */
+  char shadow_secret[40];     /* what marks a replay as ours */
 };
 
 struct conn {
@@ -164,6 +167,14 @@ struct conn {
   int64_t used_tokens;        /* what the request used, for settling */
   double used_cost;
 
+  /* shadow deployments: a replay from this server (background work, no
+   * tenant, never shadowed), or a live request picked for a replay */
+  bool shadow;
+  char shadow_of[68];         /* a replay: the live request's id */
+  int shadow_idx;             /* the live request's shadow, or -1 */
+  struct tn_buf live_text;    /* a relayed answer's text, for its shadow */
+  double row_cost;            /* the log row's cost (USD, < 0: none) */
+
   struct conn *live_prev, *live_next;
   bool in_live;
 };
@@ -218,6 +229,8 @@ static struct conn *conn_new(struct tn_server *s, struct MHD_Connection *mc) {
   c->target = -1;
   c->upstream = -1;
   c->confidence = NAN;
+  c->shadow_idx = -1;
+  c->row_cost = -1;
   return c;
 }
 
@@ -260,6 +273,7 @@ static void conn_unref(struct conn *c) {
   tn_upstream_call_release(c->call);
   free(c->plan);
   free(c->embedding);
+  tn_buf_free(&c->live_text);
   pthread_mutex_destroy(&c->mu);
   free(c);
 }
@@ -382,6 +396,15 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
       .tenant = c->tenant >= 0 ? tn_tenants_name(c->srv->cfg.tenants, c->tenant)
                                : NULL,
       .adapter = c->adapter[0] ? c->adapter : NULL,
+      .route = c->route_idx >= 0
+                   ? tn_router_route_name(c->srv->cfg.router, c->route_idx)
+                   : NULL,
+      .upstream = c->upstream >= 0
+                      ? tn_router_upstream(c->srv->cfg.router, c->upstream)
+                            ->name
+                      : NULL,
+      .escalations = c->plan ? c->escalations : -1,
+      .shadow_of = c->shadow ? c->shadow_of : NULL,
       .status = (int)c->status,
       .error = c->err_msg[0] ? c->err_msg : NULL,
       .prompt_tokens = -1,
@@ -479,12 +502,54 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
     snprintf(code, sizeof code, "%d", r.status);
     metric_inc(c->srv->tenant_requests, r.tenant, code, 1);
   }
+  c->row_cost = r.cost;
   double now_wall = wall_s();
-  tn_stats_add(c->srv->stats, now_wall, &r, c->n_reqs ? itl : NULL);
+  /* a replay is the shadow's traffic, not the live series' */
+  if (!c->shadow) tn_stats_add(c->srv->stats, now_wall, &r, c->n_reqs ? itl : NULL);
   tn_reqlog_add(lg, &r);
   if (c->srv->cfg.tracer && c->trace.sampled)
     trace_request(c, &r, now_wall);
   free(out);
+}
+
+/* The live answer went out whole: its replay, for the shadow to answer. */
+static void offer_shadow(struct conn *c) {
+  char *text = NULL;
+  size_t len = 0;
+  bool failed = false;
+  if (c->n_reqs) {
+    struct tn_req *q = c->reqs[0];
+    tn_req_lock(q);
+    failed = q->error[0] || q->n_choices < 1;
+    if (!failed && (text = malloc(q->choices[0].len + 1))) {
+      memcpy(text, q->choices[0].text, q->choices[0].len);
+      len = q->choices[0].len;
+    }
+    tn_req_unlock(q);
+    if (failed || !text) {
+      free(text);
+      return;
+    }
+  }
+  struct tn_shadow_live live = {
+      .request_id = c->id,
+      .endpoint = c->log_endpoint,
+      .model = c->answered[0] ? c->answered
+               : c->model     ? c->model->name
+                              : NULL,
+      .tenant = c->tenant >= 0
+                    ? tn_tenants_name(c->srv->cfg.tenants, c->tenant)
+                    : NULL,
+      .body = c->body ? c->body : "",
+      .body_len = c->len,
+      .text = c->n_reqs ? text : c->live_text.data,
+      .text_len = c->n_reqs ? len : c->live_text.len,
+      .ts_ms = c->t_arrive_ms,
+      .e2e_s = tn_time_s() - c->t_arrive,
+      .cost = c->row_cost,
+  };
+  tn_shadows_offer(c->srv->shadows, c->shadow_idx, &live);
+  free(text);
 }
 
 /* MHD is done with the connection's request (sent, failed or closed). */
@@ -497,6 +562,9 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
   *con_cls = NULL;
   live_remove(c);
   record_request(c, toe);
+  if (c->shadow_idx >= 0 && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK &&
+      c->status == 200 && !c->err_msg[0])
+    offer_shadow(c);
   /* After release no notify runs for these requests (it runs under the
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
@@ -1384,6 +1452,18 @@ static void target_end(struct conn *c, bool ok) {
 
 /* Response headers that say what the router did. */
 static void add_route_headers(struct conn *c, struct MHD_Response *r) {
+  if (c->shadow && c->n_reqs) {
+    /* how long its engine work waited for live requests */
+    double held = 0;
+    for (size_t i = 0; i < c->n_reqs; i++) {
+      tn_req_lock(c->reqs[i]);
+      held = TN_MAX(held, c->reqs[i]->t_held);
+      tn_req_unlock(c->reqs[i]);
+    }
+    char v[32];
+    snprintf(v, sizeof v, "%.3f", held * 1000.0);
+    MHD_add_response_header(r, TN_SHADOW_WAIT_HEADER, v);
+  }
   if (!c->plan) return;
   if (c->route_idx >= 0)
     MHD_add_response_header(
@@ -1658,6 +1738,18 @@ static const char *status_outcome(int status) {
   return status == 429 ? "http_429" : status >= 500 ? "http_5xx" : "http_4xx";
 }
 
+/* A relayed answer (or stream event) adds its first choice's text to
+ * what the shadow will compare with. */
+static void keep_text(struct conn *c, json_t *o) {
+  json_t *ch = json_array_get(json_object_get(o, "choices"), 0);
+  if (json_integer_value(json_object_get(ch, "index")) != 0) return;
+  json_t *m = json_object_get(ch, "message");
+  if (!m) m = json_object_get(ch, "delta");
+  const char *t = json_string_value(m ? json_object_get(m, "content")
+                                      : json_object_get(ch, "text"));
+  if (t) tn_buf_append(&c->live_text, t, strlen(t));
+}
+
 /* Non-streaming relay: the whole answer, checked, then sent. */
 static enum MHD_Result relay_whole(struct conn *c) {
   struct tn_server *s = c->srv;
@@ -1685,6 +1777,7 @@ static enum MHD_Result relay_whole(struct conn *c) {
     return call_failed(c, &aerr, "malformed");
   }
   take_usage(c, root);
+  if (c->shadow_idx >= 0) keep_text(c, root);
   char *out = json_dumps(root, JSON_COMPACT);
   json_decref(root);
   metric_inc(s->upstream_calls,
@@ -1781,6 +1874,7 @@ static void relay_events(struct conn *c, bool final) {
     c->relay_ok_event = true;
     if (json_object_get(o, "usage") && !json_is_null(json_object_get(o, "usage")))
       take_usage(c, o);
+    if (c->shadow_idx >= 0) keep_text(c, o);
     char *js = json_dumps(o, JSON_COMPACT);
     json_decref(o);
     if (js) {
@@ -2087,6 +2181,7 @@ static enum MHD_Result classify_start(struct conn *c, int route,
   gen.embed = last ? TN_EMBED_LAST : TN_EMBED_MEAN;
   gen.lora = lora;
   gen.lora_scale = scale;
+  gen.background = c->shadow;
   struct tn_req *r = NULL;
   if (!st)
     st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen, conn_wake, c, &r,
@@ -2169,6 +2264,7 @@ static int submit_local(struct conn *c, bool probs,
                             c->model->name);
   gen.lora = c->lora;
   gen.lora_scale = c->q.has_lora_scale ? c->q.lora_scale : c->lora_scale;
+  gen.background = c->shadow;
   if (probs) {
     /* the chosen tokens' probabilities and the runner-up's (margin) */
     gen.logprobs = true;
@@ -2309,6 +2405,15 @@ static bool admit_tenant(struct conn *c, const json_t *root,
   return false;
 }
 
+/* Whether the request called by name gets a shadow replay (drawn now,
+ * so a relayed answer's text is kept as it passes). */
+static void pick_shadow(struct conn *c, const char *name) {
+  struct tn_shadows *sh = c->srv->shadows;
+  if (c->shadow || !sh) return;
+  int i = tn_shadows_find(sh, name);
+  if (i >= 0 && tn_shadows_sample(sh, i)) c->shadow_idx = i;
+}
+
 static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
   struct tn_server *s = c->srv;
   struct tn_api_error aerr = {0};
@@ -2340,6 +2445,8 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                  ? tn_router_find_upstream(s->cfg.router, name)
                  : -1;
     if (route >= 0 || up >= 0) {
+      pick_shadow(c, route >= 0 ? tn_router_route_name(s->cfg.router, route)
+                                : tn_router_upstream(s->cfg.router, up)->name);
       enum MHD_Result ret = route_routed(c, root, route, up);
       json_decref(root);
       return ret;
@@ -2361,6 +2468,7 @@ static enum MHD_Result route_completion(struct conn *c, enum tn_api_kind kind) {
                      c->q.model);
     return send_error(c, &aerr);
   }
+  pick_shadow(c, c->lora ? c->adapter : c->model->name);
   if (submit_local(c, false, &aerr)) return send_error(c, &aerr);
   return respond_local(c);
 }
@@ -2815,7 +2923,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
   if (!strcmp(url, "/dashboard") || !strncmp(url, "/api/", 5))
     return route_dashboard(c, url, get);
   bool tenant_key = false;
-  if (v1 && s->cfg.tenants) {
+  if (v1 && s->shadows) {
+    /* a replay from our own shadow worker (the secret is per process) */
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND,
+                                                TN_SHADOW_HEADER);
+    if (h && key_equal(h, s->shadow_secret)) {
+      c->shadow = true;
+      const char *of = MHD_lookup_connection_value(mc, MHD_HEADER_KIND,
+                                                   TN_SHADOW_OF_HEADER);
+      snprintf(c->shadow_of, sizeof c->shadow_of, "%.64s", of ? of : "");
+    }
+  }
+  if (v1 && s->cfg.tenants && !c->shadow) {
     const char *h =
         MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
     if (h && !strncmp(h, "Bearer ", 7)) {
@@ -2823,8 +2942,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
       tenant_key = c->tenant >= 0;
     }
   }
-  bool admin = s->cfg.api_key && *s->cfg.api_key ? auth_ok(s, mc, false)
-                                                  : !s->cfg.tenants;
+  bool admin = c->shadow ? true
+               : s->cfg.api_key && *s->cfg.api_key ? auth_ok(s, mc, false)
+                                                   : !s->cfg.tenants;
   if (v1 && !admin && !tenant_key) {
     c->route = "auth";
     return send_error_msg(c, 401, "invalid_request_error", NULL,
@@ -3144,6 +3264,21 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
     s->reaper_started = true;
   if (cfg->reqlog && tn_thread_create(&s->backfill, backfill_main, s) == 0)
     s->backfill_started = true;
+  if (cfg->n_shadows > 0) {
+    unsigned char r[16];
+    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) {
+      tn_server_stop(s);
+      return tn_error_set(err, TN_EIO, "shadows: no random bytes for a key");
+    }
+    for (int i = 0; i < 16; i++)
+      snprintf(s->shadow_secret + 2 * i, 3, "%02x", r[i]);
+    if (tn_shadows_start(cfg->shadows, cfg->n_shadows, s->port,
+                         s->shadow_secret, cfg->reqlog, s->stats, metrics,
+                         &s->shadows, err)) {
+      tn_server_stop(s);
+      return err->status;
+    }
+  }
   *out = s;
   return TN_OK;
 }
@@ -3188,11 +3323,16 @@ static void resume_all(struct tn_server *s) {
 
 void tn_server_stop(struct tn_server *s) {
   if (!s) return;
+  /* first: their calls into this server end now (aborted); freed once no
+   * connection can offer a replay any more */
+  tn_shadows_stop(s->shadows);
   if (s->mhd) resume_all(s);
   atomic_store(&s->stop, true);
   if (s->reaper_started) pthread_join(s->reaper, NULL);
   if (s->backfill_started) pthread_join(s->backfill, NULL);
   if (s->mhd) MHD_stop_daemon(s->mhd);
+  tn_shadows_free(s->shadows);
+  s->shadows = NULL;
   /* after the connections: each released its call when it completed */
   tn_upstream_pool_stop(s->upstreams);
   s->upstreams = NULL;

@@ -25,6 +25,7 @@ struct tn_reqlog;
 struct tn_tracer;
 struct tn_router;
 struct tn_tenants;
+struct tn_shadow_spec;
 
 struct tn_server_model {
   const char *name;           /* what clients send as "model" */
@@ -59,6 +60,9 @@ struct tn_server_config {
    * rates and budget are enforced, and its name goes to the log and
    * metrics. */
   struct tn_tenants *tenants;
+  /* Shadow deployments (shadow.h), borrowed; n_shadows 0: none. */
+  const struct tn_shadow_spec *shadows;
+  int n_shadows;
 };
 void tn_server_config_default(struct tn_server_config *c);
 

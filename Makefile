@@ -96,7 +96,7 @@ TSAN_TESTS ?= tests/e2e/test_server.py tests/e2e/test_server_chaos.py tests/e2e/
 	tests/e2e/test_reqlog.py tests/e2e/test_dashboard.py::test_stats_equal_the_answers \
 	tests/e2e/test_traces.py::test_endpoint_down_costs_nothing \
 	tests/e2e/test_adapters.py::test_hot_load_unload \
-	tests/e2e/test_routing.py tests/e2e/test_tenants.py \
+	tests/e2e/test_routing.py tests/e2e/test_tenants.py tests/e2e/test_shadow.py \
 	tests/e2e/test_embeddings.py::test_batch_invariance \
 	tests/e2e/test_embeddings.py::test_classifier_routes_by_topic
 test-tsan:

@@ -184,6 +184,11 @@ void tn_pool_barrier(struct tn_pool *pool);
  * one of its own steps. */
 void tn_pool_live_add(struct tn_pool *pool, int d);
 int tn_pool_live(const struct tn_pool *pool);
+/* Sleeps until the live count is no longer seen, or timeout_s passed;
+ * returns the count. (An engine holding only background work waits here
+ * instead of polling: a thread waking every millisecond would take turns
+ * on the cores the live steps' spinning workers need.) */
+int tn_pool_live_wait(struct tn_pool *pool, int seen, double timeout_s);
 
 /* Splits [0, n) into nth nearly equal ranges and gives thread ith's. */
 static inline void tn_split(int64_t n, int ith, int nth, int64_t *lo,

@@ -30,7 +30,9 @@
  *  - n_active counts workers still inside the current run; the caller
  *    returns only when it is 0, so fn/ctx may be reused afterwards.
  * Locks: run_mu guards ticket/serving; mu guards only the workers'
- * sleep/wake handshake (n_sleeping, cond). Never both at once.
+ * sleep/wake handshake (n_sleeping, cond); live_mu only the sleep of
+ * engines whose background work waits for live requests to end. Never
+ * two at once.
  */
 #include "base/base.h"
 
@@ -39,6 +41,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -88,6 +91,9 @@ struct tn_pool {
   _Atomic int n_sleeping;
 
   _Atomic int live;     /* live requests of every engine (tn_pool_live) */
+  _Atomic int live_waiters;
+  pthread_mutex_t live_mu; /* only the live waiters' sleep and wake */
+  pthread_cond_t live_cv;
 };
 
 struct worker_arg {
@@ -142,6 +148,8 @@ struct tn_pool *tn_pool_new(int n_threads) {
   pool->idle_spins = over ? 64 : POOL_SPIN_ITERS;
   pthread_mutex_init(&pool->mu, NULL);
   pthread_cond_init(&pool->cond, NULL);
+  pthread_mutex_init(&pool->live_mu, NULL);
+  pthread_cond_init(&pool->live_cv, NULL);
   pthread_mutex_init(&pool->run_mu, NULL);
   pthread_cond_init(&pool->run_cv, NULL);
   /* n_threads counts the threads started; tn_pool_free joins those. */
@@ -186,6 +194,8 @@ void tn_pool_free(struct tn_pool *pool) {
   for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
   pthread_mutex_destroy(&pool->mu);
   pthread_cond_destroy(&pool->cond);
+  pthread_mutex_destroy(&pool->live_mu);
+  pthread_cond_destroy(&pool->live_cv);
   pthread_mutex_destroy(&pool->run_mu);
   pthread_cond_destroy(&pool->run_cv);
   free(pool->threads);
@@ -195,7 +205,28 @@ void tn_pool_free(struct tn_pool *pool) {
 int tn_pool_size(const struct tn_pool *pool) { return pool->n_threads; }
 
 void tn_pool_live_add(struct tn_pool *pool, int d) {
-  atomic_fetch_add_explicit(&pool->live, d, memory_order_acq_rel);
+  atomic_fetch_add(&pool->live, d);
+  if (atomic_load(&pool->live_waiters) > 0) {
+    pthread_mutex_lock(&pool->live_mu);
+    pthread_cond_broadcast(&pool->live_cv);
+    pthread_mutex_unlock(&pool->live_mu);
+  }
+}
+
+int tn_pool_live_wait(struct tn_pool *pool, int seen, double timeout_s) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  double ns = (double)ts.tv_nsec + timeout_s * 1e9;
+  ts.tv_sec += (time_t)(ns / 1e9);
+  ts.tv_nsec = (long)(ns - (double)(time_t)(ns / 1e9) * 1e9);
+  pthread_mutex_lock(&pool->live_mu);
+  atomic_fetch_add(&pool->live_waiters, 1);
+  int rc = 0;
+  while (atomic_load(&pool->live) == seen && rc == 0)
+    rc = pthread_cond_timedwait(&pool->live_cv, &pool->live_mu, &ts);
+  atomic_fetch_sub(&pool->live_waiters, 1);
+  pthread_mutex_unlock(&pool->live_mu);
+  return atomic_load(&pool->live);
 }
 
 int tn_pool_live(const struct tn_pool *pool) {

@@ -238,6 +238,8 @@ struct tn_engine {
   /* background work held back for live work: the total so far and the
    * start of the current hold (0: not holding) */
   double held_total, hold_since;
+  bool only_held;             /* the last step: everything here is background
+                                 work held back */
 };
 
 /* ---- small helpers */
@@ -1707,15 +1709,19 @@ static bool engine_step(struct tn_engine *e) {
    * newest, it goes itself. Background sequences sit out every step while
    * any live request is outstanding on the pool (hold); a step of theirs
    * alone is kept short. */
-  bool hold = tn_pool_live(e->pool) > 0, any_bg = false;
+  bool hold = tn_pool_live(e->pool) > 0, any_bg = false, any_live = false;
   for (struct seq *s = e->admitted; s; s = s->next) {
     s->chunk = 0;
     s->n_draft = 0;
     s->decode = false;
     any_bg |= seq_bg(s);
+    any_live |= !seq_bg(s);
   }
-  for (struct seq *s = e->waiting; s && !any_bg; s = s->next)
-    any_bg = seq_bg(s);
+  for (struct seq *s = e->waiting; s; s = s->next) {
+    any_bg |= seq_bg(s);
+    any_live |= !seq_bg(s);
+  }
+  e->only_held = hold && any_bg && !any_live;
   if (hold && any_bg) {
     if (e->hold_since <= 0) e->hold_since = tn_time_s();
   } else if (e->hold_since > 0) {
@@ -1930,7 +1936,12 @@ static void *engine_main(void *arg) {
         !e->inbox_head)
       atomic_store(&e->cancel_all, false);
     pthread_mutex_unlock(&e->mu);
-    if (!worked && (e->admitted || e->waiting)) {
+    if (!worked && e->only_held) {
+      /* Background work only, held for live requests elsewhere: sleep
+       * until their count changes (a live request of ours counts too). */
+      int seen = tn_pool_live(e->pool);
+      if (seen > 0) tn_pool_live_wait(e->pool, seen, 0.05);
+    } else if (!worked && (e->admitted || e->waiting)) {
       /* Nothing could run (no blocks): wait briefly for changes. */
       struct timespec ts = {0, 1000000};
       nanosleep(&ts, NULL);

@@ -145,6 +145,37 @@ static void test_adapters(void) {
   tn_serve_config_free(&cfg);
 }
 
+/* Shadows on a model (defaults), an adapter as the target of its own
+ * base model, and a route's shadow with every key. */
+static void test_shadows(void) {
+  struct tn_serve_config cfg;
+  struct tn_error err = {0};
+  enum tn_status st = load_text(
+      "models:\n  - name: m\n    path: x.gguf\n"
+      "    adapters: [{name: sql, path: a.gguf}]\n"
+      "    shadow: {target: sql}\n"
+      "  - name: n\n    path: y.gguf\n"
+      "routes:\n  - name: r\n    strategy: fallback\n    targets: [m]\n"
+      "    shadow: {target: n, share: 0.25, judge: m, max_concurrent: 2,"
+      " queue: 9, timeout_s: 30}\n",
+      &cfg, &err);
+  if (st) fprintf(stderr, "error: %s\n", err.msg);
+  ASSERT_EQ(st, TN_OK);
+  const struct tn_serve_shadow_cfg *a = &cfg.models[0].shadow;
+  ASSERT_STR_EQ(a->target, "sql");
+  ASSERT(a->share == 1.0 && a->judge == NULL && a->timeout_s == 300);
+  ASSERT_EQ(a->max_concurrent, 1);
+  ASSERT_EQ(a->queue, 64);
+  ASSERT(cfg.models[1].shadow.target == NULL);
+  const struct tn_serve_shadow_cfg *b = &cfg.routes[0].shadow;
+  ASSERT_STR_EQ(b->target, "n");
+  ASSERT_STR_EQ(b->judge, "m");
+  ASSERT(b->share == 0.25 && b->timeout_s == 30);
+  ASSERT_EQ(b->max_concurrent, 2);
+  ASSERT_EQ(b->queue, 9);
+  tn_serve_config_free(&cfg);
+}
+
 static void test_good_minimal(void) {
   struct tn_serve_config cfg;
   struct tn_error err = {0};
@@ -240,7 +271,19 @@ static const struct bad_case k_bad[] = {
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
      "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
      "draft_model, price_prompt, price_cached, price_completion, adapters, "
-     "max_loras or adapter_mem)"},
+     "max_loras, adapter_mem or shadow)"},
+    {MODEL_OK "    shadow: {target: a}\n", TN_EINVAL,
+     ":4: models[0].shadow.target: 'a' is the name it shadows"},
+    {MODEL_OK "    shadow: {target: zz}\n", TN_EINVAL,
+     ":4: models[0].shadow.target: unknown target 'zz'"},
+    {MODEL_OK "    shadow: {target: a, share: -0.1}\n", TN_EINVAL,
+     ":4: models[0].shadow.share: '-0.1' is not a share in [0, 1]"},
+    {MODEL_OK "    shadow: {target: a, max_concurrent: 65}\n", TN_EINVAL,
+     "models[0].shadow.max_concurrent"},
+    {MODEL_OK "    shadow: {target: a, timeout_s: 0}\n", TN_EINVAL,
+     "models[0].shadow.timeout_s: '0' is not a number of seconds"},
+    {MODEL_OK "    shadow: [a]\n", TN_EINVAL,
+     ":4: models[0].shadow: expected a mapping with target"},
     {MODEL_OK "    adapters: x\n", TN_EINVAL,
      ":4: models[0].adapters: expected a list of {name, path, scale}"},
     {MODEL_OK "    adapters:\n      - name: a\n        path: q\n",
@@ -492,6 +535,6 @@ static void test_parse_size(void) {
 }
 
 TN_TEST_MAIN(TN_TEST(test_good_full), TN_TEST(test_good_minimal),
-             TN_TEST(test_adapters),
+             TN_TEST(test_adapters), TN_TEST(test_shadows),
              TN_TEST(test_bad), TN_TEST(test_bad_limits),
              TN_TEST(test_parse_size))

@@ -180,7 +180,7 @@ struct tn_gen_params {
    * step. The output is what the same request gives in the foreground. */
   bool background;
 };
-#define TN_BACKGROUND_STEP_TOKENS 64
+#define TN_BACKGROUND_STEP_TOKENS 16
 void tn_gen_params_default(struct tn_gen_params *p);
 
 struct tn_gen_token {

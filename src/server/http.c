@@ -3272,7 +3272,7 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
     }
     for (int i = 0; i < 16; i++)
       snprintf(s->shadow_secret + 2 * i, 3, "%02x", r[i]);
-    if (tn_shadows_start(cfg->shadows, cfg->n_shadows, s->port,
+    if (tn_shadows_start(cfg->shadows, cfg->n_shadows, cfg->host, s->port,
                          s->shadow_secret, cfg->reqlog, s->stats, metrics,
                          &s->shadows, err)) {
       tn_server_stop(s);

@@ -34,6 +34,7 @@
 #include "server/config.h"
 
 #define ANSWER_MAX (32u << 20) /* a replay's answer, bytes */
+#define QUEUED_BYTES_MAX ((size_t)64 << 20) /* copies waiting, per shadow */
 #define JUDGE_MAX_TOKENS 256
 
 struct job {
@@ -52,6 +53,7 @@ struct deploy {
   int n_threads;
   struct job *head, *tail;               /* s->mu */
   int n_queued, n_running;               /* s->mu */
+  size_t queued_bytes;                   /* s->mu */
   _Atomic uint64_t rng;
   struct tn_metric *ok, *error, *timeout, *dropped;
   struct tn_metric *exact, *verdict[3];  /* shadow, live, tie */
@@ -61,7 +63,7 @@ struct deploy {
 struct tn_shadows {
   struct deploy *d;
   int n;
-  char url[64];                          /* http://127.0.0.1:PORT */
+  char url[96];                          /* http://HOST:PORT */
   char secret[80];
   struct tn_reqlog *log;
   struct tn_stats *stats;
@@ -439,9 +441,12 @@ static void replay(struct deploy *d, const struct job *j) {
     snprintf(err, sizeof err, "the live request is not a JSON object");
     goto record;
   }
+  /* the first choice is compared, as text without the prompt echoed */
   json_object_set_new(req, "model", json_string(cfg->target));
   json_object_del(req, "stream");
   json_object_del(req, "stream_options");
+  json_object_del(req, "echo");
+  json_object_del(req, "n");
   body = json_dumps(req, JSON_COMPACT);
   if (!body) {
     snprintf(err, sizeof err, "out of memory");
@@ -524,6 +529,7 @@ static void *worker_main(void *arg) {
     d->head = j->next;
     if (!d->head) d->tail = NULL;
     d->n_queued--;
+    d->queued_bytes -= j->body_len + j->text_len;
     d->n_running++;
     pthread_mutex_unlock(&s->mu);
     replay(d, j);
@@ -582,8 +588,10 @@ void tn_shadows_offer(struct tn_shadows *s, int i,
     }
   }
   pthread_mutex_lock(&s->mu);
-  bool take = j && !atomic_load(&s->stop) && d->n_queued < d->cfg->queue;
+  bool take = j && !atomic_load(&s->stop) && d->n_queued < d->cfg->queue &&
+              d->queued_bytes + j->body_len + j->text_len <= QUEUED_BYTES_MAX;
   if (take) {
+    d->queued_bytes += j->body_len + j->text_len;
     if (d->tail) d->tail->next = j;
     else d->head = j;
     d->tail = j;
@@ -630,6 +638,7 @@ void tn_shadows_stop(struct tn_shadows *s) {
     }
     d->tail = NULL;
     d->n_queued = 0;
+    d->queued_bytes = 0;
     pthread_mutex_unlock(&s->mu);
   }
 }
@@ -652,7 +661,8 @@ static struct tn_metric *series(struct tn_metric_family *f, const char *a,
 }
 
 enum tn_status tn_shadows_start(const struct tn_shadow_spec *specs, int n,
-                                int port, const char *secret,
+                                const char *host, int port,
+                                const char *secret,
                                 struct tn_reqlog *log, struct tn_stats *stats,
                                 struct tn_metrics *metrics,
                                 struct tn_shadows **out,
@@ -663,7 +673,10 @@ enum tn_status tn_shadows_start(const struct tn_shadow_spec *specs, int n,
     free(s);
     return tn_error_set(err, TN_ENOMEM, "out of memory");
   }
-  snprintf(s->url, sizeof s->url, "http://127.0.0.1:%d", port);
+  /* the address the server listens on; any address: the loopback one */
+  bool any = !host || !*host || !strcmp(host, "0.0.0.0");
+  snprintf(s->url, sizeof s->url, "http://%.64s:%d", any ? "127.0.0.1" : host,
+           port);
   snprintf(s->secret, sizeof s->secret, "%s", secret);
   s->log = log;
   s->stats = stats;

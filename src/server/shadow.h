@@ -61,9 +61,11 @@ struct tn_shadow_live {
 struct tn_shadows;
 
 /* Starts max_concurrent workers per spec; replays go to
- * http://127.0.0.1:port. log, stats and metrics may be NULL. */
+ * http://HOST:port (the server's IPv4 address; 0.0.0.0: 127.0.0.1). log,
+ * stats and metrics may be NULL. */
 enum tn_status tn_shadows_start(const struct tn_shadow_spec *specs, int n,
-                                int port, const char *secret,
+                                const char *host, int port,
+                                const char *secret,
                                 struct tn_reqlog *log, struct tn_stats *stats,
                                 struct tn_metrics *metrics,
                                 struct tn_shadows **out, struct tn_error *err);
@@ -71,7 +73,8 @@ enum tn_status tn_shadows_start(const struct tn_shadow_spec *specs, int n,
 int tn_shadows_find(const struct tn_shadows *s, const char *source);
 /* Draws whether a request of shadow i is replayed (its share). */
 bool tn_shadows_sample(struct tn_shadows *s, int i);
-/* Queues a replay of live (copied); never blocks: a full queue drops it
+/* Queues a replay of live (copied); never blocks: a full queue (its
+ * length, or 64 MiB of copies) drops it
  * (tern_shadow_replays_total{outcome="dropped"}). */
 void tn_shadows_offer(struct tn_shadows *s, int i,
                       const struct tn_shadow_live *live);

@@ -263,7 +263,10 @@ def test_dashboard_in_chromium(start_server, tmp_path, tern_bin):
         f"  - name: '{evil}'\n"
         f"    path: {model_path('smollm2-135m')}\n"
         "    price_prompt: 0.5\n"
-        "    price_completion: 2\n")
+        "    price_completion: 2\n"
+        "    shadow: {target: cand, queue: 16}\n"
+        "  - name: cand\n"
+        f"    path: {model_path('smollm2-135m')}\n")
     db = str(tmp_path / "log.db")
     srv = start_server("--config", str(cfg), "-t", "2", "--log-db", db,
                        "--log-content", "--api-key", KEY)
@@ -328,6 +331,19 @@ def test_dashboard_in_chromium(start_server, tmp_path, tern_bin):
                 "'#requests tbody tr')]; return r.length > 0 && r.every("
                 "x => x.children[1].textContent === '200'); }",
                 timeout=30000)
+            # the shadow panel: replays wait while the load runs, then
+            # fill the comparison table and the agreement chart
+            stop.set()
+            pool.shutdown(wait=True)
+            page.wait_for_function(
+                "s => [...document.querySelectorAll('#shadow-table tbody tr')]"
+                ".some(r => r.children[1].textContent === s &&"
+                " r.children[4].textContent === 'ok')", arg=evil,
+                timeout=60000)
+            page.wait_for_function(
+                "() => Number(document.getElementById('c-shadow').dataset"
+                ".nonzero || 0) > 0", timeout=30000)
+            assert "compared" in page.inner_text("#sh-note")
             page.uncheck("#live")
             # the detail view: the prompt as text
             page.click("#requests tbody tr >> nth=0")

@@ -77,7 +77,8 @@ struct tn_server {
   struct tn_metric_family *tenant_requests, *tenant_tokens, *tenant_cost,
       *tenant_rejections;
   double max_price_prompt, max_price_completion; /* budget estimates */
-  struct tn_shadows *shadows; /* cfg.shadows' workers, or NULL */
+  /* cfg.shadows' workers, or NULL (set once listening: atomic) */
+  _Atomic(struct tn_shadows *) shadows;
   char shadow_secret[40];     /* what marks a replay as ours */
 };
 
@@ -3272,12 +3273,14 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
     }
     for (int i = 0; i < 16; i++)
       snprintf(s->shadow_secret + 2 * i, 3, "%02x", r[i]);
+    struct tn_shadows *sh = NULL;
     if (tn_shadows_start(cfg->shadows, cfg->n_shadows, cfg->host, s->port,
                          s->shadow_secret, cfg->reqlog, s->stats, metrics,
-                         &s->shadows, err)) {
+                         &sh, err)) {
       tn_server_stop(s);
       return err->status;
     }
+    atomic_store(&s->shadows, sh);
   }
   *out = s;
   return TN_OK;

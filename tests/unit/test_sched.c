@@ -899,6 +899,20 @@ static bool is_bg(const struct rec_entry *en) {
   return en->req == g_bg[0] || en->req == g_bg[1];
 }
 
+/* Over steps [from, n_steps): the last with a live entry and the first
+ * with a background one (-1: none). */
+static void bg_order(const struct rec *rc, int32_t from, int32_t *last_live,
+                     int32_t *first_bg) {
+  *last_live = *first_bg = -1;
+  for (int32_t s = from; s < rc->n_steps; s++) {
+    int n_bg = 0;
+    for (int32_t i = 0; i < rc->steps[s].n; i++)
+      n_bg += is_bg(step_entry(rc, s, i));
+    if (n_bg && *first_bg < 0) *first_bg = s;
+    if (n_bg < rc->steps[s].n) *last_live = s;
+  }
+}
+
 static double held_of(struct tn_req *r) {
   tn_req_lock(r);
   double h = r->t_held;
@@ -938,15 +952,10 @@ static void test_background(void) {
   ASSERT(done);
   ASSERT(idle);
   ASSERT_EQ(check_trace(&rc, 256, 4), 0);
-  int32_t last_live = -1, first_bg = -1;
-  for (int32_t s = 0; s < rc.n_steps; s++) {
-    int n_bg = 0;
-    for (int32_t i = 0; i < rc.steps[s].n; i++)
-      n_bg += is_bg(step_entry(&rc, s, i));
-    if (n_bg && first_bg < 0) first_bg = s;
-    if (n_bg < rc.steps[s].n) last_live = s;
-    if (n_bg) ASSERT_LE(rc.steps[s].n_tokens, TN_BACKGROUND_STEP_TOKENS);
-  }
+  int32_t last_live, first_bg;
+  bg_order(&rc, 0, &last_live, &first_bg);
+  for (int32_t s = first_bg; s >= 0 && s < rc.n_steps; s++)
+    ASSERT_LE(rc.steps[s].n_tokens, TN_BACKGROUND_STEP_TOKENS);
   ASSERT_GE(first_bg, 0);
   ASSERT_GT(first_bg, last_live);
   ASSERT(held_of(r[1]) > 0.0);
@@ -1011,14 +1020,8 @@ static void test_background_yields(void) {
   ASSERT_EQ(check_trace(&rc, 256, 2), 0);
   ASSERT_GT(rc.steps[rc.n_steps - 1].preemptions, 0);
   /* from the arrival on: live steps only, then background ones */
-  int32_t last_live = -1, first_bg = -1;
-  for (int32_t s = parked_at; s < rc.n_steps; s++) {
-    int n_bg = 0;
-    for (int32_t i = 0; i < rc.steps[s].n; i++)
-      n_bg += is_bg(step_entry(&rc, s, i));
-    if (n_bg && first_bg < 0) first_bg = s;
-    if (n_bg < rc.steps[s].n) last_live = s;
-  }
+  int32_t last_live, first_bg;
+  bg_order(&rc, parked_at, &last_live, &first_bg);
   ASSERT_GE(last_live, parked_at);
   ASSERT_GT(first_bg, last_live);
   for (int i = 0; i < 3; i++) {

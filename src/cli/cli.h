@@ -17,6 +17,7 @@ int tn_cli_run(int argc, char **argv);
 int tn_cli_chat(int argc, char **argv);
 int tn_cli_tokenize(int argc, char **argv);
 int tn_cli_bench(int argc, char **argv);
+int tn_cli_calibrate_self(int argc, char **argv);
 int tn_cli_perplexity(int argc, char **argv);
 int tn_cli_serve(int argc, char **argv);
 int tn_cli_models(int argc, char **argv);
@@ -147,5 +148,9 @@ void tn_session_close(struct tn_session *s);
  * last token (when want_last) end up in tn_ctx_logits()[0]. */
 int tn_session_eval(struct tn_session *s, const int32_t *ids, int32_t n,
                     bool want_last);
+/* The same in one batch (n <= n_batch and n_logits_max), logits for every
+ * token, in order. */
+int tn_session_eval_all(struct tn_session *s, const int32_t *ids,
+                        int32_t n);
 
 #endif /* TN_CLI_H */

@@ -24,6 +24,7 @@ struct tn_cli_gen {
   bool ignore_eos;
   const char *spec;     /* speculation method, or NULL (off) */
   const char *draft_model; /* --draft-model, or NULL */
+  const char *spec_layers; /* --spec-layers, or NULL */
   float draft_p_min;
   long spec_max_tokens;
   const char *spec_policy; /* "cost" (NULL) or "all" */
@@ -61,9 +62,11 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
 int tn_cli_spec_method(const char *opt, const char *name,
                        enum tn_spec_method *out);
 /* The method (spec, as tn_cli_spec_method; a draft model alone implies
- * draft) and the draft model's path (resolved into pbuf) in sc. */
+ * draft, a layer list self), the draft model's path (resolved into pbuf)
+ * and the self-drafting layers (borrowed) in sc. */
 int tn_cli_spec_setup(const char *opt, const char *spec, const char *draft,
-                      struct tn_spec_config *sc, char *pbuf, size_t cap);
+                      const char *layers, struct tn_spec_config *sc,
+                      char *pbuf, size_t cap);
 /* "cost" or "all" (every_draft). */
 int tn_cli_spec_policy(const char *opt, const char *name, bool *all);
 /* Generation parameters from the options (draws the seed once, compiles

@@ -38,8 +38,13 @@ const struct tn_opt tn_cli_model_opts[] = {
      0},
     {"spec", 0, TN_OPT_STR, &tn_cli_gen.spec, 0, 0, "METHOD",
      "speculative decoding: ngram (draft from earlier text), draft (a "
-     "smaller model, --draft-model) or off",
+     "smaller model, --draft-model), self (some of the model's own layers, "
+     "--spec-layers) or off",
      "off", NULL, 0},
+    {"spec-layers", 0, TN_OPT_STR, &tn_cli_gen.spec_layers, 0, 0, "LIST",
+     "the layers --spec self drafts with, as 0-11,14 (tern calibrate-self "
+     "picks them)",
+     "the first half and the last", NULL, 0},
     {"draft-model", 0, TN_OPT_STR, &tn_cli_gen.draft_model, 0, 0,
      "NAME|PATH", "draft model for --spec draft: same vocabulary, smaller",
      NULL, NULL, 0},
@@ -149,18 +154,25 @@ int tn_cli_spec_method(const char *opt, const char *name,
     *out = TN_SPEC_DRAFT;
     return 0;
   }
-  if (!strcmp(name, "self"))
-    return tn_cli_fail("%s: '%s' speculation is not available yet (ngram "
-                       "and draft are)",
-                       opt, name);
-  return tn_cli_fail("%s: unknown method '%s' (ngram, draft or off)", opt,
-                     name);
+  if (!strcmp(name, "self")) {
+    *out = TN_SPEC_SELF;
+    return 0;
+  }
+  return tn_cli_fail("%s: unknown method '%s' (ngram, draft, self or off)",
+                     opt, name);
 }
 
 int tn_cli_spec_setup(const char *opt, const char *spec, const char *draft,
-                      struct tn_spec_config *sc, char *pbuf, size_t cap) {
+                      const char *layers, struct tn_spec_config *sc,
+                      char *pbuf, size_t cap) {
   if (tn_cli_spec_method(opt, spec, &sc->method)) return 1;
   if (draft && !spec) sc->method = TN_SPEC_DRAFT;
+  if (layers && !spec) sc->method = TN_SPEC_SELF;
+  if (layers && sc->method != TN_SPEC_SELF)
+    return tn_cli_fail("spec layers '%s': only for self speculation, not "
+                       "'%s'",
+                       layers, spec);
+  sc->layers = layers;
   if (sc->method != TN_SPEC_DRAFT) {
     if (draft)
       return tn_cli_fail("draft model '%s': only for draft speculation, not "
@@ -222,8 +234,8 @@ int tn_cli_engine_open(const char *cmd, bool chat, bool prefix_cache,
   cfg.prefix_cache = prefix_cache;
   cfg.chat_template = g->chat_template;
   char dbuf[4096];
-  if (tn_cli_spec_setup("--spec", g->spec, g->draft_model, &cfg.spec, dbuf,
-                        sizeof(dbuf)))
+  if (tn_cli_spec_setup("--spec", g->spec, g->draft_model, g->spec_layers,
+                        &cfg.spec, dbuf, sizeof(dbuf)))
     return 1;
   cfg.spec.max_tokens = (int32_t)g->spec_max_tokens;
   cfg.spec.draft_p_min = g->draft_p_min;

@@ -35,6 +35,8 @@ static const struct {
      "write a model with a LoRA adapter merged into it"},
     {"tokenize", tn_cli_tokenize, "print the token ids of stdin as JSON"},
     {"bench", tn_cli_bench, "prefill and decode speed (like llama-bench)"},
+    {"calibrate-self", tn_cli_calibrate_self,
+     "pick the layers a model drafts with (--spec self)"},
     {"perplexity", tn_cli_perplexity,
      "perplexity of a text file (like llama-perplexity)"},
 };

@@ -188,6 +188,7 @@ static int embed_examples(struct tn_router *router, int route,
 int tn_cli_serve(int argc, char **argv) {
   const char *model = NULL, *config = NULL, *name = NULL, *host = NULL;
   const char *chat_template = NULL, *spec = NULL, *spec_policy = NULL;
+  const char *spec_layers = NULL;
   const char *draft_model = NULL, *adapter_dir = NULL;
   const char *api_key = getenv("TERN_API_KEY");
   struct tn_server_config scfg;
@@ -326,9 +327,14 @@ int tn_cli_serve(int argc, char **argv) {
        NULL, NULL, 0},
       {"spec", 0, TN_OPT_STR, &spec, 0, 0, "METHOD",
        "speculative decoding: ngram (draft from earlier text), draft (a "
-       "smaller model, --draft-model) or off; a request can opt out with "
+       "smaller model, --draft-model), self (some of the model's own "
+       "layers, --spec-layers) or off; a request can opt out with "
        "\"speculative\": false",
        "off", NULL, 0},
+      {"spec-layers", 0, TN_OPT_STR, &spec_layers, 0, 0, "LIST",
+       "the layers --spec self drafts with, as 0-11,14 (tern calibrate-self "
+       "picks them)",
+       "the first half and the last", NULL, 0},
       {"draft-model", 0, TN_OPT_STR, &draft_model, 0, 0, "NAME|PATH",
        "draft model for --spec draft: same vocabulary, smaller", NULL, NULL,
        0},
@@ -385,8 +391,8 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.adapter_mem = (size_t)adapter_mem;
   ecfg.n_threads = 0; /* per model: all of the shared pool unless set */
   char dbuf[4096];
-  if (tn_cli_spec_setup("--spec", spec, draft_model, &ecfg.spec, dbuf,
-                        sizeof(dbuf)))
+  if (tn_cli_spec_setup("--spec", spec, draft_model, spec_layers, &ecfg.spec,
+                        dbuf, sizeof(dbuf)))
     return 1;
   ecfg.spec.max_tokens = (int32_t)spec_k;
   if (tn_cli_spec_policy("--spec-policy", spec_policy, &ecfg.spec.every_draft))
@@ -561,9 +567,9 @@ int tn_cli_serve(int argc, char **argv) {
        * --draft-model's */
       const char *dm = mc->draft_model;
       if (!dm && mc->spec && !strcmp(mc->spec, "draft")) dm = draft_model;
-      if ((mc->spec || mc->draft_model) &&
-          tn_cli_spec_setup("spec", mc->spec, dm, &ec.spec, mdbuf,
-                            sizeof(mdbuf)))
+      if ((mc->spec || mc->draft_model || mc->spec_layers) &&
+          tn_cli_spec_setup("spec", mc->spec, dm, mc->spec_layers, &ec.spec,
+                            mdbuf, sizeof(mdbuf)))
         goto done;
       if (mc->spec_max_tokens > 0) ec.spec.max_tokens = mc->spec_max_tokens;
       if (mc->ctx > 0) ec.n_ctx = mc->ctx;

@@ -125,8 +125,24 @@ void tn_session_close(struct tn_session *s) {
   memset(s, 0, sizeof(*s));
 }
 
+static int eval(struct tn_session *s, const int32_t *ids, int32_t n,
+                bool want_last, bool want_all);
+
 int tn_session_eval(struct tn_session *s, const int32_t *ids, int32_t n,
                     bool want_last) {
+  return eval(s, ids, n, want_last, false);
+}
+
+int tn_session_eval_all(struct tn_session *s, const int32_t *ids,
+                        int32_t n) {
+  if (n > s->n_batch)
+    return tn_cli_fail("%d tokens with logits exceed a batch (%d)", n,
+                       s->n_batch);
+  return eval(s, ids, n, false, true);
+}
+
+static int eval(struct tn_session *s, const int32_t *ids, int32_t n,
+                bool want_last, bool want_all) {
   struct tn_error err = {0};
   if (n <= 0) return 0;
   if (s->seq.n_tokens + n > s->n_ctx)
@@ -150,7 +166,7 @@ int tn_session_eval(struct tn_session *s, const int32_t *ids, int32_t n,
     for (int32_t j = 0; j < m; j++) {
       tok[j] = ids[i + j];
       pos[j] = s->seq.n_tokens + j;
-      lg[j] = want_last && i + j == n - 1;
+      lg[j] = want_all || (want_last && i + j == n - 1);
     }
     struct tn_batch b = {.n_tokens = m, .token = tok, .pos = pos, .seq = seq,
                          .logits = lg, .n_seqs = 1, .seqs = seqs};

@@ -39,6 +39,10 @@
 #define SMALL_CATCHUP 4
 
 struct tn_drafter {
+  /* self-drafting (tn_drafter_open_self): model, tok and kv are the
+   * target's, borrowed; passes run the layers set on ctx */
+  bool self;
+  int32_t n_layers;
   struct tn_model *model;
   struct tn_tokenizer *tok;
   struct tn_ctx *ctx;
@@ -50,6 +54,8 @@ struct tn_drafter {
   int32_t n_eog;
   struct tn_batch batch;
   int32_t *slot;       /* per batch sequence: index into the request array */
+  const struct tn_lora **lora; /* self: per batch sequence, its adapter */
+  float *lora_scale;
   double t_pass;       /* decayed mean seconds of a one-token-per-seq pass */
 };
 
@@ -109,6 +115,73 @@ static void calibrate(struct tn_drafter *d) {
   d->t_pass = best;
 }
 
+static bool alloc_batch(struct tn_drafter *d, int32_t nt, int32_t max_seqs) {
+  d->batch.token = calloc((size_t)nt, sizeof(int32_t));
+  d->batch.pos = calloc((size_t)nt, sizeof(int32_t));
+  d->batch.seq = calloc((size_t)nt, sizeof(int32_t));
+  d->batch.logits = calloc((size_t)nt, sizeof(bool));
+  d->batch.seqs = calloc((size_t)max_seqs, sizeof(*d->batch.seqs));
+  d->slot = calloc((size_t)max_seqs, sizeof(int32_t));
+  return d->batch.token && d->batch.pos && d->batch.seq && d->batch.logits &&
+         d->batch.seqs && d->slot;
+}
+
+/* The target's end-of-generation ids, which a draft never proposes past. */
+static bool take_eog(struct tn_drafter *d, const struct tn_tokenizer *tok) {
+  int32_t nv = tn_tokenizer_n_vocab(tok);
+  d->eog = malloc((size_t)nv * sizeof(int32_t));
+  if (!d->eog) return false;
+  for (int32_t i = 0; i < nv; i++)
+    if (tn_tokenizer_is_eog(tok, i)) d->eog[d->n_eog++] = i;
+  return true;
+}
+
+enum tn_status tn_drafter_open_self(struct tn_model *model,
+                                    const struct tn_tokenizer *tok,
+                                    struct tn_kv_pool *kv,
+                                    struct tn_pool *pool, int n_threads,
+                                    int32_t max_seqs, int32_t max_k,
+                                    float p_min, int32_t n_ctx,
+                                    const int32_t *layers, int32_t n_layers,
+                                    struct tn_drafter **out,
+                                    struct tn_error *err) {
+  *out = NULL;
+  struct tn_drafter *d = calloc(1, sizeof(*d));
+  if (!d) return tn_error_set(err, TN_ENOMEM, "out of memory");
+  d->self = true;
+  d->model = model;
+  d->tok = (struct tn_tokenizer *)tok;
+  d->kv = kv;
+  d->n_vocab = model->hp.n_vocab;
+  d->max_seqs = max_seqs;
+  d->max_k = max_k;
+  d->p_min = p_min;
+  d->n_ctx = n_ctx;
+  d->n_layers = n_layers;
+  enum tn_status st;
+  if (!take_eog(d, tok) || !alloc_batch(d, max_seqs, max_seqs) ||
+      !(d->lora = calloc((size_t)max_seqs, sizeof(*d->lora))) ||
+      !(d->lora_scale = calloc((size_t)max_seqs, sizeof(float)))) {
+    st = tn_error_set(err, TN_ENOMEM, "out of memory");
+    goto fail;
+  }
+  if ((st = tn_ctx_new(model, pool, max_seqs, n_ctx + max_k, max_seqs,
+                       &d->ctx, err)))
+    goto fail;
+  tn_ctx_set_threads(d->ctx, n_threads);
+  if ((st = tn_ctx_set_layers(d->ctx, layers, n_layers, err))) goto fail;
+  calibrate(d);
+  *out = d;
+  return TN_OK;
+fail:
+  tn_drafter_free(d);
+  return st;
+}
+
+int32_t tn_drafter_n_layers(const struct tn_drafter *d) {
+  return d->self ? d->n_layers : d->model->hp.n_layer;
+}
+
 enum tn_status tn_drafter_open(const char *path,
                                const struct tn_tokenizer *target_tok,
                                struct tn_pool *pool, int n_threads,
@@ -138,13 +211,10 @@ enum tn_status tn_drafter_open(const char *path,
   }
   d->max_seqs = max_seqs;
   d->max_k = max_k;
-  d->eog = malloc((size_t)tn_tokenizer_n_vocab(target_tok) * sizeof(int32_t));
-  if (!d->eog) {
+  if (!take_eog(d, target_tok)) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
   }
-  for (int32_t i = 0; i < tn_tokenizer_n_vocab(target_tok); i++)
-    if (tn_tokenizer_is_eog(target_tok, i)) d->eog[d->n_eog++] = i;
   d->p_min = p_min;
   d->n_ctx = n_ctx;
   int32_t n_blocks = (kv_tokens + BLOCK_SIZE - 1) / BLOCK_SIZE +
@@ -157,14 +227,7 @@ enum tn_status tn_drafter_open(const char *path,
                        err)))
     goto fail;
   tn_ctx_set_threads(d->ctx, n_threads);
-  d->batch.token = calloc((size_t)nt, sizeof(int32_t));
-  d->batch.pos = calloc((size_t)nt, sizeof(int32_t));
-  d->batch.seq = calloc((size_t)nt, sizeof(int32_t));
-  d->batch.logits = calloc((size_t)nt, sizeof(bool));
-  d->batch.seqs = calloc((size_t)max_seqs, sizeof(*d->batch.seqs));
-  d->slot = calloc((size_t)max_seqs, sizeof(int32_t));
-  if (!d->batch.token || !d->batch.pos || !d->batch.seq || !d->batch.logits ||
-      !d->batch.seqs || !d->slot) {
+  if (!alloc_batch(d, nt, max_seqs)) {
     st = tn_error_set(err, TN_ENOMEM, "out of memory");
     goto fail;
   }
@@ -189,22 +252,29 @@ void tn_drafter_free(struct tn_drafter *d) {
   free(d->batch.seqs);
   free(d->slot);
   free(d->eog);
+  free(d->lora);
+  free(d->lora_scale);
   tn_ctx_free(d->ctx);
-  tn_kv_pool_free(d->kv);
-  tn_tokenizer_free(d->tok);
-  tn_model_free(d->model);
+  if (!d->self) {
+    tn_kv_pool_free(d->kv);
+    tn_tokenizer_free(d->tok);
+    tn_model_free(d->model);
+  }
   free(d);
 }
 
 const char *tn_drafter_model_name(const struct tn_drafter *d) {
-  return d->model->name;
+  return d->self ? "self" : d->model->name;
 }
+
+bool tn_drafter_is_self(const struct tn_drafter *d) { return d->self; }
 
 double tn_drafter_pass_seconds(const struct tn_drafter *d) {
   return d->t_pass;
 }
 
 bool tn_drafter_kv_low(const struct tn_drafter *d) {
+  if (d->self) return false; /* no cache of its own */
   return tn_kv_n_free(d->kv) < tn_kv_n_blocks(d->kv) / 4;
 }
 
@@ -267,12 +337,60 @@ static int32_t greedy(const float *row, int32_t n_vocab, int32_t n_rows,
   return best;
 }
 
+/* Self-drafting's first pass: each sequence's last token (its decode this
+ * step) through the draft layers, on the target's own cache. The blocks
+ * its drafts need are taken from free ones only (never evicting cached
+ * prefixes) and given back after; what the passes write at and past the
+ * last token is rewritten by the verify pass before anything reads it. */
+static void self_first(struct tn_drafter *d, struct tn_draft_req *reqs,
+                       int32_t n_reqs) {
+  struct tn_batch *b = &d->batch;
+  const int32_t bs = tn_kv_pool_layout(d->kv)->block_size;
+  bool any_lora = false;
+  for (int32_t i = 0; i < n_reqs && b->n_seqs < d->max_seqs; i++) {
+    struct tn_draft_req *r = &reqs[i];
+    struct tn_kv_seq *kv = r->tkv;
+    r->got = 0;
+    r->cum = 1.0f;
+    r->active = false;
+    r->n_blocks0 = kv->n_blocks;
+    /* positions n_tokens - 1 .. n_tokens + k - 2 are written */
+    int32_t room = (kv->n_blocks + tn_kv_n_free(d->kv)) * bs -
+                   (r->n_tokens - 1);
+    r->k = TN_MIN(r->k, TN_MIN(room, d->n_ctx - r->n_tokens));
+    if (r->k <= 0 || r->n_tokens < 1 ||
+        tn_kv_seq_reserve(d->kv, kv, r->n_tokens + r->k - 1) != TN_OK) {
+      tn_kv_seq_truncate(d->kv, kv, r->n_blocks0 * bs);
+      r->k = 0;
+      continue;
+    }
+    int32_t si = b->n_seqs++;
+    b->seqs[si] = kv;
+    d->slot[si] = i;
+    d->lora[si] = r->lora;
+    d->lora_scale[si] = r->lora_scale;
+    any_lora = any_lora || r->lora;
+    int32_t t = b->n_tokens++;
+    b->token[t] = r->tokens[r->n_tokens - 1];
+    b->pos[t] = r->n_tokens - 1;
+    b->seq[t] = si;
+    b->logits[t] = true;
+    r->active = true;
+  }
+  b->lora = any_lora ? d->lora : NULL;
+  b->lora_scale = any_lora ? d->lora_scale : NULL;
+}
+
 void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
                         int32_t n_reqs, int32_t n_vocab, float cum_min) {
   struct tn_batch *b = &d->batch;
-  /* 1. cut what the target rejected; 2. catch up and draft the first. */
   b->n_tokens = 0;
   b->n_seqs = 0;
+  if (d->self) {
+    self_first(d, reqs, n_reqs);
+    goto draft;
+  }
+  /* 1. cut what the target rejected; 2. catch up and draft the first. */
   int32_t budget = CATCHUP_TOKENS;
   for (int32_t i = 0; i < n_reqs; i++) {
     struct tn_draft_req *r = &reqs[i];
@@ -323,6 +441,7 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
       ds->n_done = ds->n_base = valid + n; /* drafts are fed from here */
     }
   }
+draft:
   for (int32_t round = 0; b->n_tokens > 0; round++) {
     struct tn_error err;
     double t0 = tn_time_s();
@@ -331,12 +450,14 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
       for (int32_t si = 0; si < b->n_seqs; si++) {
         struct tn_draft_req *r = &reqs[d->slot[si]];
         r->got = 0;
-        tn_draft_seq_drop(d, r->ds);
+        if (!d->self) tn_draft_seq_drop(d, r->ds);
       }
-      return;
+      break;
     }
     double dt = tn_time_s() - t0;
-    if (round > 0) d->t_pass = d->t_pass > 0 ? 0.8 * d->t_pass + 0.2 * dt : dt;
+    /* (a catch-up pass is not a drafting pass; self's first one is) */
+    if (round > 0 || d->self)
+      d->t_pass = d->t_pass > 0 ? 0.8 * d->t_pass + 0.2 * dt : dt;
     const float *logits = tn_ctx_logits(d->ctx);
     int32_t row = 0, n_seqs = b->n_seqs;
     b->n_tokens = 0;
@@ -345,7 +466,7 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
       int32_t i = d->slot[si];
       struct tn_draft_req *r = &reqs[i];
       struct tn_draft_seq *ds = r->ds;
-      ds->kv.n_tokens = ds->n_done;
+      if (!d->self) ds->kv.n_tokens = ds->n_done;
       if (!r->active) continue;
       float p = 1.0f;
       bool mask = r->got < r->n_masked;
@@ -366,17 +487,33 @@ void tn_drafter_propose(struct tn_drafter *d, struct tn_draft_req *reqs,
         continue;
       }
       /* feed it for the next position */
-      ds->fed[ds->n_done - ds->n_base] = tok;
       int32_t sj = b->n_seqs++;
-      b->seqs[sj] = &ds->kv;
-      d->slot[sj] = i;
       int32_t t = b->n_tokens++;
+      d->slot[sj] = i;
       b->token[t] = tok;
-      b->pos[t] = ds->n_done;
       b->seq[t] = sj;
       b->logits[t] = true;
-      ds->n_done++;
+      if (d->self) {
+        b->seqs[sj] = r->tkv;
+        b->pos[t] = r->n_tokens - 1 + r->got;
+        d->lora[sj] = r->lora;
+        d->lora_scale[sj] = r->lora_scale;
+        continue;
+      }
+      ds->fed[ds->n_done - ds->n_base] = tok;
+      b->seqs[sj] = &ds->kv;
+      b->pos[t] = ds->n_done++;
     }
+  }
+  if (d->self) {
+    /* the target's blocks as they were */
+    const int32_t bs = tn_kv_pool_layout(d->kv)->block_size;
+    for (int32_t i = 0; i < n_reqs; i++) {
+      reqs[i].active = false;
+      if (reqs[i].k > 0)
+        tn_kv_seq_truncate(d->kv, reqs[i].tkv, reqs[i].n_blocks0 * bs);
+    }
+    return;
   }
   /* blocks reserved for drafts never fed go back */
   for (int32_t i = 0; i < n_reqs; i++) {

@@ -272,10 +272,25 @@ enum tn_spec_method {
                        tokens' latest earlier occurrence */
   TN_SPEC_DRAFT,    /* a smaller model with the same vocabulary
                        (tn_spec_config.draft_model) */
+  TN_SPEC_SELF,     /* the model itself with a subset of its layers
+                       (tn_spec_config.layers), on its own KV cache */
   TN_SPEC_CUSTOM,   /* tn_spec_config.propose (tests, embedders) */
   TN_SPEC_COUNT
 };
 const char *tn_spec_method_name(enum tn_spec_method m);
+
+/* Parses a layer list ("0-11,14,20-23": ids and inclusive ranges, rising,
+ * each below n_layer) into out[n_layer]; *n gets the count. err names the
+ * first bad part. */
+enum tn_status tn_spec_parse_layers(const char *text, int32_t n_layer,
+                                    int32_t *out, int32_t *n,
+                                    struct tn_error *err);
+/* Formats layers[0..n) the way tn_spec_parse_layers reads them. */
+void tn_spec_format_layers(const int32_t *layers, int32_t n, char *buf,
+                           size_t cap);
+/* The layers --spec self drafts with when none are given: the first half
+ * and the last layer (a guess; tern calibrate-self measures better). */
+int32_t tn_spec_default_layers(int32_t n_layer, int32_t *out);
 
 /* A drafter: up to k tokens continuing tokens[0..n_tokens) (the prompt is
  * tokens[0..n_prompt)), written to out, which has room for exactly k;
@@ -296,6 +311,9 @@ struct tn_spec_config {
   float draft_p_min;        /* TN_SPEC_DRAFT: a draft ends at a token the
                                draft model gives less than this probability
                                (default 0.3; 0: never) */
+  const char *layers;       /* TN_SPEC_SELF: the layers that draft, as
+                               "0-11,14,20-23" (tern calibrate-self picks
+                               them); NULL: tn_spec_default_layers */
   tn_spec_propose_cb propose; /* TN_SPEC_CUSTOM */
   void *propose_user;
   bool every_draft;         /* verify every proposed token, without the

@@ -64,6 +64,11 @@ struct tn_draft_req {
   int32_t got;
   float cum;   /* the draft's probability of its whole draft */
   bool active; /* (draft.c's, between passes) */
+  /* self-drafting: the target's cache of the sequence and its adapter */
+  struct tn_kv_seq *tkv;
+  const struct tn_lora *lora;
+  float lora_scale;
+  int32_t n_blocks0; /* (draft.c's: tkv's blocks before drafting) */
 };
 
 /* Loads the draft model at path and checks it shares target_tok's
@@ -77,6 +82,21 @@ enum tn_status tn_drafter_open(const char *path,
                                int32_t n_ctx, int32_t kv_tokens,
                                struct tn_drafter **out,
                                struct tn_error *err);
+/* The target drafting for itself with layers[0..n_layers) of its own
+ * (rising ids), on its own KV cache kv: no second model, no second cache,
+ * nothing to catch up; model, tok and kv are borrowed. */
+enum tn_status tn_drafter_open_self(struct tn_model *model,
+                                    const struct tn_tokenizer *tok,
+                                    struct tn_kv_pool *kv,
+                                    struct tn_pool *pool, int n_threads,
+                                    int32_t max_seqs, int32_t max_k,
+                                    float p_min, int32_t n_ctx,
+                                    const int32_t *layers, int32_t n_layers,
+                                    struct tn_drafter **out,
+                                    struct tn_error *err);
+bool tn_drafter_is_self(const struct tn_drafter *d);
+/* Layers a drafting pass runs. */
+int32_t tn_drafter_n_layers(const struct tn_drafter *d);
 void tn_drafter_free(struct tn_drafter *d);
 const char *tn_drafter_model_name(const struct tn_drafter *d);
 /* Fewer than a quarter of the draft's KV blocks are free. */

@@ -220,7 +220,7 @@ struct tn_engine {
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   struct tn_spec_cost cost;   /* step time model for planning drafts */
   bool cost_ok;               /* calibrated (else prompts are not capped) */
-  struct tn_drafter *drafter; /* TN_SPEC_DRAFT */
+  struct tn_drafter *drafter; /* TN_SPEC_DRAFT, TN_SPEC_SELF */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
   uint64_t n_spec_declined;
@@ -1410,6 +1410,8 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
  * target's per-token cost scaled by the draft's pass / the target's. */
 static bool catchup_pays(const struct tn_engine *e, const struct seq *s,
                          double alpha, int32_t cap, bool probe) {
+  /* self-drafting reads the target's own cache: nothing to catch up */
+  if (tn_drafter_is_self(e->drafter)) return true;
   int32_t lag = s->n_tokens - s->draft.n_done;
   double tp = tn_drafter_pass_seconds(e->drafter);
   double t1 = tn_spec_cost_time(&e->cost, 1);
@@ -1475,7 +1477,10 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
                                           .n_tokens = s->n_tokens,
                                           .k = k,
                                           .n_masked = TN_MAX(masked, 0),
-                                          .out = s->prop};
+                                          .out = s->prop,
+                                          .tkv = &s->kv,
+                                          .lora = gp->lora,
+                                          .lora_scale = gp->lora_scale};
   }
   if (n == 0) return;
   double t0 = tn_time_s();
@@ -2162,6 +2167,33 @@ enum tn_status tn_engine_open(const char *path,
                               (int32_t)(n_blocks * BLOCK_SIZE), &e->drafter,
                               err)))
       goto fail;
+  }
+  if (sc->method == TN_SPEC_SELF) {
+    int32_t *layers = malloc((size_t)hp->n_layer * sizeof(int32_t)), n = 0;
+    if (!layers) {
+      st = tn_error_set(err, TN_ENOMEM, "out of memory");
+      goto fail;
+    }
+    if (sc->layers)
+      st = tn_spec_parse_layers(sc->layers, hp->n_layer, layers, &n, err);
+    else
+      n = tn_spec_default_layers(hp->n_layer, layers);
+    if (st == TN_OK)
+      st = tn_drafter_open_self(e->model, e->tok, e->kv, e->pool,
+                                cfg->n_threads, e->cfg.max_seqs,
+                                sc->max_tokens, sc->draft_p_min, n_ctx,
+                                layers, n, &e->drafter, err);
+    char buf[256];
+    tn_spec_format_layers(layers, n, buf, sizeof buf);
+    free(layers);
+    if (st) goto fail;
+    tn_log_info("engine %s: drafts with %d of its %d layers (%s)%s", e->name,
+                n, hp->n_layer, buf,
+                sc->layers ? "" : ": a guess; tern calibrate-self picks "
+                                  "layers that draft better");
+  }
+  sc->layers = NULL; /* (borrowed: not kept) */
+  if (e->drafter) {
     e->dreqs = calloc((size_t)e->cfg.max_seqs, sizeof(*e->dreqs));
     if (!e->dreqs) {
       st = tn_error_set(err, TN_ENOMEM, "out of memory");

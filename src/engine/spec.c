@@ -10,6 +10,9 @@
  * where the output repeats the input: code edits, summaries that quote,
  * extraction, chat turns that restate.
  */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
@@ -19,10 +22,83 @@ const char *tn_spec_method_name(enum tn_spec_method m) {
   case TN_SPEC_OFF: return "off";
   case TN_SPEC_NGRAM: return "ngram";
   case TN_SPEC_DRAFT: return "draft";
+  case TN_SPEC_SELF: return "self";
   case TN_SPEC_CUSTOM: return "custom";
   case TN_SPEC_COUNT: break;
   }
   return "unknown";
+}
+
+enum tn_status tn_spec_parse_layers(const char *text, int32_t n_layer,
+                                    int32_t *out, int32_t *n,
+                                    struct tn_error *err) {
+  *n = 0;
+  const char *p = text;
+  if (!p || !*p)
+    return tn_error_set(err, TN_EINVAL, "--spec-layers: empty list");
+  int32_t last = -1;
+  for (;;) {
+    char *end;
+    errno = 0;
+    long a = strtol(p, &end, 10), b;
+    if (end == p || errno || a < 0 || a >= n_layer)
+      return tn_error_set(err, TN_EINVAL,
+                          "--spec-layers '%s': '%.16s' is not a layer of "
+                          "0..%d",
+                          text, p, n_layer - 1);
+    b = a;
+    p = end;
+    if (*p == '-') {
+      const char *q = p + 1;
+      errno = 0;
+      b = strtol(q, &end, 10);
+      if (end == q || errno || b < a || b >= n_layer)
+        return tn_error_set(err, TN_EINVAL,
+                            "--spec-layers '%s': '%.16s' is not a range "
+                            "of layers in 0..%d",
+                            text, q - 1, n_layer - 1);
+      p = end;
+    }
+    if (a <= last)
+      return tn_error_set(err, TN_EINVAL,
+                          "--spec-layers '%s': layer %ld after %d (the list "
+                          "must rise)",
+                          text, a, last);
+    for (long l = a; l <= b; l++) out[(*n)++] = (int32_t)l;
+    last = (int32_t)b;
+    if (*p == 0) break;
+    if (*p != ',')
+      return tn_error_set(err, TN_EINVAL,
+                          "--spec-layers '%s': unexpected '%c' (ids and "
+                          "ranges like 0-11,14)",
+                          text, *p);
+    p++;
+  }
+  return TN_OK;
+}
+
+void tn_spec_format_layers(const int32_t *layers, int32_t n, char *buf,
+                           size_t cap) {
+  size_t len = 0;
+  if (cap) buf[0] = 0;
+  for (int32_t i = 0; i < n;) {
+    int32_t j = i;
+    while (j + 1 < n && layers[j + 1] == layers[j] + 1) j++;
+    int w = j > i ? snprintf(buf + len, cap - len, "%s%d-%d", i ? "," : "",
+                             layers[i], layers[j])
+                  : snprintf(buf + len, cap - len, "%s%d", i ? "," : "",
+                             layers[i]);
+    if (w < 0 || (size_t)w >= cap - len) break;
+    len += (size_t)w;
+    i = j + 1;
+  }
+}
+
+int32_t tn_spec_default_layers(int32_t n_layer, int32_t *out) {
+  int32_t n = 0;
+  for (int32_t l = 0; l < n_layer / 2; l++) out[n++] = l;
+  if (n_layer > 2) out[n++] = n_layer - 1;
+  return n;
 }
 
 int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,

@@ -53,6 +53,7 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->out_x);
   tn_aligned_free(c->hidden);
   free(c->out_idx);
+  free(c->layers);
   for (int t = 0; t < TN_TYPE_COUNT; t++) tn_aligned_free(c->qbuf[t]);
 }
 
@@ -145,6 +146,35 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
                         n_tokens_max);
   }
   *out = c;
+  return TN_OK;
+}
+
+enum tn_status tn_ctx_set_layers(struct tn_ctx *c, const int32_t *layers,
+                                 int32_t n, struct tn_error *err) {
+  if (!layers) {
+    free(c->layers);
+    c->layers = NULL;
+    c->n_layers = 0;
+    return TN_OK;
+  }
+  const int32_t n_layer = c->m->hp.n_layer;
+  if (n < 0 || n > n_layer)
+    return tn_error_set(err, TN_EINVAL, "layers: %d of a %d-layer model", n,
+                        n_layer);
+  for (int32_t i = 0; i < n; i++)
+    if (layers[i] < 0 || layers[i] >= n_layer ||
+        (i > 0 && layers[i] <= layers[i - 1]))
+      return tn_error_set(err, TN_EINVAL,
+                          "layers: %d is not a layer after %d (0..%d, "
+                          "rising)",
+                          layers[i], i > 0 ? layers[i - 1] : -1,
+                          n_layer - 1);
+  int32_t *copy = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+  if (!copy) return tn_error_set(err, TN_ENOMEM, "layers: out of memory");
+  if (n > 0) memcpy(copy, layers, (size_t)n * sizeof(int32_t));
+  free(c->layers);
+  c->layers = copy;
+  c->n_layers = n;
   return TN_OK;
 }
 
@@ -367,7 +397,9 @@ static void forward_worker(void *arg, int ith, int nth) {
     if (hp->embd_scale != 1.0f) tn_vec_scale(c->x + t * d, hp->embd_scale, d);
   }
 
-  for (int32_t il = 0; il < hp->n_layer; il++) {
+  const int32_t n_run = c->layers ? c->n_layers : hp->n_layer;
+  for (int32_t li = 0; li < n_run; li++) {
+    const int32_t il = c->layers ? c->layers[li] : li;
     const struct tn_layer *L = &m->layers[il];
 
     /* xn[T][d] = norm(x), quantized for Wq/Wk/Wv */

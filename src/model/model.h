@@ -128,6 +128,12 @@ void tn_ctx_free(struct tn_ctx *c);
 /* Runs use n_threads of the pool's threads (default and upper bound: all
  * of them; the results do not depend on it). */
 void tn_ctx_set_threads(struct tn_ctx *c, int n_threads);
+/* Passes run only these layers (rising ids, n of them; NULL: all), then
+ * the output norm and head: the target drafting for itself with a subset
+ * of its layers. The KV cache stays the whole model's: a subset pass
+ * writes the rows of its own layers only. */
+enum tn_status tn_ctx_set_layers(struct tn_ctx *c, const int32_t *layers,
+                                 int32_t n, struct tn_error *err);
 
 /* Runs the batch. Logits of the tokens that asked for them, in batch
  * order, are at tn_ctx_logits(c)[i * n_vocab]. */

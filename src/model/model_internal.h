@@ -42,6 +42,9 @@ struct tn_ctx {
   float *hidden;    /* [n_tokens_max][n_embd]: final-norm hidden states of
                        the tokens tn_batch.hidden asks for */
   int32_t n_logits;
+  /* the layers a pass runs, in order (NULL: all; tn_ctx_set_layers) */
+  int32_t *layers;
+  int32_t n_layers;
 };
 
 #endif /* TN_MODEL_INTERNAL_H */

@@ -458,12 +458,12 @@ static enum tn_status parse_shadow(struct loader *ld, const char *key,
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
-       MK_DRAFT_MODEL, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
+       MK_DRAFT_MODEL, MK_SPEC_LAYERS, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
        MK_ADAPTERS, MK_MAX_LORAS, MK_ADAPTER_MEM, MK_SHADOW, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
     "chat_template", "spec", "spec_max_tokens", "draft_model",
-    "price_prompt", "price_cached", "price_completion", "adapters",
+    "spec_layers", "price_prompt", "price_cached", "price_completion", "adapters",
     "max_loras", "adapter_mem", "shadow"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
@@ -495,6 +495,9 @@ static enum tn_status parse_model(struct loader *ld, int idx,
       case MK_SPEC: st = take_string(ld, key, 32, &m->spec, true); break;
       case MK_SPEC_MAX_TOKENS:
         st = take_i32(ld, key, 1, TN_SPEC_MAX_TOKENS, &m->spec_max_tokens);
+        break;
+      case MK_SPEC_LAYERS:
+        st = take_string(ld, key, 1024, &m->spec_layers, true);
         break;
       case MK_DRAFT_MODEL:
         st = take_string(ld, key, 4096, &m->draft_model, true);
@@ -1716,6 +1719,7 @@ void tn_serve_config_free(struct tn_serve_config *cfg) {
     free(m->path);
     free(m->chat_template);
     free(m->spec);
+    free(m->spec_layers);
     free(m->draft_model);
     for (int a = 0; a < m->n_adapters; a++) {
       free(m->adapters[a].name);

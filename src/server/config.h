@@ -23,10 +23,12 @@
  *       chat_template: chatml  # optional: chatml, gemma or llama3 instead
  *                          # of the model's own (checked when it loads)
  *       spec: ngram        # optional: speculative decoding (ngram, draft,
- *                          # off)
+ *                          # self, off)
  *       spec_max_tokens: 8 # optional, 1..16: drafted tokens per step
  *       draft_model: qwen2.5-coder-0.5b  # spec: draft's smaller model
  *                          # (same vocabulary; implies spec: draft)
+ *       spec_layers: 0-11,23 # spec: self's drafting layers (implies
+ *                          # spec: self; tern calibrate-self picks them)
  *       price_prompt: 0.15 # optional: USD per million prompt tokens, for
  *       price_cached: 0.075 #  the cost in the request log and dashboard
  *       price_completion: 0.6 # (cached: prompt tokens served from the
@@ -193,6 +195,7 @@ struct tn_serve_model_cfg {
   char *spec;          /* speculation method, or NULL */
   int32_t spec_max_tokens;
   char *draft_model;   /* spec: draft's model, as written, or NULL */
+  char *spec_layers;   /* spec: self's layers ("0-11,14"), or NULL */
   /* USD per million tokens (< 0: not set); cached prompt tokens cost
    * price_cached, or price_prompt when that is not set */
   double price_prompt, price_cached, price_completion;

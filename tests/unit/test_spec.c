@@ -573,6 +573,113 @@ static void test_draft_model_refused(void) {
   ASSERT(e == NULL);
 }
 
+/* ---- the target drafting with its own layers (TN_SPEC_SELF) */
+
+/* All layers (every draft accepted: the drafts' writes into the target's
+ * cache are exactly what verification then writes) or one of the two
+ * (some rejected), draft lengths 1..8, batches of 1..16, the cost policy
+ * too; then under preemption with prefix reuse: plain decoding's output. */
+static void test_self_draft(void) {
+  ASSERT(model_path());
+  static const int32_t ks[] = {1, 3, 8};
+  static const int ns[] = {1, 5, 16};
+  static const char *const layers[] = {"0-1", "0", "1"};
+  static struct run rn;
+  static struct out want[MAX_REQS];
+  for (size_t ni = 0; ni < TN_ARRAY_LEN(ns); ni++) {
+    if (quick() && ns[ni] == 16) continue;
+    memset(&rn, 0, sizeof(rn));
+    rn.n = ns[ni];
+    rn.p = greedy(gen_len());
+    for (int i = 0; i < rn.n; i++) {
+      rn.np[i] = 7 + 11 * i % 60;
+      make_prompt(800 + (uint64_t)i, rn.prompts[i], rn.np[i]);
+    }
+    ASSERT(plain_outputs(&rn, want));
+    for (size_t li = 0; li < TN_ARRAY_LEN(layers); li++)
+      for (size_t ki = 0; ki < TN_ARRAY_LEN(ks); ki++) {
+        rn.o = (struct eng_opts){.max_seqs = 16, .n_threads = 2};
+        rn.o.spec.method = TN_SPEC_SELF;
+        rn.o.spec.layers = layers[li];
+        rn.o.spec.max_tokens = ks[ki];
+        rn.o.spec.every_draft = !(li == 1 && ki == 2);
+        run_spec(&rn);
+        char what[96];
+        snprintf(what, sizeof(what), "self, layers %s, k=%d, %d requests",
+                 layers[li], ks[ki], rn.n);
+        ASSERT(rn.ok);
+        ASSERT_EQ(rn.trace_bad, 0);
+        for (int i = 0; i < rn.n; i++) {
+          ASSERT(out_same(what, &rn.got[i], &want[i]));
+          ASSERT_LE(rn.accepted[i], rn.drafted[i]);
+        }
+        ASSERT(per_pos_ok(&rn.stats, ks[ki]));
+        if (!rn.o.spec.every_draft) continue;
+        ASSERT_GT(rn.stats.spec_drafted, 0);
+        if (li == 0) ASSERT_EQ(rn.stats.spec_accepted, rn.stats.spec_drafted);
+      }
+  }
+  /* preemption and prefix reuse with drafts written into shared pools */
+  memset(&rn, 0, sizeof(rn));
+  rn.n = 6;
+  rn.p = greedy(40);
+  for (int i = 0; i < rn.n; i++) {
+    rn.np[i] = 40;
+    make_repetitive(900 + (uint64_t)(i % 2), rn.prompts[i], rn.np[i]);
+    rn.prompts[i][39] = i;
+  }
+  ASSERT(plain_outputs(&rn, want));
+  for (size_t li = 0; li < 2; li++) {
+    rn.o = (struct eng_opts){.max_seqs = 6, .step_tokens = 64,
+                             .kv_blocks = 14};
+    rn.o.spec.method = TN_SPEC_SELF;
+    rn.o.spec.layers = layers[li];
+    rn.o.spec.max_tokens = 6;
+    rn.o.spec.every_draft = true;
+    run_spec(&rn);
+    ASSERT(rn.ok);
+    ASSERT_EQ(rn.trace_bad, 0);
+    ASSERT_GT(rn.stats.preemptions, 0);
+    ASSERT_GT(rn.stats.prefix_hits, 0);
+    ASSERT_GT(rn.stats.spec_drafted, 0);
+    if (li == 0) ASSERT_EQ(rn.stats.spec_accepted, rn.stats.spec_drafted);
+    for (int i = 0; i < rn.n; i++)
+      ASSERT(out_same("self-drafting, prefix reuse, preemption", &rn.got[i],
+                      &want[i]));
+  }
+}
+
+/* Layer lists: ids and ranges, rising, within the model; refused with the
+ * part that is wrong. */
+static void test_self_draft_layers(void) {
+  int32_t out[8], n = 0;
+  struct tn_error err = {0};
+  char buf[64];
+  ASSERT_EQ(tn_spec_parse_layers("0-2,4,6-7", 8, out, &n, &err), TN_OK);
+  ASSERT_EQ(n, 6);
+  ASSERT_EQ(out[3], 4);
+  ASSERT_EQ(out[5], 7);
+  tn_spec_format_layers(out, n, buf, sizeof buf);
+  ASSERT_STR_EQ(buf, "0-2,4,6-7");
+  static const char *const bad[] = {"", "8", "-1", "2,1", "0-2,2", "3-1",
+                                    "0,,1", "a", "0 1", "1-", "0-99"};
+  for (size_t i = 0; i < TN_ARRAY_LEN(bad); i++) {
+    ASSERT_EQ(tn_spec_parse_layers(bad[i], 8, out, &n, &err), TN_EINVAL);
+    ASSERT_SUBSTR(err.msg, "--spec-layers");
+  }
+  ASSERT_EQ(tn_spec_default_layers(8, out), 5); /* 0-3 and 7 */
+  ASSERT_EQ(out[4], 7);
+  ASSERT(model_path());
+  struct tn_engine_config cfg;
+  struct tn_engine *e = NULL;
+  tn_engine_config_default(&cfg);
+  cfg.spec.method = TN_SPEC_SELF;
+  cfg.spec.layers = "0-5";
+  ASSERT_EQ(tn_engine_open(model_path(), &cfg, NULL, &e, &err), TN_EINVAL);
+  ASSERT_SUBSTR(err.msg, "0-5");
+  ASSERT(e == NULL);
+}
+
 /* ---- constrained output: masks and speculation together */
 
 static struct tn_grammar *tiny_grammar(const char *text) {
@@ -702,6 +809,7 @@ static void test_grammar_forced_drafts(void) {
 
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
+             TN_TEST(test_self_draft_layers), TN_TEST(test_self_draft),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
              TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch),

@@ -178,7 +178,10 @@ def test_cost_policy_identical_too(server, tern_bin, tmp_path):
 
 
 @pytest.mark.parametrize("args,frag", [
-    (("--spec", "self"), "not available yet"),
+    (("--spec", "self", "--spec-layers", "0-99"), "--spec-layers"),
+    (("--spec-layers", "3,1"), "must rise"),
+    (("--spec", "ngram", "--spec-layers", "0-3"),
+     "only for self speculation"),
     (("--spec", "draft"), "name the draft model"),
     (("--spec", "ngram", "--draft-model", "x.gguf"),
      "only for draft speculation"),
@@ -245,3 +248,68 @@ def test_draft_model_other_vocabulary_refused(run_tern):
     assert r.returncode == 1
     err = r.stderr.decode()
     assert err.startswith("tern: error:") and "vocabulary" in err, err
+
+
+# ---- self-drafting: the model drafts with some of its own layers
+
+
+@pytest.fixture(scope="module")
+def self_server(tern_bin, tmp_path_factory):
+    from conftest import TernServer
+    log = tmp_path_factory.mktemp("self") / "serve.log"
+    srv = TernServer(tern_bin, ["-m", model_path(SMOL), "-t", "2", "--ctx",
+                                "2048", "--spec", "self", "--spec-layers",
+                                "0-29", "--spec-max-tokens", "5",
+                                "--spec-policy", "all"], str(log))
+    yield srv
+    assert srv.stop() == 0, srv.read_log()[-3000:]
+
+
+def test_self_draft_all_layers_accepts_everything(server, self_server):
+    """With every layer the draft is the model: all of it accepted, which
+    shows the drafts' writes into the shared cache are what verification
+    writes."""
+    prompts = PROMPTS[:2] if slow_mode() else PROMPTS
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: complete(self_server, p), prompts))
+    for p, g in zip(prompts, got):
+        assert g["choices"][0]["text"] == \
+            complete(server, p)["choices"][0]["text"]
+    m = metric_values(self_server)
+    drafted = [v for (n, l), v in m.items()
+               if n == "tern_spec_decode_num_draft_tokens_total"
+               and ("method", "self") in l]
+    accepted = [v for (n, l), v in m.items()
+                if n == "tern_spec_decode_num_accepted_tokens_total"
+                and ("method", "self") in l]
+    assert drafted and drafted == accepted and drafted[0] > 0, m
+
+
+def test_self_draft_subset_identical(run_tern):
+    p = PROMPTS[2]
+    args = ("run", "-m", model_path(SMOL), "-p", p, "--temp", "0", "-n",
+            str(N), "-v")
+    off = run_tern(*args)
+    on = run_tern(*args, "--spec", "self", "--spec-layers", "0-14,16-29",
+                  "--spec-policy", "all")
+    assert off.returncode == 0 and on.returncode == 0, on.stderr
+    assert on.stdout == off.stdout
+    assert b"drafted" in on.stderr
+
+
+def test_calibrate_self(run_tern):
+    """A short calibration: the table of subsets tried and a verdict; a
+    layer list it prints is one --spec-layers takes."""
+    r = run_tern("calibrate-self", "-m", model_path(SMOL), "-n", "8",
+                 "--max-evals", "3", "-p", PROMPTS[2])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "acceptance" in out and "30 layers" in out, out
+    rows = [ln.split() for ln in out.splitlines()
+            if ln.strip()[:2].isdigit()]
+    assert rows and rows[0][0] == "29", out
+    assert 0.0 <= float(rows[0][1]) <= 1.0
+    assert "best:" in out or "no subset tried is predicted to pay" in out
+    bad = run_tern("calibrate-self", "-m", model_path(SMOL), "-f",
+                   "/nonexistent/prompt.txt")
+    assert bad.returncode == 1 and b"/nonexistent/prompt.txt" in bad.stderr

@@ -56,7 +56,8 @@ static const char k_full[] =
     "      - \"org/gemma:270m\"\n"
     "    kv_mem: 1000000\n"
     "    chat_template: gemma\n"
-    "    spec: ngram\n"
+    "    spec: self\n"
+    "    spec_layers: 0-7,17\n"
     "    spec_max_tokens: 4\n"
     "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB,\n"
     "     spec: draft, draft_model: qwen-small.gguf, price_prompt: 0.15,\n"
@@ -95,7 +96,8 @@ static void test_good_full(void) {
   ASSERT_EQ(m->max_seqs, 0);
   ASSERT_EQ(m->kv_mem, 1000000);
   ASSERT_STR_EQ(m->chat_template, "gemma");
-  ASSERT_STR_EQ(m->spec, "ngram");
+  ASSERT_STR_EQ(m->spec, "self");
+  ASSERT_STR_EQ(m->spec_layers, "0-7,17");
   ASSERT_EQ(m->spec_max_tokens, 4);
   m = &cfg.models[2];
   ASSERT_STR_EQ(m->name, "qwen");
@@ -270,8 +272,8 @@ static const struct bad_case k_bad[] = {
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
      "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
-     "draft_model, price_prompt, price_cached, price_completion, adapters, "
-     "max_loras, adapter_mem or shadow)"},
+     "draft_model, spec_layers, price_prompt, price_cached, "
+     "price_completion, adapters, max_loras, adapter_mem or shadow)"},
     {MODEL_OK "    shadow: {target: a}\n", TN_EINVAL,
      ":4: models[0].shadow.target: 'a' is the name it shadows"},
     {MODEL_OK "    shadow: {target: zz}\n", TN_EINVAL,

@@ -22,9 +22,12 @@
  *     one verify pass, against one plain step, and prints the table and
  *     the best S as --spec-layers.
  *
- * alpha is measured with S's own keys and values for the whole text; in
- * serving, a draft reads the full model's cache for the text before it,
- * so the engine's measured acceptance can differ (tern run -v shows it).
+ * alpha is measured as a draft in serving sees the text: a pass of S over
+ * the answer positions reads the full model's cache of the text (written
+ * when the model answered) and writes nothing, so each position sees the
+ * full model's keys and values before it and, unlike a draft, at itself
+ * too. Later draft positions see the draft's own earlier ones; tern run
+ * -v prints the acceptance the engine measures.
  */
 #include <float.h>
 #include <math.h>
@@ -50,7 +53,12 @@ struct calib {
   int32_t *ids[TN_CLI_LIST_MAX]; /* prompt + answer */
   int32_t n_ids[TN_CLI_LIST_MAX];
   int32_t n_prompt[TN_CLI_LIST_MAX];
+  /* the full model's cache of each text, all but its last token */
+  struct tn_kv_seq kv[TN_CLI_LIST_MAX];
   int32_t n_evals;
+  /* a scoring batch: one text's answer positions */
+  int32_t *tok, *pos, *seq;
+  bool *logits;
 };
 
 static int32_t argmax(const float *row, int32_t n) {
@@ -60,17 +68,6 @@ static int32_t argmax(const float *row, int32_t n) {
   return best;
 }
 
-/* Runs ids[0..n) from position 0 of a fresh cache, logits for the last
- * n_out tokens. */
-static int eval_tail(struct calib *c, const int32_t *ids, int32_t n,
-                     int32_t n_out) {
-  struct tn_session *s = &c->s;
-  tn_kv_seq_truncate(s->kv, &s->seq, 0);
-  s->seq.n_tokens = 0;
-  int32_t head = n - n_out;
-  if (head > 0 && tn_session_eval(s, ids, head, false)) return 1;
-  return tn_session_eval_all(s, ids + head, n_out);
-}
 
 /* The model's greedy answer to one prompt (n_gen tokens at most). */
 static int answer(struct calib *c, const char *prompt, int32_t n_gen,
@@ -119,25 +116,45 @@ static int answer(struct calib *c, const char *prompt, int32_t n_gen,
     if (tn_tokenizer_is_eog(s->tok, t) || g + 1 == n_gen) break;
     if (tn_session_eval(s, &t, 1, true)) return 1;
   }
+  /* the cache is this text's now */
+  c->kv[i] = s->seq;
+  tn_kv_seq_init(&s->seq);
   return 0;
 }
 
-/* alpha of the layer subset set on the session's context. */
+/* alpha of the layer subset set on the session's context: one pass over
+ * the positions that predict answer tokens, reading (not writing) the
+ * full model's cache of the text, as a draft in serving reads it. */
 static int score(struct calib *c, double *alpha) {
   struct tn_session *s = &c->s;
   const int32_t nv = s->model->hp.n_vocab;
   int64_t hit = 0, total = 0;
+  tn_ctx_set_kv_readonly(s->ctx, true);
   for (int32_t i = 0; i < c->n_texts; i++) {
-    /* the positions that predict answer tokens */
     int32_t n_out = c->n_ids[i] - c->n_prompt[i];
     if (n_out <= 0) continue;
-    if (eval_tail(c, c->ids[i], c->n_ids[i] - 1, n_out)) return 1;
+    for (int32_t j = 0; j < n_out; j++) {
+      c->pos[j] = c->n_prompt[i] - 1 + j;
+      c->tok[j] = c->ids[i][c->pos[j]];
+      c->seq[j] = 0;
+      c->logits[j] = true;
+    }
+    struct tn_kv_seq *seqs[1] = {&c->kv[i]};
+    struct tn_batch b = {.n_tokens = n_out, .token = c->tok, .pos = c->pos,
+                         .seq = c->seq, .logits = c->logits, .n_seqs = 1,
+                         .seqs = seqs};
+    struct tn_error err = {0};
+    if (tn_model_forward(s->ctx, s->kv, &b, &err)) {
+      tn_ctx_set_kv_readonly(s->ctx, false);
+      return tn_cli_fail("%s", err.msg);
+    }
     const float *lg = tn_ctx_logits(s->ctx);
     for (int32_t j = 0; j < n_out; j++)
       hit += argmax(lg + (size_t)j * (size_t)nv, nv) ==
              c->ids[i][c->n_prompt[i] + j];
     total += n_out;
   }
+  tn_ctx_set_kv_readonly(s->ctx, false);
   c->n_evals++;
   *alpha = total ? (double)hit / (double)total : 0.0;
   return 0;
@@ -198,7 +215,7 @@ int tn_cli_calibrate_self(int argc, char **argv) {
   const char *model = NULL;
   struct tn_cli_list prompts = {0}, files = {0};
   long n_gen = 64, threads = 0, max_evals = 150, k_max = 8;
-  double min_alpha = 0.3;
+  float min_alpha = 0.3f;
   bool verbose = false;
   const struct tn_opt opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH",
@@ -255,9 +272,17 @@ int tn_cli_calibrate_self(int argc, char **argv) {
       goto done;
     }
   }
-  if (tn_session_open(&c.s, model, (int)threads, 2048, 2048,
+  if (tn_session_open(&c.s, model, (int)threads, 4096, 2048,
                       (int32_t)TN_MAX(n_gen, TN_SPEC_MAX_TOKENS + 1), true))
     goto done;
+  c.tok = malloc((size_t)n_gen * sizeof(int32_t));
+  c.pos = malloc((size_t)n_gen * sizeof(int32_t));
+  c.seq = malloc((size_t)n_gen * sizeof(int32_t));
+  c.logits = malloc((size_t)n_gen * sizeof(bool));
+  if (!c.tok || !c.pos || !c.seq || !c.logits) {
+    tn_cli_fail("out of memory");
+    goto done;
+  }
   const int32_t L = c.n_layer = c.s.model->hp.n_layer;
   /* 1. the model's own answers */
   double t0 = tn_time_s();
@@ -311,7 +336,7 @@ int tn_cli_calibrate_self(int argc, char **argv) {
       int32_t n = 0;
       for (int32_t i = 0; i < n_keep; i++)
         if (keep[i] != order[j]) trial[n++] = keep[i];
-      double a;
+      double a = 0.0;
       if (set_layers(&c, trial, n) || score(&c, &a)) goto done;
       gain[j] = a;
       if (a > pick_alpha) {
@@ -369,7 +394,14 @@ int tn_cli_calibrate_self(int argc, char **argv) {
   printf("--spec self --spec-layers %s --spec-max-tokens %d\n", buf, best_k);
   rc = 0;
 done:
-  for (int i = 0; i < c.n_texts; i++) free(c.ids[i]);
+  for (int i = 0; i < c.n_texts; i++) {
+    free(c.ids[i]);
+    tn_kv_seq_deinit(c.s.kv, &c.kv[i]);
+  }
+  free(c.tok);
+  free(c.pos);
+  free(c.seq);
+  free(c.logits);
   for (int i = 0; i < files.n; i++) free(texts[i]);
   free(keep);
   free(trial);

@@ -92,4 +92,17 @@ void tn_cli_print_timings(const struct tn_cli_stream_result *res);
 int tn_cli_read_prompt(const char *p, const char *file, char **out,
                        size_t *len);
 
+/* tern bench with speculation flags (bench_spec.c): one prompt (file, or
+ * a built-in code edit) generated greedily through the engine, reps times
+ * with speculation off and reps times on; prints both decode rates. */
+struct tn_cli_bench_spec {
+  const char *model;
+  long threads, n_gen, reps;
+  const char *spec, *draft_model, *spec_layers, *spec_policy, *file;
+  long spec_max_tokens;
+  float draft_p_min; /* < 0: the default */
+  bool json, verbose;
+};
+int tn_cli_bench_spec(const struct tn_cli_bench_spec *b);
+
 #endif /* TN_CLI_INTERNAL_H */

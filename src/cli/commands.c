@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/cli_internal.h"
 #include "model/lora.h"
 
 /* ---- tern tokenize */
@@ -88,6 +89,30 @@ int tn_cli_bench(int argc, char **argv) {
   const char *model = NULL;
   long threads = 0, n_prompt = 512, n_gen = 128, reps = 3;
   bool json = false, verbose = false;
+  struct tn_cli_bench_spec bs = {.spec_max_tokens = 8, .draft_p_min = -1};
+  const struct tn_opt spec_opts[] = {
+      {"spec", 0, TN_OPT_STR, &bs.spec, 0, 0, "METHOD",
+       "time decoding with this speculation against none on real text "
+       "(ngram, draft or self; the same flags as tern run)",
+       NULL, NULL, 0},
+      {"draft-model", 0, TN_OPT_STR, &bs.draft_model, 0, 0, "NAME|PATH",
+       "draft model for --spec draft", NULL, NULL, 0},
+      {"draft-p-min", 0, TN_OPT_FLOAT, &bs.draft_p_min, 0, 1, "P",
+       "a draft ends where the draft model's probability is below P", "0.3",
+       NULL, 0},
+      {"spec-layers", 0, TN_OPT_STR, &bs.spec_layers, 0, 0, "LIST",
+       "the layers --spec self drafts with", NULL, NULL, 0},
+      {"spec-max-tokens", 0, TN_OPT_INT, &bs.spec_max_tokens, 1,
+       TN_SPEC_MAX_TOKENS, "K", "drafted tokens per step at most", "8", NULL,
+       0},
+      {"spec-policy", 0, TN_OPT_STR, &bs.spec_policy, 0, 0, "cost|all",
+       "which drafts to verify", "cost", NULL, 0},
+      {"file", 'f', TN_OPT_STR, &bs.file, 0, 0, "FILE",
+       "the prompt to generate from (chat-formatted when the model has a "
+       "template)",
+       "a built-in code edit", NULL, 0},
+      {0},
+  };
   const struct tn_opt opts[] = {
       {"model", 'm', TN_OPT_STR, &model, 0, 0, "NAME|PATH", "model to time",
        NULL, NULL, 0},
@@ -105,16 +130,37 @@ int tn_cli_bench(int argc, char **argv) {
       TN_CLI_OPT_HELP,
       {0},
   };
-  const struct tn_opt_group groups[] = {{"options", opts}, {NULL, NULL}};
+  const struct tn_opt_group groups[] = {
+      {"options", opts}, {"speculation", spec_opts}, {NULL, NULL}};
   static const struct tn_cli_cmd cmd = {
       "bench", "tern bench -m MODEL [options]",
       "Prefill (pp) and decode (tg) speed of one sequence with random "
-      "tokens, like llama-bench.",
-      "example:\n  tern bench -m smollm2-135m -t 2 -p 512 -n 128 --json", 0};
+      "tokens, like llama-bench. With --spec (or --draft-model, "
+      "--spec-layers): decode speed with that speculation and without, "
+      "generating from a real prompt through the engine, greedy.",
+      "examples:\n  tern bench -m smollm2-135m -t 2 -p 512 -n 128 --json\n"
+      "  tern bench -m qwen2.5-coder-1.5b --spec ngram -n 256",
+      0};
   int prc = tn_cli_parse(&cmd, groups, argc, argv, NULL);
   if (prc) return prc;
   if (verbose) tn_log_set_level(TN_LOG_LEVEL_DEBUG);
   if (!model) return tn_cli_fail("bench: -m MODEL is required");
+  if (bs.spec || bs.draft_model || bs.spec_layers) {
+    if (n_gen <= 1)
+      return tn_cli_fail("bench: -n %ld: speculation needs at least 2 "
+                         "tokens to time",
+                         n_gen);
+    bs.model = model;
+    bs.threads = threads;
+    bs.n_gen = n_gen;
+    bs.reps = reps;
+    bs.json = json;
+    bs.verbose = verbose;
+    return tn_cli_bench_spec(&bs);
+  }
+  if (bs.file || bs.spec_policy || bs.draft_p_min >= 0)
+    return tn_cli_fail("bench: -f, --spec-policy and --draft-p-min go with "
+                       "--spec");
   struct tn_session s;
   int32_t n_ctx = (int32_t)TN_MAX(n_prompt, n_gen) + 16;
   if (tn_session_open(&s, model, (int)threads, n_ctx, 512, 1, false)) return 1;

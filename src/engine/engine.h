@@ -441,6 +441,10 @@ struct tn_engine_stats {
   uint64_t spec_drafts, spec_drafted, spec_accepted;
   uint64_t spec_declined;  /* sequence-steps the cost model kept from
                               drafting (draft model) */
+  /* the adaptive switch: steps run with speculation off by it (probes
+   * included), times it switched off, whether it is off now */
+  uint64_t spec_paused_steps, spec_switched_off;
+  bool spec_paused;
   uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   /* constrained output: masks computed or looked up, their time, tokens
    * appended without a pass (early exit) */

@@ -39,6 +39,45 @@ static inline double tn_spec_cost_time(const struct tn_spec_cost *c,
   return c->a + c->b * (double)n;
 }
 
+/* ---- the measured switch
+ *
+ * The cost model decides each draft token; this decides, from measured
+ * steps, whether the engine speculates at all. A decode step (decodes
+ * only, no prompt chunk) scores its output per sequence times the time
+ * a plain step of as many decodes takes (the cost model's a + b * n) over
+ * the time it took, drafting and sampling included: about 1 for plain
+ * decoding, above 1 where speculation pays. Scores are averaged over
+ * windows of TN_SPEC_SWITCH_WINDOW decode steps, and each state keeps a
+ * decayed mean of its windows. Now and then a window runs the other way
+ * (a probe): speculation goes off when its mean falls 3% below the
+ * plain one, and back on when it rises 3% above (hysteresis: between the
+ * two nothing changes). A probe that confirms the current state doubles
+ * the windows to the next (up to TN_SPEC_SWITCH_EVERY_MAX), so probing
+ * costs little in either state; a switch starts again at
+ * TN_SPEC_SWITCH_EVERY_MIN. */
+#define TN_SPEC_SWITCH_WINDOW 16
+#define TN_SPEC_SWITCH_EVERY_MIN 2
+#define TN_SPEC_SWITCH_EVERY_MAX 64
+#define TN_SPEC_SWITCH_MARGIN 0.03
+struct tn_spec_switch {
+  bool off;        /* switched off by the rule */
+  bool probe;      /* this window runs the other way */
+  int32_t steps;   /* decode steps in this window */
+  double sum;      /* their scores */
+  double mean[2];  /* [0] plain, [1] speculating; < 0: not measured */
+  int32_t since;   /* windows since the last probe */
+  int32_t every;   /* windows between probes */
+  uint64_t n_off;  /* times switched off */
+};
+void tn_spec_switch_init(struct tn_spec_switch *w);
+/* Whether the next step speculates. */
+static inline bool tn_spec_switch_on(const struct tn_spec_switch *w) {
+  return w->off == w->probe;
+}
+/* Records one decode step's score; returns -1 when speculation was just
+ * switched off, 1 when back on, else 0. */
+int tn_spec_switch_observe(struct tn_spec_switch *w, double score);
+
 /* ---- draft model (draft.c) */
 
 struct tn_drafter;

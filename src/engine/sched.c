@@ -166,7 +166,7 @@ struct model_metrics {
   struct tn_metric *ttft, *itl, *e2e, *queue, *prompt_hist, *gen_hist;
   struct tn_metric *spec_drafts, *spec_draft_tokens, *spec_accepted;
   struct tn_metric *spec_skipped, *spec_verify_s, *spec_draft_s;
-  struct tn_metric *spec_declined;
+  struct tn_metric *spec_declined, *spec_paused_steps, *spec_paused;
   struct tn_metric *grammar_masks, *grammar_cached, *grammar_s,
       *grammar_forced;
   struct tn_metric *spec_per_pos[TN_SPEC_MAX_TOKENS];
@@ -223,7 +223,10 @@ struct tn_engine {
   struct tn_drafter *drafter; /* TN_SPEC_DRAFT, TN_SPEC_SELF */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
-  uint64_t n_spec_declined;
+  uint64_t n_spec_declined, n_spec_paused_steps;
+  struct tn_spec_switch sw;   /* the measured on/off rule (engine_internal.h) */
+  bool sw_used;               /* cost policy with a calibrated cost model */
+  bool spec_paused;           /* this step: speculation switched off */
   struct tn_grammar_vocab *gvocab; /* made at the first grammar request */
   uint64_t *gmask;            /* one mask, n_vocab bits */
   uint64_t n_grammar_masks, n_grammar_forced;
@@ -517,7 +520,14 @@ static void metrics_init(struct tn_engine *e) {
     "Decoding steps in which a sequence did not draft because the cost "
     "model expected drafting not to pay (draft model: passes, verify "
     "slots, catching up).");
+  S(spec_paused_steps, "tern_spec_decode_num_paused_steps_total",
+    "Steps run without speculation because measured steps showed it not "
+    "paying (the adaptive switch; probes included).");
 #undef S
+  f = tn_metrics_family(r, TN_METRIC_GAUGE, "tern_spec_decode_paused",
+                        "1 while the adaptive switch has speculation off.",
+                        sl, 2, NULL, 0);
+  m->spec_paused = f ? tn_metric_series(f, lv) : NULL;
   f = tn_metrics_family(r, TN_METRIC_COUNTER,
                         "tern_spec_decode_num_accepted_tokens_per_pos_total",
                         "Drafted tokens accepted, by position in the draft "
@@ -1382,6 +1392,7 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
     s->n_prop = got;
     return;
   }
+  if (e->spec_paused) return;
   if (sc->method == TN_SPEC_NGRAM)
     got = tn_spec_ngram(s->tokens, s->n_tokens, sc->ngram_min, sc->ngram_max,
                         k, s->prop);
@@ -1433,6 +1444,7 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
   /* One more draft token is worth a pass of the draft model (shared by
    * those drafting) and a verify slot when the chance it is accepted,
    * times the output per second the step gives (G / T), beats its time. */
+  if (e->spec_paused) return;
   int32_t n_cand = 0;
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->decode && s->chunk == 1 && seq_draft_room(e, s) > 0) n_cand++;
@@ -1607,6 +1619,9 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.spec_drafted = e->n_spec_drafted;
   e->stats.spec_accepted = e->n_spec_accepted;
   e->stats.spec_declined = e->n_spec_declined;
+  e->stats.spec_paused_steps = e->n_spec_paused_steps;
+  e->stats.spec_switched_off = e->sw.n_off;
+  e->stats.spec_paused = e->sw_used && e->sw.off;
   e->stats.grammar_masks = e->n_grammar_masks;
   e->stats.grammar_forced = e->n_grammar_forced;
   e->stats.grammar_seconds = e->grammar_s;
@@ -1699,7 +1714,28 @@ static bool seq_embed(struct tn_engine *e, struct seq *s, int32_t n_done,
   return true;
 }
 
+/* The adaptive switch's score of a decode step (decodes only): see
+ * tn_spec_switch. */
+static void switch_observe(struct tn_engine *e, int32_t n_dec, int32_t n_out,
+                           double t_step) {
+  if (e->spec_paused) {
+    metric_add(e->mm.spec_paused_steps, 1);
+    e->n_spec_paused_steps++;
+  }
+  double score = (double)n_out / n_dec *
+                 tn_spec_cost_time(&e->cost, n_dec) / TN_MAX(t_step, 1e-6);
+  int r = tn_spec_switch_observe(&e->sw, score);
+  if (r == 0) return;
+  tn_log_info("engine %s: speculation switched %s: measured steps give %.3f "
+              "plain-step outputs per sequence with it, %.3f without",
+              e->name, r < 0 ? "off" : "back on", e->sw.mean[1],
+              e->sw.mean[0]);
+  metric_set(e->mm.spec_paused, r < 0);
+}
+
 static bool engine_step(struct tn_engine *e) {
+  double t_step = tn_time_s();
+  e->spec_paused = e->sw_used && !tn_spec_switch_on(&e->sw);
   drop_cancelled(e);
   struct tn_batch *b = &e->batch;
   b->n_tokens = 0;
@@ -1851,7 +1887,8 @@ static bool engine_step(struct tn_engine *e) {
     if (verified) metric_add(e->mm.spec_verify_s, now - t_fwd);
   }
   const float *logits = tn_ctx_logits(e->ctx);
-  int32_t row = 0;
+  int32_t row = 0, n_dec_out = 0, n_dec_seqs = 0;
+  bool any_prompt = false;
   for (int32_t si = 0; si < b->n_seqs; si++) {
     struct seq *s = e->batch_seqs[si];
     if (st != TN_OK) {
@@ -1877,6 +1914,7 @@ static bool engine_step(struct tn_engine *e) {
       continue;
     }
     if (!s->wants_logits) {
+      any_prompt = true;
       s->n_done = n_done + chunk;
       s->kv.n_tokens = s->n_done;
       seq_index_blocks(e, s);
@@ -1901,6 +1939,11 @@ static bool engine_step(struct tn_engine *e) {
     } else {
       f = seq_sample(e, s, row_logits, now);
     }
+    any_prompt |= was_prompt;
+    if (!was_prompt) {
+      n_dec_seqs++;
+      n_dec_out += 1 + accepted;
+    }
     /* a running sequence has exactly its last token pending */
     TN_ASSERT(f != TN_FINISH_NONE || s->n_done + 1 == s->n_tokens);
     seq_index_blocks(e, s);
@@ -1918,6 +1961,8 @@ static bool engine_step(struct tn_engine *e) {
     }
   }
   if (st != TN_OK) tn_log_error("engine %s: forward: %s", e->name, err.msg);
+  if (st == TN_OK && e->sw_used && !any_prompt && n_dec_seqs > 0)
+    switch_observe(e, n_dec_seqs, n_dec_out, tn_time_s() - t_step);
   e->n_steps++;
   update_gauges(e);
   return true;
@@ -2227,6 +2272,9 @@ enum tn_status tn_engine_open(const char *path,
   for (int32_t i = 0; i < hp->n_vocab; i++)
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
   if (cost_model_used(e)) cost_calibrate(e);
+  tn_spec_switch_init(&e->sw);
+  e->sw_used = sc->method != TN_SPEC_OFF && e->cost_ok &&
+               !e->cfg.spec.every_draft;
   if (e->drafter && e->cost_ok && !e->cfg.spec.every_draft) {
     /* a draft pass against a plain step: what drafting can give here */
     double tp = tn_drafter_pass_seconds(e->drafter);

@@ -11,6 +11,7 @@
  * extraction, chat turns that restate.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +100,43 @@ int32_t tn_spec_default_layers(int32_t n_layer, int32_t *out) {
   for (int32_t l = 0; l < n_layer / 2; l++) out[n++] = l;
   if (n_layer > 2) out[n++] = n_layer - 1;
   return n;
+}
+
+void tn_spec_switch_init(struct tn_spec_switch *w) {
+  memset(w, 0, sizeof(*w));
+  w->mean[0] = w->mean[1] = -1.0;
+  w->every = TN_SPEC_SWITCH_EVERY_MIN;
+}
+
+int tn_spec_switch_observe(struct tn_spec_switch *w, double score) {
+  if (!(score >= 0.0) || !isfinite(score)) return 0;
+  w->sum += score;
+  if (++w->steps < TN_SPEC_SWITCH_WINDOW) return 0;
+  double m = w->sum / w->steps;
+  int on = tn_spec_switch_on(w);
+  w->mean[on] = w->mean[on] < 0.0 ? m : 0.5 * w->mean[on] + 0.5 * m;
+  w->sum = 0.0;
+  w->steps = 0;
+  if (!w->probe) {
+    if (++w->since >= w->every) w->probe = true;
+    return 0;
+  }
+  w->probe = false;
+  w->since = 0;
+  if (w->mean[0] < 0.0 || w->mean[1] < 0.0) return 0;
+  if (!w->off && w->mean[1] < w->mean[0] * (1.0 - TN_SPEC_SWITCH_MARGIN)) {
+    w->off = true;
+    w->n_off++;
+    w->every = TN_SPEC_SWITCH_EVERY_MIN;
+    return -1;
+  }
+  if (w->off && w->mean[1] > w->mean[0] * (1.0 + TN_SPEC_SWITCH_MARGIN)) {
+    w->off = false;
+    w->every = TN_SPEC_SWITCH_EVERY_MIN;
+    return 1;
+  }
+  w->every = TN_MIN(w->every * 2, TN_SPEC_SWITCH_EVERY_MAX);
+  return 0;
 }
 
 int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,

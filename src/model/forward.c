@@ -178,6 +178,10 @@ enum tn_status tn_ctx_set_layers(struct tn_ctx *c, const int32_t *layers,
   return TN_OK;
 }
 
+void tn_ctx_set_kv_readonly(struct tn_ctx *c, bool readonly) {
+  c->kv_readonly = readonly;
+}
+
 void tn_ctx_set_threads(struct tn_ctx *c, int n_threads) {
   int size = tn_pool_size(c->pool);
   c->n_threads = n_threads < 1 || n_threads > size ? size : n_threads;
@@ -448,6 +452,7 @@ static void forward_worker(void *arg, int ith, int nth) {
       const struct tn_kv_seq *s = b->seqs[b->seq[t]];
       int32_t blk = s->blocks[pos / f->lay->block_size];
       int32_t slot = pos % f->lay->block_size;
+      if (c->kv_readonly) continue;
       tn_fp32_to_fp16_row(kt, tn_kv_k(f->lay, il, blk, slot), kd);
       tn_fp32_to_fp16_row(vt, tn_kv_v(f->lay, il, blk, slot), kd);
     }

@@ -134,6 +134,11 @@ void tn_ctx_set_threads(struct tn_ctx *c, int n_threads);
  * writes the rows of its own layers only. */
 enum tn_status tn_ctx_set_layers(struct tn_ctx *c, const int32_t *layers,
                                  int32_t n, struct tn_error *err);
+/* Passes attend to what the cache holds, their own positions included,
+ * and write nothing to it (calibrate-self scores a layer subset against
+ * the full model's cache this way: a draft in serving reads that cache
+ * for the text before it). */
+void tn_ctx_set_kv_readonly(struct tn_ctx *c, bool readonly);
 
 /* Runs the batch. Logits of the tokens that asked for them, in batch
  * order, are at tn_ctx_logits(c)[i * n_vocab]. */

@@ -45,6 +45,7 @@ struct tn_ctx {
   /* the layers a pass runs, in order (NULL: all; tn_ctx_set_layers) */
   int32_t *layers;
   int32_t n_layers;
+  bool kv_readonly; /* passes read the cache and write nothing to it */
 };
 
 #endif /* TN_MODEL_INTERNAL_H */

@@ -313,3 +313,26 @@ def test_calibrate_self(run_tern):
     bad = run_tern("calibrate-self", "-m", model_path(SMOL), "-f",
                    "/nonexistent/prompt.txt")
     assert bad.returncode == 1 and b"/nonexistent/prompt.txt" in bad.stderr
+
+
+def test_bench_spec_flags(run_tern):
+    """tern bench takes tern run's speculation flags: it times decoding
+    with and without on real text and checks the texts are the same."""
+    r = run_tern("bench", "-m", model_path(SMOL), "-t", "2", "-n", "24",
+                 "-r", "1", "--spec", "ngram", "--spec-policy", "all",
+                 "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["spec"] == "ngram" and out["same_text"] is True, out
+    assert out["tg_off_tok_s"] > 0 and out["tg_on_tok_s"] > 0
+    assert 0 <= out["accepted"] <= out["drafted"]
+    r = run_tern("bench", "-m", model_path(SMOL), "-n", "8", "-r", "1",
+                 "--spec-layers", "0-29", "--spec-policy", "all")
+    assert r.returncode == 0, r.stderr
+    assert b"spec self" in r.stdout and b"same text: yes" in r.stdout
+    for args, frag in [(("--spec", "draft"), "name the draft model"),
+                       (("--spec", "off"), "nothing to compare"),
+                       (("--spec-policy", "all"), "go with --spec"),
+                       (("--spec", "ngram", "-n", "1"), "at least 2")]:
+        r = run_tern("bench", "-m", model_path(SMOL), *args)
+        assert r.returncode == 1 and frag.encode() in r.stderr, r.stderr

@@ -573,6 +573,60 @@ static void test_draft_model_refused(void) {
   ASSERT(e == NULL);
 }
 
+/* ---- the adaptive switch (tn_spec_switch) */
+
+/* Runs the switch over n steps whose scores are on/off (plus noise of
+ * +-noise); returns the share of steps that speculated; *flips counts
+ * changes of state. */
+static double switch_run(struct tn_spec_switch *w, int n, double on,
+                         double off, double noise, int *flips) {
+  uint64_t rng = 12345;
+  int spec = 0;
+  for (int i = 0; i < n; i++) {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    double u = (double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+    bool sp = tn_spec_switch_on(w);
+    spec += sp;
+    if (tn_spec_switch_observe(w, (sp ? on : off) * (1.0 + noise * u)))
+      (*flips)++;
+  }
+  return (double)spec / n;
+}
+
+/* Speculation that costs goes off and stays off, probing rarely (the
+ * workload loses under 3%); when it pays again it comes back; noise
+ * within the hysteresis band does not make it flap. */
+static void test_spec_switch(void) {
+  struct tn_spec_switch w;
+  tn_spec_switch_init(&w);
+  int flips = 0;
+  /* 20% slower with speculation: off within a few windows */
+  double share = switch_run(&w, 400, 0.8, 1.0, 0.0, &flips);
+  ASSERT_EQ(flips, 1);
+  ASSERT(w.off);
+  ASSERT_EQ(w.n_off, 1);
+  ASSERT(share < 0.5);
+  /* over a long run the probes cost under 3% of the steps */
+  share = switch_run(&w, 50000, 0.8, 1.0, 0.0, &flips);
+  ASSERT_EQ(flips, 1);
+  ASSERT(share * 0.2 < 0.03);
+  /* it pays again (1.4x): back on at the next probe or so */
+  share = switch_run(&w, 50000, 1.4, 1.0, 0.0, &flips);
+  ASSERT_EQ(flips, 2);
+  ASSERT(!w.off);
+  ASSERT(share > 0.95);
+  /* within the band (1% apart, 2% noise): no flapping */
+  tn_spec_switch_init(&w);
+  flips = 0;
+  switch_run(&w, 50000, 0.99, 1.0, 0.02, &flips);
+  ASSERT_LE(flips, 1);
+  /* nonsense scores are ignored */
+  tn_spec_switch_init(&w);
+  ASSERT_EQ(tn_spec_switch_observe(&w, -1.0), 0);
+  ASSERT_EQ(tn_spec_switch_observe(&w, 0.0 / 0.0), 0);
+  ASSERT_EQ(w.steps, 0);
+}
+
 /* ---- the target drafting with its own layers (TN_SPEC_SELF) */
 
 /* All layers (every draft accepted: the drafts' writes into the target's
@@ -810,6 +864,7 @@ static void test_grammar_forced_drafts(void) {
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_self_draft_layers), TN_TEST(test_self_draft),
+             TN_TEST(test_spec_switch),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
              TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch),

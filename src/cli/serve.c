@@ -206,6 +206,7 @@ int tn_cli_serve(int argc, char **argv) {
   const char *log_db = NULL;
   double log_days = 30;
   float price_prompt = -1, price_cached = -1, price_completion = -1;
+  float price_compute = -1;
   struct tn_cli_list redact = {0}, otlp_headers = {0}, loras = {0};
   const char *otlp = NULL, *otlp_service = "tern";
   float otlp_sample = 1;
@@ -295,6 +296,10 @@ int tn_cli_serve(int argc, char **argv) {
       {"price-prompt", 0, TN_OPT_FLOAT, &price_prompt, 0, 1e6, "USD",
        "per million prompt tokens: the cost in the log and dashboard "
        "(--config: price_prompt per model)",
+       "none", NULL, 0},
+      {"price-compute", 0, TN_OPT_FLOAT, &price_compute, 0, 1e6, "USD",
+       "per hour of this machine: a request also costs its share of the "
+       "engine's compute time at this rate (--config: price_compute)",
        "none", NULL, 0},
       {"price-cached", 0, TN_OPT_FLOAT, &price_cached, 0, 1e6, "USD",
        "per million prompt tokens served from the prefix cache",
@@ -488,6 +493,7 @@ int tn_cli_serve(int argc, char **argv) {
     sm[i].price_prompt = price_prompt;
     sm[i].price_cached = price_cached;
     sm[i].price_completion = price_completion;
+    sm[i].price_compute = price_compute;
     if (merge_name[0] && strcmp(merge_name, sm[i].name)) {
       sm[i].aliases = merge_alias;
       sm[i].n_aliases = 1;
@@ -500,6 +506,7 @@ int tn_cli_serve(int argc, char **argv) {
       if (mc->price_cached >= 0) sm[i].price_cached = mc->price_cached;
       if (mc->price_completion >= 0)
         sm[i].price_completion = mc->price_completion;
+      if (mc->price_compute >= 0) sm[i].price_compute = mc->price_compute;
     }
   }
 

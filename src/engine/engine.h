@@ -222,6 +222,9 @@ struct tn_req {
   double t_start;              /* first scheduled (queue time: - t_submit) */
   double t_held;               /* params.background: seconds it was held
                                   back for live work (set when done) */
+  double compute_s;            /* its share of the forward passes it rode
+                                  (set when done; tn_engine_config says
+                                  how steps are shared) */
   double itl_sum, itl_max;     /* gaps between tokens of one choice */
   int64_t itl_n;
   uint32_t itl_hist[TN_LAT_BUCKETS]; /* the gaps by tn_lat_bucket() */
@@ -382,6 +385,9 @@ struct tn_engine_info {
   int32_t n_threads;         /* compute threads its steps use */
   size_t weight_bytes;       /* weights read per token */
   int32_t kv_blocks;         /* KV pool size in 16-token blocks */
+  /* the step cost model as calibrated at open: a step of n tokens takes
+   * step_s + token_s * n seconds (0, 0: not calibrated) */
+  double step_s, token_s;
 };
 void tn_engine_info(const struct tn_engine *e, struct tn_engine_info *out);
 

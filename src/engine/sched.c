@@ -159,6 +159,7 @@ struct seq {
   size_t n_otext, cap_otext;
   double path_logp;
   float *opt_est;
+  double compute_s; /* its share of the passes so far (req->compute_s) */
   struct seq *next;
 };
 
@@ -220,6 +221,7 @@ struct tn_engine {
   struct tn_step_entry *trace; /* per batch sequence, when on_step is set */
   struct tn_spec_cost cost;   /* step time model for planning drafts */
   bool cost_ok;               /* calibrated (else prompts are not capped) */
+  double cost0_a, cost0_b;    /* the model as calibrated (tn_engine_info) */
   struct tn_drafter *drafter; /* TN_SPEC_DRAFT, TN_SPEC_SELF */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
@@ -713,6 +715,8 @@ static void seq_finish(struct tn_engine *e, struct seq *s, enum tn_finish f,
     while (p->n_spawned < r->n_choices) r->choices[p->n_spawned++].finish = f;
   if (f == TN_FINISH_ERROR && error)
     snprintf(r->error, sizeof(r->error), "%s", error);
+  r->compute_s += s->compute_s;
+  s->compute_s = 0.0;
   bool done = --p->n_live == 0 && p->n_spawned == r->n_choices;
   if (done) req_mark_done(e, r);
   tn_req_unlock(r);
@@ -1497,10 +1501,14 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
   if (n == 0) return;
   double t0 = tn_time_s();
   tn_drafter_propose(e->drafter, e->dreqs, n, e->n_vocab, cum_min);
-  metric_add(e->mm.spec_draft_s, tn_time_s() - t0);
+  double dt = tn_time_s() - t0;
+  metric_add(e->mm.spec_draft_s, dt);
   int32_t i = 0;
   for (struct seq *s = e->admitted; s && i < n; s = s->next)
-    if (&s->draft == e->dreqs[i].ds) s->n_prop = e->dreqs[i++].got;
+    if (&s->draft == e->dreqs[i].ds) {
+      s->n_prop = e->dreqs[i++].got;
+      s->compute_s += dt / n; /* the draft passes, shared alike */
+    }
 }
 
 /* Chooses which proposed tokens ride this step, best expected gain first
@@ -1714,6 +1722,24 @@ static bool seq_embed(struct tn_engine *e, struct seq *s, int32_t n_done,
   return true;
 }
 
+/* Shares a forward pass's time among the sequences it ran, as the cost
+ * model prices them: the fixed part a split evenly, b per token (by token
+ * count alone while the model is not calibrated); the shares add up to
+ * the measured time. */
+static void share_step(struct tn_engine *e, double dt) {
+  const struct tn_batch *b = &e->batch;
+  bool model = e->cost_ok && e->cost.a > 0.0 && e->cost.b > 0.0;
+  double fixed = model ? e->cost.a / b->n_seqs : 0.0;
+  double per = model ? e->cost.b : 1.0, sum = 0.0;
+  for (int32_t si = 0; si < b->n_seqs; si++)
+    sum += fixed + per * e->batch_seqs[si]->chunk;
+  if (!(sum > 0.0)) return;
+  for (int32_t si = 0; si < b->n_seqs; si++) {
+    struct seq *s = e->batch_seqs[si];
+    s->compute_s += dt * (fixed + per * s->chunk) / sum;
+  }
+}
+
 /* The adaptive switch's score of a decode step (decodes only): see
  * tn_spec_switch. */
 static void switch_observe(struct tn_engine *e, int32_t n_dec, int32_t n_out,
@@ -1886,6 +1912,7 @@ static bool engine_step(struct tn_engine *e) {
       verified = e->batch_seqs[si]->n_draft > 0;
     if (verified) metric_add(e->mm.spec_verify_s, now - t_fwd);
   }
+  if (st == TN_OK) share_step(e, now - t_fwd);
   const float *logits = tn_ctx_logits(e->ctx);
   int32_t row = 0, n_dec_out = 0, n_dec_seqs = 0;
   bool any_prompt = false;
@@ -2272,6 +2299,10 @@ enum tn_status tn_engine_open(const char *path,
   for (int32_t i = 0; i < hp->n_vocab; i++)
     if (tn_tokenizer_is_eog(e->tok, i)) e->eog[e->n_eog++] = i;
   if (cost_model_used(e)) cost_calibrate(e);
+  if (e->cost_ok) {
+    e->cost0_a = e->cost.a;
+    e->cost0_b = e->cost.b;
+  }
   tn_spec_switch_init(&e->sw);
   e->sw_used = sc->method != TN_SPEC_OFF && e->cost_ok &&
                !e->cfg.spec.every_draft;
@@ -2359,6 +2390,8 @@ void tn_engine_info(const struct tn_engine *e, struct tn_engine_info *out) {
   out->n_threads = e->n_threads;
   out->weight_bytes = e->model->weight_bytes;
   out->kv_blocks = tn_kv_n_blocks(e->kv);
+  out->step_s = e->cost0_a;
+  out->token_s = e->cost0_b;
 }
 const struct tn_tokenizer *tn_engine_tokenizer(const struct tn_engine *e) {
   return e->tok;

@@ -105,6 +105,8 @@ struct tn_reqlog_row {
   int64_t prompt_tokens, cached_tokens, completion_tokens;
   double queue_s, ttft_s, itl_mean_s, itl_max_s, e2e_s; /* < 0: unknown */
   double cost;             /* USD from the model's prices (< 0: none) */
+  double compute_s;        /* its share of the engine's passes (< 0: not
+                              run locally) */
   const char *prompt;      /* with content on */
   size_t prompt_len;
   const char *output;

@@ -61,7 +61,8 @@ static const char k_schema[] =
     " route TEXT,"                 /* the route called */
     " upstream TEXT,"              /* the upstream that answered */
     " escalations INTEGER,"        /* cascade stages escalated from */
-    " shadow_of TEXT);"            /* a shadow replay of this request id */
+    " shadow_of TEXT,"             /* a shadow replay of this request id */
+    " compute_ms REAL);"           /* its share of the engine's passes */
     "CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);"
     "CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(model, ts);"
     "CREATE INDEX IF NOT EXISTS requests_id ON requests(request_id);"
@@ -79,14 +80,15 @@ static const char k_schema[] =
  * gains them when opened. */
 static const char *const k_added[][2] = {
     {"cost", "REAL"},  {"adapter", "TEXT"},         {"route", "TEXT"},
-    {"upstream", "TEXT"}, {"escalations", "INTEGER"}, {"shadow_of", "TEXT"}};
+    {"upstream", "TEXT"}, {"escalations", "INTEGER"}, {"shadow_of", "TEXT"},
+    {"compute_ms", "REAL"}};
 
 static const char k_insert[] =
     "INSERT INTO requests (ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
     " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, prompt, output,"
-    " cost, adapter, route, upstream, escalations, shadow_of)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
+    " cost, adapter, route, upstream, escalations, shadow_of, compute_ms)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)";
 
 static const char k_insert_shadow[] =
     "INSERT INTO shadows (ts, request_id, shadow_id, source, model, target,"
@@ -337,6 +339,7 @@ static bool write_row(struct tn_reqlog *l, const struct tn_reqlog_row *r) {
   bind_str(st, 22, r->upstream);
   if (r->escalations >= 0) sqlite3_bind_int(st, 23, r->escalations);
   bind_str(st, 24, r->shadow_of);
+  bind_ms(st, 25, r->compute_s);
   return sqlite3_step(st) == SQLITE_DONE;
 }
 
@@ -605,7 +608,7 @@ static const char k_query[] =
     "SELECT rowid, ts, request_id, tenant, endpoint, model, status,"
     " finish_reason, error, prompt_tokens, cached_tokens, completion_tokens,"
     " queue_ms, ttft_ms, itl_mean_ms, itl_max_ms, e2e_ms, cost, adapter,"
-    " route, upstream, escalations, shadow_of,"
+    " route, upstream, escalations, shadow_of, compute_ms,"
     " CASE WHEN ?12 THEN prompt END, CASE WHEN ?12 THEN output END"
     " FROM requests WHERE ts >= ?1 AND (?2 = 0 OR ts < ?2)"
     " AND (?3 IS NULL OR model = ?3)"
@@ -623,9 +626,9 @@ static const char *const k_cols[] = {
     "error",        "prompt_tokens", "cached_tokens",     "completion_tokens",
     "queue_ms",     "ttft_ms",       "itl_mean_ms",       "itl_max_ms",
     "e2e_ms",       "cost",          "adapter",           "route",
-    "upstream",     "escalations",   "shadow_of",         "prompt",
-    "output"};
-#define N_COLS_PLAIN 23 /* the columns before prompt and output */
+    "upstream",     "escalations",   "shadow_of",         "compute_ms",
+    "prompt",       "output"};
+#define N_COLS_PLAIN 24 /* the columns before prompt and output */
 
 void tn_reqlog_filter_init(struct tn_reqlog_filter *f) {
   memset(f, 0, sizeof(*f));

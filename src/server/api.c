@@ -1575,9 +1575,11 @@ static void put_finish(struct tn_buf *b, enum tn_finish f) {
 static void put_usage(struct tn_buf *b, const struct tn_api_meta *meta,
                       struct tn_req *const *reqs, size_t n_reqs) {
   int64_t prompt = 0, gen = 0, cached = 0, drafted = 0, accepted = 0;
+  double compute_s = 0.0;
   for (size_t i = 0; i < n_reqs; i++) {
     prompt += reqs[i]->n_prompt;
     cached += reqs[i]->n_cached;
+    compute_s += reqs[i]->compute_s;
     for (int32_t j = 0; j < reqs[i]->n_choices; j++) {
       gen += reqs[i]->choices[j].n_gen;
       drafted += reqs[i]->choices[j].n_drafted;
@@ -1599,6 +1601,7 @@ static void put_usage(struct tn_buf *b, const struct tn_api_meta *meta,
     double cost = ((double)(prompt - cached) * meta->price_prompt +
                    (double)cached * meta->price_cached +
                    (double)gen * meta->price_completion) / 1e6 +
+                  compute_s * meta->price_compute / 3600.0 +
                   meta->cost_extra;
     tn_buf_printf(b, ",\"cost\":%.10g", cost);
   }

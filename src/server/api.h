@@ -124,6 +124,7 @@ struct tn_api_meta {
    * cascade's earlier stages cost) */
   bool priced;
   double price_prompt, price_cached, price_completion, cost_extra;
+  double price_compute; /* USD per hour of the requests' compute_s */
 };
 
 /* A whole non-streaming response for reqs[n_reqs] (completions: one per

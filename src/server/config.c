@@ -458,12 +458,13 @@ static enum tn_status parse_shadow(struct loader *ld, const char *key,
 
 enum { MK_NAME, MK_PATH, MK_ALIASES, MK_THREADS, MK_CTX, MK_MAX_SEQS,
        MK_KV_MEM, MK_CHAT_TEMPLATE, MK_SPEC, MK_SPEC_MAX_TOKENS,
-       MK_DRAFT_MODEL, MK_SPEC_LAYERS, MK_PRICE_PROMPT, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
+       MK_DRAFT_MODEL, MK_SPEC_LAYERS, MK_PRICE_PROMPT, MK_PRICE_COMPUTE, MK_PRICE_CACHED, MK_PRICE_COMPLETION,
        MK_ADAPTERS, MK_MAX_LORAS, MK_ADAPTER_MEM, MK_SHADOW, MK_COUNT };
 static const char *const k_model_keys[MK_COUNT] = {
     "name", "path", "aliases", "threads", "ctx", "max_seqs", "kv_mem",
     "chat_template", "spec", "spec_max_tokens", "draft_model",
-    "spec_layers", "price_prompt", "price_cached", "price_completion", "adapters",
+    "spec_layers", "price_prompt", "price_compute", "price_cached",
+    "price_completion", "adapters",
     "max_loras", "adapter_mem", "shadow"};
 
 static enum tn_status parse_model(struct loader *ld, int idx,
@@ -503,6 +504,9 @@ static enum tn_status parse_model(struct loader *ld, int idx,
         st = take_string(ld, key, 4096, &m->draft_model, true);
         break;
       case MK_PRICE_PROMPT: st = take_price(ld, key, &m->price_prompt); break;
+      case MK_PRICE_COMPUTE:
+        st = take_price(ld, key, &m->price_compute);
+        break;
       case MK_PRICE_CACHED: st = take_price(ld, key, &m->price_cached); break;
       case MK_PRICE_COMPLETION:
         st = take_price(ld, key, &m->price_completion);
@@ -550,6 +554,7 @@ static enum tn_status parse_models(struct loader *ld) {
     /* counted first, so a partial model is freed with the rest */
     struct tn_serve_model_cfg *m = &cfg->models[cfg->n_models++];
     m->price_prompt = m->price_cached = m->price_completion = -1;
+    m->price_compute = -1;
     st = parse_model(ld, cfg->n_models - 1, m);
     if (st) return st;
   }

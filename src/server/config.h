@@ -31,6 +31,10 @@
  *                          # spec: self; tern calibrate-self picks them)
  *       price_prompt: 0.15 # optional: USD per million prompt tokens, for
  *       price_cached: 0.075 #  the cost in the request log and dashboard
+ *       price_compute: 0.9 # optional: USD per hour of this machine; a
+ *                          # request costs its share of the engine's
+ *                          # passes at this rate (with the token prices
+ *                          # or instead of them)
  *       price_completion: 0.6 # (cached: prompt tokens served from the
  *                          # prefix cache; default price_prompt)
  *       max_loras: 4       # optional, 1..256: distinct adapters in the
@@ -199,6 +203,7 @@ struct tn_serve_model_cfg {
   /* USD per million tokens (< 0: not set); cached prompt tokens cost
    * price_cached, or price_prompt when that is not set */
   double price_prompt, price_cached, price_completion;
+  double price_compute; /* USD per hour of compute (< 0: not set) */
   struct tn_serve_adapter_cfg {
     char *name;
     char *path;

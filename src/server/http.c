@@ -285,16 +285,30 @@ static double wall_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static void price_bounds(struct tn_server *s, double *pp, double *pc);
+
+/* Whether a model has any price. */
+static bool model_priced(const struct tn_server_model *m) {
+  return m && (m->price_prompt >= 0 || m->price_completion >= 0 ||
+               m->price_compute >= 0);
+}
+
+/* USD of the compute seconds at the model's hourly price. */
+static double compute_cost(const struct tn_server_model *m, double s) {
+  return m->price_compute > 0 && s > 0 ? s * m->price_compute / 3600.0 : 0.0;
+}
+
 static double request_cost(const struct tn_server_model *m,
                            const struct tn_reqlog_row *r) {
-  if (!m || (m->price_prompt < 0 && m->price_completion < 0)) return -1;
+  if (!model_priced(m)) return -1;
   double pp = TN_MAX(m->price_prompt, 0.0);
   double pc = m->price_cached >= 0 ? m->price_cached : pp;
   double po = TN_MAX(m->price_completion, 0.0);
   int64_t cached = TN_MAX(r->cached_tokens, 0);
   int64_t fresh = TN_MAX(r->prompt_tokens, 0) - cached;
   return ((double)fresh * pp + (double)cached * pc +
-          (double)TN_MAX(r->completion_tokens, 0) * po) / 1e6;
+          (double)TN_MAX(r->completion_tokens, 0) * po) / 1e6 +
+         compute_cost(m, r->compute_s);
 }
 
 /* The request's trace: the HTTP request as the root span (its parent the
@@ -417,6 +431,7 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
       .itl_max_s = -1,
       .e2e_s = tn_time_s() - c->t_arrive,
       .cost = -1,
+      .compute_s = -1,
   };
   if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r.error)
     r.error = "the client closed the connection";
@@ -428,6 +443,7 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
   uint32_t itl[TN_LAT_BUCKETS] = {0};
   if (c->n_reqs) {
     r.prompt_tokens = r.cached_tokens = r.completion_tokens = 0;
+    r.compute_s = 0;
     double itl_sum = 0;
     int64_t itl_n = 0;
     for (size_t i = 0; i < c->n_reqs; i++) {
@@ -435,6 +451,7 @@ static void record_request(struct conn *c, enum MHD_RequestTerminationCode toe) 
       tn_req_lock(q);
       r.prompt_tokens += q->n_prompt;
       r.cached_tokens += q->n_cached;
+      r.compute_s += q->compute_s;
       for (int32_t j = 0; j < q->n_choices; j++)
         r.completion_tokens += q->choices[j].n_gen;
       if (i == 0) {
@@ -1213,11 +1230,12 @@ static struct tn_api_meta conn_meta(struct conn *c) {
       .echo_len = c->q.echo ? c->echo_len : NULL,
   };
   const struct tn_server_model *md = c->model;
-  if (md && (md->price_prompt >= 0 || md->price_completion >= 0)) {
+  if (model_priced(md)) {
     m.priced = true;
     m.price_prompt = TN_MAX(md->price_prompt, 0.0);
     m.price_cached = md->price_cached >= 0 ? md->price_cached : m.price_prompt;
     m.price_completion = TN_MAX(md->price_completion, 0.0);
+    m.price_compute = TN_MAX(md->price_compute, 0.0);
     m.cost_extra = c->cost_before;
   } else if (c->cost_before > 0) {
     m.priced = true;
@@ -1293,11 +1311,12 @@ static double stage_confidence(struct conn *c, const struct tn_route_step *st) {
 
 static double local_cost(const struct tn_server_model *m,
                          struct tn_req *const *reqs, size_t n_reqs) {
-  if (!m || (m->price_prompt < 0 && m->price_completion < 0)) return 0;
+  if (!model_priced(m)) return 0;
   struct tn_reqlog_row r = {0};
   for (size_t i = 0; i < n_reqs; i++) {
     r.prompt_tokens += reqs[i]->n_prompt;
     r.cached_tokens += reqs[i]->n_cached;
+    r.compute_s += reqs[i]->compute_s;
     for (int32_t k = 0; k < reqs[i]->n_choices; k++)
       r.completion_tokens += reqs[i]->choices[k].n_gen;
   }
@@ -2378,8 +2397,9 @@ static bool admit_tenant(struct conn *c, const json_t *root,
   if (n > 1) out *= (double)TN_MIN(n, (json_int_t)MAX_SEQS_PER_REQUEST);
   double prompt = (double)(c->len / 4) + 1;
   int64_t tokens = (int64_t)(prompt + out);
-  double cost = (prompt * s->max_price_prompt +
-                 out * s->max_price_completion) / 1e6;
+  double pp, pc;
+  price_bounds(s, &pp, &pc);
+  double cost = (prompt * pp + out * pc) / 1e6;
   int retry = 0;
   enum tn_admit a = tn_tenants_admit(ts, c->tenant, tokens, cost, wall_s(),
                                      &retry, &c->ticket);
@@ -3287,6 +3307,28 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
 }
 
 int tn_server_port(const struct tn_server *s) { return s->port; }
+
+/* The highest price per million prompt and completion tokens of anything
+ * a request may reach, for budget reservations. A model priced by compute
+ * time counts at its calibrated step model: a prompt token at the
+ * per-token time, an output token at a whole one-token step (the most a
+ * token costs: a lone sequence decoding). */
+static void price_bounds(struct tn_server *s, double *pp, double *pc) {
+  *pp = s->max_price_prompt;
+  *pc = s->max_price_completion;
+  for (int i = 0; i < s->n_models; i++) {
+    const struct tn_server_model *m = &s->models[i];
+    struct tn_engine *e = atomic_load(&s->engines[i]);
+    if (m->price_compute <= 0 || !e) continue;
+    struct tn_engine_info info;
+    tn_engine_info(e, &info);
+    double usd_per_s_m = m->price_compute / 3600.0 * 1e6;
+    *pp = TN_MAX(*pp, TN_MAX(m->price_prompt, 0.0) +
+                          info.token_s * usd_per_s_m);
+    *pc = TN_MAX(*pc, TN_MAX(m->price_completion, 0.0) +
+                          (info.step_s + info.token_s) * usd_per_s_m);
+  }
+}
 
 void tn_server_set_engine(struct tn_server *s, int i, struct tn_engine *e) {
   if (i >= 0 && i < s->n_models) atomic_store(&s->engines[i], e);

@@ -36,6 +36,10 @@ struct tn_server_model {
    * not priced; cached prompt tokens at price_cached, or price_prompt
    * when that is < 0) */
   double price_prompt, price_cached, price_completion;
+  /* USD per hour of the machine: a request also costs its share of the
+   * engine's forward passes (tn_req.compute_s) at this rate (< 0: not
+   * set) */
+  double price_compute;
 };
 
 struct tn_server_config {

@@ -210,3 +210,37 @@ def test_redaction(start_server, tmp_path, run_tern):
     assert "I am [REDACTED], [REDACTED] is late" in got[0]["prompt"]
     # the answer itself is untouched: redaction is for what is stored
     assert r.json()["usage"]["completion_tokens"] == got[0]["completion_tokens"]
+
+
+def test_price_from_compute_time(start_server, tmp_path):
+    """--price-compute (USD per hour of the machine): a request costs its
+    share of the engine's passes. At 3600 USD an hour a second costs one
+    USD, so the cost reads as seconds: positive, within the request's time,
+    larger for a longer answer, and the log's compute_ms agrees with it.
+    Concurrent requests' shares add up to no more than the time taken."""
+    db = str(tmp_path / "log.db")
+    srv = start_server("-m", model_path("smollm2-135m"), "-t", "2",
+                       "--log-db", db, "--price-compute", "3600")
+
+    def ask(n):
+        t0 = time.time()
+        r = requests.post(srv.base + "/v1/completions",
+                          json={"prompt": "Once upon a time",
+                                "max_tokens": n, "temperature": 0,
+                                "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["cost"], time.time() - t0
+
+    short, t_short = ask(4)
+    long_, t_long = ask(64)
+    assert 0 < short <= t_short and 0 < long_ <= t_long
+    assert long_ > short
+    got = wait_rows(db, 2)
+    assert abs(got[0]["compute_ms"] / 1000 - short) < 1e-6, got[0]
+    assert abs(got[1]["cost"] - long_) < 1e-9, got[1]
+    # four at once: their shares add up to at most the wall time
+    t0 = time.time()
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as ex:
+        costs = [c for c, _ in ex.map(ask, [32] * 4)]
+    wall = time.time() - t0
+    assert all(c > 0 for c in costs) and sum(costs) <= wall, (costs, wall)

@@ -61,6 +61,7 @@ static const char k_full[] =
     "    spec_max_tokens: 4\n"
     "  - {name: qwen, path: qwen.gguf, ctx: 16777216, kv_mem: 2GB,\n"
     "     spec: draft, draft_model: qwen-small.gguf, price_prompt: 0.15,\n"
+    "     price_compute: 0.9,\n"
     "     price_completion: 2, price_cached: .075}\n";
 
 static void test_good_full(void) {
@@ -108,7 +109,7 @@ static void test_good_full(void) {
   ASSERT_EQ(m->ctx, 1 << 24);
   ASSERT_EQ(m->kv_mem, 2000000000ll);
   ASSERT(m->price_prompt == 0.15 && m->price_completion == 2 &&
-         m->price_cached == 0.075);
+         m->price_cached == 0.075 && m->price_compute == 0.9);
   ASSERT(cfg.models[0].price_prompt < 0 && cfg.models[0].price_cached < 0 &&
          cfg.models[0].price_completion < 0);
 
@@ -272,7 +273,7 @@ static const struct bad_case k_bad[] = {
     {MODEL_OK "    thread: 2\n", TN_EINVAL,
      ":4: models[0]: unknown key 'thread' (expected name, path, aliases, "
      "threads, ctx, max_seqs, kv_mem, chat_template, spec, spec_max_tokens, "
-     "draft_model, spec_layers, price_prompt, price_cached, "
+     "draft_model, spec_layers, price_prompt, price_compute, price_cached, "
      "price_completion, adapters, max_loras, adapter_mem or shadow)"},
     {MODEL_OK "    shadow: {target: a}\n", TN_EINVAL,
      ":4: models[0].shadow.target: 'a' is the name it shadows"},

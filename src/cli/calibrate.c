@@ -188,14 +188,14 @@ struct costs {
   double t_verify[TN_SPEC_MAX_TOKENS + 1]; /* [k]: a pass of k + 1 */
 };
 
-/* Predicted speedup of drafting k tokens a step at acceptance alpha with
- * a pass of n_keep layers; *best_k gets the best k. */
+/* Predicted speedup (below 1: a slowdown) of drafting k tokens a step at
+ * acceptance alpha with a pass of n_keep layers, at the best k (*best_k). */
 static double predict(const struct costs *co, int32_t n_layer,
                       int32_t n_keep, double alpha, int32_t k_max,
                       int32_t *best_k) {
   double t_draft = co->t_none + (co->t_all - co->t_none) * n_keep / n_layer;
-  double best = 1.0;
-  *best_k = 0;
+  double best = 0.0;
+  *best_k = 1;
   for (int32_t k = 1; k <= k_max; k++) {
     double tokens = alpha >= 1.0 ? k + 1.0
                                  : (1.0 - pow(alpha, k + 1)) / (1.0 - alpha);
@@ -382,8 +382,9 @@ int tn_cli_calibrate_self(int argc, char **argv) {
   char buf[4096];
   if (best_n == 0 || best_sp <= 1.0) {
     printf("no subset tried is predicted to pay on this machine (%d "
-           "scored); self-drafting would only cost here\n",
-           c.n_evals);
+           "scored; the best, %d layers at %.2fx); self-drafting would only "
+           "cost here\n",
+           c.n_evals, best_n, best_sp);
     rc = 0;
     goto done;
   }

@@ -451,6 +451,9 @@ struct tn_engine_stats {
    * included), times it switched off, whether it is off now */
   uint64_t spec_paused_steps, spec_switched_off;
   bool spec_paused;
+  /* compute seconds a prompt token and a generated token have cost
+   * lately (decayed means of their shares of steps; 0: none yet) */
+  double s_per_prompt_token, s_per_gen_token;
   uint64_t spec_accepted_pos[TN_SPEC_MAX_TOKENS];
   /* constrained output: masks computed or looked up, their time, tokens
    * appended without a pass (early exit) */

@@ -222,6 +222,8 @@ struct tn_engine {
   struct tn_spec_cost cost;   /* step time model for planning drafts */
   bool cost_ok;               /* calibrated (else prompts are not capped) */
   double cost0_a, cost0_b;    /* the model as calibrated (tn_engine_info) */
+  double s_prompt_tok, s_gen_tok; /* decayed compute seconds per prompt and
+                                     per generated token (share_step) */
   struct tn_drafter *drafter; /* TN_SPEC_DRAFT, TN_SPEC_SELF */
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
@@ -1627,6 +1629,8 @@ static void update_gauges(struct tn_engine *e) {
   e->stats.spec_drafted = e->n_spec_drafted;
   e->stats.spec_accepted = e->n_spec_accepted;
   e->stats.spec_declined = e->n_spec_declined;
+  e->stats.s_per_prompt_token = e->s_prompt_tok;
+  e->stats.s_per_gen_token = e->s_gen_tok;
   e->stats.spec_paused_steps = e->n_spec_paused_steps;
   e->stats.spec_switched_off = e->sw.n_off;
   e->stats.spec_paused = e->sw_used && e->sw.off;
@@ -1734,10 +1738,28 @@ static void share_step(struct tn_engine *e, double dt) {
   for (int32_t si = 0; si < b->n_seqs; si++)
     sum += fixed + per * e->batch_seqs[si]->chunk;
   if (!(sum > 0.0)) return;
+  double ps = 0.0, gs = 0.0;
+  int32_t pn = 0, gn = 0;
   for (int32_t si = 0; si < b->n_seqs; si++) {
     struct seq *s = e->batch_seqs[si];
-    s->compute_s += dt * (fixed + per * s->chunk) / sum;
+    double share = dt * (fixed + per * s->chunk) / sum;
+    s->compute_s += share;
+    if (s->decode) {
+      gs += share;
+      gn += 1; /* drafts ride along: one step, one token at least */
+    } else {
+      ps += share;
+      pn += s->chunk;
+    }
   }
+  /* what a token has cost lately, for budget estimates */
+  if (pn > 0)
+    e->s_prompt_tok = e->s_prompt_tok > 0.0
+                          ? 0.9 * e->s_prompt_tok + 0.1 * ps / pn
+                          : ps / pn;
+  if (gn > 0)
+    e->s_gen_tok = e->s_gen_tok > 0.0 ? 0.9 * e->s_gen_tok + 0.1 * gs / gn
+                                      : gs / gn;
 }
 
 /* The adaptive switch's score of a decode step (decodes only): see

@@ -285,7 +285,8 @@ static double wall_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void price_bounds(struct tn_server *s, double *pp, double *pc);
+static void price_bounds(struct tn_server *s, const char *name, double *pp,
+                         double *pc);
 
 /* Whether a model has any price. */
 static bool model_priced(const struct tn_server_model *m) {
@@ -2398,7 +2399,7 @@ static bool admit_tenant(struct conn *c, const json_t *root,
   double prompt = (double)(c->len / 4) + 1;
   int64_t tokens = (int64_t)(prompt + out);
   double pp, pc;
-  price_bounds(s, &pp, &pc);
+  price_bounds(s, name, &pp, &pc);
   double cost = (prompt * pp + out * pc) / 1e6;
   int retry = 0;
   enum tn_admit a = tn_tenants_admit(ts, c->tenant, tokens, cost, wall_s(),
@@ -3308,25 +3309,49 @@ enum tn_status tn_server_start(const struct tn_server_config *cfg,
 
 int tn_server_port(const struct tn_server *s) { return s->port; }
 
-/* The highest price per million prompt and completion tokens of anything
- * a request may reach, for budget reservations. A model priced by compute
- * time counts at its calibrated step model: a prompt token at the
- * per-token time, an output token at a whole one-token step (the most a
- * token costs: a lone sequence decoding). */
-static void price_bounds(struct tn_server *s, double *pp, double *pc) {
+/* A model's price per million prompt and completion tokens for budget
+ * reservations. Priced by compute time, a token counts at twice what one
+ * has cost lately on its engine (before any traffic: the calibrated step
+ * model, a prompt token at the per-token time and an output token at a
+ * whole one-token step). */
+static void model_price_bound(struct tn_server *s, int i, double *pp,
+                              double *pc) {
+  const struct tn_server_model *m = &s->models[i];
+  *pp = TN_MAX(m->price_prompt, 0.0);
+  *pc = TN_MAX(m->price_completion, 0.0);
+  struct tn_engine *e = atomic_load(&s->engines[i]);
+  if (m->price_compute <= 0 || !e) return;
+  struct tn_engine_info info;
+  struct tn_engine_stats st;
+  tn_engine_info(e, &info);
+  tn_engine_stats(e, &st);
+  double tp = st.s_per_prompt_token > 0 ? st.s_per_prompt_token
+                                        : info.token_s;
+  double tg = st.s_per_gen_token > 0 ? st.s_per_gen_token
+                                     : info.step_s + info.token_s;
+  double usd_per_s_m = m->price_compute / 3600.0 * 1e6;
+  *pp += 2.0 * tp * usd_per_s_m;
+  *pc += 2.0 * tg * usd_per_s_m;
+}
+
+/* The prices a request calling name reserves at: the model's own when it
+ * names one, else (a route, an upstream, an adapter) the highest of
+ * anything it may reach. */
+static void price_bounds(struct tn_server *s, const char *name, double *pp,
+                         double *pc) {
+  const struct tn_server_model *own =
+      name ? find_base(s, name, strlen(name)) : &s->models[0];
+  if (own) {
+    model_price_bound(s, (int)(own - s->models), pp, pc);
+    return;
+  }
   *pp = s->max_price_prompt;
   *pc = s->max_price_completion;
   for (int i = 0; i < s->n_models; i++) {
-    const struct tn_server_model *m = &s->models[i];
-    struct tn_engine *e = atomic_load(&s->engines[i]);
-    if (m->price_compute <= 0 || !e) continue;
-    struct tn_engine_info info;
-    tn_engine_info(e, &info);
-    double usd_per_s_m = m->price_compute / 3600.0 * 1e6;
-    *pp = TN_MAX(*pp, TN_MAX(m->price_prompt, 0.0) +
-                          info.token_s * usd_per_s_m);
-    *pc = TN_MAX(*pc, TN_MAX(m->price_completion, 0.0) +
-                          (info.step_s + info.token_s) * usd_per_s_m);
+    double a, b;
+    model_price_bound(s, i, &a, &b);
+    *pp = TN_MAX(*pp, a);
+    *pc = TN_MAX(*pc, b);
   }
 }
 

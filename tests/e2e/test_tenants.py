@@ -10,7 +10,8 @@ import requests
 from conftest import model_path
 
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-00002",
-        "gamma": "key-gamma-0003", "delta": "key-delta-0004"}
+        "gamma": "key-gamma-0003", "delta": "key-delta-0004",
+        "eps": "key-eps-000005"}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,9 @@ models:
     path: {model_path("smollm2-135m")}
     price_prompt: 1000
     price_completion: 1000
+  - name: smollc
+    path: {model_path("smollm2-135m")}
+    price_compute: 3600
 routes:
   - name: auto
     strategy: rules
@@ -37,6 +41,7 @@ tenants:
   - {{name: beta, key: {KEYS["beta"]}, allow: [auto]}}
   - {{name: gamma, key: {KEYS["gamma"]}, budget_per_day: 0.5}}
   - {{name: delta, key_env: TN_E2E_DELTA_KEY, tpm: 400}}
+  - {{name: eps, key: {KEYS["eps"]}, allow: [smollc], budget_per_day: 0.5}}
 """)
     s = TernServer(tern_bin, ["--config", str(cfg), "-t", "2",
                               "--log-db", str(d / "log.db")],
@@ -154,3 +159,29 @@ def test_bad_tenant_config(run_tern, tmp_path):
     err = r.stderr.decode()
     assert "TN_E2E_NOT_SET_ANYWHERE is not set" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_budget_priced_by_compute(srv):
+    """A model priced by compute time (3600 USD an hour: a second costs one
+    USD): the budget holds under 16 clients too, the reservation counting
+    tokens at the calibrated step model (an upper bound), the bill the
+    measured share."""
+    import sqlite3
+    for _ in range(8):
+        rs = burst(srv, KEYS["eps"], model="smollc", max_tokens=8)
+        if any(r.status_code == 429 for r in rs):
+            break
+    assert any(r.status_code == 429 for r in rs), "the budget never ran out"
+    ok = [r.json()["usage"]["cost"] for r in rs if r.status_code == 200]
+    assert all(c > 0 for c in ok)
+    db = pathlib.Path(srv.log_path).parent / "log.db"
+    deadline = __import__("time").time() + 10
+    while True:
+        con = sqlite3.connect(str(db))
+        spent, most, n = con.execute(
+            "SELECT SUM(cost), MAX(cost), COUNT(*) FROM requests WHERE "
+            "tenant = 'eps' AND status = 200").fetchone()
+        con.close()
+        if n >= len(ok) or __import__("time").time() > deadline:
+            break
+    assert spent and spent <= 0.5 + most + 1e-9, (spent, most)

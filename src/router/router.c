@@ -446,6 +446,9 @@ static enum tn_status plan_route(struct tn_router *r, int route,
         s->signal = g->signal;
         s->threshold = g->threshold;
         s->quantile = g->quantile;
+        s->samples = g->samples;
+        s->sample_tokens = g->sample_tokens;
+        s->sample_temperature = g->sample_temperature;
       }
       if (depth == 0) snprintf(p->why, sizeof p->why, "cascade");
       return TN_OK;
@@ -576,9 +579,38 @@ double tn_cascade_signal(enum tn_cascade_signal s, double quantile,
       free(p);
       return v;
     }
+    case TN_SIGNAL_AGREEMENT: /* from samples: tn_cascade_agreement */
     case TN_SIGNAL_COUNT: break;
   }
   return -INFINITY;
+}
+
+/* Leading and trailing ASCII whitespace off. */
+static void trim(const char **s, size_t *n) {
+  while (*n > 0 && strchr(" \t\r\n", (*s)[0])) (*s)++, (*n)--;
+  while (*n > 0 && strchr(" \t\r\n", (*s)[*n - 1])) (*n)--;
+}
+
+double tn_cascade_agreement(const char *answer, size_t answer_len,
+                            const char *const *samples,
+                            const size_t *sample_len, const bool *cut,
+                            size_t k) {
+  if (k == 0) return -INFINITY;
+  const char *a = answer;
+  size_t na = answer_len;
+  trim(&a, &na);
+  size_t agree = 0;
+  for (size_t i = 0; i < k; i++) {
+    const char *s = samples[i];
+    size_t ns = sample_len[i];
+    trim(&s, &ns);
+    /* a sample cut at its length agrees with the answer's start; one that
+     * ended on its own must be the whole answer */
+    if (cut[i] ? ns <= na && memcmp(s, a, ns) == 0
+               : ns == na && memcmp(s, a, ns) == 0)
+      agree++;
+  }
+  return (double)agree / (double)k;
 }
 
 bool tn_cascade_accepts(double signal, double threshold) {

@@ -45,6 +45,8 @@ struct tn_route_step {
   bool decides;
   enum tn_cascade_signal signal;
   double threshold, quantile;
+  int32_t samples, sample_tokens; /* TN_SIGNAL_AGREEMENT */
+  double sample_temperature;
 };
 
 #define TN_ROUTE_STEPS_MAX 64
@@ -140,6 +142,15 @@ void tn_router_end(struct tn_router *r, int target, bool ok);
 double tn_cascade_signal(enum tn_cascade_signal s, double quantile,
                          const float *logprob, const float *margin,
                          size_t n);
+
+/* The agreement signal: the share of k short samples (texts, and whether
+ * each was cut at its token limit rather than ending) that agree with the
+ * answer, whitespace at the ends ignored: a cut sample agrees when the
+ * answer starts with it, one that ended when it is the whole answer. */
+double tn_cascade_agreement(const char *answer, size_t answer_len,
+                            const char *const *samples,
+                            const size_t *sample_len, const bool *cut,
+                            size_t k);
 
 /* Whether a stage with this threshold accepts an answer with this
  * signal: signal >= threshold, except that -inf accepts everything and

@@ -906,11 +906,13 @@ static enum tn_status rule_elem(struct loader *ld, const char *where, int idx,
   return TN_OK;
 }
 
-enum { SK_MODEL, SK_SIGNAL, SK_THRESHOLD, SK_QUANTILE, SK_COUNT };
-static const char *const k_stage_keys[SK_COUNT] = {"model", "signal",
-                                                   "threshold", "quantile"};
+enum { SK_MODEL, SK_SIGNAL, SK_THRESHOLD, SK_QUANTILE, SK_SAMPLES,
+       SK_SAMPLE_TOKENS, SK_SAMPLE_TEMPERATURE, SK_COUNT };
+static const char *const k_stage_keys[SK_COUNT] = {
+    "model", "signal", "threshold", "quantile", "samples", "sample_tokens",
+    "sample_temperature"};
 static const char *const k_signal_names[TN_SIGNAL_COUNT] = {
-    "min_prob", "quantile", "mean_logprob", "margin"};
+    "min_prob", "quantile", "mean_logprob", "margin", "agreement"};
 
 const char *tn_cascade_signal_name(enum tn_cascade_signal s) {
   return (unsigned)s < TN_SIGNAL_COUNT ? k_signal_names[s] : "?";
@@ -921,6 +923,9 @@ static enum tn_status stage_elem(struct loader *ld, const char *where,
   (void)idx;
   struct tn_serve_stage_cfg *g = elem;
   g->quantile = 0.1;
+  g->samples = 4;
+  g->sample_tokens = 16;
+  g->sample_temperature = 0.7;
   int start_line = ev_line(ld);
   unsigned seen = 0;
   bool has_threshold = false;
@@ -944,10 +949,14 @@ static enum tn_status stage_elem(struct loader *ld, const char *where,
       if (k == TN_SIGNAL_COUNT)
         return fail(ld, TN_EINVAL, ev_line(ld), key,
                     "unknown signal '%.64s' (expected min_prob, quantile, "
-                    "mean_logprob or margin)",
+                    "mean_logprob, margin or agreement)",
                     scalar_text(ld));
       g->signal = (enum tn_cascade_signal)k;
       g->has_signal = true;
+    } else if (which == SK_SAMPLES) {
+      st = take_i32(ld, key, 2, 16, &g->samples);
+    } else if (which == SK_SAMPLE_TOKENS) {
+      st = take_i32(ld, key, 1, 256, &g->sample_tokens);
     } else {
       if ((st = expect_scalar(ld, key))) return st;
       const char *s = scalar_text(ld);
@@ -966,6 +975,11 @@ static enum tn_status stage_elem(struct loader *ld, const char *where,
       if (which == SK_THRESHOLD) {
         g->threshold = v;
         has_threshold = true;
+      } else if (which == SK_SAMPLE_TEMPERATURE) {
+        if (!(v > 0 && v <= 2))
+          return fail(ld, TN_EINVAL, ev_line(ld), key,
+                      "'%.64s' is not a temperature in (0, 2]", s);
+        g->sample_temperature = v;
       } else {
         if (!(v >= 0 && v <= 1))
           return fail(ld, TN_EINVAL, ev_line(ld), key,

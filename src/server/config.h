@@ -249,6 +249,8 @@ enum tn_cascade_signal {
   TN_SIGNAL_QUANTILE,     /* a low quantile of them */
   TN_SIGNAL_MEAN_LOGPROB, /* their mean log-probability */
   TN_SIGNAL_MARGIN,       /* the lowest top-1 minus top-2 probability */
+  TN_SIGNAL_AGREEMENT,    /* the share of k short samples that agree with
+                             the answer */
   TN_SIGNAL_COUNT
 };
 const char *tn_cascade_signal_name(enum tn_cascade_signal s);
@@ -276,6 +278,10 @@ struct tn_serve_stage_cfg {
   bool has_signal;
   double threshold;       /* accepted when signal >= threshold */
   double quantile;        /* TN_SIGNAL_QUANTILE: 0..1 (default 0.1) */
+  /* TN_SIGNAL_AGREEMENT: samples drawn (2..16, default 4), their length
+   * in tokens (1..256, default 16) and temperature (0..2, default 0.7) */
+  int32_t samples, sample_tokens;
+  double sample_temperature;
 };
 
 struct tn_serve_route_cfg {

@@ -138,6 +138,8 @@ struct conn {
   int escalations;
   double confidence;          /* the signal that decided (NAN: none) */
   double cost_before;         /* USD of a cascade's escalated stages */
+  struct tn_req *agree;       /* an agreement stage's samples (reqs' lock
+                                 rules: the server's mu) */
   struct tn_api_error last_err; /* the last target's failure */
   char answered[TN_SERVE_NAME_MAX + 1];
   /* a classifier's embedding of the request (for route embed_route) */
@@ -588,6 +590,8 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
    * request's lock, which release takes). Unfinished ones are cancelled. */
   for (size_t i = 0; i < c->n_reqs; i++) tn_req_release(c->reqs[i]);
   c->n_reqs = 0;
+  if (c->agree) tn_req_release(c->agree);
+  c->agree = NULL;
   if (c->call && c->upstream >= 0)
     metric_inc(c->srv->upstream_calls,
                tn_router_upstream(c->srv->cfg.router, c->upstream)->name,
@@ -1205,11 +1209,13 @@ static int build_prompt(struct conn *c, size_t i, int32_t **ids,
 /* Releases the connection's requests. The reaper walks them under the
  * server's mu, so they leave the array under it first. */
 static void cancel_reqs(struct conn *c) {
-  struct tn_req *reqs[MAX_PROMPTS];
+  struct tn_req *reqs[MAX_PROMPTS + 1];
   pthread_mutex_lock(&c->srv->mu);
   size_t n = c->n_reqs;
   memcpy(reqs, c->reqs, n * sizeof reqs[0]);
   c->n_reqs = 0;
+  if (c->agree) reqs[n++] = c->agree;
+  c->agree = NULL;
   pthread_mutex_unlock(&c->srv->mu);
   for (size_t i = 0; i < n; i++) tn_req_release(reqs[i]);
 }
@@ -1279,6 +1285,8 @@ static int reqs_failure(struct conn *c, struct tn_api_error *aerr) {
 
 /* Non-streaming: answer if every request is done, else wait. */
 
+static double samples_agreement(struct conn *c);
+
 /* A cascade stage's confidence: its signal over every chosen token of
  * every choice (under lock_reqs). */
 static double stage_confidence(struct conn *c, const struct tn_route_step *st) {
@@ -1337,6 +1345,11 @@ static enum MHD_Result completion_wait(struct conn *c) {
       done = c->reqs[i]->done;
       tn_req_unlock(c->reqs[i]);
     }
+    if (done && c->agree) {
+      tn_req_lock(c->agree);
+      done = c->agree->done;
+      tn_req_unlock(c->agree);
+    }
     if (done) break;
     if (atomic_load(&c->srv->stopping)) {
       live_remove(c);
@@ -1359,11 +1372,15 @@ static enum MHD_Result completion_wait(struct conn *c) {
     return classify_done(c);
   }
   struct tn_api_error aerr;
+  /* (every request is done: nothing writes them any more) */
+  double agreement = c->agree ? samples_agreement(c) : -INFINITY;
   lock_reqs(c);
   int fail = reqs_failure(c, &aerr);
   if (!fail && deciding(c)) {
     const struct tn_route_step *st = &c->plan->steps[c->step];
-    c->confidence = stage_confidence(c, st);
+    c->confidence = st->signal == TN_SIGNAL_AGREEMENT
+                        ? agreement
+                        : stage_confidence(c, st);
     if (!tn_cascade_accepts(c->confidence, st->threshold)) {
       /* not confident enough: the next stage answers */
       c->cost_before += local_cost(c->model, c->reqs, c->n_reqs);
@@ -2245,6 +2262,78 @@ static enum MHD_Result classify_done(struct conn *c) {
   return ret;
 }
 
+static bool deciding(const struct conn *c);
+
+/* An agreement stage's samples: the first prompt again, as one request of
+ * k choices (they share its prefix in the cache), short, at the stage's
+ * temperature and a fixed seed (a route's choice is deterministic for the
+ * same input and config), never longer than the answer may be. */
+static int submit_samples(struct conn *c, struct tn_engine *e,
+                          const struct tn_gen_params *answer,
+                          struct tn_api_error *aerr) {
+  const struct tn_route_step *st = &c->plan->steps[c->step];
+  struct tn_gen_params gen = *answer;
+  gen.n = st->samples;
+  gen.max_tokens = answer->max_tokens > 0
+                       ? TN_MIN(answer->max_tokens, st->sample_tokens)
+                       : st->sample_tokens;
+  gen.min_tokens = 0;
+  gen.sampling.temperature = (float)st->sample_temperature;
+  gen.sampling.seed = 0x5a3e1ull + (uint64_t)c->step;
+  gen.logprobs = false;
+  gen.sampling.n_logprobs = 0;
+  int32_t *ids = NULL;
+  size_t n_ids = 0;
+  if (build_prompt(c, 0, &ids, &n_ids, aerr)) {
+    cancel_reqs(c);
+    return aerr->http_status;
+  }
+  struct tn_error err = {0};
+  struct tn_req *r = NULL;
+  enum tn_status s = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
+                                      conn_wake, c, &r, &err);
+  free(ids);
+  if (s) {
+    cancel_reqs(c);
+    return tn_api_error_set(aerr, s == TN_EFULL ? 429 : 503,
+                            s == TN_EFULL ? "rate_limit_error"
+                                          : "server_error",
+                            NULL, s == TN_EFULL ? "queue_full" : NULL,
+                            "agreement samples: %s", err.msg);
+  }
+  pthread_mutex_lock(&c->srv->mu);
+  c->agree = r;
+  pthread_mutex_unlock(&c->srv->mu);
+  return 0;
+}
+
+/* The agreement of c->agree's samples with the first answer (both done);
+ * their cost joins cost_before, and the samples are let go. */
+static double samples_agreement(struct conn *c) {
+  struct tn_req *a = c->agree;
+  if (!a || c->n_reqs == 0) return -INFINITY;
+  const char *texts[16];
+  size_t lens[16];
+  bool cut[16];
+  size_t k = 0;
+  tn_req_lock(a);
+  for (int32_t i = 0; i < a->n_choices && k < 16; i++, k++) {
+    texts[k] = a->choices[i].text ? a->choices[i].text : "";
+    lens[k] = a->choices[i].len;
+    cut[k] = a->choices[i].finish == TN_FINISH_LENGTH;
+  }
+  const struct tn_choice *ans = &c->reqs[0]->choices[0];
+  double v = tn_cascade_agreement(ans->text ? ans->text : "", ans->len,
+                                  texts, lens, cut, k);
+  tn_req_unlock(a);
+  c->cost_before += local_cost(c->model, &c->agree, 1);
+  pthread_mutex_lock(&c->srv->mu);
+  c->agree = NULL;
+  pthread_mutex_unlock(&c->srv->mu);
+  tn_req_release(a);
+  return v;
+}
+
 /* Submits c->q to c->model's engine (c->lora set): 0, or the error in
  * aerr. probs: record token probabilities (a cascade stage decides on
  * them). */
@@ -2346,6 +2435,9 @@ static int submit_local(struct conn *c, bool probs,
     }
     add_req(c, r);
   }
+  if (probs && deciding(c) &&
+      c->plan->steps[c->step].signal == TN_SIGNAL_AGREEMENT)
+    return submit_samples(c, e, &gen, aerr);
   return 0;
 }
 

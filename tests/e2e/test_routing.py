@@ -119,6 +119,11 @@ def gateway_config(base, base2):
         {"name": "casc-hi", "strategy": "cascade", "stages": [
             {"model": "smollm2", "signal": "min_prob", "threshold": ".inf"},
             {"model": "up-ok"}]},
+        *[{"name": f"casc-agree-{n}", "strategy": "cascade", "stages": [
+            {"model": "smollm2", "signal": "agreement", "threshold": t,
+             "samples": 3, "sample_tokens": 4, "sample_temperature": 0.9},
+            {"model": "up-ok"}]}
+          for n, t in (("lo", "-.inf"), ("mid", 0.5), ("hi", ".inf"))],
     ]
     lines = ["models:",
              "  - name: smollm2",
@@ -756,6 +761,39 @@ def test_cascade_escalates(gw):
     assert stream_text(sse(s)) == OK_TEXT
 
 
+def test_cascade_agreement(gw):
+    """The agreement signal: k short samples at a fixed seed; the share
+    that agree with the answer decides. -inf and +inf give the small-only
+    and large-only answers, and a threshold between gives the same choice
+    and confidence for the same request."""
+    direct = chat(gw, "smollm2", content=CASCADE_Q, max_tokens=6)
+    want = direct.json()["choices"][0]["message"]["content"]
+    lo = chat(gw, "casc-agree-lo", content=CASCADE_Q, max_tokens=6)
+    assert lo.status_code == 200, lo.text
+    assert lo.headers["x-tern-model"] == "smollm2"
+    assert lo.json()["choices"][0]["message"]["content"] == want
+    hi = chat(gw, "casc-agree-hi", content=CASCADE_Q, max_tokens=6)
+    assert hi.status_code == 200, hi.text
+    assert hi.headers["x-tern-model"] == "up-ok"
+    conf = float(hi.headers["x-tern-confidence"])
+    assert conf in (0.0, 1 / 3, 2 / 3, 1.0) or \
+        min(abs(conf - v) for v in (1 / 3, 2 / 3)) < 1e-3, conf
+    got = [chat(gw, "casc-agree-mid", content=CASCADE_Q, max_tokens=6)
+           for _ in range(2)]
+    assert all(g.status_code == 200 for g in got)
+    assert got[0].headers["x-tern-model"] == got[1].headers["x-tern-model"]
+    assert got[0].headers["x-tern-confidence"] == \
+        got[1].headers["x-tern-confidence"]
+    assert abs(float(got[0].headers["x-tern-confidence"]) - conf) < 1e-9
+    want_mid = "smollm2" if conf >= 0.5 else "up-ok"
+    assert got[0].headers["x-tern-model"] == want_mid
+    s = chat(gw, "casc-agree-mid", content=CASCADE_Q, max_tokens=6,
+             stream=True)
+    assert s.status_code == 200
+    assert s.headers["x-tern-model"] == want_mid
+    assert stream_text(sse(s)) == (want if want_mid == "smollm2" else OK_TEXT)
+
+
 def test_cascade_completions(gw):
     r = requests.post(gw.base + "/v1/completions", timeout=T, json={
         "model": "casc-hi", "prompt": "Paris is", "max_tokens": 3})
@@ -858,6 +896,16 @@ BAD_CONFIGS = [
      "      - {model: u, signal: min_prob, threshold: 0.5}\n"
      "      - {model: smollm2}\n",
      "stages[0].model 'u' must be a local model"),
+    ("agreement-one-sample",
+     "routes:\n  - name: c\n    strategy: cascade\n    stages:\n"
+     "      - {model: smollm2, signal: agreement, threshold: 0.5, "
+     "samples: 1}\n      - {model: smollm2}\n",
+     "samples"),
+    ("agreement-zero-temperature",
+     "routes:\n  - name: c\n    strategy: cascade\n    stages:\n"
+     "      - {model: smollm2, signal: agreement, threshold: 0.5, "
+     "sample_temperature: 0}\n      - {model: smollm2}\n",
+     "not a temperature"),
     ("unknown-strategy",
      "routes:\n  - {name: r, strategy: random, targets: [smollm2]}\n",
      "strategy"),

@@ -53,6 +53,10 @@ MODELS = [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
           ("qwen-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
           ("qwen-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")]
 SIGNALS = ["min_prob", "quantile", "mean_logprob", "margin"]
+# the agreement signal (--agreement K): K samples of SAMPLE_TOKENS at
+# SAMPLE_TEMP, seeded as tern's cascade seeds them (0x5a3e1 + the stage)
+SAMPLE_TOKENS = 8
+SAMPLE_TEMP = 0.7
 
 
 # ---- checking answers
@@ -108,6 +112,31 @@ def signal(name, toks):
     ps = sorted(math.exp(x) for x in lps)  # quantile 0.1, nearest rank
     k = max(0, math.ceil(0.1 * len(ps)) - 1)
     return ps[min(k, len(ps) - 1)]
+
+
+def agreement(text, samples):
+    """The share of samples agreeing with the answer, as tern's
+    tn_cascade_agreement: ends' whitespace ignored; a sample cut at its
+    length agrees when the answer starts with it, one that ended when it
+    is the whole answer."""
+    a = text.strip(" \t\r\n")
+    ok = 0
+    for s, finish in samples:
+        s = s.strip(" \t\r\n")
+        ok += a.startswith(s) if finish == "length" else s == a
+    return ok / len(samples) if samples else -math.inf
+
+
+def ask_samples(session, base, model, item, k, stage):
+    body = {"model": model, "temperature": SAMPLE_TEMP, "n": k,
+            "max_tokens": SAMPLE_TOKENS, "seed": 0x5a3e1 + stage,
+            "messages": [{"role": "user", "content": item["question"]}]}
+    t0 = time.perf_counter()
+    r = session.post(base + "/v1/chat/completions", json=body, timeout=300)
+    dt = time.perf_counter() - t0
+    r.raise_for_status()
+    return ([(c["message"]["content"] or "", c["finish_reason"])
+             for c in r.json()["choices"]], dt)
 
 
 def auroc(scores, labels):
@@ -187,11 +216,13 @@ def cascade(items, runs, sig, t1, t2):
     out = []
     for it in items:
         r = [runs[m][it["id"]] for m, _ in MODELS]
-        cost = r[0]["cost"]
+        extra = [x.get("cost_s", 0.0) if sig == "agreement" else 0.0
+                 for x in r]
+        cost = r[0]["cost"] + extra[0]
         if t1 == -math.inf or (t1 != math.inf and r[0]["sig"][sig] >= t1):
             out.append((0, r[0]["ok"], cost))
             continue
-        cost += r[1]["cost"]
+        cost += r[1]["cost"] + extra[1]
         if t2 == -math.inf or (t2 != math.inf and r[1]["sig"][sig] >= t2):
             out.append((1, r[1]["ok"], cost))
             continue
@@ -213,7 +244,11 @@ def main():
     ap.add_argument("--runs", default="/tmp/cascade_runs.json")
     ap.add_argument("--live", type=int, default=40)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--agreement", type=int, default=0,
+                    help="also the agreement signal with K samples (for the "
+                         "two deciding stages)")
     args = ap.parse_args()
+    signals = SIGNALS + (["agreement"] if args.agreement else [])
     items = [json.loads(l) for l in DATA.read_text().splitlines() if l]
     if args.limit:
         items = items[:args.limit]
@@ -241,6 +276,30 @@ def main():
                 if todo:
                     print(f"# {m}: {len(todo)} asked in {time.time()-t0:.0f} s",
                           file=sys.stderr)
+            # the agreement samples of the deciding stages, and how today's
+            # machine times a plain request against the stored runs' (the
+            # samples' cost in the stored runs' units)
+            for stage, (m, _) in enumerate(MODELS[:2] if args.agreement
+                                           else []):
+                have = runs[m]
+                key = f"samples{args.agreement}"
+                todo = [it for it in items if key not in have[it["id"]]]
+                t0 = time.time()
+                for i, it in enumerate(todo):
+                    smp, dt = ask_samples(s, base, m, it, args.agreement,
+                                          stage)
+                    have[it["id"]][key] = smp
+                    have[it["id"]][key + "_t"] = dt
+                    if i % 100 == 99:
+                        rp.write_text(json.dumps(runs))
+                rp.write_text(json.dumps(runs))
+                if todo:
+                    print(f"# {m}: samples for {len(todo)} in "
+                          f"{time.time()-t0:.0f} s", file=sys.stderr)
+                ratio = []
+                for it in items[:20]:
+                    ratio.append(ask(s, base, m, it)["t"] / have[it["id"]]["t"])
+                runs.setdefault("_scale", {})[m] = statistics.median(ratio)
             # the classifier router's embeddings (SmolLM2, mean)
             embs = {}
             for k in range(0, len(items), 32):
@@ -261,6 +320,12 @@ def main():
             r["ok"] = check(it, r["text"])  # the checker as it is now
             r["cost"] = r["t"] / unit
             r["sig"] = {g: signal(g, r["toks"]) for g in SIGNALS}
+            key = f"samples{args.agreement}"
+            if args.agreement and key in r:
+                r["sig"]["agreement"] = agreement(r["text"], r[key])
+                r["cost_s"] = r[key + "_t"] / runs["_scale"][m] / unit
+            else:
+                r["sig"]["agreement"] = math.nan
     print(f"items: {len(items)} ({len(calib)} calibration, {len(test)} test); "
           f"cost unit: the 1.5B's mean request, {unit*1e3:.0f} ms on this "
           "machine")
@@ -280,13 +345,22 @@ def main():
     big_acc_cal = statistics.mean(runs[MODELS[2][0]][it["id"]]["ok"]
                                   for it in calib)
     print("\n## AUROC of each signal against correctness (test split)\n")
-    print("| model | " + " | ".join(SIGNALS) + " |")
-    print("| --- |" + " --- |" * len(SIGNALS))
+    print("| model | " + " | ".join(signals) + " |")
+    print("| --- |" + " --- |" * len(signals))
     for m, _ in MODELS:
         labels = [runs[m][it["id"]]["ok"] for it in test]
         row = [auroc([runs[m][it["id"]]["sig"][g] for it in test], labels)
-               for g in SIGNALS]
-        print(f"| {m} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+               for g in signals]
+        print(f"| {m} | " + " | ".join(
+            "-" if math.isnan(x) or math.isnan(
+                runs[m][test[0]["id"]]["sig"][g]) else f"{x:.3f}"
+            for x, g in zip(row, signals)) + " |")
+    if args.agreement:
+        print(f"\n(agreement: {args.agreement} samples of {SAMPLE_TOKENS} "
+              f"tokens at temperature {SAMPLE_TEMP}; their time, scaled to "
+              "the stored runs' machine speed "
+              + ", ".join(f"{m} x{v:.2f}" for m, v in runs["_scale"].items())
+              + ", is added to each deciding stage's cost)")
     # calibration: per signal, a grid of quantiles of each stage's signal
     print("\n## Cascade SmolLM2 -> 0.5B -> 1.5B, thresholds calibrated on "
           "the calibration split (target: 90% of the 1.5B's accuracy at the "
@@ -297,7 +371,7 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     best = None
     curves = {}
-    for g in SIGNALS:
+    for g in signals:
         def grid(mi):
             v = sorted(runs[MODELS[mi][0]][it["id"]]["sig"][g] for it in calib)
             qs = [v[int(q * (len(v) - 1))] for q in
@@ -335,7 +409,7 @@ def main():
     print("\n## Accuracy against cost (test split): the cascade's points, "
           "and the best direct random mix of the models alone at the same "
           "cost (which need not run the small models first)\n")
-    for g in SIGNALS:
+    for g in signals:
         worse = 0
         for acc, cost in sorted(curves[g], key=lambda x: x[1]):
             # the random router mixing the three models at this cost: best
@@ -368,10 +442,12 @@ def main():
             out = []
             for it in its:
                 a, b = runs[fm][it["id"]], runs[MODELS[2][0]][it["id"]]
+                ac = a["cost"] + (a.get("cost_s", 0.0) if g == "agreement"
+                                  else 0.0)
                 if t != math.inf and (t == -math.inf or a["sig"][g] >= t):
-                    out.append((first, a["ok"], a["cost"]))
+                    out.append((first, a["ok"], ac))
                 else:
-                    out.append((2, b["ok"], a["cost"] + b["cost"]))
+                    out.append((2, b["ok"], ac + b["cost"]))
             return out
         # oracle: accept exactly the first stage's right answers
         orc = [(0, True, runs[fm][it["id"]]["cost"]) if runs[fm][it["id"]]["ok"]
@@ -379,7 +455,7 @@ def main():
                      runs[fm][it["id"]]["cost"] +
                      runs[MODELS[2][0]][it["id"]]["cost"]) for it in test]
         oacc, ocost, _ = summary(orc)
-        for g in SIGNALS:
+        for g in signals:
             v = sorted(runs[fm][it["id"]]["sig"][g] for it in calib)
             grid = sorted(set(v[int(q * (len(v) - 1))] for q in
                               [i / 40 for i in range(41)])) + [math.inf]
@@ -426,11 +502,14 @@ def main():
                 else repr(x)
         extra = "routes:\n"
         for i, (a, b) in enumerate(checks):
+            more = (f", samples: {args.agreement}, sample_tokens: "
+                    f"{SAMPLE_TOKENS}, sample_temperature: {SAMPLE_TEMP}"
+                    if g == "agreement" else "")
             extra += (f"  - name: c{i}\n    strategy: cascade\n    stages:\n"
                       f"      - {{model: smollm2, signal: {g}, "
-                      f"threshold: {f(a)}}}\n"
+                      f"threshold: {f(a)}{more}}}\n"
                       f"      - {{model: qwen-0.5b, signal: {g}, "
-                      f"threshold: {f(b)}}}\n"
+                      f"threshold: {f(b)}{more}}}\n"
                       f"      - {{model: qwen-1.5b}}\n")
         with tempfile.TemporaryDirectory() as td:
             proc, base = start(args.tern, config(extra), args.threads, td)

@@ -1460,6 +1460,10 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
     cum_min = (float)((tn_drafter_pass_seconds(e->drafter) / n_cand +
                        e->cost.b) *
                       (double)n_out / TN_MAX(t_step, 1e-6));
+  /* Probes share a step: a draft pass costs about the same for one
+   * sequence as for all, so sequences that wait for a probe take it
+   * together, every SPEC_PROBE_STEPS steps. */
+  bool probe_step = e->n_steps % SPEC_PROBE_STEPS == 0;
   int32_t n = 0;
   for (struct seq *s = e->admitted; s; s = s->next) {
     if (!s->decode || s->chunk != 1 || s->prop_forced) continue;
@@ -1472,7 +1476,7 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
       int32_t cap = 0;
       while (cap < k && (g *= alpha) >= cum_min) cap++;
       bool probe = false;
-      if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS) {
+      if (cap == 0 && ++s->since_draft >= SPEC_PROBE_STEPS && probe_step) {
         cap = 1;
         probe = true;
       }

@@ -120,6 +120,17 @@ def shadows(srv, **params):
     return r.json()["data"]
 
 
+def log_rows_until(srv, pred, n, timeout=30):
+    """The request log's rows that pred accepts, once there are n of them
+    (rows are written after the answer went out, off the serving path)."""
+    deadline = time.time() + timeout
+    while True:
+        rows = [x for x in log_rows(srv) if pred(x)]
+        if len(rows) >= n or time.time() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
 def wait_rows(srv, source, n, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -201,8 +212,9 @@ def test_relayed_answer_is_compared(srv, fault):
     a = chat(srv, "r-up")
     b = chat(srv, "r-up", stream=True)
     assert a[1] == "hello from upstream" and b[1] == "hello from upstream"
-    # the log names the route and the upstream that answered
-    live = [x for x in log_rows(srv) if x["route"] == "r-up"]
+    # the log names the route and the upstream that answered (rows are
+    # written after the answer went out, off the serving path: wait)
+    live = log_rows_until(srv, lambda x: x["route"] == "r-up", 2)
     assert len(live) == 2, live
     assert all(x["upstream"] == "up-ok" and x["escalations"] == 0 and
                x["shadow_of"] is None for x in live), live
@@ -304,7 +316,7 @@ def test_forged_shadow_header_is_ordinary_traffic(srv):
     rid, _ = chat(srv, "smol", headers={"X-Tern-Shadow": "guess",
                                         "X-Tern-Shadow-Of": "chatcmpl-x"},
                   max_tokens=3)
-    row = [r for r in log_rows(srv) if r["request_id"] == rid][0]
+    row = log_rows_until(srv, lambda r: r["request_id"] == rid, 1)[0]
     assert row["shadow_of"] is None
     deadline = time.time() + 60
     while rid not in [r["request_id"] for r in shadows(srv, source="smol")]:

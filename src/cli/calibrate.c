@@ -48,7 +48,6 @@ static const char *const k_default_prompts[] = {
 
 struct calib {
   struct tn_session s;
-  int32_t n_layer;
   int32_t n_texts;
   int32_t *ids[TN_CLI_LIST_MAX]; /* prompt + answer */
   int32_t n_ids[TN_CLI_LIST_MAX];
@@ -283,7 +282,7 @@ int tn_cli_calibrate_self(int argc, char **argv) {
     tn_cli_fail("out of memory");
     goto done;
   }
-  const int32_t L = c.n_layer = c.s.model->hp.n_layer;
+  const int32_t L = c.s.model->hp.n_layer;
   /* 1. the model's own answers */
   double t0 = tn_time_s();
   const char *list[TN_CLI_LIST_MAX];

@@ -1544,11 +1544,10 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
   if (e->drafter) {
     n_out = n_dec;
     n_tokens = n_dec;
-  }
-  if (e->drafter)
     draft_all(e, n_out, tn_spec_cost_time(&e->cost, n_tokens));
-  else
+  } else {
     metric_add(e->mm.spec_draft_s, tn_time_s() - t_prop);
+  }
   double G = n_out, T = tn_spec_cost_time(&e->cost, n_tokens);
   double bc = e->cost.b;
   /* free blocks only: a cached prefix block is worth more than a draft */

@@ -2264,6 +2264,25 @@ static enum MHD_Result classify_done(struct conn *c) {
 
 static bool deciding(const struct conn *c);
 
+/* A refused engine submission: what was submitted goes, and aerr says why
+ * (param: the field a bad request names). */
+static int submit_failed(struct conn *c, enum tn_status st,
+                         const struct tn_error *err, const char *param,
+                         struct tn_api_error *aerr) {
+  cancel_reqs(c);
+  if (st == TN_EFULL)
+    return tn_api_error_set(aerr, 429, "rate_limit_error", NULL,
+                            "queue_full", "%s", err->msg);
+  if (st == TN_ECANCELED)
+    return tn_api_error_set(aerr, 503, "server_error", NULL,
+                            "server_shutting_down", "%s", err->msg);
+  if (st == TN_ENOMEM)
+    return tn_api_error_set(aerr, 500, "server_error", NULL, NULL, "%s",
+                            err->msg);
+  return tn_api_error_set(aerr, 400, "invalid_request_error", param, NULL,
+                          "%s", err->msg);
+}
+
 /* An agreement stage's samples: the first prompt again, as one request of
  * k choices (they share its prefix in the cache), short, at the stage's
  * temperature and a fixed seed (a route's choice is deterministic for the
@@ -2293,14 +2312,7 @@ static int submit_samples(struct conn *c, struct tn_engine *e,
   enum tn_status s = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
                                       conn_wake, c, &r, &err);
   free(ids);
-  if (s) {
-    cancel_reqs(c);
-    return tn_api_error_set(aerr, s == TN_EFULL ? 429 : 503,
-                            s == TN_EFULL ? "rate_limit_error"
-                                          : "server_error",
-                            NULL, s == TN_EFULL ? "queue_full" : NULL,
-                            "agreement samples: %s", err.msg);
-  }
+  if (s) return submit_failed(c, s, &err, NULL, aerr);
   pthread_mutex_lock(&c->srv->mu);
   c->agree = r;
   pthread_mutex_unlock(&c->srv->mu);
@@ -2419,20 +2431,7 @@ static int submit_local(struct conn *c, bool probs,
     enum tn_status st = tn_engine_submit(e, ids, (int32_t)n_ids, &gen,
                                          conn_wake, c, &r, &err);
     free(ids);
-    if (st) {
-      cancel_reqs(c);
-      if (st == TN_EFULL)
-        return tn_api_error_set(aerr, 429, "rate_limit_error", NULL,
-                                "queue_full", "%s", err.msg);
-      if (st == TN_ECANCELED)
-        return tn_api_error_set(aerr, 503, "server_error", NULL,
-                                "server_shutting_down", "%s", err.msg);
-      if (st == TN_ENOMEM)
-        return tn_api_error_set(aerr, 500, "server_error", NULL, NULL, "%s",
-                                err.msg);
-      return tn_api_error_set(aerr, 400, "invalid_request_error", pparam,
-                              NULL, "%s", err.msg);
-    }
+    if (st) return submit_failed(c, st, &err, pparam, aerr);
     add_req(c, r);
   }
   if (probs && deciding(c) &&

@@ -1000,9 +1000,15 @@ static void test_background_yields(void) {
   rc.hook = hook_bg_decoding;
   pthread_mutex_unlock(&rc.mu);
   struct tn_req *r[3] = {0};
-  g_bg[0] = r[0] = submit(e, &rc, pb[0], 40, &bg);
-  g_bg[1] = r[1] = submit(e, &rc, pb[1], 40, &bg);
+  r[0] = submit(e, &rc, pb[0], 40, &bg);
+  r[1] = submit(e, &rc, pb[1], 40, &bg);
   ASSERT(r[0] && r[1]);
+  /* The hook reads g_bg on the engine thread under rc.mu; the engine may
+   * already be stepping these requests. */
+  pthread_mutex_lock(&rc.mu);
+  g_bg[0] = r[0];
+  g_bg[1] = r[1];
+  pthread_mutex_unlock(&rc.mu);
   ASSERT(rec_wait_parked(&rc));
   pthread_mutex_lock(&rc.mu);
   rc.hook = NULL;

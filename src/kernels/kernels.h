@@ -167,6 +167,10 @@ float tn_reduce16(const float *v);
  *   first position's cache index mod 16), then scaled by 1/sum.
  * tn_attn_dot: x.y in 64 lanes (see ops.c); *out[i] = tn_attn_dot(x, y +
  *   i * y_stride, n) * scale for i < ny, one call per cache row.
+ * tn_attn_dot_rows_f16: tn_attn_dot_rows with x an f16 cache row, bit for
+ *   bit as if x were first converted to f32 (no copy made).
+ * tn_attn_dot_block_f16: out[r] = tn_attn_dot(f32(k + r * k_stride), y, n)
+ *   * scale for r < nk: a run of cache rows against one query.
  * tn_attn_lanes: the weights.V sum of one token in 64 lanes: for k < 64,
  *   acc[k][0..n) = the fused sum, in position order from 0, of w[p - p0] *
  *   rows[p][0..n) (f16 value rows) over its visible positions p0 <= p <=
@@ -175,6 +179,10 @@ void tn_attn_softmax(float *x, int64_t n, int64_t off);
 float tn_attn_dot(const float *x, const float *y, int64_t n);
 void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
                       int ny, float *const *out, int64_t n, float scale);
+void tn_attn_dot_rows_f16(const uint16_t *x, const float *y, int64_t y_stride,
+                          int ny, float *const *out, int64_t n, float scale);
+void tn_attn_dot_block_f16(const uint16_t *k, int64_t k_stride, int nk,
+                           const float *y, float *out, int64_t n, float scale);
 void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
                    int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce(const float *acc, float *out, int64_t n);

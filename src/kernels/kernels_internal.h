@@ -294,11 +294,23 @@ void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
 void tn_round_f16_avx2(float *x, int64_t n);
 void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
                            int ny, float *const *out, int64_t n, float scale);
+void tn_attn_dot_rows_f16_avx2(const uint16_t *x, const float *y,
+                               int64_t y_stride, int ny, float *const *out,
+                               int64_t n, float scale);
+void tn_attn_dot_block_f16_avx2(const uint16_t *k, int64_t k_stride, int nk,
+                                const float *y, float *out, int64_t n,
+                                float scale);
 void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,
                        int64_t cnt, int64_t n);
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
 void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
                              int ny, float *const *out, int64_t n, float scale);
+void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,
+                                 int64_t y_stride, int ny, float *const *out,
+                                 int64_t n, float scale);
+void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
+                                  const float *y, float *out, int64_t n,
+                                  float scale);
 void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
                          const float *w, int64_t cnt, int64_t n);
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);

@@ -197,6 +197,49 @@ void tn_attn_dot_rows(const float *x, const float *y, int64_t y_stride,
     *out[i] = tn_attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
+/* tn_attn_dot with x an f16 row (converting each element is exact). */
+static float attn_dot_h_ref(const uint16_t *x, const float *y, int64_t n) {
+  float acc[64] = {0};
+  int64_t np = n & ~(int64_t)63;
+  for (int64_t i = 0; i < np; i += 64)
+    for (int k = 0; k < 64; k++)
+      acc[k] = fmaf(tn_fp16_to_fp32(x[i + k]), y[i + k], acc[k]);
+  float v[16];
+  for (int l = 0; l < 16; l++)
+    v[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
+  double s = tn_reduce16(v);
+  for (int64_t i = np; i < n; i++) s += (double)(tn_fp16_to_fp32(x[i]) * y[i]);
+  return (float)s;
+}
+
+void tn_attn_dot_rows_f16(const uint16_t *x, const float *y, int64_t y_stride,
+                          int ny, float *const *out, int64_t n, float scale) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_dot_rows_f16_avx512(x, y, y_stride, ny, out, n, scale);
+    return;
+  }
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_attn_dot_rows_f16_avx2(x, y, y_stride, ny, out, n, scale);
+    return;
+  }
+  for (int i = 0; i < ny; i++)
+    *out[i] = attn_dot_h_ref(x, y + (int64_t)i * y_stride, n) * scale;
+}
+
+void tn_attn_dot_block_f16(const uint16_t *k, int64_t k_stride, int nk,
+                           const float *y, float *out, int64_t n, float scale) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_dot_block_f16_avx512(k, k_stride, nk, y, out, n, scale);
+    return;
+  }
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
+    tn_attn_dot_block_f16_avx2(k, k_stride, nk, y, out, n, scale);
+    return;
+  }
+  for (int r = 0; r < nk; r++)
+    out[r] = attn_dot_h_ref(k + (int64_t)r * k_stride, y, n) * scale;
+}
+
 void tn_attn_lane_ref(float *dst, const uint16_t *const *rows, const float *w,
                       int64_t cnt, int64_t d0, int64_t n) {
   for (int64_t d = d0; d < n; d++) {

@@ -155,6 +155,40 @@ void tn_attn_dot_rows_avx2(const float *x, const float *y, int64_t y_stride,
     *out[i] = attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
+/* attn_dot with x an f16 row, converted in registers: the same products
+ * in the same order (f16 to f32 is exact). */
+static inline __attribute__((always_inline)) float attn_dot_h(const uint16_t *x,
+                                                               const float *y,
+                                                               int64_t n) {
+  __m256 a[8];
+  for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+  int64_t np = n & ~(int64_t)63, i = 0;
+  for (; i < np; i += 64)
+    for (int k = 0; k < 8; k++)
+      a[k] = _mm256_fmadd_ps(
+          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * k))),
+          _mm256_loadu_ps(y + i + 8 * k), a[k]);
+  __m256 lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+  __m256 hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+  double s = reduce16(lo, hi);
+  for (; i < n; i++) s += (double)(tn_fp16_to_fp32(x[i]) * y[i]);
+  return (float)s;
+}
+
+void tn_attn_dot_rows_f16_avx2(const uint16_t *x, const float *y,
+                               int64_t y_stride, int ny, float *const *out,
+                               int64_t n, float scale) {
+  for (int i = 0; i < ny; i++)
+    *out[i] = attn_dot_h(x, y + (int64_t)i * y_stride, n) * scale;
+}
+
+void tn_attn_dot_block_f16_avx2(const uint16_t *k, int64_t k_stride, int nk,
+                                const float *y, float *out, int64_t n,
+                                float scale) {
+  for (int r = 0; r < nk; r++)
+    out[r] = attn_dot_h(k + (int64_t)r * k_stride, y, n) * scale;
+}
+
 /* one lane of tn_attn_lanes (positions 64 apart), 64 dims at a time in
  * eight registers */
 void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,

@@ -39,6 +39,38 @@ void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
     *out[i] = attn_dot(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
+/* attn_dot with x an f16 row, converted in registers (exact). */
+static inline __attribute__((always_inline)) float attn_dot_h(const uint16_t *x,
+                                                               const float *y,
+                                                               int64_t n) {
+  __m512 a[4];
+  for (int k = 0; k < 4; k++) a[k] = _mm512_setzero_ps();
+  int64_t np = n & ~(int64_t)63, i = 0;
+  for (; i < np; i += 64)
+    for (int k = 0; k < 4; k++)
+      a[k] = _mm512_fmadd_ps(
+          _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * k))),
+          _mm512_loadu_ps(y + i + 16 * k), a[k]);
+  double s = reduce16(_mm512_add_ps(_mm512_add_ps(a[0], a[2]),
+                                    _mm512_add_ps(a[1], a[3])));
+  for (; i < n; i++) s += (double)(tn_fp16_to_fp32(x[i]) * y[i]);
+  return (float)s;
+}
+
+void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,
+                                 int64_t y_stride, int ny, float *const *out,
+                                 int64_t n, float scale) {
+  for (int i = 0; i < ny; i++)
+    *out[i] = attn_dot_h(x, y + (int64_t)i * y_stride, n) * scale;
+}
+
+void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
+                                  const float *y, float *out, int64_t n,
+                                  float scale) {
+  for (int r = 0; r < nk; r++)
+    out[r] = attn_dot_h(k + (int64_t)r * k_stride, y, n) * scale;
+}
+
 /* one lane of tn_attn_lanes (positions 64 apart), 128 dims at a time in
  * eight registers */
 void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,

@@ -42,7 +42,6 @@ static void free_bufs(struct tn_ctx *c) {
   tn_aligned_free(c->gate);
   tn_aligned_free(c->up);
   tn_aligned_free(c->scores);
-  tn_aligned_free(c->kv_row);
   tn_aligned_free(c->attn_acc);
   free(c->vrows);
   free(c->lora_idx);
@@ -105,8 +104,6 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->up = tn_aligned_alloc(T * F * sizeof(float));
   c->scores = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * (size_t)n_ctx *
                                sizeof(float));
-  c->kv_row = tn_aligned_alloc((size_t)nth * (size_t)hp->head_dim *
-                               sizeof(float));
   c->attn_acc = tn_aligned_alloc((size_t)nth * 64 * (size_t)hp->head_dim *
                                  sizeof(float));
   c->vrows = malloc((size_t)nth * (size_t)n_ctx * sizeof(*c->vrows));
@@ -131,7 +128,7 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   }
   want_q(need, &m->output, n_logits_max);
   bool ok = c->x && c->xn && c->q && c->k && c->v && c->attn && c->tmp &&
-            c->gate && c->up && c->scores && c->kv_row && c->attn_acc && c->vrows && c->lora_idx && c->lora_x && c->runs && c->rope_cs && c->logits && c->out_x &&
+            c->gate && c->up && c->scores && c->attn_acc && c->vrows && c->lora_idx && c->lora_x && c->runs && c->rope_cs && c->logits && c->out_x &&
             c->out_idx && c->hidden;
   for (int t = 0; t < TN_TYPE_COUNT; t++) {
     if (!need[t]) continue;
@@ -302,16 +299,16 @@ static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
 }
 
 /* Attention of one head for a run of consecutive tokens of one sequence
- * (batch indices r0..r1-1, positions rising by one). Each cached key and
- * value row is converted to f32 once and used by every token of the run
- * that can see it. Every token's result is computed with the same
+ * (batch indices r0..r1-1, positions rising by one). Each cached key
+ * row is read once (converted to f32 in registers) and dotted with every
+ * token of the run that can see it. Every token's result is computed with the same
  * operations whether it runs alone or in a run (batch invariance): one
  * dot per visible position, softmax, f16-rounded weights, then the value
  * rows summed in position order into 64 lanes (acc: [64][hd]), one lane
  * at a time straight from the f16 cache, and folded: the order llama.cpp's
  * one-token path uses (kernels.h). */
 static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
-                       int32_t h, float *scores, float *krow,
+                       int32_t h, float *scores,
                        const uint16_t **vrows, float *acc) {
   struct tn_ctx *c = f->c;
   const struct tn_hparams *hp = &c->m->hp;
@@ -338,18 +335,30 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
   float *o0 = c->attn + (int64_t)r0 * qd + (int64_t)h * hd;
   float *outs[TN_ATTN_RUN];
 
-  /* scores[i][j - start[i]] = (k_j . q_i) * scale */
-  for (int32_t j = j0; j <= j1; j++) {
-    while (lo < nq && pos[lo] < j) lo++;
-    while (hi < nq && start[hi] <= j) hi++;
-    if (lo >= hi) continue;
-    tn_fp16_to_fp32_row(tn_kv_k(kv, il, s->blocks[j / bs], j % bs) +
-                            (size_t)kvh * (size_t)hd,
-                        krow, hd);
-    for (int32_t i = lo; i < hi; i++)
-      outs[i - lo] = scores + (size_t)i * (size_t)n_ctx + (size_t)(j - start[i]);
-    tn_attn_dot_rows(krow, q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
-                     hp->kq_scale);
+  /* scores[i][j - start[i]] = (k_j . q_i) * scale, straight from the f16
+   * cache: one token (decode) a block's run of rows at a time, a run of
+   * tokens row by row with each row dotted with every token that sees it */
+  if (nq == 1) {
+    for (int32_t j = j0; j <= j1;) {
+      int32_t slot = j % bs, n = TN_MIN(bs - slot, j1 - j + 1);
+      tn_attn_dot_block_f16(tn_kv_k(kv, il, s->blocks[j / bs], slot) +
+                                (size_t)kvh * (size_t)hd,
+                            kv->n_kv_dim, n, q0, scores + (j - j0), hd,
+                            hp->kq_scale);
+      j += n;
+    }
+  } else {
+    for (int32_t j = j0; j <= j1; j++) {
+      while (lo < nq && pos[lo] < j) lo++;
+      while (hi < nq && start[hi] <= j) hi++;
+      if (lo >= hi) continue;
+      for (int32_t i = lo; i < hi; i++)
+        outs[i - lo] = scores + (size_t)i * (size_t)n_ctx + (size_t)(j - start[i]);
+      tn_attn_dot_rows_f16(tn_kv_k(kv, il, s->blocks[j / bs], j % bs) +
+                               (size_t)kvh * (size_t)hd,
+                           q0 + (int64_t)lo * qd, qd, hi - lo, outs, hd,
+                           hp->kq_scale);
+    }
   }
   for (int32_t i = 0; i < nq; i++) {
     float *sc = scores + (size_t)i * (size_t)n_ctx;
@@ -381,7 +390,6 @@ static void forward_worker(void *arg, int ith, int nth) {
   const int64_t F = hp->n_ff;
   const bool gemma = hp->arch == TN_ARCH_GEMMA3;
   float *scores = c->scores + (size_t)ith * TN_ATTN_RUN * (size_t)c->n_ctx;
-  float *krow = c->kv_row + (size_t)ith * (size_t)hd;
   float *acc = c->attn_acc + (size_t)ith * 64 * (size_t)hd;
   const uint16_t **vrows = c->vrows + (size_t)ith * (size_t)c->n_ctx;
   int32_t *lidx = c->lora_idx + (size_t)ith * (size_t)c->n_tokens_max;
@@ -465,7 +473,7 @@ static void forward_worker(void *arg, int ith, int nth) {
       for (int64_t p = ith; p < n_items; p += nth) {
         int32_t r = (int32_t)(p / hp->n_head);
         attend_run(f, il, c->runs[r], c->runs[r + 1], (int32_t)(p % hp->n_head),
-                   scores, krow, vrows, acc);
+                   scores, vrows, acc);
       }
     }
     tn_pool_barrier(pool);

@@ -26,7 +26,6 @@ struct tn_ctx {
   float *tmp;    /* [T][n_embd] block output */
   float *gate, *up; /* [T][n_ff] */
   float *scores; /* [n_threads][TN_ATTN_RUN][n_ctx] attention weights */
-  float *kv_row; /* [n_threads][head_dim]: one k row in f32 */
   float *attn_acc; /* [n_threads][64][head_dim] value sums, one token's */
   const uint16_t **vrows; /* [n_threads][n_ctx] value rows of a sequence */
   int32_t *lora_idx; /* [n_threads][n_tokens_max] adapters' token lists */

@@ -906,6 +906,47 @@ static void test_attention_ops_levels_agree(void) {
   ASSERT_NEAR(d, ref, 1e-4 * (fabs(ref) + 1.0));
 }
 
+/* The f16 cache-row dots give the bits of converting the row first and
+ * taking tn_attn_dot_rows, at every level, one token or several, for row
+ * lengths with and without a tail. */
+static void test_attention_f16_dots(void) {
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int nl = levels_supported(lv);
+  enum { NPOS = 37, NQ = 3, HDMAX = 152 };
+  static const int64_t hds[] = {64, 128, 152, 40};
+  static uint16_t kh[NPOS][HDMAX];
+  static float kf[NPOS][HDMAX], q[NQ][HDMAX];
+  for (int j = 0; j < NPOS; j++) {
+    float t[HDMAX];
+    fill_random(t, HDMAX, 2.0f);
+    for (int e = 0; e < HDMAX; e++) {
+      kh[j][e] = tn_fp32_to_fp16(t[e]);
+      kf[j][e] = tn_fp16_to_fp32(kh[j][e]);
+    }
+  }
+  for (int i = 0; i < NQ; i++) fill_random(q[i], HDMAX, 1.0f);
+  for (size_t h = 0; h < TN_ARRAY_LEN(hds); h++) {
+    int64_t hd = hds[h];
+    for (int li = 0; li < nl; li++) {
+      tn_kernels_init(lv[li]);
+      float want[NQ][NPOS], got[NQ][NPOS], blk[NPOS];
+      for (int j = 0; j < NPOS; j++) {
+        float *ow[NQ], *og[NQ];
+        for (int i = 0; i < NQ; i++) ow[i] = &want[i][j], og[i] = &got[i][j];
+        tn_attn_dot_rows(kf[j], q[0], HDMAX, NQ, ow, hd, 0.125f);
+        tn_attn_dot_rows_f16(kh[j], q[0], HDMAX, NQ, og, hd, 0.125f);
+      }
+      /* rows at a stride (a block of the cache), in two runs */
+      tn_attn_dot_block_f16(kh[0], HDMAX, 20, q[1], blk, hd, 0.125f);
+      tn_attn_dot_block_f16(kh[20], HDMAX, NPOS - 20, q[1], blk + 20, hd,
+                            0.125f);
+      ASSERT(memcmp(got, want, sizeof(want)) == 0);
+      ASSERT(memcmp(blk, want[1], sizeof(blk)) == 0);
+    }
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+}
+
 TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_fp16), TN_TEST(test_bf16), TN_TEST(test_fp16_rows),
              TN_TEST(test_quant_roundtrip),
@@ -913,4 +954,5 @@ TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_matmul), TN_TEST(test_matmul_batch_invariance),
              TN_TEST(test_gemm_tiles_present),
              TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row),
-             TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree))
+             TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree),
+             TN_TEST(test_attention_f16_dots))

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "engine/engine.h"
+#include "kernels/kernels.h"
 
 #define CAND_FAST 512
 
@@ -215,11 +216,7 @@ static void select_top(struct cand *c, int32_t n, int32_t k) {
 static void report_logprobs(struct tn_sampler *s, const float *logits,
                             struct tn_sample_out *out) {
   int32_t n = s->n_vocab;
-  float mx = logits[0];
-  for (int32_t i = 1; i < n; i++) mx = logits[i] > mx ? logits[i] : mx;
-  double sum = 0.0;
-  for (int32_t i = 0; i < n; i++) sum += exp((double)(logits[i] - mx));
-  float lse = mx + (float)log(sum);
+  float lse = tn_logsumexp(logits, n);
   out->logprob = 0.0f; /* filled once the token is known */
   out->n_top = 0;
   int32_t k = TN_MIN(s->p.n_logprobs, n);

@@ -157,6 +157,11 @@ void tn_vec_scale(float *y, float s, int64_t n);
 
 /* exp(x) to about 1.5 ulp, with llama.cpp's CPU rounding (see ops.c). */
 float tn_exp_poly(float x);
+/* log(sum of exp(x[i])) over x[0..n): the max m plus the log of the sum of
+ * tn_exp_poly(x[i] - m), taken in 16-wide chunks from 0 (tn_reduce16,
+ * added in double). The same bits at every level; -inf for an empty or
+ * all -inf row, m itself when m is +inf or NaN. */
+float tn_logsumexp(const float *x, int64_t n);
 /* The sum of v[0..16) in the order of an AVX-512 horizontal add. */
 float tn_reduce16(const float *v);
 

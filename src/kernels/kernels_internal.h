@@ -288,6 +288,7 @@ void tn_attn_lane_ref(float *dst, const uint16_t *const *rows, const float *w,
 void tn_attn_reduce_ref(const float *acc, float *out, int64_t d0, int64_t n);
 
 void tn_softmax_avx2(float *x, int64_t n, int64_t off);
+float tn_logsumexp_avx2(const float *x, int64_t n);
 void tn_silu_mul_avx2(float *gate, const float *up, int64_t n);
 void tn_gelu_mul_avx2(float *gate, const float *up, int64_t n,
                       const uint16_t *table);

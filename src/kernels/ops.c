@@ -74,6 +74,21 @@ float tn_reduce16(const float *v) {
   return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
+float tn_logsumexp(const float *x, int64_t n) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) return tn_logsumexp_avx2(x, n);
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+  if (!(mx > -INFINITY) || isinf(mx)) return mx;
+  double sum = 0.0;
+  for (int64_t c0 = 0; c0 < n; c0 += 16) {
+    float v[16];
+    for (int l = 0; l < 16; l++)
+      v[l] = c0 + l < n ? tn_exp_poly(x[c0 + l] - mx) : 0.0f;
+    sum += (double)tn_reduce16(v);
+  }
+  return mx + (float)log(sum);
+}
+
 void tn_attn_softmax(float *x, int64_t n, int64_t off) {
   if (n <= 0) return;
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {

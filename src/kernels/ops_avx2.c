@@ -53,6 +53,29 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_loadu_ps(r);
 }
 
+float tn_logsumexp_avx2(const float *x, int64_t n) {
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(_mm256_loadu_ps(x + i), vmx);
+  float m8[8], mx = -INFINITY;
+  _mm256_storeu_ps(m8, vmx);
+  for (int l = 0; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
+  for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+  if (!(mx > -INFINITY) || isinf(mx)) return mx;
+  const __m256 vm = _mm256_set1_ps(mx);
+  double sum = 0.0;
+  for (i = 0; i + 16 <= n; i += 16)
+    sum += (double)reduce16(exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)),
+                            exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm)));
+  if (i < n) {
+    float v[16];
+    for (int l = 0; l < 16; l++) v[l] = i + l < n ? x[i + l] : -INFINITY;
+    sum += (double)reduce16(exp8(_mm256_sub_ps(_mm256_loadu_ps(v), vm)),
+                            exp8(_mm256_sub_ps(_mm256_loadu_ps(v + 8), vm)));
+  }
+  return mx + (float)log(sum);
+}
+
 void tn_softmax_avx2(float *x, int64_t n, int64_t off) {
   __m256 vmx = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;

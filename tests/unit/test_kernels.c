@@ -947,6 +947,40 @@ static void test_attention_f16_dots(void) {
   tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
 }
 
+/* tn_logsumexp: the same bits at every level, close to the double sum,
+ * lengths around the 16-wide chunks, and the rows without a finite max. */
+static void test_logsumexp(void) {
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int nl = levels_supported(lv);
+  static float x[49157];
+  fill_random(x, 49157, 8.0f);
+  x[100] = -INFINITY;
+  static const int64_t ns[] = {1, 7, 15, 16, 17, 33, 1000, 49152, 49157};
+  float got[TN_CPU_LEVEL_COUNT][TN_ARRAY_LEN(ns)];
+  for (int li = 0; li < nl; li++) {
+    tn_kernels_init(lv[li]);
+    for (size_t k = 0; k < TN_ARRAY_LEN(ns); k++)
+      got[li][k] = tn_logsumexp(x, ns[k]);
+    float ninf[20];
+    for (int i = 0; i < 20; i++) ninf[i] = -INFINITY;
+    ASSERT(tn_logsumexp(ninf, 20) == -INFINITY);
+    ASSERT(tn_logsumexp(x, 0) == -INFINITY);
+    ninf[3] = INFINITY;
+    ASSERT(tn_logsumexp(ninf, 20) == INFINITY);
+    ninf[3] = 2.5f; /* one finite value: log(exp(0)) + 2.5 */
+    ASSERT(tn_logsumexp(ninf, 20) == 2.5f);
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+  for (int li = 1; li < nl; li++)
+    ASSERT(memcmp(got[li], got[0], sizeof(got[0])) == 0);
+  for (size_t k = 0; k < TN_ARRAY_LEN(ns); k++) {
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t i = 0; i < ns[k]; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int64_t i = 0; i < ns[k]; i++) sum += exp((double)x[i] - mx);
+    ASSERT_NEAR(got[0][k], mx + log(sum), 1e-5 * (fabs(mx) + 1.0));
+  }
+}
+
 TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_fp16), TN_TEST(test_bf16), TN_TEST(test_fp16_rows),
              TN_TEST(test_quant_roundtrip),
@@ -955,4 +989,4 @@ TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_gemm_tiles_present),
              TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row),
              TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree),
-             TN_TEST(test_attention_f16_dots))
+             TN_TEST(test_attention_f16_dots), TN_TEST(test_logsumexp))

@@ -191,6 +191,10 @@ void tn_attn_dot_block_f16(const uint16_t *k, int64_t k_stride, int nk,
 void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
                    int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce(const float *acc, float *out, int64_t n);
+/* tn_attn_lanes into acc ([64][n] scratch) then tn_attn_reduce into out,
+ * or the same bits without the lane buffer where a kernel has that. */
+void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
+                    const float *w, int32_t p0, int32_t p1, int64_t n);
 /* x[i] = f32(f16(x[i])), round to nearest even. */
 void tn_round_f16(float *x, int64_t n);
 

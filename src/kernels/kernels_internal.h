@@ -304,6 +304,9 @@ void tn_attn_dot_block_f16_avx2(const uint16_t *k, int64_t k_stride, int nk,
 void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,
                        int64_t cnt, int64_t n);
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n);
+/* n a multiple of 8 */
+void tn_attn_values_avx2(float *out, const uint16_t *const *rows,
+                         const float *w, int32_t p0, int32_t p1, int64_t n);
 void tn_attn_dot_rows_avx512(const float *x, const float *y, int64_t y_stride,
                              int ny, float *const *out, int64_t n, float scale);
 void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,

@@ -308,6 +308,19 @@ void tn_attn_reduce(const float *acc, float *out, int64_t n) {
   tn_attn_reduce_ref(acc, out, 0, n);
 }
 
+void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
+                    const float *w, int32_t p0, int32_t p1, int64_t n) {
+  /* The fused kernel re-reads each row's weight once per 8 dims, the lane
+   * buffer costs a fixed write and read of [64][n]: fused pays below a
+   * few hundred positions. */
+  if (tn_kernels_level() == TN_CPU_LEVEL_AVX2 && n % 8 == 0 && p1 - p0 < 256) {
+    tn_attn_values_avx2(out, rows, w, p0, p1, n);
+    return;
+  }
+  tn_attn_lanes(acc, rows, w, p0, p1, n);
+  tn_attn_reduce(acc, out, n);
+}
+
 void tn_round_f16(float *x, int64_t n) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
     tn_round_f16_avx2(x, n);

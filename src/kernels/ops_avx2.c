@@ -233,6 +233,44 @@ void tn_attn_lane_avx2(float *dst, const uint16_t *const *rows, const float *w,
   tn_attn_lane_ref(dst, rows, w, cnt, d0, n);
 }
 
+/* Lane k of tn_attn_lanes for dims [d, d + 8): its rows from first on,
+ * every 64th, up to p1. */
+static inline __attribute__((always_inline)) __m256 lane8(
+    const uint16_t *const *rows, const float *w, int32_t p0, int32_t p1,
+    int32_t first, int64_t d) {
+  __m256 a = _mm256_setzero_ps();
+  for (int32_t p = first; p <= p1; p += 64)
+    a = _mm256_fmadd_ps(
+        _mm256_set1_ps(w[p - p0]),
+        _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[p] + d))), a);
+  return a;
+}
+
+/* tn_attn_lanes then tn_attn_reduce, 8 dims at a time with no lane
+ * buffer: each fold operand is its lane's sum, formed where the fold
+ * needs it (the same operations per lane and the same fold). */
+void tn_attn_values_avx2(float *out, const uint16_t *const *rows,
+                         const float *w, int32_t p0, int32_t p1, int64_t n) {
+  int32_t first[64];
+  for (int32_t k = 0; k < 64; k++) first[k] = p0 + ((k - p0 % 64) + 64) % 64;
+  for (int64_t d = 0; d + 8 <= n; d += 8) {
+    __m256 t8[8];
+    for (int l = 0; l < 8; l++) {
+#define LN(k) lane8(rows, w, p0, p1, first[k], d)
+      __m256 v0 = _mm256_add_ps(_mm256_add_ps(LN(l), LN(32 + l)),
+                                _mm256_add_ps(LN(16 + l), LN(48 + l)));
+      __m256 v1 = _mm256_add_ps(_mm256_add_ps(LN(8 + l), LN(40 + l)),
+                                _mm256_add_ps(LN(24 + l), LN(56 + l)));
+#undef LN
+      t8[l] = _mm256_add_ps(v0, v1);
+    }
+    __m256 t4[4];
+    for (int l = 0; l < 4; l++) t4[l] = _mm256_add_ps(t8[l], t8[l + 4]);
+    _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_add_ps(t4[0], t4[2]),
+                                            _mm256_add_ps(t4[1], t4[3])));
+  }
+}
+
 void tn_attn_reduce_avx2(const float *acc, float *out, int64_t n) {
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {

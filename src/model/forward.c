@@ -373,8 +373,7 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
     vrows[j] = tn_kv_v(kv, il, s->blocks[j / bs], j % bs) + (size_t)kvh * (size_t)hd;
   for (int32_t i = 0; i < nq; i++) {
     const float *wi = scores + (size_t)i * (size_t)n_ctx;
-    tn_attn_lanes(acc, vrows, wi, start[i], pos[i], hd);
-    tn_attn_reduce(acc, o0 + (int64_t)i * qd, hd);
+    tn_attn_values(o0 + (int64_t)i * qd, acc, vrows, wi, start[i], pos[i], hd);
   }
 }
 

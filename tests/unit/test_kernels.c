@@ -864,6 +864,25 @@ static void test_attention_ops_levels_agree(void) {
     for (int i = 0; i < NQ; i++) {
       tn_attn_lanes(acc[li][i], rows, sc[li][i], 5 * i, NPOS - 1 - i, HD);
       tn_attn_reduce(acc[li][i], out[li][i], HD);
+      /* the fused form: the same bits, for a head size with a kernel (a
+       * multiple of 8) and one without */
+      static float fused[HD], facc[64 * HD];
+      for (int64_t hd = HD - 8; hd <= HD - 5; hd += 3) {
+        static float want[HD];
+        tn_attn_lanes(facc, rows, sc[li][i], 5 * i, NPOS - 1 - i, hd);
+        tn_attn_reduce(facc, want, hd);
+        tn_attn_values(fused, facc, rows, sc[li][i], 5 * i, NPOS - 1 - i, hd);
+        ASSERT(memcmp(fused, want, (size_t)hd * sizeof(float)) == 0);
+      }
+      /* and windows of every length and offset in 1..130 positions */
+      for (int32_t p0 = 0; p0 < 70; p0 += 23)
+        for (int32_t len = 1; len <= 130; len += 43) {
+          static float want[HD];
+          tn_attn_lanes(facc, rows, sc[li][i], p0, p0 + len - 1, 64);
+          tn_attn_reduce(facc, want, 64);
+          tn_attn_values(fused, facc, rows, sc[li][i], p0, p0 + len - 1, 64);
+          ASSERT(memcmp(fused, want, 64 * sizeof(float)) == 0);
+        }
     }
     memcpy(g[li], g0, sizeof(g0));
     tn_silu_mul(g[li], up, 999);

@@ -65,11 +65,21 @@ venv: $(VENV)/.ok
 models: all
 	$(BUILD)/tern pull --dir models $(MODELS)
 
+# Each stage prints when it starts, so a CI log shows where the time goes.
 test: deps venv
+	@date +'[make test] %T builds'
 	$(MAKE) all
 	$(MAKE) models
 	$(MAKE) asan tsan
-	$(MAKE) test-release test-asan test-tsan fuzz-ci
+	@date +'[make test] %T release tests'
+	$(MAKE) test-release
+	@date +'[make test] %T ASan tests'
+	$(MAKE) test-asan
+	@date +'[make test] %T TSan tests'
+	$(MAKE) test-tsan
+	@date +'[make test] %T fuzzers'
+	$(MAKE) fuzz-ci
+	@date +'[make test] %T done'
 
 test-release:
 	cd $(BUILD) && ctest --output-on-failure

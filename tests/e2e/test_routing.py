@@ -973,3 +973,114 @@ routes:
     assert r.status_code == 200 and r.headers["x-tern-model"] == "local"
     assert r.json()["choices"][0]["message"] == \
         direct["choices"][0]["message"]
+
+
+# ---- llama-server (the reference build) behind a route
+#
+# llama.cpp's server from tools/build_llamacpp.sh (ref/bin, or the binary
+# in TERN_LLAMA_SERVER). make test does not build the reference (it takes
+# longer than the rest of the suite's setup), so without it this test is
+# skipped and says so; bench/ and the fixtures' generator build it.
+
+LLAMA_SERVER = os.environ.get(
+    "TERN_LLAMA_SERVER",
+    os.path.join(os.path.dirname(__file__), "..", "..", "ref", "bin",
+                 "llama-server"))
+
+
+@pytest.fixture
+def llama_server(tmp_path):
+    if not os.access(LLAMA_SERVER, os.X_OK):
+        pytest.skip(f"no llama-server at {LLAMA_SERVER} "
+                    "(tools/build_llamacpp.sh builds it)")
+    port = free_port()
+    env = dict(os.environ)
+    lib = os.path.dirname(os.path.realpath(LLAMA_SERVER))
+    env["LD_LIBRARY_PATH"] = lib + (":" + env["LD_LIBRARY_PATH"]
+                                    if env.get("LD_LIBRARY_PATH") else "")
+    log = open(tmp_path / "llama-server.log", "w")
+    p = subprocess.Popen(
+        [LLAMA_SERVER, "-m", model_path("smollm2-135m"), "-t", "1", "-c",
+         "2048", "-np", "1", "--host", "127.0.0.1", "--port", str(port),
+         "--no-webui"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert p.poll() is None, (tmp_path / "llama-server.log").read_text()
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "llama-server did not start"
+            time.sleep(0.2)
+        yield p, base
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_llama_server_upstream(llama_server, start_server, tmp_path):
+    proc, base = llama_server
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"""models:
+  - {{name: local, path: {model_path("smollm2-135m")}, max_seqs: 2}}
+upstreams:
+  - {{name: llama, base_url: "{base}/v1", model: smollm2, price_prompt: 1,
+     price_completion: 2}}
+routes:
+  - {{name: safe, strategy: fallback, targets: [llama, local]}}
+""")
+    gw = start_server("--config", str(cfg), "-t", "1")
+    body = {"messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 12, "temperature": 0}
+    direct = requests.post(base + "/v1/chat/completions", timeout=T,
+                           json={**body, "model": "smollm2"}).json()
+    want = direct["choices"][0]["message"]["content"]
+    assert want
+    for model in ("llama", "safe"):
+        r = requests.post(gw.base + "/v1/chat/completions", timeout=T,
+                          json={**body, "model": model})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tern-model"] == "llama"
+        d = r.json()
+        assert d["choices"][0]["message"]["content"] == want
+        u = d["usage"]
+        assert u["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+        assert u["cost"] == pytest.approx(
+            (u["prompt_tokens"] * 1 + u["completion_tokens"] * 2) / 1e6)
+    # llama-server's stream relayed as it comes: the same text, well formed
+    r = requests.post(gw.base + "/v1/chat/completions", timeout=T, stream=True,
+                      json={**body, "model": "llama", "stream": True})
+    assert r.status_code == 200
+    assert stream_text(sse(r)) == want
+    # through the openai client as well
+    c = openai.OpenAI(base_url=gw.base + "/v1", api_key="x", timeout=T)
+    got = c.chat.completions.create(model="llama", **body)
+    assert got.choices[0].message.content == want
+    # llama-server goes away: the route falls back to tern's own model.
+    # (Its text is not compared with llama-server's: llama.cpp's greedy
+    # tokens move with its CPU kernels, e.g. AVX2 vs AVX-512; test_model
+    # checks tern against llama.cpp's logits with a tolerance.)
+    proc.terminate()
+    proc.wait(timeout=10)
+    r = requests.post(gw.base + "/v1/chat/completions", timeout=T,
+                      json={**body, "model": "safe"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tern-model"] == "local"
+    d = r.json()
+    assert d["choices"][0]["message"]["content"]
+    assert d["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]

@@ -22,7 +22,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TernServer, model_path
+from conftest import TernServer, free_port, model_path
 from fault_upstream import FaultUpstream
 
 T = 30                       # seconds: every HTTP call's timeout
@@ -1025,12 +1025,6 @@ def llama_server(tmp_path):
                 p.kill()
                 p.wait()
         log.close()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_llama_server_upstream(llama_server, start_server, tmp_path):

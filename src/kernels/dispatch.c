@@ -87,7 +87,7 @@ static void build_tables(void) {
   g[TN_TYPE_Q4_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_0_q8_0_avx2, .mr = 4, .mt = 2};
   g[TN_TYPE_Q4_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_1_q8_1_avx2, .mr = 4, .mt = 2};
   g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q8_0_q8_0_avx2, .mr = 4, .mt = 2};
-  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_0_q8_0_avx2, .mr = 4, .mt = 2};
+  g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_0_q8_0_avx2, .mr = 2, .mt = 4, .mr_narrow = 4};
   g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_1_q8_1_avx2, .mr = 4, .mt = 2};
   g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_K_q8_K_avx2, .mr = 2, .mt = 4};
   g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_K_q8_K_avx2, .mr = 2, .mt = 4};

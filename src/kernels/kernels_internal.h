@@ -236,6 +236,8 @@ typedef void (*tn_gemv16_cb)(int64_t n, const void *w, size_t w_stride,
 struct tn_gemm_kernel {
   tn_gemm_tile_cb tile; /* NULL: matmul.c loops over vec_dot */
   int mr, mt;           /* largest tile it handles */
+  int mr_narrow;        /* rows per tile when a chunk has at most mt / 2
+                         * tokens (decode), if more than mr (0: mr) */
   tn_gemv16_cb gemv16;  /* NULL: one-token products use the tile */
 };
 

@@ -101,8 +101,9 @@ void tn_matmul(const struct tn_mat *w, const void *q, int64_t n_tok, float *y,
         }
       }
     } else if (g && g->tile) {
-      for (int64_t r = r0; r < r1; r += g->mr) {
-        const int nr = (int)TN_MIN((int64_t)g->mr, r1 - r);
+      const int mr = g->mr_narrow && 2 * (t1 - t0) <= g->mt ? g->mr_narrow : g->mr;
+      for (int64_t r = r0; r < r1; r += mr) {
+        const int nr = (int)TN_MIN((int64_t)mr, r1 - r);
         for (int64_t t = t0; t < t1; t += g->mt) {
           const int nt = (int)TN_MIN((int64_t)g->mt, t1 - t);
           g->tile(n, wd + r * ws, ws, qd + t * qs, qs, y + t * ldy + r, ldy,

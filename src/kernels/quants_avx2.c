@@ -424,17 +424,21 @@ ALWAYS_INLINE __m256i unpack_q5(const uint8_t qs[16], const uint8_t qh[4]) {
                          _mm256_and_si256(unpack_bits(qh), _mm256_set1_epi8(0x10)));
 }
 
+/* Tiles of up to Q50_MR rows x Q50_MT tokens (2 x 4 is the shape used:
+ * each unpacked row then serves four tokens). */
+#define Q50_MR 4
+#define Q50_MT 4
 ALWAYS_INLINE void tile_q5_0(int64_t n, const uint8_t *w, size_t ws,
                              const uint8_t *q, size_t qs, float *y,
                              int64_t ldy, const int NR, const int NT) {
-  __m256 acc[MR][MT];
+  __m256 acc[Q50_MR][Q50_MT];
   for (int r = 0; r < NR; r++)
     for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
   const __m256i sixteen = _mm256_set1_epi8(16);
   for (int64_t b = 0; b < n / QK5_0; b++) {
     PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q5_0));
-    __m256i qy[MT], c16[MT];
-    __m256 dy[MT]; /* dy broadcast: dx * dy is then one vector product */
+    __m256i qy[Q50_MT], c16[Q50_MT];
+    __m256 dy[Q50_MT]; /* dy broadcast: dx * dy is then one vector product */
     for (int t = 0; t < NT; t++) {
       const struct block_q8_0 *yb = (const struct block_q8_0 *)(q + t * qs) + b;
       qy[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
@@ -542,7 +546,21 @@ void tn_gemm_q4_1_q8_1_avx2(int64_t n, const void *w, size_t ws,
   }
 }
 TILE_ENTRY(tn_gemm_q8_0_q8_0_avx2, tile_q8_0)
-TILE_ENTRY(tn_gemm_q5_0_q8_0_avx2, tile_q5_0)
+#define CASE50(r, t)                                                          \
+  case ((r) - 1) * Q50_MT + (t) - 1:                                          \
+    tile_q5_0(n, w8, ws, q8, qs, y, ldy, r, t);                               \
+    break;
+#define CASE50_R(r) CASE50(r, 1) CASE50(r, 2) CASE50(r, 3) CASE50(r, 4)
+
+void tn_gemm_q5_0_q8_0_avx2(int64_t n, const void *w, size_t ws,
+                            const void *q, size_t qs, float *y, int64_t ldy,
+                            int nr, int nt) {
+  const uint8_t *w8 = w, *q8 = q;
+  switch ((nr - 1) * Q50_MT + (nt - 1)) {
+    CASE50_R(1) CASE50_R(2) CASE50_R(3) CASE50_R(4)
+  default: break;
+  }
+}
 TILE_ENTRY(tn_gemm_q5_1_q8_1_avx2, tile_q5_1)
 
 void tn_vec_dot_q4_0_q8_0_avx2(int64_t n, float *s, const void *x,

@@ -219,6 +219,89 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
   }
 }
 
+/* One token against up to K_RR rows, the rows in the lanes: per block each
+ * row's integer totals (the same as the tile's, exact in int32) are summed
+ * across into one vector of rows, and each lane then takes the tile's
+ * fused step for its (row, token): the same bits, with the horizontal sums
+ * and the float steps shared by eight rows instead of made per row. */
+#define K_RR 8
+K_ALWAYS_INLINE void rows_q45_K(int64_t n, const uint8_t *w, size_t ws,
+                                const uint8_t *q, float *y, int nr,
+                                int with_qh) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i bit5 = _mm256_set1_epi8(0x10);
+  const size_t xsize = with_qh ? sizeof(struct block_q5_K)
+                               : sizeof(struct block_q4_K);
+  __m256i pick[8];
+  for (int k = 0; k < 8; k++)
+    pick[k] = _mm256_set1_epi16((short)(((2 * k + 1) << 8) | (2 * k)));
+  __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    const struct block_q8_K *yb = (const struct block_q8_K *)q + b;
+    /* The rows are contiguous and short (a 1536-wide row is six blocks), so
+     * each block step prefetches its share of the region two row groups
+     * ahead rather than further along its own rows. */
+    {
+      const char *pf = (const char *)w + 2 * K_RR * ws + (size_t)b * K_RR * xsize;
+      for (size_t k = 0; k < (K_RR * xsize + 63) / 64; k++)
+        _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+    }
+    __m256i si[K_RR], sm[K_RR];
+    float dd[K_RR] = {0}, dm[K_RR] = {0};
+    for (int r = 0; r < K_RR; r++) {
+      if (r >= nr) {
+        si[r] = sm[r] = _mm256_setzero_si256();
+        continue;
+      }
+      const uint8_t *xb = w + r * ws + (size_t)b * xsize;
+      const struct block_q4_K *x4 = (const struct block_q4_K *)xb;
+      const uint8_t *qsx = xb + xsize - QK_K / 2;
+      uint8_t sc[8], mn[8];
+      unpack_scales(x4->scales, sc, mn);
+      dd[r] = fp16(x4->d);
+      dm[r] = fp16(x4->dmin);
+      __m256i qh = with_qh ? _mm256_loadu_si256(
+                                 (const __m256i *)((const struct block_q5_K *)xb)->qh)
+                           : _mm256_setzero_si256();
+      /* the eight scales as int16 in both halves; pick[k] spreads the
+       * k-th over all lanes */
+      const __m256i sc16 = _mm256_broadcastsi128_si256(
+          _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+      __m256i sumi = _mm256_setzero_si256();
+      for (int j = 0; j < QK_K / 64; j++) {
+        __m256i bits = _mm256_loadu_si256((const __m256i *)(qsx + 32 * j));
+        __m256i lo = _mm256_and_si256(bits, low4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
+        if (with_qh) {
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit5));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit5));
+          qh = _mm256_srli_epi16(qh, 2);
+        }
+        const int8_t *q8 = yb->qs + 64 * j;
+        __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
+        __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+        sumi = _mm256_add_epi32(
+            sumi, _mm256_add_epi32(_mm256_madd_epi16(plo, _mm256_shuffle_epi8(sc16, pick[2 * j])),
+                                   _mm256_madd_epi16(phi, _mm256_shuffle_epi8(sc16, pick[2 * j + 1]))));
+      }
+      si[r] = sumi;
+      sm[r] = mins_dot(mn, yb->bsums);
+    }
+    const __m256i s8 = _mm256_setr_m128i(hsum4_epi32(si[0], si[1], si[2], si[3]),
+                                         hsum4_epi32(si[4], si[5], si[6], si[7]));
+    const __m256i m8 = _mm256_setr_m128i(hsum4_epi32(sm[0], sm[1], sm[2], sm[3]),
+                                         hsum4_epi32(sm[4], sm[5], sm[6], sm[7]));
+    const __m256 yd = _mm256_set1_ps(yb->d);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8),
+                          _mm256_mul_ps(_mm256_loadu_ps(dd), yd), acc);
+    accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m8),
+                           _mm256_mul_ps(_mm256_loadu_ps(dm), yd), accm);
+  }
+  float o[K_RR];
+  _mm256_storeu_ps(o, _mm256_sub_ps(acc, accm));
+  for (int r = 0; r < nr; r++) y[r] = o[r];
+}
+
 K_ALWAYS_INLINE void tile_q4_K(int64_t n, const uint8_t *w, size_t ws,
                                const uint8_t *q, size_t qs, float *y,
                                int64_t ldy, int nr, int nt) {
@@ -247,6 +330,12 @@ K_ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
   for (int r = 0; r < nr; r++)
     for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < n / QK_K; b++) {
+    if (nt == 1) { /* decode: the region two tiles ahead (see rows_q45_K) */
+      const char *pf = (const char *)w + 2 * nr * ws +
+                       (size_t)b * nr * sizeof(struct block_q6_K);
+      for (size_t k = 0; k < (nr * sizeof(struct block_q6_K) + 63) / 64; k++)
+        _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+    }
     const struct block_q8_K *yb[K_MT];
     for (int t = 0; t < nt; t++)
       yb[t] = (const struct block_q8_K *)(q + t * qs) + b;
@@ -316,6 +405,24 @@ K_ALWAYS_INLINE void tile_q6_K(int64_t n, const uint8_t *w, size_t ws,
     body(n, x, 0, y, 0, s, 0, 1, 1);                                          \
   }
 
-K_TILE_ENTRY(tn_gemm_q4_K_q8_K_avx2, tile_q4_K, tn_vec_dot_q4_K_q8_K_avx2)
-K_TILE_ENTRY(tn_gemm_q5_K_q8_K_avx2, tile_q5_K, tn_vec_dot_q5_K_q8_K_avx2)
+static K_TILE_ENTRY(tile_entry_q4_K, tile_q4_K, tn_vec_dot_q4_K_q8_K_avx2)
+static K_TILE_ENTRY(tile_entry_q5_K, tile_q5_K, tn_vec_dot_q5_K_q8_K_avx2)
+
+/* Up to K_RR rows: one token takes the rows-in-lanes kernel, more tokens
+ * go in tiles of K_MR rows. */
+#define K_ROWS_ENTRY(fn, tile_fn, with_qh)                                    \
+  void fn(int64_t n, const void *w, size_t ws, const void *q, size_t qs,      \
+          float *y, int64_t ldy, int nr, int nt) {                            \
+    TN_ASSERT(nr >= 1 && nr <= K_RR && nt >= 1 && nt <= K_MT);                \
+    if (nt == 1 && nr > 1) {                                                  \
+      TN_ASSERT(n % QK_K == 0);                                               \
+      rows_q45_K(n, w, ws, q, y, nr, with_qh);                                \
+      return;                                                                 \
+    }                                                                         \
+    for (int r = 0; r < nr; r += K_MR)                                        \
+      tile_fn(n, (const uint8_t *)w + r * ws, ws, q, qs, y + r, ldy,          \
+              TN_MIN(K_MR, nr - r), nt);                                      \
+  }
+K_ROWS_ENTRY(tn_gemm_q4_K_q8_K_avx2, tile_entry_q4_K, 0)
+K_ROWS_ENTRY(tn_gemm_q5_K_q8_K_avx2, tile_entry_q5_K, 1)
 K_TILE_ENTRY(tn_gemm_q6_K_q8_K_avx2, tile_q6_K, tn_vec_dot_q6_K_q8_K_avx2)

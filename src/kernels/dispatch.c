@@ -89,8 +89,8 @@ static void build_tables(void) {
   g[TN_TYPE_Q8_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q8_0_q8_0_avx2, .mr = 4, .mt = 2};
   g[TN_TYPE_Q5_0] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_0_q8_0_avx2, .mr = 2, .mt = 4, .mr_narrow = 4};
   g[TN_TYPE_Q5_1] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_1_q8_1_avx2, .mr = 4, .mt = 2};
-  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_K_q8_K_avx2, .mr = 2, .mt = 4, .mr_narrow = 8};
-  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_K_q8_K_avx2, .mr = 2, .mt = 4, .mr_narrow = 8};
+  g[TN_TYPE_Q4_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q4_K_q8_K_avx2, .mr = 2, .mt = 8, .mr_narrow = 8};
+  g[TN_TYPE_Q5_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q5_K_q8_K_avx2, .mr = 2, .mt = 8, .mr_narrow = 8};
   g[TN_TYPE_Q6_K] = (struct tn_gemm_kernel){.tile = tn_gemm_q6_K_q8_K_avx2, .mr = 2, .mt = 4};
 
   /* AVX-512: the AVX2 set, with VNNI where it pays. */

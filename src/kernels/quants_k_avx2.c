@@ -219,6 +219,81 @@ K_ALWAYS_INLINE void tile_q45_K(int64_t n, const uint8_t *w, size_t ws,
   }
 }
 
+/* tile_q45_K with up to K_MTW tokens in the lanes of one vector per row
+ * (prefill: an unpacked block serves eight tokens). */
+#define K_MTW 8
+K_ALWAYS_INLINE void tile_q45_K_wide(int64_t n, const uint8_t *w, size_t ws,
+                                const uint8_t *q, size_t qs, float *y,
+                                int64_t ldy, int nr, int nt, int with_qh) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i bit5 = _mm256_set1_epi8(0x10);
+  const size_t xsize = with_qh ? sizeof(struct block_q5_K)
+                               : sizeof(struct block_q4_K);
+  /* per row, one lane per token: the fused sums of the blocks' integer
+   * totals (quants_k.c gives the order; each lane is that scalar fmaf) */
+  __m256 acc[K_MR], accm[K_MR];
+  for (int r = 0; r < nr; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / QK_K; b++) {
+    const struct block_q8_K *yb[K_MTW];
+    float yd[K_MTW] = {0};
+    for (int t = 0; t < nt; t++) {
+      yb[t] = (const struct block_q8_K *)(q + t * qs) + b;
+      yd[t] = yb[t]->d;
+    }
+    const __m256 yd8 = _mm256_loadu_ps(yd);
+    for (int r = 0; r < nr; r++) {
+      const uint8_t *xb = w + r * ws + (size_t)b * xsize;
+      const struct block_q4_K *x4 = (const struct block_q4_K *)xb;
+      const uint8_t *qsx = xb + xsize - QK_K / 2;
+      uint8_t sc[8], mn[8];
+      unpack_scales(x4->scales, sc, mn);
+      const float d = fp16(x4->d), dmin = fp16(x4->dmin);
+      __m256i qh = with_qh ? _mm256_loadu_si256(
+                                 (const __m256i *)((const struct block_q5_K *)xb)->qh)
+                           : _mm256_setzero_si256();
+      __m256i sumi[K_MTW], summ[K_MTW];
+      for (int t = 0; t < K_MTW; t++) sumi[t] = summ[t] = _mm256_setzero_si256();
+      for (int j = 0; j < QK_K / 64; j++) {
+        __m256i bits = _mm256_loadu_si256((const __m256i *)(qsx + 32 * j));
+        __m256i lo = _mm256_and_si256(bits, low4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
+        if (with_qh) {
+          /* qh's bits 2j and 2j+1 belong to the 64 elements of step j;
+           * shifting qh right by 2 per step keeps them at bits 0 and 1 of
+           * each byte (the 16-bit shifts drag neighbours' bits in above,
+           * which the masks drop). */
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit5));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit5));
+          qh = _mm256_srli_epi16(qh, 2);
+        }
+        const __m256i slo = _mm256_set1_epi16(sc[2 * j]);
+        const __m256i shi = _mm256_set1_epi16(sc[2 * j + 1]);
+        for (int t = 0; t < nt; t++) {
+          const int8_t *q8 = yb[t]->qs + 64 * j;
+          __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
+          __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+          sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(plo, slo),
+                                                               _mm256_madd_epi16(phi, shi)));
+        }
+      }
+      for (int t = 0; t < nt; t++) summ[t] = mins_dot(mn, yb[t]->bsums);
+      const __m256i s8 = _mm256_setr_m128i(hsum4_epi32(sumi[0], sumi[1], sumi[2], sumi[3]),
+                                           hsum4_epi32(sumi[4], sumi[5], sumi[6], sumi[7]));
+      const __m256i m8 = _mm256_setr_m128i(hsum4_epi32(summ[0], summ[1], summ[2], summ[3]),
+                                           hsum4_epi32(summ[4], summ[5], summ[6], summ[7]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8),
+                               _mm256_mul_ps(_mm256_set1_ps(d), yd8), acc[r]);
+      accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m8),
+                                _mm256_mul_ps(_mm256_set1_ps(dmin), yd8), accm[r]);
+    }
+  }
+  for (int r = 0; r < nr; r++) {
+    float o[8];
+    _mm256_storeu_ps(o, _mm256_sub_ps(acc[r], accm[r]));
+    for (int t = 0; t < nt; t++) y[t * ldy + r] = o[t];
+  }
+}
+
 /* One token against up to K_RR rows, the rows in the lanes: per block each
  * row's integer totals (the same as the tile's, exact in int32) are summed
  * across into one vector of rows, and each lane then takes the tile's
@@ -413,10 +488,24 @@ static K_TILE_ENTRY(tile_entry_q5_K, tile_q5_K, tn_vec_dot_q5_K_q8_K_avx2)
 #define K_ROWS_ENTRY(fn, tile_fn, with_qh)                                    \
   void fn(int64_t n, const void *w, size_t ws, const void *q, size_t qs,      \
           float *y, int64_t ldy, int nr, int nt) {                            \
-    TN_ASSERT(nr >= 1 && nr <= K_RR && nt >= 1 && nt <= K_MT);                \
+    TN_ASSERT(nr >= 1 && nr <= K_RR && nt >= 1 && nt <= K_MTW);               \
+    TN_ASSERT(n % QK_K == 0);                                                 \
     if (nt == 1 && nr > 1) {                                                  \
-      TN_ASSERT(n % QK_K == 0);                                               \
       rows_q45_K(n, w, ws, q, y, nr, with_qh);                                \
+      return;                                                                 \
+    }                                                                         \
+    if (nt > K_MT) {                                                          \
+      TN_ASSERT(nr <= K_MR);                                                  \
+      switch (nr * 16 + nt) {                                                 \
+      case 16 + 5: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 1, 5, with_qh); break; \
+      case 16 + 6: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 1, 6, with_qh); break; \
+      case 16 + 7: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 1, 7, with_qh); break; \
+      case 16 + 8: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 1, 8, with_qh); break; \
+      case 32 + 5: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 2, 5, with_qh); break; \
+      case 32 + 6: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 2, 6, with_qh); break; \
+      case 32 + 7: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 2, 7, with_qh); break; \
+      default: tile_q45_K_wide(n, w, ws, q, qs, y, ldy, 2, 8, with_qh); break; \
+      }                                                                       \
       return;                                                                 \
     }                                                                         \
     for (int r = 0; r < nr; r += K_MR)                                        \

@@ -198,6 +198,7 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.decode_slowdown = 2.0f;
   long threads = 0, port = scfg.port, n_ctx = 0, max_seqs = ecfg.max_seqs;
   long step = ecfg.step_tokens, queue = ecfg.queue_max, drain_s = 30;
+  long spread = 8;
   long spec_k = 8, max_loras = 0;
   int64_t kv_mem = 0, max_body = (int64_t)scfg.max_body, adapter_mem = 0;
   bool port_given = false, host_given = false, threads_given = false;
@@ -330,6 +331,11 @@ int tn_cli_serve(int argc, char **argv) {
        "chunks are cut to fit, so streams stay smooth (0: fill every step "
        "up to --step-tokens)",
        NULL, NULL, 0},
+      {"prompt-spread", 0, TN_OPT_INT, &spread, 0, 4096, "N",
+       "a step carrying decodes takes 1/N of the waiting prompt tokens "
+       "(at least a block, at most what --decode-slowdown allows), so "
+       "steady traffic gives even steps (0: up to that cap)",
+       NULL, NULL, 0},
       {"spec", 0, TN_OPT_STR, &spec, 0, 0, "METHOD",
        "speculative decoding: ngram (draft from earlier text), draft (a "
        "smaller model, --draft-model), self (some of the model's own "
@@ -389,6 +395,7 @@ int tn_cli_serve(int argc, char **argv) {
   ecfg.n_ctx = (int32_t)n_ctx;
   ecfg.max_seqs = (int32_t)max_seqs;
   ecfg.step_tokens = (int32_t)step;
+  ecfg.prompt_spread = (int32_t)spread;
   ecfg.queue_max = (int32_t)queue;
   ecfg.prefix_cache = !no_prefix;
   ecfg.kv_bytes = (size_t)kv_mem;

@@ -353,6 +353,11 @@ struct tn_engine_config {
                             times the decodes' own step: prompt chunks are
                             cut to fit (smooth streaming); 0: no limit, a
                             step is filled up to step_tokens (default) */
+  int32_t prompt_spread; /* with decode_slowdown: a step carrying decodes
+                            takes about 1/prompt_spread of the prompt
+                            tokens waiting (at least a block, at most what
+                            decode_slowdown allows), so steady traffic
+                            gives steps of even length; 0: up to the cap */
 };
 void tn_engine_config_default(struct tn_engine_config *c);
 

@@ -1687,15 +1687,36 @@ static void step_trace(struct tn_engine *e) {
   e->cfg.on_step(e->cfg.on_step_user, &t);
 }
 
+/* Prompt tokens not yet run: admitted sequences still in their prompt
+ * and the waiting ones (before any prefix hit). */
+static int64_t prompt_backlog(const struct tn_engine *e) {
+  int64_t n = 0;
+  for (const struct seq *s = e->admitted; s; s = s->next)
+    if (s->n_tokens - s->n_done > 1 || s->n_gen == 0)
+      n += s->n_tokens - s->n_done;
+  for (const struct seq *s = e->waiting; s; s = s->next)
+    n += s->n_tokens - s->n_done;
+  return n;
+}
+
 /* Prompt tokens a step carrying n_dec decodes may add: as many as keep it
  * within decode_slowdown times the decodes' own step (cost model), at
- * least a block, so prompts still advance; no limit without decodes. */
+ * least a block, so prompts still advance; no limit without decodes.
+ * With prompt_spread, only the backlog's share for one step of that many
+ * (at least a block): under steady traffic each step then carries about
+ * what arrives per step, instead of every other step carrying the cap
+ * and the steps between none (streams see the long steps as their tail
+ * inter-token latency). */
 static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
   double f = e->cfg.decode_slowdown, b = e->cost.b;
   if (n_dec == 0 || f <= 0.0 || !e->cost_ok || !(b > 1e-9)) return INT32_MAX;
   double extra = (f - 1.0) * tn_spec_cost_time(&e->cost, n_dec) / b;
-  return (int32_t)TN_MAX(TN_MIN(extra, (double)e->cfg.step_tokens),
-                         (double)BLOCK_SIZE);
+  extra = TN_MIN(extra, (double)e->cfg.step_tokens);
+  if (e->cfg.prompt_spread > 0) {
+    int64_t h = e->cfg.prompt_spread;
+    extra = TN_MIN(extra, (double)((prompt_backlog(e) + h - 1) / h));
+  }
+  return (int32_t)TN_MAX(extra, (double)BLOCK_SIZE);
 }
 
 /* One scheduling step; false when there was nothing to do. */
@@ -2206,6 +2227,11 @@ enum tn_status tn_engine_open(const char *path,
     goto fail;
   }
   if (sc->method == TN_SPEC_OFF) sc->max_tokens = 0;
+  if (e->cfg.prompt_spread < 0 || e->cfg.prompt_spread > 4096) {
+    st = tn_error_set(err, TN_EINVAL, "--prompt-spread %d: 0 (off) or 1..4096",
+                      (int)e->cfg.prompt_spread);
+    goto fail;
+  }
   if (!(e->cfg.decode_slowdown == 0.0f ||
         (e->cfg.decode_slowdown >= 1.0f && e->cfg.decode_slowdown <= 100.0f))) {
     st = tn_error_set(err, TN_EINVAL,

@@ -299,13 +299,22 @@ static bool hook_two_decoding(struct rec *rc, const struct rec_step *st,
 
 /* A long prompt admitted while others decode is chunked behind them: they
  * decode in every step, ahead of its chunks. */
-/* capped: decode_slowdown 1 lets a step carrying decodes add one block of
- * prompt (the least it ever adds) */
-static void run_decode_first(bool capped) {
+/* FILL: no cap, the chunk takes what the decodes leave of the step.
+ * CAPPED: decode_slowdown 1 lets a step carrying decodes add one block of
+ * prompt (the least it ever adds). SPREAD: a slowdown that never binds
+ * and prompt_spread 4: each step takes a quarter of the prompt tokens
+ * still to run (rounded up), at least a block. */
+enum chunking { FILL, CAPPED, SPREAD };
+static void run_decode_first(enum chunking mode) {
   struct rec rc;
   rec_init(&rc);
-  struct eng_opts o = {.max_seqs = 4, .step_tokens = 32, .gate = true,
-                       .decode_slowdown = capped ? 1.0f : 0.0f};
+  struct eng_opts o = {.max_seqs = 4,
+                       .step_tokens = mode == SPREAD ? 64 : 32,
+                       .gate = true,
+                       .decode_slowdown = mode == CAPPED   ? 1.0f
+                                          : mode == SPREAD ? 100.0f
+                                                           : 0.0f,
+                       .prompt_spread = mode == SPREAD ? 4 : 0};
   struct tn_engine *e = eng_open(&rc, &o);
   ASSERT(e != NULL);
   int32_t pa[10], pb[10], pc[150];
@@ -335,7 +344,7 @@ static void run_decode_first(bool capped) {
   tn_engine_close(e);
   ASSERT(r[2] != NULL);
   ASSERT(done);
-  ASSERT_EQ(check_trace(&rc, 32, 4), 0);
+  ASSERT_EQ(check_trace(&rc, o.step_tokens, 4), 0);
 
   int32_t n_chunk_steps = 0, covered = 0;
   for (int32_t s = 0; s < rc.n_steps; s++) {
@@ -353,12 +362,16 @@ static void run_decode_first(bool capped) {
       ASSERT(step_entry(&rc, s, iq)->decode);
       ASSERT_LT(iq, ic); /* batch order: decodes first */
     }
-    /* the chunk takes what the two decodes leave, or the cap */
-    if (covered < 150)
-      ASSERT_EQ(step_entry(&rc, s, ic)->n_tokens, capped ? 16 : 30);
+    /* the chunk takes what the two decodes leave, the cap, or the
+     * backlog's share */
+    int32_t n = step_entry(&rc, s, ic)->n_tokens, left = 150 - covered + n;
+    int32_t want = mode == FILL ? 30 : mode == CAPPED ? 16
+                                                      : TN_MAX((left + 3) / 4, 16);
+    if (covered < 150) ASSERT_EQ(n, want);
   }
   ASSERT_EQ(covered, 150);
-  ASSERT_EQ(n_chunk_steps, capped ? 10 : 5);
+  /* SPREAD: 38, 28, 21, 16, 16, 16, then the last 15 */
+  ASSERT_EQ(n_chunk_steps, mode == FILL ? 5 : mode == CAPPED ? 10 : 7);
   const int32_t *pr[3] = {pa, pb, pc};
   for (int i = 0; i < 3; i++) {
     struct out want;
@@ -369,8 +382,9 @@ static void run_decode_first(bool capped) {
   rec_deinit(&rc);
 }
 
-static void test_decode_first(void) { run_decode_first(false); }
-static void test_decode_first_capped(void) { run_decode_first(true); }
+static void test_decode_first(void) { run_decode_first(FILL); }
+static void test_decode_first_capped(void) { run_decode_first(CAPPED); }
+static void test_decode_first_spread(void) { run_decode_first(SPREAD); }
 
 /* A KV pool too small for everyone: the newest sequence is preempted and
  * recomputed later; nothing changes in the outputs. */
@@ -1091,6 +1105,7 @@ static void test_background_other_engine(void) {
 
 TN_TEST_MAIN(TN_TEST(test_model), TN_TEST(test_admission),
              TN_TEST(test_chunking), TN_TEST(test_decode_first), TN_TEST(test_decode_first_capped),
+             TN_TEST(test_decode_first_spread),
              TN_TEST(test_preemption), TN_TEST(test_preemption_prefix),
              TN_TEST(test_prefix_reuse), TN_TEST(test_cancel),
              TN_TEST(test_close_inflight), TN_TEST(test_batch_invariance),

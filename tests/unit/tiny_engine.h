@@ -427,6 +427,7 @@ struct eng_opts {
   struct tn_spec_config spec; /* method TN_SPEC_OFF (0) unless set */
   bool gate; /* start with the gate closed: the first step parks */
   float decode_slowdown; /* tn_engine_config's (0: off) */
+  int32_t prompt_spread; /* tn_engine_config's (0: off) */
   int32_t max_loras;     /* tn_engine_config's (0: no limit) */
   struct tn_pool *pool;  /* a compute pool shared with other engines */
 };
@@ -446,6 +447,7 @@ static struct tn_engine *eng_open(struct rec *rc, const struct eng_opts *o) {
                    tn_kv_block_bytes(N_LAYER, BLOCK, N_HEAD_KV * HEAD_DIM);
   cfg.prefix_cache = !o->no_prefix;
   cfg.decode_slowdown = o->decode_slowdown;
+  cfg.prompt_spread = o->prompt_spread;
   cfg.max_loras = o->max_loras;
   cfg.pool = o->pool;
   if (o->spec.method != TN_SPEC_OFF) {

@@ -320,5 +320,7 @@ void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
 void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
                          const float *w, int64_t cnt, int64_t n);
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
+void tn_attn_values_avx512(float *out, const uint16_t *const *rows,
+                           const float *w, int32_t p0, int32_t p1, int64_t n);
 
 #endif /* TN_KERNELS_INTERNAL_H */

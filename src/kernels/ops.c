@@ -313,6 +313,11 @@ void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
   /* The fused kernel re-reads each row's weight once per 8 dims, the lane
    * buffer costs a fixed write and read of [64][n]: fused pays below a
    * few hundred positions. */
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512 && n % 16 == 0 &&
+      p1 - p0 < 256) {
+    tn_attn_values_avx512(out, rows, w, p0, p1, n);
+    return;
+  }
   if (tn_kernels_level() == TN_CPU_LEVEL_AVX2 && n % 8 == 0 && p1 - p0 < 256) {
     tn_attn_values_avx2(out, rows, w, p0, p1, n);
     return;

@@ -64,10 +64,67 @@ void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,
     *out[i] = attn_dot_h(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
+/* attn_dot_h of 16 rows at a stride against y, n % 64 == 0 (no double
+ * tail: the float -> double -> float trip is exact). Each row's
+ * (a0 + a2) + (a1 + a3) is formed as in attn_dot_h; then reduce16's
+ * halvings (lanes j + j+8, j + j+4, j + j+2, j + j+1) run across rows:
+ * shuffles pair every row's operands side by side, so each row meets the
+ * same additions of the same pairs, 16 rows per instruction. The sums come
+ * out with row 4l + b in lane 4b + l. */
+static inline __attribute__((always_inline)) __m512 attn_dot16_h(
+    const uint16_t *k, int64_t k_stride, const float *y, int64_t n) {
+  __m512 v[16];
+  for (int r = 0; r < 16; r++) {
+    const uint16_t *x = k + (int64_t)r * k_stride;
+    __m512 a[4];
+    for (int j = 0; j < 4; j++) a[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 64)
+      for (int j = 0; j < 4; j++)
+        a[j] = _mm512_fmadd_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * j))),
+            _mm512_loadu_ps(y + i + 16 * j), a[j]);
+    v[r] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+  }
+  /* j + j+8: rows 2i, 2i+1 -> s[i] = [2i: 0-3, 4-7 | 2i+1: 0-3, 4-7] */
+  __m512 s[8];
+  for (int i = 0; i < 8; i++)
+    s[i] = _mm512_add_ps(
+        _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+        _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  /* j + j+4: u[m] holds rows 4m..4m+3, one per 128-bit block */
+  __m512 u[4];
+  for (int m = 0; m < 4; m++)
+    u[m] = _mm512_add_ps(
+        _mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+        _mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  /* j + j+2: block b of w[q] = [row 8q+b: 0, 1 | row 8q+4+b: 0, 1] */
+  __m512 w[2];
+  for (int q = 0; q < 2; q++)
+    w[q] = _mm512_add_ps(
+        _mm512_shuffle_ps(u[2 * q], u[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+        _mm512_shuffle_ps(u[2 * q], u[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  /* j + j+1: block b = rows b, 4+b, 8+b, 12+b */
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
                                   const float *y, float *out, int64_t n,
                                   float scale) {
-  for (int r = 0; r < nk; r++)
+  int r = 0;
+  if (n % 64 == 0 && n > 0) {
+    /* lane 4b + l holds row 4l + b: lane i of the result takes lane
+     * 4 (i % 4) + i / 4 */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9,
+                                           5, 1, 12, 8, 4, 0);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (; r + 16 <= nk; r += 16) {
+      __m512 d = attn_dot16_h(k + (int64_t)r * k_stride, k_stride, y, n);
+      _mm512_storeu_ps(out + r,
+                       _mm512_mul_ps(_mm512_permutexvar_ps(order, d), sc));
+    }
+  }
+  for (; r < nk; r++)
     out[r] = attn_dot_h(k + (int64_t)r * k_stride, y, n) * scale;
 }
 
@@ -99,6 +156,42 @@ void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
     _mm512_storeu_ps(dst + d0, a);
   }
   tn_attn_lane_ref(dst, rows, w, cnt, d0, n);
+}
+
+/* Lane k of tn_attn_lanes for dims [d, d + 16): its rows from first on,
+ * every 64th, up to p1. */
+static inline __attribute__((always_inline)) __m512 lane16(
+    const uint16_t *const *rows, const float *w, int32_t p0, int32_t p1,
+    int32_t first, int64_t d) {
+  __m512 a = _mm512_setzero_ps();
+  for (int32_t p = first; p <= p1; p += 64)
+    a = _mm512_fmadd_ps(
+        _mm512_set1_ps(w[p - p0]),
+        _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rows[p] + d))), a);
+  return a;
+}
+
+/* tn_attn_lanes then tn_attn_reduce, 16 dims at a time with no lane
+ * buffer (n % 16 == 0): each fold operand is its lane's sum, formed where
+ * the fold of tn_attn_reduce_avx512 needs it. */
+void tn_attn_values_avx512(float *out, const uint16_t *const *rows,
+                           const float *w, int32_t p0, int32_t p1, int64_t n) {
+  int32_t first[64];
+  for (int32_t k = 0; k < 64; k++) first[k] = p0 + ((k - p0 % 64) + 64) % 64;
+  for (int64_t d = 0; d + 16 <= n; d += 16) {
+    __m512 v[16];
+    for (int l = 0; l < 16; l++) {
+#define LN(k) lane16(rows, w, p0, p1, first[k], d)
+      v[l] = _mm512_add_ps(_mm512_add_ps(LN(l), LN(32 + l)),
+                           _mm512_add_ps(LN(16 + l), LN(48 + l)));
+#undef LN
+    }
+    __m512 t8[8], t4[4];
+    for (int l = 0; l < 8; l++) t8[l] = _mm512_add_ps(v[l], v[l + 8]);
+    for (int l = 0; l < 4; l++) t4[l] = _mm512_add_ps(t8[l], t8[l + 4]);
+    _mm512_storeu_ps(out + d, _mm512_add_ps(_mm512_add_ps(t4[0], t4[2]),
+                                            _mm512_add_ps(t4[1], t4[3])));
+  }
 }
 
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n) {

@@ -1522,7 +1522,8 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
  * accepted: alpha^j), as long as each buys more output than the time it
  * adds (see tn_spec_cost), within the budget and the free KV blocks; then
  * appends them to their sequences. */
-static void plan_drafts(struct tn_engine *e, int32_t *budget) {
+/* room: the tokens drafts may add (the step's slowdown room left). */
+static void plan_drafts(struct tn_engine *e, int32_t *budget, int32_t room) {
   int32_t n_tokens = 0, n_out = 0, n_dec = 0;
 
   double t_prop = tn_time_s();
@@ -1557,7 +1558,7 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget) {
   int32_t keep = 0;
   if (e->waiting && e->n_admitted < e->cfg.max_seqs)
     keep = TN_MIN(*budget, e->waiting->n_tokens - e->waiting->n_done);
-  int32_t draft_budget = *budget - keep;
+  int32_t draft_budget = TN_MIN(*budget - keep, room);
   int32_t proposed = 0, taken = 0;
   for (struct seq *s = e->admitted; s; s = s->next) proposed += s->n_prop;
   for (;;) {
@@ -1707,11 +1708,20 @@ static int64_t prompt_backlog(const struct tn_engine *e) {
  * what arrives per step, instead of every other step carrying the cap
  * and the steps between none (streams see the long steps as their tail
  * inter-token latency). */
-static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
+/* Tokens a step carrying n_dec decodes may add and stay within
+ * decode_slowdown times the decodes' own step (cost model); INT32_MAX
+ * when nothing limits it. */
+static int32_t slowdown_room(const struct tn_engine *e, int32_t n_dec) {
   double f = e->cfg.decode_slowdown, b = e->cost.b;
   if (n_dec == 0 || f <= 0.0 || !e->cost_ok || !(b > 1e-9)) return INT32_MAX;
   double extra = (f - 1.0) * tn_spec_cost_time(&e->cost, n_dec) / b;
-  extra = TN_MIN(extra, (double)e->cfg.step_tokens);
+  return (int32_t)TN_MIN(extra, (double)e->cfg.step_tokens);
+}
+
+static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
+  int32_t room = slowdown_room(e, n_dec);
+  if (room == INT32_MAX) return INT32_MAX;
+  double extra = room;
   if (e->cfg.prompt_spread > 0) {
     int64_t h = e->cfg.prompt_spread;
     extra = TN_MIN(extra, (double)((prompt_backlog(e) + h - 1) / h));
@@ -1854,7 +1864,7 @@ static bool engine_step(struct tn_engine *e) {
     e->hold_since = 0;
   }
   if (any_bg && !hold) budget = TN_MIN(budget, TN_BACKGROUND_STEP_TOKENS);
-  int32_t n_dec = 0, prompt_left = INT32_MAX;
+  int32_t n_dec = 0, prompt_left = INT32_MAX, n_prompt = 0;
   for (int pass = 0; pass < 2; pass++) {
     if (pass == 1) prompt_left = prompt_cap(e, n_dec);
     for (struct seq *s = e->admitted, *next; s; s = next) {
@@ -1877,7 +1887,7 @@ static bool engine_step(struct tn_engine *e) {
       s->decode = decode;
       budget -= n;
       n_dec += decode;
-      if (!decode) prompt_left -= n;
+      if (!decode) prompt_left -= n, n_prompt += n;
     }
   }
   /* Drafts for the decodes, from what budget and free blocks are left
@@ -1885,7 +1895,25 @@ static bool engine_step(struct tn_engine *e) {
   bool grammar = false;
   for (struct seq *s = e->admitted; s && !grammar; s = s->next)
     grammar = s->gm != NULL;
-  if (e->cfg.spec.method != TN_SPEC_OFF || grammar) plan_drafts(e, &budget);
+  if (e->cfg.spec.method != TN_SPEC_OFF || grammar) {
+    /* With other streams in the step, drafts stay within the slowdown
+     * room the prompt chunks (and a waiting request's first one) left:
+     * one sequence's drafts must not lengthen everyone's step beyond
+     * what a prompt chunk may (the streams' tail inter-token latency).
+     * A lone decode drafts as far as the cost model says it pays, and
+     * --spec-policy all verifies every proposal. */
+    int32_t room = n_dec >= 2 && !e->cfg.spec.every_draft
+                       ? slowdown_room(e, n_dec)
+                       : INT32_MAX;
+    if (room != INT32_MAX) {
+      room -= n_prompt;
+      if (e->waiting && e->n_admitted < e->cfg.max_seqs && prompt_left > 0)
+        room -= TN_MIN(prompt_left,
+                       e->waiting->n_tokens - e->waiting->n_done);
+      room = TN_MAX(room, 0);
+    }
+    plan_drafts(e, &budget, room);
+  }
   for (struct seq *s = e->admitted; s; s = s->next)
     if (s->chunk > 0) batch_add(e, s, s->chunk);
   /* Admit waiting sequences while there is budget, room and blocks, in

@@ -80,6 +80,7 @@ struct run {
   int32_t drafted[MAX_REQS], accepted[MAX_REQS];
   struct tn_engine_stats stats;
   int trace_bad;
+  int32_t busy_draft_steps; /* steps with 2+ decodes that carried drafts */
   bool ok;
 };
 
@@ -115,6 +116,15 @@ static void run_spec(struct run *rn) {
     if (r[i]) tn_req_release(r[i]);
   rn->trace_bad = check_trace(&rc, rn->o.step_tokens ? rn->o.step_tokens : 256,
                               rn->o.max_seqs ? rn->o.max_seqs : 16);
+  rn->busy_draft_steps = 0;
+  for (int32_t s = 0; s < rc.n_steps; s++) {
+    int32_t n_dec = 0, n_draft = 0;
+    for (int32_t i = 0; i < rc.steps[s].n; i++) {
+      n_dec += step_entry(&rc, s, i)->decode;
+      n_draft += step_entry(&rc, s, i)->n_draft;
+    }
+    rn->busy_draft_steps += n_dec >= 2 && n_draft > 0;
+  }
   rec_deinit(&rc);
 }
 
@@ -861,6 +871,43 @@ static void test_grammar_forced_drafts(void) {
   tn_grammar_release(g);
 }
 
+/* Next to other streams, drafts stay within the step's slowdown room: at
+ * decode_slowdown 1 (no room) a step with two or more decodes carries no
+ * drafts. The drafts here are a grammar's forced text (speculation off),
+ * which the engine takes whenever it may, so without the cap the same
+ * requests do draft in such steps. Output is the same either way. */
+static void test_drafts_within_room(void) {
+  static struct run rn;
+  static struct out want[4];
+  struct tn_grammar *g =
+      tiny_grammar("root ::= ( \"the quick brown fox \" [a-e] \" \" )+");
+  ASSERT(g);
+  memset(&rn, 0, sizeof(rn));
+  rn.n = 4;
+  rn.p = greedy(gen_len());
+  rn.p.grammar = g;
+  rn.p.speculative = true;
+  for (int i = 0; i < rn.n; i++) {
+    rn.np[i] = 12;
+    make_prompt(720 + (uint64_t)i, rn.prompts[i], 12);
+  }
+  ASSERT(plain_outputs(&rn, want));
+  for (int capped = 1; capped >= 0; capped--) {
+    rn.o = (struct eng_opts){.max_seqs = 4,
+                             .decode_slowdown = capped ? 1.0f : 0.0f};
+    run_spec(&rn);
+    ASSERT(rn.ok);
+    ASSERT_EQ(rn.trace_bad, 0);
+    if (capped)
+      ASSERT_EQ(rn.busy_draft_steps, 0);
+    else
+      ASSERT_GT(rn.busy_draft_steps, 0);
+    for (int i = 0; i < rn.n; i++)
+      ASSERT(out_same("drafts within the slowdown room", &rn.got[i], &want[i]));
+  }
+  tn_grammar_release(g);
+}
+
 TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_self_draft_layers), TN_TEST(test_self_draft),
@@ -868,5 +915,6 @@ TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
              TN_TEST(test_endings),
              TN_TEST(test_greedy_identity), TN_TEST(test_preemption),
              TN_TEST(test_prefix_reuse), TN_TEST(test_sampling_and_switch),
+             TN_TEST(test_drafts_within_room),
              TN_TEST(test_grammar_identity), TN_TEST(test_grammar_early_exit),
              TN_TEST(test_grammar_forced_drafts))

@@ -1700,14 +1700,6 @@ static int64_t prompt_backlog(const struct tn_engine *e) {
   return n;
 }
 
-/* Prompt tokens a step carrying n_dec decodes may add: as many as keep it
- * within decode_slowdown times the decodes' own step (cost model), at
- * least a block, so prompts still advance; no limit without decodes.
- * With prompt_spread, only the backlog's share for one step of that many
- * (at least a block): under steady traffic each step then carries about
- * what arrives per step, instead of every other step carrying the cap
- * and the steps between none (streams see the long steps as their tail
- * inter-token latency). */
 /* Tokens a step carrying n_dec decodes may add and stay within
  * decode_slowdown times the decodes' own step (cost model); INT32_MAX
  * when nothing limits it. */
@@ -1718,6 +1710,13 @@ static int32_t slowdown_room(const struct tn_engine *e, int32_t n_dec) {
   return (int32_t)TN_MIN(extra, (double)e->cfg.step_tokens);
 }
 
+/* Prompt tokens a step carrying n_dec decodes may add: the slowdown room,
+ * at least a block, so prompts still advance; no limit without decodes.
+ * With prompt_spread, only the backlog's share for one step of that many
+ * (at least a block): under steady traffic each step then carries about
+ * what arrives per step, instead of every other step carrying the cap
+ * and the steps between none (streams see the long steps as their tail
+ * inter-token latency). */
 static int32_t prompt_cap(const struct tn_engine *e, int32_t n_dec) {
   int32_t room = slowdown_room(e, n_dec);
   if (room == INT32_MAX) return INT32_MAX;

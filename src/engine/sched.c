@@ -1522,6 +1522,14 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
  * accepted: alpha^j), as long as each buys more output than the time it
  * adds (see tn_spec_cost), within the budget and the free KV blocks; then
  * appends them to their sequences. */
+/* The first chunk, of at most cap tokens, that the waiting request at the
+ * head of the queue would take if admitted this step (0 when none can
+ * be): drafts leave it its place. */
+static int32_t waiting_chunk(const struct tn_engine *e, int32_t cap) {
+  if (!e->waiting || e->n_admitted >= e->cfg.max_seqs || cap <= 0) return 0;
+  return TN_MIN(cap, e->waiting->n_tokens - e->waiting->n_done);
+}
+
 /* room: the tokens drafts may add (the step's slowdown room left). */
 static void plan_drafts(struct tn_engine *e, int32_t *budget, int32_t room) {
   int32_t n_tokens = 0, n_out = 0, n_dec = 0;
@@ -1555,9 +1563,7 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget, int32_t room) {
   int32_t blocks = tn_kv_n_free(e->kv);
   /* a waiting request that could be admitted keeps its first chunk's
    * budget: drafts must not delay prompts */
-  int32_t keep = 0;
-  if (e->waiting && e->n_admitted < e->cfg.max_seqs)
-    keep = TN_MIN(*budget, e->waiting->n_tokens - e->waiting->n_done);
+  int32_t keep = waiting_chunk(e, *budget);
   int32_t draft_budget = TN_MIN(*budget - keep, room);
   int32_t proposed = 0, taken = 0;
   for (struct seq *s = e->admitted; s; s = s->next) proposed += s->n_prop;
@@ -1904,13 +1910,8 @@ static bool engine_step(struct tn_engine *e) {
     int32_t room = n_dec >= 2 && !e->cfg.spec.every_draft
                        ? slowdown_room(e, n_dec)
                        : INT32_MAX;
-    if (room != INT32_MAX) {
-      room -= n_prompt;
-      if (e->waiting && e->n_admitted < e->cfg.max_seqs && prompt_left > 0)
-        room -= TN_MIN(prompt_left,
-                       e->waiting->n_tokens - e->waiting->n_done);
-      room = TN_MAX(room, 0);
-    }
+    if (room != INT32_MAX)
+      room = TN_MAX(room - n_prompt - waiting_chunk(e, prompt_left), 0);
     plan_drafts(e, &budget, room);
   }
   for (struct seq *s = e->admitted; s; s = s->next)

@@ -310,7 +310,7 @@ void tn_attn_reduce(const float *acc, float *out, int64_t n) {
 
 void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
                     const float *w, int32_t p0, int32_t p1, int64_t n) {
-  /* The fused kernel re-reads each row's weight once per 8 dims, the lane
+  /* The fused kernels re-read each row's weight once per 8 (16) dims, the lane
    * buffer costs a fixed write and read of [64][n]: fused pays below a
    * few hundred positions. */
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512 && n % 16 == 0 &&

@@ -21,7 +21,7 @@ MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 JOBS ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps venv models test test-release test-asan test-tsan run serve chat bench fuzz fuzz-ci clean
+.PHONY: all deps venv models test test-release test-asan test-tsan test-peers run serve chat bench fuzz fuzz-ci clean
 
 all: $(BUILD)/tern
 
@@ -115,6 +115,19 @@ test-tsan:
 	TERN_BIN=$(abspath $(TSAN_BUILD)/tern) TERN_SLOW=1 TERN_TSAN=1 \
 	  TSAN_OPTIONS="halt_on_error=1 exitcode=66" $(PY) -m pytest -q $(TSAN_TESTS)
 
+# Tests against another server built from source: llama-server from the
+# llama.cpp reference (tools/build_llamacpp.sh --only llama-server, about
+# 15 minutes on 2 cores, so not part of `make test`), behind a tern route.
+# .ci/run runs it after `make test`.
+PEER_TESTS ?= tests/e2e/test_routing.py::test_llama_server_upstream
+test-peers: venv all models
+	@date +'[make test-peers] %T llama-server'
+	[ -x ref/bin/llama-server ] || \
+	  PIP=$(abspath $(VENV))/bin/pip nice bash tools/build_llamacpp.sh -j $(JOBS) --only llama-server
+	@date +'[make test-peers] %T tests'
+	TERN_BIN=$(abspath $(BUILD)/tern) TERN_REQUIRE_PEERS=1 $(PY) -m pytest -q -rs $(PEER_TESTS)
+	@date +'[make test-peers] %T done'
+
 PORT ?= 8080
 HOST ?= 127.0.0.1
 # The default model: the best answers for its speed among those we ship
@@ -155,7 +168,7 @@ fuzz:
 # The fuzz targets as CI runs them: the same build, then every target over
 # its committed corpus and seeds for FUZZ_CI_SECONDS each, writing nothing
 # into the tree (tests/fuzz/run_ci.sh).
-FUZZ_CI_SECONDS ?= 20
+FUZZ_CI_SECONDS ?= 12
 fuzz-ci:
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
 	ninja -C build-fuzz -j$(JOBS) $(FUZZ_TARGETS)

@@ -13,6 +13,8 @@
 #   ref/READY    path of llama-tokenize + version (written once it exists)
 #
 # Usage: tools/build_llamacpp.sh [-j N] [--sdist FILE] [--version X.Y.Z]
+#                                [--only TARGET]
+#   --only llama-server builds that one tool (what `make test-peers` needs)
 # Env:   REF=<dir> to build elsewhere.
 set -euo pipefail
 
@@ -21,12 +23,14 @@ REF="${REF:-$ROOT/ref}"
 JOBS=2
 SDIST=""
 VERSION="0.3.36"   # pinned: llama.cpp ggml-org/llama.cpp@0c1e57098
+ONLY=""
 
 while [ $# -gt 0 ]; do
     case "$1" in
         -j) JOBS="$2"; shift 2 ;;
         --sdist) SDIST="$2"; shift 2 ;;
         --version) VERSION="$2"; shift 2 ;;
+        --only) ONLY="$2"; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -83,6 +87,11 @@ cmake -S "$LCPP" -B "$BUILD" -G Ninja \
 
 # Build in priority order so the cheap, most-needed tools appear first.
 build() { ninja -C "$BUILD" -j "$JOBS" "$@"; }
+if [ -n "$ONLY" ]; then
+    build "$ONLY"
+    ls -l "$REF/bin/$ONLY"
+    exit 0
+fi
 build llama-tokenize
 printf 'llama-tokenize %s\nllama.cpp commit %s version %s (llama-cpp-python %s)\n' \
     "$REF/bin/llama-tokenize" "$COMMIT" "$LVER" "$VERSION" > "$REF/READY"

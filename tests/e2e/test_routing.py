@@ -979,8 +979,10 @@ routes:
 #
 # llama.cpp's server from tools/build_llamacpp.sh (ref/bin, or the binary
 # in TERN_LLAMA_SERVER). make test does not build the reference (it takes
-# longer than the rest of the suite's setup), so without it this test is
-# skipped and says so; bench/ and the fixtures' generator build it.
+# longer than the rest of the suite's setup), so there this test is
+# skipped and says so; `make test-peers` (run by .ci/run after make test)
+# builds llama-server and sets TERN_REQUIRE_PEERS=1, which turns the skip
+# into a failure.
 
 LLAMA_SERVER = os.environ.get(
     "TERN_LLAMA_SERVER",
@@ -991,6 +993,8 @@ LLAMA_SERVER = os.environ.get(
 @pytest.fixture
 def llama_server(tmp_path):
     if not os.access(LLAMA_SERVER, os.X_OK):
+        if os.environ.get("TERN_REQUIRE_PEERS") == "1":
+            pytest.fail(f"no llama-server at {LLAMA_SERVER}")
         pytest.skip(f"no llama-server at {LLAMA_SERVER} "
                     "(tools/build_llamacpp.sh builds it)")
     port = free_port()

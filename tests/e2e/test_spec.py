@@ -300,8 +300,11 @@ def test_self_draft_subset_identical(run_tern):
 def test_calibrate_self(run_tern):
     """A short calibration: the table of subsets tried and a verdict; a
     layer list it prints is one --spec-layers takes."""
+    # under the sanitizers: drafts of up to 2 tokens (3 verify passes
+    # timed instead of 9)
+    k = ["--spec-max-tokens", "2"] if slow_mode() else []
     r = run_tern("calibrate-self", "-m", model_path(SMOL), "-n", "8",
-                 "--max-evals", "3", "-p", PROMPTS[2])
+                 "--max-evals", "3", "-p", PROMPTS[2], *k)
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
     assert "acceptance" in out and "30 layers" in out, out
@@ -318,7 +321,8 @@ def test_calibrate_self(run_tern):
 def test_bench_spec_flags(run_tern):
     """tern bench takes tern run's speculation flags: it times decoding
     with and without on real text and checks the texts are the same."""
-    r = run_tern("bench", "-m", model_path(SMOL), "-t", "2", "-n", "24",
+    r = run_tern("bench", "-m", model_path(SMOL), "-t", "2", "-n",
+                 "12" if slow_mode() else "24",
                  "-r", "1", "--spec", "ngram", "--spec-policy", "all",
                  "--json")
     assert r.returncode == 0, r.stderr

@@ -7,7 +7,9 @@ speculation off and on, same model, same threads, same prompts, one run.
         [--tern-spec "--spec ngram"] [--peer-spec "--spec-type ngram-simple"]
 
 Workloads (greedy, chat endpoint): code editing (the answer repeats most
-of the input), summarising with quotes, and plain chat. For each server
+of the input), renaming in code (the same function with four names
+changed: the n-gram drafter learns the renames), summarising with quotes,
+and plain chat (--workloads picks some). For each server
 the decode rate is completion tokens after the first over the time after
 the first streamed token; each cell is the median over rounds. tern's
 greedy answers with speculation must equal those without (checked), and
@@ -60,6 +62,10 @@ WORKLOADS = {
     "code edit": "Rename the variables of this Python function to clearer "
                  "names and add type hints. Reply with the whole function "
                  "only.\n\n" + CODE,
+    "code rename": "In this Python function rename `result` to "
+                   "`kept_names`, `count` to `n_kept`, `total` to "
+                   "`value_sum` and `item` to `entry`; change nothing "
+                   "else. Reply with the whole function only.\n\n" + CODE,
     "summary, quoting": "Copy the sentences of this text that contain a "
                         "decision, word for word, one per line:\n\n" + TEXT,
     "chat": "Explain in a few sentences why the sky is blue.",
@@ -163,7 +169,10 @@ def main():
     ap.add_argument("--tern-spec", default="--spec ngram")
     ap.add_argument("--peer-spec", default="--spec-type ngram-simple")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                    default=list(WORKLOADS))
     a = ap.parse_args()
+    workloads = {w: WORKLOADS[w] for w in a.workloads}
     logs = tempfile.mkdtemp(prefix="bench_spec_")
     rows = []
     for model in a.models:
@@ -188,7 +197,7 @@ def main():
             srv = Server(argv, port, os.path.join(logs, f"{server}-{spec}.log"))
             try:
                 ask(srv, "Hi", 8)  # warm-up
-                for wl, prompt in WORKLOADS.items():
+                for wl, prompt in workloads.items():
                     runs = [ask(srv, prompt, a.tokens) for _ in range(a.rounds)]
                     res[(server, spec, wl)] = {
                         "rate": statistics.median(r["rate"] for r in runs),
@@ -202,7 +211,7 @@ def main():
                           file=sys.stderr, flush=True)
             finally:
                 srv.stop()
-        for wl in WORKLOADS:
+        for wl in workloads:
             off, on = res[("tern", "off", wl)], res[("tern", "on", wl)]
             same = off["text"] == on["text"]
             drafted = on["accepted"] + on["rejected"]

@@ -17,6 +17,30 @@ int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
                       int32_t ngram_min, int32_t ngram_max, int32_t k,
                       int32_t *out);
 
+/* N-gram lookup that learns an edit's substitutions (renames): a
+ * sequence's state across steps. After a draft copied from position i of
+ * the history and the model wrote something else at output position o,
+ * the divergence is held; when a later lookup lands again a little past
+ * i, at j, the source tokens [i, j) were replaced by the output since o:
+ * a substitution. Drafts copy with every learned substitution applied.
+ * Positions index the sequence's tokens, which never change once
+ * accepted. All of it is a guess the verification checks: a wrong
+ * substitution costs rejected drafts, never a different output. */
+#define TN_NGRAM_SUBS 16
+struct tn_ngram_edit {
+  struct { int32_t s0, sn, o0, on; } sub[TN_NGRAM_SUBS];
+  int32_t n_sub, next_sub;
+  int32_t div_src, div_out;  /* a pending divergence, or -1 */
+  int32_t last_out, n_last;  /* the last draft: where it went, how long */
+  int32_t last_tok[TN_SPEC_MAX_TOKENS];
+  int32_t last_src[TN_SPEC_MAX_TOKENS]; /* copied from; -1: substituted */
+};
+void tn_spec_ngram_edit_init(struct tn_ngram_edit *st);
+/* tn_spec_ngram with st's substitutions learned and applied. */
+int32_t tn_spec_ngram_edit(struct tn_ngram_edit *st, const int32_t *tokens,
+                           int32_t n_tokens, int32_t ngram_min,
+                           int32_t ngram_max, int32_t k, int32_t *out);
+
 /* ---- the cost model speculation is planned with
  *
  * A step's forward pass over n tokens is modelled as a + b * n seconds,

@@ -151,6 +151,7 @@ struct seq {
   bool decode;                /* planned as a decode this step */
   bool cached_reported;       /* its request's n_cached is set */
   struct tn_draft_seq draft;  /* its place in the draft model's cache */
+  struct tn_ngram_edit ngram; /* --spec ngram: the edit it has learned */
   struct tn_grammar_matcher *gm; /* when its request has a grammar */
   char error[200];            /* why it finished with an error */
   /* a choice list: the text so far, its log-probability, and each
@@ -612,6 +613,7 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   s->chain = seq_salt(s);
   tn_kv_seq_init(&s->kv);
   tn_draft_seq_init(&s->draft);
+  tn_spec_ngram_edit_init(&s->ngram);
   s->tokens = malloc((size_t)(p->n_prompt + 16) * sizeof(int32_t));
   struct tn_sampling sp = p->params.sampling;
   sp.seed += (uint64_t)choice * 0x9e3779b97f4a7c15ull;
@@ -1391,6 +1393,10 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   s->n_prop = 0;
   s->prop_forced = false;
   int32_t k = seq_draft_room(e, s);
+  /* the n-gram drafter learns from every step, drafting or not */
+  if (sc->method == TN_SPEC_NGRAM && (k <= 0 || e->spec_paused) && !s->gm)
+    tn_spec_ngram_edit(&s->ngram, s->tokens, s->n_tokens, sc->ngram_min,
+                       sc->ngram_max, 0, s->prop);
   if (k <= 0) return;
   int32_t got = 0;
   if (s->gm && (got = seq_propose_forced(e, s, k)) > 0) {
@@ -1400,8 +1406,8 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   }
   if (e->spec_paused) return;
   if (sc->method == TN_SPEC_NGRAM)
-    got = tn_spec_ngram(s->tokens, s->n_tokens, sc->ngram_min, sc->ngram_max,
-                        k, s->prop);
+    got = tn_spec_ngram_edit(&s->ngram, s->tokens, s->n_tokens,
+                             sc->ngram_min, sc->ngram_max, k, s->prop);
   else if (sc->method == TN_SPEC_CUSTOM && sc->propose)
     got = sc->propose(sc->propose_user, s->req, s->choice, s->tokens,
                       s->n_tokens, s->req->priv->n_prompt, k, s->prop);

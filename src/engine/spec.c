@@ -8,7 +8,11 @@
  * followed their latest earlier occurrence are the draft. It costs a scan
  * of the sequence per step and nothing when there is no match, and it pays
  * where the output repeats the input: code edits, summaries that quote,
- * extraction, chat turns that restate.
+ * extraction, chat turns that restate. The engine's drafter
+ * (tn_spec_ngram_edit) also follows the copy it is making (after a draft
+ * that was taken whole, the next one goes on from where it ended, not from
+ * the latest occurrence of a common n-gram) and learns substitutions: a
+ * rename the answer has shown once is applied to the next copies.
  */
 #include <errno.h>
 #include <math.h>
@@ -139,30 +143,190 @@ int tn_spec_switch_observe(struct tn_spec_switch *w, double score) {
   return 0;
 }
 
-int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
-                      int32_t ngram_min, int32_t ngram_max, int32_t k,
-                      int32_t *out) {
-  if (k <= 0) return 0;
+/* The latest earlier occurrence of the last n tokens, longest n first:
+ * its start, with *n_out = n; -1 when there is none. */
+static int32_t ngram_find(const int32_t *tokens, int32_t n_tokens,
+                          int32_t ngram_min, int32_t ngram_max,
+                          int32_t *n_out) {
   for (int32_t n = ngram_max; n >= ngram_min; n--) {
     if (n_tokens < n + 1) continue;
     const int32_t *suffix = tokens + n_tokens - n;
-    /* Latest earlier occurrence: start positions n_tokens - n - 1 down
-     * to 0 (the suffix itself is at n_tokens - n). */
+    /* start positions n_tokens - n - 1 down to 0 (the suffix itself is
+     * at n_tokens - n) */
     for (int32_t at = n_tokens - n - 1; at >= 0; at--) {
       if (tokens[at] != suffix[0] ||
           memcmp(tokens + at, suffix, (size_t)n * sizeof(int32_t)) != 0)
         continue;
-      /* What followed it; past the end of the sequence the draft goes on
-       * from itself, so a repeating pattern is drafted k tokens ahead. */
-      int32_t from = at + n;
-      for (int32_t j = 0; j < k; j++) {
-        int32_t q = from + j;
-        out[j] = q < n_tokens ? tokens[q] : out[q - n_tokens];
-      }
-      return k;
+      *n_out = n;
+      return at;
     }
   }
-  return 0;
+  return -1;
+}
+
+int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
+                      int32_t ngram_min, int32_t ngram_max, int32_t k,
+                      int32_t *out) {
+  if (k <= 0) return 0;
+  int32_t n = 0;
+  int32_t at = ngram_find(tokens, n_tokens, ngram_min, ngram_max, &n);
+  if (at < 0) return 0;
+  /* What followed it; past the end of the sequence the draft goes on
+   * from itself, so a repeating pattern is drafted k tokens ahead. */
+  int32_t from = at + n;
+  for (int32_t j = 0; j < k; j++) {
+    int32_t q = from + j;
+    out[j] = q < n_tokens ? tokens[q] : out[q - n_tokens];
+  }
+  return k;
+}
+
+/* ---- n-gram lookup with learned substitutions */
+
+/* How far a resynchronised lookup may land past the divergence's source
+ * position (the replaced span), how long the replacement may be, and how
+ * long a divergence waits for its resynchronisation. */
+#define EDIT_SRC_MAX 12
+#define EDIT_OUT_MAX 24
+#define EDIT_WAIT 32
+
+void tn_spec_ngram_edit_init(struct tn_ngram_edit *st) {
+  memset(st, 0, sizeof(*st));
+  st->div_src = st->div_out = -1;
+}
+
+static bool same_span(const int32_t *tokens, int32_t a, int32_t b,
+                      int32_t n) {
+  return memcmp(tokens + a, tokens + b, (size_t)n * sizeof(int32_t)) == 0;
+}
+
+static void edit_add(struct tn_ngram_edit *st, const int32_t *tokens,
+                     int32_t s0, int32_t sn, int32_t o0, int32_t on) {
+  if (sn == on && same_span(tokens, s0, o0, sn)) return;
+  /* a rule for the same source text is replaced */
+  int32_t slot = -1;
+  for (int32_t i = 0; i < st->n_sub; i++)
+    if (st->sub[i].sn == sn && same_span(tokens, st->sub[i].s0, s0, sn))
+      slot = i;
+  if (slot < 0) {
+    if (st->n_sub < TN_NGRAM_SUBS) {
+      slot = st->n_sub++;
+    } else {
+      slot = st->next_sub;
+      st->next_sub = (st->next_sub + 1) % TN_NGRAM_SUBS;
+    }
+  }
+  st->sub[slot].s0 = s0;
+  st->sub[slot].sn = sn;
+  st->sub[slot].o0 = o0;
+  st->sub[slot].on = on;
+}
+
+/* Learns from what the model wrote since the last draft; returns where
+ * the next draft should copy from when that is known better than by the
+ * latest occurrence (a copy that goes on, or one that resynchronised
+ * after a divergence), else -1. */
+static int32_t edit_learn(struct tn_ngram_edit *st, const int32_t *tokens,
+                          int32_t n_tokens, int32_t ngram_min,
+                          int32_t ngram_max) {
+  int32_t q = -1;
+  if (st->n_last > 0) {
+    int32_t a = 0;
+    while (a < st->n_last && st->last_out + a < n_tokens &&
+           tokens[st->last_out + a] == st->last_tok[a])
+      a++;
+    if (a < st->n_last) {
+      /* where the draft and the model parted (a divergence still
+       * waiting for its resynchronisation is kept: what comes before
+       * that is usually the same edit seen again) */
+      if (st->div_out < 0 && st->last_out + a < n_tokens &&
+          st->last_src[a] >= 0) {
+        st->div_src = st->last_src[a];
+        st->div_out = st->last_out + a;
+      }
+    } else if (st->last_src[a - 1] >= 0) {
+      /* all of it came: the copy goes on while the model follows it */
+      int32_t p = st->last_src[a - 1] + 1, o = st->last_out + a;
+      while (o < n_tokens && p < o && tokens[o] == tokens[p]) o++, p++;
+      if (o == n_tokens && p < n_tokens) q = p;
+    }
+    st->n_last = 0;
+  }
+  if (st->div_out < 0) return q;
+  if (n_tokens - st->div_out > EDIT_WAIT) {
+    st->div_src = st->div_out = -1;
+    return q;
+  }
+  /* back in the source at or a little past the divergence: source
+   * [div_src, at) became output [div_out, n_tokens - n) */
+  for (int32_t n = ngram_max; n >= ngram_min; n--) {
+    int32_t on = n_tokens - n - st->div_out;
+    if (on < 1 || on > EDIT_OUT_MAX) continue;
+    const int32_t *suffix = tokens + n_tokens - n;
+    for (int32_t at = st->div_src;
+         at <= st->div_src + EDIT_SRC_MAX && at + n <= st->div_out; at++) {
+      if (tokens[at] != suffix[0] ||
+          memcmp(tokens + at, suffix, (size_t)n * sizeof(int32_t)) != 0)
+        continue;
+      /* at == div_src: text was inserted, nothing replaced */
+      if (at > st->div_src)
+        edit_add(st, tokens, st->div_src, at - st->div_src, st->div_out, on);
+      st->div_src = st->div_out = -1;
+      return at + n;
+    }
+  }
+  return q;
+}
+
+int32_t tn_spec_ngram_edit(struct tn_ngram_edit *st, const int32_t *tokens,
+                           int32_t n_tokens, int32_t ngram_min,
+                           int32_t ngram_max, int32_t k, int32_t *out) {
+  int32_t q = edit_learn(st, tokens, n_tokens, ngram_min, ngram_max);
+  if (k <= 0) return 0;
+  if (q < 0) {
+    int32_t n = 0;
+    int32_t at = ngram_find(tokens, n_tokens, ngram_min, ngram_max, &n);
+    if (at < 0) return 0;
+    q = at + n;
+  }
+  int32_t got = 0;
+  bool subbed = false;
+  while (got < k) {
+    /* the longest rule whose source span starts here */
+    int32_t best = -1;
+    for (int32_t i = 0; i < st->n_sub; i++) {
+      int32_t sn = st->sub[i].sn;
+      if (q + sn <= n_tokens && tokens[q] == tokens[st->sub[i].s0] &&
+          same_span(tokens, q, st->sub[i].s0, sn) &&
+          (best < 0 || sn > st->sub[best].sn))
+        best = i;
+    }
+    if (best >= 0) {
+      for (int32_t j = 0; j < st->sub[best].on && got < k; j++) {
+        st->last_src[got] = -1;
+        out[got++] = tokens[st->sub[best].o0 + j];
+      }
+      q += st->sub[best].sn;
+      subbed = true;
+      continue;
+    }
+    if (q >= n_tokens) {
+      /* past the end a repeating pattern drafts on from itself (as
+       * tn_spec_ngram), when nothing was substituted */
+      if (subbed || q - n_tokens >= got) break;
+      st->last_src[got] = -1;
+      out[got] = out[q - n_tokens];
+    } else {
+      st->last_src[got] = q;
+      out[got] = tokens[q];
+    }
+    got++;
+    q++;
+  }
+  st->last_out = n_tokens;
+  st->n_last = got;
+  memcpy(st->last_tok, out, (size_t)got * sizeof(int32_t));
+  return got;
 }
 
 /* ---- cost model */

@@ -427,6 +427,92 @@ static void test_ngram_lookup(void) {
   ASSERT_EQ(out[3], 5);
 }
 
+/* A verification loop over a known answer: each step drafts up to k
+ * tokens, keeps the longest prefix that matches the answer and the
+ * answer's next token after it (what greedy verification does). Returns
+ * the steps taken; *sub_seen is set when a draft held the replacement
+ * right after `after` (the token before the draft counts). */
+#define SIM_MAX 128
+static int sim_steps(bool edit, const int32_t *prompt, int32_t n_prompt,
+                     const int32_t *answer, int32_t n_answer, int32_t k,
+                     const int32_t *repl, int32_t n_repl, int32_t after,
+                     bool *sub_seen) {
+  int32_t seq[SIM_MAX], out[16];
+  memcpy(seq, prompt, (size_t)n_prompt * sizeof(int32_t));
+  int32_t n = n_prompt, done = 0, steps = 0;
+  struct tn_ngram_edit st;
+  tn_spec_ngram_edit_init(&st);
+  *sub_seen = false;
+  while (done < n_answer) {
+    int32_t got = edit ? tn_spec_ngram_edit(&st, seq, n, 2, 4, k, out)
+                       : tn_spec_ngram(seq, n, 2, 4, k, out);
+    for (int32_t i = -1; i + 1 + n_repl <= got; i++)
+      if ((i < 0 ? seq[n - 1] : out[i]) == after &&
+          memcmp(out + i + 1, repl, (size_t)n_repl * sizeof(int32_t)) == 0)
+        *sub_seen = true;
+    int32_t a = 0;
+    while (a < got && done + a < n_answer && out[a] == answer[done + a]) a++;
+    int32_t take = TN_MIN(a + 1, n_answer - done);
+    memcpy(seq + n, answer + done, (size_t)take * sizeof(int32_t));
+    n += take;
+    done += take;
+    steps++;
+  }
+  return steps;
+}
+
+/* The n-gram drafter learns a rename: once the answer has shown that
+ * source tokens 1 2 became 20 21 22, later copies draft the new name. */
+static void test_ngram_learns_rename(void) {
+  const int32_t src[] = {100, 1, 2, 101, 102, 103, 104, 1, 2, 105, 106,
+                         107, 108, 109, 1, 2, 110, 111, 112, 113, 1, 2,
+                         114, 115, 116};
+  const int32_t n_src = (int32_t)(sizeof src / sizeof src[0]);
+  int32_t prompt[64], answer[64], n_answer = 0;
+  memcpy(prompt, src, sizeof src);
+  prompt[n_src] = 999; /* the turn's end: the answer starts after it */
+  for (int32_t i = 0; i < n_src; i++) {
+    if (src[i] == 1 && src[i + 1] == 2) {
+      answer[n_answer++] = 20;
+      answer[n_answer++] = 21;
+      answer[n_answer++] = 22;
+      i++;
+    } else {
+      answer[n_answer++] = src[i];
+    }
+  }
+  const int32_t repl[] = {20, 21, 22};
+  bool seen_plain, seen_edit;
+  int plain = sim_steps(false, prompt, n_src + 1, answer, n_answer, 8, repl,
+                        3, 109, &seen_plain);
+  int edit = sim_steps(true, prompt, n_src + 1, answer, n_answer, 8, repl, 3,
+                       109, &seen_edit);
+  ASSERT(!seen_plain);
+  ASSERT(seen_edit); /* a later occurrence is drafted renamed */
+  ASSERT_LT(edit, plain);
+  /* with nothing to learn (the answer copies the prompt) both draft alike */
+  memcpy(answer, src, sizeof src);
+  plain = sim_steps(false, prompt, n_src + 1, answer, n_src, 8, repl, 3, 109,
+                    &seen_plain);
+  edit = sim_steps(true, prompt, n_src + 1, answer, n_src, 8, repl, 3, 109,
+                   &seen_edit);
+  ASSERT_EQ(edit, plain);
+  /* k = 0 drafts nothing, and a state fed anything stays in bounds */
+  struct tn_ngram_edit st;
+  tn_spec_ngram_edit_init(&st);
+  int32_t out[16];
+  ASSERT_EQ(tn_spec_ngram_edit(&st, prompt, n_src + 1, 2, 4, 0, out), 0);
+  uint64_t x = 7;
+  int32_t noise[SIM_MAX];
+  for (int32_t n = 0; n < SIM_MAX; n++) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    noise[n] = (int32_t)(x >> 61); /* 8 symbols: many repeats */
+    int32_t got = tn_spec_ngram_edit(&st, noise, n + 1, 2, 4, 16, out);
+    ASSERT(got >= 0 && got <= 16);
+    for (int32_t i = 0; i < got; i++) ASSERT(out[i] >= 0 && out[i] < 8);
+  }
+}
+
 /* Bad configurations are refused at open with a clear message. */
 static void test_bad_config(void) {
   const char *path = model_path();
@@ -908,7 +994,7 @@ static void test_drafts_within_room(void) {
   tn_grammar_release(g);
 }
 
-TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_bad_config),
+TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_ngram_learns_rename), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_self_draft_layers), TN_TEST(test_self_draft),
              TN_TEST(test_spec_switch),

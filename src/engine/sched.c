@@ -2444,6 +2444,9 @@ void tn_engine_close(struct tn_engine *e) {
     pthread_mutex_unlock(&e->mu);
     pthread_join(e->thread, NULL);
   }
+  if (e->cost_ok)
+    tn_log_debug("engine %s: the step cost model ended at %.2f ms + %.3f ms "
+                 "per token", e->name, e->cost.a * 1e3, e->cost.b * 1e3);
   free(e->batch.token);
   free(e->batch.pos);
   free(e->batch.seq);

@@ -195,6 +195,18 @@ void tn_attn_reduce(const float *acc, float *out, int64_t n);
  * or the same bits without the lane buffer where a kernel has that. */
 void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
                     const float *w, int32_t p0, int32_t p1, int64_t n);
+/* tn_attn_values for a run of nq tokens of one sequence and head, token i
+ * writing out + i * out_stride from weights w + i * w_stride over its
+ * window [p0[i], p1[i]]: each token's result the same bits as alone.
+ * Where a kernel has it, windows of 256 positions and more are summed up
+ * to TN_ATTN_VALUES_GROUP tokens at once, each value row read and
+ * converted once for all of them; acc holds TN_ATTN_VALUES_GROUP lane
+ * buffers ([64][n] each). */
+#define TN_ATTN_VALUES_GROUP 4
+void tn_attn_values_run(float *out, int64_t out_stride, float *acc,
+                        const uint16_t *const *rows, const float *w,
+                        int64_t w_stride, const int32_t *p0,
+                        const int32_t *p1, int nq, int64_t n);
 /* x[i] = f32(f16(x[i])), round to nearest even. */
 void tn_round_f16(float *x, int64_t n);
 

@@ -320,6 +320,11 @@ void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
 void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
                          const float *w, int64_t cnt, int64_t n);
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);
+/* tn_attn_lanes of nq <= TN_ATTN_VALUES_GROUP tokens into acc + i * 64 * n
+ * (n % 16 == 0), each value row converted once for all of them. */
+void tn_attn_lanes_run_avx512(float *acc, const uint16_t *const *rows,
+                              const float *const *w, const int32_t *p0,
+                              const int32_t *p1, int nq, int64_t n);
 void tn_attn_values_avx512(float *out, const uint16_t *const *rows,
                            const float *w, int32_t p0, int32_t p1, int64_t n);
 

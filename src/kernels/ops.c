@@ -326,6 +326,48 @@ void tn_attn_values(float *out, float *acc, const uint16_t *const *rows,
   tn_attn_reduce(acc, out, n);
 }
 
+/* Sums tokens idx[0..ng) of a run together (tn_attn_values_run). */
+static void values_group(float *out, int64_t out_stride, float *acc,
+                         const uint16_t *const *rows, const float *w,
+                         int64_t w_stride, const int32_t *p0,
+                         const int32_t *p1, const int *idx, int ng,
+                         int64_t n) {
+  const float *ws[TN_ATTN_VALUES_GROUP];
+  int32_t q0[TN_ATTN_VALUES_GROUP], q1[TN_ATTN_VALUES_GROUP];
+  for (int j = 0; j < ng; j++) {
+    ws[j] = w + idx[j] * w_stride;
+    q0[j] = p0[idx[j]];
+    q1[j] = p1[idx[j]];
+  }
+  tn_attn_lanes_run_avx512(acc, rows, ws, q0, q1, ng, n);
+  for (int j = 0; j < ng; j++)
+    tn_attn_reduce(acc + (int64_t)j * 64 * n, out + idx[j] * out_stride, n);
+}
+
+void tn_attn_values_run(float *out, int64_t out_stride, float *acc,
+                        const uint16_t *const *rows, const float *w,
+                        int64_t w_stride, const int32_t *p0,
+                        const int32_t *p1, int nq, int64_t n) {
+  const bool group = tn_kernels_level() >= TN_CPU_LEVEL_AVX512 && n % 16 == 0;
+  int idx[TN_ATTN_VALUES_GROUP];
+  int ng = 0;
+  for (int i = 0; i < nq; i++) {
+    /* short windows go through the fused kernel one token at a time */
+    if (!group || p1[i] - p0[i] < 256) {
+      tn_attn_values(out + i * out_stride, acc, rows, w + i * w_stride, p0[i],
+                     p1[i], n);
+      continue;
+    }
+    idx[ng++] = i;
+    if (ng == TN_ATTN_VALUES_GROUP) {
+      values_group(out, out_stride, acc, rows, w, w_stride, p0, p1, idx, ng, n);
+      ng = 0;
+    }
+  }
+  if (ng > 0)
+    values_group(out, out_stride, acc, rows, w, w_stride, p0, p1, idx, ng, n);
+}
+
 void tn_round_f16(float *x, int64_t n) {
   if (tn_kernels_level() >= TN_CPU_LEVEL_AVX2) {
     tn_round_f16_avx2(x, n);

@@ -194,6 +194,45 @@ void tn_attn_values_avx512(float *out, const uint16_t *const *rows,
   }
 }
 
+/* Lane k of every token's sum, 64 dims at a time: a row of the lane is
+ * loaded and converted once, then added into each token that sees it, in
+ * position order from zero, as tn_attn_lane_avx512 adds it for one token
+ * (the same fused multiply-add per element, so the same bits). */
+void tn_attn_lanes_run_avx512(float *acc, const uint16_t *const *rows,
+                              const float *const *w, const int32_t *p0,
+                              const int32_t *p1, int nq, int64_t n) {
+  enum { G = TN_ATTN_VALUES_GROUP };
+  int32_t lo = p0[0], hi = p1[0];
+  for (int i = 1; i < nq; i++) {
+    if (p0[i] < lo) lo = p0[i];
+    if (p1[i] > hi) hi = p1[i];
+  }
+  for (int32_t k = 0; k < 64; k++) {
+    const int32_t first = lo + ((k - lo % 64) + 64) % 64;
+    for (int64_t d = 0; d < n; d += 64) {
+      const int nv = n - d >= 64 ? 4 : (int)((n - d) / 16);
+      __m512 a[G][4];
+      for (int i = 0; i < G; i++)
+        for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+      for (int32_t p = first; p <= hi; p += 64) {
+        const uint16_t *r = rows[p] + d;
+        __m512 x[4];
+        for (int j = 0; j < nv; j++)
+          x[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + 16 * j)));
+        for (int i = 0; i < nq; i++) {
+          if (p < p0[i] || p > p1[i]) continue;
+          const __m512 wv = _mm512_set1_ps(w[i][p - p0[i]]);
+          for (int j = 0; j < nv; j++) a[i][j] = _mm512_fmadd_ps(wv, x[j], a[i][j]);
+        }
+      }
+      for (int i = 0; i < nq; i++)
+        for (int j = 0; j < nv; j++)
+          _mm512_storeu_ps(acc + (int64_t)i * 64 * n + (int64_t)k * n + d + 16 * j,
+                           a[i][j]);
+    }
+  }
+}
+
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n) {
   int64_t d = 0;
   for (; d + 16 <= n; d += 16) {

@@ -104,8 +104,8 @@ enum tn_status tn_ctx_new(const struct tn_model *m, struct tn_pool *pool,
   c->up = tn_aligned_alloc(T * F * sizeof(float));
   c->scores = tn_aligned_alloc((size_t)nth * TN_ATTN_RUN * (size_t)n_ctx *
                                sizeof(float));
-  c->attn_acc = tn_aligned_alloc((size_t)nth * 64 * (size_t)hp->head_dim *
-                                 sizeof(float));
+  c->attn_acc = tn_aligned_alloc((size_t)nth * TN_ATTN_VALUES_GROUP * 64 *
+                                 (size_t)hp->head_dim * sizeof(float));
   c->vrows = malloc((size_t)nth * (size_t)n_ctx * sizeof(*c->vrows));
   c->lora_idx = malloc((size_t)nth * (size_t)n_tokens_max * sizeof(int32_t));
   c->lora_x = malloc((size_t)nth * (size_t)tn_lora_scratch(m) * sizeof(float));
@@ -304,9 +304,11 @@ static void mm(struct tn_ctx *c, const struct tn_mat *w, int64_t T, float *y,
  * token of the run that can see it. Every token's result is computed with the same
  * operations whether it runs alone or in a run (batch invariance): one
  * dot per visible position, softmax, f16-rounded weights, then the value
- * rows summed in position order into 64 lanes (acc: [64][hd]), one lane
- * at a time straight from the f16 cache, and folded: the order llama.cpp's
- * one-token path uses (kernels.h). */
+ * rows summed in position order into 64 lanes (acc: up to
+ * TN_ATTN_VALUES_GROUP x [64][hd]), one lane at a time straight from the
+ * f16 cache, and folded: the order llama.cpp's one-token path uses
+ * (kernels.h). Long windows share each value row among up to
+ * TN_ATTN_VALUES_GROUP tokens of the run (tn_attn_values_run). */
 static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
                        int32_t h, float *scores,
                        const uint16_t **vrows, float *acc) {
@@ -371,10 +373,7 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
   /* vrows[j]: the value row of position j in the cache */
   for (int32_t j = j0; j <= j1; j++)
     vrows[j] = tn_kv_v(kv, il, s->blocks[j / bs], j % bs) + (size_t)kvh * (size_t)hd;
-  for (int32_t i = 0; i < nq; i++) {
-    const float *wi = scores + (size_t)i * (size_t)n_ctx;
-    tn_attn_values(o0 + (int64_t)i * qd, acc, vrows, wi, start[i], pos[i], hd);
-  }
+  tn_attn_values_run(o0, qd, acc, vrows, scores, n_ctx, start, pos, nq, hd);
 }
 
 static void forward_worker(void *arg, int ith, int nth) {
@@ -389,7 +388,7 @@ static void forward_worker(void *arg, int ith, int nth) {
   const int64_t F = hp->n_ff;
   const bool gemma = hp->arch == TN_ARCH_GEMMA3;
   float *scores = c->scores + (size_t)ith * TN_ATTN_RUN * (size_t)c->n_ctx;
-  float *acc = c->attn_acc + (size_t)ith * 64 * (size_t)hd;
+  float *acc = c->attn_acc + (size_t)ith * TN_ATTN_VALUES_GROUP * 64 * (size_t)hd;
   const uint16_t **vrows = c->vrows + (size_t)ith * (size_t)c->n_ctx;
   int32_t *lidx = c->lora_idx + (size_t)ith * (size_t)c->n_tokens_max;
   float *lx = c->lora_x + (size_t)ith * (size_t)tn_lora_scratch(m);

@@ -814,6 +814,46 @@ static void test_exp_poly(void) {
   ASSERT_NEAR(tn_reduce16(v), 65.535f, 1e-3f);
 }
 
+/* A run of tokens' value sums (tn_attn_values_run) gives each token the
+ * bits of its own tn_attn_values: long windows grouped (value rows read
+ * once for up to TN_ATTN_VALUES_GROUP tokens), short ones alone, windows
+ * that start late (sliding) and end at rising positions, at every level
+ * and for head sizes with a 16-dim tail and none. */
+static void test_attention_values_run(void) {
+  enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
+  int nl = levels_supported(lv);
+  enum { HD = 144, NPOS = 700, NQ = 7 };
+  static uint16_t vh[NPOS][HD];
+  static float w[NQ][NPOS], got[NQ][HD], want[HD];
+  static float acc[TN_ATTN_VALUES_GROUP * 64 * HD];
+  const uint16_t *rows[NPOS];
+  float tmp[HD];
+  for (int j = 0; j < NPOS; j++) {
+    fill_random(tmp, HD, 1.0f);
+    for (int e = 0; e < HD; e++) vh[j][e] = tn_fp32_to_fp16(tmp[e]);
+    rows[j] = vh[j];
+  }
+  for (int i = 0; i < NQ; i++) fill_random(w[i], NPOS, 0.01f);
+  /* token i: positions p0[i] .. p1[i]; 0 and 3 short, 5 and 6 windowed */
+  const int32_t p0[NQ] = {0, 0, 0, 100, 0, 129, 200};
+  const int32_t p1[NQ] = {90, 300, 301, 302, 600, 601, 699};
+  for (int li = 0; li < nl; li++) {
+    tn_kernels_init(lv[li]);
+    for (int64_t hd = HD; hd >= HD - 80; hd -= 80) { /* 144, 64 */
+      for (int nq = 1; nq <= NQ; nq += 3) {
+        memset(got, 0, sizeof(got));
+        tn_attn_values_run(&got[0][0], HD, acc, rows, &w[0][0], NPOS, p0, p1,
+                           nq, hd);
+        for (int i = 0; i < nq; i++) {
+          tn_attn_values(want, acc, rows, w[i], p0[i], p1[i], hd);
+          ASSERT(memcmp(got[i], want, (size_t)hd * sizeof(float)) == 0);
+        }
+      }
+    }
+  }
+  tn_kernels_init(TN_CPU_LEVEL_COUNT - 1);
+}
+
 static void test_attention_ops_levels_agree(void) {
   enum tn_cpu_level lv[TN_CPU_LEVEL_COUNT];
   int nl = levels_supported(lv);
@@ -1007,5 +1047,5 @@ TN_TEST_MAIN(TN_TEST(test_type_table), TN_TEST(test_cpu_levels),
              TN_TEST(test_matmul), TN_TEST(test_matmul_batch_invariance),
              TN_TEST(test_gemm_tiles_present),
              TN_TEST(test_matmul_levels_agree), TN_TEST(test_get_row),
-             TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree),
+             TN_TEST(test_exp_poly), TN_TEST(test_attention_ops_levels_agree), TN_TEST(test_attention_values_run),
              TN_TEST(test_attention_f16_dots), TN_TEST(test_logsumexp))

@@ -188,6 +188,10 @@ void tn_attn_dot_rows_f16(const uint16_t *x, const float *y, int64_t y_stride,
                           int ny, float *const *out, int64_t n, float scale);
 void tn_attn_dot_block_f16(const uint16_t *k, int64_t k_stride, int nk,
                            const float *y, float *out, int64_t n, float scale);
+/* tn_attn_dot_block_f16 on rows already converted to f32 (the same bits):
+ * a run of tokens converts a block of keys once and dots it with each. */
+void tn_attn_dot_block_f32(const float *k, int64_t k_stride, int nk,
+                           const float *y, float *out, int64_t n, float scale);
 void tn_attn_lanes(float *acc, const uint16_t *const *rows, const float *w,
                    int32_t p0, int32_t p1, int64_t n);
 void tn_attn_reduce(const float *acc, float *out, int64_t n);

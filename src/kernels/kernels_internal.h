@@ -317,6 +317,9 @@ void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,
 void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
                                   const float *y, float *out, int64_t n,
                                   float scale);
+void tn_attn_dot_block_f32_avx512(const float *k, int64_t k_stride, int nk,
+                                  const float *y, float *out, int64_t n,
+                                  float scale);
 void tn_attn_lane_avx512(float *dst, const uint16_t *const *rows,
                          const float *w, int64_t cnt, int64_t n);
 void tn_attn_reduce_avx512(const float *acc, float *out, int64_t n);

@@ -255,6 +255,18 @@ void tn_attn_dot_block_f16(const uint16_t *k, int64_t k_stride, int nk,
     out[r] = attn_dot_h_ref(k + (int64_t)r * k_stride, y, n) * scale;
 }
 
+void tn_attn_dot_block_f32(const float *k, int64_t k_stride, int nk,
+                           const float *y, float *out, int64_t n, float scale) {
+  if (tn_kernels_level() >= TN_CPU_LEVEL_AVX512) {
+    tn_attn_dot_block_f32_avx512(k, k_stride, nk, y, out, n, scale);
+    return;
+  }
+  for (int r = 0; r < nk; r++) {
+    float *o = out + r;
+    tn_attn_dot_rows(k + (int64_t)r * k_stride, y, 0, 1, &o, n, scale);
+  }
+}
+
 void tn_attn_lane_ref(float *dst, const uint16_t *const *rows, const float *w,
                       int64_t cnt, int64_t d0, int64_t n) {
   for (int64_t d = d0; d < n; d++) {

@@ -64,24 +64,29 @@ void tn_attn_dot_rows_f16_avx512(const uint16_t *x, const float *y,
     *out[i] = attn_dot_h(x, y + (int64_t)i * y_stride, n) * scale;
 }
 
-/* attn_dot_h of 16 rows at a stride against y, n % 64 == 0 (no double
+/* attn_dot_h (half) or attn_dot of 16 rows at a stride against y,
+ * n % 64 == 0 (no double
  * tail: the float -> double -> float trip is exact). Each row's
  * (a0 + a2) + (a1 + a3) is formed as in attn_dot_h; then reduce16's
  * halvings (lanes j + j+8, j + j+4, j + j+2, j + j+1) run across rows:
  * shuffles pair every row's operands side by side, so each row meets the
  * same additions of the same pairs, 16 rows per instruction. The sums come
  * out with row 4l + b in lane 4b + l. */
-static inline __attribute__((always_inline)) __m512 attn_dot16_h(
-    const uint16_t *k, int64_t k_stride, const float *y, int64_t n) {
+static inline __attribute__((always_inline)) __m512 attn_dot16(
+    const void *k, int64_t k_stride, const float *y, int64_t n,
+    const bool half) {
   __m512 v[16];
   for (int r = 0; r < 16; r++) {
-    const uint16_t *x = k + (int64_t)r * k_stride;
+    const uint16_t *xh = (const uint16_t *)k + (int64_t)r * k_stride;
+    const float *xf = (const float *)k + (int64_t)r * k_stride;
     __m512 a[4];
     for (int j = 0; j < 4; j++) a[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 64)
       for (int j = 0; j < 4; j++)
         a[j] = _mm512_fmadd_ps(
-            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * j))),
+            half ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                       (const __m256i *)(xh + i + 16 * j)))
+                 : _mm512_loadu_ps(xf + i + 16 * j),
             _mm512_loadu_ps(y + i + 16 * j), a[j]);
     v[r] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
   }
@@ -119,13 +124,31 @@ void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
                                            5, 1, 12, 8, 4, 0);
     const __m512 sc = _mm512_set1_ps(scale);
     for (; r + 16 <= nk; r += 16) {
-      __m512 d = attn_dot16_h(k + (int64_t)r * k_stride, k_stride, y, n);
+      __m512 d = attn_dot16(k + (int64_t)r * k_stride, k_stride, y, n, true);
       _mm512_storeu_ps(out + r,
                        _mm512_mul_ps(_mm512_permutexvar_ps(order, d), sc));
     }
   }
   for (; r < nk; r++)
     out[r] = attn_dot_h(k + (int64_t)r * k_stride, y, n) * scale;
+}
+
+void tn_attn_dot_block_f32_avx512(const float *k, int64_t k_stride, int nk,
+                                  const float *y, float *out, int64_t n,
+                                  float scale) {
+  int r = 0;
+  if (n % 64 == 0 && n > 0) {
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9,
+                                           5, 1, 12, 8, 4, 0);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (; r + 16 <= nk; r += 16) {
+      __m512 d = attn_dot16(k + (int64_t)r * k_stride, k_stride, y, n, false);
+      _mm512_storeu_ps(out + r,
+                       _mm512_mul_ps(_mm512_permutexvar_ps(order, d), sc));
+    }
+  }
+  for (; r < nk; r++)
+    out[r] = attn_dot(k + (int64_t)r * k_stride, y, n) * scale;
 }
 
 /* one lane of tn_attn_lanes (positions 64 apart), 128 dims at a time in

@@ -349,6 +349,29 @@ static void attend_run(const struct fwd *f, int32_t il, int32_t r0, int32_t r1,
                             hp->kq_scale);
       j += n;
     }
+  } else if (hd % 64 == 0) {
+    /* a block's key rows converted once (into acc, which the value sums
+     * use only later), then dotted with each token that sees them by the
+     * block kernel, which shares the horizontal sums among 16 rows */
+    float *kf = acc;
+    for (int32_t j = j0; j <= j1;) {
+      int32_t slot = j % bs, n = TN_MIN(bs - slot, j1 - j + 1);
+      const uint16_t *kr = tn_kv_k(kv, il, s->blocks[j / bs], slot) +
+                           (size_t)kvh * (size_t)hd;
+      for (int32_t r = 0; r < n; r++)
+        tn_fp16_to_fp32_row(kr + (size_t)r * kv->n_kv_dim, kf + (size_t)r * hd,
+                            hd);
+      for (int32_t i = 0; i < nq; i++) {
+        int32_t a = TN_MAX(j, start[i]), z = TN_MIN(j + n - 1, pos[i]);
+        if (a > z) continue;
+        tn_attn_dot_block_f32(kf + (size_t)(a - j) * hd, hd, z - a + 1,
+                              q0 + (int64_t)i * qd,
+                              scores + (size_t)i * (size_t)n_ctx +
+                                  (size_t)(a - start[i]),
+                              hd, hp->kq_scale);
+      }
+      j += n;
+    }
   } else {
     for (int32_t j = j0; j <= j1; j++) {
       while (lo < nq && pos[lo] < j) lo++;

@@ -814,8 +814,9 @@ static void test_exp_poly(void) {
   ASSERT_NEAR(tn_reduce16(v), 65.535f, 1e-3f);
 }
 
-/* A run of tokens' value sums (tn_attn_values_run) gives each token the
- * bits of its own tn_attn_values: long windows grouped (value rows read
+/* A run of tokens' key dots (tn_attn_dot_block_f32) and value sums
+ * (tn_attn_values_run) give each token the
+ * bits it gets alone: long windows grouped (value rows read
  * once for up to TN_ATTN_VALUES_GROUP tokens), short ones alone, windows
  * that start late (sliding) and end at rising positions, at every level
  * and for head sizes with a 16-dim tail and none. */
@@ -834,6 +835,22 @@ static void test_attention_values_run(void) {
     rows[j] = vh[j];
   }
   for (int i = 0; i < NQ; i++) fill_random(w[i], NPOS, 0.01f);
+  /* the key dots of a run: rows converted once, then the block kernel on
+   * f32 rows, the bits of the f16 block kernel (and of the decode path) */
+  {
+    static float kf[40][128], q[128], a[40], b[40];
+    fill_random(q, 128, 1.0f);
+    for (int li = 0; li < nl; li++) {
+      tn_kernels_init(lv[li]);
+      for (int64_t hd = 64; hd <= 128; hd += 64)
+        for (int nk = 1; nk <= 40; nk += 13) {
+          for (int r = 0; r < nk; r++) tn_fp16_to_fp32_row(vh[r], kf[r], hd);
+          tn_attn_dot_block_f16(vh[0], HD, nk, q, a, hd, 0.125f);
+          tn_attn_dot_block_f32(kf[0], 128, nk, q, b, hd, 0.125f);
+          ASSERT(memcmp(a, b, (size_t)nk * sizeof(float)) == 0);
+        }
+    }
+  }
   /* token i: positions p0[i] .. p1[i]; 0 and 3 short, 5 and 6 windowed */
   const int32_t p0[NQ] = {0, 0, 0, 100, 0, 129, 200};
   const int32_t p1[NQ] = {90, 300, 301, 302, 600, 601, 699};

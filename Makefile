@@ -168,7 +168,7 @@ fuzz:
 # The fuzz targets as CI runs them: the same build, then every target over
 # its committed corpus and seeds for FUZZ_CI_SECONDS each, writing nothing
 # into the tree (tests/fuzz/run_ci.sh).
-FUZZ_CI_SECONDS ?= 12
+FUZZ_CI_SECONDS ?= 10
 fuzz-ci:
 	CC=clang cmake -S . -B build-fuzz -G Ninja -DTN_FUZZ=ON -DTN_SANITIZE=ON
 	ninja -C build-fuzz -j$(JOBS) $(FUZZ_TARGETS)

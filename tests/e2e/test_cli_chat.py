@@ -107,7 +107,7 @@ def test_prompt_from_file_and_stdin(run_tern, tmp_path):
 
 def test_long_prompt_from_stdin(run_tern):
     # thousands of tokens through stdin, up to the context
-    n = 300 if slow_mode() else 1500
+    n = 300 if slow_mode() else 800  # ~3,400 tokens
     words = " ".join(f"w{i}" for i in range(n))
     ctx = "2048" if slow_mode() else "8192"
     r = run_tern(*run_args("-p", "-", "-c", ctx, "-n", "4", "--temp", "0"),

@@ -116,8 +116,9 @@ test-tsan:
 	  TSAN_OPTIONS="halt_on_error=1 exitcode=66" $(PY) -m pytest -q $(TSAN_TESTS)
 
 # Tests against another server built from source: llama-server from the
-# llama.cpp reference (tools/build_llamacpp.sh --only llama-server, about
-# 15 minutes on 2 cores, so not part of `make test`), behind a tern route.
+# llama.cpp reference (tools/build_llamacpp.sh --only llama-server, 4-5
+# minutes on 2 cores, which would put `make test` past its 30), behind a
+# tern route.
 # .ci/run runs it after `make test`.
 PEER_TESTS ?= tests/e2e/test_routing.py::test_llama_server_upstream
 test-peers: venv all models

@@ -113,9 +113,13 @@ static inline __attribute__((always_inline)) __m512 attn_dot16(
                        _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
-                                  const float *y, float *out, int64_t n,
-                                  float scale) {
+/* The block kernel on f16 cache rows (half) or rows already converted to
+ * f32: the same additions either way, so the same bits. */
+static inline __attribute__((always_inline)) void dot_block(
+    const void *k, int64_t k_stride, int nk, const float *y, float *out,
+    int64_t n, float scale, const bool half) {
+  const size_t es = half ? sizeof(uint16_t) : sizeof(float);
+  const char *kb = k;
   int r = 0;
   if (n % 64 == 0 && n > 0) {
     /* lane 4b + l holds row 4l + b: lane i of the result takes lane
@@ -124,31 +128,28 @@ void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
                                            5, 1, 12, 8, 4, 0);
     const __m512 sc = _mm512_set1_ps(scale);
     for (; r + 16 <= nk; r += 16) {
-      __m512 d = attn_dot16(k + (int64_t)r * k_stride, k_stride, y, n, true);
+      __m512 d = attn_dot16(kb + (size_t)r * (size_t)k_stride * es, k_stride,
+                            y, n, half);
       _mm512_storeu_ps(out + r,
                        _mm512_mul_ps(_mm512_permutexvar_ps(order, d), sc));
     }
   }
-  for (; r < nk; r++)
-    out[r] = attn_dot_h(k + (int64_t)r * k_stride, y, n) * scale;
+  for (; r < nk; r++) {
+    const void *row = kb + (size_t)r * (size_t)k_stride * es;
+    out[r] = (half ? attn_dot_h(row, y, n) : attn_dot(row, y, n)) * scale;
+  }
+}
+
+void tn_attn_dot_block_f16_avx512(const uint16_t *k, int64_t k_stride, int nk,
+                                  const float *y, float *out, int64_t n,
+                                  float scale) {
+  dot_block(k, k_stride, nk, y, out, n, scale, true);
 }
 
 void tn_attn_dot_block_f32_avx512(const float *k, int64_t k_stride, int nk,
                                   const float *y, float *out, int64_t n,
                                   float scale) {
-  int r = 0;
-  if (n % 64 == 0 && n > 0) {
-    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9,
-                                           5, 1, 12, 8, 4, 0);
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (; r + 16 <= nk; r += 16) {
-      __m512 d = attn_dot16(k + (int64_t)r * k_stride, k_stride, y, n, false);
-      _mm512_storeu_ps(out + r,
-                       _mm512_mul_ps(_mm512_permutexvar_ps(order, d), sc));
-    }
-  }
-  for (; r < nk; r++)
-    out[r] = attn_dot(k + (int64_t)r * k_stride, y, n) * scale;
+  dot_block(k, k_stride, nk, y, out, n, scale, false);
 }
 
 /* one lane of tn_attn_lanes (positions 64 apart), 128 dims at a time in

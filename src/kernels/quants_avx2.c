@@ -267,10 +267,12 @@ ALWAYS_INLINE void tile_q4_1(int64_t n, const uint8_t *w, size_t ws,
       acc[p][t][0] = acc[p][t][1] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < n / QK4_1; b++) {
-    /* decode streams the weights once: fetch ahead. With several tokens
-     * the rows stay in L1 across the tiles of a token chunk, and the
-     * prefetches would only take load slots from the dots. */
-    if (NT == 1) PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q4_1));
+    /* the first tile of a row group streams its rows from memory: fetch
+     * ahead (also for 2-4 tokens: verify steps and small batches read
+     * every row once, and without it ran DRAM-latency-bound at half
+     * speed; the tiles after it find the rows in L1, where the prefetches
+     * cost little, measured) */
+    PREFETCH_TILE(w, ws, b, NR, (int64_t)sizeof(struct block_q4_1));
     __m256i ylo[Q41_MT], yhi[Q41_MT];
     __m256 dy[Q41_MT];
     float sy[Q41_MT] = {0};

@@ -34,6 +34,10 @@ struct tn_ngram_edit {
   int32_t last_out, n_last;  /* the last draft: where it went, how long */
   int32_t last_tok[TN_SPEC_MAX_TOKENS];
   int32_t last_src[TN_SPEC_MAX_TOKENS]; /* copied from; -1: substituted */
+  int32_t run;  /* output tokens the current copy has been followed for */
+  bool follows; /* the last draft goes on with a copy the model has
+                   followed for a while, rather than from a fresh
+                   lookup: its own acceptance class */
 };
 void tn_spec_ngram_edit_init(struct tn_ngram_edit *st);
 /* tn_spec_ngram with st's substitutions learned and applied. */
@@ -80,7 +84,7 @@ static inline double tn_spec_cost_time(const struct tn_spec_cost *c,
  * costs little in either state; a switch starts again at
  * TN_SPEC_SWITCH_EVERY_MIN. */
 #define TN_SPEC_SWITCH_WINDOW 16
-#define TN_SPEC_SWITCH_EVERY_MIN 2
+#define TN_SPEC_SWITCH_EVERY_MIN 4
 #define TN_SPEC_SWITCH_EVERY_MAX 64
 #define TN_SPEC_SWITCH_MARGIN 0.03
 struct tn_spec_switch {

@@ -142,8 +142,12 @@ struct seq {
   int32_t prop[TN_SPEC_MAX_TOKENS]; /* the drafter's proposal this step */
   int32_t n_prop;
   bool prop_forced;           /* the proposal is text its grammar forces */
-  double acc_a, acc_r;        /* decayed accepted drafts and rejections:
-                                 its acceptance rate (a+1)/(a+r+2) */
+  double acc_a[2], acc_r[2];  /* decayed accepted drafts and rejections
+                                 per class of proposal: its acceptance
+                                 rate (a+1)/(a+r+2) */
+  int32_t prop_class;         /* the proposal's class: 1 when the n-gram
+                                 drafter follows a copy the model is
+                                 making (nearly always right), else 0 */
   int32_t since_draft;        /* steps since it last drafted */
   bool stop_hit;              /* a stop string ended it: drop what's held */
   bool wants_logits;
@@ -229,6 +233,8 @@ struct tn_engine {
   struct tn_draft_req *dreqs; /* [max_seqs] */
   uint64_t n_spec_drafts, n_spec_drafted, n_spec_accepted, n_spec_skipped;
   uint64_t n_spec_declined, n_spec_paused_steps;
+  double cls_a[2], cls_r[2];  /* every sequence's acceptance per proposal
+                                 class, decayed: a new sequence's prior */
   struct tn_spec_switch sw;   /* the measured on/off rule (engine_internal.h) */
   bool sw_used;               /* cost policy with a calibrated cost model */
   bool spec_paused;           /* this step: speculation switched off */
@@ -596,6 +602,10 @@ static void metrics_request_done(struct tn_engine *e, struct tn_req *r,
 
 /* ---- sequences */
 
+/* The weight, in accepted tokens and rejections, a new sequence gives
+ * the engine's measured acceptance as its prior. */
+#define SPEC_PRIOR_DRAFTS 8.0
+
 /* The prefix cache's first parent hash: KV computed under an adapter (and
  * scale) is never reused under another, or under the base. */
 static uint64_t seq_salt(const struct seq *s) {
@@ -614,6 +624,14 @@ static struct seq *seq_new(struct tn_engine *e, struct tn_req *r,
   tn_kv_seq_init(&s->kv);
   tn_draft_seq_init(&s->draft);
   tn_spec_ngram_edit_init(&s->ngram);
+  /* its acceptance starts from what the engine's recent drafts of each
+   * class measured, weighted as a few drafts of its own */
+  for (int32_t c = 0; c < 2; c++) {
+    double w = e->cls_a[c] + e->cls_r[c];
+    double f = w > SPEC_PRIOR_DRAFTS ? SPEC_PRIOR_DRAFTS / w : 1.0;
+    s->acc_a[c] = f * e->cls_a[c];
+    s->acc_r[c] = f * e->cls_r[c];
+  }
   s->tokens = malloc((size_t)(p->n_prompt + 16) * sizeof(int32_t));
   struct tn_sampling sp = p->params.sampling;
   sp.seed += (uint64_t)choice * 0x9e3779b97f4a7c15ull;
@@ -1301,6 +1319,16 @@ static enum tn_finish seq_sample(struct tn_engine *e, struct seq *s,
   return seq_take_token(e, s, &out, now);
 }
 
+/* s's measured chance that a drafted token of its current proposal's
+ * class is accepted, given the ones before it were: a copy the model is
+ * following and a fresh lookup differ by far (on code edits ~0.95
+ * against ~0.5), and one rate for both drafted too little of the first
+ * and too much of the second. */
+static double seq_alpha(const struct seq *s) {
+  int32_t c = s->prop_class;
+  return (s->acc_a[c] + 1.0) / (s->acc_a[c] + s->acc_r[c] + 2.0);
+}
+
 /* Verifies the k drafts that follow s's last token: rows[i] holds the
  * logits after drafts[0..i). Takes the accepted drafts and one token of
  * the model's (the correction of the first rejected draft, or a sample
@@ -1349,8 +1377,11 @@ static enum tn_finish seq_verify(struct tn_engine *e, struct seq *s,
   }
   /* Its acceptance rate, for planning its next drafts: each draft is a
    * run of accepted tokens ended by a rejection (or not). */
-  s->acc_a = 0.9 * s->acc_a + *accepted;
-  s->acc_r = 0.9 * s->acc_r + (*accepted < k ? 1.0 : 0.0);
+  int32_t cl = s->prop_class;
+  s->acc_a[cl] = 0.9 * s->acc_a[cl] + *accepted;
+  s->acc_r[cl] = 0.9 * s->acc_r[cl] + (*accepted < k ? 1.0 : 0.0);
+  e->cls_a[cl] = 0.98 * e->cls_a[cl] + *accepted;
+  e->cls_r[cl] = 0.98 * e->cls_r[cl] + (*accepted < k ? 1.0 : 0.0);
   return f;
 }
 
@@ -1392,6 +1423,7 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   const struct tn_spec_config *sc = &e->cfg.spec;
   s->n_prop = 0;
   s->prop_forced = false;
+  s->prop_class = 0;
   int32_t k = seq_draft_room(e, s);
   /* the n-gram drafter learns from every step, drafting or not */
   if (sc->method == TN_SPEC_NGRAM && (k <= 0 || e->spec_paused) && !s->gm)
@@ -1415,6 +1447,7 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   for (int32_t i = 0; i < got; i++)
     if (s->prop[i] < 0 || s->prop[i] >= e->n_vocab) got = i;
   s->n_prop = got;
+  s->prop_class = sc->method == TN_SPEC_NGRAM && s->ngram.follows;
 }
 
 /* Steps after which a sequence the cost rule kept from drafting may try
@@ -1478,7 +1511,7 @@ static void draft_all(struct tn_engine *e, int32_t n_out, double t_step) {
     if (cum_min > 0.0f) {
       /* as many as its acceptance so far says will pay (none: it waits
        * for a probe, and its draft cache catches up when it drafts) */
-      double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0), g = 1.0;
+      double alpha = seq_alpha(s), g = 1.0;
       int32_t cap = 0;
       while (cap < k && (g *= alpha) >= cum_min) cap++;
       bool probe = false;
@@ -1579,8 +1612,7 @@ static void plan_drafts(struct tn_engine *e, int32_t *budget, int32_t room) {
     double best_g = 0.0;
     for (struct seq *s = e->admitted; s; s = s->next) {
       if (s->n_draft >= s->n_prop) continue;
-      double alpha = (s->acc_a + 1.0) / (s->acc_a + s->acc_r + 2.0);
-      double g = pow(alpha, s->n_draft + 1);
+      double g = pow(seq_alpha(s), s->n_draft + 1);
       /* a sequence kept from drafting for long gets one probe token;
        * forced text is as good as certain */
       if (s->n_draft == 0 && s->since_draft >= SPEC_PROBE_STEPS) g = 1.0;

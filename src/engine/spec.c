@@ -189,6 +189,10 @@ int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
 #define EDIT_SRC_MAX 12
 #define EDIT_OUT_MAX 24
 #define EDIT_WAIT 32
+/* Tokens of a copy the model must have followed before its drafts count
+ * as following it (their own acceptance class, tn_ngram_edit.follows):
+ * the first few after a lookup are still often where an edit goes on. */
+#define EDIT_FOLLOW_RUN 4
 
 void tn_spec_ngram_edit_init(struct tn_ngram_edit *st) {
   memset(st, 0, sizeof(*st));
@@ -235,21 +239,23 @@ static int32_t edit_learn(struct tn_ngram_edit *st, const int32_t *tokens,
     while (a < st->n_last && st->last_out + a < n_tokens &&
            tokens[st->last_out + a] == st->last_tok[a])
       a++;
-    if (a < st->n_last) {
+    if (a < st->n_last && st->last_out + a < n_tokens) {
       /* where the draft and the model parted (a divergence still
        * waiting for its resynchronisation is kept: what comes before
        * that is usually the same edit seen again) */
-      if (st->div_out < 0 && st->last_out + a < n_tokens &&
-          st->last_src[a] >= 0) {
+      if (st->div_out < 0 && st->last_src[a] >= 0) {
         st->div_src = st->last_src[a];
         st->div_out = st->last_out + a;
       }
-    } else if (st->last_src[a - 1] >= 0) {
-      /* all of it came: the copy goes on while the model follows it */
+    } else if (a > 0 && st->last_src[a - 1] >= 0) {
+      /* all of it came (or all that was verified of it: the scheduler
+       * may take only the first few tokens of a proposal), and the copy
+       * goes on while the model follows it */
       int32_t p = st->last_src[a - 1] + 1, o = st->last_out + a;
       while (o < n_tokens && p < o && tokens[o] == tokens[p]) o++, p++;
       if (o == n_tokens && p < n_tokens) q = p;
     }
+    st->run = q >= 0 ? st->run + (n_tokens - st->last_out) : 0;
     st->n_last = 0;
   }
   if (st->div_out < 0) return q;
@@ -282,6 +288,8 @@ int32_t tn_spec_ngram_edit(struct tn_ngram_edit *st, const int32_t *tokens,
                            int32_t n_tokens, int32_t ngram_min,
                            int32_t ngram_max, int32_t k, int32_t *out) {
   int32_t q = edit_learn(st, tokens, n_tokens, ngram_min, ngram_max);
+  if (q < 0) st->run = 0;
+  st->follows = q >= 0 && st->run >= EDIT_FOLLOW_RUN;
   if (k <= 0) return 0;
   if (q < 0) {
     int32_t n = 0;

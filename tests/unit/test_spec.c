@@ -513,6 +513,40 @@ static void test_ngram_learns_rename(void) {
   }
 }
 
+/* Drafts that go on with a copy the model has followed for a while are
+ * their own acceptance class (tn_ngram_edit.follows), also when the
+ * scheduler verified only the first tokens of each proposal; a fresh
+ * lookup, and the draft after the answer leaves the copy, are not. */
+static void test_ngram_follow_class(void) {
+  int32_t seq[64], out[16];
+  int32_t n = 0;
+  for (int32_t i = 0; i < 30; i++) seq[n++] = 100 + i; /* the source */
+  seq[n++] = 999;
+  seq[n++] = 100; /* the answer starts copying it */
+  seq[n++] = 101;
+  struct tn_ngram_edit st;
+  tn_spec_ngram_edit_init(&st);
+  ASSERT_EQ(tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out), 8);
+  ASSERT_EQ(out[0], 102);
+  ASSERT(!st.follows); /* a fresh lookup */
+  bool followed = false;
+  for (int32_t step = 0; step < 6; step++) {
+    /* two of the proposal verified and accepted, plus the model's next
+     * token, which goes on with the copy */
+    for (int32_t j = 0; j < 3; j++) seq[n++] = out[0] + j;
+    ASSERT_EQ(tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out), 8);
+    ASSERT_EQ(out[0], seq[n - 1] + 1); /* it follows the copy */
+    followed = followed || st.follows;
+  }
+  ASSERT(followed);
+  ASSERT(st.follows);
+  /* the model leaves the copy: the next draft is a fresh lookup again */
+  seq[n++] = 555;
+  seq[n++] = 556;
+  tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out);
+  ASSERT(!st.follows);
+}
+
 /* Bad configurations are refused at open with a clear message. */
 static void test_bad_config(void) {
   const char *path = model_path();
@@ -994,7 +1028,8 @@ static void test_drafts_within_room(void) {
   tn_grammar_release(g);
 }
 
-TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_ngram_learns_rename), TN_TEST(test_bad_config),
+TN_TEST_MAIN(TN_TEST(test_ngram_lookup), TN_TEST(test_ngram_learns_rename),
+             TN_TEST(test_ngram_follow_class), TN_TEST(test_bad_config),
              TN_TEST(test_draft_model_refused), TN_TEST(test_draft_model),
              TN_TEST(test_self_draft_layers), TN_TEST(test_self_draft),
              TN_TEST(test_spec_switch),

@@ -173,6 +173,11 @@ int main(int argc, char **argv) {
   printf("%-34s %6.2f GB/s\n", "memory read bandwidth (1 thread)",
          read_bandwidth(out.data, out.row_size * (size_t)out.n_rows));
   bench_one(pool, "Q4_1 576x1536 (hot)", &up, 1, 64, 31, 0);
+  /* Qwen2.5 0.5B's FFN: Q5_0 (896 is not a multiple of 256) and Q8_0 */
+  struct tn_mat up5 = make_mat(TN_TYPE_Q5_0, 896, 4864);
+  struct tn_mat up8 = make_mat(TN_TYPE_Q8_0, 896, 4864);
+  bench_one(pool, "Q5_0 896x4864", &up5, 1, 64, 15, 0);
+  bench_one(pool, "Q8_0 896x4864", &up8, 1, 64, 15, 0);
 
   /* the whole model: 30 layers + output */
   enum { N_LAYER = 30, PER = 7 };

@@ -34,11 +34,18 @@ struct tn_ngram_edit {
   int32_t last_out, n_last;  /* the last draft: where it went, how long */
   int32_t last_tok[TN_SPEC_MAX_TOKENS];
   int32_t last_src[TN_SPEC_MAX_TOKENS]; /* copied from; -1: substituted */
-  int32_t run;  /* output tokens the current copy has been followed for */
-  bool follows; /* the last draft goes on with a copy the model has
-                   followed for a while, rather than from a fresh
-                   lookup: its own acceptance class */
+  int32_t run;  /* output tokens the current copy has been followed for
+                   (0 after a fresh lookup or a divergence) */
 };
+/* Tokens of a copy the model must have followed before its drafts count
+ * as following it: the first few after a lookup are still often where an
+ * edit goes on. */
+#define TN_NGRAM_FOLLOW_RUN 4
+/* Whether the last draft goes on with a copy the model has followed for
+ * a while, rather than from a fresh lookup: its own acceptance class. */
+static inline bool tn_spec_ngram_edit_follows(const struct tn_ngram_edit *st) {
+  return st->run >= TN_NGRAM_FOLLOW_RUN;
+}
 void tn_spec_ngram_edit_init(struct tn_ngram_edit *st);
 /* tn_spec_ngram with st's substitutions learned and applied. */
 int32_t tn_spec_ngram_edit(struct tn_ngram_edit *st, const int32_t *tokens,

@@ -1447,7 +1447,8 @@ static void seq_propose(struct tn_engine *e, struct seq *s) {
   for (int32_t i = 0; i < got; i++)
     if (s->prop[i] < 0 || s->prop[i] >= e->n_vocab) got = i;
   s->n_prop = got;
-  s->prop_class = sc->method == TN_SPEC_NGRAM && s->ngram.follows;
+  s->prop_class =
+      sc->method == TN_SPEC_NGRAM && tn_spec_ngram_edit_follows(&s->ngram);
 }
 
 /* Steps after which a sequence the cost rule kept from drafting may try

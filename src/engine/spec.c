@@ -189,10 +189,6 @@ int32_t tn_spec_ngram(const int32_t *tokens, int32_t n_tokens,
 #define EDIT_SRC_MAX 12
 #define EDIT_OUT_MAX 24
 #define EDIT_WAIT 32
-/* Tokens of a copy the model must have followed before its drafts count
- * as following it (their own acceptance class, tn_ngram_edit.follows):
- * the first few after a lookup are still often where an edit goes on. */
-#define EDIT_FOLLOW_RUN 4
 
 void tn_spec_ngram_edit_init(struct tn_ngram_edit *st) {
   memset(st, 0, sizeof(*st));
@@ -289,7 +285,6 @@ int32_t tn_spec_ngram_edit(struct tn_ngram_edit *st, const int32_t *tokens,
                            int32_t ngram_max, int32_t k, int32_t *out) {
   int32_t q = edit_learn(st, tokens, n_tokens, ngram_min, ngram_max);
   if (q < 0) st->run = 0;
-  st->follows = q >= 0 && st->run >= EDIT_FOLLOW_RUN;
   if (k <= 0) return 0;
   if (q < 0) {
     int32_t n = 0;

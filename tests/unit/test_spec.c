@@ -514,7 +514,7 @@ static void test_ngram_learns_rename(void) {
 }
 
 /* Drafts that go on with a copy the model has followed for a while are
- * their own acceptance class (tn_ngram_edit.follows), also when the
+ * their own acceptance class (tn_spec_ngram_edit_follows), also when the
  * scheduler verified only the first tokens of each proposal; a fresh
  * lookup, and the draft after the answer leaves the copy, are not. */
 static void test_ngram_follow_class(void) {
@@ -528,7 +528,7 @@ static void test_ngram_follow_class(void) {
   tn_spec_ngram_edit_init(&st);
   ASSERT_EQ(tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out), 8);
   ASSERT_EQ(out[0], 102);
-  ASSERT(!st.follows); /* a fresh lookup */
+  ASSERT(!tn_spec_ngram_edit_follows(&st)); /* a fresh lookup */
   bool followed = false;
   for (int32_t step = 0; step < 6; step++) {
     /* two of the proposal verified and accepted, plus the model's next
@@ -536,15 +536,15 @@ static void test_ngram_follow_class(void) {
     for (int32_t j = 0; j < 3; j++) seq[n++] = out[0] + j;
     ASSERT_EQ(tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out), 8);
     ASSERT_EQ(out[0], seq[n - 1] + 1); /* it follows the copy */
-    followed = followed || st.follows;
+    followed = followed || tn_spec_ngram_edit_follows(&st);
   }
   ASSERT(followed);
-  ASSERT(st.follows);
+  ASSERT(tn_spec_ngram_edit_follows(&st));
   /* the model leaves the copy: the next draft is a fresh lookup again */
   seq[n++] = 555;
   seq[n++] = 556;
   tn_spec_ngram_edit(&st, seq, n, 2, 4, 8, out);
-  ASSERT(!st.follows);
+  ASSERT(!tn_spec_ngram_edit_follows(&st));
 }
 
 /* Bad configurations are refused at open with a clear message. */

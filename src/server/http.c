@@ -147,7 +147,8 @@ struct conn {
   float *embedding;
   int n_embd, embed_route, n_classified;
   /* relaying to an upstream */
-  bool relaying;              /* mode: the answer comes from call */
+  atomic_bool relaying;       /* mode: the answer comes from call (the
+                                 reaper reads it too) */
   struct tn_upstream_call *call;
   int upstream;
   int tries;                  /* of this step's upstream */
@@ -1666,7 +1667,7 @@ static int start_call(struct conn *c, struct tn_api_error *aerr) {
   if (st)
     return tn_api_error_set(aerr, st == TN_ECANCELED ? 503 : 500,
                             "server_error", NULL, NULL, "%s", err.msg);
-  c->relaying = true;
+  atomic_store(&c->relaying, true);
   c->relay_end = c->relay_ok_event = c->relay_bad = false;
   c->up.len = 0;
   c->up_scanned = 0;
@@ -1686,7 +1687,7 @@ static enum MHD_Result call_failed(struct conn *c, struct tn_api_error *aerr,
   metric_inc(s->upstream_calls, u->name, outcome, 1);
   tn_upstream_call_release(c->call);
   c->call = NULL;
-  c->relaying = false;
+  atomic_store(&c->relaying, false);
   bool moves = failure_moves_on(aerr);
   if (moves && c->tries < u->retries && !atomic_load(&s->stopping)) {
     c->tries++;
@@ -3001,7 +3002,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc,
     return MHD_YES;
   }
   if (c->submitted) /* resumed */
-    return c->relaying ? relay_wait(c) : completion_wait(c);
+    return atomic_load(&c->relaying) ? relay_wait(c) : completion_wait(c);
 
   bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
   bool post = !strcmp(method, "POST");
@@ -3150,7 +3151,8 @@ static void *reaper_main(void *arg) {
           (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
         atomic_store(&c->client_gone, true);
         for (size_t i = 0; i < c->n_reqs; i++) tn_req_cancel(c->reqs[i]);
-        if (c->relaying) conn_wake(c); /* it releases (cancels) its call */
+        if (atomic_load(&c->relaying))
+          conn_wake(c); /* it releases (cancels) its call */
         c->fd = -1; /* once is enough */
       }
     }
